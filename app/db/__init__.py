@@ -1,0 +1,19 @@
+"""SQLAlchemy models (one module per aggregate) and the session factory."""
+
+from app.db.base import Base
+from app.db.datasets import Dataset, DatasetStatus
+from app.db.repos import AdapterVersion, Repo, VersionSource, VersionStatus
+from app.db.tenants import ApiToken, Tenant, User
+
+__all__ = [
+    "AdapterVersion",
+    "ApiToken",
+    "Base",
+    "Dataset",
+    "DatasetStatus",
+    "Repo",
+    "Tenant",
+    "User",
+    "VersionSource",
+    "VersionStatus",
+]

@@ -1,0 +1,43 @@
+"""Dataset aggregate: an uploaded file, where its bytes live, and what validation found in it."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, ForeignKey, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db.base import Base, Timestamped
+
+
+class DatasetStatus(enum.StrEnum):
+    """`validating` → `connected` | `errored`. The SDK polls until `connected` or a `lastError`."""
+
+    VALIDATING = "validating"
+    CONNECTED = "connected"
+    ERRORED = "errored"
+
+
+class Dataset(Timestamped, Base):
+    __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("tenant_id", "connection_name", "name"),)
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    name: Mapped[str] = mapped_column(String(64))
+    # Predibase groups uploads under the `file_uploads` connection; kept for wire compatibility.
+    connection_name: Mapped[str] = mapped_column(String(64), default="file_uploads")
+    status: Mapped[str] = mapped_column(String(16), default=DatasetStatus.VALIDATING)
+    file_name: Mapped[str] = mapped_column(String(255))
+    mime_type: Mapped[str] = mapped_column(String(128), default="application/octet-stream")
+    blob_key: Mapped[str] = mapped_column(String(512))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    # What validation found: prompt_completion | messages | text, and its evidence.
+    format: Mapped[str | None] = mapped_column(String(32))
+    row_count: Mapped[int | None] = mapped_column(BigInteger)
+    columns: Mapped[list[str] | None] = mapped_column(JSON)
+    split_counts: Mapped[dict[str, int] | None] = mapped_column(JSON)
+    preview: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    last_error: Mapped[str | None] = mapped_column(Text)

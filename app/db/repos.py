@@ -1,0 +1,70 @@
+"""Adapter repository aggregate: a named repo and its numbered, immutable adapter versions."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.db.base import Base, Timestamped
+
+
+class VersionStatus(enum.StrEnum):
+    """Follows the fine-tuning job that produces the version; uploaded adapters start `completed`."""
+
+    QUEUED = "queued"
+    TRAINING = "training"
+    STOPPING = "stopping"
+    COMPLETED = "completed"
+    ERRORED = "errored"
+    CANCELED = "canceled"
+
+
+class VersionSource(enum.StrEnum):
+    UPLOAD = "upload"
+    FINETUNE = "finetune"
+
+
+class Repo(Timestamped, Base):
+    __tablename__ = "repos"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    name: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str | None] = mapped_column(Text)
+    # Highest tag ever handed out; incremented atomically so tags are never reused, even after deletes.
+    last_tag: Mapped[int] = mapped_column(Integer, default=0)
+
+    versions: Mapped[list[AdapterVersion]] = relationship(
+        back_populates="repo", order_by="AdapterVersion.tag", passive_deletes=True
+    )
+
+
+class AdapterVersion(Timestamped, Base):
+    __tablename__ = "adapter_versions"
+    __table_args__ = (UniqueConstraint("repo_id", "tag"),)
+
+    repo_id: Mapped[int] = mapped_column(ForeignKey("repos.id", ondelete="CASCADE"), index=True)
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    tag: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=VersionStatus.QUEUED)
+    source: Mapped[str] = mapped_column(String(16), default=VersionSource.FINETUNE)
+    adapter_type: Mapped[str] = mapped_column(String(32), default="lora")
+    base_model: Mapped[str] = mapped_column(String(255))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    parent_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("adapter_versions.id", ondelete="SET NULL")
+    )
+    # Storage prefix of the artifact and, per file, its size and sha256 (verified on read).
+    artifact_prefix: Mapped[str | None] = mapped_column(String(512))
+    artifact_files: Mapped[dict[str, dict[str, Any]]] = mapped_column(JSON, default=dict)
+    metrics_summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    archived: Mapped[bool] = mapped_column(Boolean, default=False)
+    description: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    repo: Mapped[Repo] = relationship(back_populates="versions", lazy="joined")
+    created_by = relationship("User", lazy="joined")

@@ -1,0 +1,46 @@
+"""The app factory: Settings → AppContext → FastAPI with routers, error handlers and metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from app.api import adapters, blobs, datasets, health, repos, users
+from app.context import AppContext
+from app.errors import install_error_handlers
+from app.observability import MetricsMiddleware, RequestMetrics
+from app.services.dataset_validator import DatasetValidator
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Called with no argument by `uvicorn --factory app.main:create_app` (settings from the environment)."""
+    ctx = AppContext.from_settings(settings or Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        validator = DatasetValidator(ctx)
+        app.state.validator = validator
+        resumed = validator.resume_pending()
+        if resumed:
+            log.info("re-validating %d dataset(s) left unvalidated by an earlier run", resumed)
+        try:
+            yield
+        finally:
+            validator.shutdown()
+            ctx.close()
+
+    app = FastAPI(title="tuneforge", version="0.1.0", lifespan=lifespan)
+    app.state.ctx = ctx
+    app.state.metrics = RequestMetrics(CollectorRegistry())
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    install_error_handlers(app)
+    for module in (health, users, datasets, repos, adapters, blobs):
+        app.include_router(module.router)
+    return app

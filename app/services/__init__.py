@@ -1,0 +1,1 @@
+"""Domain logic: datasets, repos, adapter versions, auth (routes stay thin)."""

@@ -1,0 +1,78 @@
+"""Adapter repositories: create (existsOk), look up by name or uuid, list, delete with their artifacts."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.context import AppContext
+from app.db import Repo, User, VersionStatus
+from app.errors import ConflictError, NotFoundError
+from app.services.names import validate_name
+
+# Versions in these states have (or will have) a worker writing to them.
+ACTIVE_STATUSES = (VersionStatus.QUEUED, VersionStatus.TRAINING, VersionStatus.STOPPING)
+
+
+def create(session: Session, user: User, name: str, description: str | None, exists_ok: bool) -> Repo:
+    validate_name(name, "name")
+    existing = find(session, user, name)
+    if existing is not None:
+        if exists_ok:
+            return existing
+        raise ConflictError(f"name: repo {name!r} already exists; pass existsOk=true to reuse it")
+    repo = Repo(
+        tenant_id=user.tenant_id, created_by_id=user.id, name=name, description=description, last_tag=0
+    )
+    session.add(repo)
+    try:
+        session.commit()
+    except IntegrityError:  # created concurrently
+        session.rollback()
+        if exists_ok and (existing := find(session, user, name)) is not None:
+            return existing
+        raise ConflictError(f"name: repo {name!r} already exists") from None
+    return repo
+
+
+def find(session: Session, user: User, ref: str) -> Repo | None:
+    return session.scalar(
+        select(Repo).where(Repo.tenant_id == user.tenant_id, or_(Repo.name == ref, Repo.uuid == ref))
+    )
+
+
+def get(session: Session, user: User, ref: str) -> Repo:
+    repo = find(session, user, ref)
+    if repo is None:
+        raise NotFoundError(f"repo {ref!r} not found")
+    return repo
+
+
+def list_repos(session: Session, user: User, limit: int, offset: int) -> tuple[list[Repo], int]:
+    owned = Repo.tenant_id == user.tenant_id
+    total = session.scalar(select(func.count()).select_from(Repo).where(owned)) or 0
+    query = select(Repo).where(owned).order_by(Repo.created_at.desc(), Repo.id.desc())
+    return list(session.scalars(query.limit(limit).offset(offset)).unique()), total
+
+
+def allocate_tag(session: Session, repo: Repo) -> int:
+    """The next version number, atomically: concurrent allocations never share a tag."""
+    tag = session.execute(
+        update(Repo).where(Repo.id == repo.id).values(last_tag=Repo.last_tag + 1).returning(Repo.last_tag)
+    ).scalar_one()
+    return int(tag)
+
+
+def delete(ctx: AppContext, session: Session, repo: Repo) -> None:
+    active = [v.tag for v in repo.versions if v.status in ACTIVE_STATUSES]
+    if active:
+        raise ConflictError(
+            f"repo {repo.name!r} has versions still training ({', '.join(map(str, active))}); "
+            "cancel their jobs first"
+        )
+    prefixes = [v.artifact_prefix for v in repo.versions if v.artifact_prefix]
+    session.delete(repo)
+    session.commit()
+    for prefix in prefixes:
+        ctx.store.delete_prefix(prefix)

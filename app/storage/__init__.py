@@ -1,0 +1,56 @@
+"""Blob storage: the interface, its two backends, and the one place a storage URL becomes a store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+from app.settings import Settings
+from app.signing import Signer
+from app.storage.base import (
+    CHUNK_BYTES,
+    BlobInfo,
+    BlobNotFoundError,
+    BlobStore,
+    BlobTooLargeError,
+    ChecksumMismatchError,
+    StorageError,
+)
+from app.storage.local import LocalBlobStore, verify_blob_token
+from app.storage.s3 import S3BlobStore
+
+__all__ = [
+    "CHUNK_BYTES",
+    "BlobInfo",
+    "BlobNotFoundError",
+    "BlobStore",
+    "BlobTooLargeError",
+    "ChecksumMismatchError",
+    "LocalBlobStore",
+    "S3BlobStore",
+    "StorageError",
+    "open_blob_store",
+    "verify_blob_token",
+]
+
+
+def open_blob_store(settings: Settings) -> BlobStore:
+    """`file:///abs/dir` → LocalBlobStore, `s3://bucket/optional/prefix` → S3BlobStore."""
+    url = urlparse(settings.storage_url)
+    if url.scheme == "file":
+        if url.netloc not in ("", "localhost") or not Path(url.path).is_absolute():
+            raise ValueError(f"storage_url: {settings.storage_url!r} must be file:///absolute/path")
+        return LocalBlobStore(Path(url.path), Signer(settings.secret_key, "blob"))
+    if url.scheme == "s3":
+        if not url.netloc:
+            raise ValueError(f"storage_url: {settings.storage_url!r} names no bucket; use s3://bucket/prefix")
+        return S3BlobStore(
+            url.netloc,
+            url.path.strip("/"),
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            multipart_chunk_bytes=settings.multipart_chunk_bytes,
+        )
+    raise ValueError(
+        f"storage_url: unsupported scheme {url.scheme!r}; use file:///path or s3://bucket/prefix"
+    )

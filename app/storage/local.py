@@ -1,0 +1,299 @@
+"""The local-directory blob store (embedded default) and the byte-stream helpers both backends share."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from stat import S_ISREG
+from typing import IO, BinaryIO
+
+from app.signing import InvalidTokenError, Signer
+from app.storage.base import (
+    CHUNK_BYTES,
+    BlobInfo,
+    BlobNotFoundError,
+    BlobStore,
+    BlobTooLargeError,
+    ChecksumMismatchError,
+    StorageError,
+)
+
+# Names starting with this are ours (sidecar tree, temp files): keys may not use it, listings skip it.
+RESERVED_PREFIX = ".tf-"
+_META_DIR = f"{RESERVED_PREFIX}meta"
+_TEMP_PREFIX = f"{RESERVED_PREFIX}tmp-"
+
+
+def validate_key(key: str, *, allow_prefix: bool = False) -> str:
+    """Refuse anything that could name a path outside the store or collide with its bookkeeping.
+
+    With `allow_prefix`, the empty string and a trailing '/' are accepted (list/delete prefixes).
+    """
+    body = key.removesuffix("/") if allow_prefix else key
+    if allow_prefix and not body:
+        return key
+    if not body or body.startswith("/") or "\\" in body or "\x00" in body:
+        raise ValueError(f"invalid blob key {key!r}: must be a relative '/'-separated path")
+    for segment in body.split("/"):
+        if segment in ("", ".", "..") or segment.startswith(RESERVED_PREFIX):
+            raise ValueError(f"invalid blob key {key!r}: bad segment {segment!r}")
+    return key
+
+
+class MeteredChunks:
+    """One pass over a byte source that hashes and counts as it goes and stops past `max_bytes`."""
+
+    def __init__(self, source: Iterable[bytes] | BinaryIO, max_bytes: int | None) -> None:
+        self._source = source
+        self._max_bytes = max_bytes
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in _raw_chunks(self._source):
+            self.size += len(chunk)
+            if self._max_bytes is not None and self.size > self._max_bytes:
+                raise BlobTooLargeError(self._max_bytes)
+            self._hash.update(chunk)
+            yield chunk
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _raw_chunks(source: Iterable[bytes] | BinaryIO) -> Iterator[bytes]:
+    read = getattr(source, "read", None)
+    if read is None:
+        yield from (bytes(chunk) for chunk in source if chunk)
+        return
+    while chunk := read(CHUNK_BYTES):
+        yield chunk
+
+
+def verified_chunks(chunks: Iterable[bytes], key: str, expected_sha256: str | None) -> Iterator[bytes]:
+    """Pass chunks through; the check can only run after the last byte, so the caller gets an error then."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+        yield chunk
+    if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+        raise ChecksumMismatchError(key, expected_sha256, digest.hexdigest())
+
+
+def verify_blob_token(signer: Signer, token: str, method: str) -> tuple[str, str | None]:
+    """Check a token minted by `LocalBlobStore.presigned_*_url` and return its (key, download filename)."""
+    claims = signer.loads(token)
+    key, filename = claims.get("k"), claims.get("f")
+    if claims.get("m") != method.upper():
+        raise InvalidTokenError(f"issued for {claims.get('m')}, not {method.upper()}")
+    if not isinstance(key, str) or not (filename is None or isinstance(filename, str)):
+        raise InvalidTokenError("malformed payload")
+    try:
+        validate_key(key)
+    except ValueError as exc:
+        raise InvalidTokenError("malformed payload") from exc
+    return key, filename
+
+
+class LocalBlobStore(BlobStore):
+    """Blobs as files under `root`, sha256 sidecars under `root/.tf-meta/`, URLs served by the API."""
+
+    def __init__(self, root: Path, signer: Signer) -> None:
+        self.root = Path(root)
+        self._signer = signer
+
+    def put_stream(
+        self,
+        key: str,
+        chunks: Iterable[bytes] | BinaryIO,
+        *,
+        content_type: str = "application/octet-stream",
+        max_bytes: int | None = None,
+    ) -> BlobInfo:
+        path = self._path(key)
+        meter = MeteredChunks(chunks, max_bytes)
+        temp, handle = self._open_temp(path.parent)
+        try:
+            _write_all(handle, meter, key)
+            # Sidecar first, naming the temp file's inode (os.replace keeps it): the blob is never
+            # visible without its sha256, and a sidecar left by a crash or a racing writer is ignored.
+            with _disk_errors(f"cannot write {key!r}"):
+                meta = {"sha256": meter.sha256, "content_type": content_type, "file": _file_id(temp.stat())}
+            self._write_meta(key, meta)
+            with _disk_errors(f"cannot write {key!r}"):
+                os.replace(temp, path)
+        except BaseException:  # the source's own errors (a dropped client) must leave nothing too
+            temp.unlink(missing_ok=True)
+            self._prune_empty_dirs(path.parent)
+            raise
+        return BlobInfo(key=key, size=meter.size, sha256=meter.sha256)
+
+    def iter_chunks(self, key: str, *, expected_sha256: str | None = None) -> Iterator[bytes]:
+        # Opened here, not in the generator, so a missing blob fails at the call (before a response starts).
+        try:
+            handle = self._path(key).open("rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise BlobNotFoundError(key) from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {key!r}: {exc}") from exc
+        return verified_chunks(_file_chunks(handle), key, expected_sha256)
+
+    def stat(self, key: str) -> BlobInfo:
+        found = self._stat_file(key)
+        return BlobInfo(key=key, size=found.st_size, sha256=self._read_meta(key, found).get("sha256"))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+            self._meta_path(key).unlink(missing_ok=True)
+        except (IsADirectoryError, NotADirectoryError):
+            return  # 'a/b' is a directory, or 'a' is a file: either way there is no blob 'a/b' to delete
+        except OSError as exc:
+            raise StorageError(f"cannot delete {key!r}: {exc}") from exc
+        self._prune_empty_dirs(path.parent)
+        self._prune_empty_dirs(self._meta_path(key).parent)
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list_keys(prefix)
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        validate_key(prefix, allow_prefix=True)
+        # Only the directory the prefix lies in can hold matches: walk that, not the whole store.
+        start = self.root / prefix.rpartition("/")[0]
+        keys: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [name for name in dirnames if not name.startswith(RESERVED_PREFIX)]
+            relative = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                key = name if relative == "." else f"{relative}/{name}"
+                if not name.startswith(RESERVED_PREFIX) and key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def copy(self, src: str, dst: str) -> None:
+        # Re-streaming verifies the source against its recorded sha256 before the copy becomes visible.
+        recorded = self._read_meta(src, self._stat_file(src))
+        content_type = recorded.get("content_type", "application/octet-stream")
+        chunks = self.iter_chunks(src, expected_sha256=recorded.get("sha256"))
+        self.put_stream(dst, chunks, content_type=content_type)
+
+    def presigned_put_url(self, key: str, *, expires_in: int, base_url: str) -> str:
+        return self._signed_url(base_url, {"k": validate_key(key), "m": "PUT", "f": None}, expires_in)
+
+    def presigned_get_url(
+        self, key: str, *, expires_in: int, base_url: str, filename: str | None = None
+    ) -> str:
+        return self._signed_url(base_url, {"k": validate_key(key), "m": "GET", "f": filename}, expires_in)
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f"{_TEMP_PREFIX}probe-{secrets.token_hex(8)}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageError(f"blob directory {self.root} is not writable: {exc}") from exc
+
+    def _signed_url(self, base_url: str, claims: dict[str, str | None], expires_in: int) -> str:
+        return f"{base_url.rstrip('/')}/blobs/{self._signer.dumps(claims, expires_in=expires_in)}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    def _meta_path(self, key: str) -> Path:
+        return self.root / _META_DIR / f"{validate_key(key)}.json"
+
+    def _stat_file(self, key: str) -> os.stat_result:
+        try:
+            found = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise BlobNotFoundError(key) from None
+        if not S_ISREG(found.st_mode):
+            raise BlobNotFoundError(key)
+        return found
+
+    def _read_meta(self, key: str, found: os.stat_result) -> dict[str, str]:
+        """The sidecar, if it describes this very file; a crash or a racing writer can leave a stale one."""
+        try:
+            meta: dict[str, str] = json.loads(self._meta_path(key).read_text())
+        except (OSError, ValueError):
+            return {}  # written without passing through us: checksum unknown
+        return meta if meta.get("file") == _file_id(found) else {}
+
+    def _write_meta(self, key: str, meta: dict[str, str]) -> None:
+        path = self._meta_path(key)
+        temp, handle = self._open_temp(path.parent)
+        try:
+            with handle:
+                handle.write(json.dumps(meta).encode())
+            os.replace(temp, path)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise StorageError(f"cannot record metadata of {key!r}: {exc}") from exc
+
+    def _open_temp(self, directory: Path) -> tuple[Path, IO[bytes]]:
+        """A fresh temp file in `directory`, so the final os.replace stays on one filesystem (atomic)."""
+        temp = directory / f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
+        for _ in range(3):  # a concurrent delete may prune the directory between mkdir and open
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                return temp, temp.open("xb")
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StorageError(f"cannot write under {directory}: {exc}") from exc
+        raise StorageError(f"cannot write under {directory}: it keeps disappearing")
+
+    def _prune_empty_dirs(self, directory: Path) -> None:
+        """Remove directories left empty, up to (not including) the root, so deletes leave no trace."""
+        root = self.root.resolve()
+        current = directory.resolve()
+        while current != root and root in current.parents:
+            try:
+                current.rmdir()
+            except OSError:
+                return  # not empty (or already gone): stop climbing
+            current = current.parent
+
+
+def _file_id(found: os.stat_result) -> str:
+    # Not the size: a file damaged in place must still be checked against its recorded sha256.
+    return f"{found.st_dev}:{found.st_ino}"
+
+
+@contextmanager
+def _disk_errors(action: str) -> Iterator[None]:
+    """Our own file-system failures become StorageError; errors raised by the caller's source do not."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"{action}: {exc}") from exc
+
+
+def _write_all(handle: IO[bytes], chunks: Iterable[bytes], key: str) -> None:
+    with handle:
+        for chunk in chunks:
+            with _disk_errors(f"cannot write {key!r}"):
+                handle.write(chunk)
+        with _disk_errors(f"cannot write {key!r}"):
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _file_chunks(handle: IO[bytes]) -> Iterator[bytes]:
+    with handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            yield chunk

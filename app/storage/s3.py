@@ -1,0 +1,303 @@
+"""The S3 / MinIO blob store (production), speaking to the bucket through boto3 only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
+from urllib.parse import quote
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from app.storage.base import CHUNK_BYTES, BlobInfo, BlobNotFoundError, BlobStore, StorageError
+from app.storage.local import MeteredChunks, validate_key, verified_chunks
+
+# S3's own limits: parts (but the last) are at least 5 MiB; one CopyObject moves at most 5 GiB.
+MIN_PART_BYTES = 5 * 1024**2
+MAX_SINGLE_COPY_BYTES = 5 * 1024**3
+# 1 GiB copy parts keep any object S3 allows (5 TiB) under its 10,000-part limit.
+_COPY_PART_BYTES = 1024**3
+_CONNECT_TIMEOUT_S = 10
+_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
+@contextmanager
+def _s3_errors(key: str) -> Iterator[None]:
+    """Map boto's exceptions onto the storage ones, so callers never import botocore."""
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        if code in _NOT_FOUND_CODES:
+            raise BlobNotFoundError(key) from exc
+        raise StorageError(
+            f"S3 refused {exc.operation_name} on {key!r}: {code} {error.get('Message', '')}"
+        ) from exc
+    except BotoCoreError as exc:
+        raise StorageError(f"S3 unreachable for {key!r}: {exc}") from exc
+
+
+def _content_disposition(filename: str) -> str:
+    # An ASCII fallback for old clients plus RFC 5987's UTF-8 form; quotes and backslashes never pass raw.
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+class S3BlobStore(BlobStore):
+    """Keys live under `prefix` in `bucket`; credentials come from boto3's standard chain."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        multipart_chunk_bytes: int = 16 * 1024**2,
+    ) -> None:
+        if multipart_chunk_bytes < MIN_PART_BYTES:
+            raise ValueError(
+                f"multipart_chunk_bytes must be at least {MIN_PART_BYTES} (S3's minimum part size)"
+            )
+        self.bucket = bucket
+        self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+        self._part_bytes = multipart_chunk_bytes
+        # Custom endpoints (MinIO, moto) rarely resolve bucket subdomains: address buckets by path there.
+        addressing = "path" if endpoint_url else "auto"
+        config = Config(
+            signature_version="s3v4",
+            retries={"mode": "standard"},
+            s3={"addressing_style": addressing},
+            connect_timeout=_CONNECT_TIMEOUT_S,  # a dead endpoint must fail the readiness probe fast
+        )
+        self._client: Any = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+    def put_stream(
+        self,
+        key: str,
+        chunks: Iterable[bytes] | BinaryIO,
+        *,
+        content_type: str = "application/octet-stream",
+        max_bytes: int | None = None,
+    ) -> BlobInfo:
+        meter = MeteredChunks(chunks, max_bytes)
+        pending = bytearray()
+        upload: _MultipartUpload | None = None
+        try:
+            for chunk in meter:
+                pending += chunk
+                if len(pending) >= self._part_bytes:
+                    if upload is None:
+                        upload = _MultipartUpload(self._client, self.bucket, self._full(key), content_type)
+                    upload.add_part(pending)
+                    pending = bytearray()  # a new buffer: the sent one may still be referenced by botocore
+            if upload is None:
+                self._put_small(key, pending, content_type, meter.sha256)
+            else:
+                upload.finish(pending)
+                # The sha256 is known only now, and metadata is fixed at upload creation: rewrite it in place.
+                replace = {"Metadata": {"sha256": meter.sha256}, "ContentType": content_type}
+                self._copy_within(self._full(key), self._full(key), meter.size, replace)
+        except BaseException:
+            if upload is not None:
+                upload.abort_or_delete()
+            raise
+        return BlobInfo(key=key, size=meter.size, sha256=meter.sha256)
+
+    def iter_chunks(self, key: str, *, expected_sha256: str | None = None) -> Iterator[bytes]:
+        with _s3_errors(key):  # fetched here so a missing key fails at the call, before a response starts
+            body = self._client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"]
+        return verified_chunks(_body_chunks(body, key), key, expected_sha256)
+
+    def stat(self, key: str) -> BlobInfo:
+        head = self._head(key)
+        return BlobInfo(
+            key=key, size=int(head["ContentLength"]), sha256=head.get("Metadata", {}).get("sha256")
+        )
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._head(key)
+        except BlobNotFoundError:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        with _s3_errors(key):
+            self._client.delete_object(Bucket=self.bucket, Key=self._full(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        deleted = 0
+        for page in self._pages(prefix):
+            # One listing page is at most 1000 keys, exactly DeleteObjects' batch limit.
+            objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if not objects:
+                continue
+            with _s3_errors(prefix):
+                result = self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True}
+                )
+            if result.get("Errors"):
+                first = result["Errors"][0]
+                raise StorageError(f"S3 could not delete {first.get('Key')!r}: {first.get('Code')}")
+            deleted += len(objects)
+        return deleted
+
+    def list_keys(self, prefix: str) -> list[str]:
+        return [
+            item["Key"][len(self.prefix) :]
+            for page in self._pages(prefix)
+            for item in page.get("Contents", [])
+        ]
+
+    def copy(self, src: str, dst: str) -> None:
+        head = self._head(src)
+        self._copy_within(self._full(src), self._full(dst), int(head["ContentLength"]))
+
+    def presigned_put_url(self, key: str, *, expires_in: int, base_url: str) -> str:
+        params = {"Bucket": self.bucket, "Key": self._full(key)}
+        with _s3_errors(key):
+            url: str = self._client.generate_presigned_url("put_object", Params=params, ExpiresIn=expires_in)
+        return url
+
+    def presigned_get_url(
+        self, key: str, *, expires_in: int, base_url: str, filename: str | None = None
+    ) -> str:
+        params = {"Bucket": self.bucket, "Key": self._full(key)}
+        if filename:
+            params["ResponseContentDisposition"] = _content_disposition(filename)
+        with _s3_errors(key):
+            url: str = self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_in)
+        return url
+
+    def check(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            # head_bucket's 404 means a missing bucket: a misconfiguration, not a missing blob.
+            raise StorageError(f"S3 bucket {self.bucket!r} is not reachable: {exc}") from exc
+
+    def _full(self, key: str) -> str:
+        return self.prefix + validate_key(key)
+
+    def _head(self, key: str) -> dict[str, Any]:
+        with _s3_errors(key):
+            head: dict[str, Any] = self._client.head_object(Bucket=self.bucket, Key=self._full(key))
+        return head
+
+    def _pages(self, prefix: str) -> Iterator[dict[str, Any]]:
+        full_prefix = self.prefix + validate_key(prefix, allow_prefix=True)
+        paginator = self._client.get_paginator("list_objects_v2")
+        with _s3_errors(prefix):
+            yield from paginator.paginate(Bucket=self.bucket, Prefix=full_prefix)
+
+    def _put_small(self, key: str, data: bytearray, content_type: str, sha256: str) -> None:
+        with _s3_errors(key):
+            self._client.put_object(
+                Bucket=self.bucket,
+                Key=self._full(key),
+                Body=data,
+                ContentType=content_type,
+                Metadata={"sha256": sha256},
+            )
+
+    def _copy_within(self, src: str, dst: str, size: int, replace: dict[str, Any] | None = None) -> None:
+        """Server-side copy keeping the source's metadata, or replacing it with `replace`'s."""
+        if size > MAX_SINGLE_COPY_BYTES:
+            _multipart_copy(self._client, self.bucket, src, dst, size, replace)
+            return
+        extra = (
+            {"MetadataDirective": "COPY"} if replace is None else {"MetadataDirective": "REPLACE", **replace}
+        )
+        with _s3_errors(src):
+            self._client.copy_object(
+                Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src}, **extra
+            )
+
+
+class _MultipartUpload:
+    """One in-progress multipart upload: parts go up as they fill, and it is aborted on any failure."""
+
+    def __init__(
+        self, client: Any, bucket: str, key: str, content_type: str, metadata: dict[str, str] | None = None
+    ) -> None:
+        self._client, self._bucket, self._key = client, bucket, key
+        self._parts: list[dict[str, Any]] = []
+        self._completed = False
+        with _s3_errors(key):
+            created = client.create_multipart_upload(
+                Bucket=bucket, Key=key, ContentType=content_type, Metadata=metadata or {}
+            )
+        self._upload_id: str = created["UploadId"]
+
+    def add_part(self, data: bytes | bytearray) -> None:
+        number = len(self._parts) + 1
+        with _s3_errors(self._key):
+            sent = self._client.upload_part(
+                Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=data
+            )
+        self._parts.append({"PartNumber": number, "ETag": sent["ETag"]})
+
+    def add_copied_part(self, src: str, first: int, last: int) -> None:
+        number = len(self._parts) + 1
+        with _s3_errors(self._key):
+            sent = self._client.upload_part_copy(
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                CopySource={"Bucket": self._bucket, "Key": src},
+                CopySourceRange=f"bytes={first}-{last}",
+            )
+        self._parts.append({"PartNumber": number, "ETag": sent["CopyPartResult"]["ETag"]})
+
+    def finish(self, last_part: bytes | bytearray = b"") -> None:
+        if last_part:
+            self.add_part(last_part)
+        with _s3_errors(self._key):
+            self._client.complete_multipart_upload(
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts},
+            )
+        self._completed = True
+
+    def abort_or_delete(self) -> None:
+        """Best effort cleanup while another error is already on its way up: never mask it."""
+        try:
+            if self._completed:  # the object exists but its sha256 could not be recorded
+                self._client.delete_object(Bucket=self._bucket, Key=self._key)
+            else:
+                self._client.abort_multipart_upload(
+                    Bucket=self._bucket, Key=self._key, UploadId=self._upload_id
+                )
+        except (ClientError, BotoCoreError):
+            pass
+
+
+def _multipart_copy(
+    client: Any, bucket: str, src: str, dst: str, size: int, replace: dict[str, Any] | None
+) -> None:
+    """Copy past CopyObject's 5 GiB limit in ranged parts, with the source's (or `replace`'s) metadata."""
+    if replace is None:
+        with _s3_errors(src):
+            head = client.head_object(Bucket=bucket, Key=src)
+        replace = {"Metadata": head.get("Metadata", {}), "ContentType": head.get("ContentType")}
+    content_type = replace.get("ContentType") or "application/octet-stream"
+    upload = _MultipartUpload(client, bucket, dst, content_type, replace.get("Metadata"))
+    try:
+        for first in range(0, size, _COPY_PART_BYTES):
+            upload.add_copied_part(src, first, min(first + _COPY_PART_BYTES, size) - 1)
+        upload.finish()
+    except BaseException:
+        upload.abort_or_delete()
+        raise
+
+
+def _body_chunks(body: Any, key: str) -> Iterator[bytes]:
+    with body, _s3_errors(key):
+        yield from body.iter_chunks(CHUNK_BYTES)

@@ -1,0 +1,1 @@
+"""The thin tuneforge client: Predibase-shaped calls over HTTP (httpx + pydantic only)."""

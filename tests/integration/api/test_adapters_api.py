@@ -1,0 +1,112 @@
+"""Adapter versions: upload an existing PEFT adapter, get, archive, download, delete — and bad uploads."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from pathlib import Path
+
+from tests_support import assert_error, write_peft_adapter
+
+
+def _upload(tenant, repo: str, files: dict[str, bytes]):  # type: ignore[no-untyped-def]
+    begun = tenant.client.post("/v2/adapters/upload", json={"repo": repo})
+    assert begun.status_code == 200, begun.text
+    urls = begun.json()["presignedUrls"]
+    assert set(urls) == {"adapter_config.json", "adapter_model.bin", "adapter_model.safetensors"}
+    for name, data in files.items():
+        tenant.put_presigned(urls[name], data).raise_for_status()
+    return tenant.client.put("/v2/adapters/upload/", json={"uploadToken": begun.json()["uploadToken"]})
+
+
+def _adapter_files(tmp_path: Path) -> dict[str, bytes]:
+    directory = write_peft_adapter(tmp_path / "adapter")
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_upload_get_archive_download_delete(tenant, tmp_path: Path) -> None:
+    files = _adapter_files(tmp_path)
+    response = _upload(tenant, "uploaded", files)
+    assert response.status_code == 200, response.text
+    version = response.json()
+    assert (version["repo"], version["tag"], version["status"]) == ("uploaded", 1, "completed")
+    assert version["baseModel"] == "tiny-random-llama" and version["adapterPath"] == "uploaded/1"
+    assert version["finetuningJob"] == {"uuid": None, "error": None}
+    for name, data in files.items():
+        assert version["artifactFiles"][name]["sha256"] == hashlib.sha256(data).hexdigest()
+
+    assert tenant.client.get("/v2/repos/uploaded").json()["versions"][0]["tag"] == 1
+    archived = tenant.client.put("/v2/repos/uploaded/version/1", json={"archived": True}).json()
+    assert archived["archived"] is True
+    assert (
+        tenant.client.put("/v2/repos/uploaded/version/1", json={"archived": False}).json()["archived"]
+        is False
+    )
+
+    download = tenant.client.get("/v2/repos/uploaded/version/1/download")
+    assert download.status_code == 200 and download.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(download.content)) as archive:
+        assert {n: archive.read(n) for n in archive.namelist()} == files
+
+    assert tenant.client.delete("/v2/repos/uploaded/version/1").status_code == 200
+    assert_error(tenant.client.get("/v2/repos/uploaded/version/1"), 404, "not found")
+
+
+def test_tags_increase_and_are_never_reused(tenant, tmp_path: Path) -> None:
+    files = _adapter_files(tmp_path)
+    assert [_upload(tenant, "r", files).json()["tag"] for _ in range(2)] == [1, 2]
+    tenant.client.delete("/v2/repos/r/version/2")
+    assert _upload(tenant, "r", files).json()["tag"] == 3
+
+
+def test_pickle_only_upload_is_refused_without_unpickling(tenant, tmp_path: Path) -> None:
+    files = _adapter_files(tmp_path)
+    # A pickle that would run code if anything unpickled it.
+    evil = b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode() + b"'\ntR."
+    response = _upload(
+        tenant, "pickled", {"adapter_config.json": files["adapter_config.json"], "adapter_model.bin": evil}
+    )
+    assert_error(response, 422, "pickle")
+    assert not (tmp_path / "pwned").exists()
+    assert tenant.client.get("/v2/repos/pickled").json()["versions"] == []
+
+
+def test_missing_config_is_422(tenant, tmp_path: Path) -> None:
+    files = _adapter_files(tmp_path)
+    del files["adapter_config.json"]
+    assert_error(_upload(tenant, "noconfig", files), 422, "adapter_config.json")
+
+
+def test_config_without_base_model_is_422(tenant, tmp_path: Path) -> None:
+    files = _adapter_files(tmp_path)
+    config = json.loads(files["adapter_config.json"])
+    del config["base_model_name_or_path"]
+    files["adapter_config.json"] = json.dumps(config).encode()
+    assert_error(_upload(tenant, "nobase", files), 422, "base_model_name_or_path")
+
+
+def test_corrupt_safetensors_is_422(tenant, tmp_path: Path) -> None:
+    files = _adapter_files(tmp_path)
+    files["adapter_model.safetensors"] = files["adapter_model.safetensors"][:-10]
+    assert_error(_upload(tenant, "corrupt", files), 422, "safetensors")
+    files["adapter_model.safetensors"] = b"\x00" * 64
+    assert_error(_upload(tenant, "corrupt", files), 422, "safetensors")
+
+
+def test_version_tag_must_be_a_number(tenant) -> None:
+    tenant.client.post("/v2/repos", json={"name": "r"})
+    assert_error(tenant.client.get("/v2/repos/r/version/latest"), 422, "tag")
+
+
+def test_another_tenants_version_is_404_and_untouched(tenant, other_tenant, tmp_path: Path) -> None:
+    _upload(tenant, "mine", _adapter_files(tmp_path))
+    for method in ("get", "delete"):
+        assert_error(getattr(other_tenant.client, method)("/v2/repos/mine/version/1"), 404, "not found")
+    assert_error(
+        other_tenant.client.put("/v2/repos/mine/version/1", json={"archived": True}), 404, "not found"
+    )
+    assert_error(other_tenant.client.get("/v2/repos/mine/version/1/download"), 404, "not found")
+    version = tenant.client.get("/v2/repos/mine/version/1").json()
+    assert version["archived"] is False and version["status"] == "completed"

@@ -1,0 +1,43 @@
+"""Assertions shared by the API and end-to-end suites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def assert_error(response: Any, status: int, fragment: str) -> dict[str, Any]:
+    """The response is a JSON error object with `status` whose `error` message mentions `fragment`."""
+    assert response.status_code == status, f"expected {status}, got {response.status_code}: {response.text}"
+    body = response.json()
+    assert isinstance(body, dict) and isinstance(body.get("error"), str), body
+    assert fragment.lower() in body["error"].lower(), f"{fragment!r} not in {body['error']!r}"
+    return body
+
+
+def write_peft_adapter(directory: Path, base_model: str = "tiny-random-llama", *, rank: int = 4) -> Path:
+    """A LoRA adapter in PEFT's on-disk format, written without torch (numpy + safetensors)."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": ["q_proj", "v_proj"],
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    tensors = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": rng.standard_normal(
+            (rank, 64), "float32"
+        ),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((64, rank), "float32"),
+    }
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory
