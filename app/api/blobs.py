@@ -29,9 +29,13 @@ def _key_for(ctx: CtxDep, token: str, method: str) -> tuple[str, str | None]:
 
 def _sync_chunks(stream: AsyncIterator[bytes]) -> Iterator[bytes]:
     """Pull the request body from the event loop, one chunk at a time, inside a worker thread."""
+
+    async def next_chunk() -> bytes:
+        return await stream.__anext__()
+
     while True:
         try:
-            chunk = anyio.from_thread.run(stream.__anext__)
+            chunk = anyio.from_thread.run(next_chunk)
         except StopAsyncIteration:
             return
         if chunk:

@@ -28,7 +28,7 @@ class _ChunkSink:
 def zip_chunks(members: Iterable[tuple[str, Iterable[bytes]]]) -> Iterator[bytes]:
     """Yield a zip of `(name, chunks)` members; memory stays at about one chunk."""
     sink = _ChunkSink()
-    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_DEFLATED) as archive:  # type: ignore[arg-type]
+    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_DEFLATED) as archive:  # type: ignore[call-overload]
         for name, chunks in members:
             with archive.open(name, mode="w", force_zip64=True) as entry:
                 for chunk in chunks:
