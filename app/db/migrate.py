@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import migrations
 from alembic import command
 from alembic.config import Config
 
-_ROOT = Path(__file__).resolve().parents[2]
+# The migrations ship inside the installed distribution, so `tuneforge migrate` works from any
+# directory and in images built with a plain `pip install .`.
+_SCRIPTS = Path(migrations.__file__).resolve().parent
 
 
 def alembic_config(database_url: str) -> Config:
-    config = Config(str(_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(_ROOT / "migrations"))
+    config = Config()
+    config.set_main_option("script_location", str(_SCRIPTS))
     # ConfigParser interpolation would choke on '%' in passwords.
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config
