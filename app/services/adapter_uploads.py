@@ -13,8 +13,7 @@ from sqlalchemy.orm import Session
 from app.context import AppContext
 from app.db import AdapterVersion, Repo, User, VersionSource, VersionStatus
 from app.errors import InvalidInputError, PayloadTooLargeError
-from app.services import repos
-from app.signing import InvalidTokenError
+from app.services import repos, upload_tokens
 from app.storage import BlobNotFoundError, BlobStore
 
 CONFIG_FILE = "adapter_config.json"
@@ -36,14 +35,12 @@ def begin(ctx: AppContext, session: Session, user: User, repo_name: str, base_ur
         name: ctx.store.presigned_put_url(f"{staging}{name}", expires_in=ttl, base_url=base_url)
         for name in UPLOAD_FILES
     }
-    token = ctx.upload_signer.dumps(
-        {"kind": "adapter", "tenant": user.tenant_id, "repo": repo.uuid, "staging": staging}, expires_in=ttl
-    )
+    token = upload_tokens.issue(ctx, user, "adapter", repo=repo.uuid, staging=staging)
     return {"presignedUrls": urls, "uploadToken": token}
 
 
 def finish(ctx: AppContext, session: Session, user: User, upload_token: str) -> AdapterVersion:
-    claims = _claims(ctx, user, upload_token)
+    claims = upload_tokens.verify(ctx, user, upload_token, "adapter")
     staging, store = claims["staging"], ctx.store
     try:
         repo = repos.get(session, user, claims["repo"])
@@ -54,16 +51,6 @@ def finish(ctx: AppContext, session: Session, user: User, upload_token: str) -> 
     finally:
         # The pickle file (if any) is never read; staging goes whether the upload was accepted or not.
         store.delete_prefix(staging)
-
-
-def _claims(ctx: AppContext, user: User, upload_token: str) -> dict[str, str]:
-    try:
-        claims = ctx.upload_signer.loads(upload_token or "")
-    except InvalidTokenError as exc:
-        raise InvalidInputError(f"uploadToken: {exc}; start the upload again") from None
-    if claims.get("kind") != "adapter" or claims.get("tenant") != user.tenant_id:
-        raise InvalidInputError("uploadToken: not an adapter upload token of this tenant")
-    return claims
 
 
 def _read_config(store: BlobStore, staging: str) -> dict[str, Any]:

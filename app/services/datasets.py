@@ -14,9 +14,9 @@ from sqlalchemy.orm import Session
 from app.context import AppContext
 from app.db import Dataset, DatasetStatus, User
 from app.errors import ConflictError, InvalidInputError, NotFoundError, PayloadTooLargeError
+from app.services import upload_tokens
 from app.services.dataset_formats import SUPPORTED_EXTENSIONS, DatasetFormatError, profile_dataset
 from app.services.names import validate_name
-from app.signing import InvalidTokenError
 from app.storage import BlobNotFoundError
 
 log = logging.getLogger(__name__)
@@ -35,17 +35,14 @@ def begin_upload(ctx: AppContext, user: User, file_name: str, base_url: str) -> 
     key = f"tenants/{user.tenant.uuid}/datasets/{uuid.uuid4()}/data{suffix}"
     settings = ctx.settings
     url = ctx.store.presigned_put_url(key, expires_in=settings.signed_url_ttl_seconds, base_url=base_url)
-    token = ctx.upload_signer.dumps(
-        {"kind": "dataset", "tenant": user.tenant_id, "key": key, "file": PurePosixPath(file_name).name},
-        expires_in=settings.signed_url_ttl_seconds,
-    )
+    token = upload_tokens.issue(ctx, user, "dataset", key=key, file=PurePosixPath(file_name).name)
     return url, token
 
 
 def finish_upload(ctx: AppContext, session: Session, user: User, name: str, upload_token: str) -> Dataset:
     """Step 3: register the uploaded bytes as a dataset; validation runs after the commit, elsewhere."""
     validate_name(name, "name")
-    claims = _upload_claims(ctx, user, upload_token)
+    claims = upload_tokens.verify(ctx, user, upload_token, "dataset")
     try:
         info = ctx.store.stat(claims["key"])
     except BlobNotFoundError:
@@ -78,16 +75,6 @@ def finish_upload(ctx: AppContext, session: Session, user: User, name: str, uplo
         session.rollback()
         raise ConflictError(f"name: a dataset called {name!r} already exists") from None
     return dataset
-
-
-def _upload_claims(ctx: AppContext, user: User, upload_token: str) -> dict[str, str]:
-    try:
-        claims = ctx.upload_signer.loads(upload_token or "")
-    except InvalidTokenError as exc:
-        raise InvalidInputError(f"uploadToken: {exc}; start the upload again") from None
-    if claims.get("kind") != "dataset" or claims.get("tenant") != user.tenant_id:
-        raise InvalidInputError("uploadToken: not a dataset upload token of this tenant")
-    return claims
 
 
 def _find(session: Session, user: User, name: str, connection: str) -> Dataset | None:
