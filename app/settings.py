@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     storage_url: str = ""
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
+    # Host in the presigned URLs handed to clients, when they reach S3 at another address than we do.
+    s3_public_endpoint_url: str | None = None
     broker_url: str = ""
     # Signs upload tokens and the control plane's own short-lived blob URLs.
     secret_key: str = DEVELOPMENT_SECRET_KEY

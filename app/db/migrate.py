@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import migrations
 from alembic import command
 from alembic.config import Config
+
+import migrations
 
 # The migrations ship inside the installed distribution, so `tuneforge migrate` works from any
 # directory and in images built with a plain `pip install .`.

@@ -50,6 +50,7 @@ def open_blob_store(settings: Settings) -> BlobStore:
             endpoint_url=settings.s3_endpoint_url,
             region=settings.s3_region,
             multipart_chunk_bytes=settings.multipart_chunk_bytes,
+            public_endpoint_url=settings.s3_public_endpoint_url,
         )
     raise ValueError(
         f"storage_url: unsupported scheme {url.scheme!r}; use file:///path or s3://bucket/prefix"

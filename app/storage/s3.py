@@ -57,6 +57,7 @@ class S3BlobStore(BlobStore):
         endpoint_url: str | None = None,
         region: str = "us-east-1",
         multipart_chunk_bytes: int = 16 * 1024**2,
+        public_endpoint_url: str | None = None,
     ) -> None:
         if multipart_chunk_bytes < MIN_PART_BYTES:
             raise ValueError(
@@ -74,6 +75,13 @@ class S3BlobStore(BlobStore):
             connect_timeout=_CONNECT_TIMEOUT_S,  # a dead endpoint must fail the readiness probe fast
         )
         self._client: Any = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        # Presigned URLs are used by clients, which may reach S3 under another name than we do
+        # (compose: `minio:9000` inside, `localhost:9000` outside). Signing needs no network.
+        self._signer: Any = self._client
+        if public_endpoint_url and public_endpoint_url != endpoint_url:
+            self._signer = boto3.client(
+                "s3", endpoint_url=public_endpoint_url, region_name=region, config=config
+            )
 
     def put_stream(
         self,
@@ -160,7 +168,7 @@ class S3BlobStore(BlobStore):
     def presigned_put_url(self, key: str, *, expires_in: int, base_url: str) -> str:
         params = {"Bucket": self.bucket, "Key": self._full(key)}
         with _s3_errors(key):
-            url: str = self._client.generate_presigned_url("put_object", Params=params, ExpiresIn=expires_in)
+            url: str = self._signer.generate_presigned_url("put_object", Params=params, ExpiresIn=expires_in)
         return url
 
     def presigned_get_url(
@@ -170,7 +178,7 @@ class S3BlobStore(BlobStore):
         if filename:
             params["ResponseContentDisposition"] = _content_disposition(filename)
         with _s3_errors(key):
-            url: str = self._client.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_in)
+            url: str = self._signer.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_in)
         return url
 
     def check(self) -> None:

@@ -225,3 +225,22 @@ def test_open_blob_store_parses_storage_url(tmp_path: Path) -> None:
     assert isinstance(s3, S3BlobStore) and (s3.bucket, s3.prefix) == ("bucket", "some/prefix/")
     with pytest.raises(ValueError):
         open_blob_store(Settings(data_dir=tmp_path, storage_url="file://host/dir"))
+
+
+def test_s3_presigned_urls_use_the_public_endpoint_when_one_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.storage.s3 import S3BlobStore
+
+    # Signing is local computation; it needs credentials but no server.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+    store = S3BlobStore(
+        "bucket", "p", endpoint_url="http://minio:9000", public_endpoint_url="http://localhost:9000"
+    )
+    assert store.presigned_put_url("k", expires_in=60, base_url="").startswith(
+        "http://localhost:9000/bucket/p/k?"
+    )
+    inside = S3BlobStore("bucket", "p", endpoint_url="http://minio:9000")
+    assert inside.presigned_get_url("k", expires_in=60, base_url="").startswith(
+        "http://minio:9000/bucket/p/k?"
+    )

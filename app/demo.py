@@ -1,0 +1,275 @@
+"""The `make demo` quickstart: runs the embedded control plane, uploads the demo dataset, prints how to use it.
+
+Environment: TUNEFORGE_DATA_DIR (default ./.tuneforge), DEMO_PORT (default 8000, or a free port
+when 8000 is taken), DEMO_EXIT=1 to stop the server and exit once the report is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+import httpx
+from pydantic import ValidationError as SettingsError
+from tuneforge import Dataset, NotFoundError, Tuneforge, TuneforgeError
+
+from app.services.demo_dataset import write_demo_dataset
+from app.settings import Settings
+
+DEFAULT_PORT = 8000
+HOST = "127.0.0.1"
+DATASET_NAME = "demo-dates"
+START_TIMEOUT_S = 90.0  # the first start runs every migration on a fresh database
+STOP_TIMEOUT_S = 15.0
+LOG_TAIL_LINES = 25
+PREVIEW_ROWS = 3
+
+
+class DemoError(Exception):
+    """A failure the user can act on; `show_log` adds the tail of the server's log to the message."""
+
+    def __init__(self, message: str, *, show_log: bool = False) -> None:
+        super().__init__(message)
+        self.show_log = show_log
+
+
+@dataclass
+class ControlPlane:
+    """The `tuneforge up` child process, its URL and the part of server.log this run wrote."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    log_offset: int
+
+    @classmethod
+    def start(cls, data_dir: Path, port: int) -> ControlPlane:
+        log_path = data_dir / "server.log"
+        # Appended, not truncated: a server left running by an earlier demo may still write here.
+        log: IO[bytes] = log_path.open("ab")
+        log.write(f"\n=== tuneforge demo, {time.strftime('%Y-%m-%d %H:%M:%S')}, port {port} ===\n".encode())
+        log.flush()
+        offset = log.tell()
+        env = os.environ | {"TUNEFORGE_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+        with log:
+            # A session of its own: Ctrl-C reaches only this process, which then stops the server once.
+            process = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "up", "--host", HOST, "--port", str(port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        return cls(process=process, url=f"http://{HOST}:{port}", log_path=log_path, log_offset=offset)
+
+    def wait_until_healthy(self, timeout: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise DemoError(
+                    f"the control plane exited with code {self.process.returncode} while starting",
+                    show_log=True,
+                )
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise DemoError(
+            f"the control plane did not answer {self.url}/healthz within {timeout:.0f} s", show_log=True
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)  # uvicorn shuts down gracefully on SIGTERM
+        try:
+            self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self.log_offset)
+                tail = deque(log.read().decode("utf-8", "replace").splitlines(), maxlen=lines)
+        except OSError:
+            return ""
+        return "\n".join(tail)
+
+
+def choose_port() -> int:
+    """DEMO_PORT if set; else 8000 when free; else any free port."""
+    requested = os.environ.get("DEMO_PORT", "").strip()
+    if requested:
+        if not requested.isdigit() or not 0 < int(requested) < 65536:
+            raise DemoError(f"DEMO_PORT must be a port number, got {requested!r}")
+        if not port_is_free(int(requested)):
+            raise DemoError(
+                f"port {requested} (DEMO_PORT) is already in use; pick another or unset DEMO_PORT"
+            )
+        return int(requested)
+    if port_is_free(DEFAULT_PORT):
+        return DEFAULT_PORT
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        # As uvicorn binds: a port in TIME_WAIT counts as free, one with a listener does not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def ensure_dataset(client: Tuneforge, path: Path) -> tuple[Dataset, bool]:
+    """The demo dataset on the server: reused when an earlier run uploaded it (True), else uploaded."""
+    try:
+        existing = client.datasets.get(DATASET_NAME)
+    except NotFoundError:
+        return client.datasets.from_file(path, name=DATASET_NAME), False
+    if existing.status == "connected":
+        return existing, True
+    if existing.status == "validating":  # an earlier run stopped mid-validation; the server resumes it
+        return client.datasets.wait_until_ready(DATASET_NAME), True
+    # An errored copy is unusable and holds the name: replace it.
+    client.datasets.delete(DATASET_NAME)
+    return client.datasets.from_file(path, name=DATASET_NAME), False
+
+
+def format_report(dataset: Dataset, reused: bool, url: str, token: str, log_path: Path) -> str:
+    splits = ", ".join(f"{name} {count}" for name, count in (dataset.split_counts or {}).items())
+    origin = "reused from an earlier run" if reused else "uploaded"
+    lines = [
+        "",
+        f"Dataset {dataset.name!r} ({origin})",
+        f"  status   {dataset.status}",
+        f"  format   {dataset.format}",
+        f"  rows     {dataset.row_count}" + (f"  ({splits})" if splits else ""),
+        "  preview",
+        *(f"    {_preview_line(row)}" for row in (dataset.preview or [])[:PREVIEW_ROWS]),
+        "",
+        f"API docs    {url}/docs",
+    ]
+    if _answers(f"{url}/ui"):  # the dashboard, once the server has one
+        lines.append(f"Dashboard   {url}/ui")
+    lines += [
+        f"API token   {token}",
+        "",
+        "Point the Predibase SDK (or the tuneforge client) at this server:",
+        f"  export PREDIBASE_GATEWAY={url}",
+        f"  export PREDIBASE_API_TOKEN={token}",
+        "",
+        f"Server log: {_display(log_path)}",
+    ]
+    return "\n".join(lines)
+
+
+def _preview_line(row: dict[str, object]) -> str:
+    if "prompt" in row and "completion" in row:
+        prompt = textwrap.shorten(str(row["prompt"]), width=96, placeholder=" ...")
+        return f"{prompt}  ->  {row['completion']}"
+    return textwrap.shorten(
+        str({k: v for k, v in row.items() if k != "split"}), width=110, placeholder=" ..."
+    )
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # one path for Ctrl-C and `kill`: the `finally` below stops the server
+
+
+def run(settings: Settings) -> int:
+    data_dir = settings.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = choose_port()
+    server = ControlPlane.start(data_dir, port)
+    print(f"Starting tuneforge on {server.url} (data dir {_display(data_dir)}) ...", flush=True)
+    try:
+        server.wait_until_healthy()
+        token_file = settings.dev_token_file
+        if not token_file.is_file():
+            raise DemoError(f"the server did not write its development token to {token_file}", show_log=True)
+        token = token_file.read_text().strip()
+        path = write_demo_dataset(data_dir / f"{DATASET_NAME}.jsonl")
+        print(f"Uploading the demo dataset {_display(path)} ...", flush=True)
+        with Tuneforge(api_token=token, base_url=server.url, poll_interval=0.5) as client:
+            try:
+                dataset, reused = ensure_dataset(client, path)
+            except TuneforgeError as exc:
+                raise DemoError(f"uploading the demo dataset failed: {exc}", show_log=True) from exc
+        print(format_report(dataset, reused, server.url, token, server.log_path), flush=True)
+        if os.environ.get("DEMO_EXIT", "").strip().lower() in ("1", "true", "yes"):
+            return 0
+        print("\ntuneforge is running. Press Ctrl-C to stop it.", flush=True)
+        code = server.process.wait()
+        raise DemoError(f"the control plane stopped unexpectedly (exit code {code})", show_log=True)
+    except DemoError as exc:
+        _fail(exc, server)
+        return 1
+    except KeyboardInterrupt:
+        print("\nStopping tuneforge ...", flush=True)
+        return 0
+    finally:
+        server.stop()
+
+
+def _fail(exc: DemoError, server: ControlPlane | None = None) -> None:
+    print(f"demo: error: {exc}", file=sys.stderr)
+    if exc.show_log and server is not None:
+        tail = server.log_tail()
+        print(f"--- last lines of {_display(server.log_path)} ---\n{tail}", file=sys.stderr)
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        settings = Settings()
+    except (SettingsError, ValueError) as exc:
+        print(f"demo: error: invalid TUNEFORGE_* settings: {exc}", file=sys.stderr)
+        return 1
+    if settings.environment != "development":
+        print(
+            "demo: error: the demo runs the development stack; unset TUNEFORGE_ENVIRONMENT", file=sys.stderr
+        )
+        return 1
+    try:
+        return run(settings)
+    except DemoError as exc:  # raised before the server started (e.g. DEMO_PORT)
+        _fail(exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
