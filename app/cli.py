@@ -8,11 +8,14 @@ import os
 import sys
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from app.db import migrate
 from app.db.session import make_engine, make_session_factory, transaction
 from app.errors import ServiceError
 from app.services import auth
 from app.settings import Settings
+from app.storage import StorageError
 
 
 def _settings(data_dir: str | None = None) -> Settings:
@@ -130,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ServiceError, ValueError) as exc:
         print(f"tuneforge: error: {exc}", file=sys.stderr)
         return 1
+    except (SQLAlchemyError, StorageError) as exc:
+        # Unreachable database or blob store: say which, in one line, instead of a traceback.
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"tuneforge: error: cannot reach a backing service: {first_line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The `make demo` quickstart: runs the embedded control plane, uploads the demo dataset, prints how to use it.
+"""The `make demo` quickstart: runs the embedded control plane, uploads the demo dataset, says how to use it.
 
 Environment: TUNEFORGE_DATA_DIR (default ./.tuneforge), DEMO_PORT (default 8000, or a free port
 when 8000 is taken), DEMO_EXIT=1 to stop the server and exit once the report is printed.
@@ -20,7 +20,6 @@ from types import FrameType
 from typing import IO
 
 import httpx
-from pydantic import ValidationError as SettingsError
 from tuneforge import Dataset, NotFoundError, Tuneforge, TuneforgeError
 
 from app.services.demo_dataset import write_demo_dataset
@@ -54,6 +53,7 @@ class ControlPlane:
 
     @classmethod
     def start(cls, data_dir: Path, port: int) -> ControlPlane:
+        """Launch `python -m app.cli up` with its output appended to `<data_dir>/server.log`."""
         log_path = data_dir / "server.log"
         # Appended, not truncated: a server left running by an earlier demo may still write here.
         log: IO[bytes] = log_path.open("ab")
@@ -74,6 +74,7 @@ class ControlPlane:
         return cls(process=process, url=f"http://{HOST}:{port}", log_path=log_path, log_offset=offset)
 
     def wait_until_healthy(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Return once /healthz answers; DemoError if the process exits first or time runs out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -92,6 +93,7 @@ class ControlPlane:
         )
 
     def stop(self) -> None:
+        """Stop the server gracefully, killing it if it has not exited within STOP_TIMEOUT_S."""
         if self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)  # uvicorn shuts down gracefully on SIGTERM
@@ -102,6 +104,7 @@ class ControlPlane:
             self.process.wait()
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last lines this run's server wrote to server.log."""
         try:
             with self.log_path.open("rb") as log:
                 log.seek(self.log_offset)
@@ -130,6 +133,7 @@ def choose_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether the server could bind `port` on the loopback interface right now."""
     with socket.socket() as probe:
         # As uvicorn binds: a port in TIME_WAIT counts as free, one with a listener does not.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -156,9 +160,12 @@ def ensure_dataset(client: Tuneforge, path: Path) -> tuple[Dataset, bool]:
 
 
 def format_report(dataset: Dataset, reused: bool, url: str, token: str, log_path: Path) -> str:
+    """The human summary: the dataset, where the API lives, and how to point an SDK at it."""
     splits = ", ".join(f"{name} {count}" for name, count in (dataset.split_counts or {}).items())
     origin = "reused from an earlier run" if reused else "uploaded"
     lines = [
+        "",
+        f"tuneforge is running at {url}",
         "",
         f"Dataset {dataset.name!r} ({origin})",
         f"  status   {dataset.status}",
@@ -206,11 +213,12 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # one path for Ctrl-C and `kill`: the `finally` below stops the server
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # one path for Ctrl-C and `kill`: the `finally` in run() stops the server
 
 
 def run(settings: Settings) -> int:
+    """Start the server, upload the dataset, report; then wait for Ctrl-C unless DEMO_EXIT is set."""
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     port = choose_port()
@@ -232,7 +240,7 @@ def run(settings: Settings) -> int:
         print(format_report(dataset, reused, server.url, token, server.log_path), flush=True)
         if os.environ.get("DEMO_EXIT", "").strip().lower() in ("1", "true", "yes"):
             return 0
-        print("\ntuneforge is running. Press Ctrl-C to stop it.", flush=True)
+        print("\nPress Ctrl-C to stop the server.", flush=True)
         code = server.process.wait()
         raise DemoError(f"the control plane stopped unexpectedly (exit code {code})", show_log=True)
     except DemoError as exc:
@@ -242,6 +250,9 @@ def run(settings: Settings) -> int:
         print("\nStopping tuneforge ...", flush=True)
         return 0
     finally:
+        # A second Ctrl-C must not abandon the child half-stopped; stop() escalates to kill itself.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         server.stop()
 
 
@@ -253,10 +264,14 @@ def _fail(exc: DemoError, server: ControlPlane | None = None) -> None:
 
 
 def main() -> int:
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    """Entry point of `python -m app.demo`; returns the process exit code."""
+    # Installed for SIGINT too: a shell starts background jobs with SIGINT ignored, and the demo
+    # must still stop its server when one is sent.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         settings = Settings()
-    except (SettingsError, ValueError) as exc:
+    except ValueError as exc:  # pydantic's ValidationError included
         print(f"demo: error: invalid TUNEFORGE_* settings: {exc}", file=sys.stderr)
         return 1
     if settings.environment != "development":

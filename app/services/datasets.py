@@ -43,6 +43,12 @@ def finish_upload(ctx: AppContext, session: Session, user: User, name: str, uplo
     """Step 3: register the uploaded bytes as a dataset; validation runs after the commit, elsewhere."""
     validate_name(name, "name")
     claims = upload_tokens.verify(ctx, user, upload_token, "dataset")
+    # A client retrying after a lost response gets the dataset it already created, not a 409.
+    done = session.scalar(
+        select(Dataset).where(Dataset.tenant_id == user.tenant_id, Dataset.blob_key == claims["key"])
+    )
+    if done is not None and done.name == name:
+        return done
     try:
         info = ctx.store.stat(claims["key"])
     except BlobNotFoundError:

@@ -121,3 +121,10 @@ def test_migrate_reports_head(tmp_path: Path) -> None:
         [*TUNEFORGE, "migrate"], env=_env(tmp_path), capture_output=True, text=True, check=True
     )
     assert "database at head" in result.stdout
+
+
+def test_unreachable_database_is_a_one_line_error(tmp_path: Path) -> None:
+    env = _env(tmp_path) | {"TUNEFORGE_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/none"}
+    result = subprocess.run([*TUNEFORGE, "migrate"], env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "cannot reach a backing service" in result.stderr and "Traceback" not in result.stderr

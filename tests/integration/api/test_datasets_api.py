@@ -142,3 +142,12 @@ def test_another_tenants_dataset_is_404_and_untouched(tenant, other_tenant) -> N
         assert_error(other_tenant.client.get(path), 404, "not found")
     assert_error(other_tenant.client.delete(f"/v2/datasets/{body['uuid']}"), 404, "not found")
     assert tenant.client.get("/v1/datasets/name/secret").json()["status"] == "connected"
+
+
+def test_repeating_the_finish_step_returns_the_same_dataset(tenant) -> None:
+    begun = tenant.client.post("/v2/datasets/upload", json={"fileName": "a.csv"}).json()
+    tenant.put_presigned(begun["presignedUrl"], CSV).raise_for_status()
+    body = {"name": "once", "uploadToken": begun["uploadToken"]}
+    first, second = (tenant.client.put("/v2/datasets/upload", json=body) for _ in range(2))
+    assert first.status_code == second.status_code == 200
+    assert first.json()["uuid"] == second.json()["uuid"]

@@ -1,0 +1,120 @@
+"""`client.adapters`: adapter versions `repo/tag`: get, list, upload, download, archive, delete."""
+
+from __future__ import annotations
+
+import builtins
+from os import PathLike
+from pathlib import Path
+
+from tuneforge._http import HttpTransport, path_segment
+from tuneforge.errors import ValidationError
+from tuneforge.models import AdapterVersion, VersionSummary
+from tuneforge.repos import RepoRef, Repos, repo_name
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+
+AdapterRef = str | AdapterVersion | VersionSummary
+
+
+def parse_adapter_id(adapter: AdapterRef) -> tuple[str, int]:
+    """`"repo/3"` (or an AdapterVersion / VersionSummary) → `("repo", 3)`; refuses anything else."""
+    if isinstance(adapter, AdapterVersion | VersionSummary):
+        adapter = adapter.id
+    repo, slash, tag = adapter.partition("/")
+    if "@" in tag:
+        raise ValidationError(f"adapter id {adapter!r}: checkpoint ids (repo/tag@N) are not accepted here")
+    if not slash or not repo or not tag.isdigit() or int(tag) < 1:
+        raise ValidationError(f"adapter id {adapter!r}: expected '<repo>/<version>', e.g. 'my-repo/3'")
+    return repo, int(tag)
+
+
+class Adapters:
+    """Adapter calls with the Predibase SDK's shapes: `get`, `upload`, `download`, `archive`, `delete`, ..."""
+
+    def __init__(self, http: HttpTransport, repos: Repos) -> None:
+        self._http = http
+        self._repos = repos
+
+    def get(self, adapter_id: AdapterRef) -> AdapterVersion:
+        """One adapter version, e.g. `get("my-repo/3")`."""
+        return AdapterVersion.model_validate(self._http.api("GET", self._path(adapter_id)))
+
+    def list(self, repo: RepoRef) -> builtins.list[VersionSummary]:
+        """The versions of a repo, as summaries whose `.id` is the `repo/tag` other calls take."""
+        return self._repos.get(repo).versions
+
+    def upload(self, local_dir: str | PathLike[str], repo: RepoRef) -> AdapterVersion:
+        """Upload a PEFT adapter directory (what `save_pretrained` wrote) as the repo's next version.
+
+        The repo is created if it does not exist. Needs `adapter_config.json` (with `peft_type`
+        and `base_model_name_or_path`) and `adapter_model.safetensors`; a pickled
+        `adapter_model.bin` is refused before anything is sent, as the server never loads pickles.
+        """
+        directory = Path(local_dir)
+        files = _adapter_files(directory)
+        begun = self._http.api("POST", "/v2/adapters/upload", json={"repo": repo_name(repo)})
+        urls: dict[str, str] = begun["presignedUrls"]
+        for file_name, path in files.items():
+            self._http.put_file(urls[file_name], path)
+        # A PUT on the wire that publishes a new version; the server discards the staged files
+        # either way, so a blind retry could only fail confusingly.
+        body = self._http.api(
+            "PUT", "/v2/adapters/upload", json={"uploadToken": begun["uploadToken"]}, idempotent=False
+        )
+        return AdapterVersion.model_validate(body)
+
+    def download(self, adapter_id: AdapterRef, dest: str | PathLike[str] | None = None) -> Path:
+        """Download the adapter's files as a zip; returns the path written.
+
+        `dest` defaults to `<repo>-<tag>.zip` in the current directory; a directory gets that
+        file name inside it.
+        """
+        repo, tag = parse_adapter_id(adapter_id)
+        target = Path(dest) if dest is not None else Path.cwd()
+        if target.is_dir():
+            target = target / f"{repo}-{tag}.zip"
+        return self._http.download_api(self._path(adapter_id) + "/download", target)
+
+    def archive(self, adapter_id: AdapterRef) -> AdapterVersion:
+        """Mark the version archived (hidden from default views, still downloadable)."""
+        return self._set_archived(adapter_id, True)
+
+    def unarchive(self, adapter_id: AdapterRef) -> AdapterVersion:
+        """Undo `archive`."""
+        return self._set_archived(adapter_id, False)
+
+    def delete(self, adapter_id: AdapterRef) -> None:
+        """Delete the version and its files; its tag is never reused. ConflictError while training."""
+        self._http.api("DELETE", self._path(adapter_id))
+
+    def _set_archived(self, adapter_id: AdapterRef, archived: bool) -> AdapterVersion:
+        body = self._http.api("PUT", self._path(adapter_id), json={"archived": archived})
+        return AdapterVersion.model_validate(body)
+
+    @staticmethod
+    def _path(adapter_id: AdapterRef) -> str:
+        repo, tag = parse_adapter_id(adapter_id)
+        return f"/v2/repos/{path_segment(repo)}/version/{tag}"
+
+
+def _adapter_files(directory: Path) -> dict[str, Path]:
+    """The files to send, checked the way the server will check them, so a bad upload fails fast."""
+    if not directory.is_dir():
+        raise ValidationError(f"{directory} does not exist or is not a directory")
+    config, weights, pickle = (directory / n for n in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE))
+    if not config.is_file():
+        raise ValidationError(f"{CONFIG_FILE}: missing from {directory}; upload what save_pretrained wrote")
+    if not weights.is_file():
+        if pickle.is_file():
+            raise ValidationError(
+                f"{PICKLE_FILE} is a pickle file, which tuneforge never loads (unpickling can run arbitrary "
+                "code). Convert it with `PeftModel.from_pretrained(...).save_pretrained(dir, "
+                f"safe_serialization=True)` and upload {WEIGHTS_FILE}"
+            )
+        raise ValidationError(
+            f"{WEIGHTS_FILE}: missing from {directory}; save the adapter in safetensors format"
+        )
+    # The pickle file, if present next to the safetensors, is deliberately not sent.
+    return {CONFIG_FILE: config, WEIGHTS_FILE: weights}

@@ -1,0 +1,128 @@
+"""`python -m app.demo` as `make demo` runs it: a real server process and the real client, run twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO = [sys.executable, "-m", "app.demo"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
+    # The developer's own settings must not leak in: the demo runs what a newcomer would get.
+    prefixes = ("TUNEFORGE_", "PREDIBASE_", "DEMO_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    return env | {"TUNEFORGE_DATA_DIR": str(data_dir), "DEMO_PORT": str(port), **extra}
+
+
+def _run_demo(data_dir: Path, port: int, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        DEMO,
+        cwd=REPO_ROOT,
+        env=_env(data_dir, port, DEMO_EXIT="1", **extra),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_demo_uploads_and_reports_the_dataset_then_a_second_run_reuses_it(tmp_path: Path) -> None:
+    port = _free_port()
+    first = _run_demo(tmp_path, port)
+    assert first.returncode == 0, first.stdout + first.stderr
+    out = first.stdout
+    assert "Dataset 'demo-dates' (uploaded)" in out
+    assert "status   connected" in out and "format   prompt_completion" in out
+    assert "rows     600  (train 540, evaluation 60)" in out
+    assert out.count("->  ") == 3  # three preview rows
+    token = (tmp_path / "dev-token").read_text().strip()
+    url = f"http://127.0.0.1:{port}"
+    for line in (f"{url}/docs", f"API token   {token}", f"export PREDIBASE_GATEWAY={url}"):
+        assert line in out
+    assert f"export PREDIBASE_API_TOKEN={token}" in out
+    # The server's own output goes to the log, not the terminal.
+    assert "Uvicorn running" not in out + first.stderr
+    assert "Uvicorn running" in (tmp_path / "server.log").read_text()
+    assert _port_is_free(port), "DEMO_EXIT=1 must stop the server"
+
+    second = _run_demo(tmp_path, port)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Dataset 'demo-dates' (reused from an earlier run)" in second.stdout
+    assert "status   connected" in second.stdout and "rows     600" in second.stdout
+    assert (tmp_path / "dev-token").read_text().strip() == token
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_stops_the_server_and_exits_cleanly(tmp_path: Path) -> None:
+    port = _free_port()
+    demo = subprocess.Popen(
+        DEMO,
+        cwd=REPO_ROOT,
+        env=_env(tmp_path, port),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        seen = []
+        for line in demo.stdout:  # ends at EOF if the demo exits early
+            seen.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        assert demo.poll() is None, "".join(seen)
+        assert not _port_is_free(port)
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 0, "".join(seen) + rest
+    assert "Stopping tuneforge" in rest
+    assert _port_is_free(port)
+    assert "Application shutdown complete" in (tmp_path / "server.log").read_text()
+
+
+def test_server_that_cannot_start_fails_with_one_line_and_the_log_tail(tmp_path: Path) -> None:
+    result = _run_demo(
+        tmp_path, _free_port(), TUNEFORGE_DATABASE_URL="postgresql+psycopg://nobody@127.0.0.1:1/none"
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    first_line, *rest = result.stderr.splitlines()
+    assert first_line.startswith("demo: error: the control plane exited with code"), result.stderr
+    assert "server.log" in rest[0] and "Connection refused" in result.stderr
+
+
+def test_busy_demo_port_is_refused_before_starting_anything(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        result = _run_demo(tmp_path, holder.getsockname()[1])
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("(DEMO_PORT) is already in use; pick another or unset DEMO_PORT")
+    assert not (tmp_path / "server.log").exists()
