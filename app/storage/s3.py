@@ -12,7 +12,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app.storage.base import CHUNK_BYTES, BlobInfo, BlobNotFoundError, BlobStore, StorageError
-from app.storage.local import MeteredChunks, validate_key, verified_chunks
+from app.storage.streams import MeteredChunks, validate_key, verified_chunks
 
 # S3's own limits: parts (but the last) are at least 5 MiB; one CopyObject moves at most 5 GiB.
 MIN_PART_BYTES = 5 * 1024**2
