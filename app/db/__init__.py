@@ -2,6 +2,7 @@
 
 from app.db.base import Base
 from app.db.datasets import Dataset, DatasetStatus
+from app.db.jobs import FinetuningJob, JobCheckpoint, JobEvent, JobEventKind, JobMetric, JobStatus
 from app.db.repos import AdapterVersion, Repo, VersionSource, VersionStatus
 from app.db.tenants import ApiToken, Tenant, User
 
@@ -11,6 +12,12 @@ __all__ = [
     "Base",
     "Dataset",
     "DatasetStatus",
+    "FinetuningJob",
+    "JobCheckpoint",
+    "JobEvent",
+    "JobEventKind",
+    "JobMetric",
+    "JobStatus",
     "Repo",
     "Tenant",
     "User",

@@ -9,7 +9,18 @@ from sqlalchemy import create_engine, inspect
 
 from app.db import Base, migrate
 
-TABLES = {"tenants", "users", "api_tokens", "datasets", "repos", "adapter_versions"}
+TABLES = {
+    "tenants",
+    "users",
+    "api_tokens",
+    "datasets",
+    "repos",
+    "adapter_versions",
+    "finetuning_jobs",
+    "job_events",
+    "job_metrics",
+    "job_checkpoints",
+}
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

@@ -1,0 +1,228 @@
+"""The fine-tuning job state machine: the one place a job (and its adapter version) changes status.
+
+Legal transitions::
+
+    queued   → training    a worker took the first delivery
+    queued   → canceled    cancelled before any worker started it
+    queued   → errored     refused before training (e.g. its dataset was deleted meanwhile)
+    training → completed   the adapter is stored
+    training → errored     training raised; `error` is shown to the user
+    training → stopping    a cancel was requested; the worker stops within one step
+    stopping → canceled    the worker honoured the cancel (the last checkpoint is kept)
+    stopping → errored     training failed before it could stop
+    stopping → completed   the last step finished before the cancel was seen: the adapter is whole
+
+Everything else is refused with a `ConflictError` naming both states; completed, errored and
+canceled are final. A crash is not a transition: a redelivered job stays `training` (or
+`stopping`), `start_attempt` records a `restart` event and bumps `attempt`, and training resumes
+from `latest_checkpoint`.
+
+Status writes are compare-and-set (`UPDATE ... WHERE status = <expected>`), so of two racing
+writers (a cancel and a worker starting the job) exactly one wins on Postgres and SQLite alike.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, TypeVar, cast
+
+from sqlalchemy import CursorResult, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+
+from app.db import FinetuningJob, JobCheckpoint, JobEvent, JobMetric
+from app.db.base import utcnow
+from app.db.jobs import JobEventKind, JobStatus
+from app.errors import ConflictError
+
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.TRAINING, JobStatus.CANCELED, JobStatus.ERRORED}),
+    JobStatus.TRAINING: frozenset({JobStatus.COMPLETED, JobStatus.ERRORED, JobStatus.STOPPING}),
+    JobStatus.STOPPING: frozenset({JobStatus.CANCELED, JobStatus.ERRORED, JobStatus.COMPLETED}),
+    JobStatus.COMPLETED: frozenset(),
+    JobStatus.ERRORED: frozenset(),
+    JobStatus.CANCELED: frozenset(),
+}
+FINAL_STATUSES = frozenset(s for s, targets in TRANSITIONS.items() if not targets)
+
+Row = TypeVar("Row", JobMetric, JobCheckpoint)
+
+# Metric fields a worker may report for a step; anything else is a programming error.
+METRIC_FIELDS = frozenset(
+    {"epoch", "train_loss", "eval_loss", "learning_rate", "tokens", "checkpoint_number"}
+)
+
+
+def transition(
+    session: Session, job: FinetuningJob, new_status: JobStatus, *, error: str | None = None
+) -> None:
+    """Move `job` and its version to `new_status`, or raise `ConflictError` if that is not legal."""
+    current = JobStatus(job.status)
+    if new_status not in TRANSITIONS[current]:
+        raise ConflictError(f"job cannot move from {current} to {new_status}")
+    now = utcnow()
+    values: dict[str, Any] = {"status": new_status}
+    if new_status == JobStatus.TRAINING:
+        values["started_at"] = now
+    if new_status in FINAL_STATUSES:
+        values["finished_at"] = now
+    if error is not None:
+        values["error"] = error
+    session.flush()  # pending attribute changes must not be overwritten by the refresh below
+    moved = cast(
+        "CursorResult[Any]",
+        session.execute(
+            update(FinetuningJob)
+            .where(FinetuningJob.id == job.id, FinetuningJob.status == current)
+            .values(**values)
+            .execution_options(synchronize_session=False),
+        ),
+    )
+    if moved.rowcount != 1:
+        # Another writer moved it first; report the state it is really in.
+        session.refresh(job)
+        raise ConflictError(f"job cannot move from {job.status} to {new_status}")
+    for key, value in values.items():
+        set_committed_value(job, key, value)  # already written by the UPDATE above
+    session.expire(job, ["updated_at"])  # stamped by the UPDATE's onupdate default
+    job.version.status = new_status
+    if error is not None:
+        job.version.error = error
+    add_event(session, job, JobEventKind.STATUS, error or "", status=str(new_status))
+    session.flush()
+
+
+def add_event(session: Session, job: FinetuningJob, kind: JobEventKind, message: str, **data: Any) -> None:
+    session.add(JobEvent(job_id=job.id, kind=kind, message=message, data=data))
+
+
+def start_attempt(session: Session, job: FinetuningJob, *, worker_id: str) -> bool:
+    """A worker received the job: start it, or (redelivery after a lost worker) resume it.
+
+    Returns True when this is a restart. A final job raises `ConflictError`; the worker acks
+    and drops such a delivery.
+    """
+    restart = job.status in (JobStatus.TRAINING, JobStatus.STOPPING)
+    if restart:
+        checkpoint = latest_checkpoint(session, job)
+        resume_step = checkpoint.step if checkpoint is not None else 0
+        add_event(
+            session,
+            job,
+            JobEventKind.RESTART,
+            f"attempt {job.attempt + 1} on {worker_id} after {job.worker_id or 'a worker'} was lost; "
+            f"resuming from step {resume_step}",
+            attempt=job.attempt + 1,
+            previous_worker=job.worker_id,
+            resume_step=resume_step,
+        )
+    elif job.status in FINAL_STATUSES:
+        raise ConflictError(f"job already {job.status}")
+    else:
+        transition(session, job, JobStatus.TRAINING)
+    job.attempt += 1
+    job.worker_id = worker_id
+    session.flush()
+    return restart
+
+
+def request_cancel(session: Session, job: FinetuningJob) -> None:
+    """Queued jobs cancel at once; a training job is asked to stop; a finished one is a 409."""
+    if job.status == JobStatus.QUEUED:
+        transition(session, job, JobStatus.CANCELED)
+    elif job.status == JobStatus.TRAINING:
+        job.cancel_requested_at = utcnow()
+        transition(session, job, JobStatus.STOPPING)
+    elif job.status == JobStatus.STOPPING:
+        return  # already being honoured; a repeated click is not an error
+    else:
+        raise ConflictError(f"job already {job.status}")
+
+
+def mark_enqueued(session: Session, job: FinetuningJob) -> None:
+    """The broker accepted the job id; the sweeper leaves it alone from now on."""
+    job.enqueued_at = utcnow()
+    session.flush()
+
+
+def queued_unenqueued(session: Session, older_than: datetime) -> list[FinetuningJob]:
+    """Queued jobs created before `older_than` whose enqueue never succeeded (broker was down).
+
+    The grace period keeps the sweeper from racing the API's own enqueue right after commit.
+    """
+    query = (
+        select(FinetuningJob)
+        .where(
+            FinetuningJob.status == JobStatus.QUEUED,
+            FinetuningJob.enqueued_at.is_(None),
+            FinetuningJob.created_at < older_than,
+        )
+        .order_by(FinetuningJob.created_at, FinetuningJob.id)
+    )
+    return list(session.scalars(query).unique())
+
+
+def record_metric(session: Session, job: FinetuningJob, step: int, **values: float | int | None) -> JobMetric:
+    """Store the step's metrics; a re-report of the step (after a restart) updates its row.
+
+    Only the given, non-None fields are written, so an eval report merges with the train report.
+    """
+    unknown = set(values) - METRIC_FIELDS
+    if unknown:
+        raise TypeError(f"unknown metric fields: {sorted(unknown)}")
+    given = {k: v for k, v in values.items() if v is not None}
+    row = _upsert(session, JobMetric, job, step, given)
+    job.steps_done = step
+    session.flush()
+    return row
+
+
+def record_checkpoint(
+    session: Session, job: FinetuningJob, step: int, prefix: str, files: dict[str, dict[str, Any]]
+) -> JobCheckpoint:
+    """Register a checkpoint written to storage; writing the same step again replaces its record."""
+    return _upsert(session, JobCheckpoint, job, step, {"prefix": prefix, "files": files})
+
+
+def _upsert(session: Session, model: type[Row], job: FinetuningJob, step: int, values: dict[str, Any]) -> Row:
+    """Select-then-insert-or-update on the (job_id, step) key, portable across Postgres and SQLite."""
+    query = select(model).where(model.job_id == job.id, model.step == step)
+    row = session.scalar(query)
+    if row is None:
+        try:
+            with session.begin_nested():  # a savepoint: a lost insert race leaves the session usable
+                row = model(job_id=job.id, step=step, **values)
+                session.add(row)
+            return row
+        except IntegrityError:
+            row = session.scalars(query).one()
+    for key, value in values.items():
+        setattr(row, key, value)
+    session.flush()
+    return row
+
+
+def latest_checkpoint(session: Session, job: FinetuningJob) -> JobCheckpoint | None:
+    return session.scalar(
+        select(JobCheckpoint).where(JobCheckpoint.job_id == job.id).order_by(JobCheckpoint.step.desc())
+    )
+
+
+def timeline(session: Session, job: FinetuningJob) -> dict[str, dict[str, str]]:
+    """Predibase's `{<status>: {"startedAt": iso}}`: when each status was first entered."""
+    events = session.scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id == job.id, JobEvent.kind == JobEventKind.STATUS)
+        .order_by(JobEvent.created_at, JobEvent.id)
+    )
+    # A job is queued from its creation; no event records entering the first status.
+    result = {str(JobStatus.QUEUED): {"startedAt": _iso(job.created_at)}}
+    for event in events:
+        result.setdefault(str(event.data.get("status")), {"startedAt": _iso(event.created_at)})
+    return result
+
+
+def _iso(moment: datetime) -> str:
+    # SQLite hands timestamps back without a zone even though they were stored in UTC.
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()
