@@ -23,18 +23,10 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db.base import Base, Timestamped, utcnow
-from app.db.repos import AdapterVersion
+from app.db.repos import AdapterVersion, VersionStatus
 
-
-class JobStatus(enum.StrEnum):
-    """Same names as `VersionStatus`: the job's version moves in lockstep with it."""
-
-    QUEUED = "queued"
-    TRAINING = "training"
-    STOPPING = "stopping"
-    COMPLETED = "completed"
-    ERRORED = "errored"
-    CANCELED = "canceled"
+# One status vocabulary for a job and the version it produces: the version moves in lockstep.
+JobStatus = VersionStatus
 
 
 class JobEventKind(enum.StrEnum):
