@@ -8,6 +8,7 @@ import struct
 import uuid
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.context import AppContext
@@ -42,15 +43,30 @@ def begin(ctx: AppContext, session: Session, user: User, repo_name: str, base_ur
 def finish(ctx: AppContext, session: Session, user: User, upload_token: str) -> AdapterVersion:
     claims = upload_tokens.verify(ctx, user, upload_token, "adapter")
     staging, store = claims["staging"], ctx.store
+    repo = repos.get(session, user, claims["repo"])
+    prefix = _version_prefix(user, repo, staging)
+    # A client retrying after a lost response gets the version it already created.
+    done = session.scalar(
+        select(AdapterVersion).where(
+            AdapterVersion.repo_id == repo.id, AdapterVersion.artifact_prefix == prefix
+        )
+    )
+    if done is not None:
+        return done
     try:
-        repo = repos.get(session, user, claims["repo"])
         config = _read_config(store, staging)
         files = {CONFIG_FILE: _digest(store, f"{staging}{CONFIG_FILE}")}
         files[WEIGHTS_FILE] = _check_weights(store, staging, ctx.settings.max_upload_bytes)
-        return _publish(ctx, session, user, repo, config, staging, files)
+        return _publish(ctx, session, user, repo, config, staging, prefix, files)
     finally:
         # The pickle file (if any) is never read; staging goes whether the upload was accepted or not.
         store.delete_prefix(staging)
+
+
+def _version_prefix(user: User, repo: Repo, staging: str) -> str:
+    """The published location shares the upload's id, which makes a repeated finish recognisable."""
+    upload_id = staging.rstrip("/").rsplit("/", 1)[-1]
+    return f"tenants/{user.tenant.uuid}/repos/{repo.uuid}/versions/{upload_id}/"
 
 
 def _read_config(store: BlobStore, staging: str) -> dict[str, Any]:
@@ -149,9 +165,9 @@ def _publish(
     repo: Repo,
     config: dict[str, Any],
     staging: str,
+    prefix: str,
     files: dict[str, dict[str, Any]],
 ) -> AdapterVersion:
-    prefix = f"tenants/{user.tenant.uuid}/repos/{repo.uuid}/versions/{uuid.uuid4()}/"
     try:
         for name in files:
             ctx.store.copy(f"{staging}{name}", f"{prefix}{name}")

@@ -110,3 +110,14 @@ def test_another_tenants_version_is_404_and_untouched(tenant, other_tenant, tmp_
     assert_error(other_tenant.client.get("/v2/repos/mine/version/1/download"), 404, "not found")
     version = tenant.client.get("/v2/repos/mine/version/1").json()
     assert version["archived"] is False and version["status"] == "completed"
+
+
+def test_repeating_the_finish_step_returns_the_same_version(tenant, tmp_path: Path) -> None:
+    begun = tenant.client.post("/v2/adapters/upload", json={"repo": "retry"}).json()
+    for name, data in _adapter_files(tmp_path).items():
+        tenant.put_presigned(begun["presignedUrls"][name], data).raise_for_status()
+    body = {"uploadToken": begun["uploadToken"]}
+    first, second = (tenant.client.put("/v2/adapters/upload/", json=body) for _ in range(2))
+    assert first.status_code == second.status_code == 200, second.text
+    assert first.json()["uuid"] == second.json()["uuid"] and first.json()["tag"] == 1
+    assert len(tenant.client.get("/v2/repos/retry").json()["versions"]) == 1
