@@ -1,0 +1,168 @@
+"""`tuneforge.train` on a real Celery worker over the real Redis: a job trains to a stored adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from sqlalchemy import select
+
+from app.context import AppContext
+from app.db import AdapterVersion, Dataset, DatasetStatus, FinetuningJob, JobCheckpoint, JobMetric, JobStatus
+from app.db.session import transaction
+from app.services import auth, jobs, repos
+from worker.celery_app import make_celery
+from worker.tasks import TRAIN_TASK, register_tasks
+
+pytestmark = pytest.mark.integration
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+JOB_TIMEOUT_SECONDS = 120
+ROWS = [{"prompt": f"Say the number {n}.", "completion": f" {n}"} for n in range(12)]
+
+
+@pytest.fixture(scope="module")
+def ctx(stack_settings_factory: Any) -> Iterator[AppContext]:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5).ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is required at {REDIS_URL} for the worker tests: {exc}")
+    context = AppContext.from_settings(stack_settings_factory("embedded", broker_url=REDIS_URL))
+    yield context
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def celery(ctx: AppContext) -> Iterator[Celery]:
+    """A real worker thread; a queue of this run's own keeps parallel runs on the shared Redis apart."""
+    app = make_celery(ctx.settings)
+    app.conf.task_default_queue = f"tuneforge.train.test-{secrets.token_hex(4)}"
+    register_tasks(app, ctx)
+    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=30):
+        yield app
+
+
+def _queued_job(ctx: AppContext, **params: Any) -> int:
+    """A committed queued job on a connected prompt/completion dataset, in a tenant of its own."""
+    data = "".join(json.dumps(row) + "\n" for row in ROWS).encode()
+    with transaction(ctx.sessions) as session:
+        user = auth.get_or_create_user(session, f"t-{secrets.token_hex(4)}", "alice")
+        key = f"tenants/{user.tenant.uuid}/datasets/{secrets.token_hex(8)}/data.jsonl"
+        info = ctx.store.put_stream(key, [data])
+        dataset = Dataset(
+            tenant_id=user.tenant_id,
+            created_by_id=user.id,
+            name="numbers",
+            status=DatasetStatus.CONNECTED,
+            file_name="numbers.jsonl",
+            blob_key=key,
+            size_bytes=info.size,
+            sha256=info.sha256,
+            format="prompt_completion",
+            row_count=len(ROWS),
+        )
+        session.add(dataset)
+    with transaction(ctx.sessions) as session:
+        user = auth.get_or_create_user(session, user.tenant.name, "alice")
+        repo = repos.create(session, user, "numbers", None, exists_ok=True)
+    with transaction(ctx.sessions) as session:
+        config = {
+            "base_model": "tiny-random-llama",
+            "train_steps": 4,
+            "checkpoint_every_n_steps": 2,
+            "micro_batch_size": 2,
+            "effective_batch_size": 2,
+            **params,
+        }
+        version = AdapterVersion(
+            repo_id=repo.id,
+            created_by_id=user.id,
+            tag=repos.allocate_tag(session, repo),
+            base_model=config["base_model"],
+            config=config,
+        )
+        session.add(version)
+        session.flush()
+        job = FinetuningJob(
+            tenant_id=user.tenant_id,
+            created_by_id=user.id,
+            repo_id=repo.id,
+            version_id=version.id,
+            dataset_id=dataset.id,
+            base_model=config["base_model"],
+            adapter_type="lora",
+            params=config,
+        )
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def _wait_until_final(ctx: AppContext, job_id: int) -> FinetuningJob:
+    deadline = time.monotonic() + JOB_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        with ctx.sessions() as session:
+            job = session.get(FinetuningJob, job_id)
+            assert job is not None
+            if job.status in jobs.FINAL_STATUSES:
+                session.expunge(job)
+                return job
+        time.sleep(0.2)
+    pytest.fail(f"job {job_id} did not finish within {JOB_TIMEOUT_SECONDS}s")
+
+
+def test_train_task_completes_version_with_verified_adapter_metrics_and_checkpoints(
+    ctx: AppContext, celery: Celery
+) -> None:
+    job_id = _queued_job(ctx)
+
+    celery.send_task(TRAIN_TASK, args=[job_id])
+    job = _wait_until_final(ctx, job_id)
+
+    assert job.status == JobStatus.COMPLETED, job.error
+    with ctx.sessions() as session:
+        version = session.get(AdapterVersion, job.version_id)
+        assert version is not None
+        assert version.status == JobStatus.COMPLETED
+        assert set(version.artifact_files) == {"adapter_config.json", "adapter_model.safetensors"}
+        assert version.artifact_prefix is not None
+        for name, meta in version.artifact_files.items():
+            stored = ctx.store.read_bytes(f"{version.artifact_prefix}{name}")
+            assert meta["sha256"] == hashlib.sha256(stored).hexdigest()
+            assert meta["size"] == len(stored)
+        adapter_config = json.loads(ctx.store.read_bytes(f"{version.artifact_prefix}adapter_config.json"))
+        assert adapter_config["base_model_name_or_path"] == "tiny-random-llama"
+        metrics = session.scalars(select(JobMetric).where(JobMetric.job_id == job_id)).all()
+        assert sorted(m.step for m in metrics) == [1, 2, 3, 4]
+        assert all(m.train_loss is not None for m in metrics)
+        checkpoints = session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)).all()
+        assert sorted(c.step for c in checkpoints) == [2, 4]
+        for checkpoint in checkpoints:
+            assert "trainer_state.json" in checkpoint.files
+            assert ctx.store.exists(f"{checkpoint.prefix}adapter_model.safetensors")
+
+
+def test_train_task_with_unknown_base_model_errors_naming_the_available_models(
+    ctx: AppContext, celery: Celery
+) -> None:
+    job_id = _queued_job(ctx, base_model="no-such-model")
+
+    celery.send_task(TRAIN_TASK, args=[job_id])
+    job = _wait_until_final(ctx, job_id)
+
+    assert job.status == JobStatus.ERRORED
+    assert job.error is not None
+    assert "no-such-model" in job.error
+    assert "tiny-random-llama" in job.error and "smollm2-135m" in job.error
+    with ctx.sessions() as session:
+        version = session.get(AdapterVersion, job.version_id)
+        assert version is not None
+        assert version.status == JobStatus.ERRORED and version.error == job.error

@@ -1,0 +1,50 @@
+"""Moves a job's bytes between storage and the worker's scratch disk: dataset rows, checkpoints, adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from app.db import Dataset, DatasetStatus, JobCheckpoint
+from app.storage import BlobStore
+from worker.datasets import read_rows
+from worker.training.data import TrainingDataError
+
+
+def download_rows(store: BlobStore, dataset: Dataset | None) -> list[dict[str, Any]]:
+    """The dataset's rows, its bytes checked against the sha256 recorded at upload."""
+    if dataset is None:
+        raise TrainingDataError("the job's dataset was deleted; upload it again and start a new job")
+    if dataset.status != DatasetStatus.CONNECTED:
+        reason = dataset.last_error or "wait until its validation finishes"
+        raise TrainingDataError(f"dataset {dataset.name!r} is {dataset.status}, not connected: {reason}")
+    chunks = store.iter_chunks(dataset.blob_key, expected_sha256=dataset.sha256)
+    return read_rows(chunks, dataset.file_name)
+
+
+def download_checkpoint(store: BlobStore, checkpoint: JobCheckpoint, dest: Path) -> Path:
+    """Rebuild a checkpoint directory under `dest`, verifying each file's recorded sha256."""
+    target = dest / f"step-{checkpoint.step}"
+    for name, meta in checkpoint.files.items():
+        path = target / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as handle:
+            for chunk in store.iter_chunks(f"{checkpoint.prefix}{name}", expected_sha256=meta.get("sha256")):
+                handle.write(chunk)
+    return target
+
+
+def upload_dir(
+    store: BlobStore, local_dir: Path, prefix: str, *, only: Collection[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Put every file under `local_dir` (or just `only`) at `prefix`; returns name → {size, sha256}."""
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        name = path.relative_to(local_dir).as_posix()
+        if only is not None and name not in only:
+            continue
+        with path.open("rb") as handle:
+            info = store.put_stream(f"{prefix}{name}", handle)
+        files[name] = {"size": info.size, "sha256": info.sha256}
+    return files

@@ -1,0 +1,165 @@
+"""The `tuneforge.train` task: thin glue from a job id to a training run and back into the database."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.context import AppContext
+from app.db import Dataset, FinetuningJob, JobStatus, Tenant
+from app.errors import ConflictError
+from app.services import jobs
+from worker.job_io import download_checkpoint, download_rows, upload_dir
+from worker.training.base_models import BaseModelSourceMissingError, UnknownBaseModelError
+from worker.training.config import TrainingConfig
+from worker.training.data import TrainingDataError
+from worker.training.loop import NoCallbacks, TrainingResult, train
+
+log = logging.getLogger(__name__)
+
+TRAIN_TASK = "tuneforge.train"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Failures whose message tells the user what to change; anything else is our bug and is re-raised.
+USER_ERRORS = (ValidationError, UnknownBaseModelError, BaseModelSourceMissingError, TrainingDataError)
+# How often the run asks the database whether it was cancelled.
+CANCEL_POLL_SECONDS = 1.0
+
+
+def register_tasks(celery: Celery, ctx: AppContext) -> None:
+    """Bind the tasks to `celery`, each closing over the worker's long-lived context."""
+
+    @celery.task(name=TRAIN_TASK, bind=True)
+    def train_job(self: Any, job_id: int) -> None:
+        run_job(ctx, job_id, worker_id=str(self.request.hostname or "worker"))
+
+
+def run_job(ctx: AppContext, job_id: int, *, worker_id: str) -> None:
+    """Train job `job_id` to a final status; a delivery of an already finished job is dropped."""
+    with ctx.sessions() as session:
+        job = session.get(FinetuningJob, job_id)
+        if job is None:
+            log.warning("job %s no longer exists; dropping its delivery", job_id)
+            return
+        try:
+            jobs.start_attempt(session, job, worker_id=worker_id)
+            session.commit()
+        except ConflictError as exc:
+            session.rollback()
+            log.info("job %s: %s; dropping its delivery", job_id, exc)
+            return
+        try:
+            _train_and_publish(ctx, session, job)
+        except USER_ERRORS as exc:
+            _end(session, job, JobStatus.ERRORED, error=str(exc))
+        except Exception as exc:
+            try:
+                error = f"internal error while training ({type(exc).__name__}); the worker log has details"
+                _end(session, job, JobStatus.ERRORED, error=error)
+            except Exception:
+                log.exception("job %s: could not record the failure", job_id)
+            raise
+
+
+def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) -> None:
+    config = TrainingConfig.model_validate(job.params)
+    dataset = session.get(Dataset, job.dataset_id) if job.dataset_id is not None else None
+    rows = download_rows(ctx.store, dataset)
+    tenant_uuid = session.scalars(select(Tenant.uuid).where(Tenant.id == job.tenant_id)).one()
+    with tempfile.TemporaryDirectory(prefix=f"tuneforge-job-{job.id}-") as scratch:
+        checkpoint = jobs.latest_checkpoint(session, job)
+        resume_from = (
+            download_checkpoint(ctx.store, checkpoint, Path(scratch) / "resume") if checkpoint else None
+        )
+        callbacks = _JobCallbacks(ctx, session, job, f"tenants/{tenant_uuid}/jobs/{job.uuid}/checkpoints/")
+        result = train(
+            config,
+            rows,
+            output_dir=Path(scratch) / "run",
+            cache_dir=ctx.settings.data_dir / "models",
+            callbacks=callbacks,
+            resume_from=resume_from,
+        )
+        if result.stopped or result.adapter_dir is None:
+            _end(session, job, JobStatus.CANCELED)
+            return
+        version = job.version
+        prefix = f"tenants/{tenant_uuid}/repos/{version.repo.uuid}/versions/{version.uuid}/"
+        version.artifact_files = upload_dir(ctx.store, result.adapter_dir, prefix, only=ADAPTER_FILES)
+        version.artifact_prefix = prefix
+        version.metrics_summary = _summary(result)
+        _end(session, job, JobStatus.COMPLETED)
+
+
+def _end(session: Session, job: FinetuningJob, status: JobStatus, *, error: str | None = None) -> None:
+    """Final transition from whatever status the job is in now (a cancel may have moved it)."""
+    if status == JobStatus.ERRORED:
+        session.rollback()  # drop half-done writes of the failed run; the error must still land
+    session.refresh(job, ["status"])
+    jobs.transition(session, job, status, error=error)
+    session.commit()
+
+
+def _summary(result: TrainingResult) -> dict[str, Any]:
+    return {
+        "steps": result.steps,
+        "train_loss": result.final_train_loss,
+        "eval_loss_before": result.eval_loss_before,
+        "eval_loss_after": result.eval_loss_after,
+        "tokens_seen": result.tokens_seen,
+        "truncated_rows": result.truncated_rows,
+    }
+
+
+class _JobCallbacks(NoCallbacks):
+    """Writes each step's metrics and each checkpoint as it happens; polls for a cancel."""
+
+    def __init__(self, ctx: AppContext, session: Session, job: FinetuningJob, checkpoint_prefix: str) -> None:
+        self._ctx, self._session, self._job = ctx, session, job
+        self._checkpoint_prefix = checkpoint_prefix
+        self._next_poll = 0.0
+        self._stop = False
+
+    def on_step(self, step: int, total_steps: int, metrics: dict[str, float]) -> None:
+        self._job.total_steps = total_steps
+        jobs.record_metric(
+            self._session,
+            self._job,
+            step,
+            train_loss=metrics.get("train_loss"),
+            learning_rate=metrics.get("learning_rate"),
+            epoch=metrics.get("epoch"),
+            tokens=int(metrics["tokens_seen"]) if "tokens_seen" in metrics else None,
+        )
+        self._session.commit()
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        jobs.record_metric(self._session, self._job, step, eval_loss=metrics.get("eval_loss"))
+        self._session.commit()
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        prefix = f"{self._checkpoint_prefix}step-{step}/"
+        files = upload_dir(self._ctx.store, path, prefix)
+        jobs.record_checkpoint(self._session, self._job, step, prefix, files)
+        self._session.commit()
+
+    def should_stop(self) -> bool:
+        if self._stop or time.monotonic() < self._next_poll:
+            return self._stop
+        self._next_poll = time.monotonic() + CANCEL_POLL_SECONDS
+        # A short session of its own: the run's session may hold a snapshot older than the cancel.
+        with self._ctx.sessions() as session:
+            status, requested = session.execute(
+                select(FinetuningJob.status, FinetuningJob.cancel_requested_at).where(
+                    FinetuningJob.id == self._job.id
+                )
+            ).one()
+        self._stop = requested is not None or status == JobStatus.STOPPING
+        return self._stop
