@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from app.db import Dataset, DatasetStatus, JobCheckpoint
+from app.services.dataset_formats import DatasetFormatError, read_rows
 from app.storage import BlobStore
-from worker.datasets import read_rows
 from worker.training.data import TrainingDataError
 
 
@@ -20,7 +20,10 @@ def download_rows(store: BlobStore, dataset: Dataset | None) -> list[dict[str, A
         reason = dataset.last_error or "wait until its validation finishes"
         raise TrainingDataError(f"dataset {dataset.name!r} is {dataset.status}, not connected: {reason}")
     chunks = store.iter_chunks(dataset.blob_key, expected_sha256=dataset.sha256)
-    return read_rows(chunks, dataset.file_name)
+    try:
+        return read_rows(chunks, dataset.file_name, mime_type=dataset.mime_type)
+    except DatasetFormatError as exc:  # only if the file changed since it was validated
+        raise TrainingDataError(str(exc)) from None
 
 
 def download_checkpoint(store: BlobStore, checkpoint: JobCheckpoint, dest: Path) -> Path:

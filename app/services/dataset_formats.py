@@ -95,6 +95,17 @@ def profile_dataset(
         return checker.finish(name, file_format, size, sha256)
 
 
+def read_rows(
+    chunks: Iterable[bytes], file_name: str, *, mime_type: str | None = None
+) -> list[dict[str, Any]]:
+    """The rows of a file `profile_dataset` accepted, read with the very same format detection."""
+    name = PurePosixPath(file_name or "dataset").name
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_MAX_BYTES) as spool:
+        _spool(chunks, spool)
+        file_format = _detect_file_format(spool, name, mime_type)
+        return [values for _, values in _READERS[file_format](spool, name)]
+
+
 def _spool(chunks: Iterable[bytes], spool: IO[bytes]) -> tuple[int, str, bool]:
     digest = hashlib.sha256()
     size = 0

@@ -412,3 +412,12 @@ def test_unknown_split_value_names_row_and_value() -> None:
 def test_split_without_any_training_rows_is_rejected() -> None:
     message = error_for(jsonl(pc("a", "b", split="evaluation")), "d.jsonl")
     assert "no row has split 'train'" in message
+
+
+def test_read_rows_reads_what_the_profiler_accepted_with_the_same_detection() -> None:
+    from app.services.dataset_formats import read_rows
+
+    # Named .csv but starting like JSON: the extension decides, for validation and reading alike.
+    data = b'prompt,completion\n"{not json",x\n'
+    assert profile_dataset([data], "odd.csv").file_format == "csv"
+    assert read_rows([data[:5], data[5:]], "odd.csv") == [{"prompt": "{not json", "completion": "x"}]
