@@ -12,8 +12,8 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import CtxDep
 from app.errors import AuthenticationError, NotFoundError, PayloadTooLargeError
-from app.signing import InvalidTokenError, Signer
-from app.storage import BlobNotFoundError, BlobTooLargeError, LocalBlobStore, verify_blob_token
+from app.signing import InvalidTokenError
+from app.storage import BlobNotFoundError, BlobTooLargeError, LocalBlobStore
 
 router = APIRouter(tags=["blobs"], include_in_schema=False)
 
@@ -22,7 +22,7 @@ def _key_for(ctx: CtxDep, token: str, method: str) -> tuple[str, str | None]:
     if not isinstance(ctx.store, LocalBlobStore):
         raise NotFoundError("this server's blobs live in S3; use the presigned S3 URL")
     try:
-        return verify_blob_token(Signer(ctx.settings.secret_key, "blob"), token, method)
+        return ctx.store.verify_url_token(token, method)
     except InvalidTokenError as exc:
         raise AuthenticationError(f"blob URL rejected ({exc}); ask the API for a fresh one") from None
 

@@ -47,6 +47,10 @@ class LocalBlobStore(BlobStore):
         self.root = Path(root)
         self._signer = signer
 
+    def verify_url_token(self, token: str, method: str) -> tuple[str, str | None]:
+        """(key, download filename) of a URL this store signed; InvalidTokenError otherwise."""
+        return verify_blob_token(self._signer, token, method)
+
     def put_stream(
         self,
         key: str,
