@@ -30,13 +30,6 @@ TINY = "tiny-random-llama"
 SMOLLM2 = "smollm2-135m"
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = tmp_path_factory.mktemp("tiny-cache")
-    resolve_base_model(TINY, cache)
-    return cache
-
-
 @pytest.fixture
 def tiny_dir(tiny_cache: Path) -> Path:
     return resolve_base_model(TINY, tiny_cache)

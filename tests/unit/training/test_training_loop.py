@@ -25,13 +25,6 @@ TINY = "tiny-random-llama"
 
 
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = tmp_path_factory.mktemp("model-cache")
-    resolve_base_model(TINY, cache)
-    return cache
-
-
-@pytest.fixture(scope="session")
 def tokenizer(tiny_cache: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_base_model(TINY, tiny_cache))
 
