@@ -1,10 +1,16 @@
-"""The `tuneforge` command: run the embedded stack, mint API tokens, migrate the database."""
+"""The `tuneforge` command: run the embedded stack or a worker, mint API tokens, migrate the database.
+
+This module is an entry point for both planes: `worker` imports the data plane lazily, so the
+control-plane image (no torch) can still run every other command.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,7 +94,54 @@ def cmd_up(args: argparse.Namespace) -> int:
     if token:
         print(f"development tenant {settings.dev_tenant!r}, API token: {token}", flush=True)
         print(f"  export PREDIBASE_GATEWAY={url} PREDIBASE_API_TOKEN={token}", flush=True)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    worker = None if args.no_worker else _start_worker_process(settings)
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        if worker is not None:
+            _stop_worker_process(worker)
+    return 0
+
+
+# How long a stopping worker may take to checkpoint-free exit before it is killed; its job resumes
+# from the last checkpoint on the next start either way.
+WORKER_STOP_TIMEOUT_S = 10.0
+
+
+def _start_worker_process(settings: Settings) -> subprocess.Popen[bytes]:
+    """`tuneforge worker` beside the control plane, in a session of its own so that Ctrl-C stops it once."""
+    env = os.environ | {"TUNEFORGE_DATA_DIR": str(settings.data_dir)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker"], env=env, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    print(f"training worker started (pid {process.pid}, broker {_redact(settings.broker_url)})", flush=True)
+    return process
+
+
+def _stop_worker_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    # SIGQUIT is Celery's cold shutdown: stop now rather than train the current job to its end.
+    os.killpg(process.pid, signal.SIGQUIT)
+    try:
+        process.wait(timeout=WORKER_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    try:
+        from worker.main import run_worker
+    except ImportError as exc:
+        raise ValueError(
+            f"the training worker needs the data-plane packages ({exc.name} is missing): "
+            "pip install 'tuneforge[worker]'"
+        ) from None
+
+    settings = _settings(args.data_dir)
+    migrate.upgrade(settings.database_url)
+    run_worker(settings, loglevel=args.log_level)
     return 0
 
 
@@ -108,7 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
     up.add_argument("--log-level", default="info")
+    up.add_argument(
+        "--no-worker", action="store_true", help="run the control plane without a training worker"
+    )
     up.set_defaults(func=cmd_up)
+
+    worker = commands.add_parser(
+        "worker", help="run a training worker (needs the `worker` extra: torch, ...)"
+    )
+    worker.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
+    worker.add_argument("--log-level", default="info")
+    worker.set_defaults(func=cmd_worker)
 
     token = commands.add_parser("token", help="manage API tokens").add_subparsers(
         dest="action", required=True

@@ -8,6 +8,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.session import make_engine, make_session_factory
+from app.queue import JobQueue
 from app.settings import Settings
 from app.signing import Signer
 from app.storage import BlobStore, open_blob_store
@@ -21,6 +22,8 @@ class AppContext:
     store: BlobStore
     # Upload tokens are handed to clients between the two halves of an upload.
     upload_signer: Signer
+    # Producer side of the job queue (connects lazily, on the first send).
+    queue: JobQueue
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AppContext:
@@ -31,7 +34,9 @@ class AppContext:
             sessions=make_session_factory(engine),
             store=open_blob_store(settings),
             upload_signer=Signer(settings.secret_key, "upload"),
+            queue=JobQueue(settings),
         )
 
     def close(self) -> None:
+        self.queue.close()
         self.engine.dispose()

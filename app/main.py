@@ -9,11 +9,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from app.api import adapters, blobs, datasets, health, repos, users
+from app.api import adapters, blobs, datasets, health, jobs, repos, users
 from app.context import AppContext
 from app.errors import install_error_handlers
 from app.observability import MetricsMiddleware, RequestMetrics
 from app.services.dataset_validator import DatasetValidator
+from app.services.job_sweeper import JobSweeper
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         resumed = validator.resume_pending()
         if resumed:
             log.info("re-validating %d dataset(s) left unvalidated by an earlier run", resumed)
+        sweeper = JobSweeper(ctx, ctx.settings.sweep_interval_seconds)
+        sweeper.start()
         try:
             yield
         finally:
+            sweeper.stop()
             validator.shutdown()
             ctx.close()
 
@@ -41,6 +45,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = RequestMetrics(CollectorRegistry())
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
-    for module in (health, users, datasets, repos, adapters, blobs):
+    for module in (health, users, datasets, repos, adapters, jobs, blobs):
         app.include_router(module.router)
     return app

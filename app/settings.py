@@ -38,6 +38,17 @@ class Settings(BaseSettings):
     # Objects larger than this go to S3 in parts of this size.
     multipart_chunk_bytes: int = Field(default=16 * 1024**2, ge=5 * 1024**2)
     dataset_preview_rows: int = Field(default=5, ge=0, le=100)
+    # Fine-tuning jobs: the Celery queue the API enqueues to and workers consume.
+    train_queue: str = "tuneforge.train"
+    # A hard ceiling on one delivery of a job, so a hung run cannot hold a GPU forever.
+    job_time_limit_seconds: int = Field(default=24 * 3600, gt=0)
+    # A worker refreshes its job's heartbeat every third of this; a job whose heartbeat is older is
+    # taken to be orphaned (worker killed, node lost) and is re-enqueued to resume from its checkpoint.
+    job_lease_seconds: float = Field(default=60.0, gt=0)
+    # How often the control plane sweeps for jobs to (re-)enqueue (broker was down, worker lost).
+    sweep_interval_seconds: float = Field(default=5.0, gt=0)
+    # Base models beyond the built-in ones that workers can load (HF ids in their cache, local paths).
+    extra_base_models: list[str] = Field(default_factory=list)
     # The embedded default creates this tenant (and a token for it) on `tuneforge up`.
     dev_tenant: str = "dev"
 

@@ -6,12 +6,7 @@ from celery import Celery
 
 from app.settings import Settings
 
-# The queue every fine-tuning job goes to; a worker consumes it unless told otherwise.
-TRAIN_QUEUE = "tuneforge.train"
-
-# A hard ceiling on one delivery, so a hung run cannot hold a GPU forever. A module constant until
-# Settings grows a field for it; make_celery is the only reader, so that change is one line here.
-TASK_TIME_LIMIT_SECONDS = 24 * 3600
+HARD_LIMIT_GRACE_SECONDS = 300
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -29,8 +24,17 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         # One job per worker process: never reserve a second job behind a long training run.
         worker_prefetch_multiplier=1,
-        task_time_limit=TASK_TIME_LIMIT_SECONDS,
-        task_default_queue=TRAIN_QUEUE,
+        worker_concurrency=1,
+        # A fresh child per job hands all of a run's (GPU) memory back to the system when it ends.
+        worker_max_tasks_per_child=1,
+        # A hung run cannot hold a GPU forever: the soft limit raises inside the task, which ends the
+        # job `errored` with its checkpoints kept; the hard limit kills a run that ignores it.
+        task_soft_time_limit=settings.job_time_limit_seconds,
+        task_time_limit=settings.job_time_limit_seconds + HARD_LIMIT_GRACE_SECONDS,
+        # Lost workers are detected by the job lease (app.services.job_sweeper), not by the broker:
+        # Redis must not hand a long run's message to a second worker while the first still trains.
+        broker_transport_options={"visibility_timeout": settings.job_time_limit_seconds + 3600},
+        task_default_queue=settings.train_queue,
         broker_connection_retry_on_startup=True,
     )
     return celery

@@ -10,7 +10,6 @@ from sqlalchemy.orm import Session
 
 from app.context import AppContext
 from app.db import User
-from app.errors import AuthenticationError
 from app.services import auth
 
 
@@ -31,10 +30,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def get_current_user(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> User:
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise AuthenticationError("missing API token: send the header 'Authorization: Bearer pb_...'")
-    user = auth.authenticate(session, token.strip())
+    user = auth.authenticate_header(session, authorization)
     if session.dirty:
         session.commit()  # last_used_at bookkeeping
     return user

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app.api import schemas
-from app.db import AdapterVersion, Dataset, Repo, User
+from app.db import AdapterVersion, Dataset, FinetuningJob, JobMetric, Repo, User
 from app.services import versions
 
 
@@ -71,9 +71,40 @@ def version(row: AdapterVersion) -> schemas.AdapterVersionPublic:
         source=row.source,
         adapter_path=versions.adapter_path(row),
         description=row.description,
+        checkpoint=versions.last_checkpoint_step(row),
+        finetuning_job=schemas.FinetuningJobRef(
+            uuid=row.job.uuid if row.job is not None else None, error=row.error
+        ),
         config=row.config,
         metrics_summary=row.metrics_summary,
         artifact_files=row.artifact_files,
         created_at=row.created_at,
         created_by=_created_by(row),
     )
+
+
+def job(row: FinetuningJob) -> schemas.FinetuningJobPublic:
+    return schemas.FinetuningJobPublic(
+        uuid=row.uuid,
+        base_model=row.base_model,
+        dataset_name=row.dataset_name,
+        target_repo_name=row.version.repo.name,
+        target_version_tag=row.version.tag,
+        # Workers take jobs from the queue; which accelerator ran it is the worker's to say.
+        accelerator=schemas.AcceleratorPublic(id="any"),
+        status=row.status,
+        params=row.params,
+        description=row.description,
+        error=row.error,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        attempt=row.attempt,
+        steps_done=row.steps_done,
+        total_steps=row.total_steps,
+        worker_id=row.worker_id,
+    )
+
+
+def metric(row: JobMetric) -> schemas.JobMetricPublic:
+    return schemas.JobMetricPublic.model_validate(row)

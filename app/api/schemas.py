@@ -158,3 +158,75 @@ class DataEnvelope(WireModel, Generic[T]):
     """`{data: ...}`: the envelope Predibase's v2 list endpoints use."""
 
     data: T
+
+
+# --- fine-tuning jobs --------------------------------------------------------------------------
+
+
+class FinetuningJobCreate(WireModel):
+    params: dict[str, Any]
+    dataset: str
+    repo: str
+    description: str | None = None
+    continue_from_version: str | None = None
+    # Accepted for SDK compatibility; workers take jobs from their queue whatever the spec says.
+    compute_spec: dict[str, Any] | None = None
+
+
+class AcceleratorPublic(WireModel):
+    id: str
+
+
+class FinetuningJobPublic(WireModel):
+    uuid: str
+    base_model: str
+    dataset_name: str
+    target_repo_name: str
+    target_version_tag: int
+    accelerator: AcceleratorPublic
+    status: str
+    params: dict[str, Any]
+    description: str | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempt: int
+    steps_done: int
+    total_steps: int | None
+    worker_id: str | None
+
+
+class JobMetricPublic(WireModel):
+    step: int
+    epoch: float | None
+    train_loss: float | None
+    eval_loss: float | None
+    learning_rate: float | None
+    tokens: int | None
+    checkpoint_number: int | None
+
+
+class CostEstimate(WireModel):
+    """Self-hosted training has no per-job price; the estimate says how much work the job is."""
+
+    estimated_cost: float = 0.0
+    estimated_duration: str | None = None
+    total_steps: int | None = None
+    note: str = "self-hosted: no per-job charge; cost is your own GPU time"
+
+
+class BaseModelPublic(WireModel):
+    name: str
+    description: str
+    builtin: bool
+    parameter_count: int | None = None
+    context_length: int | None = None
+    chat_template: bool | None = None
+
+
+class ListEnvelope(WireModel, Generic[T]):
+    """`{data: [...], count}`: a page of a list and the total."""
+
+    data: list[T]
+    count: int

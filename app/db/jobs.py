@@ -48,6 +48,8 @@ class FinetuningJob(Timestamped, Base):
     )
     # A finished job outlives its dataset; the worker refuses a job whose dataset is gone.
     dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
+    # Kept for display after the dataset is deleted (the SDK requires `datasetName`).
+    dataset_name: Mapped[str] = mapped_column(String(255), default="", server_default="")
     base_model: Mapped[str] = mapped_column(String(255))
     adapter_type: Mapped[str] = mapped_column(String(32))
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # the validated config
@@ -60,7 +62,10 @@ class FinetuningJob(Timestamped, Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The lease: the worker holding the job refreshes heartbeat_at; a stale one means the worker is
+    # gone, and the sweeper re-enqueues the job so another worker resumes it from its last checkpoint.
     worker_id: Mapped[str | None] = mapped_column(String(255))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     description: Mapped[str | None] = mapped_column(Text)
     total_steps: Mapped[int | None] = mapped_column(Integer)
     steps_done: Mapped[int] = mapped_column(Integer, default=0)

@@ -68,3 +68,11 @@ class AdapterVersion(Timestamped, Base):
 
     repo: Mapped[Repo] = relationship(back_populates="versions", lazy="joined")
     created_by = relationship("User", lazy="joined")
+    # The job that trains this version (none for an uploaded adapter); the job row owns the link.
+    job = relationship(
+        "FinetuningJob",
+        primaryjoin="FinetuningJob.version_id == AdapterVersion.id",
+        uselist=False,
+        viewonly=True,
+        lazy="select",
+    )

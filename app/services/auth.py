@@ -76,6 +76,14 @@ def authenticate(session: Session, token: str) -> User:
     return row.user
 
 
+def authenticate_header(session: Session, authorization: str | None) -> User:
+    """The user behind an `Authorization: Bearer pb_...` header (HTTP requests and WebSocket handshakes)."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("missing API token: send the header 'Authorization: Bearer pb_...'")
+    return authenticate(session, token.strip())
+
+
 def _aware(moment: datetime) -> datetime:
     # SQLite hands timestamps back without a zone even though they were stored in UTC.
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

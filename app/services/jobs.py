@@ -15,7 +15,8 @@ Legal transitions::
 Everything else is refused with a `ConflictError` naming both states; completed, errored and
 canceled are final. A crash is not a transition: a redelivered job stays `training` (or
 `stopping`), `start_attempt` records a `restart` event and bumps `attempt`, and training resumes
-from `latest_checkpoint`.
+from `latest_checkpoint`. A worker holds a running job by a lease (`heartbeat_at`, refreshed
+while it trains); only a delivery that finds the lease expired may resume the job.
 
 Status writes are compare-and-set (`UPDATE ... WHERE status = <expected>`), so of two racing
 writers (a cancel and a worker starting the job) exactly one wins on Postgres and SQLite alike.
@@ -23,10 +24,10 @@ writers (a cancel and a worker starting the job) exactly one wins on Postgres an
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -97,14 +98,22 @@ def add_event(session: Session, job: FinetuningJob, kind: JobEventKind, message:
     session.add(JobEvent(job_id=job.id, kind=kind, message=message, data=data))
 
 
-def start_attempt(session: Session, job: FinetuningJob, *, worker_id: str) -> bool:
+def start_attempt(session: Session, job: FinetuningJob, *, worker_id: str, lease_seconds: float) -> bool:
     """A worker received the job: start it, or (redelivery after a lost worker) resume it.
 
-    Returns True when this is a restart. A final job raises `ConflictError`; the worker acks
-    and drops such a delivery.
+    Returns True when this is a restart. Raises `ConflictError` for a final job, and for a job
+    whose lease another live worker still holds (a duplicate delivery); the worker acks and drops
+    such a delivery. Taking an expired lease is compare-and-set, so of two redeliveries racing
+    for an orphaned job exactly one resumes it.
     """
-    restart = job.status in (JobStatus.TRAINING, JobStatus.STOPPING)
-    if restart:
+    if job.status in FINAL_STATUSES:
+        raise ConflictError(f"job already {job.status}")
+    now = utcnow()
+    if job.status == JobStatus.QUEUED:
+        transition(session, job, JobStatus.TRAINING)
+        restart = False
+    else:
+        _take_expired_lease(session, job, worker_id, now - timedelta(seconds=lease_seconds))
         checkpoint = latest_checkpoint(session, job)
         resume_step = checkpoint.step if checkpoint is not None else 0
         add_event(
@@ -117,14 +126,45 @@ def start_attempt(session: Session, job: FinetuningJob, *, worker_id: str) -> bo
             previous_worker=job.worker_id,
             resume_step=resume_step,
         )
-    elif job.status in FINAL_STATUSES:
-        raise ConflictError(f"job already {job.status}")
-    else:
-        transition(session, job, JobStatus.TRAINING)
+        restart = True
     job.attempt += 1
     job.worker_id = worker_id
+    job.heartbeat_at = now
     session.flush()
     return restart
+
+
+def _take_expired_lease(session: Session, job: FinetuningJob, worker_id: str, cutoff: datetime) -> None:
+    taken = cast(
+        "CursorResult[Any]",
+        session.execute(
+            update(FinetuningJob)
+            .where(
+                FinetuningJob.id == job.id,
+                FinetuningJob.status == job.status,
+                or_(FinetuningJob.heartbeat_at.is_(None), FinetuningJob.heartbeat_at < cutoff),
+            )
+            .values(heartbeat_at=utcnow())
+            .execution_options(synchronize_session=False),
+        ),
+    )
+    if taken.rowcount != 1:
+        session.refresh(job)
+        raise ConflictError(f"job is held by {job.worker_id or 'another worker'}, whose lease is live")
+
+
+def heartbeat(session: Session, job_id: int, worker_id: str) -> bool:
+    """Refresh the lease; False when this worker no longer holds the job (it was taken over)."""
+    result = cast(
+        "CursorResult[Any]",
+        session.execute(
+            update(FinetuningJob)
+            .where(FinetuningJob.id == job_id, FinetuningJob.worker_id == worker_id)
+            .values(heartbeat_at=utcnow())
+            .execution_options(synchronize_session=False),
+        ),
+    )
+    return result.rowcount == 1
 
 
 def request_cancel(session: Session, job: FinetuningJob) -> None:
@@ -141,7 +181,11 @@ def request_cancel(session: Session, job: FinetuningJob) -> None:
 
 
 def mark_enqueued(session: Session, job: FinetuningJob) -> None:
-    """The broker accepted the job id; the sweeper leaves it alone from now on."""
+    """The broker accepted the job id (again, for a re-send).
+
+    Enqueueing is at-least-once: the id is sent first and marked after, so a crash in between
+    means a second send, never none; a worker drops a delivery whose job another worker holds.
+    """
     job.enqueued_at = utcnow()
     session.flush()
 
@@ -159,6 +203,20 @@ def queued_unenqueued(session: Session, older_than: datetime) -> list[Finetuning
             FinetuningJob.created_at < older_than,
         )
         .order_by(FinetuningJob.created_at, FinetuningJob.id)
+    )
+    return list(session.scalars(query).unique())
+
+
+def orphaned(session: Session, lease_cutoff: datetime) -> list[FinetuningJob]:
+    """Running jobs whose worker stopped heartbeating before `lease_cutoff`, not re-sent since then."""
+    query = (
+        select(FinetuningJob)
+        .where(
+            FinetuningJob.status.in_([JobStatus.TRAINING, JobStatus.STOPPING]),
+            FinetuningJob.heartbeat_at < lease_cutoff,
+            or_(FinetuningJob.enqueued_at.is_(None), FinetuningJob.enqueued_at < lease_cutoff),
+        )
+        .order_by(FinetuningJob.heartbeat_at, FinetuningJob.id)
     )
     return list(session.scalars(query).unique())
 
@@ -201,6 +259,18 @@ def _upsert(session: Session, model: type[Row], job: FinetuningJob, step: int, v
         setattr(row, key, value)
     session.flush()
     return row
+
+
+def metrics(session: Session, job: FinetuningJob) -> list[JobMetric]:
+    return list(session.scalars(select(JobMetric).where(JobMetric.job_id == job.id).order_by(JobMetric.step)))
+
+
+def checkpoint_number(session: Session, checkpoint: JobCheckpoint) -> int:
+    """1 for the job's first checkpoint, 2 for the next, ... (what the SDK's progress table shows)."""
+    earlier = select(func.count()).where(
+        JobCheckpoint.job_id == checkpoint.job_id, JobCheckpoint.step <= checkpoint.step
+    )
+    return int(session.scalar(earlier) or 0)
 
 
 def latest_checkpoint(session: Session, job: FinetuningJob) -> JobCheckpoint | None:

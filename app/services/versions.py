@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from app.context import AppContext
-from app.db import AdapterVersion, User, VersionStatus
+from app.db import AdapterVersion, JobCheckpoint, User, VersionStatus
 from app.errors import ConflictError, InvalidInputError, NotFoundError
-from app.services import repos
+from app.services import jobs, repos
 from app.services.zip_stream import zip_chunks
 
 
@@ -57,16 +57,43 @@ def delete(ctx: AppContext, session: Session, version: AdapterVersion) -> None:
         ctx.store.delete_prefix(prefix)
 
 
+# A version whose job stopped short keeps its last checkpoint; these are the adapter files of one.
+CHECKPOINT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def last_checkpoint(version: AdapterVersion) -> JobCheckpoint | None:
+    """The checkpoint a canceled or errored version serves as its artifact; None otherwise."""
+    session = object_session(version)
+    if version.status not in (VersionStatus.CANCELED, VersionStatus.ERRORED) or session is None:
+        return None
+    return jobs.latest_checkpoint(session, version.job) if version.job is not None else None
+
+
+def last_checkpoint_step(version: AdapterVersion) -> int | None:
+    checkpoint = last_checkpoint(version)
+    return checkpoint.step if checkpoint is not None else None
+
+
 def download_chunks(ctx: AppContext, version: AdapterVersion) -> Iterator[bytes]:
-    """A zip of the artifact; each file is checked against the sha256 recorded when it was stored."""
-    if adapter_path(version) is None or version.artifact_prefix is None:
+    """A zip of the artifact (or, for a job stopped short, of its last checkpoint's adapter).
+
+    Each file is checked against the sha256 recorded when it was stored.
+    """
+    checkpoint = last_checkpoint(version)
+    if checkpoint is not None:
+        prefix = checkpoint.prefix
+        files = {
+            name: checkpoint.files[name] for name in CHECKPOINT_ADAPTER_FILES if name in checkpoint.files
+        }
+    elif adapter_path(version) is not None and version.artifact_prefix is not None:
+        prefix, files = version.artifact_prefix, version.artifact_files
+    else:
         raise ConflictError(
             f"adapter version {version.repo.name}/{version.tag} has no artifact to download "
             f"(status: {version.status})"
         )
-    prefix = version.artifact_prefix
     members = [
         (name, ctx.store.iter_chunks(f"{prefix}{name}", expected_sha256=meta.get("sha256")))
-        for name, meta in sorted(version.artifact_files.items())
+        for name, meta in sorted(files.items())
     ]
     return zip_chunks(members)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import product
 
 import pytest
@@ -18,6 +18,7 @@ from app.errors import ConflictError
 from app.services import auth, jobs, repos
 
 S = JobStatus
+LEASE = 30.0
 # The shortest legal path from a fresh (queued) job to each status.
 PATH_TO = {
     S.QUEUED: [],
@@ -155,11 +156,17 @@ def test_cancel_of_a_finished_job_is_a_409(session: Session, final: S) -> None:
     assert caught.value.status_code == 409
 
 
-def test_redelivery_keeps_training_and_records_a_restart(session: Session) -> None:
+def _expire_lease(session: Session, job: FinetuningJob) -> None:
+    job.heartbeat_at = utcnow() - timedelta(seconds=LEASE + 1)
+    session.flush()
+
+
+def test_redelivery_after_the_lease_expired_keeps_training_and_records_a_restart(session: Session) -> None:
     job = _new_job(session)
-    assert jobs.start_attempt(session, job, worker_id="w1") is False
+    assert jobs.start_attempt(session, job, worker_id="w1", lease_seconds=LEASE) is False
     jobs.record_checkpoint(session, job, 40, "ckpt/40", {})
-    assert jobs.start_attempt(session, job, worker_id="w2") is True
+    _expire_lease(session, job)
+    assert jobs.start_attempt(session, job, worker_id="w2", lease_seconds=LEASE) is True
     session.commit()
     assert (job.status, job.attempt, job.worker_id) == (S.TRAINING, 2, "w2")
     restart = session.scalars(
@@ -168,7 +175,43 @@ def test_redelivery_keeps_training_and_records_a_restart(session: Session) -> No
     assert restart.data == {"attempt": 2, "previous_worker": "w1", "resume_step": 40}
     jobs.transition(session, job, S.COMPLETED)
     with pytest.raises(ConflictError, match="job already completed"):
-        jobs.start_attempt(session, job, worker_id="w3")
+        jobs.start_attempt(session, job, worker_id="w3", lease_seconds=LEASE)
+
+
+def test_a_duplicate_delivery_while_the_lease_is_live_is_refused(session: Session) -> None:
+    job = _new_job(session)
+    jobs.start_attempt(session, job, worker_id="w1", lease_seconds=LEASE)
+    session.commit()
+    with pytest.raises(ConflictError, match="held by w1"):
+        jobs.start_attempt(session, job, worker_id="w2", lease_seconds=LEASE)
+    assert (job.worker_id, job.attempt) == ("w1", 1)
+
+
+def test_heartbeat_renews_only_the_holders_lease(session: Session) -> None:
+    job = _new_job(session)
+    jobs.start_attempt(session, job, worker_id="w1", lease_seconds=LEASE)
+    _expire_lease(session, job)
+    session.commit()
+    assert jobs.heartbeat(session, job.id, "w2") is False
+    assert jobs.heartbeat(session, job.id, "w1") is True
+    session.commit()
+    session.refresh(job)
+    assert job.heartbeat_at is not None and utcnow() - _aware(job.heartbeat_at) < timedelta(seconds=5)
+
+
+def test_orphaned_finds_running_jobs_with_a_stale_lease_not_yet_resent(session: Session) -> None:
+    alive, lost, resent = _new_job(session), _new_job(session), _new_job(session)
+    for job in (alive, lost, resent):
+        jobs.start_attempt(session, job, worker_id="w", lease_seconds=LEASE)
+    _expire_lease(session, lost)
+    _expire_lease(session, resent)
+    jobs.mark_enqueued(session, resent)  # the sweeper already sent it again a moment ago
+    cutoff = utcnow() - timedelta(seconds=LEASE)
+    assert [j.id for j in jobs.orphaned(session, cutoff)] == [lost.id]
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def test_metric_re_report_updates_the_step_instead_of_duplicating(session: Session) -> None:

@@ -187,13 +187,15 @@ def _encode_chat(
     Templates rarely mark assistant spans (`{% generation %}`), so a turn's span is found by
     rendering the chat up to it: [len(render(before, generation prompt)), len(render(through))).
     """
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = str(tokenizer.apply_chat_template(messages, tokenize=False))
     spans = []
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: turn + 1], tokenize=False)
+        before = str(
+            tokenizer.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True)
+        )
+        through = str(tokenizer.apply_chat_template(messages[: turn + 1], tokenize=False))
         if not (full.startswith(through) and through.startswith(before)):
             raise TrainingDataError(
                 f"row {index + 1}: the chat template does not render turn {turn + 1} as a prefix of the "

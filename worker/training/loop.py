@@ -164,7 +164,9 @@ def _build_run(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # bf16 halves memory and runs on tensor cores; CPUs here train in fp32 for exactness.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    # transformers types PreTrainedModel.to for a model argument; torch's Module.to is what runs.
+    torch.nn.Module.to(base, device)
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.lora_alpha or 2 * config.rank,
@@ -239,9 +241,9 @@ def _train_step(run: _Run, progress: _Progress, callbacks: TrainingCallbacks) ->
     progress.step += 1
     progress.tokens_seen += sum(len(e.input_ids) for e in examples)
     progress.train_loss = loss_total / n_targets
-    metrics = {
+    metrics: dict[str, float] = {
         "train_loss": progress.train_loss,
-        "learning_rate": learning_rate,
+        "learning_rate": float(learning_rate),
         "epoch": progress.step / run.steps_per_epoch,
         "tokens_seen": float(progress.tokens_seen),
         "grad_norm": float(grad_norm),
@@ -277,7 +279,7 @@ def _record_eval(run: _Run, progress: _Progress, callbacks: TrainingCallbacks) -
 def _save_adapter(run: _Run, directory: Path) -> None:
     # Stamp the name the user gave, not the local cache path, so the adapter is portable.
     run.model.peft_config["default"].base_model_name_or_path = run.config.base_model
-    run.model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False)
+    run.model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
 
 
 def _save_checkpoint(run: _Run, progress: _Progress, output_dir: Path, callbacks: TrainingCallbacks) -> Path:

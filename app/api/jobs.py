@@ -1,0 +1,136 @@
+"""Fine-tuning job routes (Predibase v2): create, list, get, timeline, cancel, metrics and their streams."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, WebSocket
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.websockets import WebSocketDisconnect
+
+from app.api import presenters, schemas
+from app.api.deps import CtxDep, CurrentUser, SessionDep
+from app.context import AppContext
+from app.errors import ServiceError
+from app.services import auth, base_models, finetuning, job_stream, jobs
+
+router = APIRouter(tags=["finetuning"])
+JOB_PATH = "/v2/finetuning/jobs/{job_uuid}"
+
+
+@router.post("/v2/finetuning/jobs", response_model=schemas.FinetuningJobPublic)
+def create_job(
+    body: schemas.FinetuningJobCreate, ctx: CtxDep, session: SessionDep, user: CurrentUser
+) -> schemas.FinetuningJobPublic:
+    job = finetuning.create_job(
+        ctx,
+        session,
+        user,
+        params=body.params,
+        dataset_ref=body.dataset,
+        repo_ref=body.repo,
+        description=body.description,
+        continue_from_version=body.continue_from_version,
+    )
+    return presenters.job(job)
+
+
+@router.get("/v2/finetuning/jobs", response_model=schemas.ListEnvelope[schemas.FinetuningJobPublic])
+def list_jobs(
+    session: SessionDep,
+    user: CurrentUser,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> schemas.ListEnvelope[schemas.FinetuningJobPublic]:
+    rows, total = finetuning.list_jobs(session, user, limit, offset)
+    return schemas.ListEnvelope(data=[presenters.job(r) for r in rows], count=total)
+
+
+# Registered before JOB_PATH so that "cost-estimate" is not taken for a job uuid. The SDK sends a
+# GET with a JSON body (and older ones POST to estimate_cost); both get an answer, never a 5xx.
+@router.get("/v2/finetuning/jobs/cost-estimate", response_model=schemas.CostEstimate)
+@router.post("/v2/finetuning/jobs/estimate_cost", response_model=schemas.CostEstimate)
+def cost_estimate(
+    ctx: CtxDep, session: SessionDep, user: CurrentUser, body: Annotated[Any, Body()] = None
+) -> schemas.CostEstimate:
+    return schemas.CostEstimate(total_steps=finetuning.estimate_steps(ctx, session, user, body))
+
+
+@router.get(JOB_PATH, response_model=schemas.FinetuningJobPublic)
+def get_job(job_uuid: str, session: SessionDep, user: CurrentUser) -> schemas.FinetuningJobPublic:
+    return presenters.job(finetuning.get(session, user, job_uuid))
+
+
+@router.get(JOB_PATH + "/timeline")
+def job_timeline(job_uuid: str, session: SessionDep, user: CurrentUser) -> dict[str, dict[str, str]]:
+    return jobs.timeline(session, finetuning.get(session, user, job_uuid))
+
+
+@router.post(JOB_PATH + "/cancel", response_model=schemas.FinetuningJobPublic)
+def cancel_job(job_uuid: str, session: SessionDep, user: CurrentUser) -> schemas.FinetuningJobPublic:
+    job = finetuning.get(session, user, job_uuid)
+    jobs.request_cancel(session, job)
+    session.commit()
+    return presenters.job(job)
+
+
+@router.get(JOB_PATH + "/metrics", response_model=schemas.ListEnvelope[schemas.JobMetricPublic])
+def job_metrics(
+    job_uuid: str, session: SessionDep, user: CurrentUser
+) -> schemas.ListEnvelope[schemas.JobMetricPublic]:
+    rows = jobs.metrics(session, finetuning.get(session, user, job_uuid))
+    return schemas.ListEnvelope(data=[presenters.metric(r) for r in rows], count=len(rows))
+
+
+@router.get(JOB_PATH + "/metrics/stream")
+def stream_metrics_sse(
+    job_uuid: str, ctx: CtxDep, session: SessionDep, user: CurrentUser
+) -> StreamingResponse:
+    """Server-Sent Events twin of the WebSocket: `data: <frame>` per row, `: keep-alive` when idle."""
+    job_id = finetuning.get(session, user, job_uuid).id
+    return StreamingResponse(
+        _sse(ctx, job_id), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+async def _sse(ctx: AppContext, job_id: int) -> AsyncIterator[str]:
+    async for item in job_stream.frames(ctx, job_id):
+        yield ": keep-alive\n\n" if item is None else f"data: {json.dumps(item)}\n\n"
+
+
+@router.websocket(JOB_PATH + "/metrics/stream")
+async def stream_metrics_ws(websocket: WebSocket, job_uuid: str) -> None:
+    """What `pb.adapters.create` watches: replays history, follows live, closes after `is_completed`."""
+    ctx: AppContext = websocket.app.state.ctx
+    try:
+        job_id = await run_in_threadpool(
+            _authorized_job_id, ctx, websocket.headers.get("authorization"), job_uuid
+        )
+    except ServiceError as exc:
+        # Refused during the handshake: the client sees an HTTP error status, not an open socket.
+        await websocket.close(code=1008, reason=exc.message[:120])
+        return
+    await websocket.accept()
+    try:
+        async for item in job_stream.frames(ctx, job_id):
+            if item is not None:
+                await websocket.send_text(json.dumps(item))
+    except WebSocketDisconnect:
+        return
+    await websocket.close()
+
+
+def _authorized_job_id(ctx: AppContext, authorization: str | None, job_uuid: str) -> int:
+    with ctx.sessions() as session:
+        user = auth.authenticate_header(session, authorization)
+        session.commit()
+        return finetuning.get(session, user, job_uuid).id
+
+
+@router.get("/v2/base-models", response_model=schemas.ListEnvelope[schemas.BaseModelPublic])
+def list_base_models(ctx: CtxDep, user: CurrentUser) -> schemas.ListEnvelope[schemas.BaseModelPublic]:
+    models = [schemas.BaseModelPublic.model_validate(m) for m in base_models.available(ctx.settings)]
+    return schemas.ListEnvelope(data=models, count=len(models))

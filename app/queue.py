@@ -1,0 +1,47 @@
+"""The control plane's side of the job queue: hands job ids to Celery workers by task name.
+
+The API never imports `worker/` (no torch in the API image): it sends `tuneforge.train` by name
+with a JSON payload of one job id. The database, not the broker, is the record of what was
+accepted; a failed send leaves the job `queued` for the sweeper to send again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TRAIN_TASK = "tuneforge.train"
+# Connecting to a broker that is down must fail the send quickly, not hold the request open.
+SEND_TIMEOUT_SECONDS = 3.0
+
+
+class EnqueueError(Exception):
+    """The broker did not take the message; the job stays queued and the sweeper retries."""
+
+
+class JobQueue:
+    def __init__(self, settings: Settings) -> None:
+        self._queue = settings.train_queue
+        self._celery = Celery("tuneforge-api", broker=settings.broker_url, set_as_current=False)
+        self._celery.conf.update(
+            task_serializer="json",
+            accept_content=["json"],
+            broker_connection_timeout=SEND_TIMEOUT_SECONDS,
+            broker_connection_retry=False,
+            broker_transport_options={"socket_connect_timeout": SEND_TIMEOUT_SECONDS},
+        )
+
+    def send_train(self, job_id: int) -> None:
+        """Publish one job id; raises EnqueueError if the broker is unreachable."""
+        try:
+            self._celery.send_task(TRAIN_TASK, args=[job_id], queue=self._queue, retry=False)
+        except Exception as exc:  # kombu/redis raise a zoo of connection errors; all mean the same here
+            raise EnqueueError(f"broker unreachable: {type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        self._celery.close()

@@ -1,0 +1,173 @@
+"""Accepting fine-tuning jobs: validate the request, commit a queued job and version, then enqueue.
+
+Nothing accepted is lost: the job and its `queued` version are committed before the broker is
+asked; if the broker is down the job simply stays queued with no `enqueued_at`, and the sweeper
+(`app.services.job_sweeper`) sends it once the broker is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from tuneforge.config import FinetuningConfig
+
+from app.context import AppContext
+from app.db import AdapterVersion, Dataset, DatasetStatus, FinetuningJob, User, VersionSource
+from app.errors import InvalidInputError, NotFoundError
+from app.queue import EnqueueError
+from app.services import base_models, datasets, jobs, repos
+
+log = logging.getLogger(__name__)
+
+
+def validate_params(params: dict[str, Any]) -> FinetuningConfig:
+    """The request's `params` as a config, or a 422 that names every offending field."""
+    try:
+        return FinetuningConfig.model_validate(params)
+    except ValidationError as exc:
+        raise InvalidInputError("; ".join(_describe(error) for error in exc.errors())) from None
+
+
+def _describe(error: Any) -> str:
+    field = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        known = ", ".join(sorted(FinetuningConfig.model_fields))
+        return f"params.{field}: unknown field; this server accepts {known}"
+    if error["type"] == "missing":
+        return f"params.{field}: required"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"params.{field}: {message}"
+
+
+def create_job(
+    ctx: AppContext,
+    session: Session,
+    user: User,
+    *,
+    params: dict[str, Any],
+    dataset_ref: str,
+    repo_ref: str,
+    description: str | None = None,
+    continue_from_version: str | None = None,
+) -> FinetuningJob:
+    config = validate_params(params)
+    base_models.require_available(ctx.settings, config.base_model)
+    if continue_from_version:
+        raise InvalidInputError(
+            "continueFromVersion: continuing from an existing adapter version is not supported by this "
+            "release yet; start a new adapter (continueFromVersion null)"
+        )
+    dataset = _connected_dataset(session, user, dataset_ref)
+    repo = repos.get(session, user, repo_ref)
+    stored = config.model_dump(mode="json")
+    version = AdapterVersion(
+        repo_id=repo.id,
+        created_by_id=user.id,
+        tag=repos.allocate_tag(session, repo),
+        source=VersionSource.FINETUNE,
+        adapter_type=config.adapter,
+        base_model=config.base_model,
+        config=stored,
+        description=description,
+    )
+    session.add(version)
+    session.flush()
+    job = FinetuningJob(
+        tenant_id=user.tenant_id,
+        created_by_id=user.id,
+        repo_id=repo.id,
+        version_id=version.id,
+        dataset_id=dataset.id,
+        dataset_name=dataset.name,
+        base_model=config.base_model,
+        adapter_type=config.adapter,
+        params=stored,
+        description=description,
+        total_steps=_planned_steps(config, dataset),
+    )
+    session.add(job)
+    session.commit()
+    enqueue(ctx, session, job)
+    return job
+
+
+def enqueue(ctx: AppContext, session: Session, job: FinetuningJob) -> bool:
+    """Send the committed job's id to the workers; False (job left for the sweeper) if the broker is down."""
+    try:
+        ctx.queue.send_train(job.id)
+    except EnqueueError as exc:
+        log.warning("job %s stays queued until the broker is back: %s", job.uuid, exc)
+        return False
+    jobs.mark_enqueued(session, job)
+    session.commit()
+    return True
+
+
+def _connected_dataset(session: Session, user: User, ref: str) -> Dataset:
+    if not ref or not ref.strip():
+        raise InvalidInputError("dataset: required; pass the name of a connected dataset")
+    try:
+        dataset = datasets.get(session, user, ref)
+    except NotFoundError:
+        raise NotFoundError(f"dataset: {ref!r} not found; upload it first (pb.datasets.from_file)") from None
+    if dataset.status != DatasetStatus.CONNECTED:
+        reason = dataset.last_error or "its validation has not finished yet; try again in a moment"
+        raise InvalidInputError(f"dataset: {dataset.name!r} is {dataset.status}, not connected: {reason}")
+    return dataset
+
+
+def _planned_steps(config: FinetuningConfig, dataset: Dataset) -> int | None:
+    """The run's optimizer steps as far as the control plane can tell; the worker reports the exact count."""
+    if config.train_steps is not None:
+        return config.train_steps
+    counts = dataset.split_counts or {}
+    train_rows = counts.get("train", dataset.row_count or 0)
+    if not counts.get("evaluation") and config.eval_fraction:
+        # No held-out rows in the file: the worker holds out eval_fraction of them (seeded).
+        train_rows -= max(1, round(train_rows * config.eval_fraction))
+    if train_rows < 1:
+        return None
+    return config.epochs * math.ceil(train_rows / config.effective_batch_size)
+
+
+def estimate_steps(ctx: AppContext, session: Session, user: User, request: Any) -> int | None:
+    """Optimizer steps a job of this shape would run, or None when the request does not say enough.
+
+    The SDK asks before every job and tolerates any answer but a 5xx, so a vague request gets None.
+    """
+    if not isinstance(request, dict) or not request.get("baseModel"):
+        return None
+    params = {
+        "base_model": request["baseModel"],
+        "epochs": request.get("epochs"),
+        "train_steps": request.get("trainSteps"),
+    }
+    try:
+        config = FinetuningConfig.model_validate({k: v for k, v in params.items() if v is not None})
+        dataset = datasets.get(session, user, str(request.get("datasetName") or ""))
+    except (ValidationError, NotFoundError):
+        return None
+    return _planned_steps(config, dataset)
+
+
+def get(session: Session, user: User, job_uuid: str) -> FinetuningJob:
+    job = session.scalar(
+        select(FinetuningJob).where(FinetuningJob.tenant_id == user.tenant_id, FinetuningJob.uuid == job_uuid)
+    )
+    if job is None:
+        raise NotFoundError(f"fine-tuning job {job_uuid!r} not found")
+    return job
+
+
+def list_jobs(session: Session, user: User, limit: int, offset: int) -> tuple[list[FinetuningJob], int]:
+    owned = FinetuningJob.tenant_id == user.tenant_id
+    total = session.scalar(select(func.count()).select_from(FinetuningJob).where(owned)) or 0
+    query = (
+        select(FinetuningJob).where(owned).order_by(FinetuningJob.created_at.desc(), FinetuningJob.id.desc())
+    )
+    return list(session.scalars(query.limit(limit).offset(offset)).unique()), total
