@@ -20,6 +20,12 @@ TRAIN_TASK = "tuneforge.train"
 SEND_TIMEOUT_SECONDS = 3.0
 
 
+def redis_transport_options(broker_url: str, **options: float) -> dict[str, float]:
+    """`options` for a Redis broker, none for others (kombu's SQLAlchemy transport hands its
+    options to `create_engine`, which refuses keys it does not know)."""
+    return options if broker_url.startswith(("redis://", "rediss://")) else {}
+
+
 class EnqueueError(Exception):
     """The broker did not take the message; the job stays queued and the sweeper retries."""
 
@@ -33,7 +39,9 @@ class JobQueue:
             accept_content=["json"],
             broker_connection_timeout=SEND_TIMEOUT_SECONDS,
             broker_connection_retry=False,
-            broker_transport_options={"socket_connect_timeout": SEND_TIMEOUT_SECONDS},
+            broker_transport_options=redis_transport_options(
+                settings.broker_url, socket_connect_timeout=SEND_TIMEOUT_SECONDS
+            ),
         )
 
     def send_train(self, job_id: int) -> None:

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     job_lease_seconds: float = Field(default=60.0, gt=0)
     # How often the control plane sweeps for jobs to (re-)enqueue (broker was down, worker lost).
     sweep_interval_seconds: float = Field(default=5.0, gt=0)
+    # Where workers keep built base-model checkpoints; empty means `<data_dir>/models`. Point several
+    # workers (or test runs) at one shared directory to build each model once.
+    model_cache_dir: Path | None = None
     # Base models beyond the built-in ones that workers can load (HF ids in their cache, local paths).
     extra_base_models: list[str] = Field(default_factory=list)
     # The embedded default creates this tenant (and a token for it) on `tuneforge up`.
@@ -60,6 +63,8 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{data_dir / 'tuneforge.db'}"
         if not self.storage_url:
             self.storage_url = f"file://{data_dir / 'blobs'}"
+        if self.model_cache_dir is None:
+            self.model_cache_dir = data_dir / "models"
         if not self.broker_url:
             # kombu's SQLAlchemy transport: a real Celery broker that needs no server.
             self.broker_url = f"sqla+sqlite:///{data_dir / 'broker.db'}"

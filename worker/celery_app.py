@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from app.queue import redis_transport_options
 from app.settings import Settings
 
 HARD_LIMIT_GRACE_SECONDS = 300
@@ -33,7 +34,9 @@ def make_celery(settings: Settings) -> Celery:
         task_time_limit=settings.job_time_limit_seconds + HARD_LIMIT_GRACE_SECONDS,
         # Lost workers are detected by the job lease (app.services.job_sweeper), not by the broker:
         # Redis must not hand a long run's message to a second worker while the first still trains.
-        broker_transport_options={"visibility_timeout": settings.job_time_limit_seconds + 3600},
+        broker_transport_options=redis_transport_options(
+            settings.broker_url, visibility_timeout=settings.job_time_limit_seconds + 3600
+        ),
         task_default_queue=settings.train_queue,
         broker_connection_retry_on_startup=True,
     )

@@ -127,7 +127,7 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
             config,
             rows,
             output_dir=Path(scratch) / "run",
-            cache_dir=ctx.settings.data_dir / "models",
+            cache_dir=_model_cache_dir(ctx),
             callbacks=callbacks,
             resume_from=resume_from,
         )
@@ -140,6 +140,11 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
         version.artifact_prefix = prefix
         version.metrics_summary = _summary(result)
         _end(session, job, JobStatus.COMPLETED)
+
+
+def _model_cache_dir(ctx: AppContext) -> Path:
+    cache = ctx.settings.model_cache_dir
+    return cache if cache is not None else ctx.settings.data_dir / "models"
 
 
 def _end(session: Session, job: FinetuningJob, status: JobStatus, *, error: str | None = None) -> None:

@@ -1,0 +1,123 @@
+"""Fine-tuning jobs over HTTP on both stacks, without a worker: accept, inspect, cancel, refuse bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests_support import assert_error
+
+ROWS = b"".join(
+    json.dumps({"prompt": f"Say {n}.", "completion": f" {n}"}).encode() + b"\n" for n in range(20)
+)
+TINY = "tiny-random-llama"
+
+
+def _ready(tenant, dataset: str = "numbers", repo: str = "numbers") -> None:  # type: ignore[no-untyped-def]
+    assert tenant.upload_dataset(dataset, "numbers.jsonl", ROWS)["status"] == "connected"
+    assert tenant.client.post("/v2/repos", json={"name": repo}).status_code == 200
+
+
+def _create(tenant, **overrides):  # type: ignore[no-untyped-def]
+    body = {"params": {"base_model": TINY, "adapter": "lora", "train_steps": 3}, "dataset": "numbers"}
+    body |= {"repo": "numbers"} | overrides
+    return tenant.client.post("/v2/finetuning/jobs", json=body)
+
+
+def test_create_commits_a_queued_job_and_version_and_shows_them(tenant) -> None:  # type: ignore[no-untyped-def]
+    _ready(tenant)
+    response = _create(tenant, description="first try")
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert (job["status"], job["targetRepoName"], job["targetVersionTag"]) == ("queued", "numbers", 1)
+    assert (job["baseModel"], job["datasetName"], job["description"]) == (TINY, "numbers", "first try")
+    assert job["accelerator"]["id"] and job["totalSteps"] == 3
+    # Every default the worker will use is recorded with the job.
+    assert job["params"]["rank"] == 16 and job["params"]["learning_rate"] == 2e-4
+
+    assert tenant.client.get(f"/v2/finetuning/jobs/{job['uuid']}").json()["uuid"] == job["uuid"]
+    listed = tenant.client.get("/v2/finetuning/jobs").json()
+    assert listed["count"] == 1 and listed["data"][0]["uuid"] == job["uuid"]
+    assert list(tenant.client.get(f"/v2/finetuning/jobs/{job['uuid']}/timeline").json()) == ["queued"]
+    version = tenant.client.get("/v2/repos/numbers/version/1").json()
+    assert (version["status"], version["adapterPath"]) == ("queued", None)
+    assert version["finetuningJob"] == {"uuid": job["uuid"], "error": None}
+    assert tenant.client.get(f"/v2/finetuning/jobs/{job['uuid']}/metrics").json() == {"data": [], "count": 0}
+
+
+def test_cancel_of_a_queued_job_is_final_and_a_second_cancel_is_a_409(tenant) -> None:  # type: ignore[no-untyped-def]
+    _ready(tenant)
+    uuid = _create(tenant).json()["uuid"]
+    canceled = tenant.client.post(f"/v2/finetuning/jobs/{uuid}/cancel")
+    assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+    assert tenant.client.get("/v2/repos/numbers/version/1").json()["status"] == "canceled"
+    assert_error(tenant.client.post(f"/v2/finetuning/jobs/{uuid}/cancel"), 409, "already canceled")
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"base_model": "gpt-17"}, "params.base_model: unknown base model 'gpt-17'; available: smollm2-135m"),
+        ({"base_model": TINY, "adapter": "qlora-9"}, "params.adapter: unknown adapter"),
+        (
+            {"base_model": TINY, "adapter": "turbo_lora"},
+            "params.adapter: adapter 'turbo_lora' is not supported",
+        ),
+        ({"base_model": TINY, "rank": 0}, "params.rank"),
+        ({"base_model": TINY, "learning_rate": -1}, "params.learning_rate"),
+        ({"base_model": TINY, "epochs": "many"}, "params.epochs"),
+        ({"base_model": TINY, "lr_scheduler": {"type": "cosine", "warmup": 3}}, "params.lr_scheduler"),
+        ({"base_model": TINY, "enable_dreams": True}, "params.enable_dreams: unknown field"),
+        ({"adapter": "lora"}, "params.base_model: required"),
+    ],
+)
+def test_bad_params_are_a_422_naming_the_field(tenant, params, fragment) -> None:  # type: ignore[no-untyped-def]
+    _ready(tenant)
+    assert_error(_create(tenant, params=params), 422, fragment)
+    assert tenant.client.get("/v2/finetuning/jobs").json()["count"] == 0  # nothing half-created
+
+
+def test_missing_dataset_repo_and_unsupported_continue_are_4xx_naming_the_field(tenant) -> None:  # type: ignore[no-untyped-def]
+    _ready(tenant)
+    assert_error(_create(tenant, dataset="nope"), 404, "dataset: 'nope' not found")
+    assert_error(_create(tenant, repo="nope"), 404, "repo 'nope' not found")
+    assert_error(_create(tenant, continueFromVersion="numbers/1"), 422, "continueFromVersion")
+    assert_error(tenant.client.post("/v2/finetuning/jobs", json={"params": {}}), 422, "dataset")
+
+
+def test_a_dataset_that_failed_validation_is_refused_with_its_error(tenant) -> None:  # type: ignore[no-untyped-def]
+    assert tenant.upload_dataset("broken", "broken.jsonl", b'{"prompt": "a"}\n')["status"] == "errored"
+    tenant.client.post("/v2/repos", json={"name": "numbers"})
+    assert_error(_create(tenant, dataset="broken"), 422, "dataset: 'broken' is errored, not connected")
+
+
+def test_another_tenants_dataset_repo_and_job_are_404(tenant, other_tenant) -> None:  # type: ignore[no-untyped-def]
+    _ready(tenant)
+    uuid = _create(tenant).json()["uuid"]
+    other_tenant.client.post("/v2/repos", json={"name": "numbers"})
+    assert_error(_create(other_tenant), 404, "dataset")
+    assert other_tenant.upload_dataset("numbers", "numbers.jsonl", ROWS)["status"] == "connected"
+    assert_error(_create(other_tenant, repo="elsewhere"), 404, "repo")
+    for path in ("", "/timeline", "/metrics", "/metrics/stream"):
+        assert_error(other_tenant.client.get(f"/v2/finetuning/jobs/{uuid}{path}"), 404, "not found")
+    assert_error(other_tenant.client.post(f"/v2/finetuning/jobs/{uuid}/cancel"), 404, "not found")
+    assert tenant.client.get(f"/v2/finetuning/jobs/{uuid}").json()["status"] == "queued"
+
+
+def test_cost_estimate_answers_a_json_object_whatever_it_is_sent(tenant) -> None:  # type: ignore[no-untyped-def]
+    _ready(tenant)
+    path = "/v2/finetuning/jobs/cost-estimate"
+    body = {"baseModel": TINY, "datasetName": "numbers", "epochs": 2, "trainSteps": None}
+    estimate = tenant.client.request("GET", path, json=body)
+    # 20 rows, 2 held out for evaluation, 16 per step: 2 steps an epoch.
+    assert estimate.status_code == 200 and estimate.json()["totalSteps"] == 4
+    assert estimate.json()["estimatedCost"] == 0
+    for odd in (None, {"baseModel": "gpt-17"}, {"baseModel": TINY, "datasetName": "missing"}, [1, 2]):
+        response = tenant.client.request("GET", path, json=odd)
+        assert response.status_code == 200 and response.json()["totalSteps"] is None
+
+
+def test_base_models_are_listed(tenant) -> None:  # type: ignore[no-untyped-def]
+    names = [m["name"] for m in tenant.client.get("/v2/base-models").json()["data"]]
+    assert names[:2] == ["smollm2-135m", TINY]
