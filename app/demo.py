@@ -1,7 +1,8 @@
-"""The `make demo` quickstart: runs the embedded control plane, uploads the demo dataset, says how to use it.
+"""The `make demo` quickstart: runs the embedded stack, uploads the demo dataset, trains a LoRA adapter.
 
 Environment: TUNEFORGE_DATA_DIR (default ./.tuneforge), DEMO_PORT (default 8000, or a free port
-when 8000 is taken), DEMO_EXIT=1 to stop the server and exit once the report is printed.
+when 8000 is taken), DEMO_EXIT=1 to stop the server and exit once the report is printed,
+DEMO_BASE_MODEL (default smollm2-135m) and DEMO_TRAIN_STEPS (default 60) to shape the training.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from types import FrameType
 from typing import IO
 
 import httpx
-from tuneforge import Dataset, NotFoundError, Tuneforge, TuneforgeError
+from tuneforge import AdapterVersion, Dataset, FinetuningConfig, NotFoundError, Tuneforge, TuneforgeError
 
 from app.services.demo_dataset import write_demo_dataset
 from app.settings import Settings
@@ -32,6 +33,10 @@ START_TIMEOUT_S = 90.0  # the first start runs every migration on a fresh databa
 STOP_TIMEOUT_S = 15.0
 LOG_TAIL_LINES = 25
 PREVIEW_ROWS = 3
+DEMO_REPO = "demo-dates"
+DEFAULT_BASE_MODEL = "smollm2-135m"
+# About 5 minutes on a 2-core CPU with smollm2-135m: enough for the adapter to learn the format.
+DEFAULT_TRAIN_STEPS = 60
 
 
 class DemoError(Exception):
@@ -159,6 +164,57 @@ def ensure_dataset(client: Tuneforge, path: Path) -> tuple[Dataset, bool]:
     return client.datasets.from_file(path, name=DATASET_NAME), False
 
 
+def demo_config() -> FinetuningConfig:
+    """What the demo trains; DEMO_BASE_MODEL / DEMO_TRAIN_STEPS shrink it (the test suite does)."""
+    steps = os.environ.get("DEMO_TRAIN_STEPS", "").strip() or str(DEFAULT_TRAIN_STEPS)
+    if not steps.isdigit() or int(steps) < 1:
+        raise DemoError(f"DEMO_TRAIN_STEPS must be a positive whole number, got {steps!r}")
+    return FinetuningConfig(
+        base_model=os.environ.get("DEMO_BASE_MODEL", "").strip() or DEFAULT_BASE_MODEL,
+        adapter="lora",
+        train_steps=int(steps),
+        learning_rate=1e-3,
+        rank=16,
+        micro_batch_size=8,
+        effective_batch_size=16,
+        max_seq_length=128,
+        checkpoint_every_n_steps=20,
+    )
+
+
+def ensure_adapter(
+    client: Tuneforge, dataset: Dataset, config: FinetuningConfig
+) -> tuple[AdapterVersion, bool]:
+    """A completed demo adapter trained with `config`: reused if an earlier run made one, else trained now."""
+    client.repos.create(DEMO_REPO, description="adapters trained by `make demo`", exists_ok=True)
+    wanted = config.model_dump(mode="json")
+    for summary in reversed(client.adapters.list(DEMO_REPO)):
+        if summary.status == "completed":
+            version = client.adapters.get(summary.id)
+            if version.config == wanted:
+                return version, True
+    print(f"Training a LoRA adapter on {config.base_model} ({config.train_steps} steps) ...", flush=True)
+    try:
+        return client.adapters.create(
+            config=config, dataset=dataset, repo=DEMO_REPO, description="make demo"
+        ), False
+    except TuneforgeError as exc:
+        raise DemoError(f"training the demo adapter failed: {exc}", show_log=True) from exc
+
+
+def format_training(version: AdapterVersion, reused: bool) -> str:
+    summary = version.metrics_summary
+    before, after = summary.get("eval_loss_before"), summary.get("eval_loss_after")
+    origin = "reused from an earlier run" if reused else "trained now"
+    lines = [
+        "",
+        f"Adapter {version.id} ({origin}) on {version.base_model}: {summary.get('steps')} steps",
+    ]
+    if before is not None and after is not None:
+        lines.append(f"  held-out eval loss   base model {before:.4f}   ->   adapter {after:.4f}")
+    return "\n".join(lines)
+
+
 def format_report(dataset: Dataset, reused: bool, url: str, token: str, log_path: Path) -> str:
     """The human summary: the dataset, where the API lives, and how to point an SDK at it."""
     splits = ", ".join(f"{name} {count}" for name, count in (dataset.split_counts or {}).items())
@@ -232,12 +288,15 @@ def run(settings: Settings) -> int:
         token = token_file.read_text().strip()
         path = write_demo_dataset(data_dir / f"{DATASET_NAME}.jsonl")
         print(f"Uploading the demo dataset {_display(path)} ...", flush=True)
+        config = demo_config()
         with Tuneforge(api_token=token, base_url=server.url, poll_interval=0.5) as client:
             try:
                 dataset, reused = ensure_dataset(client, path)
             except TuneforgeError as exc:
                 raise DemoError(f"uploading the demo dataset failed: {exc}", show_log=True) from exc
-        print(format_report(dataset, reused, server.url, token, server.log_path), flush=True)
+            print(format_report(dataset, reused, server.url, token, server.log_path), flush=True)
+            version, reused = ensure_adapter(client, dataset, config)
+        print(format_training(version, reused), flush=True)
         if os.environ.get("DEMO_EXIT", "").strip().lower() in ("1", "true", "yes"):
             return 0
         print("\nPress Ctrl-C to stop the server.", flush=True)

@@ -13,8 +13,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# The S3-compatible server (moto's, over HTTP) is needed by integration and end-to-end tests alike.
-pytest_plugins = ["s3_fixtures"]
+# The S3-compatible server (moto's, over HTTP) is needed by integration and end-to-end tests alike;
+# real training workers (subprocesses) by the end-to-end tests that train.
+pytest_plugins = ["s3_fixtures", "worker_fixtures"]
 
 POSTGRES_ADMIN_DSN = os.environ.get(
     "TUNEFORGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"

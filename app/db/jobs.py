@@ -103,6 +103,8 @@ class JobMetric(Base):
     learning_rate: Mapped[float | None] = mapped_column(Float)
     tokens: Mapped[int | None] = mapped_column(BigInteger)
     checkpoint_number: Mapped[int | None] = mapped_column(Integer)
+    # The delivery that last wrote the row: after a restart, steps past the checkpoint show the new one.
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -68,4 +68,4 @@ class JobSweeper:
                     log.info("sweeper sent %d job(s) to the workers", sent)
             except Exception:
                 # A database blip must not end the sweeping for good; the next pass retries.
-                log.exception("job sweep failed; retrying in %.0f s", self._interval)
+                log.exception("job sweep failed; retrying in %.1f s", self._interval)

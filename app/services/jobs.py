@@ -229,7 +229,7 @@ def record_metric(session: Session, job: FinetuningJob, step: int, **values: flo
     unknown = set(values) - METRIC_FIELDS
     if unknown:
         raise TypeError(f"unknown metric fields: {sorted(unknown)}")
-    given = {k: v for k, v in values.items() if v is not None}
+    given = {k: v for k, v in values.items() if v is not None} | {"attempt": max(job.attempt, 1)}
     row = _upsert(session, JobMetric, job, step, given)
     job.steps_done = step
     session.flush()
@@ -280,16 +280,23 @@ def latest_checkpoint(session: Session, job: FinetuningJob) -> JobCheckpoint | N
 
 
 def timeline(session: Session, job: FinetuningJob) -> dict[str, dict[str, str]]:
-    """Predibase's `{<status>: {"startedAt": iso}}`: when each status was first entered."""
+    """Predibase's `{<status>: {"startedAt": iso}}`: when each status was first entered.
+
+    Restarts after a lost worker appear too, as `restart-<attempt>` with what was resumed.
+    """
     events = session.scalars(
         select(JobEvent)
-        .where(JobEvent.job_id == job.id, JobEvent.kind == JobEventKind.STATUS)
+        .where(JobEvent.job_id == job.id, JobEvent.kind.in_([JobEventKind.STATUS, JobEventKind.RESTART]))
         .order_by(JobEvent.created_at, JobEvent.id)
     )
     # A job is queued from its creation; no event records entering the first status.
     result = {str(JobStatus.QUEUED): {"startedAt": _iso(job.created_at)}}
     for event in events:
-        result.setdefault(str(event.data.get("status")), {"startedAt": _iso(event.created_at)})
+        if event.kind == JobEventKind.RESTART:
+            entry = {"startedAt": _iso(event.created_at), "detail": event.message}
+            result[f"restart-{event.data.get('attempt')}"] = entry
+        else:
+            result.setdefault(str(event.data.get("status")), {"startedAt": _iso(event.created_at)})
     return result
 
 

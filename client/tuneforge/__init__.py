@@ -1,16 +1,29 @@
 """The thin tuneforge client: Predibase-shaped calls over HTTP (httpx + pydantic only)."""
 
 from tuneforge.client import Tuneforge
+from tuneforge.config import FinetuningConfig
 from tuneforge.errors import (
     AuthenticationError,
     ConflictError,
+    FinetuningCanceledError,
+    FinetuningError,
     NotFoundError,
     ServerError,
     ServerUnreachableError,
     TuneforgeError,
     ValidationError,
 )
-from tuneforge.models import AdapterVersion, Connection, Dataset, FinetuningJobRef, Repo, VersionSummary
+from tuneforge.models import (
+    AdapterVersion,
+    Connection,
+    Dataset,
+    FinetuningJob,
+    FinetuningJobRef,
+    JobMetric,
+    JobPhase,
+    Repo,
+    VersionSummary,
+)
 
 # Same constructor and call shapes, so `from tuneforge import Predibase as ...` drops into SDK code.
 Predibase = Tuneforge
@@ -21,7 +34,13 @@ __all__ = [
     "ConflictError",
     "Connection",
     "Dataset",
+    "FinetuningCanceledError",
+    "FinetuningConfig",
+    "FinetuningError",
+    "FinetuningJob",
     "FinetuningJobRef",
+    "JobMetric",
+    "JobPhase",
     "NotFoundError",
     "Predibase",
     "Repo",

@@ -93,6 +93,14 @@ class HttpTransport:
                 status=response.status_code,
             ) from None
 
+    def open_stream(self, path: str, *, headers: Mapping[str, str] | None = None) -> httpx.Response:
+        """GET an API route as a stream (e.g. Server-Sent Events); the caller must close the response.
+
+        Opening it is retried like any GET; a failure while reading the body surfaces as
+        httpx.TransportError, for the caller to decide whether to reconnect.
+        """
+        return self.send("GET", self.base_url + path, headers=headers, authenticated=True, stream=True)
+
     def download_api(self, path: str, dest: Path) -> Path:
         """Stream an authenticated API download (e.g. a zip) to `dest`."""
         return self._download(self.base_url + path, dest, authenticated=True)

@@ -1,15 +1,20 @@
-"""`client.adapters`: adapter versions `repo/tag`: get, list, upload, download, archive, delete."""
+"""`client.adapters`: adapter versions `repo/tag`: train, get, list, upload, download, archive, delete."""
 
 from __future__ import annotations
 
 import builtins
 from os import PathLike
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tuneforge._http import HttpTransport, path_segment
 from tuneforge.errors import ValidationError
-from tuneforge.models import AdapterVersion, VersionSummary
+from tuneforge.models import AdapterVersion, Dataset, FinetuningJob, VersionSummary
 from tuneforge.repos import RepoRef, Repos, repo_name
+
+if TYPE_CHECKING:
+    # Only for annotations: finetuning imports this module's parse_adapter_id.
+    from tuneforge.finetuning import ConfigLike, FinetuningJobs
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -31,11 +36,51 @@ def parse_adapter_id(adapter: AdapterRef) -> tuple[str, int]:
 
 
 class Adapters:
-    """Adapter calls with the Predibase SDK's shapes: `get`, `upload`, `download`, `archive`, `delete`, ..."""
+    """Adapter calls with the Predibase SDK's shapes: `create`, `get`, `upload`, `download`, `cancel`, ..."""
 
-    def __init__(self, http: HttpTransport, repos: Repos) -> None:
+    def __init__(self, http: HttpTransport, repos: Repos, jobs: FinetuningJobs) -> None:
         self._http = http
         self._repos = repos
+        self._jobs = jobs
+
+    def create(
+        self,
+        *,
+        config: ConfigLike,
+        dataset: str | Dataset,
+        repo: RepoRef,
+        description: str | None = None,
+        continue_from_version: str | AdapterVersion | None = None,
+        wait: bool = True,
+        show_progress: bool = True,
+    ) -> AdapterVersion:
+        """Train a new adapter version `repo/N` on `dataset` and return it.
+
+        `config` is a FinetuningConfig or a dict (validated locally first: a bad field raises
+        ValidationError naming it, before any request). With `wait=True` this blocks with a live
+        progress bar (steps done/total, train and eval loss) and returns the completed version;
+        an errored job raises FinetuningError with the job's error, a canceled one
+        FinetuningCanceledError. Ctrl-C stops waiting, not training: how to re-attach and how to
+        cancel are printed. With `wait=False` the queued version is returned at once.
+        """
+        job = self._jobs.create(
+            config=config,
+            dataset=dataset,
+            repo=repo,
+            description=description,
+            continue_from_version=continue_from_version,
+            show_progress=show_progress,
+        )
+        if wait:
+            self._jobs.watch(job, show_progress=show_progress).raise_for_status()
+        return self.get(job.adapter_id)
+
+    def cancel(self, adapter_id: AdapterRef) -> FinetuningJob:
+        """Cancel the job training this version; returns the job. ConflictError if it already ended."""
+        version = self.get(adapter_id)
+        if version.finetuning_job.uuid is None:
+            raise ValidationError(f"adapter {version.id} was uploaded, not trained: it has no job to cancel")
+        return self._jobs.cancel(version.finetuning_job.uuid)
 
     def get(self, adapter_id: AdapterRef) -> AdapterVersion:
         """One adapter version, e.g. `get("my-repo/3")`."""

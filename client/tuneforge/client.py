@@ -9,6 +9,7 @@ from tuneforge._http import HttpTransport, RetryPolicy
 from tuneforge.adapters import Adapters
 from tuneforge.datasets import Datasets
 from tuneforge.errors import AuthenticationError
+from tuneforge.finetuning import Finetuning
 from tuneforge.repos import Repos
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -24,9 +25,13 @@ class Tuneforge:
     >>> dataset = pb.datasets.from_file("qa.csv")
     >>> repo = pb.repos.create("my-repo", exists_ok=True)
     >>> version = pb.adapters.upload("./my-adapter", repo="my-repo")
+    >>> trained = pb.adapters.create(
+    ...     config=FinetuningConfig(base_model="smollm2-135m"), dataset=dataset, repo="my-repo"
+    ... )
 
-    Namespaces: `datasets`, `repos`, `adapters`. Every failure raises a TuneforgeError subclass.
-    Use it as a context manager, or call `close()`, to release pooled connections.
+    Namespaces: `datasets`, `repos`, `adapters`, `finetuning` (`finetuning.jobs`). Every failure
+    raises a TuneforgeError subclass. Use it as a context manager, or call `close()`, to release
+    pooled connections.
     """
 
     def __init__(
@@ -55,7 +60,8 @@ class Tuneforge:
         )
         self.datasets = Datasets(self._http, poll_interval=poll_interval)
         self.repos = Repos(self._http)
-        self.adapters = Adapters(self._http, self.repos)
+        self.finetuning = Finetuning(self._http, poll_interval=poll_interval)
+        self.adapters = Adapters(self._http, self.repos, self.finetuning.jobs)
 
     def close(self) -> None:
         """Release pooled connections; the client must not be used afterwards."""

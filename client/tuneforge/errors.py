@@ -56,6 +56,23 @@ class ServerUnreachableError(TuneforgeError, ConnectionError):
     """No HTTP response at all: connection refused, DNS failure, timeout or a dropped connection."""
 
 
+class FinetuningError(TuneforgeError):
+    """A fine-tuning job ended without an adapter: `message` carries the job's own error.
+
+    `job_uuid` and `adapter_id` (`repo/tag`) name what failed; `job_status` is the final status.
+    """
+
+    def __init__(self, message: str, *, job_uuid: str, adapter_id: str, job_status: str) -> None:
+        super().__init__(message)
+        self.job_uuid = job_uuid
+        self.adapter_id = adapter_id
+        self.job_status = job_status
+
+
+class FinetuningCanceledError(FinetuningError):
+    """The fine-tuning job was canceled before it finished."""
+
+
 _BY_STATUS: dict[int, type[TuneforgeError]] = {
     400: ValidationError,
     401: AuthenticationError,

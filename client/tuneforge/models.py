@@ -5,8 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from tuneforge.errors import FinetuningCanceledError, FinetuningError
+
+# A job in one of these states never changes again.
+FINAL_JOB_STATUSES = frozenset({"completed", "errored", "canceled"})
 
 
 class WireModel(BaseModel):
@@ -126,3 +131,128 @@ class AdapterVersion(WireModel):
     def id(self) -> str:
         """The adapter id, `repo/tag`, as serving requests and other calls name it."""
         return f"{self.repo}/{self.tag}"
+
+
+class FinetuningJob(WireModel):
+    """A fine-tuning job, training adapter version `target_repo_name/target_version_tag`.
+
+    `status` moves queued → training (→ stopping) → completed | errored | canceled; `error` says
+    why an errored job failed. `steps_done` / `total_steps` are its progress (`total_steps` is None
+    until the worker has sized the dataset); `attempt` counts restarts after a lost worker.
+    """
+
+    uuid: str
+    base_model: str
+    dataset_name: str | None = None
+    target_repo_name: str
+    target_version_tag: int
+    # `{"id": ...}` on the wire; the id alone here, as the Predibase SDK's FinetuningJob has it.
+    accelerator: str | None = None
+    status: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    description: str | None = None
+    error: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempt: int = 0
+    steps_done: int = 0
+    total_steps: int | None = None
+
+    @field_validator("accelerator", mode="before")
+    @classmethod
+    def _accelerator_id(cls, value: Any) -> Any:
+        return value.get("id") if isinstance(value, dict) else value
+
+    @property
+    def adapter_id(self) -> str:
+        """The adapter id the job trains, `repo/tag`."""
+        return f"{self.target_repo_name}/{self.target_version_tag}"
+
+    @property
+    def is_final(self) -> bool:
+        """True once the job is completed, errored or canceled."""
+        return self.status in FINAL_JOB_STATUSES
+
+    def raise_for_status(self) -> FinetuningJob:
+        """Raise FinetuningError (carrying the job's error) if the job errored; otherwise return it.
+
+        A canceled job raises FinetuningCanceledError, a FinetuningError too.
+        """
+        if self.status not in ("errored", "canceled"):
+            return self
+        names = {"job_uuid": self.uuid, "adapter_id": self.adapter_id, "job_status": self.status}
+        what = f"fine-tuning job {self.uuid} ({self.adapter_id})"
+        if self.status == "canceled":
+            raise FinetuningCanceledError(f"{what} was canceled", **names)
+        raise FinetuningError(f"{what} errored: {self.error or 'no error message was recorded'}", **names)
+
+    @property
+    def target_repo(self) -> str:
+        """The repo's name, under the Predibase SDK's attribute name."""
+        return self.target_repo_name
+
+    @property
+    def dataset(self) -> str | None:
+        """The dataset's name, under the Predibase SDK's attribute name."""
+        return self.dataset_name
+
+
+class JobPhase(WireModel):
+    """When a job entered one status, as `finetuning.jobs.timeline()` reports it."""
+
+    started_at: datetime | None = None
+
+
+class JobMetric(WireModel):
+    """The metrics a job recorded at one optimizer step; a loss is None where it was not measured."""
+
+    step: int
+    epoch: float | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens: int | None = None
+    checkpoint_number: int | None = None
+
+
+class _FrameModel(BaseModel):
+    """Base of the metrics-stream frames, which keep the Predibase SDK's snake_case keys on the wire."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class MetricsFrameData(_FrameModel):
+    """The metrics of one step; every field is None in the frames sent while the job is queued."""
+
+    steps: int | None = None
+    checkpoint_number: int | None = None
+    train_metrics_loss: float | None = None
+    validation_metrics_loss: float | None = None
+    epoch: float | None = None
+    learning_rate: float | None = None
+    total_tokens_used: int | None = None
+
+
+class MetricsFrameMeta(_FrameModel):
+    """Where the run stands; `is_completed` marks the stream's last frame."""
+
+    is_completed: bool = False
+    job_uuid: str | None = Field(default=None, validation_alias="model_uuid")
+    run_id: str | None = None
+    steps: int | None = None
+    steps_per_epoch: int | None = None
+    total_steps: int | None = None
+    status: str | None = None
+
+
+class MetricsFrame(_FrameModel):
+    """One frame of `GET /v2/finetuning/jobs/{uuid}/metrics/stream`."""
+
+    data: MetricsFrameData = Field(default_factory=MetricsFrameData)
+    meta: MetricsFrameMeta = Field(default_factory=MetricsFrameMeta)
+
+    @field_validator("data", "meta", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,7 +38,9 @@ def _env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
     # The developer's own settings must not leak in: the demo runs what a newcomer would get.
     prefixes = ("TUNEFORGE_", "PREDIBASE_", "DEMO_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    return env | {"TUNEFORGE_DATA_DIR": str(data_dir), "DEMO_PORT": str(port), **extra}
+    # The real demo trains smollm2-135m for minutes; here the same path runs on the tiny model.
+    small = {"DEMO_BASE_MODEL": "tiny-random-llama", "DEMO_TRAIN_STEPS": "4"}
+    return env | small | {"TUNEFORGE_DATA_DIR": str(data_dir), "DEMO_PORT": str(port), **extra}
 
 
 def _run_demo(data_dir: Path, port: int, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -51,7 +54,7 @@ def _run_demo(data_dir: Path, port: int, **extra: str) -> subprocess.CompletedPr
     )
 
 
-def test_demo_uploads_and_reports_the_dataset_then_a_second_run_reuses_it(tmp_path: Path) -> None:
+def test_demo_uploads_the_dataset_trains_an_adapter_then_a_second_run_reuses_both(tmp_path: Path) -> None:
     port = _free_port()
     first = _run_demo(tmp_path, port)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -69,12 +72,18 @@ def test_demo_uploads_and_reports_the_dataset_then_a_second_run_reuses_it(tmp_pa
     assert "Uvicorn running" not in out + first.stderr
     assert "Uvicorn running" in (tmp_path / "server.log").read_text()
     assert _port_is_free(port), "DEMO_EXIT=1 must stop the server"
+    assert "Training a LoRA adapter on tiny-random-llama (4 steps)" in out
+    assert "Adapter demo-dates/1 (trained now) on tiny-random-llama: 4 steps" in out
+    losses = re.search(r"held-out eval loss\s+base model (\d+\.\d+)\s+->\s+adapter (\d+\.\d+)", out)
+    assert losses is not None, out
 
     second = _run_demo(tmp_path, port)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "Dataset 'demo-dates' (reused from an earlier run)" in second.stdout
     assert "status   connected" in second.stdout and "rows     600" in second.stdout
     assert (tmp_path / "dev-token").read_text().strip() == token
+    assert "Adapter demo-dates/1 (reused from an earlier run)" in second.stdout
+    assert "Training a LoRA adapter" not in second.stdout
 
 
 @pytest.mark.timeout(180)

@@ -133,6 +133,21 @@ def requirement_name(requirement: str) -> str:
     return re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower()
 
 
+def build_wheel(source: Path, out: Path, distribution: str) -> zipfile.ZipFile:
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*command, "-w", str(out), str(source)], check=True, capture_output=True)
+    (wheel,) = out.glob(f"{distribution}-*.whl")
+    return zipfile.ZipFile(wheel)
+
+
+def wheel_requirements(wheel: zipfile.ZipFile) -> list[str]:
+    """The wheel's unconditional Requires-Dist entries (those of extras left out)."""
+    (metadata,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    lines = wheel.read(metadata).decode().splitlines()
+    requirements = [line.partition(":")[2].strip() for line in lines if line.startswith("Requires-Dist:")]
+    return [r for r in requirements if "extra ==" not in r]
+
+
 # --- helpers: compose -------------------------------------------------------------------------
 
 
@@ -275,26 +290,37 @@ def test_dockerfile_copies_migrations_before_installing_the_package(name: str) -
 
 
 def test_built_wheel_contains_the_migrations(tmp_path: Path) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = tmp_path.glob("tuneforge-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+    wheel = build_wheel(ROOT, tmp_path, "tuneforge")
+    names = set(wheel.namelist())
     assert {"migrations/env.py", "migrations/script.py.mako", "migrations/versions/0001_initial.py"} <= names
     assert not any(name.startswith("tests/") for name in names)
+    # The client is a distribution of its own, which the server depends on instead of shipping it.
+    assert not any(name.startswith("tuneforge/") for name in names)
+    assert "tuneforge-client" in {requirement_name(r) for r in wheel_requirements(wheel)}
+
+
+def test_client_wheel_needs_only_httpx_pydantic_and_tqdm_and_ships_the_config_schema(tmp_path: Path) -> None:
+    wheel = build_wheel(ROOT / "client", tmp_path, "tuneforge_client")
+    assert {requirement_name(r) for r in wheel_requirements(wheel)} == {"httpx", "pydantic", "tqdm"}
+    names = set(wheel.namelist())
+    assert {"tuneforge/__init__.py", "tuneforge/config.py", "tuneforge/py.typed"} <= names
+    top_level = {name.split("/")[0] for name in names}
+    assert {n for n in top_level if not n.endswith(".dist-info")} == {"tuneforge"}, "ships only the client"
+
+
+@pytest.mark.parametrize(("name", "project"), [("Dockerfile.api", "."), ("Dockerfile.worker", ".[worker]")])
+def test_dockerfile_installs_the_client_in_the_project_pip_command(name: str, project: str) -> None:
+    # tuneforge-client is not on PyPI: pip can only meet the server's dependency on it from ./client.
+    variables = arg_defaults(dockerfile(name))
+    commands = [
+        parts
+        for ins in dockerfile(name)
+        if ins.keyword == "RUN"
+        for parts in shell_commands(substitute(ins.args, variables))
+        if project in parts
+    ]
+    assert commands, f"{name} never installs {project}"
+    assert all("./client" in parts for parts in commands), commands
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.api", "Dockerfile.worker"])

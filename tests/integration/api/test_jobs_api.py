@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from tests_support import assert_error
 
 ROWS = b"".join(
