@@ -211,7 +211,7 @@ def format_training(version: AdapterVersion, reused: bool) -> str:
         f"Adapter {version.id} ({origin}) on {version.base_model}: {summary.get('steps')} steps",
     ]
     if before is not None and after is not None:
-        lines.append(f"  held-out eval loss   base model {before:.4f}   ->   adapter {after:.4f}")
+        lines.append(f"  held-out eval loss: base model {before:.4f}, adapter {after:.4f}")
     return "\n".join(lines)
 
 

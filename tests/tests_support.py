@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
+
+# Where tests create (and drop) databases of their own on the machine's real PostgreSQL.
+POSTGRES_ADMIN_DSN = os.environ.get(
+    "TUNEFORGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
 def assert_error(response: Any, status: int, fragment: str) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from live_server import LiveServer
+from tests_support import POSTGRES_ADMIN_DSN
 
 REDIS_URL = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 WORKER_START_TIMEOUT_S = 120.0
@@ -142,8 +144,6 @@ def worker_stack_factory(
 
     `postgres_s3` uses the real Redis as its broker; `embedded` the broker-less SQLite transport.
     """
-    from conftest import LiveServer
-
     opened: list[tuple[LiveServer, list[WorkerProcess]]] = []
     created: list[str] = []
 
@@ -176,16 +176,12 @@ def worker_stack_factory(
         for worker in workers:
             worker.stop()
         server.__exit__(None, None, None)
-    from conftest import POSTGRES_ADMIN_DSN
-
     with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as admin:
         for name in created:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _new_database(postgres_url: str, created: list[str]) -> str:
-    from conftest import POSTGRES_ADMIN_DSN
-
     name = f"tuneforge_stack_{secrets.token_hex(4)}"
     with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')

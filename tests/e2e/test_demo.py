@@ -74,7 +74,7 @@ def test_demo_uploads_the_dataset_trains_an_adapter_then_a_second_run_reuses_bot
     assert _port_is_free(port), "DEMO_EXIT=1 must stop the server"
     assert "Training a LoRA adapter on tiny-random-llama (4 steps)" in out
     assert "Adapter demo-dates/1 (trained now) on tiny-random-llama: 4 steps" in out
-    losses = re.search(r"held-out eval loss\s+base model (\d+\.\d+)\s+->\s+adapter (\d+\.\d+)", out)
+    losses = re.search(r"held-out eval loss: base model (\d+\.\d+), adapter (\d+\.\d+)", out)
     assert losses is not None, out
 
     second = _run_demo(tmp_path, port)
