@@ -22,6 +22,7 @@ from app.db import Dataset, FinetuningJob, JobStatus, Tenant
 from app.errors import ConflictError
 from app.queue import TRAIN_TASK
 from app.services import jobs
+from app.services.versions import ADAPTER_FILES
 from worker.job_io import download_checkpoint, download_rows, upload_dir
 from worker.training.base_models import BaseModelSourceMissingError, UnknownBaseModelError
 from worker.training.config import TrainingConfig
@@ -30,7 +31,6 @@ from worker.training.loop import NoCallbacks, TrainingResult, train
 
 log = logging.getLogger(__name__)
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Failures whose message tells the user what to change; anything else is our bug and is re-raised.
 USER_ERRORS = (ValidationError, UnknownBaseModelError, BaseModelSourceMissingError, TrainingDataError)
 

@@ -57,8 +57,9 @@ def delete(ctx: AppContext, session: Session, version: AdapterVersion) -> None:
         ctx.store.delete_prefix(prefix)
 
 
-# A version whose job stopped short keeps its last checkpoint; these are the adapter files of one.
-CHECKPOINT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# The files of a trained LoRA version in PEFT format: what the worker stores as the artifact, and
+# what a checkpoint of a job stopped short serves as its download.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def last_checkpoint(version: AdapterVersion) -> JobCheckpoint | None:
@@ -82,9 +83,7 @@ def download_chunks(ctx: AppContext, version: AdapterVersion) -> Iterator[bytes]
     checkpoint = last_checkpoint(version)
     if checkpoint is not None:
         prefix = checkpoint.prefix
-        files = {
-            name: checkpoint.files[name] for name in CHECKPOINT_ADAPTER_FILES if name in checkpoint.files
-        }
+        files = {name: checkpoint.files[name] for name in ADAPTER_FILES if name in checkpoint.files}
     elif adapter_path(version) is not None and version.artifact_prefix is not None:
         prefix, files = version.artifact_prefix, version.artifact_files
     else:
