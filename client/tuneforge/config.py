@@ -4,84 +4,219 @@ It lives in the thin client package (pydantic only) because three places need th
 client checks a config before sending it, the control plane answers a bad one with a 422 naming the
 field, and the worker trains exactly what was accepted. The server depends on this package; this
 package depends on nothing of the server.
+
+Fields follow Predibase's snake_case `params` (base_model, adapter, task, epochs, train_steps,
+learning_rate, rank, lora_alpha, lora_dropout, target_modules, enable_early_stopping,
+apply_chat_template, lr_scheduler, optimizer, warmup_ratio, effective_batch_size), plus the
+batch, evaluation, precision, quantisation, auto-configuration and checkpoint settings that
+LLaMA-Factory and HF Trainer users expect. Defaults that depend on the base model or the machine
+(target modules, context length, dtype) stay `None`/`"auto"` here and are resolved by the worker,
+which records the config it actually used on the adapter version.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-# Adapter types the product names but this first cut does not train yet; asking for one must say so
-# instead of quietly training plain LoRA.
-_LATER_ADAPTERS = ("turbo_lora", "turbo", "dora", "qlora", "full", "last_layer")
+# The adapter types this release trains.
+TRAINED_ADAPTERS = ("lora", "dora", "full", "last_layer")
+# Product names whose training lands in a later release; asking for one must say so instead of
+# quietly training plain LoRA.
+_LATER_ADAPTERS = ("turbo_lora", "turbo")
+# Adapters whose weights are a low-rank delta on a frozen (possibly quantised) base.
+LOW_RANK_ADAPTERS = ("lora", "dora")
 
 # The projections LoRA targets by default: every linear map of attention and MLP in Llama-style models.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# What a careful practitioner starts from: a low-rank delta tolerates (and needs) a far larger step
+# than updating the pretrained weights themselves.
+DEFAULT_LEARNING_RATES = {"lora": 2e-4, "dora": 2e-4, "last_layer": 1e-4, "full": 2e-5}
+DEFAULT_EFFECTIVE_BATCH_SIZE = 16
 
-class FinetuningConfig(BaseModel):
-    """Everything that decides a run's trajectory; a resumed run must be given the same one."""
+SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+OptimizerType = Literal["adamw_torch", "sgd", "adamw_8bit", "paged_adamw_32bit"]
+
+
+class LrSchedulerConfig(BaseModel):
+    """Predibase's `lr_scheduler` object; warm-up length comes from the top-level `warmup_ratio`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    base_model: str = Field(min_length=1)
-    adapter: str = "lora"
+    type: SchedulerType = "linear"
+    # cosine only: cosine periods over the run after warm-up; 0.5 decays once from peak to floor.
+    num_cycles: float = Field(default=0.5, gt=0, le=100)
+    # cosine only: the learning rate never falls below this share of its peak.
+    min_lr_ratio: float = Field(default=0.0, ge=0, lt=1)
+
+
+class OptimizerConfig(BaseModel):
+    """Predibase's `optimizer` object."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: OptimizerType = "adamw_torch"
+    weight_decay: float = Field(default=0.0, ge=0, le=10)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0, le=1)
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="sgd only")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError(f"betas must both be in [0, 1), got {list(value)}")
+        return value
+
+
+class FinetuningConfig(BaseModel):
+    """Everything that decides a run's trajectory; a resumed run must be given the same one.
+
+    Every field is optional but `base_model` (which a run continuing from an adapter version
+    inherits from it). Validation errors name the field and the accepted values.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # --- Predibase fields -----------------------------------------------------------------------
+    base_model: str | None = Field(
+        default=None, min_length=1, description="Built-in model name, HF id or local path."
+    )
+    adapter: str = Field(default="lora", description="lora | dora | full | last_layer (turbo types: later).")
     task: Literal["sft", "continued_pretraining"] = "sft"
-    epochs: int = Field(default=3, ge=1)
-    # When set, the run is exactly this many optimizer steps, cycling through epochs as needed.
-    train_steps: int | None = Field(default=None, ge=1)
-    learning_rate: float = Field(default=2e-4, gt=0, le=1)
-    rank: int = Field(default=16, ge=1, le=1024)
-    # Declared after `rank` so that its validator can see the validated rank.
-    lora_alpha: int | None = Field(default=None, ge=1, validate_default=True)
+    epochs: int = Field(default=3, ge=1, le=10_000)
+    train_steps: int | None = Field(
+        default=None, ge=1, description="Exactly this many optimizer steps (cycling epochs); wins over epochs."
+    )
+    learning_rate: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        validate_default=True,
+        description="Default by adapter: lora/dora 2e-4, last_layer 1e-4, full 2e-5."
+    )
+    rank: int | Literal["auto"] = Field(
+        default=16, description="LoRA rank, or 'auto' to size each module from its gradient's spectrum."
+    )
+    lora_alpha: int | Literal["auto"] | None = Field(
+        default=None, validate_default=True, description="Default 2 × rank; 'auto' follows per-module ranks."
+    )
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: tuple[str, ...] | None = None
-    micro_batch_size: int = Field(default=4, ge=1)
-    effective_batch_size: int = Field(default=16, ge=1)
-    max_seq_length: int = Field(default=512, ge=8)
+    target_modules: tuple[str, ...] | None = Field(
+        default=None, description="None: every attention and MLP projection the base model has."
+    )
+    enable_early_stopping: bool = Field(
+        default=True, description="Stop when eval loss has not improved for early_stopping_patience evals."
+    )
+    apply_chat_template: bool | None = Field(
+        default=None, description="None: wrap prompt/completion rows in the template when the model has one."
+    )
+    lr_scheduler: LrSchedulerConfig = Field(default_factory=LrSchedulerConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
-    # Predibase sends `{"type": "cosine", ...}`; the plain name is accepted too.
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    seed: int = Field(default=42, ge=0)
-    checkpoint_every_n_steps: int = Field(default=50, ge=1)
-    # None: wrap prompt/completion rows in the chat template when the tokenizer has one.
-    apply_chat_template: bool | None = None
+    effective_batch_size: int | None = Field(
+        default=None, ge=1, description="Rows per optimizer step; default 16 (or micro × accumulation)."
+    )
+
+    # --- batch, evaluation and precision ----------------------------------------------------------
+    micro_batch_size: int = Field(default=4, ge=1, le=4096, description="Rows per forward pass.")
+    eval_batch_size: int | None = Field(default=None, ge=1, le=4096, description="Default: micro_batch_size.")
+    gradient_accumulation_steps: int | None = Field(
+        default=None, ge=1, description="Derived from effective_batch_size / micro_batch_size when absent."
+    )
+    eval_every_n_steps: int | None = Field(
+        default=None, ge=1, description="Default: at each checkpoint, and always at the end."
+    )
+    eval_every_n_minutes: float | None = Field(default=None, gt=0)
     # Share of rows held out for evaluation when the dataset has no `split` column; 0 disables it.
     eval_fraction: float = Field(default=0.1, ge=0, le=0.5)
     max_eval_samples: int = Field(default=200, ge=1)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="auto: bf16 where the device computes it natively, else fp32."
+    )
+    quantization_bits: Literal[4, 8] | None = Field(
+        default=None, description="4 (nf4, QLoRA) or 8 (LLM.int8) bit frozen base; lora/dora only."
+    )
+    layer_selection_percentage: float | None = Field(
+        default=None, gt=0, le=1, description="Train adapters only on this top share of layers by importance."
+    )
+    n_test_samples: int = Field(
+        default=32, ge=1, le=4096, description="Training rows scored to choose layers and automatic ranks."
+    )
+
+    # --- sequence, memory and checkpoints -----------------------------------------------------------
+    max_seq_length: int | None = Field(
+        default=None, ge=8, description="Longer rows are truncated (and counted); default min(context, 2048)."
+    )
+    packing: bool = Field(
+        default=True, description="Several rows per sequence, each attending only to itself (no padding)."
+    )
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    checkpoint_every_n_steps: int = Field(default=50, ge=1)
+    checkpoint_every_n_minutes: float | None = Field(default=None, gt=0)
+    keep_n_checkpoints: int = Field(default=3, ge=1, description="Older checkpoints are deleted.")
+    load_best_at_end: bool = Field(default=True, description="The stored adapter is the lowest-eval-loss one.")
+    early_stopping_patience: int = Field(default=5, ge=1, description="Evaluations without improvement.")
+    seed: int = Field(default=42, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_predibase_spellings(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("lr_scheduler"), str):
+            data["lr_scheduler"] = {"type": data["lr_scheduler"]}
+        if isinstance(data.get("optimizer"), str):
+            data["optimizer"] = {"type": data["optimizer"]}
+        if data.get("quantization_bits") in ("none", "None", 0):
+            data["quantization_bits"] = None
+        # A plain "4"/"8" from a CLI `--set` or a YAML file.
+        if isinstance(data.get("quantization_bits"), str) and data["quantization_bits"].isdigit():
+            data["quantization_bits"] = int(data["quantization_bits"])
+        return data
 
     @field_validator("adapter")
     @classmethod
-    def _only_lora_for_now(cls, value: str) -> str:
-        if value == "lora":
+    def _known_adapter(cls, value: str) -> str:
+        if value in TRAINED_ADAPTERS:
             return value
         if value in _LATER_ADAPTERS:
             raise ValueError(
-                f"adapter {value!r} is not supported yet: this release trains 'lora' only; "
-                f"{', '.join(repr(a) for a in _LATER_ADAPTERS)} come in a later release"
+                f"adapter {value!r} is not supported yet: Turbo speculators come in a later release; "
+                f"this release trains {', '.join(repr(a) for a in TRAINED_ADAPTERS)}"
             )
-        raise ValueError(f"unknown adapter {value!r}: use 'lora'")
+        if value == "qlora":
+            raise ValueError("use adapter 'lora' (or 'dora') with quantization_bits 4 for QLoRA")
+        raise ValueError(f"unknown adapter {value!r}: use one of {', '.join(TRAINED_ADAPTERS)}")
 
-    @field_validator("lr_scheduler", mode="before")
+    @field_validator("learning_rate")
     @classmethod
-    def _scheduler_from_predibase_dict(cls, value: object) -> object:
-        if isinstance(value, dict):
-            extra = sorted(set(value) - {"type"})
-            if extra:
-                raise ValueError(f"only 'type' is supported inside lr_scheduler, not {', '.join(extra)}")
-            return value.get("type")
+    def _learning_rate_for_the_adapter(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None and "adapter" in info.data:
+            return DEFAULT_LEARNING_RATES[info.data["adapter"]]
+        return value
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _rank_in_range(cls, value: object) -> object:
+        if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= 1024:
+            raise ValueError(f"rank must be between 1 and 1024 or 'auto', got {value}")
         return value
 
     @field_validator("lora_alpha")
     @classmethod
-    def _alpha_defaults_to_twice_rank(cls, value: int | None, info: ValidationInfo) -> int | None:
+    def _alpha_follows_rank(cls, value: int | str | None, info: ValidationInfo) -> int | str | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"lora_alpha must be at least 1, got {value}")
         # An invalid rank is reported on its own field; leave alpha unset rather than guess.
         if value is None and "rank" in info.data:
-            return 2 * int(info.data["rank"])
+            rank = info.data["rank"]
+            return "auto" if rank == "auto" else 2 * int(rank)
         return value
 
     @field_validator("target_modules")
@@ -91,19 +226,76 @@ class FinetuningConfig(BaseModel):
             raise ValueError("target_modules must name at least one module, or be null for the default")
         return value
 
-    @field_validator("effective_batch_size")
-    @classmethod
-    def _effective_at_least_micro(cls, value: int, info: ValidationInfo) -> int:
-        micro = info.data.get("micro_batch_size")
-        if micro is not None and value < micro:
-            raise ValueError(f"effective_batch_size ({value}) must be at least micro_batch_size ({micro})")
-        return value
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuningConfig:
+        problems = self._batch_problems() + self._method_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _batch_problems(self) -> list[str]:
+        micro, accumulation, effective = (
+            self.micro_batch_size,
+            self.gradient_accumulation_steps,
+            self.effective_batch_size,
+        )
+        if effective is not None and effective < micro:
+            return [f"effective_batch_size ({effective}) must be at least micro_batch_size ({micro})"]
+        if effective is not None and accumulation is not None and math.ceil(effective / micro) != accumulation:
+            return [
+                f"gradient_accumulation_steps ({accumulation}) disagrees with effective_batch_size "
+                f"({effective}) / micro_batch_size ({micro}); set only one of the two"
+            ]
+        return []
+
+    def _method_problems(self) -> list[str]:
+        problems = []
+        low_rank = self.adapter in LOW_RANK_ADAPTERS
+        if self.quantization_bits is not None and not low_rank:
+            problems.append(
+                f"quantization_bits: a {self.quantization_bits}-bit base cannot be trained directly; "
+                f"use adapter 'lora' or 'dora' (QLoRA), or drop quantization_bits for adapter '{self.adapter}'"
+            )
+        if self.layer_selection_percentage is not None and not low_rank:
+            problems.append("layer_selection_percentage applies to adapter 'lora' or 'dora' only")
+        if self.rank == "auto" and not low_rank:
+            problems.append(f"rank 'auto' applies to adapter 'lora' or 'dora', not '{self.adapter}'")
+        if self.lora_alpha == "auto" and self.rank != "auto":
+            problems.append("lora_alpha 'auto' follows rank 'auto'; give an integer alpha for a fixed rank")
+        if self.dtype == "fp16" and self.quantization_bits == 8:
+            problems.append("dtype fp16 with quantization_bits 8 is not supported; use dtype auto or bf16")
+        return problems
+
+    # --- derived values --------------------------------------------------------------------------
 
     @property
-    def gradient_accumulation_steps(self) -> int:
+    def batch_size(self) -> int:
+        """Rows per optimizer step (effective_batch_size after defaults)."""
+        if self.effective_batch_size is not None:
+            return self.effective_batch_size
+        if self.gradient_accumulation_steps is not None:
+            return self.micro_batch_size * self.gradient_accumulation_steps
+        return max(DEFAULT_EFFECTIVE_BATCH_SIZE, self.micro_batch_size)
+
+    @property
+    def accumulation_steps(self) -> int:
         """Micro-batches per optimizer step (the last one of a step may be smaller)."""
-        return math.ceil(self.effective_batch_size / self.micro_batch_size)
+        return math.ceil(self.batch_size / self.micro_batch_size)
+
+    @property
+    def eval_micro_batch_size(self) -> int:
+        return self.eval_batch_size or self.micro_batch_size
 
     def trajectory_fields(self) -> dict[str, object]:
         """The fields a resumed run must share with its checkpoint to continue the same trajectory."""
-        return self.model_dump(mode="json", exclude={"checkpoint_every_n_steps", "max_eval_samples"})
+        return self.model_dump(
+            mode="json",
+            exclude={
+                "checkpoint_every_n_steps",
+                "checkpoint_every_n_minutes",
+                "keep_n_checkpoints",
+                "max_eval_samples",
+                "eval_batch_size",
+                "eval_every_n_minutes",
+            },
+        )
