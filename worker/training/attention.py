@@ -1,0 +1,63 @@
+"""Owns variable-length ("packed") attention: several examples in one row, each attending only to itself.
+
+Packing removes padding, but plain causal attention over a packed row would let an example see
+the ones before it. Where flash-attention's varlen kernel exists, transformers handles packed rows
+itself; elsewhere (the CPU, a GPU without flash-attn) a block-diagonal mask would still compute
+every cross-example score and throw it away. This module registers an attention implementation
+that instead runs causal SDPA per example segment, given the segment boundaries `cu_seq_lens_q`
+that the training batch passes through the model's forward kwargs. Without those kwargs (eval of
+padded batches, generation) it is exactly transformers' SDPA, masks included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+VARLEN_ATTENTION = "tuneforge_varlen"
+
+
+def varlen_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [B, H, T, D]
+    key: torch.Tensor,  # [B, Hkv, T, D]
+    value: torch.Tensor,  # [B, Hkv, T, D]
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each [cu[i], cu[i+1]) segment of a packed row; SDPA otherwise."""
+    boundaries = kwargs.pop("cu_seq_lens_q", None)
+    if boundaries is None or query.shape[2] != key.shape[2]:
+        # Not a packed training row (or decoding against a cache): transformers' own SDPA path.
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"packed attention expects one packed row per batch, got {query.shape[0]}")
+    edges = boundaries.tolist() if isinstance(boundaries, torch.Tensor) else list(boundaries)
+    segments = []
+    for start, end in zip(edges[:-1], edges[1:], strict=True):
+        out, _ = sdpa_attention_forward(
+            module,
+            query[:, :, start:end],
+            key[:, :, start:end],
+            value[:, :, start:end],
+            None,  # causal within the segment; nothing outside it is visible
+            dropout,
+            scaling,
+            is_causal=True,
+        )
+        segments.append(out)  # [1, end - start, H, D]
+    return torch.cat(segments, dim=1), None  # [1, T, H, D]
+
+
+def register_varlen_attention() -> str:
+    """Make `attn_implementation=VARLEN_ATTENTION` loadable; idempotent. Returns the name."""
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
+    # Masks for unpacked calls are SDPA's; a packed row's mask is built but ignored (cheap beside the pass).
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, sdpa_mask)
+    return VARLEN_ATTENTION
