@@ -89,20 +89,22 @@ class FinetuningConfig(BaseModel):
     task: Literal["sft", "continued_pretraining"] = "sft"
     epochs: int = Field(default=3, ge=1, le=10_000)
     train_steps: int | None = Field(
-        default=None, ge=1, description="Exactly this many optimizer steps (cycling epochs); wins over epochs."
+        default=None,
+        ge=1,
+        description="Exactly this many optimizer steps (cycling epochs); wins over epochs.",
     )
     learning_rate: float | None = Field(
         default=None,
         gt=0,
         le=1,
         validate_default=True,
-        description="Default by adapter: lora/dora 2e-4, last_layer 1e-4, full 2e-5."
+        description="Default by adapter: lora/dora 2e-4, last_layer 1e-4, full 2e-5.",
     )
     rank: int | Literal["auto"] = Field(
         default=16, description="LoRA rank, or 'auto' to size each module from its gradient's spectrum."
     )
     lora_alpha: int | Literal["auto"] | None = Field(
-        default=None, validate_default=True, description="Default 2 × rank; 'auto' follows per-module ranks."
+        default=None, validate_default=True, description="Default 2 * rank; 'auto' follows per-module ranks."
     )
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: tuple[str, ...] | None = Field(
@@ -118,7 +120,7 @@ class FinetuningConfig(BaseModel):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     effective_batch_size: int | None = Field(
-        default=None, ge=1, description="Rows per optimizer step; default 16 (or micro × accumulation)."
+        default=None, ge=1, description="Rows per optimizer step; default 16 (or micro * accumulation)."
     )
 
     # --- batch, evaluation and precision ----------------------------------------------------------
@@ -159,7 +161,9 @@ class FinetuningConfig(BaseModel):
     checkpoint_every_n_steps: int = Field(default=50, ge=1)
     checkpoint_every_n_minutes: float | None = Field(default=None, gt=0)
     keep_n_checkpoints: int = Field(default=3, ge=1, description="Older checkpoints are deleted.")
-    load_best_at_end: bool = Field(default=True, description="The stored adapter is the lowest-eval-loss one.")
+    load_best_at_end: bool = Field(
+        default=True, description="The stored adapter is the lowest-eval-loss one."
+    )
     early_stopping_patience: int = Field(default=5, ge=1, description="Evaluations without improvement.")
     seed: int = Field(default=42, ge=0)
 
@@ -241,7 +245,11 @@ class FinetuningConfig(BaseModel):
         )
         if effective is not None and effective < micro:
             return [f"effective_batch_size ({effective}) must be at least micro_batch_size ({micro})"]
-        if effective is not None and accumulation is not None and math.ceil(effective / micro) != accumulation:
+        if (
+            effective is not None
+            and accumulation is not None
+            and math.ceil(effective / micro) != accumulation
+        ):
             return [
                 f"gradient_accumulation_steps ({accumulation}) disagrees with effective_batch_size "
                 f"({effective}) / micro_batch_size ({micro}); set only one of the two"
@@ -253,8 +261,8 @@ class FinetuningConfig(BaseModel):
         low_rank = self.adapter in LOW_RANK_ADAPTERS
         if self.quantization_bits is not None and not low_rank:
             problems.append(
-                f"quantization_bits: a {self.quantization_bits}-bit base cannot be trained directly; "
-                f"use adapter 'lora' or 'dora' (QLoRA), or drop quantization_bits for adapter '{self.adapter}'"
+                f"quantization_bits: a {self.quantization_bits}-bit base cannot be trained directly; use "
+                f"adapter 'lora' or 'dora' (QLoRA), or drop quantization_bits for adapter '{self.adapter}'"
             )
         if self.layer_selection_percentage is not None and not low_rank:
             problems.append("layer_selection_percentage applies to adapter 'lora' or 'dora' only")
