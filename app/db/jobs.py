@@ -103,6 +103,14 @@ class JobMetric(Base):
     learning_rate: Mapped[float | None] = mapped_column(Float)
     tokens: Mapped[int | None] = mapped_column(BigInteger)
     checkpoint_number: Mapped[int | None] = mapped_column(Integer)
+    grad_norm: Mapped[float | None] = mapped_column(Float)  # before clipping
+    eval_perplexity: Mapped[float | None] = mapped_column(Float)
+    tokens_per_second: Mapped[float | None] = mapped_column(Float)
+    # Cumulative non-padding tokens trained on: `tokens` counts padding too, this is the work done.
+    useful_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    peak_rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    cuda_allocated_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    gpu_utilization: Mapped[float | None] = mapped_column(Float)  # percent, where the driver reports it
     # The delivery that last wrote the row: after a restart, steps past the checkpoint show the new one.
     attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

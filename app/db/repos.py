@@ -38,8 +38,13 @@ class Repo(Timestamped, Base):
     # Highest tag ever handed out; incremented atomically so tags are never reused, even after deletes.
     last_tag: Mapped[int] = mapped_column(Integer, default=0)
 
+    # Versions go with their repo. Without the delete cascade the ORM would null the repo_id of
+    # versions already loaded instead of letting them go (passive_deletes alone does not stop that).
     versions: Mapped[list[AdapterVersion]] = relationship(
-        back_populates="repo", order_by="AdapterVersion.tag", passive_deletes=True
+        back_populates="repo",
+        order_by="AdapterVersion.tag",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
     )
 
 
@@ -55,19 +60,31 @@ class AdapterVersion(Timestamped, Base):
     adapter_type: Mapped[str] = mapped_column(String(32), default="lora")
     base_model: Mapped[str] = mapped_column(String(255))
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The version a fine-tuning job continued from (`continueFromVersion`); with
+    # `parent_checkpoint_step` it started from that step's checkpoint of the parent's job instead of
+    # the parent's published artifact. The step is kept even if the parent is deleted later, to say
+    # what the lineage was.
     parent_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("adapter_versions.id", ondelete="SET NULL")
     )
+    parent_checkpoint_step: Mapped[int | None] = mapped_column(Integer)
     # Storage prefix of the artifact and, per file, its size and sha256 (verified on read).
     artifact_prefix: Mapped[str | None] = mapped_column(String(512))
     artifact_files: Mapped[dict[str, dict[str, Any]]] = mapped_column(JSON, default=dict)
     metrics_summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # What the worker decided on its own (automatic layer selection and per-module ranks), and how
+    # the adapter compares with its base (exact match, eval loss / perplexity); {} when not measured.
+    autoconfig: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
+    quality_report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     archived: Mapped[bool] = mapped_column(Boolean, default=False)
     description: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
 
     repo: Mapped[Repo] = relationship(back_populates="versions", lazy="joined")
     created_by = relationship("User", lazy="joined")
+    parent: Mapped[AdapterVersion | None] = relationship(
+        remote_side="AdapterVersion.id", foreign_keys=[parent_version_id], lazy="select"
+    )
     # The job that trains this version (none for an uploaded adapter); the job row owns the link.
     job = relationship(
         "FinetuningJob",

@@ -51,7 +51,21 @@ Row = TypeVar("Row", JobMetric, JobCheckpoint)
 
 # Metric fields a worker may report for a step; anything else is a programming error.
 METRIC_FIELDS = frozenset(
-    {"epoch", "train_loss", "eval_loss", "learning_rate", "tokens", "checkpoint_number"}
+    {
+        "epoch",
+        "train_loss",
+        "eval_loss",
+        "learning_rate",
+        "tokens",
+        "checkpoint_number",
+        "grad_norm",
+        "eval_perplexity",
+        "tokens_per_second",
+        "useful_tokens",
+        "peak_rss_bytes",
+        "cuda_allocated_bytes",
+        "gpu_utilization",
+    }
 )
 
 
@@ -271,6 +285,39 @@ def checkpoint_number(session: Session, checkpoint: JobCheckpoint) -> int:
         JobCheckpoint.job_id == checkpoint.job_id, JobCheckpoint.step <= checkpoint.step
     )
     return int(session.scalar(earlier) or 0)
+
+
+def prune_checkpoints(session: Session, job: FinetuningJob, keep: int) -> list[str]:
+    """Delete all but the newest `keep` checkpoint rows of `job`; return their storage prefixes.
+
+    Only the rows go here: the caller deletes the blobs after committing, so a crash in between
+    leaves unreferenced bytes rather than a row pointing at deleted files.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1 (the checkpoint a restart resumes from), got {keep}")
+    older = list(
+        session.scalars(
+            select(JobCheckpoint)
+            .where(JobCheckpoint.job_id == job.id)
+            .order_by(JobCheckpoint.step.desc())
+            .offset(keep)
+        )
+    )
+    for checkpoint in older:
+        session.delete(checkpoint)
+    session.flush()
+    return [checkpoint.prefix for checkpoint in older]
+
+
+def checkpoint_at(session: Session, job: FinetuningJob, step: int) -> JobCheckpoint | None:
+    return session.scalar(
+        select(JobCheckpoint).where(JobCheckpoint.job_id == job.id, JobCheckpoint.step == step)
+    )
+
+
+def checkpoint_steps(session: Session, job: FinetuningJob) -> list[int]:
+    query = select(JobCheckpoint.step).where(JobCheckpoint.job_id == job.id).order_by(JobCheckpoint.step)
+    return list(session.scalars(query))
 
 
 def latest_checkpoint(session: Session, job: FinetuningJob) -> JobCheckpoint | None:

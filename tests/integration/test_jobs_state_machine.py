@@ -227,6 +227,29 @@ def test_metric_re_report_updates_the_step_instead_of_duplicating(session: Sessi
         jobs.record_metric(session, job, 6, loss=1.0)
 
 
+def test_run_metrics_are_stored_with_the_step_and_eval_ones_merge_in(session: Session) -> None:
+    job = _new_job(session)
+    big = 3 * 2**40  # past 32 bits: byte counts and token totals need BigInteger on both databases
+    jobs.record_metric(
+        session,
+        job,
+        7,
+        grad_norm=0.75,
+        tokens_per_second=1234.5,
+        useful_tokens=big,
+        peak_rss_bytes=big + 1,
+        cuda_allocated_bytes=big + 2,
+        gpu_utilization=97.0,
+    )
+    jobs.record_metric(session, job, 7, eval_loss=2.0, eval_perplexity=7.389)
+    session.commit()
+    session.expire_all()
+    row = session.scalars(select(JobMetric).where(JobMetric.job_id == job.id)).one()
+    assert (row.grad_norm, row.tokens_per_second, row.gpu_utilization) == (0.75, 1234.5, 97.0)
+    assert (row.useful_tokens, row.peak_rss_bytes, row.cuda_allocated_bytes) == (big, big + 1, big + 2)
+    assert (row.eval_loss, row.eval_perplexity) == (2.0, 7.389)
+
+
 def test_checkpoint_is_idempotent_per_step_and_latest_is_the_highest(session: Session) -> None:
     job = _new_job(session)
     assert jobs.latest_checkpoint(session, job) is None
@@ -239,6 +262,21 @@ def test_checkpoint_is_idempotent_per_step_and_latest_is_the_highest(session: Se
     assert session.scalar(count) == 2
     latest = jobs.latest_checkpoint(session, job)
     assert latest is not None and (latest.step, latest.prefix) == (20, "ckpt/20")
+
+
+def test_prune_keeps_the_newest_checkpoints_and_returns_the_prefixes_of_the_rest(session: Session) -> None:
+    job, neighbour = _new_job(session), _new_job(session)
+    for step in (30, 10, 50, 20, 40):
+        jobs.record_checkpoint(session, job, step, f"ckpt/{step}/", {})
+    jobs.record_checkpoint(session, neighbour, 10, "other/10/", {})
+    session.commit()
+    assert sorted(jobs.prune_checkpoints(session, job, 2)) == ["ckpt/10/", "ckpt/20/", "ckpt/30/"]
+    session.commit()
+    assert jobs.checkpoint_steps(session, job) == [40, 50]
+    assert jobs.checkpoint_steps(session, neighbour) == [10]  # another job's checkpoints are untouched
+    assert jobs.prune_checkpoints(session, job, 2) == []  # nothing left to prune
+    with pytest.raises(ValueError, match="keep"):
+        jobs.prune_checkpoints(session, job, 0)
 
 
 def test_timeline_has_the_first_entry_into_each_status(session: Session) -> None:
