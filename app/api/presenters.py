@@ -78,6 +78,9 @@ def version(row: AdapterVersion) -> schemas.AdapterVersionPublic:
         config=row.config,
         metrics_summary=row.metrics_summary,
         artifact_files=row.artifact_files,
+        parent_version=versions.parent_ref(row),
+        autoconfig=row.autoconfig,
+        quality_report=row.quality_report,
         created_at=row.created_at,
         created_by=_created_by(row),
     )
@@ -103,6 +106,7 @@ def job(row: FinetuningJob) -> schemas.FinetuningJobPublic:
         steps_done=row.steps_done,
         total_steps=row.total_steps,
         worker_id=row.worker_id,
+        continue_from_version=versions.parent_ref(row.version),
     )
 
 

@@ -137,6 +137,10 @@ class AdapterVersionPublic(WireModel):
     config: dict[str, Any]
     metrics_summary: dict[str, Any]
     artifact_files: dict[str, dict[str, Any]]
+    # What it continued from: "repo/N", or "repo/N@step" for a checkpoint; null for a fresh start.
+    parent_version: str | None = None
+    autoconfig: dict[str, Any] = Field(default_factory=dict)
+    quality_report: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime
     created_by: str
 
@@ -195,6 +199,7 @@ class FinetuningJobPublic(WireModel):
     steps_done: int
     total_steps: int | None
     worker_id: str | None
+    continue_from_version: str | None = None
 
 
 class JobMetricPublic(WireModel):
@@ -205,6 +210,13 @@ class JobMetricPublic(WireModel):
     learning_rate: float | None
     tokens: int | None
     checkpoint_number: int | None
+    grad_norm: float | None = None
+    eval_perplexity: float | None = None
+    tokens_per_second: float | None = None
+    useful_tokens: int | None = None
+    peak_rss_bytes: int | None = None
+    cuda_allocated_bytes: int | None = None
+    gpu_utilization: float | None = None
 
 
 class CostEstimate(WireModel):

@@ -15,12 +15,13 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from tuneforge.config import FinetuningConfig
+from tuneforge.config_errors import config_errors
 
 from app.context import AppContext
 from app.db import AdapterVersion, Dataset, DatasetStatus, FinetuningJob, User, VersionSource
 from app.errors import InvalidInputError, NotFoundError
 from app.queue import EnqueueError
-from app.services import base_models, datasets, jobs, repos
+from app.services import base_models, continuation, datasets, jobs, repos
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +31,12 @@ def validate_params(params: dict[str, Any]) -> FinetuningConfig:
     try:
         return FinetuningConfig.model_validate(params)
     except ValidationError as exc:
-        raise InvalidInputError("; ".join(_describe(error) for error in exc.errors())) from None
-
-
-def _describe(error: Any) -> str:
-    field = ".".join(str(part) for part in error["loc"])
-    if error["type"] == "extra_forbidden":
-        known = ", ".join(sorted(FinetuningConfig.model_fields))
-        return f"params.{field}: unknown field; this server accepts {known}"
-    if error["type"] == "missing":
-        return f"params.{field}: required"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    return f"params.{field}: {message}"
+        # A check across fields has no field of its own; its message starts with the one it names.
+        problems = (
+            f"params.{field}: {message}" if field else f"params.{message}"
+            for field, message in config_errors(exc)
+        )
+        raise InvalidInputError("; ".join(problems)) from None
 
 
 def create_job(
@@ -55,13 +50,9 @@ def create_job(
     description: str | None = None,
     continue_from_version: str | None = None,
 ) -> FinetuningJob:
-    config = validate_params(params)
-    base_models.require_available(ctx.settings, config.base_model)
-    if continue_from_version:
-        raise InvalidInputError(
-            "continueFromVersion: continuing from an existing adapter version is not supported by this "
-            "release yet; start a new adapter (continueFromVersion null)"
-        )
+    parent = continuation.resolve(session, user, continue_from_version) if continue_from_version else None
+    config = validate_params(continuation.params(parent, params) if parent is not None else params)
+    base_model = _base_model(ctx, config)
     dataset = _connected_dataset(session, user, dataset_ref)
     repo = repos.get(session, user, repo_ref)
     stored = config.model_dump(mode="json")
@@ -71,9 +62,11 @@ def create_job(
         tag=repos.allocate_tag(session, repo),
         source=VersionSource.FINETUNE,
         adapter_type=config.adapter,
-        base_model=config.base_model,
+        base_model=base_model,
         config=stored,
         description=description,
+        parent_version_id=parent.version.id if parent is not None else None,
+        parent_checkpoint_step=parent.checkpoint_step if parent is not None else None,
     )
     session.add(version)
     session.flush()
@@ -84,7 +77,7 @@ def create_job(
         version_id=version.id,
         dataset_id=dataset.id,
         dataset_name=dataset.name,
-        base_model=config.base_model,
+        base_model=base_model,
         adapter_type=config.adapter,
         params=stored,
         description=description,
@@ -106,6 +99,17 @@ def enqueue(ctx: AppContext, session: Session, job: FinetuningJob) -> bool:
     jobs.mark_enqueued(session, job)
     session.commit()
     return True
+
+
+def _base_model(ctx: AppContext, config: FinetuningConfig) -> str:
+    """The run's base model, which must be one the workers can load; inherited when continuing."""
+    if config.base_model is None:
+        raise InvalidInputError(
+            "params.base_model: required; name a base model (GET /v2/base-models lists them), or continue "
+            "from an adapter version (continueFromVersion) to train on its base model"
+        )
+    base_models.require_available(ctx.settings, config.base_model)
+    return config.base_model
 
 
 def _connected_dataset(session: Session, user: User, ref: str) -> Dataset:
@@ -132,7 +136,7 @@ def _planned_steps(config: FinetuningConfig, dataset: Dataset) -> int | None:
         train_rows -= max(1, round(train_rows * config.eval_fraction))
     if train_rows < 1:
         return None
-    return config.epochs * math.ceil(train_rows / config.effective_batch_size)
+    return config.epochs * math.ceil(train_rows / config.batch_size)
 
 
 def estimate_steps(ctx: AppContext, session: Session, user: User, request: Any) -> int | None:

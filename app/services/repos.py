@@ -7,7 +7,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.context import AppContext
-from app.db import Repo, User, VersionStatus
+from app.db import AdapterVersion, Repo, User, VersionStatus
 from app.errors import ConflictError, NotFoundError
 from app.services.names import validate_name
 
@@ -64,12 +64,29 @@ def allocate_tag(session: Session, repo: Repo) -> int:
     return int(tag)
 
 
+def active_child(session: Session, parent_ids: list[int]) -> AdapterVersion | None:
+    """A queued or training version continuing from one of `parent_ids`: it still reads their files."""
+    if not parent_ids:
+        return None
+    return session.scalars(
+        select(AdapterVersion).where(
+            AdapterVersion.parent_version_id.in_(parent_ids), AdapterVersion.status.in_(ACTIVE_STATUSES)
+        )
+    ).first()
+
+
 def delete(ctx: AppContext, session: Session, repo: Repo) -> None:
     active = [v.tag for v in repo.versions if v.status in ACTIVE_STATUSES]
     if active:
         raise ConflictError(
             f"repo {repo.name!r} has versions still training ({', '.join(map(str, active))}); "
             "cancel their jobs first"
+        )
+    child = active_child(session, [v.id for v in repo.versions])
+    if child is not None:
+        raise ConflictError(
+            f"repo {repo.name!r} holds the parent of {child.repo.name}/{child.tag}, which is still "
+            f"{child.status}; cancel that job first"
         )
     prefixes = [v.artifact_prefix for v in repo.versions if v.artifact_prefix]
     session.delete(repo)

@@ -1,8 +1,9 @@
-"""Adapter versions `repo/N`: lookup, archive/unarchive, delete, and download as a zip of verified files."""
+"""Adapter versions `repo/N`: lookup, lineage (what a run continues from), archive, delete, zip download."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
@@ -50,6 +51,13 @@ def delete(ctx: AppContext, session: Session, version: AdapterVersion) -> None:
             f"adapter version {version.repo.name}/{version.tag} is still {version.status}; "
             "cancel its job first"
         )
+    # A queued or training run still reads its parent's files (again on every restart).
+    child = repos.active_child(session, [version.id])
+    if child is not None:
+        raise ConflictError(
+            f"adapter version {version_id(version)} is the parent of {version_id(child)}, which is still "
+            f"{child.status}; cancel that job first"
+        )
     prefix = version.artifact_prefix
     session.delete(version)
     session.commit()
@@ -57,9 +65,68 @@ def delete(ctx: AppContext, session: Session, version: AdapterVersion) -> None:
         ctx.store.delete_prefix(prefix)
 
 
-# The files of a trained LoRA version in PEFT format: what the worker stores as the artifact, and
-# what a checkpoint of a job stopped short serves as its download.
+# A checkpoint directory holds the loadable model files at top level and the trainer's resumable
+# state (optimizer, scheduler, RNG, progress) under this directory: only a resume of the same job
+# needs the latter, so downloads and continued runs leave it out.
+TRAINER_DIR = "trainer/"
+# PEFT's own two files of a LoRA adapter. Downloads no longer filter on them (full and last-layer
+# versions store whole models); the name stays for callers that still import it.
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class ParentMissingError(NotFoundError):
+    """The version (or checkpoint) a run continues from is gone; the run cannot start from it."""
+
+
+def model_files(files: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A checkpoint's files without the trainer state: what loads as a model or adapter."""
+    return {name: meta for name, meta in files.items() if not name.startswith(TRAINER_DIR)}
+
+
+def version_id(version: AdapterVersion) -> str:
+    return f"{version.repo.name}/{version.tag}"
+
+
+def parent_ref(version: AdapterVersion) -> str | None:
+    """`repo/N` or `repo/N@step`: what the version continued from; None for a fresh start."""
+    if version.parent is None:
+        return None
+    step = version.parent_checkpoint_step
+    return version_id(version.parent) + (f"@{step}" if step is not None else "")
+
+
+def parent_artifact(
+    session: Session, version: AdapterVersion
+) -> tuple[str, dict[str, dict[str, Any]]] | None:
+    """The storage prefix and files (name → {size, sha256}) a continued run initialises from.
+
+    The parent's published artifact, or, for `repo/N@step`, that checkpoint of the parent's job
+    without its trainer state. None for a version trained from scratch; `ParentMissingError` when
+    the parent or its checkpoint has been deleted (or pruned) since the job was accepted.
+    """
+    step = version.parent_checkpoint_step
+    parent = session.get(AdapterVersion, version.parent_version_id) if version.parent_version_id else None
+    if parent is None:
+        if step is None:
+            return None
+        raise ParentMissingError(
+            f"adapter version {version_id(version)} continues from checkpoint step {step} of a version "
+            "that has been deleted; start a new job without continueFromVersion or from another version"
+        )
+    if step is None:
+        if parent.artifact_prefix is None or not parent.artifact_files:
+            raise ParentMissingError(
+                f"adapter version {version_id(version)} continues from {version_id(parent)}, "
+                "whose files are no longer stored"
+            )
+        return parent.artifact_prefix, dict(parent.artifact_files)
+    checkpoint = jobs.checkpoint_at(session, parent.job, step) if parent.job is not None else None
+    if checkpoint is None:
+        raise ParentMissingError(
+            f"adapter version {version_id(version)} continues from checkpoint {version_id(parent)}@{step}, "
+            "which no longer exists (older checkpoints are pruned as a job trains, keep_n_checkpoints)"
+        )
+    return checkpoint.prefix, model_files(checkpoint.files)
 
 
 def last_checkpoint(version: AdapterVersion) -> JobCheckpoint | None:
@@ -76,14 +143,15 @@ def last_checkpoint_step(version: AdapterVersion) -> int | None:
 
 
 def download_chunks(ctx: AppContext, version: AdapterVersion) -> Iterator[bytes]:
-    """A zip of the artifact (or, for a job stopped short, of its last checkpoint's adapter).
+    """A zip of the artifact (or, for a job stopped short, of its last checkpoint's model files).
 
-    Each file is checked against the sha256 recorded when it was stored.
+    A completed version serves every file the worker stored (weights, tokenizer, training
+    summary); a checkpoint leaves out its trainer state. Each file is checked against the sha256
+    recorded when it was stored.
     """
     checkpoint = last_checkpoint(version)
     if checkpoint is not None:
-        prefix = checkpoint.prefix
-        files = {name: checkpoint.files[name] for name in ADAPTER_FILES if name in checkpoint.files}
+        prefix, files = checkpoint.prefix, model_files(checkpoint.files)
     elif adapter_path(version) is not None and version.artifact_prefix is not None:
         prefix, files = version.artifact_prefix, version.artifact_files
     else:

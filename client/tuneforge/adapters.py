@@ -35,6 +35,26 @@ def parse_adapter_id(adapter: AdapterRef) -> tuple[str, int]:
     return repo, int(tag)
 
 
+def parse_version_ref(ref: AdapterRef) -> tuple[str, int, int | None]:
+    """A version or one of its checkpoints: `"r/3"` → `("r", 3, None)`, `"r/3@40"` → `("r", 3, 40)`.
+
+    What `continue_from_version` takes: a run continues from a finished version or a checkpoint.
+    """
+    if isinstance(ref, str) and "@" in ref:
+        version, _, step = ref.rpartition("@")
+        try:
+            repo, tag = parse_adapter_id(version)
+        except ValidationError:
+            repo, tag = "", 0
+        if not repo or not step.isdigit():
+            raise ValidationError(
+                f"checkpoint id {ref!r}: expected '<repo>/<version>@<step>', e.g. 'my-repo/3@40'"
+            )
+        return repo, tag, int(step)
+    repo, tag = parse_adapter_id(ref)
+    return repo, tag, None
+
+
 class Adapters:
     """Adapter calls with the Predibase SDK's shapes: `create`, `get`, `upload`, `download`, `cancel`, ..."""
 
@@ -62,6 +82,8 @@ class Adapters:
         an errored job raises FinetuningError with the job's error, a canceled one
         FinetuningCanceledError. Ctrl-C stops waiting, not training: how to re-attach and how to
         cancel are printed. With `wait=False` the queued version is returned at once.
+        `continue_from_version` (`repo/tag` or a checkpoint `repo/tag@step`) trains on from that
+        adapter; `config` then needs only what changes, as the rest (base model included) is its.
         """
         job = self._jobs.create(
             config=config,

@@ -10,22 +10,26 @@ from typing import Any
 import pydantic
 
 from tuneforge._http import HttpTransport, path_segment
-from tuneforge.adapters import parse_adapter_id
+from tuneforge.adapters import parse_version_ref
 from tuneforge.config import FinetuningConfig
+from tuneforge.config_errors import config_errors
 from tuneforge.errors import ValidationError
 from tuneforge.models import AdapterVersion, Dataset, FinetuningJob, JobMetric, JobPhase
 from tuneforge.repos import RepoRef, repo_name
 from tuneforge.watcher import JobWatcher
 
 ConfigLike = FinetuningConfig | Mapping[str, Any]
+_JSON_PARAMS = pydantic.TypeAdapter(dict[str, Any])
 JobRef = str | FinetuningJob
 
 
-def finetuning_params(config: ConfigLike) -> dict[str, Any]:
+def finetuning_params(config: ConfigLike, *, continuing: bool = False) -> dict[str, Any]:
     """A job's `params`: the config checked locally, with only the fields the caller set.
 
-    Unset fields are left to the server's defaults. A dict is validated first, so a bad field
-    raises ValidationError naming it before anything is sent.
+    Unset fields are left to the server's defaults or, with `continuing` (the job continues from an
+    adapter version), to that version's config, base model included. A dict is validated first, so
+    a bad field raises ValidationError naming it before anything is sent. Checks across fields are
+    left to the server when continuing: the parent's config supplies the fields they compare with.
     """
     if not isinstance(config, FinetuningConfig):
         if not isinstance(config, Mapping):
@@ -34,20 +38,26 @@ def finetuning_params(config: ConfigLike) -> dict[str, Any]:
         try:
             config = FinetuningConfig.model_validate(dict(config))
         except pydantic.ValidationError as exc:
+            if continuing and all(not item["loc"] for item in exc.errors()):
+                return _JSON_PARAMS.dump_python(dict(config), mode="json")
             raise ValidationError(f"invalid fine-tuning config: {config_error_text(exc)}") from None
     params = config.model_dump(mode="json", exclude_unset=True)
-    # Always sent: a config built with model_construct() may not count base_model as set.
-    params["base_model"] = config.base_model
+    # Always sent when known: a config built with model_construct() may not count base_model as set.
+    if config.base_model is not None:
+        params["base_model"] = config.base_model
+    elif not continuing:
+        raise ValidationError(
+            "invalid fine-tuning config: base_model: required; name a base model, or continue from an "
+            "adapter version (continue_from_version) to train on its base model"
+        )
+    else:
+        params.pop("base_model", None)
     return params
 
 
 def config_error_text(error: pydantic.ValidationError) -> str:
     """pydantic's errors as `field: message; ...`, the way the server words a 422."""
-    parts = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "config"
-        parts.append(f"{field}: {item['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
+    return "; ".join(f"{field}: {message}" if field else message for field, message in config_errors(error))
 
 
 class FinetuningJobs:
@@ -71,12 +81,14 @@ class FinetuningJobs:
         """Start training `config` on `dataset` into the repo's next version (`repo/N`).
 
         `dataset` is a name, `connection/name`, uuid or Dataset; `repo` a name or Repo.
-        `continue_from_version` (`repo/tag`) starts from that adapter's weights. With `watch=True`
-        this blocks like `watch()` and returns the final job, whatever its status; otherwise it
-        returns the queued job at once. Raises ValidationError for a bad config before sending.
+        `continue_from_version` (`repo/tag`, or a checkpoint `repo/tag@step`) starts from that
+        adapter's weights, and its config supplies every field `config` leaves out (base_model
+        included). With `watch=True` this blocks like `watch()` and returns the final job, whatever
+        its status; otherwise it returns the queued job at once. Raises ValidationError for a bad
+        config before sending.
         """
         body = {
-            "params": finetuning_params(config),
+            "params": finetuning_params(config, continuing=continue_from_version is not None),
             "dataset": dataset.uuid if isinstance(dataset, Dataset) else dataset,
             "repo": repo_name(repo),
             "description": description,
@@ -139,8 +151,8 @@ def _job_uuid(job_ref: JobRef) -> str:
 
 
 def _version_id(version: str | AdapterVersion | None) -> str | None:
-    """`repo/tag` checked locally, so a malformed id fails before a job is created."""
+    """`repo/tag` or `repo/tag@step` checked locally, so a malformed id fails before a job is created."""
     if version is None:
         return None
-    repo, tag = parse_adapter_id(version)
-    return f"{repo}/{tag}"
+    repo, tag, step = parse_version_ref(version)
+    return f"{repo}/{tag}" + (f"@{step}" if step is not None else "")

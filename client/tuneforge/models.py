@@ -124,6 +124,12 @@ class AdapterVersion(WireModel):
     config: dict[str, Any] = Field(default_factory=dict)
     metrics_summary: dict[str, Any] = Field(default_factory=dict)
     artifact_files: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # What it continued from: `repo/tag`, or `repo/tag@step` for a checkpoint; None for a fresh start.
+    parent_version: str | None = None
+    # The worker's automatic choices (selected layers, per-module ranks) and the adapter's measured
+    # quality against its base (exact match, eval loss / perplexity); empty where not recorded.
+    autoconfig: dict[str, Any] = Field(default_factory=dict)
+    quality_report: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime | None = None
     created_by: str | None = None
 
@@ -158,6 +164,8 @@ class FinetuningJob(WireModel):
     attempt: int = 0
     steps_done: int = 0
     total_steps: int | None = None
+    # The version (`repo/tag`) or checkpoint (`repo/tag@step`) the job continues from, if any.
+    continue_from_version: str | None = None
 
     @field_validator("accelerator", mode="before")
     @classmethod
@@ -205,7 +213,11 @@ class JobPhase(WireModel):
 
 
 class JobMetric(WireModel):
-    """The metrics a job recorded at one optimizer step; a loss is None where it was not measured."""
+    """The metrics a job recorded at one optimizer step; a value is None where it was not measured.
+
+    `tokens` counts every token through the model (padding too), `useful_tokens` the non-padding
+    ones trained on so far; memory is in bytes and `gpu_utilization` in percent.
+    """
 
     step: int
     epoch: float | None = None
@@ -214,6 +226,13 @@ class JobMetric(WireModel):
     learning_rate: float | None = None
     tokens: int | None = None
     checkpoint_number: int | None = None
+    grad_norm: float | None = None
+    eval_perplexity: float | None = None
+    tokens_per_second: float | None = None
+    useful_tokens: int | None = None
+    peak_rss_bytes: int | None = None
+    cuda_allocated_bytes: int | None = None
+    gpu_utilization: float | None = None
 
 
 class _FrameModel(BaseModel):

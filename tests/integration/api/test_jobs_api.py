@@ -34,6 +34,7 @@ def test_create_commits_a_queued_job_and_version_and_shows_them(tenant) -> None:
     assert job["accelerator"]["id"] and job["totalSteps"] == 3
     # Every default the worker will use is recorded with the job.
     assert job["params"]["rank"] == 16 and job["params"]["learning_rate"] == 2e-4
+    assert job["params"]["lr_scheduler"]["type"] == "linear" and job["continueFromVersion"] is None
 
     assert tenant.client.get(f"/v2/finetuning/jobs/{job['uuid']}").json()["uuid"] == job["uuid"]
     listed = tenant.client.get("/v2/finetuning/jobs").json()
@@ -42,7 +43,23 @@ def test_create_commits_a_queued_job_and_version_and_shows_them(tenant) -> None:
     version = tenant.client.get("/v2/repos/numbers/version/1").json()
     assert (version["status"], version["adapterPath"]) == ("queued", None)
     assert version["finetuningJob"] == {"uuid": job["uuid"], "error": None}
+    assert (version["parentVersion"], version["autoconfig"], version["qualityReport"]) == (None, {}, {})
     assert tenant.client.get(f"/v2/finetuning/jobs/{job['uuid']}/metrics").json() == {"data": [], "count": 0}
+
+
+def test_new_methods_are_accepted_and_scheduler_names_are_stored_as_objects(tenant) -> None:  # type: ignore[no-untyped-def]
+    _ready(tenant)
+    params = {"base_model": TINY, "adapter": "dora", "lr_scheduler": "cosine", "optimizer": "sgd"}
+    dora = _create(tenant, params=params)
+    assert dora.status_code == 200, dora.text
+    assert dora.json()["params"]["lr_scheduler"] == {"type": "cosine", "num_cycles": 0.5, "min_lr_ratio": 0.0}
+    assert dora.json()["params"]["optimizer"]["type"] == "sgd"
+    full = _create(tenant, params={"base_model": TINY, "adapter": "full", "micro_batch_size": 2})
+    assert full.status_code == 200, full.text
+    # No effective_batch_size given: the default 16 rows a step, so 18 training rows make 2 steps an epoch.
+    assert (full.json()["params"]["learning_rate"], full.json()["totalSteps"]) == (2e-5, 3 * 2)
+    versions = tenant.client.get("/v2/repos/numbers").json()["versions"]
+    assert [(v["tag"], v["adapterType"]) for v in versions] == [(1, "dora"), (2, "full")]
 
 
 def test_cancel_of_a_queued_job_is_final_and_a_second_cancel_is_a_409(tenant) -> None:  # type: ignore[no-untyped-def]
@@ -69,6 +86,16 @@ def test_cancel_of_a_queued_job_is_final_and_a_second_cancel_is_a_409(tenant) ->
         ({"base_model": TINY, "lr_scheduler": {"type": "cosine", "warmup": 3}}, "params.lr_scheduler"),
         ({"base_model": TINY, "enable_dreams": True}, "params.enable_dreams: unknown field"),
         ({"adapter": "lora"}, "params.base_model: required"),
+        ({"base_model": TINY, "rank": "high"}, "params.rank: "),
+        # Checks across fields name the field they are about, not an empty location.
+        (
+            {"base_model": TINY, "adapter": "full", "quantization_bits": 4},
+            "params.quantization_bits: a 4-bit base cannot be trained directly",
+        ),
+        (
+            {"base_model": TINY, "effective_batch_size": 16, "gradient_accumulation_steps": 2},
+            "params.gradient_accumulation_steps (2) disagrees with effective_batch_size (16)",
+        ),
     ],
 )
 def test_bad_params_are_a_422_naming_the_field(tenant, params, fragment) -> None:  # type: ignore[no-untyped-def]
@@ -77,11 +104,14 @@ def test_bad_params_are_a_422_naming_the_field(tenant, params, fragment) -> None
     assert tenant.client.get("/v2/finetuning/jobs").json()["count"] == 0  # nothing half-created
 
 
-def test_missing_dataset_repo_and_unsupported_continue_are_4xx_naming_the_field(tenant) -> None:  # type: ignore[no-untyped-def]
+def test_missing_dataset_repo_and_parent_version_are_4xx_naming_the_field(tenant) -> None:  # type: ignore[no-untyped-def]
     _ready(tenant)
     assert_error(_create(tenant, dataset="nope"), 404, "dataset: 'nope' not found")
     assert_error(_create(tenant, repo="nope"), 404, "repo 'nope' not found")
-    assert_error(_create(tenant, continueFromVersion="numbers/1"), 422, "continueFromVersion")
+    assert_error(
+        _create(tenant, continueFromVersion="numbers/1"), 404, "continueFromVersion: adapter version"
+    )
+    assert_error(_create(tenant, continueFromVersion="numbers"), 422, "continueFromVersion: 'numbers'")
     assert_error(tenant.client.post("/v2/finetuning/jobs", json={"params": {}}), 422, "dataset")
 
 

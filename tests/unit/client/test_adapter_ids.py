@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from tuneforge import FinetuningCanceledError, FinetuningError, FinetuningJob, TuneforgeError, ValidationError
-from tuneforge.adapters import parse_adapter_id
+from tuneforge.adapters import parse_adapter_id, parse_version_ref
 from tuneforge.models import AdapterVersion
 
 
@@ -78,3 +78,18 @@ def test_a_canceled_job_raises_finetuning_canceled_error() -> None:
     with pytest.raises(FinetuningCanceledError, match=r"dates/3.*canceled") as caught:
         _job(status="canceled").raise_for_status()
     assert isinstance(caught.value, FinetuningError) and caught.value.job_status == "canceled"
+
+
+@pytest.mark.parametrize(
+    ("ref", "parsed"), [("dates/3", ("dates", 3, None)), ("dates/3@40", ("dates", 3, 40))]
+)
+def test_a_version_or_checkpoint_ref_parses_to_repo_tag_and_step(
+    ref: str, parsed: tuple[str, int, int | None]
+) -> None:
+    assert parse_version_ref(ref) == parsed
+
+
+@pytest.mark.parametrize("bad", ["dates/3@", "dates/3@x", "dates/3@1@2", "dates@3", "dates/0@3"])
+def test_malformed_checkpoint_refs_are_refused(bad: str) -> None:
+    with pytest.raises(ValidationError, match=repr(bad)):
+        parse_version_ref(bad)
