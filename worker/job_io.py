@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from app.db import Dataset, DatasetStatus, JobCheckpoint
 from app.services.dataset_formats import DatasetFormatError, read_rows
 from app.storage import BlobStore
+from app.storage.base import BlobNotFoundError
 from worker.training.data import TrainingDataError
 
 
@@ -28,14 +30,7 @@ def download_rows(store: BlobStore, dataset: Dataset | None) -> list[dict[str, A
 
 def download_checkpoint(store: BlobStore, checkpoint: JobCheckpoint, dest: Path) -> Path:
     """Rebuild a checkpoint directory under `dest`, verifying each file's recorded sha256."""
-    target = dest / f"step-{checkpoint.step}"
-    for name, meta in checkpoint.files.items():
-        path = target / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as handle:
-            for chunk in store.iter_chunks(f"{checkpoint.prefix}{name}", expected_sha256=meta.get("sha256")):
-                handle.write(chunk)
-    return target
+    return download_files(store, checkpoint.prefix, checkpoint.files, dest / f"step-{checkpoint.step}")
 
 
 def upload_dir(
@@ -51,3 +46,34 @@ def upload_dir(
             info = store.put_stream(f"{prefix}{name}", handle)
         files[name] = {"size": info.size, "sha256": info.sha256}
     return files
+
+
+class BlobTokenCache:
+    """The training core's tokenised-data cache, kept in the blob store beside the tenant's datasets.
+
+    Entries are keyed by a hash of the dataset's bytes, the tokenizer and the data settings, so a
+    stale entry is never read; they are safe to delete at any time (the next job re-tokenises).
+    """
+
+    def __init__(self, store: BlobStore, prefix: str) -> None:
+        self._store, self._prefix = store, prefix
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self._store.read_bytes(f"{self._prefix}{key}.safetensors")
+        except BlobNotFoundError:
+            return None
+
+    def put(self, key: str, data: bytes) -> None:
+        self._store.put_stream(f"{self._prefix}{key}.safetensors", io.BytesIO(data))
+
+
+def download_files(store: BlobStore, prefix: str, files: dict[str, dict[str, Any]], dest: Path) -> Path:
+    """Rebuild the files stored at `prefix` under `dest`, each checked against its recorded sha256."""
+    for name, meta in files.items():
+        path = dest / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as handle:
+            for chunk in store.iter_chunks(f"{prefix}{name}", expected_sha256=meta.get("sha256")):
+                handle.write(chunk)
+    return dest

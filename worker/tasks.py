@@ -19,20 +19,28 @@ from sqlalchemy.orm import Session
 
 from app.context import AppContext
 from app.db import Dataset, FinetuningJob, JobStatus, Tenant
+from app.db.jobs import JobEventKind
 from app.errors import ConflictError
 from app.queue import TRAIN_TASK
-from app.services import jobs
-from app.services.versions import ADAPTER_FILES
-from worker.job_io import download_checkpoint, download_rows, upload_dir
+from app.services import jobs, versions
+from worker.job_io import BlobTokenCache, download_checkpoint, download_files, download_rows, upload_dir
 from worker.training.base_models import BaseModelSourceMissingError, UnknownBaseModelError
 from worker.training.config import TrainingConfig
-from worker.training.data import TrainingDataError
+from worker.training.data import DataStats, TrainingDataError
 from worker.training.loop import NoCallbacks, TrainingResult, train
+from worker.training.runtime import TrainingConfigError
 
 log = logging.getLogger(__name__)
 
 # Failures whose message tells the user what to change; anything else is our bug and is re-raised.
-USER_ERRORS = (ValidationError, UnknownBaseModelError, BaseModelSourceMissingError, TrainingDataError)
+USER_ERRORS = (
+    ValidationError,
+    UnknownBaseModelError,
+    BaseModelSourceMissingError,
+    TrainingDataError,
+    TrainingConfigError,
+    versions.ParentMissingError,
+)
 
 
 def register_tasks(celery: Celery, ctx: AppContext) -> None:
@@ -122,6 +130,7 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
         resume_from = (
             download_checkpoint(ctx.store, checkpoint, Path(scratch) / "resume") if checkpoint else None
         )
+        init_from = _starting_weights(ctx, session, job, resume_from, Path(scratch) / "parent")
         callbacks = _JobCallbacks(ctx, session, job, f"tenants/{tenant_uuid}/jobs/{job.uuid}/checkpoints/")
         result = train(
             config,
@@ -130,16 +139,43 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
             cache_dir=_model_cache_dir(ctx),
             callbacks=callbacks,
             resume_from=resume_from,
+            init_from=init_from,
+            data_cache=BlobTokenCache(ctx.store, f"tenants/{tenant_uuid}/tokenized/"),
+            dataset_fingerprint=dataset.sha256 if dataset is not None else None,
         )
         if result.stopped or result.adapter_dir is None:
             _end(session, job, JobStatus.CANCELED)
             return
-        version = job.version
-        prefix = f"tenants/{tenant_uuid}/repos/{version.repo.uuid}/versions/{version.uuid}/"
-        version.artifact_files = upload_dir(ctx.store, result.adapter_dir, prefix, only=ADAPTER_FILES)
-        version.artifact_prefix = prefix
-        version.metrics_summary = _summary(result)
+        _publish(ctx, job, result, f"tenants/{tenant_uuid}/repos/{job.version.repo.uuid}/versions/")
         _end(session, job, JobStatus.COMPLETED)
+
+
+def _starting_weights(
+    ctx: AppContext, session: Session, job: FinetuningJob, resume_from: Path | None, scratch: Path
+) -> Path | None:
+    """The parent's weights for a run continuing from a version; None for a run from the base model.
+
+    A resumed run needs only its own checkpoint, which has the parent's layout (a PEFT adapter or a
+    whole model): the parent may have been pruned since, and its files would be overwritten anyway.
+    """
+    if resume_from is not None:
+        return resume_from if job.version.parent_version_id is not None else None
+    parent = versions.parent_artifact(session, job.version)
+    return download_files(ctx.store, *parent, scratch) if parent else None
+
+
+def _publish(ctx: AppContext, job: FinetuningJob, result: TrainingResult, versions_prefix: str) -> None:
+    """Store the artifact (weights + training_summary.json) and record what the run decided and measured."""
+    assert result.adapter_dir is not None
+    version = job.version
+    prefix = f"{versions_prefix}{version.uuid}/"
+    version.artifact_files = upload_dir(ctx.store, result.adapter_dir, prefix)
+    version.artifact_prefix = prefix
+    version.metrics_summary = _summary(result)
+    # The config actually used: every default the worker resolved (target modules, lengths, dtype, ...).
+    version.config = result.summary.get("config_used", version.config)
+    version.autoconfig = result.summary.get("autoconfig") or {}
+    version.quality_report = result.summary.get("quality_report") or {}
 
 
 def _model_cache_dir(ctx: AppContext) -> Path:
@@ -159,12 +195,23 @@ def _end(session: Session, job: FinetuningJob, status: JobStatus, *, error: str 
 def _summary(result: TrainingResult) -> dict[str, Any]:
     return {
         "steps": result.steps,
+        "total_steps": result.total_steps,
         "train_loss": result.final_train_loss,
         "eval_loss_before": result.eval_loss_before,
         "eval_loss_after": result.eval_loss_after,
+        "published_step": result.best_step,
+        "early_stopped": result.early_stopped,
         "tokens_seen": result.tokens_seen,
+        "useful_tokens": result.useful_tokens,
+        "train_seconds": round(result.train_seconds, 3),
         "truncated_rows": result.truncated_rows,
+        "method": result.summary.get("method", {}),
+        "runtime": result.summary.get("runtime", {}),
     }
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(value)
 
 
 class _JobCallbacks(NoCallbacks):
@@ -175,6 +222,22 @@ class _JobCallbacks(NoCallbacks):
         self._checkpoint_prefix = checkpoint_prefix
         self._stop = False
 
+    def on_data(self, stats: DataStats) -> None:
+        if stats.truncated_rows and self._job.attempt <= 1:
+            rows = ", ".join(str(n) for n in stats.truncated_row_numbers[:20])
+            more = "" if stats.truncated_rows <= 20 else f" and {stats.truncated_rows - 20} more"
+            jobs.add_event(
+                self._session,
+                self._job,
+                JobEventKind.TRUNCATION,
+                f"{stats.truncated_rows} of {stats.train_rows + stats.eval_rows} rows are longer than "
+                f"max_seq_length ({stats.max_seq_length}) and were truncated (kept): "
+                f"rows {rows}{more}",
+                count=stats.truncated_rows,
+                rows=list(stats.truncated_row_numbers),
+            )
+            self._session.commit()
+
     def on_step(self, step: int, total_steps: int, metrics: dict[str, float]) -> None:
         self._job.total_steps = total_steps
         jobs.record_metric(
@@ -184,12 +247,24 @@ class _JobCallbacks(NoCallbacks):
             train_loss=metrics.get("train_loss"),
             learning_rate=metrics.get("learning_rate"),
             epoch=metrics.get("epoch"),
-            tokens=int(metrics["tokens_seen"]) if "tokens_seen" in metrics else None,
+            tokens=_int(metrics.get("tokens_seen")),
+            grad_norm=metrics.get("grad_norm"),
+            tokens_per_second=metrics.get("tokens_per_second"),
+            useful_tokens=_int(metrics.get("useful_tokens")),
+            peak_rss_bytes=_int(metrics.get("peak_rss_bytes")),
+            cuda_allocated_bytes=_int(metrics.get("cuda_allocated_bytes")),
+            gpu_utilization=metrics.get("gpu_utilization"),
         )
         self._session.commit()
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        jobs.record_metric(self._session, self._job, step, eval_loss=metrics.get("eval_loss"))
+        jobs.record_metric(
+            self._session,
+            self._job,
+            step,
+            eval_loss=metrics.get("eval_loss"),
+            eval_perplexity=metrics.get("eval_perplexity"),
+        )
         self._session.commit()
 
     def on_checkpoint(self, step: int, path: Path) -> None:
@@ -202,7 +277,13 @@ class _JobCallbacks(NoCallbacks):
             step,
             checkpoint_number=jobs.checkpoint_number(self._session, checkpoint),
         )
+        keep = TrainingConfig.model_validate(self._job.params).keep_n_checkpoints
+        pruned = jobs.prune_checkpoints(self._session, self._job, keep)
         self._session.commit()
+        # Blobs go only after the rows are gone: a crash in between leaves orphaned bytes, never a
+        # checkpoint row pointing at nothing.
+        for old_prefix in pruned:
+            self._ctx.store.delete_prefix(old_prefix)
 
     def should_stop(self) -> bool:
         """Asked before every optimizer step, so a cancel is honoured within one step.

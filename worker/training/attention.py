@@ -11,6 +11,7 @@ padded batches, generation) it is exactly transformers' SDPA, masks included.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ def varlen_sdpa_attention(
         raise ValueError(f"packed attention expects one packed row per batch, got {query.shape[0]}")
     edges = boundaries.tolist() if isinstance(boundaries, torch.Tensor) else list(boundaries)
     segments = []
-    for start, end in zip(edges[:-1], edges[1:], strict=True):
+    for start, end in itertools.pairwise(edges):
         out, _ = sdpa_attention_forward(
             module,
             query[:, :, start:end],

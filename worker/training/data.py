@@ -8,8 +8,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
 from worker.training.config import TrainingConfig
 
 if TYPE_CHECKING:
@@ -37,6 +35,8 @@ class DataStats:
     train_rows: int
     eval_rows: int
     truncated_rows: int  # rows cut to max_seq_length (kept, never dropped)
+    truncated_row_numbers: tuple[int, ...]  # their 1-based row numbers in the dataset
+    max_seq_length: int  # the length they were cut to
     rows_without_targets: int  # rows left with no loss token, e.g. a prompt longer than max_seq_length
     train_tokens: int
 
@@ -57,15 +57,17 @@ def prepare_data(
     kind = detect_kind(rows[0])
     train_rows, eval_rows = split_rows(rows, config)
     use_template = _use_chat_template(kind, tokenizer, config)
-    counts = {"truncated": 0, "no_targets": 0}
+    counts = {"no_targets": 0}
+    truncated: list[int] = []
+    max_length = _max_length(config)
 
     def encode_all(part: list[tuple[int, Mapping[str, Any]]]) -> list[Example]:
         examples = []
         for index, row in part:
             ids, labels = _encode_row(index, row, kind, tokenizer, config, use_template)
-            if len(ids) > config.max_seq_length:
-                counts["truncated"] += 1
-                ids, labels = ids[: config.max_seq_length], labels[: config.max_seq_length]
+            if len(ids) > max_length:
+                truncated.append(index + 1)
+                ids, labels = ids[:max_length], labels[:max_length]
             counts["no_targets"] += all(label == IGNORE_INDEX for label in labels)
             examples.append(Example(ids, labels))
         return examples
@@ -75,11 +77,19 @@ def prepare_data(
         kind=kind,
         train_rows=len(train),
         eval_rows=len(evaluation),
-        truncated_rows=counts["truncated"],
+        truncated_rows=len(truncated),
+        truncated_row_numbers=tuple(sorted(truncated)),
+        max_seq_length=max_length,
         rows_without_targets=counts["no_targets"],
         train_tokens=sum(len(e.input_ids) for e in train),
     )
     return PreparedData(train, evaluation, stats)
+
+
+def _max_length(config: TrainingConfig) -> int:
+    if config.max_seq_length is None:
+        raise ValueError("max_seq_length must be resolved for the base model before tokenising")
+    return config.max_seq_length
 
 
 def detect_kind(row: Mapping[str, Any]) -> DatasetKind:
@@ -209,17 +219,3 @@ def _encode_chat(
         for token, (start, _end) in zip(ids, encoded["offset_mapping"], strict=True)
     ]
     return ids, labels
-
-
-def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padding is masked out of attention and of the loss."""
-    width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)  # [B, S]
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)  # [B, S]
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # [B, S]
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        input_ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

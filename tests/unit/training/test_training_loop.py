@@ -14,64 +14,19 @@ import torch
 from peft import PeftModel
 from pydantic import ValidationError
 from safetensors.torch import load_file
+from training_support import TINY, Recorder, make_config, number_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from worker.training.base_models import resolve_base_model
+from worker.training.batches import pad
 from worker.training.config import TrainingConfig
-from worker.training.data import IGNORE_INDEX, Example, collate, prepare_data
-from worker.training.loop import NoCallbacks, TrainingResult, train
-
-TINY = "tiny-random-llama"
+from worker.training.data import IGNORE_INDEX, Example, prepare_data
+from worker.training.loop import TrainingResult, train
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_cache: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_base_model(TINY, tiny_cache))
-
-
-def make_config(**overrides: Any) -> TrainingConfig:
-    small = {
-        "base_model": TINY,
-        "train_steps": 6,
-        "learning_rate": 1e-2,
-        "micro_batch_size": 4,
-        "effective_batch_size": 8,
-        "max_seq_length": 64,
-        "warmup_ratio": 0.0,
-        "checkpoint_every_n_steps": 100,
-    }
-    return TrainingConfig(**(small | overrides))
-
-
-def number_rows(n: int = 24) -> list[dict[str, str]]:
-    return [{"prompt": f"Say the number {i % 4}.", "completion": f"The number is {i % 4}."} for i in range(n)]
-
-
-class Recorder(NoCallbacks):
-    """Keeps every callback, and can stop the run (or crash it) at a given step."""
-
-    def __init__(self, stop_after: int | None = None, crash_at_checkpoint: int | None = None) -> None:
-        self.steps: list[tuple[int, dict[str, float]]] = []
-        self.evals: list[tuple[int, float]] = []
-        self.checkpoints: list[tuple[int, Path]] = []
-        self.stop_after, self.crash_at_checkpoint = stop_after, crash_at_checkpoint
-
-    def on_step(self, step: int, total_steps: int, metrics: dict[str, float]) -> None:
-        self.steps.append((step, metrics))
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self.evals.append((step, metrics["eval_loss"]))
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        self.checkpoints.append((step, path))
-        if step == self.crash_at_checkpoint:
-            raise RuntimeError("simulated worker crash")
-
-    def should_stop(self) -> bool:
-        return self.stop_after is not None and len(self.steps) >= self.stop_after
-
-    def losses(self) -> list[float]:
-        return [metrics["train_loss"] for _, metrics in self.steps]
 
 
 def target_text(tokenizer: PreTrainedTokenizerBase, example: Example) -> str:
@@ -161,11 +116,12 @@ def test_split_column_wins_and_the_holdout_is_seeded(tokenizer: PreTrainedTokeni
     assert first.stats.eval_rows == 2 and first.eval == again.eval
 
 
-def test_collate_right_pads_and_masks_padding() -> None:
-    batch = collate([Example([5, 6, 7], [-100, 6, 7]), Example([8], [8])], pad_token_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+def test_padding_masks_padding_and_shifts_targets_within_each_row() -> None:
+    batch = pad([Example([5, 6, 7], [-100, 6, 7]), Example([8], [8])], pad_token_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch.attention_mask is not None and batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch.targets.tolist() == [[6, 7, -100], [-100, -100, -100]]
+    assert (batch.useful_tokens, batch.target_count) == (4, 2)
 
 
 # --- resume and cancel -----------------------------------------------------------------------------
@@ -222,9 +178,8 @@ def test_should_stop_stops_within_one_step_and_writes_a_checkpoint(tiny_cache: P
     ("overrides", "field", "message"),
     [
         ({"adapter": "turbo_lora"}, "adapter", "later release"),
-        ({"adapter": "nonsense"}, "adapter", "use 'lora'"),
-        ({"rank": 0}, "rank", "greater than or equal to 1"),
-        ({"micro_batch_size": 8, "effective_batch_size": 4}, "effective_batch_size", "at least"),
+        ({"adapter": "nonsense"}, "adapter", "use one of lora, dora, full, last_layer"),
+        ({"rank": 0}, "rank", "between 1 and 1024 or 'auto'"),
         ({"task": "dpo"}, "task", "sft"),
         ({"target_modules": []}, "target_modules", "at least one"),
         ({"learning_rate": 0}, "learning_rate", "greater than 0"),
@@ -241,5 +196,5 @@ def test_config_errors_name_the_field(overrides: dict[str, Any], field: str, mes
 
 def test_config_defaults() -> None:
     config = TrainingConfig(base_model=TINY, rank=8)
-    assert config.lora_alpha == 16 and config.gradient_accumulation_steps == 4
+    assert config.lora_alpha == 16 and config.accumulation_steps == 4 and config.batch_size == 16
     assert TrainingConfig(base_model=TINY, rank=8, lora_alpha=4).lora_alpha == 4

@@ -1,0 +1,248 @@
+"""Owns the training methods: which weights of the base train, in what precision, how they are saved.
+
+- lora / dora: a frozen base (in the compute dtype, or 4/8-bit via bitsandbytes = QLoRA) plus
+  fp32 low-rank adapters (PEFT). Saved as a standard PEFT adapter directory.
+- full: every weight trains. last_layer: only the final block, the final norm and the LM head.
+  Both keep fp32 master weights and compute under autocast in the run's half dtype; saved as a
+  whole model directory that `AutoModelForCausalLM.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from tuneforge.config import DEFAULT_TARGET_MODULES, LOW_RANK_ADAPTERS, FinetuningConfig
+
+from worker.training.attention import register_varlen_attention
+from worker.training.runtime import Runtime, TrainingConfigError
+
+# How many final transformer blocks `last_layer` trains (with the final norm and the LM head).
+LAST_LAYER_BLOCKS = 1
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class TrainableModel:
+    """The model being trained, and what is needed to snapshot, restore and publish its weights."""
+
+    model: torch.nn.Module  # a PeftModel for lora/dora, the causal LM itself otherwise
+    config: FinetuningConfig
+    runtime: Runtime
+    tokenizer: PreTrainedTokenizerBase
+    details: dict[str, Any] = field(default_factory=dict)  # recorded in the training summary
+
+    @property
+    def is_peft(self) -> bool:
+        return isinstance(self.model, PeftModel)
+
+    def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """fp32 master weights compute in the half dtype (full / last_layer); adapters need nothing."""
+        if self.is_peft or not self.runtime.half:
+            return contextlib.nullcontext()
+        return torch.autocast(self.runtime.device.type, dtype=self.runtime.dtype)
+
+    @contextlib.contextmanager
+    def as_base_model(self) -> Iterator[bool]:
+        """The base model's behaviour, if it can be had from this model: yields whether it could."""
+        if self.is_peft:
+            assert isinstance(self.model, PeftModel)
+            with self.model.disable_adapter():
+                yield True
+        else:
+            yield False
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A host copy of every trainable tensor (for the best-so-far snapshot)."""
+        return {name: p.detach().to("cpu", copy=True) for name, p in self.named_trainable()}
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_trainable())
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device))
+
+    def save(self, directory: Path) -> None:
+        """The publishable artifact: a PEFT adapter, or a whole model for full / last-layer tuning."""
+        if isinstance(self.model, PeftModel):
+            # Stamp the name the user gave, not the local cache path, so the adapter is portable.
+            self.model.peft_config["default"].base_model_name_or_path = self.config.base_model
+            self.model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
+            return
+        assert isinstance(self.model, PreTrainedModel)
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(directory))
+
+    @torch.no_grad()
+    def load_saved(self, directory: Path) -> None:
+        """Restore the trained weights from a directory `save` wrote (a checkpoint being resumed)."""
+        if isinstance(self.model, PeftModel):
+            device = str(self.runtime.device)
+            set_peft_model_state_dict(self.model, load_file(directory / PEFT_WEIGHTS, device=device))
+            return
+        params = dict(self.named_trainable())
+        for shard in sorted(directory.glob("*.safetensors")):
+            for name, value in load_file(shard).items():
+                if name in params:
+                    params[name].copy_(value.to(params[name].device))
+
+
+def load_base(weights_dir: Path, config: FinetuningConfig, runtime: Runtime) -> PreTrainedModel:
+    """The base causal LM on the run's device, frozen, with packed-row attention available."""
+    kwargs: dict[str, Any] = {"attn_implementation": register_varlen_attention()}
+    if config.quantization_bits is not None:
+        kwargs["quantization_config"] = _quantization(config.quantization_bits, runtime)
+        kwargs["device_map"] = {"": runtime.device}
+    low_rank = config.adapter in LOW_RANK_ADAPTERS
+    # A frozen base may live in the half dtype; weights that train keep fp32 masters (see autocast).
+    kwargs["dtype"] = runtime.dtype if low_rank else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(weights_dir, **kwargs)
+    if config.quantization_bits is None:
+        torch.nn.Module.to(model, runtime.device)
+    else:
+        _keep_4bit_weights_differentiable(model)
+    model.requires_grad_(False)
+    model.config.use_cache = False  # training never decodes; generation turns the cache back on
+    return model
+
+
+def _quantization(bits: int, runtime: Runtime) -> BitsAndBytesConfig:
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=runtime.dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _keep_4bit_weights_differentiable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference at the first eval-mode forward.
+
+    bitsandbytes 0.50 converts a Linear4bit's weight to an AVX512-BF16 inference layout the first
+    time it runs in eval mode without grad, and keeps that layout afterwards; its kernel has no
+    backward, so every later training step would silently get no gradient through the layer.
+    A run evaluates before its first step, so the conversion must be switched off.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 - typed as a Module
+
+
+def default_targets(model: torch.nn.Module) -> list[str]:
+    """Every attention and MLP projection the model has, by the names Llama-family models use."""
+    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m)}
+    targets = [name for name in DEFAULT_TARGET_MODULES if name in present]
+    if not targets:
+        raise TrainingConfigError(
+            f"target_modules: this model has none of {', '.join(DEFAULT_TARGET_MODULES)}; "
+            f"name its linear layers explicitly (it has {', '.join(sorted(present))})"
+        )
+    return targets
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear too.
+    return isinstance(module, torch.nn.Linear)
+
+
+def check_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m)}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise TrainingConfigError(
+            f"target_modules: this model has no linear layer named {', '.join(missing)}; "
+            f"it has {', '.join(sorted(present))}"
+        )
+
+
+def build(
+    config: FinetuningConfig,
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    runtime: Runtime,
+    *,
+    targets: list[str],
+    lora_kwargs: dict[str, Any] | None = None,
+    init_adapter: Path | None = None,
+) -> TrainableModel:
+    """Wrap or unfreeze `base` for the config's method. `init_adapter`: a parent PEFT adapter to continue."""
+    if config.adapter in LOW_RANK_ADAPTERS:
+        model: torch.nn.Module = _low_rank(config, base, targets, lora_kwargs, init_adapter)
+        details: dict[str, Any] = {"method": config.adapter, "quantization_bits": config.quantization_bits}
+    elif config.adapter == "full":
+        base.requires_grad_(True)
+        model, details = base, {"method": "full"}
+    else:
+        model, details = base, _unfreeze_last_layers(base)
+    if config.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = TrainableModel(model, config, runtime, tokenizer, details)
+    details["trainable_parameters"] = sum(p.numel() for _, p in trainable.named_trainable())
+    details["total_parameters"] = sum(p.numel() for p in model.parameters())
+    return trainable
+
+
+def _low_rank(
+    config: FinetuningConfig,
+    base: PreTrainedModel,
+    targets: list[str],
+    lora_kwargs: dict[str, Any] | None,
+    init_adapter: Path | None,
+) -> PeftModel:
+    if init_adapter is not None:
+        # The parent's adapter_config.json fixes rank, targets and DoRA-ness: the weights must fit it.
+        return PeftModel.from_pretrained(base, str(init_adapter), is_trainable=True)
+    shape = lora_kwargs or {"r": config.rank, "lora_alpha": config.lora_alpha}
+    lora = LoraConfig(
+        target_modules=list(targets),
+        lora_dropout=config.lora_dropout,
+        use_dora=config.adapter == "dora",
+        bias="none",
+        task_type="CAUSAL_LM",
+        **shape,
+    )
+    torch.manual_seed(config.seed)  # LoRA A's random init, then dropout: the run's whole RNG stream
+    peft_model = get_peft_model(base, lora)
+    assert isinstance(peft_model, PeftModel)
+    return peft_model
+
+
+def _unfreeze_last_layers(model: PreTrainedModel) -> dict[str, Any]:
+    blocks = _decoder_blocks(model)
+    chosen = list(range(len(blocks)))[-LAST_LAYER_BLOCKS:]
+    for index in chosen:
+        blocks[index].requires_grad_(True)
+    trained = [f"layers.{i}" for i in chosen]
+    norm = getattr(model.get_decoder(), "norm", None)
+    if isinstance(norm, torch.nn.Module):
+        norm.requires_grad_(True)
+        trained.append("norm")
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Module):
+        head.requires_grad_(True)
+        trained.append("lm_head")
+    # With tied embeddings the head IS the input embedding matrix: training one trains the other.
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    return {"method": "last_layer", "trained_modules": trained, "head_tied_to_embeddings": tied}
+
+
+def _decoder_blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise TrainingConfigError(
+            f"adapter last_layer: cannot find the transformer blocks of {type(model).__name__}; "
+            "use adapter 'lora' or 'full' for this model"
+        )
+    return layers
