@@ -78,6 +78,8 @@ class TrainableModel:
             # Stamp the name the user gave, not the local cache path, so the adapter is portable.
             self.model.peft_config["default"].base_model_name_or_path = self.config.base_model
             self.model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
+            # PEFT adds a model-card template of placeholders; the training summary says what is true.
+            (directory / "README.md").unlink(missing_ok=True)
             return
         assert isinstance(self.model, PreTrainedModel)
         self.model.save_pretrained(str(directory), safe_serialization=True)

@@ -132,7 +132,11 @@ def test_train_task_completes_version_with_verified_adapter_metrics_and_checkpoi
         version = session.get(AdapterVersion, job.version_id)
         assert version is not None
         assert version.status == JobStatus.COMPLETED
-        assert set(version.artifact_files) == {"adapter_config.json", "adapter_model.safetensors"}
+        assert set(version.artifact_files) == {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "training_summary.json",
+        }
         assert version.artifact_prefix is not None
         for name, meta in version.artifact_files.items():
             stored = ctx.store.read_bytes(f"{version.artifact_prefix}{name}")
@@ -143,10 +147,20 @@ def test_train_task_completes_version_with_verified_adapter_metrics_and_checkpoi
         metrics = session.scalars(select(JobMetric).where(JobMetric.job_id == job_id)).all()
         assert sorted(m.step for m in metrics) == [1, 2, 3, 4]
         assert all(m.train_loss is not None for m in metrics)
+        assert all(m.tokens_per_second and m.useful_tokens and m.peak_rss_bytes for m in metrics)
+        assert all(m.grad_norm is not None for m in metrics)
+        assert metrics[-1].eval_loss is not None and metrics[-1].eval_perplexity is not None
+        # The config actually used, with the defaults the worker resolved, replaces the requested one.
+        assert version.config["max_seq_length"] == 2048 and version.config["dtype"] in ("bf16", "fp32")
+        assert version.config["target_modules"][0] == "q_proj"
+        assert "exact match" in version.quality_report["summary"]
+        assert version.metrics_summary["useful_tokens"] > 0
+        # Tokenised once per (dataset, tokenizer, settings), kept beside the tenant's data.
+        assert len(ctx.store.list_keys(version.artifact_prefix.split("repos/")[0] + "tokenized/")) == 1
         checkpoints = session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)).all()
         assert sorted(c.step for c in checkpoints) == [2, 4]
         for checkpoint in checkpoints:
-            assert "trainer_state.json" in checkpoint.files
+            assert "trainer/state.json" in checkpoint.files
             assert ctx.store.exists(f"{checkpoint.prefix}adapter_model.safetensors")
 
 
