@@ -189,11 +189,20 @@ def build(
     else:
         model, details = base, _unfreeze_last_layers(base)
     if config.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_activations(base)
     trainable = TrainableModel(model, config, runtime, tokenizer, details)
     details["trainable_parameters"] = sum(p.numel() for _, p in trainable.named_trainable())
     details["total_parameters"] = sum(p.numel() for p in model.parameters())
     return trainable
+
+
+def _checkpoint_activations(model: PreTrainedModel) -> None:
+    # Non-reentrant checkpointing works with a frozen base and inputs that need no grad.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _low_rank(

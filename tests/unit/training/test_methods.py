@@ -127,3 +127,27 @@ def test_dtype_auto_uses_native_bf16_here_and_records_it(tiny_cache: Path, tmp_p
     assert result.summary["config_used"]["dtype"] == expected
     weights = load_file(result.adapter_dir / "adapter_model.safetensors")
     assert all(w.dtype == torch.float32 for w in weights.values())  # adapters keep fp32 masters
+
+
+def test_automatic_layers_and_ranks_are_applied_recorded_and_reload(tiny_cache: Path, tmp_path: Path) -> None:
+    overrides = {"rank": "auto", "layer_selection_percentage": 0.5, "n_test_samples": 8}
+    result = run(tmp_path, tiny_cache, train_steps=4, **overrides)
+    decisions = result.summary["autoconfig"]
+    assert len(decisions["selected_layers"]) == 1  # half of the tiny model's 2 layers
+    assert set(decisions["layer_scores"]) == {"0", "1"}
+    adapter_config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert adapter_config["layers_to_transform"] == decisions["selected_layers"]
+    assert adapter_config["rank_pattern"] and set(adapter_config["rank_pattern"].values()) <= set(
+        range(4, 65)
+    )
+    weights = load_file(result.adapter_dir / "adapter_model.safetensors")
+    layer = decisions["selected_layers"][0]
+    assert all(f"layers.{layer}." in name for name in weights)  # nothing trained elsewhere
+    reloaded = PeftModel.from_pretrained(base(tiny_cache), result.adapter_dir)
+    assert held_out_loss(reloaded, tiny_cache, {}) == pytest.approx(result.eval_loss_after, rel=1e-5)
+
+
+def test_gradient_checkpointing_changes_memory_not_the_result(tiny_cache: Path, tmp_path: Path) -> None:
+    plain = run(tmp_path / "plain", tiny_cache, train_steps=3)
+    checkpointed = run(tmp_path / "ckpt", tiny_cache, train_steps=3, gradient_checkpointing=True)
+    assert checkpointed.eval_loss_after == pytest.approx(plain.eval_loss_after, rel=1e-5)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from training_support import TINY, make_config, number_rows
+from training_support import TINY, make_config
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from worker.training.attention import register_varlen_attention

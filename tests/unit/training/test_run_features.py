@@ -199,3 +199,17 @@ def test_summary_records_the_config_actually_used(tiny_cache: Path, tmp_path: Pa
     assert used["gradient_accumulation_steps"] == 4 and used["dtype"] == "fp32"
     assert result.adapter_dir is not None
     assert json.loads((result.adapter_dir / "training_summary.json").read_text())["config_used"] == used
+
+
+def test_minute_cadences_evaluate_and_checkpoint_by_wall_clock(tiny_cache: Path, tmp_path: Path) -> None:
+    # A cadence shorter than any step: every step is due, whatever the step cadences say.
+    config = make_config(
+        train_steps=3,
+        eval_every_n_minutes=1e-6,
+        checkpoint_every_n_minutes=1e-6,
+        checkpoint_every_n_steps=100,
+    )
+    recorder = Recorder()
+    train(config, number_rows(), output_dir=tmp_path, cache_dir=tiny_cache, callbacks=recorder)
+    assert [step for step, _ in recorder.evals] == [1, 2, 3]
+    assert [step for step, _ in recorder.checkpoints] == [1, 2, 3]
