@@ -191,7 +191,7 @@ def ensure_adapter(
     for summary in reversed(client.adapters.list(DEMO_REPO)):
         if summary.status == "completed":
             version = client.adapters.get(summary.id)
-            if version.config == wanted:
+            if _trained_with(version.config, wanted):
                 return version, True
     print(f"Training a LoRA adapter on {config.base_model} ({config.train_steps} steps) ...", flush=True)
     try:
@@ -200,6 +200,11 @@ def ensure_adapter(
         ), False
     except TuneforgeError as exc:
         raise DemoError(f"training the demo adapter failed: {exc}", show_log=True) from exc
+
+
+def _trained_with(used: dict[str, object], wanted: dict[str, object]) -> bool:
+    """A version records the config it actually used: defaults left open (None, "auto") got resolved."""
+    return all(used.get(key) == value for key, value in wanted.items() if value not in (None, "auto"))
 
 
 def format_training(version: AdapterVersion, reused: bool) -> str:
@@ -212,6 +217,13 @@ def format_training(version: AdapterVersion, reused: bool) -> str:
     ]
     if before is not None and after is not None:
         lines.append(f"  held-out eval loss: base model {before:.4f}, adapter {after:.4f}")
+    quality = version.quality_report
+    if quality.get("summary"):
+        lines.append(f"  quality report: {quality['summary']}")
+    for sample in ((quality.get("exact_match") or {}).get("adapter") or {}).get("samples", [])[:3]:
+        verdict = "right" if sample.get("correct") else "wrong"
+        said = sample.get("prediction")
+        lines.append(f"    expected {sample.get('reference')!r}, adapter said {said!r} ({verdict})")
     return "\n".join(lines)
 
 

@@ -129,7 +129,7 @@ def train_hf(rows: list[dict[str, Any]], model_dir: Path, work: Path) -> dict[st
     return {"useful_tokens": useful_train_tokens(rows), "train_seconds": seconds, "adapter_dir": adapter_dir}
 
 
-def train_tuneforge(rows: list[dict[str, Any]], cache_dir: Path, work: Path) -> dict[str, Any]:
+def train_tuneforge(rows: list[dict[str, Any]], cache_dir: Path, work: Path, dtype: str) -> dict[str, Any]:
     try:
         from tuneforge.config import FinetuningConfig
 
@@ -155,6 +155,7 @@ def train_tuneforge(rows: list[dict[str, Any]], cache_dir: Path, work: Path) -> 
         load_best_at_end=False,
         checkpoint_every_n_steps=10_000,
         max_seq_length=MAX_TOKENS,
+        dtype=dtype,  # "auto": bf16 where the CPU computes it natively, as a user's job would
     )
     text_rows = [{key: row[key] for key in ("prompt", "completion", "split")} for row in rows]
     result = train(config, text_rows, output_dir=work / "tuneforge", cache_dir=cache_dir)
@@ -168,7 +169,7 @@ def train_tuneforge(rows: list[dict[str, Any]], cache_dir: Path, work: Path) -> 
         ) from error
     if adapter_dir is None:
         raise SideFailed("train() returned no adapter_dir: the run stopped before saving an adapter")
-    return {**measured, "adapter_dir": str(adapter_dir)}
+    return {**measured, "adapter_dir": str(adapter_dir), "dtype": result.summary["runtime"]["dtype"]}
 
 
 def run_side(args: argparse.Namespace) -> None:
@@ -179,7 +180,7 @@ def run_side(args: argparse.Namespace) -> None:
         if args.side == "hf":
             result = train_hf(rows, Path(args.model_dir), work)
         else:
-            result = train_tuneforge(rows, Path(args.cache_dir), work)
+            result = train_tuneforge(rows, Path(args.cache_dir), work, args.dtype)
     except SideFailed as error:
         print(f"{args.side}: {error}", file=sys.stderr)
         sys.exit(2)
@@ -187,9 +188,11 @@ def run_side(args: argparse.Namespace) -> None:
     print(json.dumps({"side": args.side, **result}))
 
 
-def spawn_side(side: str, data: Path, model_dir: Path, cache_dir: Path, work: Path) -> dict[str, Any]:
+def spawn_side(
+    side: str, data: Path, model_dir: Path, cache_dir: Path, work: Path, dtype: str
+) -> dict[str, Any]:
     command = [sys.executable, __file__, "--side", side, "--data", str(data), "--work", str(work)]
-    command += ["--model-dir", str(model_dir), "--cache-dir", str(cache_dir)]
+    command += ["--model-dir", str(model_dir), "--cache-dir", str(cache_dir), "--dtype", dtype]
     print(f"training {side} ...", file=sys.stderr, flush=True)
     child = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     if child.returncode != 0:
@@ -223,7 +226,7 @@ def eval_loss(model_dir: Path, adapter_dir: str | None, rows: list[dict[str, Any
 
 
 def compare(
-    rows: list[dict[str, Any]], model_dir: Path, cache_dir: Path, only: str | None
+    rows: list[dict[str, Any]], model_dir: Path, cache_dir: Path, only: str | None, dtype: str
 ) -> tuple[dict[str, dict[str, Any]], float, list[str]]:
     """Train each side in turn, then score every adapter and the bare base model with one evaluator."""
     results: dict[str, dict[str, Any]] = {}
@@ -234,7 +237,7 @@ def compare(
         for side, name in (("tuneforge", "tuneforge"), ("hf", "HF Trainer")):
             if only in (None, side):
                 try:
-                    results[name] = spawn_side(side, data, model_dir, cache_dir, Path(tmp))
+                    results[name] = spawn_side(side, data, model_dir, cache_dir, Path(tmp), dtype)
                 except SideFailed as error:
                     failures.append(str(error))
         for result in results.values():  # the adapters live in tmp: score them before it goes
@@ -260,11 +263,14 @@ def report(results: dict[str, dict[str, Any]], base_loss: float, rows: list[dict
         f"{useful_train_tokens(rows)} train tokens, lengths {lengths[0]}-{lengths[-1]} "
         f"(median {lengths[len(lengths) // 2]}); torch threads {torch.get_num_threads()}"
     )
-    print(f"{'side':<12} {'tokens':>7} {'train s':>8} {'tokens/s':>9} {'eval loss':>10} {'peak RSS MiB':>13}")
+    print(
+        f"{'side':<12} {'dtype':>5} {'tokens':>7} {'train s':>8} {'tokens/s':>9} {'eval loss':>10} "
+        f"{'peak RSS MiB':>13}"
+    )
     for name, r in results.items():
         print(
-            f"{name:<12} {r['useful_tokens']:>7} {r['train_seconds']:>8.1f} {r['tokens_per_s']:>9.1f} "
-            f"{r['eval_loss']:>10.4f} {r['peak_rss_mib']:>13.0f}"
+            f"{name:<12} {r.get('dtype', 'fp32'):>5} {r['useful_tokens']:>7} {r['train_seconds']:>8.1f} "
+            f"{r['tokens_per_s']:>9.1f} {r['eval_loss']:>10.4f} {r['peak_rss_mib']:>13.0f}"
         )
     print(f"{'base model':<12} {'':>7} {'':>8} {'':>9} {base_loss:>10.4f}")
     ours, peer = results.get("tuneforge"), results.get("HF Trainer")
@@ -286,6 +292,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path(".tuneforge/models"))
     parser.add_argument("--only", choices=["hf", "tuneforge"], help="run one side only")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="tuneforge's dtype (HF runs fp32)"
+    )
     parser.add_argument("--side", choices=["hf", "tuneforge"], help=argparse.SUPPRESS)  # child process
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -302,7 +311,7 @@ def main() -> None:
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_base_model(BASE_MODEL, args.cache_dir)
     rows = build_rows(args.rows, AutoTokenizer.from_pretrained(model_dir))
-    results, base_loss, failures = compare(rows, model_dir, args.cache_dir, args.only)
+    results, base_loss, failures = compare(rows, model_dir, args.cache_dir, args.only, args.dtype)
     report(results, base_loss, rows)
     if args.json:
         args.json.write_text(json.dumps({"results": results, "base_eval_loss": base_loss}, indent=2) + "\n")

@@ -76,6 +76,7 @@ def test_demo_uploads_the_dataset_trains_an_adapter_then_a_second_run_reuses_bot
     assert "Adapter demo-dates/1 (trained now) on tiny-random-llama: 4 steps" in out
     losses = re.search(r"held-out eval loss: base model (\d+\.\d+), adapter (\d+\.\d+)", out)
     assert losses is not None, out
+    assert "quality report: exact match: base " in out and "held-out rows" in out
 
     second = _run_demo(tmp_path, port)
     assert second.returncode == 0, second.stdout + second.stderr

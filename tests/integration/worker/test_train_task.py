@@ -180,3 +180,70 @@ def test_train_task_with_unknown_base_model_errors_naming_the_available_models(
         version = session.get(AdapterVersion, job.version_id)
         assert version is not None
         assert version.status == JobStatus.ERRORED and version.error == job.error
+
+
+def _child_job(ctx: AppContext, parent_job_id: int, **params: Any) -> int:
+    """A queued job continuing from the completed version of `parent_job_id`, in the same repo."""
+    with transaction(ctx.sessions) as session:
+        parent = session.get(FinetuningJob, parent_job_id)
+        assert parent is not None
+        config = {k: v for k, v in parent.version.config.items()} | params
+        version = AdapterVersion(
+            repo_id=parent.repo_id,
+            created_by_id=parent.created_by_id,
+            tag=repos.allocate_tag(session, parent.version.repo),
+            base_model=parent.base_model,
+            config=config,
+            parent_version_id=parent.version_id,
+        )
+        session.add(version)
+        session.flush()
+        job = FinetuningJob(
+            tenant_id=parent.tenant_id,
+            created_by_id=parent.created_by_id,
+            repo_id=parent.repo_id,
+            version_id=version.id,
+            dataset_id=parent.dataset_id,
+            base_model=parent.base_model,
+            adapter_type="lora",
+            params=config,
+        )
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def test_a_job_continuing_from_a_version_starts_from_its_weights(ctx: AppContext, celery: Celery) -> None:
+    parent_id = _queued_job(ctx, learning_rate=1e-2, dtype="fp32")
+    celery.send_task(TRAIN_TASK, args=[parent_id])
+    parent = _wait_until_final(ctx, parent_id)
+    assert parent.status == JobStatus.COMPLETED, parent.error
+
+    child_id = _child_job(ctx, parent_id, train_steps=2)
+    celery.send_task(TRAIN_TASK, args=[child_id])
+    child = _wait_until_final(ctx, child_id)
+    assert child.status == JobStatus.COMPLETED, child.error
+    with ctx.sessions() as session:
+        parent_version = session.get(AdapterVersion, parent.version_id)
+        child_version = session.get(AdapterVersion, child.version_id)
+        assert parent_version is not None and child_version is not None
+        # The child's run began where the parent's ended, not at the base model.
+        before = child_version.metrics_summary["eval_loss_before"]
+        assert before == pytest.approx(parent_version.metrics_summary["eval_loss_after"], rel=1e-5)
+        assert child_version.metrics_summary["steps"] == 2
+        assert child_version.config["rank"] == parent_version.config["rank"]
+
+
+def test_automatic_layers_and_ranks_are_recorded_on_the_version(ctx: AppContext, celery: Celery) -> None:
+    job_id = _queued_job(ctx, rank="auto", layer_selection_percentage=0.5, n_test_samples=4)
+    celery.send_task(TRAIN_TASK, args=[job_id])
+    job = _wait_until_final(ctx, job_id)
+    assert job.status == JobStatus.COMPLETED, job.error
+    with ctx.sessions() as session:
+        version = session.get(AdapterVersion, job.version_id)
+        assert version is not None
+        decisions = version.autoconfig
+        assert len(decisions["selected_layers"]) == 1 and len(decisions["layer_scores"]) == 2
+        assert decisions["module_ranks"] and decisions["trainable_parameters"] > 0
+        assert "lora_kwargs" not in decisions  # the summary keeps the decisions, not the plumbing
+        assert version.config["rank"] == "auto"
