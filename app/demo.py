@@ -35,8 +35,9 @@ LOG_TAIL_LINES = 25
 PREVIEW_ROWS = 3
 DEMO_REPO = "demo-dates"
 DEFAULT_BASE_MODEL = "smollm2-135m"
-# About 8 s a step on a 2-core CPU with smollm2-135m; the format is learnt well within 30 steps.
-DEFAULT_TRAIN_STEPS = 30
+# About 6.6 s a step on a 2-core CPU with smollm2-135m; bench/quality.py measured 88% exact match on
+# the held-out rows after 30 steps and 98% after 60 (base model: 0%).
+DEFAULT_TRAIN_STEPS = 60
 
 
 class DemoError(Exception):

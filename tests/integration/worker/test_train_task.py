@@ -16,7 +16,17 @@ from celery.contrib.testing.worker import start_worker
 from sqlalchemy import select
 
 from app.context import AppContext
-from app.db import AdapterVersion, Dataset, DatasetStatus, FinetuningJob, JobCheckpoint, JobMetric, JobStatus
+from app.db import (
+    AdapterVersion,
+    Dataset,
+    DatasetStatus,
+    FinetuningJob,
+    JobCheckpoint,
+    JobEvent,
+    JobMetric,
+    JobStatus,
+)
+from app.db.jobs import JobEventKind
 from app.db.session import transaction
 from app.services import auth, jobs, repos
 from worker.celery_app import make_celery
@@ -247,3 +257,17 @@ def test_automatic_layers_and_ranks_are_recorded_on_the_version(ctx: AppContext,
         assert decisions["module_ranks"] and decisions["trainable_parameters"] > 0
         assert "lora_kwargs" not in decisions  # the summary keeps the decisions, not the plumbing
         assert version.config["rank"] == "auto"
+
+
+def test_truncated_rows_are_kept_and_reported_as_a_job_event(ctx: AppContext, celery: Celery) -> None:
+    job_id = _queued_job(ctx, max_seq_length=8, apply_chat_template=False, train_steps=1)
+    celery.send_task(TRAIN_TASK, args=[job_id])
+    job = _wait_until_final(ctx, job_id)
+    assert job.status == JobStatus.COMPLETED, job.error
+    with ctx.sessions() as session:
+        events = session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == JobEventKind.TRUNCATION)
+        ).all()
+    [event] = events
+    assert event.data["count"] == len(event.data["rows"]) > 0
+    assert "longer than max_seq_length (8) and were truncated (kept)" in event.message
