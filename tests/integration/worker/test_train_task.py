@@ -14,6 +14,7 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app.context import AppContext
 from app.db import (
@@ -25,6 +26,7 @@ from app.db import (
     JobEvent,
     JobMetric,
     JobStatus,
+    Repo,
 )
 from app.db.jobs import JobEventKind
 from app.db.session import transaction
@@ -92,28 +94,42 @@ def _queued_job(ctx: AppContext, **params: Any) -> int:
             "effective_batch_size": 2,
             **params,
         }
-        version = AdapterVersion(
-            repo_id=repo.id,
-            created_by_id=user.id,
-            tag=repos.allocate_tag(session, repo),
-            base_model=config["base_model"],
-            config=config,
-        )
-        session.add(version)
-        session.flush()
-        job = FinetuningJob(
-            tenant_id=user.tenant_id,
-            created_by_id=user.id,
-            repo_id=repo.id,
-            version_id=version.id,
-            dataset_id=dataset.id,
-            base_model=config["base_model"],
-            adapter_type="lora",
-            params=config,
-        )
-        session.add(job)
-        session.flush()
-        return job.id
+        return _add_job(session, repo, user.tenant_id, user.id, dataset.id, config)
+
+
+def _add_job(
+    session: Session,
+    repo: Repo,
+    tenant_id: int,
+    user_id: int | None,
+    dataset_id: int | None,
+    config: dict[str, Any],
+    parent_version_id: int | None = None,
+) -> int:
+    """A queued job and its version in `repo`, trained with `config`; returns the job's id."""
+    version = AdapterVersion(
+        repo_id=repo.id,
+        created_by_id=user_id,
+        tag=repos.allocate_tag(session, repo),
+        base_model=config["base_model"],
+        config=config,
+        parent_version_id=parent_version_id,
+    )
+    session.add(version)
+    session.flush()
+    job = FinetuningJob(
+        tenant_id=tenant_id,
+        created_by_id=user_id,
+        repo_id=repo.id,
+        version_id=version.id,
+        dataset_id=dataset_id,
+        base_model=config["base_model"],
+        adapter_type="lora",
+        params=config,
+    )
+    session.add(job)
+    session.flush()
+    return job.id
 
 
 def _wait_until_final(ctx: AppContext, job_id: int) -> FinetuningJob:
@@ -197,30 +213,16 @@ def _child_job(ctx: AppContext, parent_job_id: int, **params: Any) -> int:
     with transaction(ctx.sessions) as session:
         parent = session.get(FinetuningJob, parent_job_id)
         assert parent is not None
-        config = {k: v for k, v in parent.version.config.items()} | params
-        version = AdapterVersion(
-            repo_id=parent.repo_id,
-            created_by_id=parent.created_by_id,
-            tag=repos.allocate_tag(session, parent.version.repo),
-            base_model=parent.base_model,
-            config=config,
+        config = dict(parent.version.config) | params
+        return _add_job(
+            session,
+            parent.version.repo,
+            parent.tenant_id,
+            parent.created_by_id,
+            parent.dataset_id,
+            config,
             parent_version_id=parent.version_id,
         )
-        session.add(version)
-        session.flush()
-        job = FinetuningJob(
-            tenant_id=parent.tenant_id,
-            created_by_id=parent.created_by_id,
-            repo_id=parent.repo_id,
-            version_id=version.id,
-            dataset_id=parent.dataset_id,
-            base_model=parent.base_model,
-            adapter_type="lora",
-            params=config,
-        )
-        session.add(job)
-        session.flush()
-        return job.id
 
 
 def test_a_job_continuing_from_a_version_starts_from_its_weights(ctx: AppContext, celery: Celery) -> None:
