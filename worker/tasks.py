@@ -131,7 +131,13 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
             download_checkpoint(ctx.store, checkpoint, Path(scratch) / "resume") if checkpoint else None
         )
         init_from = _starting_weights(ctx, session, job, resume_from, Path(scratch) / "parent")
-        callbacks = _JobCallbacks(ctx, session, job, f"tenants/{tenant_uuid}/jobs/{job.uuid}/checkpoints/")
+        callbacks = _JobCallbacks(
+            ctx,
+            session,
+            job,
+            f"tenants/{tenant_uuid}/jobs/{job.uuid}/checkpoints/",
+            keep_checkpoints=config.keep_n_checkpoints,
+        )
         result = train(
             config,
             rows,
@@ -217,9 +223,18 @@ def _int(value: float | None) -> int | None:
 class _JobCallbacks(NoCallbacks):
     """Writes each step's metrics and each checkpoint as it happens; polls for a cancel."""
 
-    def __init__(self, ctx: AppContext, session: Session, job: FinetuningJob, checkpoint_prefix: str) -> None:
+    def __init__(
+        self,
+        ctx: AppContext,
+        session: Session,
+        job: FinetuningJob,
+        checkpoint_prefix: str,
+        *,
+        keep_checkpoints: int,
+    ) -> None:
         self._ctx, self._session, self._job = ctx, session, job
         self._checkpoint_prefix = checkpoint_prefix
+        self._keep_checkpoints = keep_checkpoints
         self._stop = False
 
     def on_data(self, stats: DataStats) -> None:
@@ -277,8 +292,7 @@ class _JobCallbacks(NoCallbacks):
             step,
             checkpoint_number=jobs.checkpoint_number(self._session, checkpoint),
         )
-        keep = TrainingConfig.model_validate(self._job.params).keep_n_checkpoints
-        pruned = jobs.prune_checkpoints(self._session, self._job, keep)
+        pruned = jobs.prune_checkpoints(self._session, self._job, self._keep_checkpoints)
         self._session.commit()
         # Blobs go only after the rows are gone: a crash in between leaves orphaned bytes, never a
         # checkpoint row pointing at nothing.

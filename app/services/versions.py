@@ -69,9 +69,6 @@ def delete(ctx: AppContext, session: Session, version: AdapterVersion) -> None:
 # state (optimizer, scheduler, RNG, progress) under this directory: only a resume of the same job
 # needs the latter, so downloads and continued runs leave it out.
 TRAINER_DIR = "trainer/"
-# PEFT's own two files of a LoRA adapter. Downloads no longer filter on them (full and last-layer
-# versions store whole models); the name stays for callers that still import it.
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class ParentMissingError(NotFoundError):

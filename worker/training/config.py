@@ -4,8 +4,8 @@ The model itself lives in the thin client package (`tuneforge.config`) so that t
 control plane's 422s and the worker apply one set of rules; see that module.
 """
 
-from tuneforge.config import DEFAULT_TARGET_MODULES, FinetuningConfig
+from tuneforge.config import FinetuningConfig
 
 TrainingConfig = FinetuningConfig
 
-__all__ = ["DEFAULT_TARGET_MODULES", "TrainingConfig"]
+__all__ = ["TrainingConfig"]

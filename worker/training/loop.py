@@ -117,9 +117,11 @@ def train(
     output_dir = Path(output_dir)
     if config.base_model is None:
         raise ValueError("base_model: required (a continued run inherits its parent's before training)")
-    saved = checkpoints.load(Path(resume_from), torch.device("cpu")) if resume_from is not None else None
-    if saved is not None:
-        _check_same_trajectory(config, saved[1], Path(resume_from or "."))
+    resume = Path(resume_from) if resume_from is not None else None
+    # Read once, on the host: optimizer.load_state_dict moves each state tensor to its parameter's device.
+    saved = checkpoints.load(resume, torch.device("cpu")) if resume is not None else None
+    if saved is not None and resume is not None:
+        _check_same_trajectory(config, saved[1], resume)
     inputs = Inputs(
         model_dir=resolve_base_model(config.base_model, Path(cache_dir)),
         init_from=init_from,
@@ -127,15 +129,14 @@ def train(
         dataset_fingerprint=dataset_fingerprint,
         saved_autoconfig=saved[1].get("autoconfig") if saved is not None else None,
     )
-    run, _cached = build_run(config, rows, inputs)
+    run = build_run(config, rows, inputs)
     callbacks.on_data(run.data.stats)
-    if saved is not None and resume_from is not None:
-        progress = _restore(run, Path(resume_from))
+    if saved is not None and resume is not None:
+        progress = _restore(run, resume, saved[0])
     else:
         progress = _Progress()
         _measure_start(run, progress)
-    last = Path(resume_from) if resume_from is not None else None
-    stopped, last = _run_steps(run, progress, callbacks, output_dir, last)
+    stopped, last = _run_steps(run, progress, callbacks, output_dir, resume)
     adapter_dir, summary = None, {}
     if not stopped:
         summary = _finish(run, progress, callbacks)
@@ -294,8 +295,7 @@ def _finish(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> dict
         "autoconfig": {k: v for k, v in run.autoconfig.items() if k != "lora_kwargs"},
         "method": trainable.details,
         "runtime": {"device": run.device.type, "dtype": trainable.runtime.dtype_name},
-        "data": asdict(run.data.stats)
-        | {"truncated_row_numbers": list(run.data.stats.truncated_row_numbers)},
+        "data": asdict(run.data.stats),
         "result": {
             "steps": progress.step,
             "total_steps": run.total_steps,
@@ -326,7 +326,7 @@ def _save_checkpoint(run: Run, progress: _Progress, output_dir: Path, callbacks:
     tracker = progress.tracker
     best = run.best_state if tracker.best_step not in (None, progress.step) else None
     state = checkpoints.TrainerState(
-        progress=_progress_json(progress),
+        progress=asdict(progress),
         optimizer=run.optimizer.state_dict(),
         scheduler=run.scheduler.state_dict(),
         scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
@@ -348,10 +348,6 @@ def _save_checkpoint(run: Run, progress: _Progress, output_dir: Path, callbacks:
     return path
 
 
-def _progress_json(progress: _Progress) -> dict[str, Any]:
-    return asdict(progress)
-
-
 def _check_same_trajectory(config: TrainingConfig, saved: dict[str, Any], path: Path) -> None:
     """A checkpoint continues only the run it came from: same rows, order, model and optimiser settings."""
     # Compared as requested, not as resolved: a resume on other hardware may resolve dtype differently.
@@ -363,8 +359,7 @@ def _check_same_trajectory(config: TrainingConfig, saved: dict[str, Any], path: 
         raise ValueError(f"cannot resume from {path}: the config differs in {', '.join(changed)}")
 
 
-def _restore(run: Run, path: Path) -> _Progress:
-    state, _extra = checkpoints.load(path, run.device)
+def _restore(run: Run, path: Path, state: checkpoints.TrainerState) -> _Progress:
     run.trainable.load_saved(path)
     run.optimizer.load_state_dict(state.optimizer)
     run.scheduler.load_state_dict(state.scheduler)

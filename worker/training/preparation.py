@@ -96,30 +96,30 @@ def load_data(
     tokenizer: PreTrainedTokenizerBase,
     config: TrainingConfig,
     inputs: Inputs,
-) -> tuple[PreparedData, bool]:
-    """The tokenised split, and whether it came from the cache."""
+) -> PreparedData:
+    """The tokenised split: from the cache when an earlier run stored it, else tokenised now."""
     cache, fingerprint = inputs.data_cache, inputs.dataset_fingerprint
     key = token_cache.cache_key(fingerprint, inputs.model_dir, config) if cache and fingerprint else None
     if cache is not None and key is not None:
         blob = cache.get(key)
         if blob is not None:
             try:
-                return token_cache.decode(blob), True
+                return token_cache.decode(blob)
             except (ValueError, KeyError):
                 pass  # an entry of another format: tokenise again and overwrite it
     data = prepare_data(rows, tokenizer, config)
     if cache is not None and key is not None:
         cache.put(key, token_cache.encode(data))
-    return data, False
+    return data
 
 
-def build_run(config: TrainingConfig, rows: Sequence[Mapping[str, Any]], inputs: Inputs) -> tuple[Run, bool]:
-    """The ready-to-step run (before any checkpoint is restored), and whether the data was cached."""
+def build_run(config: TrainingConfig, rows: Sequence[Mapping[str, Any]], inputs: Inputs) -> Run:
+    """The ready-to-step run, before any checkpoint is restored."""
     runtime = resolve_runtime(config.dtype)
     requested = config.trajectory_fields()
     config = resolve_config(config, inputs.model_dir, runtime)
     tokenizer = AutoTokenizer.from_pretrained(inputs.model_dir)
-    data, cached = load_data(rows, tokenizer, config, inputs)
+    data = load_data(rows, tokenizer, config, inputs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     init_adapter, weights_dir = _parent(config, inputs)
     base = methods.load_base(weights_dir, config, runtime)
@@ -148,7 +148,7 @@ def build_run(config: TrainingConfig, rows: Sequence[Mapping[str, Any]], inputs:
     )
     # Loss scaling only matters for fp16, whose range underflows small gradients.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype_name == "fp16")
-    run = Run(
+    return Run(
         config,
         trainable,
         optimizer,
@@ -161,7 +161,6 @@ def build_run(config: TrainingConfig, rows: Sequence[Mapping[str, Any]], inputs:
         autoconfig=decisions,
         requested_trajectory=requested,
     )
-    return run, cached
 
 
 def _lr(config: TrainingConfig) -> float:
