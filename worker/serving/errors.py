@@ -1,0 +1,42 @@
+"""Errors that fail one request (never the engine loop); each carries the HTTP status the server answers."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """A failure of one request that its caller can act on; `message` is shown verbatim."""
+
+    status_code = 400
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidParameterError(ServingError):
+    """A sampling parameter or request field out of range; `field` names it."""
+
+    status_code = 422
+
+
+class PromptTooLongError(ServingError):
+    status_code = 400
+
+
+class AdapterNotFoundError(ServingError):
+    """Unknown adapter id, or one another tenant owns (its existence is not revealed)."""
+
+    status_code = 404
+
+
+class AdapterLoadError(ServingError):
+    """The adapter exists but cannot be served: not safetensors, another base model, corrupt weights."""
+
+    status_code = 422
+
+
+class EngineOverloadedError(ServingError):
+    """More requests are waiting than the engine accepts; retry later."""
+
+    status_code = 503

@@ -1,0 +1,33 @@
+"""What the engine hands back per request: one `TokenOutput` per generated token (the last one finished)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class FinishReason(enum.StrEnum):
+    LENGTH = "length"  # max_tokens reached
+    EOS = "eos_token"  # the model's end-of-sequence token
+    STOP_SEQUENCE = "stop_sequence"  # one of the request's stop strings appeared
+    ABORTED = "aborted"  # the client went away or the engine shut down
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """One generated token. `text` is the new text it completes (it can be "" while a multi-byte
+    character or a possible stop string is held back, and the last output flushes what is left)."""
+
+    token_id: int
+    text: str
+    logprob: float
+    special: bool
+    index: int  # 0-based position among the generated tokens
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    # Time from submission to this token (seconds); the first one is the time to first token.
+    elapsed: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
