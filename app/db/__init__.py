@@ -2,6 +2,7 @@
 
 from app.db.base import Base
 from app.db.datasets import Dataset, DatasetStatus
+from app.db.deployments import Deployment
 from app.db.jobs import FinetuningJob, JobCheckpoint, JobEvent, JobEventKind, JobMetric, JobStatus
 from app.db.repos import AdapterVersion, Repo, VersionSource, VersionStatus
 from app.db.tenants import ApiToken, Tenant, User
@@ -12,6 +13,7 @@ __all__ = [
     "Base",
     "Dataset",
     "DatasetStatus",
+    "Deployment",
     "FinetuningJob",
     "JobCheckpoint",
     "JobEvent",

@@ -20,6 +20,7 @@ TABLES = {
     "job_events",
     "job_metrics",
     "job_checkpoints",
+    "deployments",
 }
 
 
