@@ -9,12 +9,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from app.api import adapters, blobs, datasets, health, jobs, repos, users
+from app.api import adapters, blobs, datasets, deployments, health, jobs, repos, serving_proxy, users
 from app.context import AppContext
 from app.errors import install_error_handlers
 from app.observability import MetricsMiddleware, RequestMetrics
 from app.services.dataset_validator import DatasetValidator
 from app.services.job_sweeper import JobSweeper
+from app.services.serving_processes import ServingSupervisor
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,15 +37,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await serving_proxy.close_http_client(app)
+            app.state.serving.close()  # stops the serving processes this control plane started
             sweeper.stop()
             validator.shutdown()
             ctx.close()
 
     app = FastAPI(title="tuneforge", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx
+    app.state.serving = ServingSupervisor(ctx.settings)
     app.state.metrics = RequestMetrics(CollectorRegistry())
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
-    for module in (health, users, datasets, repos, adapters, jobs, blobs):
+    for module in (health, users, datasets, repos, adapters, jobs, blobs, deployments):
         app.include_router(module.router)
+    # Last: its `/{tenant}/...` paths must not shadow any fixed route.
+    app.include_router(serving_proxy.router)
     return app

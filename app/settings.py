@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = None
     # Base models beyond the built-in ones that workers can load (HF ids in their cache, local paths).
     extra_base_models: list[str] = Field(default_factory=list)
+    # Serving: base model -> URL of an already-running `tuneforge serve` (a serving Deployment in
+    # production), as JSON in TUNEFORGE_SERVING_URLS. A base model not named here gets a serving
+    # process of its own, started by the control plane on first use.
+    serving_urls: dict[str, str] = Field(default_factory=dict)
+    # How long a request waits for a starting serving process before it is answered 503.
+    serving_start_timeout_seconds: float = Field(default=120.0, gt=0)
     # The embedded default creates this tenant (and a token for it) on `tuneforge up`.
     dev_tenant: str = "dev"
 

@@ -1,0 +1,133 @@
+"""`/{tenant}/deployments/v2/llms/{name}/...`: the serving URL, forwarded to the deployment's server.
+
+The caller's token decides the tenant: the path's tenant segment must be the caller's own (its name
+or its short code, which is what the Predibase SDK puts there), and the tenant header the serving
+process resolves adapters by is always set here, never taken from the caller. Responses stream
+through as they arrive (Server-Sent Events included), without buffering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.context import AppContext
+from app.errors import NotFoundError
+from app.services import auth, deployments
+from app.services.serving_processes import TENANT_HEADER, ServingSupervisor, ServingUnavailableError
+
+router = APIRouter(tags=["serving"])
+
+PREFIX = "/{tenant}/deployments/v2/llms/{name}"
+# (method, path under the deployment URL) → path on the serving process.
+ROUTES = {
+    ("POST", "generate"): "/generate",
+    ("POST", "generate_stream"): "/generate_stream",
+    ("POST", "v1/completions"): "/v1/completions",
+    ("POST", "v1/chat/completions"): "/v1/chat/completions",
+    ("GET", "v1/models"): "/v1/models",
+    ("GET", "health"): "/health",
+}
+# Hop-by-hop headers (RFC 9110 §7.6.1) and what the proxy sets itself.
+_DROPPED_REQUEST_HEADERS = {
+    "host", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+    "proxy-authorization", "authorization", "content-length", "cookie", TENANT_HEADER.lower(),
+}  # fmt: skip
+_DROPPED_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
+# Generation can be long; only connecting is expected to be quick.
+UPSTREAM_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+
+
+@dataclass(frozen=True)
+class Target:
+    tenant: str
+    base_model: str
+
+
+@router.post(PREFIX)
+async def generate(tenant: str, name: str, request: Request) -> StreamingResponse:
+    """LoRAX's `POST /`: a one-element list, or Server-Sent Events when the body says `stream: true`."""
+    return await forward(request, tenant, name, "/")
+
+
+@router.api_route(PREFIX + "/{path:path}", methods=["GET", "POST"])
+async def serving_route(tenant: str, name: str, path: str, request: Request) -> StreamingResponse:
+    upstream = ROUTES.get((request.method, path.strip("/")))
+    if upstream is None:
+        raise NotFoundError(f"no serving route {request.method} .../{path}")
+    return await forward(request, tenant, name, upstream)
+
+
+async def forward(request: Request, tenant: str, name: str, upstream_path: str) -> StreamingResponse:
+    ctx: AppContext = request.app.state.ctx
+    serving: ServingSupervisor = request.app.state.serving
+    authorization = request.headers.get("authorization")
+    target = await run_in_threadpool(_resolve, ctx, serving, authorization, tenant, name)
+    # Read whole (generation requests are small) so that a request can be sent again after a restart.
+    body = await request.body()
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED_REQUEST_HEADERS}
+    headers[TENANT_HEADER] = target.tenant
+    timeout = ctx.settings.serving_start_timeout_seconds
+    client = _http_client(request.app)
+    for attempt in range(2):
+        url = await serving.wait_until_ready(target.base_model, timeout)
+        upstream = client.build_request(
+            request.method, url + upstream_path, content=body, headers=headers, params=request.query_params
+        )
+        try:
+            response = await client.send(upstream, stream=True)
+            break
+        except httpx.TransportError as exc:
+            # Died since its last health check: the next wait starts it again (once).
+            await run_in_threadpool(serving.report_unreachable, target.base_model)
+            if attempt == 1:
+                raise ServingUnavailableError(
+                    f"deployment {name!r}: its serving process cannot be reached ({exc}); retry shortly"
+                ) from exc
+    kept = {k: v for k, v in response.headers.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
+    kept["X-Accel-Buffering"] = "no"  # and no proxy in front should buffer Server-Sent Events either
+    return StreamingResponse(_relay(response), status_code=response.status_code, headers=kept)
+
+
+async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
+    # Closing the upstream response when the caller goes away tells the serving process to free the slot.
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    finally:
+        await response.aclose()
+
+
+def _resolve(
+    ctx: AppContext, serving: ServingSupervisor, authorization: str | None, tenant: str, name: str
+) -> Target:
+    """The caller's tenant and the deployment's base model, whose server is started if it is not."""
+    with ctx.sessions() as session:
+        user = auth.authenticate_header(session, authorization)
+        if session.dirty:
+            session.commit()  # last_used_at bookkeeping
+        if tenant not in (user.tenant.name, user.tenant.short_code):
+            # Another tenant's URL answers like a missing deployment: its existence is not revealed.
+            raise NotFoundError(f"deployment {name!r} not found")
+        view = deployments.get(session, user, name)
+        deployments.start(serving, user, view)
+        return Target(tenant=user.tenant.name, base_model=view.base_model)
+
+
+async def close_http_client(app: FastAPI) -> None:
+    client: httpx.AsyncClient | None = getattr(app.state, "serving_http", None)
+    if client is not None:
+        await client.aclose()
+
+
+def _http_client(app: FastAPI) -> httpx.AsyncClient:
+    client: httpx.AsyncClient | None = getattr(app.state, "serving_http", None)
+    if client is None:
+        client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT)
+        app.state.serving_http = client
+    return client

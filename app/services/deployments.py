@@ -1,0 +1,237 @@
+"""Deployments per tenant (Predibase protocol): create, get, list, update, delete, status and events.
+
+A deployment names a base model; serving it is the supervisor's job (`serving_processes`), shared by
+every deployment of that base model. Each tenant also has a default deployment of the default base
+model that exists without being created and cannot be changed or deleted.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as uuid_lib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db import Deployment, Tenant, User
+from app.errors import ConflictError, InvalidInputError, NotFoundError
+from app.services import base_models
+from app.services.names import validate_name
+from app.services.serving_processes import ServingEvent, ServingStatus, ServingSupervisor
+from app.settings import Settings
+
+DEFAULT_DEPLOYMENT = "smollm2-135m"
+DEFAULT_BASE_MODEL = "smollm2-135m"
+DEFAULT_CONTEXT_LENGTH = 2048
+_ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[0-9]+(@[0-9]+)?$")
+
+
+@dataclass(frozen=True)
+class DeploymentView:
+    """A stored deployment or the tenant's default one, in one shape."""
+
+    name: str
+    uuid: str
+    description: str | None
+    base_model: str
+    config: dict[str, Any]
+    created_at: datetime
+    is_default: bool
+
+    @classmethod
+    def of(cls, row: Deployment) -> DeploymentView:
+        return cls(
+            name=row.name,
+            uuid=row.uuid,
+            description=row.description,
+            base_model=row.base_model,
+            config=dict(row.config),
+            created_at=_aware(row.created_at),
+            is_default=False,
+        )
+
+    @classmethod
+    def default_for(cls, tenant: Tenant) -> DeploymentView:
+        return cls(
+            name=DEFAULT_DEPLOYMENT,
+            # Stable per tenant, so clients can keep it like any other uuid.
+            uuid=str(uuid_lib.uuid5(uuid_lib.UUID(tenant.uuid), DEFAULT_DEPLOYMENT)),
+            description=f"the default {DEFAULT_BASE_MODEL} deployment; serves any adapter of that base model",
+            base_model=DEFAULT_BASE_MODEL,
+            config={"baseModel": DEFAULT_BASE_MODEL, "minReplicas": 0, "maxReplicas": 1},
+            created_at=_aware(tenant.created_at),
+            is_default=True,
+        )
+
+
+def validate_config(settings: Settings, config: dict[str, Any]) -> dict[str, Any]:
+    """The config as stored: None values dropped (the SDK sends every field), each known field checked."""
+    cleaned = {key: value for key, value in config.items() if value is not None}
+    base_model = cleaned.get("baseModel")
+    if not isinstance(base_model, str) or not base_model:
+        raise InvalidInputError("config.baseModel: required; name the base model to serve")
+    names = [model["name"] for model in base_models.available(settings)]
+    if base_model not in names:
+        raise InvalidInputError(
+            f"config.baseModel: unknown base model {base_model!r}; available: {', '.join(names)}"
+        )
+    replicas = {key: cleaned.get(key, default) for key, default in (("minReplicas", 0), ("maxReplicas", 1))}
+    for key, value in replicas.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidInputError(f"config.{key}: must be a whole number >= 0 (got {value!r})")
+    if replicas["minReplicas"] > replicas["maxReplicas"]:
+        raise InvalidInputError("config.minReplicas: must not exceed config.maxReplicas")
+    preloaded = cleaned.get("preloadedAdapters", [])
+    if not isinstance(preloaded, list) or not all(
+        isinstance(a, str) and _ADAPTER_ID.match(a) for a in preloaded
+    ):
+        raise InvalidInputError(
+            f"config.preloadedAdapters: a list of adapter ids 'repo/N' or 'repo/N@step' (got {preloaded!r})"
+        )
+    return cleaned
+
+
+def create(
+    settings: Settings,
+    serving: ServingSupervisor,
+    session: Session,
+    user: User,
+    name: str,
+    config: dict[str, Any],
+    description: str | None,
+) -> DeploymentView:
+    validate_name(name, "name")
+    cleaned = validate_config(settings, config)
+    if name == DEFAULT_DEPLOYMENT or _find(session, user, name) is not None:
+        raise ConflictError(f"name: deployment {name!r} already exists; pick another name or update it")
+    row = Deployment(
+        tenant_id=user.tenant_id,
+        created_by_id=user.id,
+        name=name,
+        description=description,
+        base_model=cleaned["baseModel"],
+        config=cleaned,
+    )
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError:  # created concurrently
+        session.rollback()
+        raise ConflictError(f"name: deployment {name!r} already exists") from None
+    view = DeploymentView.of(row)
+    start(serving, user, view)
+    return view
+
+
+def start(serving: ServingSupervisor, user: User, view: DeploymentView) -> None:
+    """Make sure the deployment's base model is being served, with its adapters preloaded."""
+    warmups = [(user.tenant.name, adapter) for adapter in view.config.get("preloadedAdapters", [])]
+    serving.ensure_started(view.base_model, warmups)
+
+
+def get(session: Session, user: User, name: str) -> DeploymentView:
+    row = _find(session, user, name)
+    if row is not None:
+        return DeploymentView.of(row)
+    if name == DEFAULT_DEPLOYMENT:
+        return DeploymentView.default_for(user.tenant)
+    raise NotFoundError(f"deployment {name!r} not found")
+
+
+def list_deployments(session: Session, user: User) -> list[DeploymentView]:
+    rows = session.scalars(
+        select(Deployment).where(Deployment.tenant_id == user.tenant_id).order_by(Deployment.created_at)
+    )
+    return [DeploymentView.default_for(user.tenant)] + [DeploymentView.of(row) for row in rows]
+
+
+def update(
+    settings: Settings,
+    serving: ServingSupervisor,
+    session: Session,
+    user: User,
+    name: str,
+    config: dict[str, Any] | None,
+    description: str | None,
+) -> DeploymentView:
+    row = _require_own(session, user, name, "changed")
+    previous_base = row.base_model
+    if config is not None:
+        cleaned = validate_config(settings, {**row.config, **config})
+        row.config, row.base_model = cleaned, cleaned["baseModel"]
+    if description is not None:
+        row.description = description
+    session.commit()
+    view = DeploymentView.of(row)
+    start(serving, user, view)
+    if previous_base != row.base_model:
+        _stop_if_unused(serving, session, previous_base)
+    return view
+
+
+def delete(serving: ServingSupervisor, session: Session, user: User, name: str) -> None:
+    row = _require_own(session, user, name, "deleted")
+    base_model = row.base_model
+    session.delete(row)
+    session.commit()
+    _stop_if_unused(serving, session, base_model)
+
+
+def status(serving: ServingSupervisor, view: DeploymentView) -> ServingStatus:
+    return serving.status(view.base_model)
+
+
+def events(serving: ServingSupervisor, view: DeploymentView) -> list[ServingEvent]:
+    """What happened to the deployment's server since the deployment was made.
+
+    A deployment made while its base model was already being served is ready (or failed) from
+    the moment it was made, so that is what its timeline says.
+    """
+    since = [event for event in serving.events(view.base_model) if event.at >= view.created_at]
+    current = serving.status(view.base_model)
+    if not since and current in (ServingStatus.READY, ServingStatus.FAILED):
+        kind = "Ready" if current is ServingStatus.READY else "Failed"
+        since = [ServingEvent(kind=kind, at=view.created_at)]
+    return since
+
+
+def context_length(settings: Settings, base_model: str) -> int:
+    for model in base_models.available(settings):
+        if model["name"] == base_model:
+            return int(model.get("context_length") or DEFAULT_CONTEXT_LENGTH)
+    return DEFAULT_CONTEXT_LENGTH
+
+
+def _find(session: Session, user: User, name: str) -> Deployment | None:
+    return session.scalar(
+        select(Deployment).where(Deployment.tenant_id == user.tenant_id, Deployment.name == name)
+    )
+
+
+def _require_own(session: Session, user: User, name: str, verb: str) -> Deployment:
+    row = _find(session, user, name)
+    if row is not None:
+        return row
+    if name == DEFAULT_DEPLOYMENT:
+        raise ConflictError(f"deployment {name!r} is the default deployment; it cannot be {verb}")
+    raise NotFoundError(f"deployment {name!r} not found")
+
+
+def _stop_if_unused(serving: ServingSupervisor, session: Session, base_model: str) -> None:
+    """Every tenant's default deployment keeps the default base model in use."""
+    if base_model == DEFAULT_BASE_MODEL:
+        return
+    count = session.scalar(
+        select(func.count()).select_from(Deployment).where(Deployment.base_model == base_model)
+    )
+    if not count:
+        serving.stop(base_model)
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands timestamps back without a zone even though they were stored in UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
