@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM
 TINY = "tiny-random-llama"
 
 # Different ranks and target modules on purpose: one batch must serve them all.
-ADAPTER_SHAPES: dict[str, dict[str, object]] = {
+ADAPTER_SHAPES: dict[str, dict[str, Any]] = {
     "acme/1": {"r": 8, "target_modules": ["q_proj", "v_proj"], "lora_alpha": 16},
     "acme/2": {"r": 4, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "lora_alpha": 8},
     "acme/3": {"r": 16, "target_modules": ["gate_proj", "up_proj", "down_proj"], "lora_alpha": 16},
@@ -23,7 +24,9 @@ ADAPTER_SHAPES: dict[str, dict[str, object]] = {
 }
 
 
-def make_lora_adapter(base_dir: Path, out_dir: Path, *, seed: int, scale: float = 0.05, **lora: object) -> Path:
+def make_lora_adapter(
+    base_dir: Path, out_dir: Path, *, seed: int, scale: float = 0.05, **lora: object
+) -> Path:
     """Saves a PEFT LoRA whose B matrices are random (not PEFT's zeros), so it changes the outputs."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -32,7 +35,7 @@ def make_lora_adapter(base_dir: Path, out_dir: Path, *, seed: int, scale: float 
         for name, param in peft_model.named_parameters():
             if "lora_B" in name or "lora_A" in name:
                 param.copy_(torch.randn_like(param) * scale * (4 if "lora_B" in name else 1))
-    peft_model.save_pretrained(out_dir, safe_serialization=True)
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
 
 

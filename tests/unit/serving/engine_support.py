@@ -1,0 +1,82 @@
+"""Driving the synchronous engine in tests, and HF's own greedy generation as the reference."""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from worker.serving.adapters import LocalDirectorySource
+from worker.serving.engine import EngineConfig, LLMEngine
+from worker.serving.outputs import TokenOutput
+from worker.serving.params import SamplingParams
+
+
+def make_engine(model_dir: Path, adapter_root: Path, **config: object) -> LLMEngine:
+    settings = {
+        "model_path": model_dir,
+        "model_name": "tiny-random-llama",
+        "kv_cache_bytes": 64 << 20,
+    } | config
+    return LLMEngine(EngineConfig(**settings), LocalDirectorySource(adapter_root))  # type: ignore[arg-type]
+
+
+class Collected:
+    """One request added to a synchronous engine, with everything it has been sent."""
+
+    def __init__(
+        self, engine: LLMEngine, prompt: list[int], params: SamplingParams, adapter: str | None
+    ) -> None:
+        self.request = engine.add_request(prompt, params, adapter)
+        self.request.deliver = queue.SimpleQueue()
+        self.outputs: list[TokenOutput] = []
+        self.error: BaseException | None = None
+
+    def drain(self) -> None:
+        assert self.request.deliver is not None
+        while not self.request.deliver.empty():
+            item = self.request.deliver.get()
+            if isinstance(item, BaseException):
+                self.error = item
+            else:
+                self.outputs.append(item)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [o.token_id for o in self.outputs]
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or bool(self.outputs and self.outputs[-1].finished)
+
+
+def run_until_done(engine: LLMEngine, collected: list[Collected], max_steps: int = 10_000) -> None:
+    for _ in range(max_steps):
+        for c in collected:
+            c.drain()
+        if all(c.done for c in collected):
+            return
+        engine.step()
+    raise AssertionError("the engine did not finish its requests")
+
+
+def hf_greedy(model_dir: Path, adapter_dir: Path | None, prompt: list[int], new_tokens: int) -> list[int]:
+    """What HF (with PEFT for an adapter) generates greedily for one request alone, EOS ignored."""
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            attention_mask=None,
+        )
+    return out[0, len(prompt) :].tolist()
