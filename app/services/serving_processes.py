@@ -130,6 +130,12 @@ class ServingSupervisor:
             backend = self._backends.get(base_model)
             return backend.status if backend is not None else ServingStatus.STANDBY
 
+    def pid(self, base_model: str) -> int | None:
+        """The process id of the serving process this control plane runs for `base_model`, if any."""
+        with self._lock:
+            backend = self._backends.get(base_model)
+            return backend.process.pid if backend is not None and backend.process is not None else None
+
     def events(self, base_model: str) -> list[ServingEvent]:
         with self._lock:
             backend = self._backends.get(base_model)

@@ -2,6 +2,13 @@
 
 from tuneforge.client import Tuneforge
 from tuneforge.config import FinetuningConfig
+from tuneforge.deployments import (
+    Deployment,
+    DeploymentClient,
+    DeploymentError,
+    GenerateResponse,
+    StreamResponse,
+)
 from tuneforge.errors import (
     AuthenticationError,
     ConflictError,
@@ -34,11 +41,15 @@ __all__ = [
     "ConflictError",
     "Connection",
     "Dataset",
+    "Deployment",
+    "DeploymentClient",
+    "DeploymentError",
     "FinetuningCanceledError",
     "FinetuningConfig",
     "FinetuningError",
     "FinetuningJob",
     "FinetuningJobRef",
+    "GenerateResponse",
     "JobMetric",
     "JobPhase",
     "NotFoundError",
@@ -46,6 +57,7 @@ __all__ = [
     "Repo",
     "ServerError",
     "ServerUnreachableError",
+    "StreamResponse",
     "Tuneforge",
     "TuneforgeError",
     "ValidationError",

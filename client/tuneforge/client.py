@@ -8,6 +8,7 @@ from types import TracebackType
 from tuneforge._http import HttpTransport, RetryPolicy
 from tuneforge.adapters import Adapters
 from tuneforge.datasets import Datasets
+from tuneforge.deployments import Deployments
 from tuneforge.errors import AuthenticationError
 from tuneforge.finetuning import Finetuning
 from tuneforge.repos import Repos
@@ -29,7 +30,8 @@ class Tuneforge:
     ...     config=FinetuningConfig(base_model="smollm2-135m"), dataset=dataset, repo="my-repo"
     ... )
 
-    Namespaces: `datasets`, `repos`, `adapters`, `finetuning` (`finetuning.jobs`). Every failure
+    Namespaces: `datasets`, `repos`, `adapters`, `finetuning` (`finetuning.jobs`), `deployments`
+    (`deployments.client(name).generate(prompt, adapter_id="repo/1")`). Every failure
     raises a TuneforgeError subclass. Use it as a context manager, or call `close()`, to release
     pooled connections.
     """
@@ -62,10 +64,12 @@ class Tuneforge:
         self.repos = Repos(self._http)
         self.finetuning = Finetuning(self._http, poll_interval=poll_interval)
         self.adapters = Adapters(self._http, self.repos, self.finetuning.jobs)
+        self.deployments = Deployments(self._http, token, poll_interval=poll_interval)
 
     def close(self) -> None:
         """Release pooled connections; the client must not be used afterwards."""
         self._http.close()
+        self.deployments.close()
 
     def __enter__(self) -> Tuneforge:
         return self
