@@ -145,6 +145,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from worker.serve_main import run_server
+    except ImportError as exc:
+        raise ValueError(
+            f"serving needs the data-plane packages ({exc.name} is missing): pip install 'tuneforge[worker]'"
+        ) from None
+
+    settings = _settings(args.data_dir)
+    run_server(
+        settings,
+        base_model=args.base_model,
+        host=args.host,
+        port=args.port,
+        max_adapters=args.max_adapters,
+        max_batch_size=args.max_batch_size,
+        kv_cache_bytes=args.kv_cache_bytes,
+        dtype=args.dtype,
+        preload=args.preload,
+        adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
+        tenant=args.tenant,
+        log_level=args.log_level,
+    )
+    return 0
+
+
 def _redact(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     credentials, at, host = rest.rpartition("@")
@@ -172,6 +198,34 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
     worker.add_argument("--log-level", default="info")
     worker.set_defaults(func=cmd_worker)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve one base model and its adapters over HTTP (OpenAI and LoRAX APIs; `worker` extra)",
+    )
+    serve.add_argument(
+        "--base-model", required=True, help="a built-in name, HF id in the cache, or local dir"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--max-adapters", type=int, default=16, help="adapters kept in memory (LRU)")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")
+    serve.add_argument(
+        "--kv-cache-bytes", type=int, default=None, help="KV-cache budget in bytes (default: 1 GiB)"
+    )
+    serve.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    serve.add_argument(
+        "--preload", nargs="+", action="extend", default=[], metavar="ID", help="adapters to load at start"
+    )
+    serve.add_argument(
+        "--adapter-dir", help="serve adapters from <dir>/<repo>/<N> instead of tuneforge storage"
+    )
+    serve.add_argument(
+        "--tenant", help="the tenant adapters resolve in when a request names none (default: dev)"
+    )
+    serve.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
 
     token = commands.add_parser("token", help="manage API tokens").add_subparsers(
         dest="action", required=True

@@ -1,0 +1,206 @@
+"""The official `openai` client against a live server: completions, chat, streaming, usage, errors, models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+from server_support import TINY, LiveServingServer
+
+# Small enough that an over-long prompt is cheap to build.
+CONTEXT = 256
+PROMPT = "The quick brown fox"
+# The tiny model is random: without ignore_eos a completion could end at any length.
+EXACT = {"ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, adapter_root: Path) -> Iterator[LiveServingServer]:
+    with LiveServingServer(tiny_model_dir, adapter_root, max_model_len=CONTEXT) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServingServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def _greedy(client: openai.OpenAI, model: str, max_tokens: int = 12) -> openai.types.Completion:
+    return client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=max_tokens, temperature=0, extra_body=EXACT
+    )
+
+
+def test_completion_reports_usage_and_length(client: openai.OpenAI, server: LiveServingServer) -> None:
+    completion = _greedy(client, "", max_tokens=9)
+    prompt_tokens = len(server.engine.tokenizer(PROMPT)["input_ids"])
+    assert completion.object == "text_completion" and completion.model == TINY
+    assert completion.choices[0].finish_reason == "length" and completion.choices[0].text
+    assert completion.usage is not None
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (prompt_tokens, 9)
+    assert completion.usage.total_tokens == prompt_tokens + 9
+
+
+def test_streamed_completion_matches_the_whole_one(client: openai.OpenAI) -> None:
+    whole = _greedy(client, "acme/1")
+    chunks = list(
+        client.completions.create(
+            model="acme/1",
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=EXACT,
+        )
+    )
+    text_chunks, usage_chunk = chunks[:-1], chunks[-1]
+    assert "".join(c.choices[0].text for c in text_chunks) == whole.choices[0].text
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in text_chunks)
+    assert usage_chunk.choices == [] and usage_chunk.usage == whole.usage
+
+
+def test_token_id_prompt_equals_the_string_prompt(client: openai.OpenAI, server: LiveServingServer) -> None:
+    ids = list(server.engine.tokenizer(PROMPT)["input_ids"])
+    by_ids = client.completions.create(model="", prompt=ids, max_tokens=12, temperature=0, extra_body=EXACT)
+    assert by_ids.choices[0].text == _greedy(client, "").choices[0].text
+
+
+def test_adapters_and_base_give_different_text(client: openai.OpenAI) -> None:
+    texts = {model: _greedy(client, model).choices[0].text for model in ("", "acme/1", "acme/2", "acme/3")}
+    assert len(set(texts.values())) == 4, texts
+    # The base model's own name means "no adapter", like "".
+    assert _greedy(client, TINY).choices[0].text == texts[""]
+
+
+def test_chat_completion_and_its_stream(client: openai.OpenAI) -> None:
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is two plus two?"}]
+    whole = client.chat.completions.create(
+        model="acme/2",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        extra_body=EXACT,
+    )
+    assert whole.object == "chat.completion"
+    assert whole.choices[0].message.role == "assistant" and whole.choices[0].message.content
+    assert whole.choices[0].finish_reason == "length" and whole.usage is not None
+    assert whole.usage.completion_tokens == 10 and whole.usage.prompt_tokens > 10
+    chunks = list(
+        client.chat.completions.create(
+            model="acme/2",
+            messages=messages,
+            max_completion_tokens=10,
+            temperature=0,
+            stream=True,
+            extra_body=EXACT,
+        )
+    )
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_sse_stream_is_openai_framed_and_ends_with_done(server: LiveServingServer) -> None:
+    body = {"model": "", "prompt": PROMPT, "max_tokens": 4, "stream": True, "temperature": 0} | EXACT
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith("data: ")
+        chunk = json.loads(event.removeprefix("data: "))
+        assert set(chunk) == {"id", "object", "created", "model", "choices"}
+
+
+def test_seeded_sampling_repeats(client: openai.OpenAI) -> None:
+    def sample() -> str:
+        completion = client.completions.create(
+            model="acme/3", prompt=PROMPT, max_tokens=12, temperature=1.0, top_p=0.9, seed=7, extra_body=EXACT
+        )
+        return completion.choices[0].text
+
+    assert sample() == sample()
+
+
+def test_stop_string_ends_the_completion_and_is_left_out(client: openai.OpenAI) -> None:
+    text = _greedy(client, "acme/1", max_tokens=16).choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip(), f"pick another prompt: {text!r}"
+    stopped = client.completions.create(
+        model="acme/1", prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop], extra_body=EXACT
+    )
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == text[: text.index(stop)]
+
+
+async def _completion(client: openai.AsyncOpenAI, **kwargs: object) -> openai.types.Completion:
+    return await client.completions.create(max_tokens=16, temperature=0, extra_body=EXACT, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+def test_unknown_adapter_is_404_while_the_batch_completes(server: LiveServingServer) -> None:
+    async def run() -> list[object]:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        models = ["acme/1", "nobody/7", "acme/4", "", "acme/2"]
+        return await asyncio.gather(
+            *(_completion(client, model=m, prompt=PROMPT) for m in models), return_exceptions=True
+        )
+
+    results = asyncio.run(run())
+    assert isinstance(results[1], openai.NotFoundError) and "nobody/7" in str(results[1])
+    for result in results[:1] + results[2:]:
+        assert isinstance(result, openai.types.Completion), result
+        assert result.usage is not None and result.usage.completion_tokens == 16
+
+
+def test_over_long_prompt_is_400_and_fails_alone(server: LiveServingServer) -> None:
+    async def run() -> tuple[object, object]:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        long_prompt = [1] * (CONTEXT + 10)
+        return await asyncio.gather(
+            _completion(client, model="acme/1", prompt=PROMPT),
+            _completion(client, model="acme/1", prompt=long_prompt),
+            return_exceptions=True,
+        )
+
+    good, bad = asyncio.run(run())
+    assert isinstance(bad, openai.BadRequestError) and str(CONTEXT) in str(bad)
+    assert isinstance(good, openai.types.Completion) and good.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("temperature", -0.5), ("top_p", 1.5), ("n", 2), ("echo", True), ("max_tokens", 0), ("best_of", 3)],
+)
+def test_invalid_or_unsupported_parameter_is_4xx_naming_the_field(
+    client: openai.OpenAI, field: str, value: object
+) -> None:
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.completions.create(model="", prompt=PROMPT, extra_body={field: value})
+    assert 400 <= caught.value.status_code < 500
+    error = caught.value.body
+    assert isinstance(error, dict) and error["param"] == field and field in error["message"]
+
+
+def test_chat_with_an_unknown_adapter_streaming_is_a_404_before_any_chunk(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(
+            model="acme/99", messages=[{"role": "user", "content": "hi"}], stream=True, max_tokens=4
+        )
+
+
+def test_models_lists_the_base_model_and_every_adapter(client: openai.OpenAI) -> None:
+    _greedy(client, "acme/4", max_tokens=1)  # loaded now
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {TINY, "acme/1", "acme/2", "acme/3", "acme/4"}
+    assert models["acme/4"].model_extra is not None and models["acme/4"].model_extra["parent"] == TINY
+    assert models["acme/4"].model_extra["loaded"] is True

@@ -1,0 +1,224 @@
+"""`tuneforge serve`: one base model's serving process, with adapters resolved through tuneforge storage.
+
+The launcher is the serving engine's I/O glue (as `worker/tasks.py` is the trainer's): it reads
+settings, finds adapter versions and checkpoints in the control plane's database, downloads their
+PEFT files from the blob store, and hands the engine an `AdapterSource` that knows nothing of either.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.context import AppContext
+from app.db import AdapterVersion, Repo, Tenant, VersionStatus
+from app.services import jobs, versions
+from app.settings import Settings
+from app.storage.base import BlobNotFoundError, StorageError
+from worker.serving.errors import AdapterLoadError, AdapterNotFoundError
+
+log = logging.getLogger(__name__)
+
+# What the engine loads; everything else a version stores (tokenizer, training summary) stays put.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLED_WEIGHTS = "adapter_model.bin"
+_ADAPTER_ID = re.compile(r"(?P<repo>[^/@\s]+)/(?P<tag>\d+)(?:@(?P<step>\d+))?")
+
+
+@dataclass(frozen=True)
+class _Artifact:
+    """Where one servable adapter's files lie in the blob store, and the cache key they go under."""
+
+    key: str
+    prefix: str
+    files: dict[str, dict[str, Any]]
+
+
+class StorageAdapterSource:
+    """Adapters `repo/N` (a completed version) and `repo/N@step` (a stored checkpoint) of a tenant.
+
+    Files land in `cache_dir/<version uuid>[/step-N]`, written to a scratch directory and renamed into
+    place once every sha256 matched, so a crash never leaves a half-written adapter to be served.
+    """
+
+    def __init__(self, ctx: AppContext, cache_dir: Path, default_tenant: str, *, base_model: str) -> None:
+        self._ctx, self._cache_dir, self._default_tenant = ctx, Path(cache_dir), default_tenant
+        self._base_model = base_model
+        self._lock = threading.Lock()  # one download per key at a time; loads are rare
+
+    def fetch(self, adapter_id: str, tenant: str | None) -> Path:
+        with self._ctx.sessions() as session:
+            artifact = self._artifact(session, adapter_id, tenant or self._default_tenant)
+        target = self._cache_dir / artifact.key
+        with self._lock:
+            if not target.is_dir():
+                self._download(adapter_id, artifact, target)
+        return target
+
+    def list_available(self, tenant: str | None) -> list[str]:
+        """Completed versions of the served base model with safetensors weights, as `repo/N`."""
+        query = (
+            select(AdapterVersion)
+            .join(Repo, AdapterVersion.repo_id == Repo.id)
+            .join(Tenant, Repo.tenant_id == Tenant.id)
+            .where(
+                Tenant.name == (tenant or self._default_tenant),
+                AdapterVersion.base_model == self._base_model,
+                AdapterVersion.status == VersionStatus.COMPLETED,
+            )
+            .order_by(Repo.name, AdapterVersion.tag)
+        )
+        with self._ctx.sessions() as session:
+            found = session.scalars(query).unique()
+            return [versions.version_id(v) for v in found if ADAPTER_WEIGHTS in (v.artifact_files or {})]
+
+    def _artifact(self, session: Session, adapter_id: str, tenant: str) -> _Artifact:
+        match = _ADAPTER_ID.fullmatch(adapter_id.strip())
+        if match is None:
+            raise AdapterNotFoundError(
+                f"adapter {adapter_id!r} not found: adapter ids are 'repo/N' or, for a checkpoint, "
+                "'repo/N@step'"
+            )
+        version = session.scalar(
+            select(AdapterVersion)
+            .join(Repo, AdapterVersion.repo_id == Repo.id)
+            .join(Tenant, Repo.tenant_id == Tenant.id)
+            .where(Tenant.name == tenant, Repo.name == match["repo"], AdapterVersion.tag == int(match["tag"]))
+        )
+        if version is None:  # also another tenant's: its existence is not revealed
+            raise AdapterNotFoundError(f"adapter {match['repo']}/{match['tag']} not found")
+        if version.base_model != self._base_model:
+            raise AdapterLoadError(
+                f"adapter {adapter_id} was trained on {version.base_model!r}; this deployment serves "
+                f"{self._base_model!r}, so it cannot load it (deploy {version.base_model!r} to serve it)"
+            )
+        if match["step"] is not None:
+            return _checkpoint(session, version, int(match["step"]))
+        if (
+            version.status != VersionStatus.COMPLETED
+            or not version.artifact_files
+            or not version.artifact_prefix
+        ):
+            raise AdapterLoadError(
+                f"adapter {adapter_id} is {version.status}, not completed, so it has no adapter to serve "
+                "yet; wait for it, or serve one of its checkpoints ('repo/N@step')"
+            )
+        return _Artifact(
+            version.uuid, version.artifact_prefix, _adapter_files(adapter_id, version.artifact_files)
+        )
+
+    def _download(self, adapter_id: str, artifact: _Artifact, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+        try:
+            for name, meta in artifact.files.items():
+                with (scratch / name).open("wb") as handle:
+                    key = f"{artifact.prefix}{name}"
+                    for chunk in self._ctx.store.iter_chunks(key, expected_sha256=meta.get("sha256")):
+                        handle.write(chunk)
+            scratch.rename(target)
+        except BlobNotFoundError as exc:
+            raise AdapterLoadError(
+                f"adapter {adapter_id}: its files are missing from storage ({exc})"
+            ) from None
+        except StorageError as exc:  # a checksum mismatch, or the store is unreachable
+            raise AdapterLoadError(f"adapter {adapter_id}: cannot read its files: {exc}") from None
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        log.info("adapter %s downloaded to %s", adapter_id, target)
+
+
+def _checkpoint(session: Session, version: AdapterVersion, step: int) -> _Artifact:
+    name = versions.version_id(version)
+    checkpoint = jobs.checkpoint_at(session, version.job, step) if version.job is not None else None
+    if checkpoint is None:
+        steps = jobs.checkpoint_steps(session, version.job) if version.job is not None else []
+        available = ", ".join(str(s) for s in steps) or "none"
+        raise AdapterNotFoundError(
+            f"adapter {name}@{step} not found: stored checkpoint steps are {available}"
+        )
+    files = _adapter_files(f"{name}@{step}", versions.model_files(checkpoint.files))
+    return _Artifact(f"{version.uuid}/step-{step}", checkpoint.prefix, files)
+
+
+def _adapter_files(adapter_id: str, files: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The two files the engine loads; pickled weights are never loaded, whatever else is stored."""
+    if ADAPTER_WEIGHTS not in files:
+        why = "only pickled weights (adapter_model.bin)" if PICKLED_WEIGHTS in files else "no adapter weights"
+        raise AdapterLoadError(
+            f"adapter {adapter_id} has {why}; serving loads only {ADAPTER_WEIGHTS} (upload it in safetensors)"
+        )
+    if ADAPTER_CONFIG not in files:
+        raise AdapterLoadError(f"adapter {adapter_id} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter")
+    return {name: files[name] for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+
+
+def model_cache_dir(settings: Settings) -> Path:
+    """Where built base models live: the same cache the training workers use."""
+    return settings.model_cache_dir if settings.model_cache_dir is not None else settings.data_dir / "models"
+
+
+def run_server(
+    settings: Settings,
+    *,
+    base_model: str,
+    host: str,
+    port: int,
+    max_adapters: int,
+    max_batch_size: int,
+    kv_cache_bytes: int | None,
+    dtype: str,
+    preload: list[str],
+    adapter_dir: Path | None,
+    tenant: str | None,
+    log_level: str = "info",
+) -> None:
+    """Load the model, start the engine, and serve HTTP until interrupted."""
+    import uvicorn
+
+    from worker.serving.adapters import AdapterSource, LocalDirectorySource
+    from worker.serving.async_engine import AsyncEngine
+    from worker.serving.engine import EngineConfig
+    from worker.serving.metrics import ServingMetrics
+    from worker.serving.server import build_app
+    from worker.training.base_models import resolve_base_model
+
+    tenant = tenant or settings.dev_tenant
+    model_path = resolve_base_model(base_model, model_cache_dir(settings))
+    ctx: AppContext | None = None
+    source: AdapterSource
+    if adapter_dir is not None:
+        source = LocalDirectorySource(adapter_dir)
+    else:
+        ctx = AppContext.from_settings(settings)
+        cache = settings.data_dir / "serving" / "adapters"
+        source = StorageAdapterSource(ctx, cache, tenant, base_model=base_model)
+    config = EngineConfig(
+        model_path=model_path,
+        model_name=base_model,
+        dtype=dtype,
+        max_batch_size=max_batch_size,
+        max_adapters=max_adapters,
+        kv_cache_bytes=kv_cache_bytes,
+    )
+    engine = AsyncEngine(config, source=source, metrics=ServingMetrics())
+    engine.start()
+    try:
+        if preload:
+            engine.preload(preload, tenant=tenant)
+        print(f"tuneforge serving {base_model} on http://{host}:{port}", flush=True)
+        uvicorn.run(build_app(engine, default_tenant=tenant), host=host, port=port, log_level=log_level)
+    finally:
+        engine.shutdown()
+        if ctx is not None:
+            ctx.close()

@@ -1,0 +1,212 @@
+"""LoRAX-compatible endpoints: `POST /generate`, `/generate_stream` (SSE), `/` (a one-item list, or SSE)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from worker.serving.errors import InvalidParameterError, ServingError
+from worker.serving.http_common import (
+    EventStreamResponse,
+    Generation,
+    RequestContext,
+    completion_text,
+    finish_reason_of,
+    lorax_error_body,
+    sse,
+)
+from worker.serving.outputs import FinishReason, TokenOutput
+from worker.serving.params import SamplingParams
+
+router = APIRouter()
+
+# Text Generation Inference's default, which LoRAX clients expect when max_new_tokens is unset.
+DEFAULT_MAX_NEW_TOKENS = 100
+# Where LoRAX may look an adapter up; this server always resolves ids through its own source.
+ADAPTER_SOURCES = (None, "hub", "local", "s3", "pbase")
+
+
+class Parameters(BaseModel):
+    """LoRAX's `parameters`; lorax-client sends every field, most of them null."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    adapter_id: str | None = None
+    adapter_source: str | None = None
+    merged_adapters: dict[str, Any] | None = None
+    api_token: str | None = None
+    do_sample: bool = False
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    ignore_eos_token: bool = False
+    repetition_penalty: float | None = None
+    return_full_text: bool = False
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = Field(default=None, ge=0)
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    truncate: int | None = Field(default=None, ge=1)
+    typical_p: float | None = None
+    best_of: int | None = None
+    watermark: bool = False
+    details: bool = False
+    decoder_input_details: bool = False
+    return_k_alternatives: int | None = None
+    response_format: dict[str, Any] | None = None
+
+    def sampling(self, max_new_tokens: int) -> SamplingParams:
+        """Sampling is on with `do_sample` or any warper set (as in TGI); a sampled run without a seed
+        gets a random one, which the details report so that the output can be reproduced."""
+        self._refuse_unsupported()
+        sampling = self.do_sample or any(
+            value is not None for value in (self.temperature, self.top_k, self.top_p)
+        )
+        seed = self.seed if self.seed is not None or not sampling else secrets.randbelow(2**63)
+        return SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            seed=seed,
+            stop=tuple(self.stop),
+            ignore_eos=self.ignore_eos_token,
+            do_sample=sampling,
+        )
+
+    def _refuse_unsupported(self) -> None:
+        _refuse(
+            self.adapter_source not in ADAPTER_SOURCES,
+            "adapter_source",
+            f"must be one of {ADAPTER_SOURCES[1:]}",
+        )
+        _refuse(self.merged_adapters is not None, "merged_adapters", "is not supported; pass one adapter_id")
+        _refuse(self.best_of not in (None, 1), "best_of", "only best_of=1 is supported")
+        _refuse(self.typical_p is not None, "typical_p", "is not supported; use top_p or top_k")
+        _refuse(self.watermark, "watermark", "is not supported")
+        _refuse(self.return_k_alternatives is not None, "return_k_alternatives", "is not supported")
+        _refuse(self.response_format is not None, "response_format", "is not supported")
+        _refuse(self.top_k is not None and self.top_k < 1, "top_k", "must be >= 1")
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: str = Field(min_length=1)
+    parameters: Parameters = Field(default_factory=Parameters)
+    stream: bool = False
+
+
+def _refuse(condition: bool, field: str, message: str) -> None:
+    if condition:
+        raise InvalidParameterError(f"{field} {message}", field=field)
+
+
+# --- routes ---------------------------------------------------------------------------------------
+
+
+@router.post("/generate", response_model=None)
+async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
+    reply = await _start(body, request)
+    return await reply.whole()
+
+
+@router.post("/generate_stream", response_model=None)
+async def generate_stream(body: GenerateRequest, request: Request) -> Response:
+    return EventStreamResponse((await _start(body, request)).stream())
+
+
+@router.post("/", response_model=None)
+async def generate_or_stream(body: GenerateRequest, request: Request) -> Response | list[dict[str, Any]]:
+    """The Predibase serving URL itself: a one-element list, or with `stream: true` the SSE stream."""
+    reply = await _start(body, request)
+    return EventStreamResponse(reply.stream()) if body.stream else [await reply.whole()]
+
+
+async def _start(body: GenerateRequest, request: Request) -> _Reply:
+    ctx = RequestContext.of(request)
+    prompt_ids = list(ctx.engine.tokenizer(body.inputs)["input_ids"])
+    parameters = body.parameters
+    if parameters.truncate is not None:
+        prompt_ids = prompt_ids[-parameters.truncate :]
+    budget = ctx.max_tokens(
+        len(prompt_ids), parameters.max_new_tokens, DEFAULT_MAX_NEW_TOKENS, "max_new_tokens"
+    )
+    params = parameters.sampling(budget)
+    generation = await ctx.generate(prompt_ids, params, parameters.adapter_id)
+    return _Reply(ctx, body, prompt_ids, params, generation)
+
+
+# --- responses ------------------------------------------------------------------------------------
+
+
+class _Reply:
+    """Renders one generation as LoRAX's response (with `details` when asked) or its token stream."""
+
+    def __init__(
+        self,
+        ctx: RequestContext,
+        body: GenerateRequest,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        generation: Generation,
+    ) -> None:
+        self.ctx, self.body, self.prompt_ids, self.params = ctx, body, prompt_ids, params
+        self.generation = generation
+
+    async def whole(self) -> dict[str, Any]:
+        outputs = await self.generation.collect()
+        reply: dict[str, Any] = {"generated_text": self._full_text(completion_text(outputs))}
+        if self.body.parameters.details:
+            reply["details"] = self._details(outputs) | {
+                "prefill": self._prefill() if self.body.parameters.decoder_input_details else [],
+                "tokens": [_token(output) for output in outputs],
+                "best_of_sequences": None,
+            }
+        return reply
+
+    async def stream(self) -> AsyncGenerator[str, None]:
+        outputs: list[TokenOutput] = []
+        try:
+            async for output in self.generation.outputs():
+                outputs.append(output)
+                event: dict[str, Any] = {"token": _token(output), "generated_text": None, "details": None}
+                if output.finished:
+                    event["generated_text"] = self._full_text(completion_text(outputs))
+                    if self.body.parameters.details:
+                        event["details"] = self._details(outputs)
+                yield sse(event)
+        except ServingError as exc:
+            yield sse(lorax_error_body(exc.status_code, exc.message))
+
+    def _full_text(self, generated: str) -> str:
+        if not self.body.parameters.return_full_text:
+            return generated
+        return self.body.inputs + generated
+
+    def _details(self, outputs: list[TokenOutput]) -> dict[str, Any]:
+        return {
+            "finish_reason": lorax_finish_reason(finish_reason_of(outputs)),
+            "prompt_tokens": len(self.prompt_ids),
+            "generated_tokens": outputs[-1].index + 1,
+            "seed": self.params.seed if not self.params.greedy else None,
+        }
+
+    def _prefill(self) -> list[dict[str, Any]]:
+        # The engine does not score the prompt: its tokens come without logprobs (LoRAX's first one has none).
+        decode = self.ctx.engine.tokenizer.decode
+        return [{"id": token, "text": decode([token]), "logprob": None} for token in self.prompt_ids]
+
+
+def _token(output: TokenOutput) -> dict[str, Any]:
+    return {"id": output.token_id, "text": output.text, "logprob": output.logprob, "special": output.special}
+
+
+def lorax_finish_reason(reason: FinishReason) -> str:
+    # LoRAX knows length / eos_token / stop_sequence; an aborted request has no client left to read it.
+    return str(reason) if reason != FinishReason.ABORTED else str(FinishReason.LENGTH)

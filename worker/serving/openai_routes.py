@@ -1,0 +1,312 @@
+"""vLLM/OpenAI-compatible endpoints: `/v1/completions`, `/v1/chat/completions` (SSE if streamed), models."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from worker.serving.errors import InvalidParameterError, ServingError
+from worker.serving.http_common import (
+    EventStreamResponse,
+    Generation,
+    RequestContext,
+    completion_text,
+    error_code,
+    finish_reason_of,
+    openai_error_body,
+    sse,
+)
+from worker.serving.outputs import FinishReason, TokenOutput
+from worker.serving.params import SamplingParams
+
+router = APIRouter(prefix="/v1")
+
+# OpenAI's default for the legacy completions endpoint; chat defaults to the rest of the context.
+DEFAULT_COMPLETION_TOKENS = 16
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _GenerationRequest(BaseModel):
+    """Fields both endpoints take. Unknown fields are ignored, as vLLM does; unsupported ones refused."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM's extras
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int | None = None
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        self._refuse_unsupported()
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0) if self.top_k != -1 else 0,  # vLLM spells "off" -1
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            seed=self.seed,
+            stop=stop,
+            ignore_eos=self.ignore_eos,
+        )
+
+    def _refuse_unsupported(self) -> None:
+        _refuse(self.n != 1, "n", "only n=1 is supported; send one request per completion")
+        _refuse(bool(self.presence_penalty), "presence_penalty", "is not supported; use repetition_penalty")
+        _refuse(bool(self.frequency_penalty), "frequency_penalty", "is not supported; use repetition_penalty")
+        _refuse(bool(self.logit_bias), "logit_bias", "is not supported")
+        _refuse(bool(self.min_tokens), "min_tokens", "is not supported")
+        _refuse(self.top_k is not None and self.top_k < -1, "top_k", "must be >= 1, or 0 / -1 for off")
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    def _refuse_unsupported(self) -> None:
+        super()._refuse_unsupported()
+        _refuse(self.best_of not in (None, 1), "best_of", "only best_of=1 is supported")
+        _refuse(self.echo, "echo", "is not supported; prepend the prompt yourself")
+        _refuse(self.logprobs is not None, "logprobs", "is not supported on /v1/completions")
+        _refuse(self.suffix is not None, "suffix", "is not supported")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def _refuse_unsupported(self) -> None:
+        super()._refuse_unsupported()
+        _refuse(bool(self.logprobs) or self.top_logprobs is not None, "logprobs", "is not supported")
+        _refuse(bool(self.tools), "tools", "tool calling is not supported")
+        _refuse(
+            self.response_format is not None and self.response_format.get("type") != "text",
+            "response_format",
+            "only {'type': 'text'} is supported",
+        )
+
+
+def _refuse(condition: bool, field: str, message: str) -> None:
+    if condition:
+        raise InvalidParameterError(f"{field} {message}", field=field)
+
+
+# --- routes ---------------------------------------------------------------------------------------
+
+
+@router.post("/completions", response_model=None)
+async def create_completion(body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
+    ctx = RequestContext.of(request)
+    prompt_ids = _prompt_ids(ctx, body.prompt)
+    budget = ctx.max_tokens(len(prompt_ids), body.max_tokens, DEFAULT_COMPLETION_TOKENS, "max_tokens")
+    params = body.sampling(budget)
+    generation = await ctx.generate(prompt_ids, params, body.model)
+    reply = _Reply(
+        "cmpl", "text_completion", body.model or ctx.engine.model_name, len(prompt_ids), chat=False
+    )
+    if body.stream:
+        return EventStreamResponse(reply.stream(generation, body.include_usage))
+    return reply.whole(await generation.collect())
+
+
+@router.post("/chat/completions", response_model=None)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response | dict[str, Any]:
+    ctx = RequestContext.of(request)
+    prompt_ids = await run_in_threadpool(_chat_prompt_ids, ctx, body.messages)
+    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    requested = body.max_completion_tokens or body.max_tokens
+    params = body.sampling(ctx.max_tokens(len(prompt_ids), requested, None, field))
+    generation = await ctx.generate(prompt_ids, params, body.model)
+    model = body.model or ctx.engine.model_name
+    reply = _Reply("chatcmpl", "chat.completion", model, len(prompt_ids), chat=True)
+    if body.stream:
+        return EventStreamResponse(reply.stream(generation, body.include_usage))
+    return reply.whole(await generation.collect())
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    ctx = RequestContext.of(request)
+    loaded = ctx.engine.loaded_adapters()
+    available = await run_in_threadpool(ctx.engine.source.list_available, ctx.tenant)
+    created = int(request.app.state.started_at)
+    base = ctx.engine.model_name
+    data = [_model_card(base, created, root=base, parent=None, loaded=True)]
+    for adapter in sorted(set(loaded) | set(available)):
+        data.append(_model_card(adapter, created, root=adapter, parent=base, loaded=adapter in loaded))
+    return {"object": "list", "data": data}
+
+
+def _model_card(name: str, created: int, *, root: str, parent: str | None, loaded: bool) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "tuneforge",
+        "root": root,
+        "parent": parent,
+        "loaded": loaded,
+    }
+
+
+# --- prompts --------------------------------------------------------------------------------------
+
+
+def _prompt_ids(ctx: RequestContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list[int]:
+    """A string, one-element list of strings, list of token ids, or one-element list of such lists."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        _refuse(
+            len(prompt) != 1, "prompt", "takes one prompt per request (a list of several is not supported)"
+        )
+        prompt = prompt[0]  # type: ignore[assignment]
+    if isinstance(prompt, str):
+        ids = list(ctx.engine.tokenizer(prompt)["input_ids"]) if prompt else []
+    else:
+        ids = list(prompt)  # type: ignore[arg-type]
+        vocab = len(ctx.engine.tokenizer)
+        bad = [token for token in ids if not 0 <= token < vocab]
+        _refuse(bool(bad), "prompt", f"token ids must be in [0, {vocab}); got {bad[:5]}")
+    _refuse(not ids, "prompt", "must not be empty")
+    return ids
+
+
+def _chat_prompt_ids(ctx: RequestContext, messages: list[ChatMessage]) -> list[int]:
+    """The base model's chat template over the messages, ending in the assistant's turn."""
+    conversation = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(messages)]
+    tokenizer = ctx.engine.tokenizer
+    _refuse(tokenizer.chat_template is None, "messages", f"{ctx.engine.model_name} has no chat template")
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja's TemplateError: the template refused these messages
+        raise InvalidParameterError(
+            f"messages: the chat template refused them: {exc}", field="messages"
+        ) from None
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _message_text(message: ChatMessage, index: int) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    parts = []
+    for part in message.content:
+        _refuse(part.get("type") != "text", f"messages[{index}].content", "only text parts are supported")
+        parts.append(str(part.get("text", "")))
+    return "".join(parts)
+
+
+# --- responses ------------------------------------------------------------------------------------
+
+
+def openai_finish_reason(reason: FinishReason) -> str:
+    if reason == FinishReason.LENGTH:
+        return "length"
+    return "abort" if reason == FinishReason.ABORTED else "stop"
+
+
+class _Reply:
+    """Renders one generation as OpenAI's whole response or as its stream of chunks."""
+
+    def __init__(self, id_prefix: str, kind: str, model: str, prompt_tokens: int, *, chat: bool) -> None:
+        self.id = f"{id_prefix}-{uuid.uuid4().hex}"
+        self.kind, self.model, self.prompt_tokens, self.chat = kind, model, prompt_tokens, chat
+        self.created = int(time.time())
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        total = self.prompt_tokens + completion_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": total,
+        }
+
+    def whole(self, outputs: list[TokenOutput]) -> dict[str, Any]:
+        text, reason = completion_text(outputs), openai_finish_reason(finish_reason_of(outputs))
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return self._envelope(self.kind, [choice]) | {"usage": self.usage(outputs[-1].index + 1)}
+
+    async def stream(self, generation: Generation, include_usage: bool) -> AsyncGenerator[str, None]:
+        kind = f"{self.kind}.chunk" if self.chat else self.kind
+        usage: dict[str, Any] = {"usage": None} if include_usage else {}
+        generated = 0
+        try:
+            if self.chat:
+                yield sse(
+                    self._envelope(kind, [self._chunk_choice({"role": "assistant", "content": ""})]) | usage
+                )
+            async for output in generation.outputs():
+                generated = output.index + 1
+                for choice in self._chunk_choices(output):
+                    yield sse(self._envelope(kind, [choice]) | usage)
+        except ServingError as exc:
+            yield sse(openai_error_body(exc.status_code, exc.message, exc.field, error_code(exc)))
+        if include_usage:
+            yield sse(self._envelope(kind, []) | {"usage": self.usage(generated)})
+        yield sse("[DONE]")
+
+    def _chunk_choices(self, output: TokenOutput) -> list[dict[str, Any]]:
+        reason = openai_finish_reason(output.finish_reason) if output.finish_reason else None
+        if not self.chat:
+            return [self._chunk_choice(output.text, reason)] if output.text or reason else []
+        choices = [self._chunk_choice({"content": output.text})] if output.text else []
+        if reason is not None:
+            choices.append(self._chunk_choice({}, reason))
+        return choices
+
+    def _chunk_choice(self, content: str | dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        key = "delta" if self.chat else "text"
+        return {"index": 0, key: content, "logprobs": None, "finish_reason": reason}
+
+    def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }

@@ -1,0 +1,73 @@
+"""The HTTP server of one base model: OpenAI and LoRAX routes over one `AsyncEngine`, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from worker.serving import lorax_routes, openai_routes
+from worker.serving.errors import ServingError
+from worker.serving.http_common import error_body, error_code
+
+if TYPE_CHECKING:
+    from worker.serving.async_engine import AsyncEngine
+
+log = logging.getLogger(__name__)
+
+
+def build_app(engine: AsyncEngine, *, default_tenant: str | None) -> FastAPI:
+    """The app over a started engine; `default_tenant` resolves adapters when the proxy names none."""
+    app = FastAPI(title=f"tuneforge serving: {engine.model_name}", docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    app.state.default_tenant = default_tenant
+    app.state.started_at = time.time()
+    app.include_router(openai_routes.router)
+    app.include_router(lorax_routes.router)
+    app.add_api_route("/health", health, methods=["GET"], response_model=None)
+    app.add_api_route("/metrics", metrics, methods=["GET"], response_model=None)
+    app.add_exception_handler(ServingError, _serving_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected_error)
+    return app
+
+
+async def health(request: Request) -> Response:
+    """200 once the model is loaded and the engine loop runs; 503 otherwise (a load balancer's cue)."""
+    engine: AsyncEngine = request.app.state.engine
+    ready = engine.ready
+    body = {"status": "ok" if ready else "unavailable", "model": engine.model_name}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.engine.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _serving_error(request: Request, exc: ServingError) -> JSONResponse:
+    body = error_body(request.url.path, exc.status_code, exc.message, exc.field, error_code(exc))
+    return JSONResponse(body, status_code=exc.status_code)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A body that does not parse: 422 naming the first offending field, in the route's error shape."""
+    first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(location) or None
+    message = f"{field}: {first.get('msg', 'invalid request body')}" if field else "invalid request body"
+    return JSONResponse(
+        error_body(request.url.path, 422, message, field, "invalid_parameter"), status_code=422
+    )
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("request %s %s failed", request.method, request.url.path, exc_info=exc)
+    message = f"internal error ({type(exc).__name__}); the request was not completed"
+    return JSONResponse(error_body(request.url.path, 500, message, None, "internal_error"), status_code=500)
