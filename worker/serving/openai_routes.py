@@ -168,24 +168,27 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
+    """The base model and the tenant's adapters; `loaded` says which are in memory now.
+
+    Only the source's list for this tenant is shown: the engine's loaded ids span every tenant.
+    """
     ctx = RequestContext.of(request)
-    loaded = ctx.engine.loaded_adapters()
+    loaded = set(ctx.engine.loaded_adapters())
     available = await run_in_threadpool(ctx.engine.source.list_available, ctx.tenant)
     created = int(request.app.state.started_at)
     base = ctx.engine.model_name
-    data = [_model_card(base, created, root=base, parent=None, loaded=True)]
-    for adapter in sorted(set(loaded) | set(available)):
-        data.append(_model_card(adapter, created, root=adapter, parent=base, loaded=adapter in loaded))
+    data = [_model_card(base, created, parent=None, loaded=True)]
+    data += [_model_card(a, created, parent=base, loaded=a in loaded) for a in sorted(set(available))]
     return {"object": "list", "data": data}
 
 
-def _model_card(name: str, created: int, *, root: str, parent: str | None, loaded: bool) -> dict[str, Any]:
+def _model_card(name: str, created: int, *, parent: str | None, loaded: bool) -> dict[str, Any]:
     return {
         "id": name,
         "object": "model",
         "created": created,
         "owned_by": "tuneforge",
-        "root": root,
+        "root": name,
         "parent": parent,
         "loaded": loaded,
     }

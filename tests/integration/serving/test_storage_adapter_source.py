@@ -1,0 +1,238 @@
+"""StorageAdapterSource on both stacks: adapters uploaded through the API, fetched for the serving engine.
+
+Versions and checkpoints are made the way users and workers make them (the upload flow over HTTP, a
+job accepted over HTTP whose checkpoints are recorded through the same services the worker uses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from tests_support import write_peft_adapter
+
+from app.context import AppContext
+from app.db import AdapterVersion, FinetuningJob, JobStatus, Repo, Tenant
+from app.db.session import transaction
+from app.main import create_app
+from app.services import auth, jobs
+from worker.serve_main import StorageAdapterSource
+from worker.serving.errors import AdapterLoadError, AdapterNotFoundError
+
+TINY = "tiny-random-llama"
+ROWS = b"".join(
+    json.dumps({"prompt": f"Say {n}.", "completion": f" {n}"}).encode() + b"\n" for n in range(20)
+)
+
+
+@pytest.fixture(scope="module", params=["embedded", "postgres_s3"])
+def api(request: pytest.FixtureRequest, stack_settings_factory: Callable[..., Any]) -> Iterator[TestClient]:
+    with TestClient(create_app(stack_settings_factory(request.param))) as client:
+        yield client
+
+
+@dataclass
+class TenantClient:
+    client: TestClient
+    name: str
+
+    @property
+    def ctx(self) -> AppContext:
+        return self.client.app.state.ctx  # type: ignore[attr-defined,no-any-return]
+
+    def put(self, url: str, data: bytes) -> None:
+        # Local-store URLs point at the app itself; S3 URLs at the real S3 server.
+        if url.startswith(str(self.client.base_url)):
+            self.client.put(url, content=data).raise_for_status()
+        else:
+            httpx.put(url, content=data).raise_for_status()
+
+    def upload_adapter(self, repo: str, directory: Path) -> dict[str, Any]:
+        begun = self.client.post("/v2/adapters/upload", json={"repo": repo}).json()
+        for path in directory.iterdir():
+            self.put(begun["presignedUrls"][path.name], path.read_bytes())
+        response = self.client.put("/v2/adapters/upload/", json={"uploadToken": begun["uploadToken"]})
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def new_tenant(api: TestClient) -> Callable[[], TenantClient]:
+    def make() -> TenantClient:
+        name = f"t-{secrets.token_hex(4)}"
+        with transaction(api.app.state.ctx.sessions) as session:  # type: ignore[attr-defined]
+            token = auth.create_token(session, auth.get_or_create_user(session, name, "alice"))
+        return TenantClient(TestClient(api.app, headers={"Authorization": f"Bearer {token}"}), name)
+
+    return make
+
+
+@pytest.fixture
+def tenant(new_tenant: Callable[[], TenantClient]) -> TenantClient:
+    return new_tenant()
+
+
+def _source(tenant: TenantClient, tmp_path: Path, base_model: str = TINY) -> StorageAdapterSource:
+    return StorageAdapterSource(tenant.ctx, tmp_path / "cache", tenant.name, base_model=base_model)
+
+
+def _adapter(tmp_path: Path, name: str = "adapter", base_model: str = TINY) -> Path:
+    return write_peft_adapter(tmp_path / name, base_model)
+
+
+def _version(tenant: TenantClient, repo: str, tag: int) -> AdapterVersion:
+    with transaction(tenant.ctx.sessions) as session:
+        query = (
+            select(AdapterVersion)
+            .join(Repo)
+            .join(Tenant, Tenant.id == Repo.tenant_id)
+            .where(Tenant.name == tenant.name, Repo.name == repo, AdapterVersion.tag == tag)
+        )
+        version = session.scalars(query).unique().one()
+        session.expunge(version)
+        return version
+
+
+def test_an_uploaded_version_is_fetched_verified_and_cached(tenant: TenantClient, tmp_path: Path) -> None:
+    directory = _adapter(tmp_path)
+    tenant.upload_adapter("mine", directory)
+    source = _source(tenant, tmp_path)
+
+    fetched = source.fetch("mine/1", None)  # None: the source's default tenant
+    assert sorted(p.name for p in fetched.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    for path in fetched.iterdir():
+        assert path.read_bytes() == (directory / path.name).read_bytes()
+    assert fetched == tmp_path / "cache" / _version(tenant, "mine", 1).uuid
+    # Cached: a second fetch reads nothing from storage, even once the blobs are gone.
+    tenant.ctx.store.delete_prefix(_version(tenant, "mine", 1).artifact_prefix or "")
+    assert source.fetch("mine/1", tenant.name) == fetched
+    assert source.list_available(tenant.name) == ["mine/1"]
+
+
+def test_another_tenants_or_an_unknown_adapter_is_not_found(
+    tenant: TenantClient, new_tenant: Callable[[], TenantClient], tmp_path: Path
+) -> None:
+    tenant.upload_adapter("mine", _adapter(tmp_path))
+    other = new_tenant()
+    with pytest.raises(AdapterNotFoundError, match="mine/1 not found"):
+        _source(tenant, tmp_path).fetch("mine/1", other.name)
+    for unknown in ("mine/2", "theirs/1", "mine", "mine/1@3"):
+        with pytest.raises(AdapterNotFoundError):
+            _source(tenant, tmp_path).fetch(unknown, tenant.name)
+    assert _source(tenant, tmp_path).list_available(other.name) == []
+
+
+def test_an_adapter_of_another_base_model_is_a_load_error_naming_both(
+    tenant: TenantClient, tmp_path: Path
+) -> None:
+    tenant.upload_adapter("smol", _adapter(tmp_path, base_model="smollm2-135m"))
+    with pytest.raises(
+        AdapterLoadError, match=r"trained on 'smollm2-135m'; this deployment serves 'tiny-random-llama'"
+    ):
+        _source(tenant, tmp_path).fetch("smol/1", tenant.name)
+    assert _source(tenant, tmp_path).list_available(tenant.name) == []
+    assert _source(tenant, tmp_path, base_model="smollm2-135m").list_available(tenant.name) == ["smol/1"]
+
+
+def test_corrupted_blobs_and_pickle_only_versions_are_load_errors(
+    tenant: TenantClient, tmp_path: Path
+) -> None:
+    tenant.upload_adapter("mine", _adapter(tmp_path))
+    version = _version(tenant, "mine", 1)
+    tenant.ctx.store.put_stream(f"{version.artifact_prefix}adapter_model.safetensors", [b"not the weights"])
+    with pytest.raises(AdapterLoadError, match="cannot read its files"):
+        _source(tenant, tmp_path).fetch("mine/1", tenant.name)
+    assert not (tmp_path / "cache" / version.uuid).exists()  # nothing half-written is left to serve
+
+    with transaction(tenant.ctx.sessions) as session:
+        row = session.get(AdapterVersion, version.id)
+        assert row is not None
+        files = dict(row.artifact_files)
+        files["adapter_model.bin"] = files.pop("adapter_model.safetensors")
+        row.artifact_files = files
+    with pytest.raises(AdapterLoadError, match=r"only pickled weights \(adapter_model.bin\)"):
+        _source(tenant, tmp_path).fetch("mine/1", tenant.name)
+
+
+def _job_with_checkpoints(tenant: TenantClient, checkpoint_dir: Path, steps: list[int]) -> str:
+    """numbers/1: a job accepted over HTTP, training, with the adapter stored as a checkpoint at `steps`."""
+    begun = tenant.client.post("/v2/datasets/upload", json={"fileName": "n.jsonl", "mimeType": "text/plain"})
+    tenant.put(begun.json()["presignedUrl"], ROWS)
+    tenant.client.put(
+        "/v2/datasets/upload", json={"name": "numbers", "uploadToken": begun.json()["uploadToken"]}
+    )
+    for _ in range(200):
+        if tenant.client.get("/v1/datasets/name/numbers").json()["status"] != "validating":
+            break
+        time.sleep(0.05)
+    tenant.client.post("/v2/repos", json={"name": "numbers"})
+    body = {"params": {"base_model": TINY, "train_steps": 30}, "dataset": "numbers", "repo": "numbers"}
+    response = tenant.client.post("/v2/finetuning/jobs", json=body)
+    assert response.status_code == 200, response.text
+    job_uuid: str = response.json()["uuid"]
+    files = {p.name: p.read_bytes() for p in checkpoint_dir.iterdir()} | {"trainer/state.json": b"{}"}
+    with transaction(tenant.ctx.sessions) as session:
+        job = session.scalars(select(FinetuningJob).where(FinetuningJob.uuid == job_uuid)).one()
+        jobs.transition(session, job, JobStatus.TRAINING)
+        for step in steps:
+            prefix = f"tests/{job_uuid}/checkpoints/step-{step}/"
+            stored = {}
+            for name, data in files.items():
+                tenant.ctx.store.put_stream(f"{prefix}{name}", [data])
+                stored[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            jobs.record_checkpoint(session, job, step, prefix, stored)
+    return job_uuid
+
+
+def test_a_checkpoint_is_served_by_step_without_its_trainer_state(
+    tenant: TenantClient, tmp_path: Path
+) -> None:
+    directory = _adapter(tmp_path)
+    _job_with_checkpoints(tenant, directory, [10, 20])
+    source = _source(tenant, tmp_path)
+    with pytest.raises(AdapterLoadError, match="numbers/1 is training, not completed"):
+        source.fetch("numbers/1", tenant.name)
+    with pytest.raises(AdapterNotFoundError, match="stored checkpoint steps are 10, 20"):
+        source.fetch("numbers/1@15", tenant.name)
+
+    fetched = source.fetch("numbers/1@20", tenant.name)
+    assert fetched == tmp_path / "cache" / _version(tenant, "numbers", 1).uuid / "step-20"
+    assert sorted(p.name for p in fetched.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert source.list_available(tenant.name) == []  # only completed versions are listed
+
+
+def test_the_engine_serves_a_stored_adapter_in_its_tenant(
+    tenant: TenantClient, new_tenant: Callable[[], TenantClient], tmp_path: Path, shared_model_cache: Path
+) -> None:
+    from worker.serving.async_engine import AsyncEngine
+    from worker.serving.engine import EngineConfig
+    from worker.serving.params import SamplingParams
+
+    tenant.upload_adapter("mine", _adapter(tmp_path))
+    config = EngineConfig(model_path=shared_model_cache / TINY, model_name=TINY, kv_cache_bytes=1 << 24)
+    engine = AsyncEngine(config, source=_source(tenant, tmp_path))
+    engine.start()
+
+    async def generate(tenant_name: str) -> list[int]:
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        stream = engine.generate([1, 2, 3], params, adapter_id="mine/1", tenant=tenant_name)
+        return [output.token_id async for output in stream]
+
+    try:
+        assert len(asyncio.run(generate(tenant.name))) == 4
+        assert engine.loaded_adapters() == ["mine/1"]
+        with pytest.raises(AdapterNotFoundError):
+            asyncio.run(generate(new_tenant().name))
+    finally:
+        engine.shutdown()
