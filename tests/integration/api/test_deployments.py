@@ -1,4 +1,4 @@
-"""Deployments over the API on both stacks: Predibase shapes, validation, tenancy, events, the proxy's gate."""
+"""Deployments over the API on both stacks: Predibase shapes, validation, tenancy, events, proxy gate."""
 
 from __future__ import annotations
 
@@ -167,7 +167,8 @@ def test_the_serving_proxy_refuses_other_tenants_paths_unknown_deployments_and_r
     assert _create(tenant, "gated").status_code == 200
     prompt = {"inputs": "hi", "parameters": {"max_new_tokens": 1}}
     # The path's tenant segment must be the caller's: another's answers like a missing deployment.
-    assert_error(other_tenant.client.post(f"/{tenant.tenant}/deployments/v2/llms/gated", json=prompt), 404, "")
+    theirs = other_tenant.client.post(f"/{tenant.tenant}/deployments/v2/llms/gated", json=prompt)
+    assert_error(theirs, 404, "not found")
     wrong_path = tenant.client.post(f"/{other_tenant.tenant}/deployments/v2/llms/gated", json=prompt)
     assert_error(wrong_path, 404, "not found")
     assert_error(tenant.client.post(f"/{tenant.tenant}/deployments/v2/llms/nope", json=prompt), 404, "nope")

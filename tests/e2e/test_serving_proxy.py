@@ -1,0 +1,258 @@
+"""Serving through the control plane: a live server whose supervisor runs a real `tuneforge serve`.
+
+An adapter uploaded through the API is served by a `tiny-random-llama` deployment and reached with
+tuneforge's client, the real Predibase SDK and the openai package, all through the proxy URL
+`{server}/{tenant}/deployments/v2/llms/{name}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from live_server import LiveServer
+from peft import LoraConfig, get_peft_model
+from tests_support import assert_error
+from transformers import AutoModelForCausalLM
+from tuneforge import NotFoundError, Tuneforge
+
+pytestmark = pytest.mark.e2e
+
+TINY = "tiny-random-llama"
+DEPLOYMENT = "tiny"
+PROMPT = "The quick brown fox"
+
+
+@dataclass
+class ServingStack:
+    server: LiveServer
+    tenant: str
+    token: str
+    other_tenant: str
+    other_token: str
+    client: Tuneforge
+    other_client: Tuneforge
+
+    def proxy_url(self, name: str = DEPLOYMENT, tenant: str | None = None) -> str:
+        return f"{self.server.url}/{tenant or self.tenant}/deployments/v2/llms/{name}"
+
+    def auth(self, token: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token or self.token}"}
+
+    @property
+    def serving(self) -> Any:
+        return self.server.app.state.serving
+
+
+def _make_adapter(model_dir: Path, out_dir: Path) -> Path:
+    """A PEFT LoRA whose B matrices are random (not PEFT's zeros), so it changes what is generated."""
+    torch.manual_seed(7)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn_like(param) * 0.5)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    config_path = out_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = TINY  # the name the version is served under
+    config_path.write_text(json.dumps(config))
+    return out_dir
+
+
+@pytest.fixture(scope="module", params=["embedded", "postgres_s3"])
+def stack(
+    request: pytest.FixtureRequest,
+    stack_settings_factory: Callable[..., Any],
+    shared_model_cache: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ServingStack]:
+    from worker.training.base_models import resolve_base_model
+
+    missing = tmp_path_factory.mktemp("no-model") / "missing-model"  # a base model that cannot start
+    settings = stack_settings_factory(
+        request.param, model_cache_dir=shared_model_cache, extra_base_models=[str(missing)]
+    )
+    with LiveServer(settings) as server:
+        tenant, other = f"t-{secrets.token_hex(4)}", f"t-{secrets.token_hex(4)}"
+        token, other_token = server.mint_token(tenant), server.mint_token(other)
+        client = Tuneforge(api_token=token, base_url=server.url)
+        other_client = Tuneforge(api_token=other_token, base_url=server.url)
+        adapter = _make_adapter(
+            resolve_base_model(TINY, shared_model_cache), tmp_path_factory.mktemp("adapter") / "a"
+        )
+        assert client.adapters.upload(adapter, repo="acme").id == "acme/1"
+        deployment = client.deployments.create(DEPLOYMENT, config={"baseModel": TINY}, timeout=180)
+        assert deployment.status == "ready"
+        yield ServingStack(server, tenant, token, other, other_token, client, other_client)
+        client.close()
+        other_client.close()
+
+
+def test_tuneforge_client_generates_with_the_adapter_as_the_serving_process_does(stack: ServingStack) -> None:
+    serving = stack.client.deployments.client(DEPLOYMENT)
+    base = serving.generate(PROMPT, max_new_tokens=8)
+    tuned = serving.generate(PROMPT, adapter_id="acme/1", max_new_tokens=8)
+    assert base.details is not None and base.details.generated_tokens == 8
+    assert tuned.generated_text != base.generated_text, "the adapter must change the greedy output"
+    # The proxy adds nothing and loses nothing: the serving process itself answers the same.
+    direct = httpx.post(
+        stack.serving.ensure_started(TINY).url + "/generate",
+        json={"inputs": PROMPT, "parameters": {"adapter_id": "acme/1", "max_new_tokens": 8}},
+        headers={"X-Tuneforge-Tenant": stack.tenant},
+        timeout=60,
+    )
+    assert direct.status_code == 200, direct.text
+    assert direct.json()["generated_text"] == tuned.generated_text
+
+
+def test_generate_stream_yields_tokens_that_make_up_the_generated_text(stack: ServingStack) -> None:
+    serving = stack.client.deployments.client(DEPLOYMENT)
+    whole = serving.generate(PROMPT, adapter_id="acme/1", max_new_tokens=12).generated_text
+    tokens = list(serving.generate_stream(PROMPT, adapter_id="acme/1", max_new_tokens=12))
+    assert len(tokens) == 12
+    assert "".join(t.token.text for t in tokens) == whole
+    assert tokens[-1].generated_text == whole and all(t.generated_text is None for t in tokens[:-1])
+
+
+def _event_arrivals(url: str, headers: dict[str, str], tokens: int) -> list[float]:
+    """When each Server-Sent Event of a `generate_stream` arrived, in seconds from the first one."""
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": tokens}}
+    arrivals: list[float] = []
+    with httpx.stream("POST", url + "/generate_stream", json=body, headers=headers, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                arrivals.append(time.monotonic())
+    assert len(arrivals) == tokens
+    return [moment - arrivals[0] for moment in arrivals]
+
+
+def test_a_proxied_stream_arrives_incrementally(stack: ServingStack) -> None:
+    tokens = 600
+    direct = _event_arrivals(
+        stack.serving.ensure_started(TINY).url, {"X-Tuneforge-Tenant": stack.tenant}, tokens
+    )
+    proxied = _event_arrivals(stack.proxy_url(), stack.auth(), tokens)
+    # Buffered, every event would arrive at once at the end; relayed as produced, the events spread
+    # over the generation as they do straight from the serving process.
+    assert direct[-1] > 0.05, "the generation is too quick to tell streaming from buffering"
+    assert proxied[-1] > 0.3 * direct[-1], (proxied[-1], direct[-1])
+    assert proxied[tokens // 2] > 0.1 * direct[-1], "the first half came in one burst"
+
+
+def test_lorax_post_to_the_deployment_url_returns_a_one_element_list(stack: ServingStack) -> None:
+    body = {"inputs": PROMPT, "parameters": {"adapter_id": "acme/1", "max_new_tokens": 4}}
+    response = httpx.post(stack.proxy_url(), json=body, headers=stack.auth(), timeout=60)
+    assert response.status_code == 200, response.text
+    assert isinstance(response.json(), list) and len(response.json()) == 1
+    assert response.json()[0]["generated_text"]
+
+
+def test_predibase_sdk_creates_lists_and_generates_through_serving_url_override(
+    stack: ServingStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from predibase import Predibase
+    from predibase.config import DeploymentConfig
+
+    monkeypatch.setenv("PREDIBASE_GATEWAY", stack.server.url)
+    monkeypatch.setenv("PREDIBASE_API_TOKEN", stack.token)
+    pb = Predibase()
+    made = pb.deployments.create("sdk-made", config=DeploymentConfig(base_model=TINY))
+    assert made.status == "ready" and made.model == TINY
+    assert {"smollm2-135m", DEPLOYMENT, "sdk-made"} <= {d.name for d in pb.deployments.list()}
+    assert pb.deployments.get(DEPLOYMENT).status == "ready"
+
+    # The SDK puts the tenant's short code in the path; the proxy accepts it for the caller's tenant.
+    lorax = pb.deployments.client(DEPLOYMENT, serving_url_override=stack.server.url)
+    expected = stack.client.deployments.client(DEPLOYMENT).generate(
+        PROMPT, adapter_id="acme/1", max_new_tokens=8
+    )
+    answer = lorax.generate(PROMPT, adapter_id="acme/1", max_new_tokens=8)
+    assert answer.generated_text == expected.generated_text
+    # A fresh client: once a generate succeeded, the SDK's generate_stream wrapper (2025.10) yields
+    # every token twice (it does not return after its `_ready` shortcut).
+    fresh = pb.deployments.client(DEPLOYMENT, serving_url_override=stack.server.url)
+    streamed = [r.token.text for r in fresh.generate_stream(PROMPT, adapter_id="acme/1", max_new_tokens=8)]
+    assert "".join(streamed) == expected.generated_text
+    pb.deployments.delete("sdk-made")
+
+
+def test_openai_client_completes_and_chats_through_the_proxy(stack: ServingStack) -> None:
+    from openai import OpenAI
+
+    openai = OpenAI(base_url=stack.proxy_url() + "/v1", api_key=stack.token)
+    completion = openai.completions.create(model="acme/1", prompt=PROMPT, max_tokens=5, temperature=0)
+    assert completion.usage is not None and completion.usage.completion_tokens == 5
+    chunks = openai.chat.completions.create(
+        model="acme/1", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "acme/1" in [m.id for m in openai.models.list()]
+
+
+def test_another_tenants_path_deployment_and_adapter_are_not_found(stack: ServingStack) -> None:
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
+    other = stack.auth(stack.other_token)
+    # The other tenant's token on this tenant's path, and this tenant's token on the other's path.
+    assert_error(httpx.post(stack.proxy_url(), json=body, headers=other, timeout=60), 404, "not found")
+    mine_on_theirs = httpx.post(
+        stack.proxy_url(tenant=stack.other_tenant), json=body, headers=stack.auth(), timeout=60
+    )
+    assert_error(mine_on_theirs, 404, "not found")
+    with pytest.raises(NotFoundError):  # the deployment belongs to the first tenant
+        stack.other_client.deployments.client(DEPLOYMENT).generate(PROMPT, max_new_tokens=2)
+
+    stack.other_client.deployments.create("theirs", config={"baseModel": TINY})
+    theirs = stack.other_client.deployments.client("theirs")
+    assert theirs.generate(PROMPT, max_new_tokens=2).generated_text  # same process, own tenant
+    with pytest.raises(NotFoundError):
+        theirs.generate(PROMPT, adapter_id="acme/1", max_new_tokens=2)
+    # A tenant header sent by the caller is replaced by the caller's own tenant.
+    spoofed = {**other, "X-Tuneforge-Tenant": stack.tenant}
+    body["parameters"]["adapter_id"] = "acme/1"
+    url = stack.proxy_url("theirs", tenant=stack.other_tenant)
+    assert httpx.post(url, json=body, headers=spoofed, timeout=60).status_code == 404
+
+
+def test_a_base_model_that_cannot_start_fails_its_deployment_and_answers_503(stack: ServingStack) -> None:
+    missing = stack.server.app.state.ctx.settings.extra_base_models[0]
+    created = stack.client.deployments.create("broken", config={"baseModel": missing}, wait=False)
+    assert created.status in ("initializing", "failed")
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
+    response = httpx.post(stack.proxy_url("broken"), json=body, headers=stack.auth(), timeout=180)
+    assert_error(response, 503, "failed")
+    events = stack.client.deployments.events("broken")
+    assert [e.event_type for e in events][-1] == "Failed" and "exited with code" in events[-1].message
+    stack.client.deployments.delete("broken")
+
+
+def test_a_killed_serving_process_is_restarted_by_the_next_request(stack: ServingStack) -> None:
+    serving = stack.client.deployments.client(DEPLOYMENT)
+    before = serving.generate(PROMPT, adapter_id="acme/1", max_new_tokens=6).generated_text
+    pid = stack.serving.pid(TINY)
+    assert pid is not None
+    os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while stack.serving.status(TINY) != "failed" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stack.client.deployments.get(DEPLOYMENT).status == "failed"
+    after = serving.generate(PROMPT, adapter_id="acme/1", max_new_tokens=6).generated_text
+    assert after == before
+    assert stack.serving.pid(TINY) not in (None, pid)
+    kinds = [e.event_type for e in stack.client.deployments.events(DEPLOYMENT)]
+    assert kinds[-3:] == ["Failed", "Initializing", "Ready"], kinds
