@@ -109,8 +109,22 @@ class Generation:
         finally:
             await self._stream.aclose()
 
-    async def collect(self) -> list[TokenOutput]:
-        return [output async for output in self.outputs()]
+    async def collect(self, request: Request) -> list[TokenOutput]:
+        """Every output, for a whole (non-streamed) response; a client that leaves meanwhile aborts
+        the request, as a streaming one does, instead of holding its slot to the last token."""
+        outputs: list[TokenOutput] = []
+        async with anyio.create_task_group() as group:
+
+            async def abort_on_disconnect() -> None:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                group.cancel_scope.cancel()
+
+            group.start_soon(abort_on_disconnect)
+            async for output in self.outputs():
+                outputs.append(output)
+            group.cancel_scope.cancel()
+        return outputs or [self.first]  # cut short only when no one is left to read it
 
 
 def completion_text(outputs: list[TokenOutput]) -> str:

@@ -113,7 +113,7 @@ def _refuse(condition: bool, field: str, message: str) -> None:
 @router.post("/generate", response_model=None)
 async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
     reply = await _start(body, request)
-    return await reply.whole()
+    return await reply.whole(request)
 
 
 @router.post("/generate_stream", response_model=None)
@@ -125,7 +125,7 @@ async def generate_stream(body: GenerateRequest, request: Request) -> Response:
 async def generate_or_stream(body: GenerateRequest, request: Request) -> Response | list[dict[str, Any]]:
     """The Predibase serving URL itself: a one-element list, or with `stream: true` the SSE stream."""
     reply = await _start(body, request)
-    return EventStreamResponse(reply.stream()) if body.stream else [await reply.whole()]
+    return EventStreamResponse(reply.stream()) if body.stream else [await reply.whole(request)]
 
 
 async def _start(body: GenerateRequest, request: Request) -> _Reply:
@@ -159,8 +159,8 @@ class _Reply:
         self.ctx, self.body, self.prompt_ids, self.params = ctx, body, prompt_ids, params
         self.generation = generation
 
-    async def whole(self) -> dict[str, Any]:
-        outputs = await self.generation.collect()
+    async def whole(self, request: Request) -> dict[str, Any]:
+        outputs = await self.generation.collect(request)
         reply: dict[str, Any] = {"generated_text": self._full_text(completion_text(outputs))}
         if self.body.parameters.details:
             reply["details"] = self._details(outputs) | {

@@ -148,7 +148,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     )
     if body.stream:
         return EventStreamResponse(reply.stream(generation, body.include_usage))
-    return reply.whole(await generation.collect())
+    return reply.whole(await generation.collect(request))
 
 
 @router.post("/chat/completions", response_model=None)
@@ -163,7 +163,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     reply = _Reply("chatcmpl", "chat.completion", model, len(prompt_ids), chat=True)
     if body.stream:
         return EventStreamResponse(reply.stream(generation, body.include_usage))
-    return reply.whole(await generation.collect())
+    return reply.whole(await generation.collect(request))
 
 
 @router.get("/models")

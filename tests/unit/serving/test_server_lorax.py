@@ -160,3 +160,15 @@ def test_client_disconnect_mid_stream_aborts_the_request(server: LiveServingServ
         assert time.monotonic() < deadline, "the aborted request still counts as running"
         time.sleep(0.05)
     assert _metric(server, "tuneforge_serving_generated_tokens_total") - generated_before < 1500
+
+
+def test_client_leaving_a_whole_response_early_aborts_the_request(server: LiveServingServer) -> None:
+    aborted = '{finish_reason="aborted"}'
+    aborted_before = _metric(server, "tuneforge_serving_requests_total", aborted)
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 1500, "ignore_eos_token": True}}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{server.url}/generate", json=body, timeout=httpx.Timeout(30, read=0.5))
+    deadline = time.monotonic() + 10
+    while _metric(server, "tuneforge_serving_requests_total", aborted) == aborted_before:
+        assert time.monotonic() < deadline, "the abandoned request was never aborted"
+        time.sleep(0.05)
