@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from worker.serving import lorax_routes, openai_routes
 from worker.serving.errors import ServingError
-from worker.serving.http_common import error_body, error_code
+from worker.serving.http_common import error_body, error_code, is_openai_path
 
 if TYPE_CHECKING:
     from worker.serving.async_engine import AsyncEngine
@@ -52,19 +52,41 @@ async def metrics(request: Request) -> Response:
 
 
 async def _serving_error(request: Request, exc: ServingError) -> JSONResponse:
-    body = error_body(request.url.path, exc.status_code, exc.message, exc.field, error_code(exc))
+    # The engine names the adapter `adapter_id` (LoRAX's word); OpenAI's clients sent it as `model`.
+    field = "model" if exc.field == "adapter_id" and is_openai_path(request.url.path) else exc.field
+    body = error_body(request.url.path, exc.status_code, exc.message, field, error_code(exc))
     return JSONResponse(body, status_code=exc.status_code)
+
+
+# pydantic's location parts that name a member of a union type rather than a field.
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """A body that does not parse: 422 naming the first offending field, in the route's error shape."""
     first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    field = ".".join(location) or None
-    message = f"{field}: {first.get('msg', 'invalid request body')}" if field else "invalid request body"
+    if first.get("type") == "json_invalid":
+        field, message = None, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
+    else:
+        field = _field_path(first.get("loc", ()))
+        reason = first.get("msg", "invalid value")
+        message = f"{field}: {reason}" if field else f"invalid request body: {reason}"
     return JSONResponse(
         error_body(request.url.path, 422, message, field, "invalid_parameter"), status_code=422
     )
+
+
+def _field_path(location: tuple[Any, ...]) -> str | None:
+    """`("body", "messages", 0, "role")` → `messages[0].role`; union member tags are dropped."""
+    path = ""
+    for part in location[1:] if location[:1] == ("body",) else location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in _TYPE_TAGS or "[" in str(part) or str(part).startswith("function-"):
+            break
+        else:
+            path += f".{part}" if path else str(part)
+    return path or None
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -204,3 +204,19 @@ def test_models_lists_the_base_model_and_every_adapter(client: openai.OpenAI) ->
     assert set(models) == {TINY, "acme/1", "acme/2", "acme/3", "acme/4"}
     assert models["acme/4"].model_extra is not None and models["acme/4"].model_extra["parent"] == TINY
     assert models["acme/4"].model_extra["loaded"] is True
+
+
+def test_a_model_that_is_no_adapter_id_is_a_404_naming_model(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model="gpt-4o", prompt=PROMPT, max_tokens=2)
+    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "model"
+
+
+def test_a_malformed_body_is_a_422_naming_the_field(server: LiveServingServer) -> None:
+    response = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"content": "hi"}]})
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "messages[0].role"
+    response = httpx.post(
+        f"{server.url}/v1/completions", content=b"{", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422 and "not valid JSON" in response.json()["error"]["message"]
