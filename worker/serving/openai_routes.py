@@ -83,8 +83,8 @@ class _GenerationRequest(BaseModel):
         _refuse(self.top_k is not None and self.top_k < -1, "top_k", "must be >= 1, or 0 / -1 for off")
 
     @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+    def usage_options(self) -> StreamOptions:
+        return self.stream_options or StreamOptions()
 
 
 class CompletionRequest(_GenerationRequest):
@@ -147,7 +147,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         "cmpl", "text_completion", body.model or ctx.engine.model_name, len(prompt_ids), chat=False
     )
     if body.stream:
-        return EventStreamResponse(reply.stream(generation, body.include_usage))
+        return EventStreamResponse(reply.stream(generation, body.usage_options))
     return reply.whole(await generation.collect(request))
 
 
@@ -162,7 +162,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     model = body.model or ctx.engine.model_name
     reply = _Reply("chatcmpl", "chat.completion", model, len(prompt_ids), chat=True)
     if body.stream:
-        return EventStreamResponse(reply.stream(generation, body.include_usage))
+        return EventStreamResponse(reply.stream(generation, body.usage_options))
     return reply.whole(await generation.collect(request))
 
 
@@ -273,22 +273,28 @@ class _Reply:
             choice["text"] = text
         return self._envelope(self.kind, [choice]) | {"usage": self.usage(outputs[-1].index + 1)}
 
-    async def stream(self, generation: Generation, include_usage: bool) -> AsyncGenerator[str, None]:
+    async def stream(self, generation: Generation, options: StreamOptions) -> AsyncGenerator[str, None]:
+        """Chunks ending in `[DONE]`; with `include_usage` every chunk has `usage` (null, or the
+        running counts with vLLM's `continuous_usage_stats`) and a last chunk without choices has it."""
         kind = f"{self.kind}.chunk" if self.chat else self.kind
-        usage: dict[str, Any] = {"usage": None} if include_usage else {}
         generated = 0
+
+        def chunk(choices: list[dict[str, Any]]) -> str:
+            if not options.include_usage:
+                return sse(self._envelope(kind, choices))
+            usage = self.usage(generated) if options.continuous_usage_stats else None
+            return sse(self._envelope(kind, choices) | {"usage": usage})
+
         try:
             if self.chat:
-                yield sse(
-                    self._envelope(kind, [self._chunk_choice({"role": "assistant", "content": ""})]) | usage
-                )
+                yield chunk([self._chunk_choice({"role": "assistant", "content": ""})])
             async for output in generation.outputs():
                 generated = output.index + 1
                 for choice in self._chunk_choices(output):
-                    yield sse(self._envelope(kind, [choice]) | usage)
+                    yield chunk([choice])
         except ServingError as exc:
             yield sse(openai_error_body(exc.status_code, exc.message, exc.field, error_code(exc)))
-        if include_usage:
+        if options.include_usage:
             yield sse(self._envelope(kind, []) | {"usage": self.usage(generated)})
         yield sse("[DONE]")
 

@@ -66,6 +66,18 @@ def test_streamed_completion_matches_the_whole_one(client: openai.OpenAI) -> Non
     assert all(c.usage is None for c in text_chunks)
     assert usage_chunk.choices == [] and usage_chunk.usage == whole.usage
 
+    continuous = client.completions.create(
+        model="acme/1",
+        prompt=PROMPT,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=EXACT | {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+    )
+    counts = [c.usage.completion_tokens for c in continuous if c.usage is not None]
+    assert counts == sorted(counts) and counts[-1] == 12 and len(counts) == len(chunks)
+
 
 def test_token_id_prompt_equals_the_string_prompt(client: openai.OpenAI, server: LiveServingServer) -> None:
     ids = list(server.engine.tokenizer(PROMPT)["input_ids"])
