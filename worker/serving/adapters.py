@@ -87,7 +87,7 @@ class AdapterCache:
         self.metrics = metrics
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, AdapterWeights] = OrderedDict()
-        self._loading: dict[str, Future[AdapterWeights]] = {}
+        self._loading: dict[str, Future[None]] = {}
         self._pins: dict[str, int] = {}
         self._failed: dict[str, tuple[float, ServingError]] = {}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-loader")
@@ -117,28 +117,17 @@ class AdapterCache:
         self.request(adapter_id, tenant)
 
     def state(self, key: str) -> AdapterWeights | ServingError | None:
-        """The loaded adapter, the error that failed its load, or None while it is still loading."""
+        """The loaded adapter, the error that failed its load, or None while it is (re)loading."""
         with self._lock:
             weights = self._loaded.get(key)
             if weights is not None:
                 return weights
             if key in self._failed:
                 return self._failed[key][1]
-            future = self._loading.get(key)
-        if future is None:
-            return AdapterLoadError(f"adapter {key.split('::', 1)[1]} was evicted before use; retry")
-        if not future.done():
-            return None
-        exc = future.exception()
-        with self._lock:
-            self._loading.pop(key, None)
-            if exc is None:
-                return future.result()
-            error = (
-                exc if isinstance(exc, ServingError) else AdapterLoadError(f"adapter failed to load: {exc}")
-            )
-            self._failed[key] = (time.monotonic(), error)
-            return error
+            if key not in self._loading:  # evicted before its request took it: load it again
+                tenant, adapter_id = key.split("::", 1)
+                self._loading[key] = self._pool.submit(self._load, key, adapter_id, tenant or None)
+        return None
 
     def pin(self, key: str) -> None:
         with self._lock:
@@ -162,30 +151,31 @@ class AdapterCache:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _load(self, key: str, adapter_id: str, tenant: str | None) -> AdapterWeights:
+    def _load(self, key: str, adapter_id: str, tenant: str | None) -> None:
         try:
             directory = self.source.fetch(adapter_id, tenant)
             weights = AdapterWeights.load(key, directory, num_layers=self.num_layers, dtype=self.dtype)
-        except ServingError:
-            self.metrics.adapter_loads.labels(outcome="failed").inc()
-            raise
         except Exception as exc:
-            log.exception("loading adapter %s failed", adapter_id)
+            if not isinstance(exc, ServingError):
+                log.exception("loading adapter %s failed", adapter_id)
+                exc = AdapterLoadError(f"adapter {adapter_id} failed to load: {exc}")
             self.metrics.adapter_loads.labels(outcome="failed").inc()
-            raise AdapterLoadError(f"adapter {adapter_id} failed to load: {exc}") from exc
+            with self._lock:
+                self._failed[key] = (time.monotonic(), exc)
+                self._loading.pop(key, None)
+            return
         with self._lock:
             self._loaded[key] = weights
-            self._evict()
-            self.metrics.adapters_loaded.set(len(self._loaded))
+            self._loading.pop(key, None)
+            self._evict(keep=key)  # a fresh load waits for its request; evicting it would only reload it
         self.metrics.adapter_loads.labels(outcome="loaded").inc()
-        return weights
 
-    def _evict(self) -> None:
+    def _evict(self, keep: str | None = None) -> None:
         """Drop least recently used unpinned adapters over the bound (caller holds the lock)."""
         for key in list(self._loaded):
             if len(self._loaded) <= self.max_adapters:
                 break
-            if self._pins.get(key) or key in self._loading:  # in use, or not yet handed to its request
+            if self._pins.get(key) or key == keep:
                 continue
             del self._loaded[key]
             self.metrics.adapter_evictions.inc()
