@@ -1,4 +1,4 @@
-"""The `make demo` quickstart: runs the embedded stack, uploads the demo dataset, trains a LoRA adapter.
+"""The `make demo` quickstart: runs the embedded stack, uploads a dataset, trains and serves a LoRA adapter.
 
 Environment: TUNEFORGE_DATA_DIR (default ./.tuneforge), DEMO_PORT (default 8000, or a free port
 when 8000 is taken), DEMO_EXIT=1 to stop the server and exit once the report is printed,
@@ -23,6 +23,7 @@ from typing import IO
 import httpx
 from tuneforge import AdapterVersion, Dataset, FinetuningConfig, NotFoundError, Tuneforge, TuneforgeError
 
+from app import demo_serving
 from app.services.demo_dataset import write_demo_dataset
 from app.settings import Settings
 
@@ -309,7 +310,11 @@ def run(settings: Settings) -> int:
                 raise DemoError(f"uploading the demo dataset failed: {exc}", show_log=True) from exc
             print(format_report(dataset, reused, server.url, token, server.log_path), flush=True)
             version, reused = ensure_adapter(client, dataset, config)
-        print(format_training(version, reused), flush=True)
+            print(format_training(version, reused), flush=True)
+            try:
+                print(demo_serving.compare(client, version, path), flush=True)
+            except demo_serving.ServingDemoError as exc:
+                raise DemoError(str(exc), show_log=True) from exc
         if os.environ.get("DEMO_EXIT", "").strip().lower() in ("1", "true", "yes"):
             return 0
         print("\nPress Ctrl-C to stop the server.", flush=True)

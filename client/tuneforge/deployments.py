@@ -135,6 +135,14 @@ class DeploymentClient:
         finally:
             response.close()
 
+    def chat(self, messages: list[dict[str, str]], adapter_id: str | None = None, **parameters: Any) -> str:
+        """The assistant's reply to `messages` (OpenAI chat completions: the server applies the base
+        model's chat template). `parameters` are OpenAI's: max_tokens, temperature, top_p, stop, ..."""
+        chosen = {key: value for key, value in parameters.items() if value is not None}
+        body = {"model": adapter_id or "", "messages": messages, **chosen}
+        response = self._http.send("POST", self.url + "/v1/chat/completions", json=body, idempotent=False)
+        return str(response.json()["choices"][0]["message"]["content"] or "")
+
 
 def _request(prompt: str, adapter_id: str | None, parameters: dict[str, Any]) -> dict[str, Any]:
     chosen = {key: value for key, value in parameters.items() if value is not None}

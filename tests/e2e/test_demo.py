@@ -77,6 +77,9 @@ def test_demo_uploads_the_dataset_trains_an_adapter_then_a_second_run_reuses_bot
     losses = re.search(r"held-out eval loss: base model (\d+\.\d+), adapter (\d+\.\d+)", out)
     assert losses is not None, out
     assert "quality report: exact match: base " in out and "held-out rows" in out
+    # Then it serves the adapter and shows what base model and adapter answer to held-out prompts.
+    assert "Serving demo-dates/1 through deployment 'demo-tiny-random-llama'" in out
+    assert out.count("    base      '") == 3 and out.count("    adapter   '") == 3
 
     second = _run_demo(tmp_path, port)
     assert second.returncode == 0, second.stdout + second.stderr

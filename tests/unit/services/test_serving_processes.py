@@ -1,0 +1,32 @@
+"""The supervisor's child environment rebuilds the control plane's own Settings, field for field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from app.services.serving_processes import settings_environment
+from app.settings import Settings
+
+
+def test_a_serving_process_builds_the_same_settings_from_its_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parent = Settings(
+        data_dir=tmp_path,
+        database_url="postgresql+psycopg://u:p%40ss@db/tf",
+        storage_url="s3://bucket/prefix",
+        s3_endpoint_url="http://s3:9000",
+        extra_base_models=["/models/llama", "org/model"],
+        serving_urls={"tiny-random-llama": "http://serve-tiny:8080"},
+        model_cache_dir=tmp_path / "cache",
+        serving_start_timeout_seconds=7.5,
+    )
+    for key in list(os.environ):
+        if key.startswith("TUNEFORGE_"):
+            monkeypatch.delenv(key)
+    for key, value in settings_environment(parent).items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == parent
