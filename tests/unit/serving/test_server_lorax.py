@@ -46,6 +46,15 @@ def test_generate_with_details(client: lorax.Client, server: LiveServingServer) 
     assert all(token.logprob <= 0 for token in details.tokens)
 
 
+def test_prefill_details_and_truncation(client: lorax.Client, server: LiveServingServer) -> None:
+    prompt_ids = list(server.engine.tokenizer(PROMPT)["input_ids"])
+    response = client.generate(PROMPT, max_new_tokens=2, details=True, decoder_input_details=True)
+    assert response.details is not None
+    assert [token.id for token in response.details.prefill] == prompt_ids
+    truncated = client.generate(PROMPT, max_new_tokens=2, details=True, truncate=2)
+    assert truncated.details is not None and truncated.details.prompt_tokens == 2
+
+
 def test_generate_stream_matches_generate(client: lorax.Client) -> None:
     kwargs = {"adapter_id": "acme/2", "max_new_tokens": 9, "ignore_eos_token": True}
     whole = client.generate(PROMPT, **kwargs)  # type: ignore[arg-type]
