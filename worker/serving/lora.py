@@ -1,13 +1,14 @@
 """LoRA adapters for batched serving: loading PEFT files, and one low-rank delta for a mixed batch.
 
-Every token in a step may belong to a different adapter (or none). For each (layer, module) the
-adapters active in the step are concatenated once (`A_cat [R, in]`, `B_cat [out, R]` with the PEFT
-scaling folded into B, R = sum of their ranks) and the delta for all tokens is
+Every token in a step may belong to a different adapter (or none). For each layer and group of
+projections sharing an input (q/k/v, o, gate/up, down) the adapters active in the step are
+concatenated once (`A_cat [R, in]` over adapters and modules, R = sum of their ranks; `B·scaling`
+stacked per module) and the delta for all tokens is
 
-    shrink = (x @ A_cat^T) * mask      # [T, R]; mask keeps only each token's own adapter's columns
-    y     += shrink @ B_cat^T          # [T, out]
+    shrink = (x @ A_cat^T) * mask          # [T, R]; mask keeps only each token's own adapter's columns
+    y[:, module] += shrink[:, module cols] @ B_module^T     # one GEMM per module of the group
 
-two small GEMMs for the whole batch whatever mix of adapters, ranks and targets it holds (the
+a few small GEMMs for the whole batch whatever mix of adapters, ranks and targets it holds (the
 BGMV "gather per row" done as a column mask, which CPUs prefer to per-row gathers). The baseline it
 replaces is one sub-batch per adapter.
 """
@@ -115,34 +116,57 @@ def _scaling(config: dict, module_path: str, rank: int) -> float:  # type: ignor
     return alpha / rank
 
 
+# The runner fuses projections that share an input into one GEMM; LoRA follows the same groups so a
+# group's adapters need one shrink GEMM, then one expand per module into its slice of the output.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+
+
 @dataclass
-class _Stacked:
-    a_cat: torch.Tensor  # [R, in]
-    b_cat_t: torch.Tensor  # [R, out], transposed once so the step does a plain addmm
-    layout: tuple[tuple[int, int], ...]  # (position in the active list, rank) per block of columns
+class _Expand:
+    columns: slice  # this module's columns of the group's shrink output
+    b_t: torch.Tensor  # [r_module_total, out], B·scaling of each adapter, stacked and transposed
+    module: str
+
+
+@dataclass
+class _GroupStack:
+    a_cat: torch.Tensor  # [R, in]: every active adapter's A for every module of the group
+    owners: torch.Tensor  # [R] which active adapter owns each column
+    expands: list[_Expand]
 
 
 class LoraBatch:
-    """The low-rank deltas of one step: adapters stacked per module, and a column mask per token."""
+    """The low-rank deltas of one step: adapters stacked per group, and a column mask per token."""
 
     def __init__(
-        self, stacks: dict[tuple[int, str], _Stacked], token_adapter: torch.Tensor, dtype: torch.dtype
-    ):
+        self, stacks: dict[tuple[int, str], _GroupStack], token_adapter: torch.Tensor, dtype: torch.dtype
+    ) -> None:
         # token_adapter: [T] long, index into the step's active adapter list, -1 = base model only.
         self.stacks = stacks
-        self._masks: dict[tuple[tuple[int, int], ...], torch.Tensor] = {}
-        for stacked in stacks.values():
-            if stacked.layout not in self._masks:
-                owners = torch.cat([torch.full((rank,), pos) for pos, rank in stacked.layout])
-                self._masks[stacked.layout] = (token_adapter[:, None] == owners[None, :]).to(dtype)
+        self._token_adapter = token_adapter[:, None]
+        self._dtype = dtype
+        self._masks: dict[int, torch.Tensor] = {}  # keyed by the owners tensor: layers usually share one
 
-    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """`y + delta(x)` for (layer, module); `y` unchanged if no active adapter targets it."""
-        stacked = self.stacks.get((layer, module))
+    def apply(
+        self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, offsets: dict[str, slice]
+    ) -> None:
+        """Adds the group's deltas for x `[T, in]` into y `[T, out]` in place, per module `offsets`."""
+        stacked = self.stacks.get((layer, group))
         if stacked is None:
-            return y
-        shrink = (x @ stacked.a_cat.T).mul_(self._masks[stacked.layout])  # [T, R]
-        return torch.addmm(y, shrink, stacked.b_cat_t)
+            return
+        mask = self._masks.get(id(stacked.owners))
+        if mask is None:
+            mask = self._masks[id(stacked.owners)] = (self._token_adapter == stacked.owners[None, :]).to(
+                self._dtype
+            )
+        shrink = (x @ stacked.a_cat.T).mul_(mask)  # [T, R]
+        for expand in stacked.expands:
+            y[:, offsets[expand.module]].addmm_(shrink[:, expand.columns], expand.b_t)
 
 
 class LoraStacker:
@@ -154,24 +178,51 @@ class LoraStacker:
 
     def __init__(self) -> None:
         self._active: list[AdapterWeights] = []
-        self._stacks: dict[tuple[int, str], _Stacked] = {}
+        self._stacks: dict[tuple[int, str], _GroupStack] = {}
 
-    def stacks(self, active: list[AdapterWeights]) -> dict[tuple[int, str], _Stacked]:
+    def stacks(self, active: list[AdapterWeights]) -> dict[tuple[int, str], _GroupStack]:
         if len(active) == len(self._active) and all(
             a is b for a, b in zip(active, self._active, strict=True)
         ):
             return self._stacks
-        stacks: dict[tuple[int, str], _Stacked] = {}
-        for target in sorted({m for adapter in active for m in adapter.modules}):
-            parts = [
-                (pos, adapter.modules[target])
-                for pos, adapter in enumerate(active)
-                if target in adapter.modules
-            ]
-            stacks[target] = _Stacked(
-                a_cat=torch.cat([a for _, (a, _b) in parts]),
-                b_cat_t=torch.cat([b for _, (_a, b) in parts], dim=1).T.contiguous(),
-                layout=tuple((pos, a.shape[0]) for pos, (a, _b) in parts),
-            )
+        stacks: dict[tuple[int, str], _GroupStack] = {}
+        owner_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        layers = sorted({layer for adapter in active for layer, _ in adapter.modules})
+        for layer in layers:
+            for group, modules in GROUPS.items():
+                stacked = _stack_group(active, layer, modules, owner_cache)
+                if stacked is not None:
+                    stacks[(layer, group)] = stacked
         self._active, self._stacks = list(active), stacks
         return stacks
+
+
+def _stack_group(
+    active: list[AdapterWeights],
+    layer: int,
+    modules: tuple[str, ...],
+    owner_cache: dict[tuple[int, ...], torch.Tensor],
+) -> _GroupStack | None:
+    a_parts: list[torch.Tensor] = []
+    owners: list[int] = []
+    expands: list[_Expand] = []
+    for module in modules:
+        start = len(owners)
+        b_parts = []
+        for pos, adapter in enumerate(active):
+            pair = adapter.modules.get((layer, module))
+            if pair is None:
+                continue
+            a, b = pair
+            a_parts.append(a)
+            b_parts.append(b)
+            owners.extend([pos] * a.shape[0])
+        if b_parts:
+            b_t = torch.cat(b_parts, dim=1).T.contiguous()
+            expands.append(_Expand(columns=slice(start, len(owners)), b_t=b_t, module=module))
+    if not expands:
+        return None
+    key = tuple(owners)
+    if key not in owner_cache:  # same layout in every layer → one tensor → one mask per step
+        owner_cache[key] = torch.tensor(owners)
+    return _GroupStack(a_cat=torch.cat(a_parts), owners=owner_cache[key], expands=expands)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,33 @@ from worker.serving.sequence import Sequence
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer with the projections that share an input fused into one weight."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: torch.Tensor  # [q_out + 2 * kv_out, D]
+    qkv_bias: torch.Tensor | None  # Qwen2 has q/k/v biases
+    o: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, D]
+    down: torch.Tensor
+
+    @classmethod
+    def fuse(cls, layer: Any) -> LayerWeights:
+        attn, mlp = layer.self_attn, layer.mlp
+        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        return cls(
+            input_norm=layer.input_layernorm.weight,
+            post_norm=layer.post_attention_layernorm.weight,
+            qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+            qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
+            o=attn.o_proj.weight,
+            gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+            down=mlp.down_proj.weight,
+        )
 
 
 @dataclass
@@ -54,36 +82,48 @@ class ModelRunner:
             raise ValueError(
                 f"the serving engine runs {', '.join(SUPPORTED_MODEL_TYPES)} models, not {config.model_type}"
             )
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"the serving engine runs SiLU-gated MLPs, not {config.hidden_act}")
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
-        self.model = model
-        self.layers = list(model.model.layers)
-        self.num_layers = len(self.layers)
+        self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.scale = self.head_dim**-0.5
+        self.eps = config.rms_norm_eps
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_slices = {
+            "q_proj": slice(0, q_out),
+            "k_proj": slice(q_out, q_out + kv_out),
+            "v_proj": slice(q_out + kv_out, q_out + 2 * kv_out),
+        }
+        intermediate = config.intermediate_size
+        self.gate_up_slices = {
+            "gate_proj": slice(0, intermediate),
+            "up_proj": slice(intermediate, 2 * intermediate),
+        }
+        self.o_slices = {"o_proj": slice(None)}
+        self.down_slices = {"down_proj": slice(None)}
         self.max_model_len = min(
             max_model_len or config.max_position_embeddings, config.max_position_embeddings
         )
         self.vocab_size = config.vocab_size
         self.eos_token_ids = _eos_ids(config, self.tokenizer)
+        self.embed = model.model.embed_tokens.weight
+        self.final_norm = model.model.norm.weight
+        self.lm_head = model.lm_head.weight
+        self.cos, self.sin = _rope_table(model, self.max_model_len, self.dtype)
+        self.layers = [LayerWeights.fuse(layer) for layer in model.model.layers]
+        del model  # the unfused q/k/v and gate/up weights are freed; only the fused copies remain
         shape = CacheShape(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
         num_blocks = KVCache.blocks_for_budget(shape, kv_cache_bytes)
         if BlockManager.blocks_needed(self.max_model_len) > num_blocks:
             raise ValueError(
-                f"kv_cache_bytes={kv_cache_bytes} holds {num_blocks * 16} tokens, less than one "
+                f"kv_cache_bytes={kv_cache_bytes} holds {num_blocks * BLOCK_SIZE} tokens, less than one "
                 f"{self.max_model_len}-token sequence: raise --kv-cache-bytes or lower the context"
             )
         self.cache = KVCache(shape, num_blocks)
-        self.cos, self.sin = self._rope_table()
         self.stacker = LoraStacker()
-
-    def _rope_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of every position, from the model's own rotary module (so RoPE scaling variants match)."""
-        positions = torch.arange(self.max_model_len)[None, :]
-        probe = torch.zeros(1, dtype=self.dtype)
-        cos, sin = self.model.model.rotary_emb(probe, positions)
-        return cos[0], sin[0]  # [max_len, head_dim]
 
     # --- building step inputs ----------------------------------------------------------------------
 
@@ -145,35 +185,52 @@ class ModelRunner:
     def forward(self, step: StepInput) -> torch.Tensor:
         """Next-token logits `[B, V]` (float32) for each sequence of the step."""
         lora = LoraBatch(self.stacker.stacks(step.adapters), step.token_adapter, self.dtype)
-        cos = self.cos[step.positions][:, None, :]  # [T, 1, hd]
-        sin = self.sin[step.positions][:, None, :]
-        hidden = self.model.model.embed_tokens(step.input_ids)  # [T, D]
-        for index, layer in enumerate(self.layers):
-            hidden = self._layer(index, layer, hidden, cos, sin, step, lora)
-        hidden = self.model.model.norm(hidden[step.logits_indices])
-        return self.model.lm_head(hidden).float()
+        cos = self.cos.index_select(0, step.positions)[:, None, :]  # [T, 1, hd]
+        sin = self.sin.index_select(0, step.positions)[:, None, :]
+        hidden = F.embedding(step.input_ids, self.embed)  # [T, D]
+        for index, weights in enumerate(self.layers):
+            hidden = self._layer(index, weights, hidden, cos, sin, step, lora)
+        hidden = F.rms_norm(
+            hidden.index_select(0, step.logits_indices), (hidden.shape[-1],), self.final_norm, self.eps
+        )
+        return F.linear(hidden, self.lm_head).float()
 
-    def _layer(self, index, layer, hidden, cos, sin, step: StepInput, lora: LoraBatch) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        attn, mlp = layer.self_attn, layer.mlp
-        x = layer.input_layernorm(hidden)
-        tokens = x.shape[0]
-        q = lora.apply(index, "q_proj", x, attn.q_proj(x)).view(tokens, self.num_heads, self.head_dim)
-        k = lora.apply(index, "k_proj", x, attn.k_proj(x)).view(tokens, self.num_kv_heads, self.head_dim)
-        v = lora.apply(index, "v_proj", x, attn.v_proj(x)).view(tokens, self.num_kv_heads, self.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+    def _layer(
+        self,
+        index: int,
+        w: LayerWeights,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        step: StepInput,
+        lora: LoraBatch,
+    ) -> torch.Tensor:
+        tokens, width = hidden.shape
+        x = F.rms_norm(hidden, (width,), w.input_norm, self.eps)
+        qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (H + 2 KV) * hd]
+        lora.apply(index, "qkv", x, qkv, self.qkv_slices)
+        heads = qkv.view(tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        rotated = heads[:, : self.num_heads + self.num_kv_heads]  # q and k heads, roped together
+        rotated = rotated * cos + _rotate_half(rotated) * sin
+        q, k = rotated[:, : self.num_heads], rotated[:, self.num_heads :]
+        v = heads[:, self.num_heads + self.num_kv_heads :]
         self.cache.keys[index].index_copy_(0, step.slot_mapping, k)
         self.cache.values[index].index_copy_(0, step.slot_mapping, v)
         if step.prefill_lengths is not None:
             out = self._prefill_attention(q, k, v, step.prefill_lengths)
         else:
             out = self._decode_attention(index, q, step)
-        hidden = hidden + lora.apply(index, "o_proj", out, attn.o_proj(out))
-        x = layer.post_attention_layernorm(hidden)
-        gate = lora.apply(index, "gate_proj", x, mlp.gate_proj(x))
-        up = lora.apply(index, "up_proj", x, mlp.up_proj(x))
-        act = mlp.act_fn(gate) * up
-        return hidden + lora.apply(index, "down_proj", act, mlp.down_proj(act))
+        o = F.linear(out, w.o)
+        lora.apply(index, "o", out, o, self.o_slices)
+        hidden = hidden + o
+        x = F.rms_norm(hidden, (width,), w.post_norm, self.eps)
+        gate_up = F.linear(x, w.gate_up)  # [T, 2 * I]
+        lora.apply(index, "gate_up", x, gate_up, self.gate_up_slices)
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate).mul_(up)
+        down = F.linear(act, w.down)
+        lora.apply(index, "down", act, down, self.down_slices)
+        return hidden + down
 
     def _prefill_attention(self, q, k, v, lengths: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
         """Causal attention of each sequence over its own tokens (no prefix is cached before prefill)."""
@@ -212,6 +269,13 @@ class ModelRunner:
             enable_gqa=True,
         )
         return out.reshape(q.shape[0], -1)
+
+
+def _rope_table(model: Any, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of every position, from the model's own rotary module (so RoPE scaling variants match)."""
+    positions = torch.arange(max_len)[None, :]
+    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=dtype), positions)
+    return cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
