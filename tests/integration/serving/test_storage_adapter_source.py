@@ -6,7 +6,6 @@ job accepted over HTTP whose checkpoints are recorded through the same services 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import secrets
@@ -212,27 +211,34 @@ def test_a_checkpoint_is_served_by_step_without_its_trainer_state(
     assert source.list_available(tenant.name) == []  # only completed versions are listed
 
 
-def test_the_engine_serves_a_stored_adapter_in_its_tenant(
+def test_the_server_serves_a_stored_adapter_in_the_tenant_the_proxy_names(
     tenant: TenantClient, new_tenant: Callable[[], TenantClient], tmp_path: Path, shared_model_cache: Path
 ) -> None:
     from worker.serving.async_engine import AsyncEngine
     from worker.serving.engine import EngineConfig
-    from worker.serving.params import SamplingParams
+    from worker.serving.http_common import TENANT_HEADER
+    from worker.serving.server import build_app
 
     tenant.upload_adapter("mine", _adapter(tmp_path))
+    other = new_tenant().name
     config = EngineConfig(model_path=shared_model_cache / TINY, model_name=TINY, kv_cache_bytes=1 << 24)
     engine = AsyncEngine(config, source=_source(tenant, tmp_path))
     engine.start()
-
-    async def generate(tenant_name: str) -> list[int]:
-        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-        stream = engine.generate([1, 2, 3], params, adapter_id="mine/1", tenant=tenant_name)
-        return [output.token_id async for output in stream]
-
+    body = {"inputs": "Hello", "parameters": {"adapter_id": "mine/1", "max_new_tokens": 4, "details": True}}
     try:
-        assert len(asyncio.run(generate(tenant.name))) == 4
-        assert engine.loaded_adapters() == ["mine/1"]
-        with pytest.raises(AdapterNotFoundError):
-            asyncio.run(generate(new_tenant().name))
+        with TestClient(build_app(engine, default_tenant=tenant.name)) as server:
+            as_default = server.post("/generate", json=body)
+            assert as_default.status_code == 200, as_default.text
+            assert (
+                server.post("/generate", json=body, headers={TENANT_HEADER: tenant.name}).status_code == 200
+            )
+            assert engine.loaded_adapters() == ["mine/1"]
+            refused = server.post("/generate", json=body, headers={TENANT_HEADER: other})
+            assert refused.status_code == 404 and "mine/1 not found" in refused.json()["error"]
+            listed = server.get("/v1/models").json()["data"]
+            assert [m["id"] for m in listed] == [TINY, "mine/1"] and listed[1]["loaded"] is True
+            assert [
+                m["id"] for m in server.get("/v1/models", headers={TENANT_HEADER: other}).json()["data"]
+            ] == [TINY]
     finally:
         engine.shutdown()
