@@ -11,6 +11,9 @@ import json
 import os
 import secrets
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -229,6 +232,32 @@ def test_another_tenants_path_deployment_and_adapter_are_not_found(stack: Servin
     assert httpx.post(url, json=body, headers=spoofed, timeout=60).status_code == 404
 
 
+def _adapter_loads(serving_url: str) -> float:
+    text = httpx.get(serving_url + "/metrics", timeout=10).text
+    samples = [
+        line.split()[-1] for line in text.splitlines() if line.startswith("tuneforge_serving_adapter_loads")
+    ]
+    return sum(float(value) for value in samples if not value.startswith("#"))
+
+
+def test_preloaded_adapters_are_loaded_before_any_request_names_them(
+    stack: ServingStack, shared_model_cache: Path, tmp_path: Path
+) -> None:
+    from worker.training.base_models import resolve_base_model
+
+    adapter = _make_adapter(resolve_base_model(TINY, shared_model_cache), tmp_path / "pre")
+    version = stack.client.adapters.upload(adapter, repo="preloaded")
+    serving_url = stack.serving.ensure_started(TINY).url
+    before = _adapter_loads(serving_url)
+    stack.client.deployments.create(
+        "preloading", config={"baseModel": TINY, "preloadedAdapters": [version.id]}
+    )
+    deadline = time.monotonic() + 60
+    while _adapter_loads(serving_url) <= before:
+        assert time.monotonic() < deadline, "the preloaded adapter was never loaded"
+        time.sleep(0.2)
+
+
 def test_a_base_model_that_cannot_start_fails_its_deployment_and_answers_503(stack: ServingStack) -> None:
     missing = stack.server.app.state.ctx.settings.extra_base_models[0]
     created = stack.client.deployments.create("broken", config={"baseModel": missing}, wait=False)
@@ -256,3 +285,69 @@ def test_a_killed_serving_process_is_restarted_by_the_next_request(stack: Servin
     assert stack.serving.pid(TINY) not in (None, pid)
     kinds = [e.event_type for e in stack.client.deployments.events(DEPLOYMENT)]
     assert kinds[-3:] == ["Failed", "Initializing", "Ready"], kinds
+
+
+# --- production: an operator runs the serving process, TUNEFORGE_SERVING_URLS points at it ----------
+
+
+def _start_operator_serve(settings: Any, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    from app.services.serving_processes import settings_environment
+
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--base-model", TINY, "--port", str(port)],
+            env=settings_environment(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _wait_for_status(client: Tuneforge, name: str, wanted: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while client.deployments.get(name).status != wanted:
+        assert time.monotonic() < deadline, f"{name} never became {wanted}"
+        time.sleep(0.1)
+
+
+def test_serving_urls_point_at_an_operators_server_which_is_health_checked_not_spawned(
+    stack_settings_factory: Callable[..., Any], shared_model_cache: Path, tmp_path: Path
+) -> None:
+    from worker.training.base_models import resolve_base_model
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = stack_settings_factory(
+        "embedded", model_cache_dir=shared_model_cache, serving_urls={TINY: f"http://127.0.0.1:{port}"}
+    )
+    serve = _start_operator_serve(settings, port, tmp_path / "serve.log")
+    try:
+        with LiveServer(settings) as server:
+            token = server.mint_token("operated")
+            client = Tuneforge(api_token=token, base_url=server.url)
+            adapter = _make_adapter(resolve_base_model(TINY, shared_model_cache), tmp_path / "a")
+            client.adapters.upload(adapter, "op")
+            client.deployments.create("served", config={"baseModel": TINY}, timeout=180)
+            answer = client.deployments.client("served").generate(PROMPT, adapter_id="op/1", max_new_tokens=4)
+            assert answer.details is not None and answer.details.generated_tokens == 4
+            assert server.app.state.serving.pid(TINY) is None, "nothing is spawned for a configured URL"
+
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+            _wait_for_status(client, "served", "failed")
+            body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
+            url = f"{server.url}/operated/deployments/v2/llms/served"
+            headers = {"Authorization": f"Bearer {token}"}
+            assert_error(httpx.post(url, json=body, headers=headers, timeout=60), 503, "does not answer")
+
+            serve = _start_operator_serve(settings, port, tmp_path / "serve.log")  # the operator restarts it
+            _wait_for_status(client, "served", "ready")
+            assert client.deployments.client("served").generate(PROMPT, max_new_tokens=2).generated_text
+            kinds = [e.event_type for e in client.deployments.events("served")]
+            assert kinds[-2:] == ["Failed", "Ready"], kinds
+            client.close()
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
