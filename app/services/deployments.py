@@ -161,7 +161,9 @@ def update(
     row = _require_own(session, user, name, "changed")
     previous_base = row.base_model
     if config is not None:
-        cleaned = validate_config(settings, {**row.config, **config})
+        # The SDK sends every field, unset ones as null: only the fields given change.
+        changes = {key: value for key, value in config.items() if value is not None}
+        cleaned = validate_config(settings, {**row.config, **changes})
         row.config, row.base_model = cleaned, cleaned["baseModel"]
     if description is not None:
         row.description = description

@@ -80,13 +80,17 @@ def test_create_get_list_update_delete_in_predibase_shapes(tenant: TenantSession
     assert [d["name"] for d in tenant.client.get("/v2/deployments").json()["data"]] == ["smollm2-135m"]
 
 
-def test_the_sdk_config_with_every_field_none_is_accepted(tenant: TenantSession) -> None:
-    from predibase.config import DeploymentConfig
+def test_sdk_configs_with_every_unset_field_null_create_and_update(tenant: TenantSession) -> None:
+    from predibase.config import DeploymentConfig, UpdateDeploymentConfig
 
     config = DeploymentConfig(base_model=TINY).model_dump(mode="json", by_alias=True)
     response = tenant.client.post("/v2/deployments", json={"name": "sdk-shaped", "config": config})
     assert response.status_code == 200, response.text
     assert response.json()["config"] == {"baseModel": TINY}
+    change = UpdateDeploymentConfig(max_replicas=3).model_dump(mode="json", by_alias=True)
+    updated = tenant.client.put("/v2/deployments/sdk-shaped", json={"config": change})
+    assert updated.status_code == 200, updated.text
+    assert updated.json()["data"]["config"] == {"baseModel": TINY, "maxReplicas": 3}
 
 
 @pytest.mark.parametrize("name", ["has space", "a/b", "", "-leading", "x" * 65, "a..b"])
