@@ -144,9 +144,10 @@ class AdapterCache:
                 self._pins.pop(key, None)
             self._evict()
 
-    def loaded_ids(self) -> list[str]:
+    def loaded_ids(self, tenant: str | None = None) -> list[str]:
+        prefix = self.key("", tenant)
         with self._lock:
-            return [key.split("::", 1)[1] for key in self._loaded]
+            return [key[len(prefix) :] for key in self._loaded if key.startswith(prefix)]
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -6,14 +6,14 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import torch
 
 from worker.serving.adapters import AdapterSource
 from worker.serving.engine import EngineConfig, LLMEngine
-from worker.serving.errors import ServingError
+from worker.serving.errors import EngineError, ServingError, ShuttingDownError
 from worker.serving.metrics import ServingMetrics
 from worker.serving.outputs import TokenOutput
 from worker.serving.params import SamplingParams
@@ -95,8 +95,9 @@ class AsyncEngine:
         for adapter_id in adapter_ids:
             self.engine.adapters.preload(adapter_id, tenant)
 
-    def loaded_adapters(self) -> list[str]:
-        return self.engine.adapters.loaded_ids()
+    def loaded_adapters(self, tenant: str | None = None) -> list[str]:
+        """Adapter ids in memory for this tenant (another tenant's same-named adapter is not listed)."""
+        return self.engine.adapters.loaded_ids(tenant)
 
     async def generate(
         self,
@@ -104,7 +105,7 @@ class AsyncEngine:
         params: SamplingParams,
         adapter_id: str | None = None,
         tenant: str | None = None,
-    ) -> AsyncIterator[TokenOutput]:
+    ) -> AsyncGenerator[TokenOutput, None]:
         """Tokens of one request as they are generated; raises its ServingError if it fails."""
         self.engine.validate(prompt_token_ids, params)  # fail fast, before anything is queued
         out: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()
@@ -144,8 +145,8 @@ class AsyncEngine:
                 engine.step()
             except Exception as exc:  # a bug in a step must not kill the server: fail its requests
                 log.exception("engine step failed; failing the requests in it")
-                engine.fail_all(ServingError(f"internal engine error: {exc}"))
-        engine.fail_all(ServingError("the server is shutting down"))
+                engine.fail_all(EngineError(f"internal engine error: {exc}"))
+        engine.fail_all(ShuttingDownError("the server is shutting down"))
 
     def _drain_inbox(self, engine: LLMEngine) -> None:
         while True:

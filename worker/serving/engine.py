@@ -281,6 +281,7 @@ class LLMEngine:
             self.adapters.unpin(seq.adapter_key)
             request.adapter = None
         self._requests.pop(seq.seq_id, None)
+        self._update_gauges()
 
     def _update_gauges(self) -> None:
         self.metrics.running.set(len(self.scheduler.running))

@@ -40,3 +40,13 @@ class EngineOverloadedError(ServingError):
     """More requests are waiting than the engine accepts; retry later."""
 
     status_code = 503
+
+
+class EngineError(ServingError):
+    """A bug inside the engine failed the step this request was in; the server keeps running."""
+
+    status_code = 500
+
+
+class ShuttingDownError(ServingError):
+    status_code = 503

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from fastapi import Request
@@ -70,8 +70,7 @@ class RequestContext:
         stream = self.engine.generate(
             prompt_ids, params, adapter_id=self.adapter_for(model), tenant=self.tenant
         )
-        # An async generator (closing it aborts the request), though typed as a plain async iterator.
-        return await Generation.start(cast(AsyncGenerator[TokenOutput, None], stream))
+        return await Generation.start(stream)  # closing the generator aborts the request
 
 
 class Generation:

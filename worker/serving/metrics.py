@@ -16,16 +16,24 @@ class ServingMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.running = Gauge("tuneforge_serving_running_sequences", "Sequences in the running batch", registry=r)
-        self.waiting = Gauge("tuneforge_serving_waiting_sequences", "Sequences waiting for a slot", registry=r)
+        self.running = Gauge(
+            "tuneforge_serving_running_sequences", "Sequences in the running batch", registry=r
+        )
+        self.waiting = Gauge(
+            "tuneforge_serving_waiting_sequences", "Sequences waiting for a slot", registry=r
+        )
         self.kv_blocks_used = Gauge("tuneforge_serving_kv_blocks_used", "KV-cache blocks in use", registry=r)
-        self.kv_blocks_total = Gauge("tuneforge_serving_kv_blocks_total", "KV-cache blocks in all", registry=r)
+        self.kv_blocks_total = Gauge(
+            "tuneforge_serving_kv_blocks_total", "KV-cache blocks in all", registry=r
+        )
         self.generated_tokens = Counter(
             "tuneforge_serving_generated_tokens", "Tokens generated, all requests", registry=r
         )
         self.prompt_tokens = Counter("tuneforge_serving_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.tokens_per_second = Gauge(
-            "tuneforge_serving_tokens_per_second", "Generated tokens per second over the last 10 s", registry=r
+            "tuneforge_serving_tokens_per_second",
+            "Generated tokens per second over the last 10 s",
+            registry=r,
         )
         self.requests = Counter(
             "tuneforge_serving_requests", "Finished requests by outcome", ["finish_reason"], registry=r
@@ -42,7 +50,9 @@ class ServingMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.adapter_hits = Counter("tuneforge_serving_adapter_cache_hits", "Adapter found loaded", registry=r)
+        self.adapter_hits = Counter(
+            "tuneforge_serving_adapter_cache_hits", "Adapter found loaded", registry=r
+        )
         self.adapter_misses = Counter(
             "tuneforge_serving_adapter_cache_misses", "Adapter not loaded on request", registry=r
         )

@@ -168,12 +168,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    """The base model and the tenant's adapters; `loaded` says which are in memory now.
-
-    Only the source's list for this tenant is shown: the engine's loaded ids span every tenant.
-    """
+    """The base model and the tenant's adapters; `loaded` says which are in memory now."""
     ctx = RequestContext.of(request)
-    loaded = set(ctx.engine.loaded_adapters())
+    loaded = set(ctx.engine.loaded_adapters(ctx.tenant))
     available = await run_in_threadpool(ctx.engine.source.list_available, ctx.tenant)
     created = int(request.app.state.started_at)
     base = ctx.engine.model_name

@@ -33,7 +33,9 @@ class SamplingParams:
         _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1.0 turns it off)")
         _check(len(self.stop) <= MAX_STOP_SEQUENCES, "stop", f"at most {MAX_STOP_SEQUENCES} sequences")
         for s in self.stop:
-            _check(0 < len(s) <= MAX_STOP_LENGTH, "stop", f"each stop string needs 1..{MAX_STOP_LENGTH} chars")
+            _check(
+                0 < len(s) <= MAX_STOP_LENGTH, "stop", f"each stop string needs 1..{MAX_STOP_LENGTH} chars"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -232,7 +232,8 @@ def test_the_server_serves_a_stored_adapter_in_the_tenant_the_proxy_names(
             assert (
                 server.post("/generate", json=body, headers={TENANT_HEADER: tenant.name}).status_code == 200
             )
-            assert engine.loaded_adapters() == ["mine/1"]
+            assert engine.loaded_adapters(tenant.name) == ["mine/1"]
+            assert engine.loaded_adapters(other) == []
             refused = server.post("/generate", json=body, headers={TENANT_HEADER: other})
             assert refused.status_code == 404 and "mine/1 not found" in refused.json()["error"]
             listed = server.get("/v1/models").json()["data"]
