@@ -17,6 +17,8 @@ from tuneforge import (
     TuneforgeError,
 )
 
+from app.services.demo_dataset import exact_match
+
 # Every tenant has this deployment without creating it; other base models get one made by the demo.
 DEFAULT_DEPLOYMENT = "smollm2-135m"
 SERVED_PROMPTS = 3
@@ -65,13 +67,20 @@ def compare(client: Tuneforge, version: AdapterVersion, dataset_path: Path) -> s
         messages = [{"role": "user", "content": str(row["prompt"])}]
         base, tuned = (_answer(serving, messages, adapter, deadline) for adapter in (None, version.id))
         question = str(row["prompt"]).strip().splitlines()
+        reference = str(row["completion"])
         lines += [
             f"  {question[1] if len(question) > 1 else question[0]}",
-            f"    expected  {str(row['completion']).strip()!r}",
-            f"    base      {base.strip()!r}",
-            f"    adapter   {tuned.strip()!r}",
+            f"    expected  {reference.strip()!r}",
+            f"    base      {_judged(base, reference)}",
+            f"    adapter   {_judged(tuned, reference)}",
         ]
     return "\n".join(lines)
+
+
+def _judged(answer: str, reference: str) -> str:
+    """The answer's first line (what the quality report scores) and whether it is right."""
+    first = (answer.strip().splitlines() or [""])[0].strip()
+    return f"{first!r} ({'right' if exact_match(answer, reference) else 'wrong'})"
 
 
 def _answer(

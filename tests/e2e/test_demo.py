@@ -79,7 +79,7 @@ def test_demo_uploads_the_dataset_trains_an_adapter_then_a_second_run_reuses_bot
     assert "quality report: exact match: base " in out and "held-out rows" in out
     # Then it serves the adapter and shows what base model and adapter answer to held-out prompts.
     assert "Serving demo-dates/1 through deployment 'demo-tiny-random-llama'" in out
-    assert out.count("    base      '") == 3 and out.count("    adapter   '") == 3
+    assert out.count("\n    base      ") == 3 and out.count("\n    adapter   ") == 3
 
     second = _run_demo(tmp_path, port)
     assert second.returncode == 0, second.stdout + second.stderr
