@@ -95,12 +95,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"development tenant {settings.dev_tenant!r}, API token: {token}", flush=True)
         print(f"  export PREDIBASE_GATEWAY={url} PREDIBASE_API_TOKEN={token}", flush=True)
     worker = None if args.no_worker else _start_worker_process(settings)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default handler that
+    # would kill this process before `finally` stops the worker, orphaning it. Exit cleanly instead.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     finally:
         if worker is not None:
             _stop_worker_process(worker)
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 # How long a stopping worker may take to checkpoint-free exit before it is killed; its job resumes

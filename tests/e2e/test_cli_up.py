@@ -128,3 +128,38 @@ def test_unreachable_database_is_a_one_line_error(tmp_path: Path) -> None:
     result = subprocess.run([*TUNEFORGE, "migrate"], env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert "cannot reach a backing service" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sigterm_stops_up_and_its_training_worker(tmp_path: Path) -> None:
+    """What `kill`, systemd and the demo send: the worker must not outlive the control plane."""
+    port = _free_port()
+    process = _start_up(tmp_path, port)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", process)
+        worker_pid = _worker_pid(process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    deadline = time.monotonic() + 15
+    while _alive(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker_pid), f"worker {worker_pid} outlived tuneforge up"
+
+
+def _worker_pid(process: subprocess.Popen[str]) -> int:
+    assert process.stdout is not None
+    for line in process.stdout:  # printed before uvicorn starts, so it is already there
+        if "training worker started (pid " in line:
+            return int(line.split("(pid ", 1)[1].split(",", 1)[0])
+    raise AssertionError("tuneforge up did not report its worker")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init) counts as gone.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(") ", 1)[1][0] != "Z"
