@@ -6,6 +6,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ class _Add:
     tenant: str | None
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[TokenOutput | BaseException]
+    arrival: float
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,9 @@ class AsyncEngine:
         out: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()
         seq_id = next_sequence_id()
         loop = asyncio.get_running_loop()
-        self._post(_Add(seq_id, list(prompt_token_ids), params, adapter_id, tenant, loop, out))
+        self._post(
+            _Add(seq_id, list(prompt_token_ids), params, adapter_id, tenant, loop, out, time.monotonic())
+        )
         finished = False
         try:
             while not finished:
@@ -159,7 +163,12 @@ class AsyncEngine:
                 continue
             try:
                 request = engine.add_request(
-                    message.prompt, message.params, message.adapter_id, message.tenant, seq_id=message.seq_id
+                    message.prompt,
+                    message.params,
+                    message.adapter_id,
+                    message.tenant,
+                    seq_id=message.seq_id,
+                    arrival=message.arrival,
                 )
             except ServingError as exc:
                 message.loop.call_soon_threadsafe(message.out.put_nowait, exc)

@@ -50,6 +50,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's context
     max_prefill_tokens: int = 4096  # per step; a longer single prompt still runs alone
     max_waiting: int = 1024  # requests queued beyond this are refused with 503
+    # Keep a second, transposed copy of the weights for steps of <= 4 tokens (single streams decode
+    # ~1.4x faster on CPU) at the price of twice the weight memory.
+    small_step_weights: bool = True
 
 
 @dataclass(eq=False)
@@ -83,8 +86,10 @@ class LLMEngine:
             dtype=config.dtype,
             kv_cache_bytes=config.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES,
             max_model_len=config.max_model_len,
+            small_step_weights=config.small_step_weights,
         )
         self.tokenizer = self.runner.tokenizer
+        self.special_ids = frozenset(self.tokenizer.all_special_ids)
         self.max_model_len = self.runner.max_model_len
         self.blocks = BlockManager(self.runner.cache.num_blocks)
         self.metrics.kv_blocks_total.set(self.blocks.num_blocks)
@@ -132,12 +137,15 @@ class LLMEngine:
         tenant: str | None = None,
         *,
         seq_id: int | None = None,
+        arrival: float | None = None,
     ) -> _Request:
         self.validate(prompt_token_ids, params)
         key = self.adapters.request(adapter_id, tenant) if adapter_id else None
         seq = Sequence(list(prompt_token_ids), params, adapter_key=key, generator=make_generator(params.seed))
         if seq_id is not None:
             seq.seq_id = seq_id
+        if arrival is not None:  # the caller's submit time: waiting in the inbox counts toward TTFT
+            seq.arrival = arrival
         request = _Request(seq, IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop))
         self._requests[seq.seq_id] = request
         self.scheduler.add(seq)
@@ -238,7 +246,7 @@ class LLMEngine:
                 token_id=token,
                 text=text,
                 logprob=logprob,
-                special=token in self.tokenizer.all_special_ids,
+                special=token in self.special_ids,
                 index=index,
                 finish_reason=reason,
                 prompt_tokens=seq.num_prompt_tokens,

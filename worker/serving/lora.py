@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,21 +171,26 @@ class LoraBatch:
 
 
 class LoraStacker:
-    """Concatenates the active adapters' weights, rebuilding only when the active list changes.
+    """Concatenates the active adapters' weights, reusing the stacks of recent active lists.
 
-    Continuous batching changes the list only when a request joins or leaves with a new adapter, so
-    most steps reuse the previous stack.
+    Continuous batching changes the list only when a request joins or leaves, and alternates between
+    a prefill step's list and the decode list, so a few remembered stacks cover most steps.
     """
 
+    KEEP = 4
+
     def __init__(self) -> None:
-        self._active: list[AdapterWeights] = []
-        self._stacks: dict[tuple[int, str], _GroupStack] = {}
+        self._recent: OrderedDict[
+            tuple[int, ...], tuple[list[AdapterWeights], dict[tuple[int, str], _GroupStack]]
+        ]
+        self._recent = OrderedDict()
 
     def stacks(self, active: list[AdapterWeights]) -> dict[tuple[int, str], _GroupStack]:
-        if len(active) == len(self._active) and all(
-            a is b for a, b in zip(active, self._active, strict=True)
-        ):
-            return self._stacks
+        key = tuple(id(a) for a in active)
+        hit = self._recent.get(key)
+        if hit is not None and all(a is b for a, b in zip(active, hit[0], strict=True)):
+            self._recent.move_to_end(key)
+            return hit[1]
         stacks: dict[tuple[int, str], _GroupStack] = {}
         owner_cache: dict[tuple[int, ...], torch.Tensor] = {}
         layers = sorted({layer for adapter in active for layer, _ in adapter.modules})
@@ -193,7 +199,9 @@ class LoraStacker:
                 stacked = _stack_group(active, layer, modules, owner_cache)
                 if stacked is not None:
                     stacks[(layer, group)] = stacked
-        self._active, self._stacks = list(active), stacks
+        self._recent[key] = (list(active), stacks)
+        while len(self._recent) > self.KEEP:
+            self._recent.popitem(last=False)
         return stacks
 
 

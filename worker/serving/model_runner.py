@@ -25,30 +25,52 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# Up to this many tokens a step multiplies by a [in, out] copy of each weight: on CPU that GEMV is
+# ~1.4x faster than with the [out, in] layout (both cores stream the matrix), while from ~8 tokens
+# on the usual layout wins again (bench: 30.7 vs 44.3 ms per smollm2-135m pass at 1 token, fp32).
+SMALL_STEP_TOKENS = 4
+
+
+class Linear:
+    """A weight (and bias) with, optionally, the transposed copy that small steps multiply by."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, transposed_copy: bool) -> None:
+        self.weight = weight  # [out, in]
+        self.bias = bias
+        self.weight_t = weight.T.contiguous() if transposed_copy else None  # [in, out]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_t is not None and x.shape[0] <= SMALL_STEP_TOKENS:
+            return x @ self.weight_t if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
+        return F.linear(x, self.weight, self.bias)
+
+
 @dataclass
 class LayerWeights:
     """One decoder layer with the projections that share an input fused into one weight."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: torch.Tensor  # [q_out + 2 * kv_out, D]
-    qkv_bias: torch.Tensor | None  # Qwen2 has q/k/v biases
-    o: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, D]
-    down: torch.Tensor
+    qkv: Linear  # [q_out + 2 * kv_out, D]; Qwen2 has q/k/v biases
+    o: Linear
+    gate_up: Linear  # [2 * intermediate, D]
+    down: Linear
 
     @classmethod
-    def fuse(cls, layer: Any) -> LayerWeights:
+    def fuse(cls, layer: Any, *, transposed_copy: bool) -> LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
+        both = {"transposed_copy": transposed_copy}
         return cls(
             input_norm=layer.input_layernorm.weight,
             post_norm=layer.post_attention_layernorm.weight,
-            qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-            qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
-            o=attn.o_proj.weight,
-            gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-            down=mlp.down_proj.weight,
+            qkv=Linear(
+                torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), qkv_bias, **both
+            ),
+            o=Linear(attn.o_proj.weight, None, **both),
+            gate_up=Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None, **both),
+            down=Linear(mlp.down_proj.weight, None, **both),
         )
 
 
@@ -70,7 +92,13 @@ class StepInput:
 
 class ModelRunner:
     def __init__(
-        self, model_dir: Path, *, dtype: str, kv_cache_bytes: int, max_model_len: int | None
+        self,
+        model_dir: Path,
+        *,
+        dtype: str,
+        kv_cache_bytes: int,
+        max_model_len: int | None,
+        small_step_weights: bool = True,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
@@ -111,9 +139,11 @@ class ModelRunner:
         self.eos_token_ids = _eos_ids(config, self.tokenizer)
         self.embed = model.model.embed_tokens.weight
         self.final_norm = model.model.norm.weight
-        self.lm_head = model.lm_head.weight
+        self.lm_head = Linear(model.lm_head.weight, None, transposed_copy=small_step_weights)
         self.cos, self.sin = _rope_table(model, self.max_model_len, self.dtype)
-        self.layers = [LayerWeights.fuse(layer) for layer in model.model.layers]
+        self.layers = [
+            LayerWeights.fuse(layer, transposed_copy=small_step_weights) for layer in model.model.layers
+        ]
         del model  # the unfused q/k/v and gate/up weights are freed; only the fused copies remain
         shape = CacheShape(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
         num_blocks = KVCache.blocks_for_budget(shape, kv_cache_bytes)
@@ -193,7 +223,7 @@ class ModelRunner:
         hidden = F.rms_norm(
             hidden.index_select(0, step.logits_indices), (hidden.shape[-1],), self.final_norm, self.eps
         )
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
 
     def _layer(
         self,
@@ -207,7 +237,7 @@ class ModelRunner:
     ) -> torch.Tensor:
         tokens, width = hidden.shape
         x = F.rms_norm(hidden, (width,), w.input_norm, self.eps)
-        qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (H + 2 KV) * hd]
+        qkv = w.qkv(x)  # [T, (H + 2 KV) * hd]
         lora.apply(index, "qkv", x, qkv, self.qkv_slices)
         heads = qkv.view(tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         rotated = heads[:, : self.num_heads + self.num_kv_heads]  # q and k heads, roped together
@@ -220,15 +250,15 @@ class ModelRunner:
             out = self._prefill_attention(q, k, v, step.prefill_lengths)
         else:
             out = self._decode_attention(index, q, step)
-        o = F.linear(out, w.o)
+        o = w.o(out)
         lora.apply(index, "o", out, o, self.o_slices)
         hidden = hidden + o
         x = F.rms_norm(hidden, (width,), w.post_norm, self.eps)
-        gate_up = F.linear(x, w.gate_up)  # [T, 2 * I]
+        gate_up = w.gate_up(x)  # [T, 2 * I]
         lora.apply(index, "gate_up", x, gate_up, self.gate_up_slices)
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate).mul_(up)
-        down = F.linear(act, w.down)
+        down = w.down(act)
         lora.apply(index, "down", act, down, self.down_slices)
         return hidden + down
 

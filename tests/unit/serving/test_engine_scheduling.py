@@ -4,6 +4,7 @@ fail alone, aborts free their blocks, adapters load without stalling the batch a
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -38,13 +39,13 @@ def test_a_tight_kv_budget_queues_and_preempts_instead_of_crashing_and_outputs_s
     assert tight.blocks.num_blocks == 8
     requests = [Collected(tight, PROMPT[: 3 + i], GREEDY, f"acme/{i % 4 + 1}") for i in range(6)]
     peak = 0
-    for _ in range(2000):
+    deadline = time.monotonic() + 60
+    while not all(r.done for r in requests) and time.monotonic() < deadline:
+        if tight.step() == 0:
+            time.sleep(0.002)  # waiting for adapter loads
+        peak = max(peak, tight.blocks.num_used)
         for r in requests:
             r.drain()
-        if all(r.done for r in requests):
-            break
-        tight.step()
-        peak = max(peak, tight.blocks.num_used)
     assert [r.token_ids for r in requests] == [r.token_ids for r in reference]
     assert peak <= 8
     assert tight.blocks.num_used == 0
