@@ -170,6 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         kv_cache_bytes=args.kv_cache_bytes,
         dtype=args.dtype,
+        device=args.device,
         preload=args.preload,
         adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
         tenant=args.tenant,
@@ -221,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-bytes", type=int, default=None, help="KV-cache budget in bytes (default: 1 GiB)"
     )
     serve.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    serve.add_argument(
+        "--device",
+        default="auto",
+        help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N",
+    )
     serve.add_argument(
         "--preload", nargs="+", action="extend", default=[], metavar="ID", help="adapters to load at start"
     )

@@ -79,11 +79,13 @@ class AdapterCache:
         num_layers: int,
         dtype: torch.dtype,
         metrics: ServingMetrics,
+        device: torch.device | None = None,
     ) -> None:
         self.source = source
         self.max_adapters = max_adapters
         self.num_layers = num_layers
         self.dtype = dtype
+        self.device = device or torch.device("cpu")
         self.metrics = metrics
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, AdapterWeights] = OrderedDict()
@@ -155,7 +157,9 @@ class AdapterCache:
     def _load(self, key: str, adapter_id: str, tenant: str | None) -> None:
         try:
             directory = self.source.fetch(adapter_id, tenant)
-            weights = AdapterWeights.load(key, directory, num_layers=self.num_layers, dtype=self.dtype)
+            weights = AdapterWeights.load(
+                key, directory, num_layers=self.num_layers, dtype=self.dtype, device=self.device
+            )
         except Exception as exc:
             if not isinstance(exc, ServingError):
                 log.exception("loading adapter %s failed", adapter_id)

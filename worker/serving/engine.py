@@ -44,6 +44,7 @@ class EngineConfig:
     model_path: Path
     model_name: str
     dtype: str = "fp32"
+    device: str = "auto"  # a CUDA GPU when there is one, else the CPU
     max_batch_size: int = 32
     max_adapters: int = 16
     kv_cache_bytes: int | None = None  # None = 1 GiB
@@ -87,6 +88,7 @@ class LLMEngine:
             kv_cache_bytes=config.kv_cache_bytes or DEFAULT_KV_CACHE_BYTES,
             max_model_len=config.max_model_len,
             small_step_weights=config.small_step_weights,
+            device=config.device,
         )
         self.tokenizer = self.runner.tokenizer
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
@@ -98,6 +100,7 @@ class LLMEngine:
             max_adapters=config.max_adapters,
             num_layers=self.runner.num_layers,
             dtype=self.runner.dtype,
+            device=self.runner.device,
             metrics=self.metrics,
         )
         self.scheduler = Scheduler(
@@ -199,7 +202,7 @@ class LLMEngine:
             self.metrics.prompt_tokens.inc(sum(len(s) for s in seqs))
         else:
             step = self.runner.decode_input(seqs, adapters, owner)
-        logits = self.runner.forward(step)
+        logits = self.runner.forward(step).cpu()  # sampling (and its seeded generators) run on the CPU
         histories: list[torch.Tensor | list[int]] = (
             [torch.tensor(s.all_token_ids) for s in seqs] if _needs_history(seqs) else [[] for _ in seqs]
         )

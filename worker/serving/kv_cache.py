@@ -33,12 +33,12 @@ class CacheShape:
 class KVCache:
     """Per layer, keys and values as `[num_blocks * BLOCK_SIZE, kv_heads, head_dim]` (slot = block*16+i)."""
 
-    def __init__(self, shape: CacheShape, num_blocks: int) -> None:
+    def __init__(self, shape: CacheShape, num_blocks: int, device: torch.device | None = None) -> None:
         self.shape = shape
         self.num_blocks = num_blocks
         slots = num_blocks * BLOCK_SIZE
         self.keys = [
-            torch.zeros(slots, shape.num_kv_heads, shape.head_dim, dtype=shape.dtype)
+            torch.zeros(slots, shape.num_kv_heads, shape.head_dim, dtype=shape.dtype, device=device)
             for _ in range(shape.num_layers)
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]

@@ -40,7 +40,15 @@ class AdapterWeights:
     nbytes: int
 
     @classmethod
-    def load(cls, key: str, directory: Path, *, num_layers: int, dtype: torch.dtype) -> AdapterWeights:
+    def load(
+        cls,
+        key: str,
+        directory: Path,
+        *,
+        num_layers: int,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
+    ) -> AdapterWeights:
         config = _read_config(directory)
         weights = directory / "adapter_model.safetensors"
         if not weights.is_file():
@@ -73,8 +81,8 @@ class AdapterWeights:
                 raise AdapterLoadError(f"adapter {key}: layer {layer} {module} has mismatched ranks")
             scaling = _scaling(config, f"model.layers.{layer}.{_parent(module)}.{module}", rank)
             modules[(layer, module)] = (
-                a.to(dtype).contiguous(),
-                (b.float() * scaling).to(dtype).contiguous(),
+                a.to(device=device, dtype=dtype).contiguous(),
+                (b.float() * scaling).to(device=device, dtype=dtype).contiguous(),
             )
         nbytes = sum(a.nbytes + b.nbytes for a, b in modules.values())
         return cls(key=key, modules=modules, base_model=config.get("base_model_name_or_path"), nbytes=nbytes)
@@ -232,5 +240,5 @@ def _stack_group(
         return None
     key = tuple(owners)
     if key not in owner_cache:  # same layout in every layer → one tensor → one mask per step
-        owner_cache[key] = torch.tensor(owners)
+        owner_cache[key] = torch.tensor(owners, device=a_parts[0].device)
     return _GroupStack(a_cat=torch.cat(a_parts), owners=owner_cache[key], expands=expands)

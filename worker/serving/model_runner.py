@@ -99,11 +99,16 @@ class ModelRunner:
         kv_cache_bytes: int,
         max_model_len: int | None,
         small_step_weights: bool = True,
+        device: str = "auto",
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
         self.dtype = DTYPES[dtype]
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
+        self.device = resolve_device(device)
+        # The transposed copies only pay off for the CPU's GEMV; cuBLAS reads either layout as fast.
+        small_step_weights = small_step_weights and self.device.type == "cpu"
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
+        model.to(self.device)
         model.eval().requires_grad_(False)
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -152,7 +157,7 @@ class ModelRunner:
                 f"kv_cache_bytes={kv_cache_bytes} holds {num_blocks * BLOCK_SIZE} tokens, less than one "
                 f"{self.max_model_len}-token sequence: raise --kv-cache-bytes or lower the context"
             )
-        self.cache = KVCache(shape, num_blocks)
+        self.cache = KVCache(shape, num_blocks, self.device)
         self.stacker = LoraStacker()
 
     # --- building step inputs ----------------------------------------------------------------------
@@ -175,14 +180,18 @@ class ModelRunner:
             last.append(len(ids) - 1)
             lengths.append(len(tokens))
         return StepInput(
-            input_ids=torch.tensor(ids),
-            positions=torch.tensor(positions),
-            slot_mapping=torch.tensor(slots),
-            token_adapter=torch.tensor(token_adapter),
+            input_ids=self._on_device(ids),
+            positions=self._on_device(positions),
+            slot_mapping=self._on_device(slots),
+            token_adapter=self._on_device(token_adapter),
             adapters=adapters,
-            logits_indices=torch.tensor(last),
+            logits_indices=self._on_device(last),
             prefill_lengths=lengths,
         )
+
+    def _on_device(self, values: list[int] | torch.Tensor) -> torch.Tensor:
+        tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values)
+        return tensor.to(self.device, non_blocking=True)
 
     def decode_input(
         self, seqs: list[Sequence], adapters: list[AdapterWeights], owner: list[int]
@@ -198,15 +207,15 @@ class ModelRunner:
         ]
         mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]
         return StepInput(
-            input_ids=torch.tensor([seq.all_token_ids[-1] for seq in seqs]),
-            positions=lengths - 1,
-            slot_mapping=context[torch.arange(len(seqs)), lengths - 1],
-            token_adapter=torch.tensor(owner),
+            input_ids=self._on_device([seq.all_token_ids[-1] for seq in seqs]),
+            positions=self._on_device(lengths - 1),
+            slot_mapping=self._on_device(context[torch.arange(len(seqs)), lengths - 1]),
+            token_adapter=self._on_device(owner),
             adapters=adapters,
-            logits_indices=torch.arange(len(seqs)),
-            context_slots=context,
-            context_mask=mask,
-            context_flat=context.reshape(-1),
+            logits_indices=self._on_device(torch.arange(len(seqs))),
+            context_slots=self._on_device(context),
+            context_mask=self._on_device(mask),
+            context_flat=self._on_device(context.reshape(-1)),
         )
 
     # --- the forward pass --------------------------------------------------------------------------
@@ -301,10 +310,20 @@ class ModelRunner:
         return out.reshape(q.shape[0], -1)
 
 
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA GPU here")
+    return resolved
+
+
 def _rope_table(model: Any, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of every position, from the model's own rotary module (so RoPE scaling variants match)."""
-    positions = torch.arange(max_len)[None, :]
-    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=dtype), positions)
+    device = model.lm_head.weight.device
+    positions = torch.arange(max_len, device=device)[None, :]
+    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=dtype, device=device), positions)
     return cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
 
 
