@@ -47,3 +47,13 @@ def write_peft_adapter(directory: Path, base_model: str = "tiny-random-llama", *
     }
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     return directory
+
+
+def process_alive(pid: int) -> bool:
+    """True while the process runs; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"

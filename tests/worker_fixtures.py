@@ -6,7 +6,6 @@ configured through the same TUNEFORGE_* environment variables, so killing it is 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -24,6 +23,8 @@ import redis
 from live_server import LiveServer
 from tests_support import POSTGRES_ADMIN_DSN
 
+from app.services.serving_processes import settings_environment
+
 REDIS_URL = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 WORKER_START_TIMEOUT_S = 120.0
 # Short enough that a crash test waits seconds for the sweeper, long enough to ride out a slow step.
@@ -31,15 +32,8 @@ TEST_LEASE_SECONDS = 4.0
 
 
 def settings_env(settings: Any) -> dict[str, str]:
-    """The environment that makes a child process build exactly these Settings."""
-    env = dict(os.environ)
-    for name in type(settings).model_fields:
-        value = getattr(settings, name)
-        if value is None:
-            continue
-        key = f"TUNEFORGE_{name.upper()}"
-        env[key] = json.dumps(value) if isinstance(value, list) else str(value)
-    return env | {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    """The environment that makes a child process build exactly these Settings, offline."""
+    return settings_environment(settings) | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 class WorkerProcess:

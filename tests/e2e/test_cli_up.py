@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+from tests_support import process_alive
 
 TUNEFORGE = [sys.executable, "-m", "app.cli"]
 
@@ -142,9 +143,9 @@ def test_sigterm_stops_up_and_its_training_worker(tmp_path: Path) -> None:
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
     deadline = time.monotonic() + 15
-    while _alive(worker_pid) and time.monotonic() < deadline:
+    while process_alive(worker_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(worker_pid), f"worker {worker_pid} outlived tuneforge up"
+    assert not process_alive(worker_pid), f"worker {worker_pid} outlived tuneforge up"
 
 
 def _worker_pid(process: subprocess.Popen[str]) -> int:
@@ -153,13 +154,3 @@ def _worker_pid(process: subprocess.Popen[str]) -> int:
         if "training worker started (pid " in line:
             return int(line.split("(pid ", 1)[1].split(",", 1)[0])
     raise AssertionError("tuneforge up did not report its worker")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by init) counts as gone.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split(") ", 1)[1][0] != "Z"

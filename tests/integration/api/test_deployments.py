@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from predibase.resources.deployment import Deployment as SdkDeployment
-from tests_support import assert_error
+from tests_support import assert_error, process_alive
 
 from app.main import create_app
 
@@ -196,19 +195,9 @@ def test_deleting_the_last_deployment_of_a_base_model_stops_its_process(
             response = client.post("/v2/deployments", json={"name": name, "config": {"baseModel": TINY}})
             assert response.status_code == 200, response.text
         pid = app.state.serving.pid(TINY)
-        assert pid is not None and _alive(pid)
+        assert pid is not None and process_alive(pid)
         assert client.delete("/v2/deployments/one").status_code == 200
-        assert app.state.serving.pid(TINY) == pid and _alive(pid), "another deployment still uses it"
+        assert app.state.serving.pid(TINY) == pid and process_alive(pid), "another deployment still uses it"
         assert client.delete("/v2/deployments/two").status_code == 200
-        assert app.state.serving.pid(TINY) is None and not _alive(pid)
+        assert app.state.serving.pid(TINY) is None and not process_alive(pid)
         assert client.get("/v2/deployments").json()["data"][0]["status"] == "standby"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers signal 0; it has exited all the same.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split(")")[-1].split()[0] != "Z"
