@@ -213,6 +213,9 @@ def _summary(result: TrainingResult) -> dict[str, Any]:
         "truncated_rows": result.truncated_rows,
         "method": result.summary.get("method", {}),
         "runtime": result.summary.get("runtime", {}),
+        "adapter_type": result.summary.get("adapter_type"),
+        # turbo types: per-head top-1 accuracy on the eval split, for estimating acceptance length.
+        "speculator": result.summary.get("speculator"),
     }
 
 

@@ -3,7 +3,8 @@ in the caller's tenant, check it can be trained further, and derive the new run'
 
 The parent's recorded config is the default for every field the request leaves out, so "train
 numbers/1 for 100 more steps" is `{"train_steps": 100}`. Base model and adapter type cannot change:
-the parent's weights only fit the model and the method they were trained for.
+the parent's weights only fit the model and the method they were trained for. The one exception is
+adapter `turbo`, which trains speculator heads on top of a parent's frozen LoRA (or its speculator).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ _DERIVED_FROM = {
     "gradient_accumulation_steps": ("effective_batch_size", "micro_batch_size"),
     "effective_batch_size": ("gradient_accumulation_steps",),
 }
+# Parent adapter types a `turbo` run may train heads on (their LoRA stays frozen and is republished).
+_TURBO_PARENTS = ("lora", "dora", "turbo_lora", "turbo")
 # PEFT adapter_config.json keys of an uploaded adapter → the config fields they fix.
 _PEFT_FIELDS = {"r": "rank", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout"}
 
@@ -103,13 +106,18 @@ def params(parent: Parent, requested: dict[str, Any]) -> dict[str, Any]:
             f"{version.base_model!r}, not {given['base_model']!r}: its weights fit only that model. Leave "
             "base_model out, or start a new adapter without continueFromVersion"
         )
-    if given.get("adapter", version.adapter_type) != version.adapter_type:
+    adapter = given.get("adapter", version.adapter_type)
+    heads_on_parent = adapter == "turbo" and version.adapter_type in _TURBO_PARENTS
+    if adapter != version.adapter_type and not heads_on_parent:
         raise InvalidInputError(
             f"params.adapter: continuing from {parent.ref} (a {version.adapter_type!r} version) trains "
             f"{version.adapter_type!r}, not {given['adapter']!r}. Leave adapter out, or start a new "
             "adapter without continueFromVersion"
         )
     inherited = _inherited_config(version)
+    if adapter != version.adapter_type:
+        # The parent's learning rate was chosen for its own method; heads take their adapter's default.
+        inherited.pop("learning_rate", None)
     for field, determinants in _DERIVED_FROM.items():
         if any(name in given for name in determinants):
             inherited.pop(field, None)

@@ -22,19 +22,31 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # The adapter types this release trains.
-TRAINED_ADAPTERS = ("lora", "dora", "full", "last_layer")
-# Product names whose training lands in a later release; asking for one must say so instead of
-# quietly training plain LoRA.
-_LATER_ADAPTERS = ("turbo_lora", "turbo")
-# Adapters whose weights are a low-rank delta on a frozen (possibly quantised) base.
-LOW_RANK_ADAPTERS = ("lora", "dora")
+TRAINED_ADAPTERS = ("lora", "dora", "full", "last_layer", "turbo_lora", "turbo")
+# Adapters whose weights are a low-rank delta on a frozen (possibly quantised) base; turbo_lora
+# trains speculator heads beside its LoRA.
+LOW_RANK_ADAPTERS = ("lora", "dora", "turbo_lora")
+# Adapters that train speculator heads (see worker/training/speculator.py): turbo_lora with a LoRA,
+# turbo alone on a frozen base (or on a frozen parent LoRA when continuing from one).
+TURBO_ADAPTERS = ("turbo_lora", "turbo")
+# Adapters whose base weights stay frozen (so may be quantised, and take the LoRA-only options).
+FROZEN_BASE_ADAPTERS = (*LOW_RANK_ADAPTERS, "turbo")
+MAX_SPECULATOR_HEADS = 8
 
 # The projections LoRA targets by default: every linear map of attention and MLP in Llama-style models.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # What a careful practitioner starts from: a low-rank delta tolerates (and needs) a far larger step
 # than updating the pretrained weights themselves.
-DEFAULT_LEARNING_RATES = {"lora": 2e-4, "dora": 2e-4, "last_layer": 1e-4, "full": 2e-5}
+# Speculator heads start at zero and train alone under `turbo`: they take a larger step.
+DEFAULT_LEARNING_RATES = {
+    "lora": 2e-4,
+    "dora": 2e-4,
+    "last_layer": 1e-4,
+    "full": 2e-5,
+    "turbo_lora": 2e-4,
+    "turbo": 1e-3,
+}
 DEFAULT_EFFECTIVE_BATCH_SIZE = 16
 
 SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
@@ -85,7 +97,7 @@ class FinetuningConfig(BaseModel):
     base_model: str | None = Field(
         default=None, min_length=1, description="Built-in model name, HF id or local path."
     )
-    adapter: str = Field(default="lora", description="lora | dora | full | last_layer (turbo types: later).")
+    adapter: str = Field(default="lora", description="lora | dora | full | last_layer | turbo_lora | turbo.")
     task: Literal["sft", "continued_pretraining"] = "sft"
     epochs: int = Field(default=3, ge=1, le=10_000)
     train_steps: int | None = Field(
@@ -98,7 +110,7 @@ class FinetuningConfig(BaseModel):
         gt=0,
         le=1,
         validate_default=True,
-        description="Default by adapter: lora/dora 2e-4, last_layer 1e-4, full 2e-5.",
+        description="Default by adapter: lora/dora/turbo_lora 2e-4, turbo 1e-3, last_layer 1e-4, full 2e-5.",
     )
     rank: int | Literal["auto"] = Field(
         default=16, description="LoRA rank, or 'auto' to size each module from its gradient's spectrum."
@@ -167,6 +179,18 @@ class FinetuningConfig(BaseModel):
     early_stopping_patience: int = Field(default=5, ge=1, description="Evaluations without improvement.")
     seed: int = Field(default=42, ge=0)
 
+    # --- speculator heads (turbo_lora / turbo) ------------------------------------------------------
+    speculator_heads: int = Field(
+        default=3,
+        description=f"Medusa heads: head k predicts k+1 tokens past the next (1..{MAX_SPECULATOR_HEADS}).",
+    )
+    speculator_loss_weight_decay: float = Field(
+        default=0.8, gt=0, le=1, description="Head k's loss weighs decay**k (k from 0)."
+    )
+    speculator_distill: bool = Field(
+        default=False, description="Heads learn the model's own greedy tokens instead of the dataset's."
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _accept_predibase_spellings(cls, data: Any) -> Any:
@@ -189,14 +213,16 @@ class FinetuningConfig(BaseModel):
     def _known_adapter(cls, value: str) -> str:
         if value in TRAINED_ADAPTERS:
             return value
-        if value in _LATER_ADAPTERS:
-            raise ValueError(
-                f"adapter {value!r} is not supported yet: Turbo speculators come in a later release; "
-                f"this release trains {', '.join(repr(a) for a in TRAINED_ADAPTERS)}"
-            )
         if value == "qlora":
             raise ValueError("use adapter 'lora' (or 'dora') with quantization_bits 4 for QLoRA")
         raise ValueError(f"unknown adapter {value!r}: use one of {', '.join(TRAINED_ADAPTERS)}")
+
+    @field_validator("speculator_heads")
+    @classmethod
+    def _heads_in_range(cls, value: int) -> int:
+        if not 1 <= value <= MAX_SPECULATOR_HEADS:
+            raise ValueError(f"speculator_heads must be between 1 and {MAX_SPECULATOR_HEADS}, got {value}")
+        return value
 
     @field_validator("learning_rate")
     @classmethod
@@ -258,7 +284,7 @@ class FinetuningConfig(BaseModel):
 
     def _method_problems(self) -> list[str]:
         problems = []
-        low_rank = self.adapter in LOW_RANK_ADAPTERS
+        low_rank = self.adapter in FROZEN_BASE_ADAPTERS
         if self.quantization_bits is not None and not low_rank:
             problems.append(
                 f"quantization_bits: a {self.quantization_bits}-bit base cannot be trained directly; use "

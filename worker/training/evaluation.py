@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from worker.training import quality
-from worker.training.batches import make_batch, token_loss_sum
+from worker.training import objective, quality
+from worker.training.batches import make_batch
 from worker.training.data import Example
 from worker.training.methods import TrainableModel
 from worker.training.quality import perplexity
@@ -39,7 +39,9 @@ class EvalTracker:
 
 @torch.no_grad()
 def eval_loss(trainable: TrainableModel, examples: Sequence[Example], pad_token_id: int) -> float | None:
-    """Mean next-token loss over the examples' target tokens; None without any."""
+    """Mean loss per target token (the run's objective: next-token loss, plus the weighted head
+    losses for turbo types); None without any.
+    """
     if not examples:
         return None
     model, config = trainable.model, trainable.config
@@ -51,7 +53,7 @@ def eval_loss(trainable: TrainableModel, examples: Sequence[Example], pad_token_
         for start in range(0, len(examples), size):
             batch = make_batch(examples[start : start + size], pad_token_id, packed=config.packing)
             with trainable.autocast():
-                total += float(token_loss_sum(model, batch.to(trainable.runtime.device)))
+                total += float(objective.loss_sum(trainable, batch.to(trainable.runtime.device)))
             count += batch.target_count
     finally:
         model.train(was_training)

@@ -13,9 +13,9 @@ from typing import Any, Protocol
 
 import torch
 
-from worker.training import checkpoints, evaluation
+from worker.training import checkpoints, evaluation, objective
 from worker.training.base_models import resolve_base_model
-from worker.training.batches import make_batch, token_loss_sum
+from worker.training.batches import make_batch
 from worker.training.config import TrainingConfig
 from worker.training.data import DataStats
 from worker.training.evaluation import EvalTracker
@@ -210,11 +210,12 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> 
     ]
     # Normalise by the whole step's target count, so each token weighs the same whatever its micro-batch.
     n_targets = max(1, sum(batch.target_count for batch in batches))
-    trainable.model.train()
+    # turbo trains no weight of the model: it stays in eval mode (no LoRA dropout), as it will serve.
+    trainable.model.train(trainable.trains_model)
     loss_total = 0.0
     for batch in batches:
         with trainable.autocast():
-            loss = token_loss_sum(trainable.model, batch.to(run.device))
+            loss = objective.loss_sum(trainable, batch.to(run.device))
         run.scaler.scale(loss / n_targets).backward()
         loss_total += loss.item()
     run.scaler.unscale_(run.optimizer)
@@ -291,6 +292,7 @@ def _finish(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> dict
     trainable = run.trainable
     return {
         "format": SUMMARY_FORMAT,
+        "adapter_type": run.config.adapter,
         "config_used": run.config.model_dump(mode="json"),
         "autoconfig": {k: v for k, v in run.autoconfig.items() if k != "lora_kwargs"},
         "method": trainable.details,
@@ -310,6 +312,8 @@ def _finish(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> dict
             "useful_tokens_per_second": progress.useful_tokens / max(progress.train_seconds, 1e-9),
         },
         "quality_report": quality,
+        # turbo types: per-head top-1 accuracy on the eval split (None without a speculator or eval rows).
+        "speculator": objective.evaluate_heads(trainable, run.data.eval, run.pad_token_id),
     }
 
 

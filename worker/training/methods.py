@@ -2,6 +2,8 @@
 
 - lora / dora: a frozen base (in the compute dtype, or 4/8-bit via bitsandbytes = QLoRA) plus
   fp32 low-rank adapters (PEFT). Saved as a standard PEFT adapter directory.
+- turbo_lora: lora plus speculator heads (worker/training/speculator.py), trained jointly. turbo:
+  heads only, on a frozen base or a frozen parent LoRA, whose files the artifact carries unchanged.
 - full: every weight trains. last_layer: only the final block, the final norm and the LM head.
   Both keep fp32 master weights and compute under autocast in the run's half dtype; saved as a
   whole model directory that `AutoModelForCausalLM.from_pretrained` loads.
@@ -19,10 +21,17 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
-from tuneforge.config import DEFAULT_TARGET_MODULES, LOW_RANK_ADAPTERS, FinetuningConfig
+from tuneforge.config import (
+    DEFAULT_TARGET_MODULES,
+    FROZEN_BASE_ADAPTERS,
+    LOW_RANK_ADAPTERS,
+    TURBO_ADAPTERS,
+    FinetuningConfig,
+)
 
 from worker.training.attention import register_varlen_attention
 from worker.training.runtime import Runtime, TrainingConfigError
+from worker.training.speculator import SPECULATOR_WEIGHTS, MedusaHeads, SpeculatorConfig
 
 # How many final transformer blocks `last_layer` trains (with the final norm and the LM head).
 LAST_LAYER_BLOCKS = 1
@@ -38,17 +47,33 @@ class TrainableModel:
     runtime: Runtime
     tokenizer: PreTrainedTokenizerBase
     details: dict[str, Any] = field(default_factory=dict)  # recorded in the training summary
+    speculator: MedusaHeads | None = None  # turbo types: trained heads beside (or instead of) the model's
+    frozen_adapter: dict[str, bytes] = field(default_factory=dict)  # turbo on a parent LoRA: its files
 
     @property
     def is_peft(self) -> bool:
         return isinstance(self.model, PeftModel)
 
+    @property
+    def trains_model(self) -> bool:
+        """Whether any weight of the model itself (not the speculator) trains."""
+        return self.config.adapter != "turbo"
+
+    def causal_lm(self) -> PreTrainedModel:
+        """The causal LM (with LoRA layers injected, for a PEFT model)."""
+        model = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        assert isinstance(model, PreTrainedModel)
+        return model
+
     def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        params = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        if self.speculator is not None:
+            params += [(f"speculator.{name}", p) for name, p in self.speculator.named_parameters()]
+        return params
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """fp32 master weights compute in the half dtype (full / last_layer); adapters need nothing."""
-        if self.is_peft or not self.runtime.half:
+        if self.is_peft or not self.runtime.half or self.config.adapter == "turbo":
             return contextlib.nullcontext()
         return torch.autocast(self.runtime.device.type, dtype=self.runtime.dtype)
 
@@ -60,7 +85,7 @@ class TrainableModel:
             with self.model.disable_adapter():
                 yield True
         else:
-            yield False
+            yield self.config.adapter == "turbo"  # a frozen base: the model is the base
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """A host copy of every trainable tensor (for the best-so-far snapshot)."""
@@ -73,7 +98,18 @@ class TrainableModel:
             params[name].copy_(value.to(params[name].device))
 
     def save(self, directory: Path) -> None:
-        """The publishable artifact: a PEFT adapter, or a whole model for full / last-layer tuning."""
+        """The publishable artifact: a PEFT adapter, or a whole model for full / last-layer tuning;
+        plus the speculator files for turbo types (turbo: those and a parent LoRA's files, unchanged).
+        """
+        self._save_model(directory)
+        if self.speculator is not None:
+            self.speculator.save(directory)
+
+    def _save_model(self, directory: Path) -> None:
+        if self.config.adapter == "turbo":
+            for name, data in self.frozen_adapter.items():
+                (directory / name).write_bytes(data)
+            return
         if isinstance(self.model, PeftModel):
             # Stamp the name the user gave, not the local cache path, so the adapter is portable.
             self.model.peft_config["default"].base_model_name_or_path = self.config.base_model
@@ -88,6 +124,10 @@ class TrainableModel:
     @torch.no_grad()
     def load_saved(self, directory: Path) -> None:
         """Restore the trained weights from a directory `save` wrote (a checkpoint being resumed)."""
+        if self.speculator is not None:
+            self.speculator.load(directory)
+        if not self.trains_model:
+            return
         if isinstance(self.model, PeftModel):
             device = str(self.runtime.device)
             set_peft_model_state_dict(self.model, load_file(directory / PEFT_WEIGHTS, device=device))
@@ -105,7 +145,7 @@ def load_base(weights_dir: Path, config: FinetuningConfig, runtime: Runtime) -> 
     if config.quantization_bits is not None:
         kwargs["quantization_config"] = _quantization(config.quantization_bits, runtime)
         kwargs["device_map"] = {"": runtime.device}
-    low_rank = config.adapter in LOW_RANK_ADAPTERS
+    low_rank = config.adapter in FROZEN_BASE_ADAPTERS
     # A frozen base may live in the half dtype; weights that train keep fp32 masters (see autocast).
     kwargs["dtype"] = runtime.dtype if low_rank else torch.float32
     model = AutoModelForCausalLM.from_pretrained(weights_dir, **kwargs)
@@ -178,11 +218,21 @@ def build(
     targets: list[str],
     lora_kwargs: dict[str, Any] | None = None,
     init_adapter: Path | None = None,
+    init_speculator: Path | None = None,
 ) -> TrainableModel:
-    """Wrap or unfreeze `base` for the config's method. `init_adapter`: a parent PEFT adapter to continue."""
+    """Wrap or unfreeze `base` for the config's method. `init_adapter`: a parent PEFT adapter to continue;
+    `init_speculator`: a directory holding a parent's speculator files to start the heads from.
+    """
+    # Heads first: _low_rank seeds the RNG stream that LoRA's init and dropout then draw from.
+    speculator = _speculator(config, base, runtime, init_speculator)
+    frozen: dict[str, bytes] = {}
     if config.adapter in LOW_RANK_ADAPTERS:
         model: torch.nn.Module = _low_rank(config, base, targets, lora_kwargs, init_adapter)
         details: dict[str, Any] = {"method": config.adapter, "quantization_bits": config.quantization_bits}
+    elif config.adapter == "turbo":
+        model, frozen = _frozen_parent(base, init_adapter)
+        details = {"method": "turbo", "quantization_bits": config.quantization_bits}
+        details["frozen_parent_adapter"] = init_adapter is not None
     elif config.adapter == "full":
         base.requires_grad_(True)
         model, details = base, {"method": "full"}
@@ -190,10 +240,47 @@ def build(
         model, details = base, _unfreeze_last_layers(base)
     if config.gradient_checkpointing:
         _checkpoint_activations(base)
-    trainable = TrainableModel(model, config, runtime, tokenizer, details)
+    trainable = TrainableModel(model, config, runtime, tokenizer, details, speculator, frozen)
+    if speculator is not None:
+        details["speculator_heads"] = speculator.config.num_heads
     details["trainable_parameters"] = sum(p.numel() for _, p in trainable.named_trainable())
     details["total_parameters"] = sum(p.numel() for p in model.parameters())
     return trainable
+
+
+def _speculator(
+    config: FinetuningConfig, base: PreTrainedModel, runtime: Runtime, init_from: Path | None
+) -> MedusaHeads | None:
+    if config.adapter not in TURBO_ADAPTERS:
+        return None
+    spec = SpeculatorConfig(
+        hidden_size=int(base.config.hidden_size),
+        num_heads=config.speculator_heads,
+        loss_weight_decay=config.speculator_loss_weight_decay,
+        distill=config.speculator_distill,
+        base_model=config.base_model,
+    )
+    heads = MedusaHeads(spec).to(runtime.device)  # fp32 masters whatever the base's dtype
+    if init_from is not None and (init_from / SPECULATOR_WEIGHTS).is_file():
+        try:
+            heads.load(init_from)
+        except ValueError as exc:
+            raise TrainingConfigError(str(exc)) from None
+    return heads
+
+
+def _frozen_parent(
+    base: PreTrainedModel, init_adapter: Path | None
+) -> tuple[torch.nn.Module, dict[str, bytes]]:
+    """turbo: the base, or the base with a parent LoRA loaded frozen; the parent's files to republish."""
+    if init_adapter is None:
+        return base, {}
+    model = PeftModel.from_pretrained(base, str(init_adapter), is_trainable=False)
+    model.requires_grad_(False)
+    files = {
+        path.name: path.read_bytes() for path in sorted(init_adapter.glob("adapter_*")) if path.is_file()
+    }
+    return model, files
 
 
 def _checkpoint_activations(model: PreTrainedModel) -> None:

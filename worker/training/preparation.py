@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from tuneforge.config import LOW_RANK_ADAPTERS
+from tuneforge.config import LOW_RANK_ADAPTERS, TURBO_ADAPTERS
 
 from worker.training import autoconfig, methods, optim, token_cache
 from worker.training.config import TrainingConfig
 from worker.training.data import Example, PreparedData, prepare_data
 from worker.training.methods import TrainableModel
 from worker.training.runtime import Runtime, TrainingConfigError, resolve_runtime
+from worker.training.speculator import SPECULATOR_WEIGHTS
 
 # Longer contexts than this rarely help fine-tuning and cost memory quadratically in attention.
 DEFAULT_MAX_SEQ_LENGTH = 2048
@@ -137,6 +138,7 @@ def build_run(config: TrainingConfig, rows: Sequence[Mapping[str, Any]], inputs:
         targets=targets,
         lora_kwargs=decisions.get("lora_kwargs"),
         init_adapter=init_adapter,
+        init_speculator=inputs.init_from if config.adapter in TURBO_ADAPTERS else None,
     )
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
     total_steps = config.train_steps or config.epochs * steps_per_epoch
@@ -172,6 +174,16 @@ def _parent(config: TrainingConfig, inputs: Inputs) -> tuple[Path | None, Path]:
     """(PEFT adapter to continue, directory to load the base weights from)."""
     if inputs.init_from is None:
         return None, inputs.model_dir
+    if config.adapter == "turbo":
+        # Heads on a frozen parent LoRA (its files are carried into the artifact), or further training
+        # of a parent speculator.
+        has_adapter = (inputs.init_from / "adapter_config.json").is_file()
+        if not has_adapter and not (inputs.init_from / SPECULATOR_WEIGHTS).is_file():
+            raise TrainingConfigError(
+                "continue_from_version: the parent version holds neither a PEFT adapter nor a speculator "
+                "for adapter 'turbo' to train heads on"
+            )
+        return (inputs.init_from if has_adapter else None), inputs.model_dir
     if config.adapter in LOW_RANK_ADAPTERS:
         if not (inputs.init_from / "adapter_config.json").is_file():
             raise TrainingConfigError("continue_from_version: the parent version holds no PEFT adapter")

@@ -77,8 +77,8 @@ def test_cancel_of_a_queued_job_is_final_and_a_second_cancel_is_a_409(tenant) ->
         ({"base_model": "gpt-17"}, "params.base_model: unknown base model 'gpt-17'; available: smollm2-135m"),
         ({"base_model": TINY, "adapter": "qlora-9"}, "params.adapter: unknown adapter"),
         (
-            {"base_model": TINY, "adapter": "turbo_lora"},
-            "params.adapter: adapter 'turbo_lora' is not supported",
+            {"base_model": TINY, "adapter": "turbo_lora", "speculator_heads": 9},
+            "params.speculator_heads: speculator_heads must be between 1 and 8",
         ),
         ({"base_model": TINY, "rank": 0}, "params.rank"),
         ({"base_model": TINY, "learning_rate": -1}, "params.learning_rate"),

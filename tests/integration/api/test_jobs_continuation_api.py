@@ -209,6 +209,22 @@ def test_a_changed_base_model_or_adapter_is_a_422_naming_the_field(tenant, tmp_p
     assert tenant.client.get("/v2/finetuning/jobs").json()["count"] == 0  # nothing half-created
 
 
+def test_turbo_trains_heads_on_a_lora_version_with_the_turbo_learning_rate(tenant, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _upload_parent(tenant, tmp_path)
+    _ready(tenant)
+    response = _create(tenant, {"adapter": "turbo", "speculator_heads": 4}, parent="numbers/1")
+    assert response.status_code == 200, response.text
+    params = response.json()["params"]
+    assert (params["adapter"], params["rank"], params["speculator_heads"]) == ("turbo", 4, 4)
+    assert params["learning_rate"] == 1e-3  # not the parent's LoRA rate
+    assert tenant.client.get("/v2/repos/numbers/version/2").json()["parentVersion"] == "numbers/1"
+    assert_error(
+        _create(tenant, {"adapter": "turbo_lora"}, parent="numbers/1"),
+        422,
+        "params.adapter: continuing from numbers/1 (a 'lora' version) trains 'lora', not 'turbo_lora'",
+    )
+
+
 def test_another_tenants_version_cannot_be_continued(tenant, other_tenant, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _upload_parent(tenant, tmp_path)
     _ready(other_tenant)

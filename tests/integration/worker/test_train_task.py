@@ -246,6 +246,35 @@ def test_a_job_continuing_from_a_version_starts_from_its_weights(ctx: AppContext
         assert child_version.config["rank"] == parent_version.config["rank"]
 
 
+def test_a_turbo_job_on_a_lora_version_stores_heads_beside_the_unchanged_lora(
+    ctx: AppContext, celery: Celery
+) -> None:
+    parent_id = _queued_job(ctx, dtype="fp32")
+    celery.send_task(TRAIN_TASK, args=[parent_id])
+    parent = _wait_until_final(ctx, parent_id)
+    assert parent.status == JobStatus.COMPLETED, parent.error
+
+    child_id = _child_job(ctx, parent_id, adapter="turbo", learning_rate=1e-3, train_steps=2)
+    celery.send_task(TRAIN_TASK, args=[child_id])
+    child = _wait_until_final(ctx, child_id)
+    assert child.status == JobStatus.COMPLETED, child.error
+    with ctx.sessions() as session:
+        parent_version = session.get(AdapterVersion, parent.version_id)
+        child_version = session.get(AdapterVersion, child.version_id)
+        assert parent_version is not None and child_version is not None
+        assert set(child_version.artifact_files) == {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "speculator.safetensors",
+            "speculator_config.json",
+            "training_summary.json",
+        }
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            assert child_version.artifact_files[name] == parent_version.artifact_files[name]
+        summary = child_version.metrics_summary
+        assert summary["adapter_type"] == "turbo" and len(summary["speculator"]["head_top1_accuracy"]) == 3
+
+
 def test_automatic_layers_and_ranks_are_recorded_on_the_version(ctx: AppContext, celery: Celery) -> None:
     job_id = _queued_job(ctx, rank="auto", layer_selection_percentage=0.5, n_test_samples=4)
     celery.send_task(TRAIN_TASK, args=[job_id])

@@ -61,7 +61,7 @@ def test_continuing_still_refuses_a_bad_field_but_leaves_cross_field_checks_to_t
     [
         ({"base_model": "m", "learning_rate": -1}, "learning_rate"),
         ({"base_model": "m", "rank": "high"}, "rank"),
-        ({"base_model": "m", "adapter": "turbo"}, "adapter"),
+        ({"base_model": "m", "adapter": "qlora"}, "adapter"),
         ({"base_model": "m", "micro_batch_size": 4, "effective_batch_size": 2}, "effective_batch_size"),
         ({"base_model": "m", "learning_rat": 0.1}, "learning_rat"),
         ({"learning_rate": 0.1}, "base_model"),

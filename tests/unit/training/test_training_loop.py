@@ -177,7 +177,7 @@ def test_should_stop_stops_within_one_step_and_writes_a_checkpoint(tiny_cache: P
 @pytest.mark.parametrize(
     ("overrides", "field", "message"),
     [
-        ({"adapter": "turbo_lora"}, "adapter", "later release"),
+        ({"adapter": "qlora"}, "adapter", "quantization_bits 4"),
         ({"adapter": "nonsense"}, "adapter", "use one of lora, dora, full, last_layer"),
         ({"rank": 0}, "rank", "between 1 and 1024 or 'auto'"),
         ({"task": "dpo"}, "task", "sft"),
