@@ -64,7 +64,7 @@ def test_zero_initialised_heads_are_the_lm_head_at_the_start(base: PreTrainedMod
     lm_head = base.get_output_embeddings()
     assert isinstance(lm_head, torch.nn.Module)
     with torch.no_grad():
-        out = base(input_ids, output_hidden_states=True)
+        out = base(input_ids)
         hidden = base.get_decoder()(input_ids).last_hidden_state  # [1, S, H]
         for k in range(3):
             assert torch.equal(heads.head_logits(k, hidden, lm_head), out.logits.float())
@@ -116,9 +116,7 @@ def test_head_loss_of_a_packed_row_is_the_sum_of_its_examples_alone(base: PreTra
 # --- training -------------------------------------------------------------------------------------
 
 
-def test_turbo_lora_trains_the_lora_and_the_heads(
-    turbo_lora_run: tuple[TrainingResult, Recorder], base: PreTrainedModel
-) -> None:
+def test_turbo_lora_trains_the_lora_and_the_heads(turbo_lora_run: tuple[TrainingResult, Recorder]) -> None:
     result, recorder = turbo_lora_run
     assert result.steps == 8 and result.adapter_dir is not None
     assert recorder.losses()[-1] < recorder.losses()[0] - 0.5
@@ -183,6 +181,43 @@ def test_turbo_on_a_lora_leaves_the_lora_bit_identical(
     assert all(v.abs().max() > 0 for k, v in heads.items() if k.endswith("linear.weight"))
     summary = json.loads((result.adapter_dir / "training_summary.json").read_text())
     assert summary["method"]["frozen_parent_adapter"] is True and summary["speculator"]["distill"] is True
+
+
+def test_self_distilled_heads_learn_the_models_own_tokens_not_the_datasets(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    # The random tiny model's greedy tokens are not the dataset's, so the two targets pull apart.
+    def heads_after(distill: bool) -> dict[str, Any]:
+        config = make_config(adapter="turbo", train_steps=40, learning_rate=3e-2, speculator_heads=1,
+                             speculator_distill=distill)  # fmt: skip
+        result = train(config, number_rows(), output_dir=tmp_path / str(distill), cache_dir=tiny_cache)
+        return result.summary["speculator"]
+
+    dataset, distilled = heads_after(False), heads_after(True)
+    assert dataset["head_top1_accuracy"][0] > dataset["head_top1_agreement"][0] + 0.3
+    assert distilled["head_top1_agreement"][0] > distilled["head_top1_accuracy"][0] + 0.3
+
+
+def test_turbo_on_a_lora_resumes_from_its_own_checkpoint_as_the_worker_does(
+    lora_dir: Path, tiny_cache: Path, tmp_path: Path
+) -> None:
+    config = make_config(adapter="turbo", train_steps=4, checkpoint_every_n_steps=2, speculator_heads=2)
+    straight = Recorder()
+    train(config, number_rows(), output_dir=tmp_path / "a", cache_dir=tiny_cache, callbacks=straight,
+          init_from=lora_dir)  # fmt: skip
+    crashed = Recorder(crash_at_checkpoint=2)
+    with pytest.raises(RuntimeError, match="simulated worker crash"):
+        train(config, number_rows(), output_dir=tmp_path / "b", cache_dir=tiny_cache, callbacks=crashed,
+              init_from=lora_dir)  # fmt: skip
+    checkpoint = tmp_path / "b" / "checkpoints" / "step-2"
+    resumed = Recorder()
+    # worker/tasks.py resumes a continued run from its checkpoint alone: it is also the parent.
+    result = train(config, number_rows(), output_dir=tmp_path / "b", cache_dir=tiny_cache, callbacks=resumed,
+                   resume_from=checkpoint, init_from=checkpoint)  # fmt: skip
+    assert crashed.losses() + resumed.losses() == pytest.approx(straight.losses(), abs=1e-6)
+    assert result.adapter_dir is not None
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (result.adapter_dir / name).read_bytes() == (lora_dir / name).read_bytes()
 
 
 def test_turbo_resume_from_a_checkpoint_continues_exactly(tiny_cache: Path, tmp_path: Path) -> None:
