@@ -20,6 +20,7 @@ import torch
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError, ServingError
 from worker.serving.lora import AdapterWeights
 from worker.serving.metrics import ServingMetrics
+from worker.serving.speculator import has_speculator
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class LocalDirectorySource:
     def fetch(self, adapter_id: str, tenant: str | None) -> Path:
         check_adapter_id(adapter_id)
         path = self.root / adapter_id
-        if not (path / "adapter_config.json").is_file():
+        if not (path / "adapter_config.json").is_file() and not has_speculator(path):
             raise AdapterNotFoundError(f"adapter {adapter_id} not found")
         return path
 
@@ -80,12 +81,14 @@ class AdapterCache:
         dtype: torch.dtype,
         metrics: ServingMetrics,
         device: torch.device | None = None,
+        hidden_size: int | None = None,
     ) -> None:
         self.source = source
         self.max_adapters = max_adapters
         self.num_layers = num_layers
         self.dtype = dtype
         self.device = device or torch.device("cpu")
+        self.hidden_size = hidden_size
         self.metrics = metrics
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, AdapterWeights] = OrderedDict()
@@ -158,7 +161,12 @@ class AdapterCache:
         try:
             directory = self.source.fetch(adapter_id, tenant)
             weights = AdapterWeights.load(
-                key, directory, num_layers=self.num_layers, dtype=self.dtype, device=self.device
+                key,
+                directory,
+                num_layers=self.num_layers,
+                dtype=self.dtype,
+                device=self.device,
+                hidden_size=self.hidden_size,
             )
         except Exception as exc:
             if not isinstance(exc, ServingError):

@@ -11,11 +11,12 @@ import asyncio
 import logging
 import queue
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from worker.serving import speculator as speculative
 from worker.serving.adapters import AdapterCache, AdapterSource
 from worker.serving.detokenizer import IncrementalDetokenizer
 from worker.serving.errors import (
@@ -65,6 +66,9 @@ class _Request:
     deliver: queue.SimpleQueue[TokenOutput | BaseException] | None = None
     async_deliver: tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenOutput | BaseException]] | None = None
     adapter: AdapterWeights | None = None
+    drafts: list[int] = field(
+        default_factory=list
+    )  # proposed by the adapter's speculator, verified next step
 
     def send(self, item: TokenOutput | BaseException) -> None:
         if self.async_deliver is not None:
@@ -102,6 +106,7 @@ class LLMEngine:
             dtype=self.runner.dtype,
             device=self.runner.device,
             metrics=self.metrics,
+            hidden_size=self.runner.hidden_size,
         )
         self.scheduler = Scheduler(
             self.blocks,
@@ -110,6 +115,7 @@ class LLMEngine:
             is_ready=self._adapter_ready,
         )
         self._requests: dict[int, _Request] = {}
+        self._row_of_last_emitted: list[int] = []
 
     # --- requests ------------------------------------------------------------------------------------
 
@@ -197,24 +203,88 @@ class LLMEngine:
             return 0
         requests = [self._requests[seq.seq_id] for seq in seqs]
         adapters, owner = self._active_adapters(requests)
+        drafts = [[] for _ in seqs] if is_prefill else [self._drafts_to_verify(r) for r in requests]
         if is_prefill:
             step = self.runner.prefill_input(seqs, adapters, owner)
             self.metrics.prompt_tokens.inc(sum(len(s) for s in seqs))
         else:
-            step = self.runner.decode_input(seqs, adapters, owner)
+            step = self.runner.decode_input(seqs, adapters, owner, drafts if any(drafts) else None)
         logits = self.runner.forward(step).cpu()  # sampling (and its seeded generators) run on the CPU
-        histories: list[torch.Tensor | list[int]] = (
-            [torch.tensor(s.all_token_ids) for s in seqs] if _needs_history(seqs) else [[] for _ in seqs]
-        )
-        tokens, logprobs = sample_next_tokens(
-            logits, [s.params for s in seqs], histories, [s.generator for s in seqs]
-        )
+        emitted = self._choose_tokens(requests, logits, drafts)
         now = time.monotonic()
-        for request, token, logprob in zip(requests, tokens.tolist(), logprobs.tolist(), strict=True):
-            self._emit(request, token, logprob, now)
-        self.metrics.record_step(len(seqs))
+        generated = 0
+        for request, tokens in zip(requests, emitted, strict=True):
+            for token, logprob in tokens:
+                generated += 1
+                if self._emit(request, token, logprob, now):
+                    break
+        self._propose_drafts(requests, drafts, emitted)
+        self.metrics.record_step(generated)
         self._update_gauges()
-        return len(seqs)
+        return generated
+
+    def _choose_tokens(
+        self, requests: list[_Request], logits: torch.Tensor, drafts: list[list[int]]
+    ) -> list[list[tuple[int, float]]]:
+        """Per request the (token, logprob) pairs this step emits: one sampled, or the verified drafts."""
+        starts = [0]
+        for d in drafts:
+            starts.append(starts[-1] + 1 + len(d))
+        chosen: list[list[tuple[int, float]]] = [[] for _ in requests]
+        plain = [i for i, r in enumerate(requests) if not speculative.speculates(r.seq.params, r.adapter)]
+        if plain:
+            seqs = [requests[i].seq for i in plain]
+            histories: list[torch.Tensor | list[int]] = (
+                [torch.tensor(s.all_token_ids) for s in seqs] if _needs_history(seqs) else [[] for _ in seqs]
+            )
+            rows = logits[torch.tensor([starts[i] for i in plain])]
+            tokens, logprobs = sample_next_tokens(
+                rows, [s.params for s in seqs], histories, [s.generator for s in seqs]
+            )
+            for i, token, logprob in zip(plain, tokens.tolist(), logprobs.tolist(), strict=True):
+                chosen[i] = [(token, logprob)]
+        for i in range(len(requests)):
+            if chosen[i]:
+                continue
+            rows = logits[starts[i] : starts[i + 1]]  # [1 + drafts, V]
+            kept = speculative.accept_greedy(drafts[i], rows.argmax(-1).tolist())
+            kept_logprobs = torch.log_softmax(rows[: len(kept)], -1).gather(1, torch.tensor(kept)[:, None])
+            chosen[i] = list(zip(kept, kept_logprobs[:, 0].tolist(), strict=True))
+            if drafts[i]:
+                self.metrics.spec_steps.inc()
+                self.metrics.spec_drafted.inc(len(drafts[i]))
+                self.metrics.spec_accepted.inc(len(kept) - 1)
+        self._row_of_last_emitted = [starts[i] + len(c) - 1 for i, c in enumerate(chosen)]
+        return chosen
+
+    def _drafts_to_verify(self, request: _Request) -> list[int]:
+        """The drafts this step verifies: cut to what the request may still emit and the cache holds."""
+        drafts, request.drafts = request.drafts, []
+        seq = request.seq
+        room = min(
+            seq.params.max_tokens - len(seq.output_token_ids) - 1,  # one token is always emitted besides
+            self.max_model_len - len(seq) - 1,
+        )
+        drafts = drafts[: max(room, 0)]
+        if drafts and not self.blocks.reserve(seq, len(seq) + len(drafts)):
+            return []  # no spare blocks: decode one token, never preempt for speculation
+        return drafts
+
+    def _propose_drafts(
+        self, requests: list[_Request], drafts: list[list[int]], emitted: list[list[tuple[int, float]]]
+    ) -> None:
+        """Next step's drafts from the heads, read at the position of each request's last token."""
+        hidden = self.runner.last_hidden
+        assert hidden is not None
+        for i, request in enumerate(requests):
+            if request.seq.seq_id not in self._requests or not speculative.speculates(
+                request.seq.params, request.adapter
+            ):
+                continue
+            assert request.adapter is not None and request.adapter.speculator is not None
+            row = hidden[self._row_of_last_emitted[i] : self._row_of_last_emitted[i] + 1]
+            speculator = request.adapter.speculator
+            request.drafts = speculator.propose(row, self.runner.lm_head, speculator.num_heads)[0].tolist()
 
     def _active_adapters(self, requests: list[_Request]) -> tuple[list[AdapterWeights], list[int]]:
         adapters: list[AdapterWeights] = []
@@ -230,7 +300,8 @@ class LLMEngine:
             owner.append(position[request.adapter.key])
         return adapters, owner
 
-    def _emit(self, request: _Request, token: int, logprob: float, now: float) -> None:
+    def _emit(self, request: _Request, token: int, logprob: float, now: float) -> bool:
+        """Hands one token to the request; True if that finished it."""
         seq = request.seq
         index = len(seq.output_token_ids)
         seq.output_token_ids.append(token)
@@ -258,6 +329,7 @@ class LLMEngine:
         )
         if reason is not None:
             self._finish(request, reason, notify=False)
+        return reason is not None
 
     def _finish_reason(self, seq: Sequence, token: int, stop_hit: bool) -> FinishReason | None:
         if stop_hit:

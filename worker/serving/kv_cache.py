@@ -84,6 +84,16 @@ class BlockManager:
         if not self._has_room(seq):
             seq.block_table.append(self._free.pop())
 
+    def reserve(self, seq: Sequence, tokens: int) -> bool:
+        """Slots for `tokens` positions (drafts beyond the next token); False, changing nothing, if short."""
+        need = self.blocks_needed(tokens) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if need > self.num_free:
+            return False
+        seq.block_table.extend(self._free.pop() for _ in range(need))
+        return True
+
     def free(self, seq: Sequence) -> None:
         self._free.extend(reversed(seq.block_table))
         seq.block_table = []

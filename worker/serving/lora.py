@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from worker.serving.errors import AdapterLoadError
+from worker.serving.speculator import Speculator, has_speculator
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
@@ -38,6 +39,7 @@ class AdapterWeights:
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     base_model: str | None
     nbytes: int
+    speculator: Speculator | None = None  # a Turbo adapter's draft heads
 
     @classmethod
     def load(
@@ -48,7 +50,21 @@ class AdapterWeights:
         num_layers: int,
         dtype: torch.dtype,
         device: torch.device | None = None,
+        hidden_size: int | None = None,
     ) -> AdapterWeights:
+        speculator = None
+        if has_speculator(directory) and hidden_size is not None:
+            speculator = Speculator.load(
+                directory, hidden_size=hidden_size, device=device or torch.device("cpu"), dtype=dtype
+            )
+            if not (directory / "adapter_config.json").is_file():  # `turbo` on the base model: heads only
+                return cls(
+                    key=key,
+                    modules={},
+                    base_model=None,
+                    nbytes=speculator.weight.nbytes,
+                    speculator=speculator,
+                )
         config = _read_config(directory)
         weights = directory / "adapter_model.safetensors"
         if not weights.is_file():
@@ -85,7 +101,15 @@ class AdapterWeights:
                 (b.float() * scaling).to(device=device, dtype=dtype).contiguous(),
             )
         nbytes = sum(a.nbytes + b.nbytes for a, b in modules.values())
-        return cls(key=key, modules=modules, base_model=config.get("base_model_name_or_path"), nbytes=nbytes)
+        if speculator is not None:
+            nbytes += speculator.weight.nbytes
+        return cls(
+            key=key,
+            modules=modules,
+            base_model=config.get("base_model_name_or_path"),
+            nbytes=nbytes,
+            speculator=speculator,
+        )
 
 
 def _parent(module: str) -> str:

@@ -63,6 +63,15 @@ class ServingMetrics:
             "tuneforge_serving_adapter_evictions", "Adapters evicted by the LRU bound", registry=r
         )
         self.adapters_loaded = Gauge("tuneforge_serving_adapters_loaded", "Adapters in memory", registry=r)
+        self.spec_steps = Counter(
+            "tuneforge_serving_speculative_steps", "Verification steps of speculating sequences", registry=r
+        )
+        self.spec_drafted = Counter(
+            "tuneforge_serving_speculative_draft_tokens", "Draft tokens proposed and verified", registry=r
+        )
+        self.spec_accepted = Counter(
+            "tuneforge_serving_speculative_accepted_tokens", "Draft tokens the model confirmed", registry=r
+        )
         self._recent: deque[tuple[float, int]] = deque()
 
     def record_step(self, new_tokens: int) -> None:

@@ -88,6 +88,10 @@ class StepInput:
     context_slots: torch.Tensor | None = None  # decode: [B, L] cache slots of each sequence's context
     context_mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] True where a slot is real
     context_flat: torch.Tensor | None = None  # decode: context_slots flattened, [B * L]
+    # Decode with drafts (speculation): some sequences feed several tokens. Their queries are padded
+    # to [B, Q]: query_index picks each (b, i) from the flat tokens, query_valid maps back.
+    query_index: torch.Tensor | None = None  # [B, Q] into the T flat tokens (padding → 0)
+    query_valid: torch.Tensor | None = None  # [T] positions of the real queries in the [B * Q] grid
 
 
 class ModelRunner:
@@ -143,6 +147,8 @@ class ModelRunner:
             max_model_len or config.max_position_embeddings, config.max_position_embeddings
         )
         self.vocab_size = config.vocab_size
+        self.hidden_size = config.hidden_size
+        self.last_hidden: torch.Tensor | None = None
         self.eos_token_ids = _eos_ids(config, self.tokenizer)
         self.embed = model.model.embed_tokens.weight
         self.final_norm = model.model.norm.weight
@@ -196,10 +202,21 @@ class ModelRunner:
         return tensor.to(self.device, non_blocking=True)
 
     def decode_input(
-        self, seqs: list[Sequence], adapters: list[AdapterWeights], owner: list[int]
+        self,
+        seqs: list[Sequence],
+        adapters: list[AdapterWeights],
+        owner: list[int],
+        drafts: list[list[int]] | None = None,
     ) -> StepInput:
-        longest = max(len(seq) for seq in seqs)
-        lengths = torch.tensor([len(seq) for seq in seqs])
+        """One token per sequence, or with `drafts` its last token plus the drafts to verify.
+
+        Logits come back for every fed token (in order); the caller slices them per sequence.
+        """
+        drafts = drafts or [[] for _ in seqs]
+        fed = [1 + len(d) for d in drafts]
+        totals = [len(seq) + len(d) for seq, d in zip(seqs, drafts, strict=True)]  # context incl. drafts
+        longest = max(totals)
+        lengths = torch.tensor(totals)
         tables = torch.zeros(len(seqs), max(len(seq.block_table) for seq in seqs), dtype=torch.long)
         for row, seq in enumerate(seqs):
             tables[row, : len(seq.block_table)] = torch.tensor(seq.block_table)
@@ -207,18 +224,37 @@ class ModelRunner:
         context = (tables[:, :, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).view(len(seqs), -1)[
             :, :longest
         ]
-        mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]
-        return StepInput(
-            input_ids=self._on_device([seq.all_token_ids[-1] for seq in seqs]),
-            positions=self._on_device(lengths - 1),
-            slot_mapping=self._on_device(context[torch.arange(len(seqs)), lengths - 1]),
-            token_adapter=self._on_device(owner),
+        ids = [t for seq, d in zip(seqs, drafts, strict=True) for t in [seq.all_token_ids[-1], *d]]
+        positions = torch.tensor(
+            [len(seq) - 1 + i for seq, n in zip(seqs, fed, strict=True) for i in range(n)]
+        )
+        rows = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(fed))
+        step = StepInput(
+            input_ids=self._on_device(ids),
+            positions=self._on_device(positions),
+            slot_mapping=self._on_device(context[rows, positions]),
+            token_adapter=self._on_device([o for o, n in zip(owner, fed, strict=True) for _ in range(n)]),
             adapters=adapters,
-            logits_indices=self._on_device(torch.arange(len(seqs))),
+            logits_indices=self._on_device(torch.arange(len(ids))),
             context_slots=self._on_device(context),
-            context_mask=self._on_device(mask),
             context_flat=self._on_device(context.reshape(-1)),
         )
+        keys = torch.arange(longest)[None, None, :]
+        if max(fed) == 1:
+            step.context_mask = self._on_device((keys < lengths[:, None, None])[:, None])  # [B, 1, 1, L]
+            return step
+        width = max(fed)
+        query = torch.arange(width)[None, :]  # [1, Q]
+        valid = query < torch.tensor(fed)[:, None]  # [B, Q]
+        starts = torch.tensor([0, *torch.tensor(fed).cumsum(0)[:-1].tolist()])
+        step.query_index = self._on_device(torch.where(valid, starts[:, None] + query, 0))
+        step.query_valid = self._on_device(valid.reshape(-1).nonzero().squeeze(1))
+        # Query i of sequence b sits at absolute position (total_b - fed_b + i): causal up to it.
+        last_visible = (lengths - torch.tensor(fed))[:, None] + query  # [B, Q]
+        mask = keys <= last_visible[:, :, None]  # [B, Q, L]
+        mask[:, :, 0] = True  # padded queries see one key (no all-masked rows, no NaN); discarded anyway
+        step.context_mask = self._on_device(mask[:, None])  # [B, 1, Q, L]
+        return step
 
     # --- the forward pass --------------------------------------------------------------------------
 
@@ -236,6 +272,7 @@ class ModelRunner:
         hidden = F.rms_norm(
             hidden.index_select(0, step.logits_indices), (hidden.shape[-1],), self.final_norm, self.eps
         )
+        self.last_hidden = hidden  # [B or T, D] final-norm states: what speculator heads read
         return self.lm_head(hidden).float()
 
     def _pick_threads(self, tokens: int) -> None:
@@ -315,15 +352,16 @@ class ModelRunner:
         values = self.cache.values[index].index_select(0, step.context_flat)
         keys = keys.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, kvh, L, hd]
         values = values.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # One query per sequence [B, H, 1, hd], or its padded queries [B, Q, H, hd] → [B, H, Q, hd].
+        queries = q[:, :, None, :] if step.query_index is None else q[step.query_index].transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q[:, :, None, :],  # [B, H, 1, hd]
-            keys,
-            values,
-            attn_mask=step.context_mask,
-            scale=self.scale,
-            enable_gqa=True,
+            queries, keys, values, attn_mask=step.context_mask, scale=self.scale, enable_gqa=True
         )
-        return out.reshape(q.shape[0], -1)
+        if step.query_index is None:
+            return out.reshape(q.shape[0], -1)
+        assert step.query_valid is not None
+        grid = out.transpose(1, 2).reshape(-1, q.shape[1] * q.shape[2])  # [B * Q, H * hd]
+        return grid.index_select(0, step.query_valid)
 
 
 def resolve_device(device: str) -> torch.device:
