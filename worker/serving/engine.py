@@ -66,9 +66,10 @@ class _Request:
     deliver: queue.SimpleQueue[TokenOutput | BaseException] | None = None
     async_deliver: tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenOutput | BaseException]] | None = None
     adapter: AdapterWeights | None = None
-    drafts: list[int] = field(
-        default_factory=list
-    )  # proposed by the adapter's speculator, verified next step
+    # Proposed by the adapter's speculator and verified at the next step; for sampled requests also
+    # the distributions they were drawn from (the rejection rule needs them).
+    drafts: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None
 
     def send(self, item: TokenOutput | BaseException) -> None:
         if self.async_deliver is not None:
@@ -247,7 +248,13 @@ class LLMEngine:
             if chosen[i]:
                 continue
             rows = logits[starts[i] : starts[i + 1]]  # [1 + drafts, V]
-            kept = speculative.accept_greedy(drafts[i], rows.argmax(-1).tolist())
+            request = requests[i]
+            if request.seq.params.greedy:
+                kept = speculative.accept_greedy(drafts[i], rows.argmax(-1).tolist())
+            else:
+                kept = speculative.accept_sampled(
+                    drafts[i], request.draft_probs, rows, request.seq.params, request.seq.generator
+                )
             kept_logprobs = torch.log_softmax(rows[: len(kept)], -1).gather(1, torch.tensor(kept)[:, None])
             chosen[i] = list(zip(kept, kept_logprobs[:, 0].tolist(), strict=True))
             if drafts[i]:
@@ -284,7 +291,15 @@ class LLMEngine:
             assert request.adapter is not None and request.adapter.speculator is not None
             row = hidden[self._row_of_last_emitted[i] : self._row_of_last_emitted[i] + 1]
             speculator = request.adapter.speculator
-            request.drafts = speculator.propose(row, self.runner.lm_head, speculator.num_heads)[0].tolist()
+            params = request.seq.params
+            if params.greedy:
+                request.drafts = speculator.propose(row, self.runner.lm_head, speculator.num_heads)[
+                    0
+                ].tolist()
+            else:
+                request.drafts, request.draft_probs = speculator.propose_sampled(
+                    row, self.runner.lm_head, params, request.seq.generator
+                )
 
     def _active_adapters(self, requests: list[_Request]) -> tuple[list[AdapterWeights], list[int]]:
         adapters: list[AdapterWeights] = []

@@ -58,7 +58,7 @@ def sample_next_tokens(
             tokens[greedy_rows] = scores[greedy_rows].argmax(dim=-1)
         rows = torch.tensor(sampled, dtype=torch.long, device=raw.device)
         probs = warped_probs(scores[rows], [params[i] for i in sampled])  # [S, V]
-        tokens[rows] = _draw(probs, [generators[i] for i in sampled])
+        tokens[rows] = draw(probs, [generators[i] for i in sampled])
 
     logprobs = raw.gather(1, tokens.unsqueeze(1)).squeeze(1) - log_normaliser  # [B]
     return tokens, logprobs
@@ -138,7 +138,7 @@ def _top_p(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """One token per row `[S]` by inverting each row's CDF at a uniform draw from the row's own
     generator (the global RNG for unseeded rows). One float per row comes from the generator, so a
     seeded request's tokens do not depend on its companions; the search itself is batched (batched

@@ -11,7 +11,20 @@ positions say what greedy decoding would emit after each prefix, so
 
 which is token for token what non-speculative greedy decoding produces. Rejected drafts' K/V stay in
 the cache beyond the sequence's length, where nothing attends to them, and are overwritten as the
-sequence grows: rolling back is not counting them. Sampled requests do not speculate (yet).
+sequence grows: rolling back is not counting them.
+
+Sampled requests use speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023), which
+leaves the output distribution exactly that of ordinary sampling. With p_i the request's processed
+(temperature, top-k, top-p) distribution of the model after the prefix ending at draft i - 1, and q_i
+the same processing of head i's logits, from which draft d_i was drawn:
+
+    accept d_i with probability min(1, p_i(d_i) / q_i(d_i)), and go on to the next draft;
+    at the first rejection emit a token drawn from normalise(max(0, p_i - q_i)) and stop;
+    if every draft is accepted, emit one more token drawn from p_K.
+
+Requests with a repetition penalty do not speculate (their p would change with every accepted token).
+A seeded request stays reproducible, but draws different tokens than without speculation (the
+random stream is consumed differently); the distribution is the same.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from safetensors.torch import load_file
 
 from worker.serving.errors import AdapterLoadError
 from worker.serving.params import SamplingParams
+from worker.serving.sampling import draw, warped_probs
 
 if TYPE_CHECKING:
     from worker.serving.lora import AdapterWeights
@@ -69,23 +83,63 @@ class Speculator:
             raise AdapterLoadError(f"speculator.safetensors lacks {exc}") from exc
         return cls(weight.to(device=device, dtype=dtype), bias.to(device=device, dtype=dtype))
 
-    def propose(self, hidden: torch.Tensor, lm_head: torch.nn.Module | object, depth: int) -> torch.Tensor:
-        """Greedy drafts `[N, depth]` from final-norm hidden states `[N, D]` (depth <= num_heads)."""
-        # [N, 1, D] x [K, D, D]^T → [N, K, D]: every head on every row in one batched GEMM.
+    def head_logits(
+        self, hidden: torch.Tensor, lm_head: torch.nn.Module | object, depth: int
+    ) -> torch.Tensor:
+        """Every head's logits `[N, depth, V]` (float32) for final-norm hidden states `[N, D]`."""
+        # [N, D] x [K, D, D]^T → [N, K, D]: every head on every row in one batched GEMM.
         projected = torch.einsum("nd,ked->nke", hidden, self.weight[:depth]) + self.bias[:depth]
         heads = hidden[:, None, :] + F.silu(projected)
         logits = lm_head(heads.reshape(-1, heads.shape[-1]))  # type: ignore[operator]
-        return logits.argmax(-1).view(hidden.shape[0], depth)
+        return logits.float().view(hidden.shape[0], depth, -1)
+
+    def propose(self, hidden: torch.Tensor, lm_head: torch.nn.Module | object, depth: int) -> torch.Tensor:
+        """Greedy drafts `[N, depth]` from final-norm hidden states `[N, D]` (depth <= num_heads)."""
+        return self.head_logits(hidden, lm_head, depth).argmax(-1)
+
+    def propose_sampled(
+        self,
+        hidden: torch.Tensor,
+        lm_head: torch.nn.Module | object,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> tuple[list[int], torch.Tensor]:
+        """Drafts drawn from each head's processed distribution q, and q itself `[K, V]` (CPU)."""
+        logits = self.head_logits(hidden, lm_head, self.num_heads)[0].cpu()  # [K, V]
+        q = warped_probs(logits, [params] * self.num_heads)
+        drafts = [int(t) for t in draw(q, [generator] * self.num_heads)]
+        return drafts, q
 
 
 def speculates(params: SamplingParams, adapter: AdapterWeights | None) -> bool:
-    """Greedy requests whose adapter has heads; sampled or penalised ones decode one token a step."""
-    return (
-        adapter is not None
-        and adapter.speculator is not None
-        and params.greedy
-        and params.repetition_penalty == 1.0
-    )
+    """Requests whose adapter has heads, unless a repetition penalty makes p depend on each draft."""
+    return adapter is not None and adapter.speculator is not None and params.repetition_penalty == 1.0
+
+
+def accept_sampled(
+    drafts: list[int],
+    draft_probs: torch.Tensor | None,
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> list[int]:
+    """Speculative rejection sampling (module docstring): `draft_probs` q `[>=len(drafts), V]`,
+    `logits` the model's `[len(drafts) + 1, V]` at the fed positions."""
+    p = warped_probs(logits.float(), [params] * logits.shape[0])  # [K + 1, V]
+    emitted: list[int] = []
+    for i, draft in enumerate(drafts):
+        assert draft_probs is not None, "drafts come with the distributions they were drawn from"
+        ratio = p[i, draft] / draft_probs[i, draft].clamp(min=1e-20)
+        if float(torch.rand(1, generator=generator)) < float(ratio.clamp(max=1.0)):
+            emitted.append(draft)
+            continue
+        residual = (p[i] - draft_probs[i]).clamp(min=0)
+        if float(residual.sum()) <= 0:  # p == q up to rounding: p itself is the residual
+            residual = p[i]
+        emitted.append(int(draw((residual / residual.sum())[None], [generator])[0]))
+        return emitted
+    emitted.append(int(draw(p[len(drafts)][None], [generator])[0]))
+    return emitted
 
 
 def has_speculator(directory: Path) -> bool:

@@ -86,3 +86,54 @@ def test_speculation_stops_exactly_at_max_tokens_and_stop_strings(
     run_until_done(engine, [plain])
     assert len(plain.token_ids) == 7
     assert plain.token_ids == hf_greedy(tiny_model_dir, None, prompt, 7)
+
+
+def test_rejection_sampling_leaves_the_target_distribution_unchanged() -> None:
+    """Two chained drafts from a q far from p: the emitted tokens follow p, position by position."""
+    from worker.serving.speculator import accept_sampled
+
+    vocab, trials = 5, 6_000
+    params = SamplingParams(temperature=1.0, max_tokens=4)
+    target = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.1, 0.1, 0.2, 0.3, 0.3], [0.2] * 5]))
+    draft = torch.tensor([[0.05, 0.05, 0.1, 0.3, 0.5], [0.6, 0.1, 0.1, 0.1, 0.1]])
+    generator = torch.Generator().manual_seed(7)
+    first = torch.zeros(vocab)
+    second_given_accept = torch.zeros(vocab)
+    accepted_first = 0
+    for _ in range(trials):
+        drafts = [int(torch.multinomial(draft[k], 1, generator=generator)) for k in range(2)]
+        # The target's second row is conditioned on the first draft, as a verify pass gives it; here p
+        # does not depend on it, so the test checks the rule, not the model.
+        out = accept_sampled(drafts, draft, target, params, generator)
+        first[out[0]] += 1
+        if len(out) >= 2 and out[0] == drafts[0]:
+            accepted_first += 1
+            second_given_accept[out[1]] += 1
+    p = target.exp()
+    assert _chi_square(first, p[0] * trials) < CHI2_DF4_P001
+    assert _chi_square(second_given_accept, p[1] * second_given_accept.sum()) < CHI2_DF4_P001
+    # The check can fail: scored against q instead of p the first position is far off.
+    assert _chi_square(first, draft[0] * trials) > 100 * CHI2_DF4_P001
+    assert 0 < accepted_first < trials
+
+
+# Chi-square critical value, 4 degrees of freedom (5 tokens), p = 0.001.
+CHI2_DF4_P001 = 18.47
+
+
+def _chi_square(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    return float(((observed - expected) ** 2 / expected).sum())
+
+
+def test_sampled_requests_speculate_and_stay_reproducible_per_seed(
+    tiny_model_dir: Path, turbo_root: Path
+) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_k=20, seed=11, ignore_eos=True)
+    runs = []
+    for _ in range(2):
+        engine = make_engine(tiny_model_dir, turbo_root)
+        request = Collected(engine, [1, 504, 3458, 282], params, "heads/1")
+        run_until_done(engine, [request])
+        runs.append(request.token_ids)
+        assert engine.metrics.spec_steps._value.get() > 0
+    assert runs[0] == runs[1] and len(runs[0]) == 12
