@@ -1,0 +1,321 @@
+"""Turbo speedup: speculative decoding with trained Medusa heads against plain decoding, in one run.
+
+Run: .venv/bin/python bench/turbo_speedup.py [--lora-steps 60] [--turbo-steps 60] [--turbo-lora-steps 60]
+     [--dtype fp32|bf16] [--keep DIR] [--skip-training DIR] [--quick] [--json PATH]
+Base model smollm2-135m, the demo task (dates in words -> YYYY-MM-DD, app/services/demo_dataset.py),
+the demo's LoRA settings. Trains, timing each:
+  (a) `lora`: a plain LoRA (the peer);
+  (b) `turbo`: heads only on top of (a) (init_from its artifact, LoRA frozen, self-distilled heads:
+      they learn what the adapted model says, which is what speculation must guess);
+  (c) `turbo_lora`: LoRA and heads trained jointly.
+Then one engine serves (a), (b), (c) and (c) copied without its speculator files, and on the held-out
+demo prompts (chat template, as training formats them; greedy, stopping at EOS) measures
+  - single stream, one prompt after another: decode rate, each request's first token excluded
+    (that one is prefill): sum(tokens - 1) / sum(last token - first token);
+  - batch: all prompts at once, the same rate over the batch: sum(tokens - 1) / (last token
+    anywhere - first token anywhere);
+for (b) against (a) (speculative vs plain: the same LoRA weights) and (c) with against without heads.
+Greedy outputs must be identical with and without speculation. Acceptance from the engine's
+counters: mean accepted length = (accepted + steps) / steps tokens per verification step, acceptance
+rate = accepted / drafted. Target: >= 2.5x single stream. Never a pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: the base model is built locally
+
+BASE_MODEL = "smollm2-135m"
+REPO = "turbo"
+# The adapters as the engine sees them: `<root>/turbo/<N>`.
+LORA, LORA_TURBO, TURBO_LORA, TURBO_LORA_BARE = "turbo/1", "turbo/2", "turbo/3", "turbo/4"
+SPECULATOR_FILES = ("speculator.safetensors", "speculator_config.json")
+QUICK_STEPS = 3
+
+
+@dataclass
+class Stream:
+    tokens: list[int]
+    received: list[float]  # time.perf_counter() when each token reached this caller
+
+
+@dataclass
+class Measured:
+    outputs: list[list[int]]
+    decode_tok_s: float
+    spec_steps: float = 0.0
+    spec_drafted: float = 0.0
+    spec_accepted: float = 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return (self.spec_accepted + self.spec_steps) / self.spec_steps if self.spec_steps else 1.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.spec_accepted / self.spec_drafted if self.spec_drafted else 0.0
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+
+def train_all(args: argparse.Namespace, root: Path, scratch: Path) -> dict[str, float]:
+    """Trains those of (a), (b), (c) missing from `<root>/turbo/1..3`; returns each one's training seconds.
+
+    Each artifact is also copied to --keep as soon as it exists, so an interrupted run can go on.
+    """
+    from app.demo import demo_config
+    from app.services.demo_dataset import demo_rows
+    from worker.training.loop import train
+
+    base = demo_config().model_dump(exclude_unset=True) | {"base_model": BASE_MODEL, "dtype": args.dtype}
+    if args.eval_samples:  # the end-of-run exact-match report generates on every held-out row otherwise
+        base["max_eval_samples"] = args.eval_samples
+    plans = [
+        ("lora", LORA, {"adapter": "lora", "train_steps": args.lora_steps}, None),
+        ("turbo on the lora", LORA_TURBO,
+         {"adapter": "turbo", "train_steps": args.turbo_steps, "speculator_distill": True}, LORA),
+        ("turbo_lora", TURBO_LORA, {"adapter": "turbo_lora", "train_steps": args.turbo_lora_steps}, None),
+    ]  # fmt: skip
+    rows, seconds = demo_rows(), {}
+    for name, adapter_id, overrides, parent in plans:
+        if (root / adapter_id).is_dir():
+            print(f"reusing {name} from --skip-training", flush=True)
+            continue
+        config = type(demo_config()).model_validate(base | overrides)
+        if overrides["adapter"] == "turbo":
+            config = config.model_copy(update={"rank": None})  # heads only: no LoRA of its own
+        print(f"training {name}: {config.train_steps} steps ...", flush=True)
+        started = time.monotonic()
+        result = train(
+            config,
+            rows,
+            output_dir=scratch / adapter_id,
+            cache_dir=args.cache_dir,
+            init_from=root / parent if parent else None,
+        )
+        if result.adapter_dir is None:
+            raise RuntimeError(f"training {name} stopped without an artifact")
+        shutil.copytree(result.adapter_dir, root / adapter_id)
+        if args.keep:
+            shutil.copytree(result.adapter_dir, args.keep / adapter_id, dirs_exist_ok=True)
+        seconds[name] = result.train_seconds
+        heads = result.summary.get("speculator") or {}
+        print(
+            f"  {name}: {result.train_seconds:.0f} s of training ({time.monotonic() - started:.0f} s wall "
+            f"with loading and evaluation), eval loss {result.eval_loss_after:.3f}"
+            + (f", heads {_head_accuracy(heads)}" if heads else ""),
+            flush=True,
+        )
+    return seconds
+
+
+def _head_accuracy(summary: dict[str, Any]) -> str:
+    """Per-head top-1 on the eval split against the dataset and against the model's own greedy tokens."""
+    rounded = {
+        k: [round(v, 2) for v in summary.get(k) or []] for k in ("head_top1_accuracy", "head_top1_agreement")
+    }
+    estimate = summary.get("estimated_accepted_length")
+    return json.dumps(rounded) + (f", estimated accepted length {estimate:.2f}" if estimate else "")
+
+
+def strip_heads(root: Path) -> None:
+    """(c) without its speculator: the same LoRA weights, decoded one token a step."""
+    bare = root / TURBO_LORA_BARE
+    shutil.rmtree(bare, ignore_errors=True)
+    shutil.copytree(root / TURBO_LORA, bare, ignore=shutil.ignore_patterns(*SPECULATOR_FILES))
+
+
+# --- prompts and the engine -------------------------------------------------------------------------
+
+
+def held_out_prompts(tokenizer: Any, count: int) -> list[list[int]]:
+    """The first `count` evaluation rows, rendered as training renders prompt/completion rows."""
+    from app.services.demo_dataset import demo_rows
+
+    rows = [row for row in demo_rows() if row["split"] == "evaluation"][:count]
+    if not getattr(tokenizer, "chat_template", None):
+        raise RuntimeError(f"{BASE_MODEL} has no chat template: training would format prompts raw")
+    # As worker/training/data.py does: render the chat as text, then tokenize without extra specials.
+    texts = [
+        str(tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
+                                          add_generation_prompt=True))
+        for row in rows
+    ]  # fmt: skip
+    return [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+
+
+def start_engine(model_dir: Path, root: Path, dtype: str, max_batch: int) -> Any:
+    from worker.serving.adapters import LocalDirectorySource
+    from worker.serving.async_engine import AsyncEngine
+    from worker.serving.engine import EngineConfig
+
+    config = EngineConfig(model_path=model_dir, model_name=BASE_MODEL, dtype=dtype, max_batch_size=max_batch)
+    engine = AsyncEngine(config, source=LocalDirectorySource(root))
+    engine.start()
+    wanted = [LORA, LORA_TURBO, TURBO_LORA, TURBO_LORA_BARE]
+    engine.preload(wanted)
+    deadline = time.monotonic() + 120
+    while len(engine.loaded_adapters()) < len(wanted):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the engine loaded only {engine.loaded_adapters()} in 120 s")
+        time.sleep(0.05)
+    return engine
+
+
+async def stream(engine: Any, prompt: list[int], adapter_id: str, max_tokens: int) -> Stream:
+    from worker.serving.params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    out = Stream([], [])
+    async for token in engine.generate(prompt, params, adapter_id=adapter_id):
+        out.received.append(time.perf_counter())
+        out.tokens.append(token.token_id)
+    return out
+
+
+def counters(engine: Any) -> tuple[float, float, float]:
+    m = engine.metrics
+    return m.spec_steps._value.get(), m.spec_drafted._value.get(), m.spec_accepted._value.get()
+
+
+async def measure(
+    engine: Any, prompts: list[list[int]], adapter_id: str, max_tokens: int, batch: bool
+) -> Measured:
+    await stream(engine, prompts[0], adapter_id, 4)  # warm-up
+    before = counters(engine)
+    if batch:
+        streams = await asyncio.gather(*(stream(engine, p, adapter_id, max_tokens) for p in prompts))
+        start = min(s.received[0] for s in streams)
+        seconds = max(s.received[-1] for s in streams) - start
+    else:
+        streams = [await stream(engine, p, adapter_id, max_tokens) for p in prompts]
+        seconds = sum(s.received[-1] - s.received[0] for s in streams)
+    steps, drafted, accepted = (now - then for now, then in zip(counters(engine), before, strict=True))
+    decoded = sum(len(s.tokens) - 1 for s in streams)
+    return Measured([s.tokens for s in streams], decoded / max(seconds, 1e-9), steps, drafted, accepted)
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+def compare(label: str, spec: Measured, plain: Measured) -> str:
+    same = sum(a == b for a, b in zip(spec.outputs, plain.outputs, strict=True))
+    return (
+        f"{label}: speculative {spec.decode_tok_s:.1f} tok/s vs plain {plain.decode_tok_s:.1f} tok/s = "
+        f"{spec.decode_tok_s / plain.decode_tok_s:.2f}x "
+        f"(mean accepted length {spec.mean_accepted_length:.1f}, "
+        f"acceptance rate {spec.acceptance_rate:.2f}), outputs identical {same}/{len(plain.outputs)}"
+    )
+
+
+async def run_all(engine: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Measured]:
+    results = {}
+    for batch in (False, True):
+        for adapter_id in (LORA, LORA_TURBO, TURBO_LORA_BARE, TURBO_LORA):
+            results[f"{adapter_id} {'batch' if batch else 'single'}"] = await measure(
+                engine, prompts, adapter_id, max_tokens, batch
+            )
+    return results
+
+
+def report(results: dict[str, Measured], prompts: int, train_seconds: dict[str, float]) -> dict[str, Any]:
+    lines, summary = [], {}
+    for mode, what in (("single", "single stream"), ("batch", f"batch {prompts}")):
+        plain, spec = results[f"{LORA} {mode}"], results[f"{LORA_TURBO} {mode}"]
+        bare, joint = results[f"{TURBO_LORA_BARE} {mode}"], results[f"{TURBO_LORA} {mode}"]
+        lines.append(compare(f"{what}", spec, plain) + "  [lora + turbo heads vs lora]")
+        lines.append(compare(f"{what}", joint, bare) + "  [turbo_lora with vs without heads]")
+        for key, m in ((f"lora_turbo_{mode}", spec), (f"lora_{mode}", plain), (f"turbo_lora_{mode}", joint),
+                       (f"turbo_lora_bare_{mode}", bare)):  # fmt: skip
+            summary[key] = {"decode_tok_s": m.decode_tok_s, "mean_accepted_length": m.mean_accepted_length,
+                            "acceptance_rate": m.acceptance_rate}  # fmt: skip
+    lengths = [len(t) for t in results[f"{LORA} single"].outputs]
+    print(
+        f"held-out prompts: {prompts}, generated {min(lengths)}-{max(lengths)} tokens each (greedy, to EOS)"
+    )
+    for line in lines:
+        print(line)
+    if train_seconds:
+        print(
+            "training seconds (the heads' cost): "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in train_seconds.items())
+        )
+    summary["train_seconds"] = train_seconds
+    return summary
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--lora-steps", type=int, default=60)
+    parser.add_argument("--turbo-steps", type=int, default=60)
+    parser.add_argument("--turbo-lora-steps", type=int, default=60)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--prompts", type=int, default=8, help="held-out prompts (and the batch size)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="per request; EOS stops earlier")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps each: an end-to-end check")
+    parser.add_argument(
+        "--eval-samples", type=int, help="held-out rows each training evaluates (default all)"
+    )
+    parser.add_argument("--keep", type=Path, help="copy the trained artifacts here")
+    parser.add_argument(
+        "--skip-training",
+        type=Path,
+        metavar="DIR",
+        help="reuse a previous run's --keep DIR; trains only what it lacks",
+    )
+    parser.add_argument("--cache-dir", type=Path, default=Path(".tuneforge/models"))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if args.quick:
+        args.lora_steps = args.turbo_steps = args.turbo_lora_steps = QUICK_STEPS
+        args.eval_samples = args.eval_samples or QUICK_STEPS
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+    from transformers import AutoTokenizer
+
+    from worker.training.base_models import resolve_base_model
+
+    model_dir = resolve_base_model(BASE_MODEL, args.cache_dir)
+    prompts = held_out_prompts(AutoTokenizer.from_pretrained(model_dir), args.prompts)
+    print(
+        f"{BASE_MODEL} {args.dtype}, demo task; torch threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="tuneforge-turbo-bench-") as tmp:
+        root = Path(tmp) / "adapters"
+        if args.skip_training:
+            shutil.copytree(args.skip_training, root)
+        train_seconds = train_all(args, root, Path(tmp) / "runs")
+        strip_heads(root)
+        if args.keep:
+            shutil.copytree(root, args.keep, dirs_exist_ok=True)
+        engine = start_engine(model_dir, root, args.dtype, max(args.prompts, 1))
+        try:
+            results = asyncio.run(run_all(engine, prompts, args.max_tokens))
+        finally:
+            engine.shutdown()
+    summary = report(results, args.prompts, train_seconds)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
