@@ -116,7 +116,6 @@ class LLMEngine:
             is_ready=self._adapter_ready,
         )
         self._requests: dict[int, _Request] = {}
-        self._row_of_last_emitted: list[int] = []
 
     # --- requests ------------------------------------------------------------------------------------
 
@@ -228,9 +227,7 @@ class LLMEngine:
         self, requests: list[_Request], logits: torch.Tensor, drafts: list[list[int]]
     ) -> list[list[tuple[int, float]]]:
         """Per request the (token, logprob) pairs this step emits: one sampled, or the verified drafts."""
-        starts = [0]
-        for d in drafts:
-            starts.append(starts[-1] + 1 + len(d))
+        starts = _row_starts(drafts)
         chosen: list[list[tuple[int, float]]] = [[] for _ in requests]
         plain = [i for i, r in enumerate(requests) if not speculative.speculates(r.seq.params, r.adapter)]
         if plain:
@@ -261,7 +258,6 @@ class LLMEngine:
                 self.metrics.spec_steps.inc()
                 self.metrics.spec_drafted.inc(len(drafts[i]))
                 self.metrics.spec_accepted.inc(len(kept) - 1)
-        self._row_of_last_emitted = [starts[i] + len(c) - 1 for i, c in enumerate(chosen)]
         return chosen
 
     def _drafts_to_verify(self, request: _Request) -> list[int]:
@@ -283,13 +279,15 @@ class LLMEngine:
         """Next step's drafts from the heads, read at the position of each request's last token."""
         hidden = self.runner.last_hidden
         assert hidden is not None
+        starts = _row_starts(drafts)
         for i, request in enumerate(requests):
             if request.seq.seq_id not in self._requests or not speculative.speculates(
                 request.seq.params, request.adapter
             ):
                 continue
             assert request.adapter is not None and request.adapter.speculator is not None
-            row = hidden[self._row_of_last_emitted[i] : self._row_of_last_emitted[i] + 1]
+            last = starts[i] + len(emitted[i]) - 1  # the row whose logits gave the last emitted token
+            row = hidden[last : last + 1]
             speculator = request.adapter.speculator
             params = request.seq.params
             if params.greedy:
@@ -390,6 +388,14 @@ class LLMEngine:
         for request in list(self._requests.values()):
             request.send(error)
             self._forget(request)
+
+
+def _row_starts(drafts: list[list[int]]) -> list[int]:
+    """Where each sequence's rows begin in a step's logits: its last token, then its drafts."""
+    starts = [0]
+    for d in drafts:
+        starts.append(starts[-1] + 1 + len(d))
+    return starts
 
 
 def _needs_history(seqs: list[Sequence]) -> bool:

@@ -225,16 +225,16 @@ def _child_job(ctx: AppContext, parent_job_id: int, **params: Any) -> int:
         )
 
 
-def test_a_job_continuing_from_a_version_starts_from_its_weights(ctx: AppContext, celery: Celery) -> None:
-    parent_id = _queued_job(ctx, learning_rate=1e-2, dtype="fp32")
-    celery.send_task(TRAIN_TASK, args=[parent_id])
-    parent = _wait_until_final(ctx, parent_id)
-    assert parent.status == JobStatus.COMPLETED, parent.error
+def _run_to_completion(ctx: AppContext, celery: Celery, job_id: int) -> FinetuningJob:
+    celery.send_task(TRAIN_TASK, args=[job_id])
+    job = _wait_until_final(ctx, job_id)
+    assert job.status == JobStatus.COMPLETED, job.error
+    return job
 
-    child_id = _child_job(ctx, parent_id, train_steps=2)
-    celery.send_task(TRAIN_TASK, args=[child_id])
-    child = _wait_until_final(ctx, child_id)
-    assert child.status == JobStatus.COMPLETED, child.error
+
+def test_a_job_continuing_from_a_version_starts_from_its_weights(ctx: AppContext, celery: Celery) -> None:
+    parent = _run_to_completion(ctx, celery, _queued_job(ctx, learning_rate=1e-2, dtype="fp32"))
+    child = _run_to_completion(ctx, celery, _child_job(ctx, parent.id, train_steps=2))
     with ctx.sessions() as session:
         parent_version = session.get(AdapterVersion, parent.version_id)
         child_version = session.get(AdapterVersion, child.version_id)
@@ -249,15 +249,9 @@ def test_a_job_continuing_from_a_version_starts_from_its_weights(ctx: AppContext
 def test_a_turbo_job_on_a_lora_version_stores_heads_beside_the_unchanged_lora(
     ctx: AppContext, celery: Celery
 ) -> None:
-    parent_id = _queued_job(ctx, dtype="fp32")
-    celery.send_task(TRAIN_TASK, args=[parent_id])
-    parent = _wait_until_final(ctx, parent_id)
-    assert parent.status == JobStatus.COMPLETED, parent.error
-
-    child_id = _child_job(ctx, parent_id, adapter="turbo", learning_rate=1e-3, train_steps=2)
-    celery.send_task(TRAIN_TASK, args=[child_id])
-    child = _wait_until_final(ctx, child_id)
-    assert child.status == JobStatus.COMPLETED, child.error
+    parent = _run_to_completion(ctx, celery, _queued_job(ctx, dtype="fp32"))
+    child_id = _child_job(ctx, parent.id, adapter="turbo", learning_rate=1e-3, train_steps=2)
+    child = _run_to_completion(ctx, celery, child_id)
     with ctx.sessions() as session:
         parent_version = session.get(AdapterVersion, parent.version_id)
         child_version = session.get(AdapterVersion, child.version_id)
