@@ -1,255 +1,44 @@
-"""The deployment files (Dockerfiles, docker-compose.yml, deploy/kubernetes) agree with the code."""
+"""Dockerfiles and docker-compose.yml agree with the code: settings, paths, commands, ports, images."""
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
-import os
 import re
 import shlex
-import subprocess
-import sys
 import tomllib
-import zipfile
-from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
-from urllib.parse import ParseResult, urlparse
+from urllib.parse import urlparse
 
 import pytest
-import yaml
-from pydantic import ValidationError
-
-from app.cli import build_parser, cmd_serve
-from app.settings import Settings
-
-ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "deploy" / "kubernetes"
-ENV_PREFIX = Settings.model_config["env_prefix"]
-SETTINGS_ENV = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-STRONG_SECRET = "s" * 48
-# Options of `pip install` whose next word is a value, not a package.
-PIP_VALUE_OPTIONS = {"-i", "--index-url", "--extra-index-url", "-r", "--requirement", "-c", "--constraint"}
-
-
-# --- helpers: Dockerfiles ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Instruction:
-    keyword: str
-    args: str
-
-
-def dockerfile(name: str) -> list[Instruction]:
-    """Instructions with continuation lines joined and comments (also inside continuations) dropped."""
-    instructions, pending = [], ""
-    for raw in (ROOT / name).read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        keyword, _, args = (pending + line).partition(" ")
-        instructions.append(Instruction(keyword.upper(), args.strip()))
-        pending = ""
-    return instructions
-
-
-def arg_defaults(instructions: list[Instruction]) -> dict[str, str]:
-    pairs = (i.args.partition("=") for i in instructions if i.keyword == "ARG")
-    return {name: default for name, _, default in pairs}
-
-
-def substitute(text: str, variables: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: variables.get(m[1] or m[2], m[0]), text)
-
-
-def words(args: str) -> list[str]:
-    return json.loads(args) if args.startswith("[") else shlex.split(args)
-
-
-def last(instructions: list[Instruction], keyword: str) -> str:
-    found = [i.args for i in instructions if i.keyword == keyword]
-    assert found, f"no {keyword} instruction"
-    return found[-1]
-
-
-def copy_sources(instructions: list[Instruction]) -> list[str]:
-    sources = []
-    for ins in instructions:
-        if ins.keyword in ("COPY", "ADD"):
-            parts = words(ins.args)
-            if not any(p.startswith("--from") for p in parts):
-                sources += [p for p in parts if not p.startswith("--")][:-1]
-    return sources
-
-
-def shell_commands(script: str) -> list[list[str]]:
-    """The simple commands of a shell line, split at &&, ||, ; and | outside quotes."""
-    lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
-    lexer.whitespace_split = True
-    commands: list[list[str]] = [[]]
-    for token in lexer:
-        if token in ("&&", "||", ";", "|"):
-            commands.append([])
-        else:
-            commands[-1].append(token)
-    return commands
-
-
-def pip_install_targets(instructions: list[Instruction]) -> list[tuple[str, list[str]]]:
-    """(target, options) for every package or path that a RUN line's `pip install` names."""
-    variables, found = arg_defaults(instructions), []
-    for ins in (i for i in instructions if i.keyword == "RUN"):
-        for parts in shell_commands(substitute(ins.args, variables)):
-            if "install" not in parts or not any(p.endswith(("pip", "pip3")) for p in parts):
-                continue
-            rest, options, targets = parts[parts.index("install") + 1 :], [], []
-            while rest:
-                word = rest.pop(0)
-                if word in PIP_VALUE_OPTIONS:
-                    options += [word, rest.pop(0)]
-                elif word.startswith("-"):
-                    options.append(word)
-                else:
-                    targets.append(word)
-            found += [(target, options) for target in targets]
-    return found
-
-
-def uvicorn_port(command: list[str]) -> int:
-    assert "uvicorn" in command[0], command
-    return int(command[command.index("--port") + 1])
-
-
-def serve_args(command: list[str]) -> argparse.Namespace:
-    """`tuneforge serve ...` parsed by the real CLI parser: an unknown or missing flag fails the test."""
-    assert command[:2] == ["tuneforge", "serve"], command
-    args = build_parser().parse_args(command[1:])
-    assert args.func is cmd_serve
-    return args
-
-
-def healthcheck_url(test: list[str] | str) -> ParseResult:
-    found = re.search(r"https?://[^'\"\s]+", test if isinstance(test, str) else " ".join(test))
-    assert found, f"no URL in {test}"
-    return urlparse(found[0])
-
-
-def worker_extra() -> list[str]:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["worker"]
-
-
-def requirement_name(requirement: str) -> str:
-    return re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower()
-
-
-def build_wheel(source: Path, out: Path, distribution: str) -> zipfile.ZipFile:
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-    subprocess.run([*command, "-w", str(out), str(source)], check=True, capture_output=True)
-    (wheel,) = out.glob(f"{distribution}-*.whl")
-    return zipfile.ZipFile(wheel)
-
-
-def wheel_requirements(wheel: zipfile.ZipFile) -> list[str]:
-    """The wheel's unconditional Requires-Dist entries (those of extras left out)."""
-    (metadata,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
-    lines = wheel.read(metadata).decode().splitlines()
-    requirements = [line.partition(":")[2].strip() for line in lines if line.startswith("Requires-Dist:")]
-    return [r for r in requirements if "extra ==" not in r]
-
-
-# --- helpers: compose -------------------------------------------------------------------------
-
-
-def compose() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-
-
-def service_env(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment", {})
-    return dict(item.split("=", 1) for item in env) if isinstance(env, list) else dict(env)
-
-
-def interpolate(value: str, environ: dict[str, str]) -> str:
-    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error}; a missing required variable raises."""
-
-    def one(match: re.Match[str]) -> str:
-        name, operator, operand = match[1], match[2] or "", match[3] or ""
-        if environ.get(name):
-            return environ[name]
-        if "?" in operator:
-            raise KeyError(f"{name}: {operand}")
-        return operand if "-" in operator else ""
-
-    return re.sub(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}", one, value).replace("$$", "$")
-
-
-def command_words(service: dict[str, Any], key: str = "command") -> list[str]:
-    command = service[key]
-    return shlex.split(command) if isinstance(command, str) else list(command)
-
-
-def listen_port(command: list[str], flag: str, default: int) -> int:
-    return int(command[command.index(flag) + 1].rsplit(":", 1)[-1]) if flag in command else default
-
-
-def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
-    for name in [n for n in os.environ if n.startswith(ENV_PREFIX)]:
-        monkeypatch.delenv(name)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return Settings()
-
-
-# --- helpers: kubernetes ----------------------------------------------------------------------
-
-
-def k8s_objects() -> dict[tuple[str, str], dict[str, Any]]:
-    objects = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc and doc.get("kind") != "Kustomization":
-                objects[(doc["kind"], doc["metadata"]["name"])] = doc
-    return objects
-
-
-def kustomization() -> dict[str, Any]:
-    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
-
-
-def pod_spec(name: str) -> dict[str, Any]:
-    return k8s_objects()[("Deployment", name)]["spec"]["template"]["spec"]
-
-
-def only_container(name: str) -> dict[str, Any]:
-    (container,) = pod_spec(name)["containers"]
-    return container
-
-
-def container_port(container: dict[str, Any], port: int | str) -> int:
-    named = {p.get("name"): p["containerPort"] for p in container["ports"]}
-    return named[port] if isinstance(port, str) else port
-
-
-def k8s_env(container: dict[str, Any]) -> dict[str, str]:
-    objects, env = k8s_objects(), {}
-    for source in container.get("envFrom", []):
-        if "configMapRef" in source:
-            env |= objects[("ConfigMap", source["configMapRef"]["name"])]["data"]
-        if "secretRef" in source:
-            env |= objects[("Secret", source["secretRef"]["name"])]["stringData"]
-    return env | {item["name"]: item.get("value", "") for item in container.get("env", [])}
-
-
-def image_name(image: str) -> str:
-    return image.rsplit("@", 1)[0].rsplit(":", 1)[0] if ":" in image.rsplit("/", 1)[-1] else image
-
+from deploy_support import (
+    ENV_PREFIX,
+    ROOT,
+    SETTINGS_ENV,
+    STRONG_SECRET,
+    arg_defaults,
+    build_wheel,
+    command_words,
+    compose,
+    copy_sources,
+    dockerfile,
+    healthcheck_url,
+    interpolate,
+    last,
+    listen_port,
+    pip_install_targets,
+    requirement_name,
+    serve_args,
+    service_env,
+    settings_from,
+    shell_commands,
+    substitute,
+    uvicorn_port,
+    wheel_requirements,
+    words,
+    worker_extra,
+)
 
 # --- settings names ---------------------------------------------------------------------------
 
@@ -523,153 +312,3 @@ def test_compose_api_serving_urls_name_the_serving_services_and_their_ports(
         assert (args.base_model, args.port) == (base_model, target.port), (url, args)
         assert args.host == "0.0.0.0", "a serving process on 127.0.0.1 is unreachable from the api"
         assert target.path in ("", "/"), url
-
-
-# --- Kubernetes -------------------------------------------------------------------------------
-
-
-def test_kustomization_lists_every_manifest_but_the_secret_template() -> None:
-    kustomize = kustomization()
-    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
-    assert set(kustomize["resources"]) == manifests
-    namespaces = [name for kind, name in k8s_objects() if kind == "Namespace"]
-    assert namespaces == [kustomize["namespace"]]
-    assert not list((ROOT / "deploy").rglob("*.py")), "deploy/ holds manifests only"
-
-
-def test_k8s_api_migrates_in_an_init_container_from_the_same_image() -> None:
-    spec = pod_spec("tuneforge-api")
-    (api,) = spec["containers"]
-    migrations = [
-        c
-        for c in spec["initContainers"]
-        if c.get("command", []) + c.get("args", []) == ["tuneforge", "migrate"]
-    ]
-    assert migrations, "no init container runs `tuneforge migrate`"
-    assert all(c["image"] == api["image"] and c["envFrom"] == api["envFrom"] for c in migrations)
-
-
-def test_k8s_api_probes_and_service_reach_the_port_uvicorn_listens_on() -> None:
-    api = only_container("tuneforge-api")
-    port = uvicorn_port(api.get("command") or words(last(dockerfile("Dockerfile.api"), "CMD")))
-    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container_port(api, api[probe]["httpGet"]["port"]) == port
-    service = k8s_objects()[("Service", "tuneforge-api")]["spec"]
-    labels = k8s_objects()[("Deployment", "tuneforge-api")]["spec"]["template"]["metadata"]["labels"]
-    assert service["selector"].items() <= labels.items()
-    assert {container_port(api, p["targetPort"]) for p in service["ports"]} == {port}
-
-
-def test_k8s_worker_runs_tuneforge_worker_on_one_gpu_node() -> None:
-    spec = pod_spec("tuneforge-worker")
-    worker = only_container("tuneforge-worker")
-    assert worker.get("command", []) + worker.get("args", []) == ["tuneforge", "worker"]
-    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) == 1
-    assert spec.get("nodeSelector") or spec.get("affinity"), "no GPU node placement example"
-    assert any(t["key"] == "nvidia.com/gpu" for t in spec.get("tolerations", []))
-
-
-SERVING = "tuneforge-serving-smollm2-135m"
-
-
-def test_k8s_serving_runs_tuneforge_serve_from_the_worker_image_on_one_gpu_node() -> None:
-    spec = pod_spec(SERVING)
-    serving = only_container(SERVING)
-    args = serve_args(serving.get("command", []) + serving.get("args", []))
-    assert (args.base_model, args.host) == ("smollm2-135m", "0.0.0.0")
-    assert image_name(serving["image"]) == image_name(only_container("tuneforge-worker")["image"])
-    assert serving["envFrom"] == only_container("tuneforge-worker")["envFrom"]
-    assert int(serving["resources"]["limits"]["nvidia.com/gpu"]) == 1
-    assert spec.get("nodeSelector") or spec.get("affinity"), "no GPU node placement example"
-    assert any(t["key"] == "nvidia.com/gpu" for t in spec.get("tolerations", []))
-
-
-def test_k8s_serving_probes_and_service_reach_the_port_it_listens_on() -> None:
-    serving = only_container(SERVING)
-    port = serve_args(serving.get("command", []) + serving.get("args", [])).port
-    probes = [p for p in ("startupProbe", "readinessProbe", "livenessProbe") if p in serving]
-    assert {"readinessProbe", "livenessProbe"} <= set(probes)
-    for probe in probes:
-        assert serving[probe]["httpGet"]["path"] == "/health", probe
-        assert container_port(serving, serving[probe]["httpGet"]["port"]) == port, probe
-    objects = k8s_objects()
-    service = objects[("Service", SERVING)]["spec"]
-    labels = objects[("Deployment", SERVING)]["spec"]["template"]["metadata"]["labels"]
-    assert service["selector"].items() <= labels.items()
-    # The selector must not also match other components' pods (api, worker).
-    for other in ("tuneforge-api", "tuneforge-worker"):
-        other_labels = objects[("Deployment", other)]["spec"]["template"]["metadata"]["labels"]
-        assert not service["selector"].items() <= other_labels.items(), other
-    assert [
-        (p["port"], container_port(serving, p.get("targetPort", p["port"]))) for p in service["ports"]
-    ] == [(port, port)]
-    assert int(last(dockerfile("Dockerfile.worker"), "EXPOSE")) == port
-
-
-def test_k8s_serving_urls_name_the_serving_services_and_their_ports(monkeypatch: pytest.MonkeyPatch) -> None:
-    env = k8s_env(only_container("tuneforge-api"))
-    raw = env[f"{ENV_PREFIX}SERVING_URLS"]
-    assert isinstance(json.loads(raw), dict), raw
-    tuneforge_env = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
-    urls = settings_from(tuneforge_env | {f"{ENV_PREFIX}SECRET_KEY": STRONG_SECRET}, monkeypatch).serving_urls
-    assert "smollm2-135m" in urls, urls
-    objects = k8s_objects()
-    for base_model, url in urls.items():
-        target = urlparse(url)
-        host = target.hostname or ""
-        assert target.scheme == "http" and ("Service", host) in objects, url
-        service = objects[("Service", host)]["spec"]
-        assert target.port in {p["port"] for p in service["ports"]}, (url, service["ports"])
-        backends = [
-            c
-            for (kind, _), obj in objects.items()
-            if kind == "Deployment"
-            and service["selector"].items() <= obj["spec"]["template"]["metadata"]["labels"].items()
-            for c in obj["spec"]["template"]["spec"]["containers"]
-        ]
-        assert backends, f"{host} selects no Deployment"
-        for container in backends:
-            assert (
-                serve_args(container.get("command", []) + container.get("args", [])).base_model == base_model
-            )
-
-
-def test_k8s_config_and_secret_keys_are_settings_fields() -> None:
-    objects = k8s_objects()
-    config = objects[("ConfigMap", "tuneforge-config")]["data"]
-    secret = objects[("Secret", "tuneforge-secrets")]["stringData"]
-    assert set(config) <= SETTINGS_ENV, set(config) - SETTINGS_ENV
-    assert set(secret) <= SETTINGS_ENV | S3_CREDENTIALS, set(secret) - SETTINGS_ENV - S3_CREDENTIALS
-
-
-@pytest.mark.parametrize("name", ["tuneforge-api", "tuneforge-worker", "tuneforge-serving-smollm2-135m"])
-def test_k8s_containers_get_every_production_setting(name: str) -> None:
-    env = k8s_env(only_container(name))
-    assert env[f"{ENV_PREFIX}ENVIRONMENT"] == "production"
-    assert urlparse(env[f"{ENV_PREFIX}DATABASE_URL"]).scheme == "postgresql+psycopg"
-    assert urlparse(env[f"{ENV_PREFIX}STORAGE_URL"]).scheme == "s3"
-    assert urlparse(env[f"{ENV_PREFIX}BROKER_URL"]).scheme == "redis"
-    assert env[f"{ENV_PREFIX}SECRET_KEY"]
-
-
-def test_k8s_example_secret_key_is_refused_in_production(monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {k: v for k, v in k8s_env(only_container("tuneforge-api")).items() if k.startswith(ENV_PREFIX)}
-    with pytest.raises(ValidationError, match="secret_key"):
-        settings_from(env, monkeypatch)
-    assert (
-        settings_from(env | {f"{ENV_PREFIX}SECRET_KEY": STRONG_SECRET}, monkeypatch).environment
-        == "production"
-    )
-
-
-def test_k8s_and_compose_name_the_same_two_images() -> None:
-    api_spec = pod_spec("tuneforge-api")
-    api_images = {image_name(c["image"]) for c in api_spec["containers"] + api_spec["initContainers"]}
-    worker_images = {image_name(c["image"]) for c in pod_spec("tuneforge-worker")["containers"]}
-    services = compose()["services"]
-    assert api_images == {image_name(services["api"]["image"])}
-    assert worker_images == {image_name(services["worker"]["image"])}
-    assert api_images != worker_images
-    assert {entry["name"] for entry in kustomization()["images"]} == api_images | worker_images

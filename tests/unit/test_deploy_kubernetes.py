@@ -1,0 +1,180 @@
+"""deploy/kubernetes agrees with the code, the images and docker-compose.yml."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlparse
+
+import pytest
+from deploy_support import (
+    ENV_PREFIX,
+    K8S,
+    ROOT,
+    S3_CREDENTIALS,
+    SETTINGS_ENV,
+    STRONG_SECRET,
+    compose,
+    container_port,
+    dockerfile,
+    image_name,
+    k8s_env,
+    k8s_objects,
+    kustomization,
+    last,
+    only_container,
+    pod_spec,
+    serve_args,
+    settings_from,
+    uvicorn_port,
+    words,
+)
+from pydantic import ValidationError
+
+# --- Kubernetes -------------------------------------------------------------------------------
+
+
+def test_kustomization_lists_every_manifest_but_the_secret_template() -> None:
+    kustomize = kustomization()
+    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert set(kustomize["resources"]) == manifests
+    namespaces = [name for kind, name in k8s_objects() if kind == "Namespace"]
+    assert namespaces == [kustomize["namespace"]]
+    assert not list((ROOT / "deploy").rglob("*.py")), "deploy/ holds manifests only"
+
+
+def test_k8s_api_migrates_in_an_init_container_from_the_same_image() -> None:
+    spec = pod_spec("tuneforge-api")
+    (api,) = spec["containers"]
+    migrations = [
+        c
+        for c in spec["initContainers"]
+        if c.get("command", []) + c.get("args", []) == ["tuneforge", "migrate"]
+    ]
+    assert migrations, "no init container runs `tuneforge migrate`"
+    assert all(c["image"] == api["image"] and c["envFrom"] == api["envFrom"] for c in migrations)
+
+
+def test_k8s_api_probes_and_service_reach_the_port_uvicorn_listens_on() -> None:
+    api = only_container("tuneforge-api")
+    port = uvicorn_port(api.get("command") or words(last(dockerfile("Dockerfile.api"), "CMD")))
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container_port(api, api[probe]["httpGet"]["port"]) == port
+    service = k8s_objects()[("Service", "tuneforge-api")]["spec"]
+    labels = k8s_objects()[("Deployment", "tuneforge-api")]["spec"]["template"]["metadata"]["labels"]
+    assert service["selector"].items() <= labels.items()
+    assert {container_port(api, p["targetPort"]) for p in service["ports"]} == {port}
+
+
+def test_k8s_worker_runs_tuneforge_worker_on_one_gpu_node() -> None:
+    spec = pod_spec("tuneforge-worker")
+    worker = only_container("tuneforge-worker")
+    assert worker.get("command", []) + worker.get("args", []) == ["tuneforge", "worker"]
+    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert spec.get("nodeSelector") or spec.get("affinity"), "no GPU node placement example"
+    assert any(t["key"] == "nvidia.com/gpu" for t in spec.get("tolerations", []))
+
+
+SERVING = "tuneforge-serving-smollm2-135m"
+
+
+def test_k8s_serving_runs_tuneforge_serve_from_the_worker_image_on_one_gpu_node() -> None:
+    spec = pod_spec(SERVING)
+    serving = only_container(SERVING)
+    args = serve_args(serving.get("command", []) + serving.get("args", []))
+    assert (args.base_model, args.host) == ("smollm2-135m", "0.0.0.0")
+    assert image_name(serving["image"]) == image_name(only_container("tuneforge-worker")["image"])
+    assert serving["envFrom"] == only_container("tuneforge-worker")["envFrom"]
+    assert int(serving["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert spec.get("nodeSelector") or spec.get("affinity"), "no GPU node placement example"
+    assert any(t["key"] == "nvidia.com/gpu" for t in spec.get("tolerations", []))
+
+
+def test_k8s_serving_probes_and_service_reach_the_port_it_listens_on() -> None:
+    serving = only_container(SERVING)
+    port = serve_args(serving.get("command", []) + serving.get("args", [])).port
+    probes = [p for p in ("startupProbe", "readinessProbe", "livenessProbe") if p in serving]
+    assert {"readinessProbe", "livenessProbe"} <= set(probes)
+    for probe in probes:
+        assert serving[probe]["httpGet"]["path"] == "/health", probe
+        assert container_port(serving, serving[probe]["httpGet"]["port"]) == port, probe
+    objects = k8s_objects()
+    service = objects[("Service", SERVING)]["spec"]
+    labels = objects[("Deployment", SERVING)]["spec"]["template"]["metadata"]["labels"]
+    assert service["selector"].items() <= labels.items()
+    # The selector must not also match other components' pods (api, worker).
+    for other in ("tuneforge-api", "tuneforge-worker"):
+        other_labels = objects[("Deployment", other)]["spec"]["template"]["metadata"]["labels"]
+        assert not service["selector"].items() <= other_labels.items(), other
+    assert [
+        (p["port"], container_port(serving, p.get("targetPort", p["port"]))) for p in service["ports"]
+    ] == [(port, port)]
+    assert int(last(dockerfile("Dockerfile.worker"), "EXPOSE")) == port
+
+
+def test_k8s_serving_urls_name_the_serving_services_and_their_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = k8s_env(only_container("tuneforge-api"))
+    raw = env[f"{ENV_PREFIX}SERVING_URLS"]
+    assert isinstance(json.loads(raw), dict), raw
+    tuneforge_env = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+    urls = settings_from(tuneforge_env | {f"{ENV_PREFIX}SECRET_KEY": STRONG_SECRET}, monkeypatch).serving_urls
+    assert "smollm2-135m" in urls, urls
+    objects = k8s_objects()
+    for base_model, url in urls.items():
+        target = urlparse(url)
+        host = target.hostname or ""
+        assert target.scheme == "http" and ("Service", host) in objects, url
+        service = objects[("Service", host)]["spec"]
+        assert target.port in {p["port"] for p in service["ports"]}, (url, service["ports"])
+        backends = [
+            c
+            for (kind, _), obj in objects.items()
+            if kind == "Deployment"
+            and service["selector"].items() <= obj["spec"]["template"]["metadata"]["labels"].items()
+            for c in obj["spec"]["template"]["spec"]["containers"]
+        ]
+        assert backends, f"{host} selects no Deployment"
+        for container in backends:
+            assert (
+                serve_args(container.get("command", []) + container.get("args", [])).base_model == base_model
+            )
+
+
+def test_k8s_config_and_secret_keys_are_settings_fields() -> None:
+    objects = k8s_objects()
+    config = objects[("ConfigMap", "tuneforge-config")]["data"]
+    secret = objects[("Secret", "tuneforge-secrets")]["stringData"]
+    assert set(config) <= SETTINGS_ENV, set(config) - SETTINGS_ENV
+    assert set(secret) <= SETTINGS_ENV | S3_CREDENTIALS, set(secret) - SETTINGS_ENV - S3_CREDENTIALS
+
+
+@pytest.mark.parametrize("name", ["tuneforge-api", "tuneforge-worker", "tuneforge-serving-smollm2-135m"])
+def test_k8s_containers_get_every_production_setting(name: str) -> None:
+    env = k8s_env(only_container(name))
+    assert env[f"{ENV_PREFIX}ENVIRONMENT"] == "production"
+    assert urlparse(env[f"{ENV_PREFIX}DATABASE_URL"]).scheme == "postgresql+psycopg"
+    assert urlparse(env[f"{ENV_PREFIX}STORAGE_URL"]).scheme == "s3"
+    assert urlparse(env[f"{ENV_PREFIX}BROKER_URL"]).scheme == "redis"
+    assert env[f"{ENV_PREFIX}SECRET_KEY"]
+
+
+def test_k8s_example_secret_key_is_refused_in_production(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {k: v for k, v in k8s_env(only_container("tuneforge-api")).items() if k.startswith(ENV_PREFIX)}
+    with pytest.raises(ValidationError, match="secret_key"):
+        settings_from(env, monkeypatch)
+    assert (
+        settings_from(env | {f"{ENV_PREFIX}SECRET_KEY": STRONG_SECRET}, monkeypatch).environment
+        == "production"
+    )
+
+
+def test_k8s_and_compose_name_the_same_two_images() -> None:
+    api_spec = pod_spec("tuneforge-api")
+    api_images = {image_name(c["image"]) for c in api_spec["containers"] + api_spec["initContainers"]}
+    worker_images = {image_name(c["image"]) for c in pod_spec("tuneforge-worker")["containers"]}
+    services = compose()["services"]
+    assert api_images == {image_name(services["api"]["image"])}
+    assert worker_images == {image_name(services["worker"]["image"])}
+    assert api_images != worker_images
+    assert {entry["name"] for entry in kustomization()["images"]} == api_images | worker_images
