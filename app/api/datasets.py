@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, Request
 
 from app.api import presenters, schemas
 from app.api.deps import BaseUrlDep, CtxDep, CurrentUser, SessionDep
-from app.services import datasets
+from app.services import dataset_lengths, datasets
 
 router = APIRouter(tags=["datasets"])
 
@@ -67,6 +67,13 @@ def download_link(
     return schemas.DatasetDownloadLink(
         url=datasets.download_link(ctx, dataset, base_url), file_extension=extension
     )
+
+
+@router.get("/v2/datasets/{ref}/lengths", response_model=schemas.DatasetLengths)
+def row_lengths(ref: str, ctx: CtxDep, session: SessionDep, user: CurrentUser) -> schemas.DatasetLengths:
+    """The token-length histogram the dashboard draws; 409 until the dataset is connected."""
+    summary = dataset_lengths.lengths_of(ctx, datasets.get(session, user, ref))
+    return schemas.DatasetLengths.model_validate(summary)
 
 
 @router.delete("/v2/datasets/{ref}")

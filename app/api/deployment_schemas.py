@@ -55,3 +55,25 @@ class DeploymentEvents(BaseModel):
     ComputeEvents: list[ComputeEvent] = Field(default_factory=list)
     deploymentStatus: str
     name: str
+
+
+class SpeculativeStatsPublic(WireModel):
+    steps: float
+    draft_tokens: float
+    accepted_tokens: float
+    acceptance_rate: float | None
+
+
+class DeploymentMetricsPublic(WireModel):
+    """The serving process's live numbers; all null unless it is ready (looking never starts it)."""
+
+    status: str
+    tokens_per_second: float | None
+    generated_tokens: float | None
+    prompt_tokens: float | None
+    requests: float | None
+    running_sequences: float | None
+    waiting_sequences: float | None
+    adapters_in_memory: float | None
+    loaded_adapters: list[str]
+    speculative: SpeculativeStatsPublic | None

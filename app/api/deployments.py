@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 
 from app.api import deployment_schemas as schemas
 from app.api.deps import CtxDep, CurrentUser, SessionDep
-from app.services import deployments
+from app.services import deployment_metrics, deployments
 from app.services.deployments import DeploymentView
 from app.services.serving_processes import ServingStatus, ServingSupervisor
 from app.settings import Settings
@@ -86,6 +86,15 @@ def delete_deployment(
 ) -> dict[str, Any]:
     deployments.delete(serving, session, user, name)
     return {}
+
+
+@router.get("/v2/deployments/{name}/metrics", response_model=schemas.DeploymentMetricsPublic)
+def get_deployment_metrics(
+    name: str, serving: ServingDep, session: SessionDep, user: CurrentUser
+) -> schemas.DeploymentMetricsPublic:
+    view = deployments.get(session, user, name)
+    metrics = deployment_metrics.read(serving, view, user.tenant.name)
+    return schemas.DeploymentMetricsPublic.model_validate(metrics)
 
 
 @router.get("/llms/{name}/events", response_model=schemas.DeploymentEvents)

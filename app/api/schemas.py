@@ -83,6 +83,25 @@ class DatasetDownloadLink(WireModel):
     file_extension: str
 
 
+class LengthBinPublic(WireModel):
+    start: int
+    end: int
+    count: int
+
+
+class DatasetLengths(WireModel):
+    """Row lengths in approximate tokens (`tokenizer` says how they were counted), binned."""
+
+    rows: int
+    min: int
+    max: int
+    mean: float
+    p50: int
+    p95: int
+    bins: list[LengthBinPublic]
+    tokenizer: str
+
+
 # --- repos and versions -----------------------------------------------------------------------
 
 

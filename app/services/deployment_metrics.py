@@ -1,0 +1,91 @@
+"""What a deployment's serving process reports: throughput, queue, speculative acceptance, loaded adapters.
+
+Read from the process's own `/metrics` (Prometheus text) and `/v1/models` only while it is ready;
+a deployment in standby is not started just to be looked at. Throughput and speculative counters
+belong to the process, which every deployment of the same base model shares; the loaded-adapter
+list is the caller's tenant's only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.services.deployments import DeploymentView
+from app.services.serving_processes import TENANT_HEADER, ServingStatus, ServingSupervisor
+
+SCRAPE_TIMEOUT_S = 5.0
+_PREFIX = "tuneforge_serving_"
+
+
+@dataclass(frozen=True)
+class SpeculativeStats:
+    steps: float
+    draft_tokens: float
+    accepted_tokens: float
+    acceptance_rate: float | None  # accepted / drafted; None before any draft was verified
+
+
+@dataclass(frozen=True)
+class DeploymentMetrics:
+    status: str
+    tokens_per_second: float | None = None
+    generated_tokens: float | None = None
+    prompt_tokens: float | None = None
+    requests: float | None = None
+    running_sequences: float | None = None
+    waiting_sequences: float | None = None
+    adapters_in_memory: float | None = None
+    loaded_adapters: list[str] = field(default_factory=list)
+    speculative: SpeculativeStats | None = None
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """Prometheus text → {sample name without our prefix: value summed over its labels}."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name.removeprefix(_PREFIX)
+            values[name] = values.get(name, 0.0) + sample.value
+    return values
+
+
+def from_samples(status: str, values: dict[str, float], loaded: list[str]) -> DeploymentMetrics:
+    drafted = values.get("speculative_draft_tokens_total", 0.0)
+    accepted = values.get("speculative_accepted_tokens_total", 0.0)
+    return DeploymentMetrics(
+        status=status,
+        tokens_per_second=values.get("tokens_per_second"),
+        generated_tokens=values.get("generated_tokens_total"),
+        prompt_tokens=values.get("prompt_tokens_total"),
+        requests=values.get("requests_total"),
+        running_sequences=values.get("running_sequences"),
+        waiting_sequences=values.get("waiting_sequences"),
+        adapters_in_memory=values.get("adapters_loaded"),
+        loaded_adapters=loaded,
+        speculative=SpeculativeStats(
+            steps=values.get("speculative_steps_total", 0.0),
+            draft_tokens=drafted,
+            accepted_tokens=accepted,
+            acceptance_rate=accepted / drafted if drafted else None,
+        ),
+    )
+
+
+def read(serving: ServingSupervisor, view: DeploymentView, tenant: str) -> DeploymentMetrics:
+    status = serving.status(view.base_model)
+    if status is not ServingStatus.READY:
+        return DeploymentMetrics(status=status)
+    url = serving.ensure_started(view.base_model).url  # ready: returns the running backend, starts nothing
+    try:
+        scraped = httpx.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT_S)
+        models = httpx.get(f"{url}/v1/models", headers={TENANT_HEADER: tenant}, timeout=SCRAPE_TIMEOUT_S)
+        scraped.raise_for_status()
+        models.raise_for_status()
+    except httpx.HTTPError:
+        # Died or restarting since the last health check: say what the supervisor will soon say.
+        return DeploymentMetrics(status=ServingStatus.INITIALIZING)
+    loaded = [m["id"] for m in models.json()["data"] if m.get("parent") and m.get("loaded")]
+    return from_samples(status, parse_samples(scraped.text), loaded)
