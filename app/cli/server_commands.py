@@ -1,27 +1,23 @@
-"""The `tuneforge` command: run the embedded stack or a worker, mint API tokens, migrate the database.
+"""`tuneforge up | worker | serve | token | migrate`: run the embedded stack or a worker, mint API tokens,
+migrate the database.
 
-This module is an entry point for both planes: `worker` imports the data plane lazily, so the
-control-plane image (no torch) can still run every other command.
+`worker` and `serve` import the data plane lazily, so the control-plane image (no torch) can still
+run every other command.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from app.db import migrate
 from app.db.session import make_engine, make_session_factory, transaction
-from app.errors import ServiceError
 from app.services import auth
 from app.settings import Settings
-from app.storage import StorageError
 
 
 def _settings(data_dir: str | None = None) -> Settings:
@@ -185,10 +181,8 @@ def _redact(url: str) -> str:
     return f"{scheme}{sep}{credentials.split(':')[0]}:***@{host}" if at else url
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__)
-    parser.add_argument("--data-dir", help="overrides TUNEFORGE_DATA_DIR")
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_server_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register the commands that run or administer a server on this machine."""
 
     up = commands.add_parser("up", help="run the embedded control plane (SQLite + local blobs)")
     up.add_argument("--host", default="127.0.0.1")
@@ -251,24 +245,3 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate_cmd = commands.add_parser("migrate", help="upgrade the database to the latest schema")
     migrate_cmd.set_defaults(func=cmd_migrate)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    args.data_dir = getattr(args, "data_dir", None)
-    try:
-        return int(args.func(args))
-    except (ServiceError, ValueError) as exc:
-        print(f"tuneforge: error: {exc}", file=sys.stderr)
-        return 1
-    except (SQLAlchemyError, StorageError) as exc:
-        # Unreachable database or blob store: say which, in one line, instead of a traceback.
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"tuneforge: error: cannot reach a backing service: {first_line}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -50,13 +50,13 @@ class Tuneforge:
         `timeout` bounds each HTTP request; `max_retries` is how many times an idempotent request is
         retried on 429/503 or a network error; `poll_interval` caps the wait between status polls.
         """
-        token = api_token or _first_env(TOKEN_ENV_VARS)
+        token = api_token or first_env(TOKEN_ENV_VARS)
         if not token:
             raise AuthenticationError(
                 "no API token: pass api_token=... or set TUNEFORGE_API_TOKEN (or PREDIBASE_API_TOKEN); "
                 "`tuneforge token create --tenant NAME` mints one"
             )
-        self.base_url = normalize_base_url(base_url or _first_env(URL_ENV_VARS) or DEFAULT_BASE_URL)
+        self.base_url = normalize_base_url(base_url or first_env(URL_ENV_VARS) or DEFAULT_BASE_URL)
         self._http = HttpTransport(
             self.base_url, token, timeout=timeout, retry=RetryPolicy(max_retries=max_retries)
         )
@@ -93,7 +93,8 @@ def normalize_base_url(url: str) -> str:
     return url
 
 
-def _first_env(names: tuple[str, ...]) -> str | None:
+def first_env(names: tuple[str, ...]) -> str | None:
+    """The first of these environment variables that is set to something other than blanks."""
     for name in names:
         value = os.environ.get(name, "").strip()
         if value:

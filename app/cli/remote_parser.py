@@ -1,0 +1,126 @@
+"""The remote commands' arguments: each group shares `--url`, `--token` and `--json`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from tuneforge.config import TRAINED_ADAPTERS
+
+from app.cli import remote_commands as rc
+
+if TYPE_CHECKING:
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def connection_options() -> argparse.ArgumentParser:
+    """The options every remote command takes, as a parent parser."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--url", help="the server (default: TUNEFORGE_URL, PREDIBASE_GATEWAY, else http://127.0.0.1:8000)"
+    )
+    options.add_argument(
+        "--token",
+        help="API token (default: TUNEFORGE_API_TOKEN, PREDIBASE_API_TOKEN, else a local `tuneforge up`'s)",
+    )
+    options.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
+    options.add_argument(
+        "--data-dir", default=argparse.SUPPRESS, help="where a local `tuneforge up` keeps its token"
+    )
+    return options
+
+
+def add_remote_commands(commands: Commands) -> None:
+    """Register `datasets`, `repos`, `adapters`, `jobs`, `deployments` and `prompt`."""
+    common = connection_options()
+
+    def group(name: str, help_text: str) -> Commands:
+        return commands.add_parser(name, help=help_text).add_subparsers(dest="action", required=True)
+
+    def action(parent: Commands, name: str, handler: rc.Handler, help_text: str) -> argparse.ArgumentParser:
+        parser = parent.add_parser(name, help=help_text, parents=[common])
+        parser.set_defaults(func=rc.remote(handler))
+        return parser
+
+    datasets = group("datasets", "upload and inspect datasets on a server")
+    upload = action(
+        datasets, "upload", rc.datasets_upload, "upload a CSV/JSONL/JSON/Parquet file and validate it"
+    )
+    upload.add_argument("file")
+    upload.add_argument("--name", help="dataset name (default: the file's stem)")
+    action(datasets, "list", rc.datasets_list, "list datasets").add_argument("--limit", type=int, default=100)
+    action(datasets, "show", rc.datasets_show, "a dataset's status, format, rows and preview").add_argument(
+        "name"
+    )
+    action(datasets, "rm", rc.datasets_rm, "delete a dataset and its file").add_argument("name")
+
+    repos = group("repos", "adapter repositories")
+    create = action(repos, "create", rc.repos_create, "create a repo")
+    create.add_argument("name")
+    create.add_argument("--description")
+    create.add_argument("--exists-ok", action="store_true", help="an existing repo of that name is fine")
+    action(repos, "list", rc.repos_list, "list repos").add_argument("--limit", type=int, default=100)
+    action(repos, "show", rc.repos_show, "a repo and its adapter versions").add_argument("name")
+    action(repos, "rm", rc.repos_rm, "delete a repo, its versions and their files").add_argument("name")
+
+    adapters = group("adapters", "train, inspect and download adapters (repo/N)")
+    _add_adapters_create(action(adapters, "create", rc.adapters_create, "train a new adapter version"))
+    action(adapters, "list", rc.adapters_list, "a repo's adapter versions").add_argument("repo")
+    action(adapters, "show", rc.adapters_show, "one adapter version").add_argument(
+        "adapter_id", metavar="REPO/N"
+    )
+    download = action(adapters, "download", rc.adapters_download, "download an adapter's files as a zip")
+    download.add_argument("adapter_id", metavar="REPO/N")
+    download.add_argument("--dest", help="file or directory (default: ./<repo>-<N>.zip)")
+    action(adapters, "cancel", rc.adapters_cancel, "cancel the job training an adapter").add_argument(
+        "adapter_id", metavar="REPO/N"
+    )
+
+    jobs = group("jobs", "fine-tuning jobs")
+    watch = action(jobs, "watch", rc.jobs_watch, "follow a job with a live progress bar until it ends")
+    watch.add_argument("job", metavar="JOB_UUID|REPO/N")
+    action(jobs, "list", rc.jobs_list, "list jobs, newest first").add_argument(
+        "--limit", type=int, default=100
+    )
+
+    deployments = group("deployments", "serving deployments of base models")
+    deploy = action(deployments, "create", rc.deployments_create, "deploy a base model and wait until ready")
+    deploy.add_argument("name")
+    deploy.add_argument("--base-model", required=True)
+    deploy.add_argument("--preload", nargs="+", metavar="REPO/N", help="adapters to load at start")
+    deploy.add_argument("--description")
+    deploy.add_argument("--no-wait", action="store_true", help="return without waiting until it is ready")
+    action(deployments, "list", rc.deployments_list, "list deployments")
+    action(deployments, "rm", rc.deployments_rm, "delete a deployment").add_argument("name")
+
+    prompt = commands.add_parser(
+        "prompt", help="generate with a deployment, streaming tokens", parents=[common]
+    )
+    prompt.add_argument("text")
+    prompt.add_argument("--deployment", required=True)
+    prompt.add_argument(
+        "--adapter", metavar="REPO/N", help="generate through this adapter (default: the base)"
+    )
+    prompt.add_argument("--max-new-tokens", type=int, default=64)
+    prompt.add_argument("--temperature", type=float, help="sampling temperature (default: greedy)")
+    prompt.set_defaults(func=rc.remote(rc.prompt))
+
+
+def _add_adapters_create(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-model", help="e.g. smollm2-135m (or base_model in --config)")
+    parser.add_argument("--adapter", choices=TRAINED_ADAPTERS, help="adapter type (default: lora)")
+    parser.add_argument("--dataset", required=True, help="dataset name, connection/name or uuid")
+    parser.add_argument("--repo", required=True, help="the repo the new version goes to (created if missing)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="fine-tuning config fields as a YAML or JSON mapping"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any FinetuningConfig field, e.g. --set train_steps=100 --set lr_scheduler.type=cosine",
+    )
+    parser.add_argument("--description")
+    parser.add_argument("--continue-from", metavar="REPO/N[@STEP]", help="train on from this adapter")
+    parser.add_argument("--no-wait", action="store_true", help="return once the job is queued")
