@@ -58,6 +58,7 @@ def _read(ctx: AppContext, job_id: int, from_step: int) -> _Snapshot:
                     "eval_loss": r.eval_loss,
                     "learning_rate": r.learning_rate,
                     "tokens": r.tokens,
+                    "tokens_per_second": r.tokens_per_second,
                     "checkpoint_number": r.checkpoint_number,
                 }
                 for r in rows
@@ -83,6 +84,8 @@ def frame(
             "validation_metrics_loss": row.get("eval_loss"),
             "learning_rate": row.get("learning_rate"),
             "total_tokens_used": row.get("tokens"),
+            # Not in Predibase's frame (its SDK ignores unknown keys); the thin client's bar shows it.
+            "tokens_per_second": row.get("tokens_per_second"),
         },
         "meta": {
             "is_completed": completed,

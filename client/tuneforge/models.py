@@ -251,6 +251,8 @@ class MetricsFrameData(_FrameModel):
     epoch: float | None = None
     learning_rate: float | None = None
     total_tokens_used: int | None = None
+    # tuneforge's own addition (the Predibase SDK ignores it): the step's training throughput.
+    tokens_per_second: float | None = None
 
 
 class MetricsFrameMeta(_FrameModel):

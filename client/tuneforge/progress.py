@@ -24,6 +24,7 @@ class TrainingProgress:
     total_steps: int | None = None
     train_loss: float | None = None
     eval_loss: float | None = None
+    tokens_per_second: float | None = None
     completed: bool = False
     frame_step: int = -1
 
@@ -46,6 +47,7 @@ class TrainingProgress:
             # The eval loss of a step may come in a frame of its own, after the train loss.
             self.train_loss = _latest(data.train_metrics_loss, self.train_loss)
             self.eval_loss = _latest(data.validation_metrics_loss, self.eval_loss)
+            self.tokens_per_second = _latest(data.tokens_per_second, self.tokens_per_second)
             if step < self.steps:
                 return (self.status, self.total_steps, self.completed) != job_before
             self.steps = step
@@ -60,7 +62,14 @@ class TrainingProgress:
 
     def drawn(self) -> tuple[object, ...]:
         """The parts of the state that the bar draws."""
-        return (self.status, self.steps, self.total_steps, self.train_loss, self.eval_loss)
+        return (
+            self.status,
+            self.steps,
+            self.total_steps,
+            self.train_loss,
+            self.eval_loss,
+            self.tokens_per_second,
+        )
 
 
 def _latest(value: float | None, previous: float | None) -> float | None:
@@ -72,13 +81,27 @@ def format_loss(value: float | None) -> str:
     return "--" if value is None else f"{value:.4f}"
 
 
+def format_rate(value: float | None) -> str:
+    """Tokens per second as the bar shows them: whole numbers, or `--` before the first step."""
+    return "--" if value is None else f"{value:,.0f}"
+
+
 def progress_postfix(progress: TrainingProgress) -> str:
-    """The text after the bar: the latest train and eval losses."""
-    return f"train_loss={format_loss(progress.train_loss)}, eval_loss={format_loss(progress.eval_loss)}"
+    """The text after the bar: the latest train and eval losses and the training throughput."""
+    losses = f"train_loss={format_loss(progress.train_loss)}, eval_loss={format_loss(progress.eval_loss)}"
+    return f"{losses}, tok/s={format_rate(progress.tokens_per_second)}"
+
+
+# tqdm's layout with its estimate named: `<status>: 40%|####      | 4/10 [00:12 elapsed, ETA 00:18, ...]`.
+# (Without a known total tqdm falls back to `4step [00:12, 0.33step/s, ...]`: no bar, no estimate.)
+BAR_FORMAT = (
+    "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed} elapsed, ETA {remaining}{postfix}]"
+)
 
 
 class ProgressBar:
-    """A tqdm bar for one job: the status as its label, `steps done/total`, then the latest losses.
+    """A tqdm bar for one job: the status as its label, `steps done/total`, elapsed time and ETA, then the
+    latest losses and tokens per second.
 
     Disabled, it draws nothing, so callers need not branch on `show_progress`.
     """
@@ -98,6 +121,7 @@ class ProgressBar:
             disable=not enabled,
             file=file,
             dynamic_ncols=True,
+            bar_format=BAR_FORMAT,
             miniters=1,
             mininterval=0,
         )

@@ -33,7 +33,9 @@ def detach_message(job_uuid: str, adapter_id: str) -> str:
     return (
         f"\nStopped watching. Fine-tuning job {job_uuid} ({adapter_id}) keeps running on the server.\n"
         f'  re-attach: pb.finetuning.jobs.watch("{job_uuid}")\n'
+        f"             tuneforge jobs watch {job_uuid}\n"
         f'  cancel:    pb.finetuning.jobs.cancel("{job_uuid}")  or  pb.adapters.cancel("{adapter_id}")\n'
+        f"             tuneforge adapters cancel {adapter_id}\n"
     )
 
 

@@ -99,7 +99,19 @@ def test_attaching_mid_run_takes_the_losses_from_the_replayed_history() -> None:
 def test_losses_show_four_decimals_or_dashes() -> None:
     assert (format_loss(None), format_loss(0.123456), format_loss(2)) == ("--", "0.1235", "2.0000")
     progress = TrainingProgress(train_loss=0.5, eval_loss=None)
-    assert progress_postfix(progress) == "train_loss=0.5000, eval_loss=--"
+    assert progress_postfix(progress) == "train_loss=0.5000, eval_loss=--, tok/s=--"
+
+
+def test_tokens_per_second_come_from_the_newest_step_not_from_replayed_history() -> None:
+    progress = TrainingProgress()
+    for step, rate in ((2, 2500.4), (1, 90.0)):  # step 1 arrives late: replayed history
+        progress.apply_frame(
+            MetricsFrame.model_validate(
+                {"data": {"steps": step, "tokens_per_second": rate}, "meta": {"total_steps": 4}}
+            )
+        )
+    assert progress.tokens_per_second == 2500.4
+    assert progress_postfix(progress).endswith("tok/s=2,500")
 
 
 def test_the_bar_shows_status_steps_done_of_total_and_losses() -> None:
@@ -114,6 +126,7 @@ def test_the_bar_shows_status_steps_done_of_total_and_losses() -> None:
     last_line = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
     assert last_line.startswith("training")
     assert "3/4" in last_line and "train_loss=0.5000, eval_loss=--" in last_line
+    assert " elapsed, ETA " in last_line and "75%" in last_line
 
 
 def test_a_state_already_on_screen_is_not_drawn_again() -> None:
@@ -143,4 +156,5 @@ def test_detaching_says_how_to_reattach_and_how_to_cancel() -> None:
     message = detach_message("j-1", "r/1")
     assert 'pb.finetuning.jobs.watch("j-1")' in message
     assert 'pb.finetuning.jobs.cancel("j-1")' in message and 'pb.adapters.cancel("r/1")' in message
+    assert "tuneforge jobs watch j-1" in message and "tuneforge adapters cancel r/1" in message
     assert "keeps running" in message
