@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneforge._http import HttpTransport, path_segment
+from tuneforge.config import FinetuningConfig
 from tuneforge.errors import ValidationError
 from tuneforge.models import AdapterVersion, Dataset, FinetuningJob, VersionSummary
 from tuneforge.repos import RepoRef, Repos, repo_name
@@ -56,7 +57,8 @@ def parse_version_ref(ref: AdapterRef) -> tuple[str, int, int | None]:
 
 
 class Adapters:
-    """Adapter calls with the Predibase SDK's shapes: `create`, `get`, `upload`, `download`, `cancel`, ..."""
+    """Adapter calls with the Predibase SDK's shapes: `create`, `get`, `get_config`, `list`, `upload`,
+    `download`, `archive`, `unarchive`, `delete`, `cancel`."""
 
     def __init__(self, http: HttpTransport, repos: Repos, jobs: FinetuningJobs) -> None:
         self._http = http
@@ -103,6 +105,20 @@ class Adapters:
         if version.finetuning_job.uuid is None:
             raise ValidationError(f"adapter {version.id} was uploaded, not trained: it has no job to cancel")
         return self._jobs.cancel(version.finetuning_job.uuid)
+
+    def get_config(self, adapter_id: AdapterRef) -> FinetuningConfig:
+        """The fine-tuning config the version was trained with, as the worker resolved it.
+
+        Fields this client does not know (recorded by a newer server) are left out. Raises
+        ValidationError for an uploaded adapter, which was not trained here and has no such config.
+        """
+        version = self.get(adapter_id)
+        if version.finetuning_job.uuid is None:
+            raise ValidationError(
+                f"adapter {version.id} was uploaded, not trained: it has no fine-tuning config"
+            )
+        known = {key: value for key, value in version.config.items() if key in FinetuningConfig.model_fields}
+        return FinetuningConfig.model_validate(known)
 
     def get(self, adapter_id: AdapterRef) -> AdapterVersion:
         """One adapter version, e.g. `get("my-repo/3")`."""

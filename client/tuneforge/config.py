@@ -98,8 +98,10 @@ class FinetuningConfig(BaseModel):
         default=None, min_length=1, description="Built-in model name, HF id or local path."
     )
     adapter: str = Field(default="lora", description="lora | dora | full | last_layer | turbo_lora | turbo.")
-    task: Literal["sft", "continued_pretraining"] = "sft"
-    epochs: int = Field(default=3, ge=1, le=10_000)
+    task: Literal["sft", "continued_pretraining"] = Field(
+        default="sft", description="sft: learn completions of prompts; continued_pretraining: learn raw text."
+    )
+    epochs: int = Field(default=3, ge=1, le=10_000, description="Passes over the training rows.")
     train_steps: int | None = Field(
         default=None,
         ge=1,
@@ -118,7 +120,7 @@ class FinetuningConfig(BaseModel):
     lora_alpha: int | Literal["auto"] | None = Field(
         default=None, validate_default=True, description="Default 2 * rank; 'auto' follows per-module ranks."
     )
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA branch's input.")
     target_modules: tuple[str, ...] | None = Field(
         default=None, description="None: every attention and MLP projection the base model has."
     )
@@ -128,9 +130,17 @@ class FinetuningConfig(BaseModel):
     apply_chat_template: bool | None = Field(
         default=None, description="None: wrap prompt/completion rows in the template when the model has one."
     )
-    lr_scheduler: LrSchedulerConfig = Field(default_factory=LrSchedulerConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    lr_scheduler: LrSchedulerConfig = Field(
+        default_factory=LrSchedulerConfig,
+        description="type (linear | cosine | constant | ...), num_cycles, ...",
+    )
+    optimizer: OptimizerConfig = Field(
+        default_factory=OptimizerConfig,
+        description="type (adamw_torch | sgd | ...), weight_decay, betas, ...",
+    )
+    warmup_ratio: float = Field(
+        default=0.03, ge=0, lt=1, description="Share of the steps over which the rate rises from 0."
+    )
     effective_batch_size: int | None = Field(
         default=None, ge=1, description="Rows per optimizer step; default 16 (or micro * accumulation)."
     )
@@ -144,10 +154,14 @@ class FinetuningConfig(BaseModel):
     eval_every_n_steps: int | None = Field(
         default=None, ge=1, description="Default: at each checkpoint, and always at the end."
     )
-    eval_every_n_minutes: float | None = Field(default=None, gt=0)
-    # Share of rows held out for evaluation when the dataset has no `split` column; 0 disables it.
-    eval_fraction: float = Field(default=0.1, ge=0, le=0.5)
-    max_eval_samples: int = Field(default=200, ge=1)
+    eval_every_n_minutes: float | None = Field(default=None, gt=0, description="Also evaluate on this clock.")
+    eval_fraction: float = Field(
+        default=0.1,
+        ge=0,
+        le=0.5,
+        description="Rows held out for eval when there is no `split` column; 0: none.",
+    )
+    max_eval_samples: int = Field(default=200, ge=1, description="Eval rows scored at most, per evaluation.")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 where the device computes it natively, else fp32."
     )
@@ -168,16 +182,20 @@ class FinetuningConfig(BaseModel):
     packing: bool = Field(
         default=True, description="Several rows per sequence, each attending only to itself (no padding)."
     )
-    gradient_checkpointing: bool = False
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    checkpoint_every_n_steps: int = Field(default=50, ge=1)
-    checkpoint_every_n_minutes: float | None = Field(default=None, gt=0)
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass: less memory, slower steps."
+    )
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradients are clipped to this global norm.")
+    checkpoint_every_n_steps: int = Field(
+        default=50, ge=1, description="A restartable checkpoint every this many optimizer steps."
+    )
+    checkpoint_every_n_minutes: float | None = Field(default=None, gt=0, description="And on this clock.")
     keep_n_checkpoints: int = Field(default=3, ge=1, description="Older checkpoints are deleted.")
     load_best_at_end: bool = Field(
         default=True, description="The stored adapter is the lowest-eval-loss one."
     )
     early_stopping_patience: int = Field(default=5, ge=1, description="Evaluations without improvement.")
-    seed: int = Field(default=42, ge=0)
+    seed: int = Field(default=42, ge=0, description="Seeds data order, splits, dropout and initialisation.")
 
     # --- speculator heads (turbo_lora / turbo) ------------------------------------------------------
     speculator_heads: int = Field(
@@ -318,6 +336,7 @@ class FinetuningConfig(BaseModel):
 
     @property
     def eval_micro_batch_size(self) -> int:
+        """Rows per evaluation forward pass: eval_batch_size, else micro_batch_size."""
         return self.eval_batch_size or self.micro_batch_size
 
     def trajectory_fields(self) -> dict[str, object]:

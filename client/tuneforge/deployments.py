@@ -30,6 +30,8 @@ class DeploymentError(TuneforgeError):
 
 
 class DeploymentModel(WireModel):
+    """The base model a deployment serves, and the longest prompt it accepts (in tokens)."""
+
     name: str
     max_input_length: int | None = None
 
@@ -51,10 +53,13 @@ class Deployment(WireModel):
 
     @property
     def base_model(self) -> str:
+        """The served base model's name."""
         return self.model.name
 
 
 class DeploymentEvent(BaseModel):
+    """One lifecycle event of a deployment: `eventType` (`Ready`, `Failed`, ...), when, and why."""
+
     model_config = ConfigDict(populate_by_name=True, extra="ignore")
 
     event_type: str = Field(alias="eventType")
@@ -70,6 +75,8 @@ class _LoraxModel(BaseModel):
 
 
 class Token(_LoraxModel):
+    """One generated token: its id, text, log-probability and whether it is a special token."""
+
     id: int
     text: str
     logprob: float | None = None
@@ -77,6 +84,8 @@ class Token(_LoraxModel):
 
 
 class Details(_LoraxModel):
+    """How a generation went: why it stopped, token counts, the seed used, and (if asked) each token."""
+
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     generated_tokens: int | None = None
@@ -85,11 +94,15 @@ class Details(_LoraxModel):
 
 
 class GenerateResponse(_LoraxModel):
+    """A whole completion (`generate`): the generated text and, by default, its details."""
+
     generated_text: str
     details: Details | None = None
 
 
 class StreamDetails(_LoraxModel):
+    """The details sent with a stream's last token: why it stopped and the token counts."""
+
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     generated_tokens: int | None = None
@@ -182,6 +195,7 @@ class Deployments:
         return self.get(name)
 
     def get(self, name: str) -> Deployment:
+        """One deployment by name; NotFoundError if this tenant has none of that name."""
         return Deployment.model_validate(
             self._http.api("GET", f"/v2/deployments/{path_segment(name)}")["data"]
         )
@@ -193,6 +207,7 @@ class Deployments:
     def update(
         self, name: str, *, config: dict[str, Any] | None = None, description: str | None = None
     ) -> Deployment:
+        """Change a deployment's `config` (same keys as `create`) and/or description; returns it."""
         body: dict[str, Any] = {"description": description}
         if config is not None:
             body["config"] = _camel_keys(config)
@@ -200,13 +215,16 @@ class Deployments:
         return Deployment.model_validate(data)
 
     def delete(self, name: str) -> None:
+        """Delete a deployment (its serving process stops); the adapters it served are kept."""
         self._http.api("DELETE", f"/v2/deployments/{path_segment(name)}")
 
     def events(self, name: str) -> builtins.list[DeploymentEvent]:
+        """The deployment's lifecycle events (`Ready`, `Failed` with its message, ...), oldest first."""
         body = self._http.api("GET", f"/llms/{path_segment(name)}/events", params={"detailed": "true"})
         return [DeploymentEvent.model_validate(event) for event in body["ComputeEvents"]]
 
     def wait_until_ready(self, name: str, timeout: float = SERVING_TIMEOUT_S) -> Deployment:
+        """Poll until the deployment is `ready` and return it; DeploymentError if it failed or timed out."""
         deadline = time.monotonic() + timeout
         while True:
             deployment = self.get(name)
@@ -222,11 +240,31 @@ class Deployments:
             time.sleep(self._poll_interval)
 
     def client(self, name: str | Deployment) -> DeploymentClient:
-        """A client generating with deployment `name` through this server's serving URL."""
+        """A client generating with deployment `name` through this server's serving URL.
+
+        >>> pb.deployments.client("smollm2-135m").generate("Hi", adapter_id="my-repo/1", max_new_tokens=20)
+        """
+        return DeploymentClient(self._serving, self.serving_url(name))
+
+    def serving_url(self, name: str | Deployment, serving_url: str | None = None) -> str:
+        """The deployment's LoRAX-style URL, `{server}/{tenant}/deployments/v2/llms/{name}`.
+
+        `serving_url` replaces this server's address, e.g. when clients reach it through a proxy.
+        """
         deployment = name.name if isinstance(name, Deployment) else name
-        tenant = path_segment(self.tenant)
-        url = f"{self._http.base_url}/{tenant}/deployments/v2/llms/{path_segment(deployment)}"
-        return DeploymentClient(self._serving, url)
+        base = (serving_url or self._http.base_url).rstrip("/")
+        return f"{base}/{path_segment(self.tenant)}/deployments/v2/llms/{path_segment(deployment)}"
+
+    def openai_compatible_endpoint(self, name: str | Deployment, serving_url: str | None = None) -> str:
+        """The deployment's OpenAI-compatible base URL, for the `openai` SDK; the model is the adapter id.
+
+        >>> from openai import OpenAI
+        >>> openai = OpenAI(base_url=pb.deployments.openai_compatible_endpoint("smollm2-135m"), api_key=TOKEN)
+        >>> openai.completions.create(model="my-repo/1", prompt="Hi", max_tokens=20)
+
+        `model=""` (or the base model's name) generates without an adapter.
+        """
+        return self.serving_url(name, serving_url) + "/v1"
 
     @property
     def tenant(self) -> str:
@@ -236,6 +274,7 @@ class Deployments:
         return self._tenant
 
     def close(self) -> None:
+        """Release the serving connections."""
         self._serving.close()
 
 

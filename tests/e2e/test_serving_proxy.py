@@ -198,7 +198,9 @@ def test_predibase_sdk_creates_lists_and_generates_through_serving_url_override(
 def test_openai_client_completes_and_chats_through_the_proxy(stack: ServingStack) -> None:
     from openai import OpenAI
 
-    openai = OpenAI(base_url=stack.proxy_url() + "/v1", api_key=stack.token)
+    endpoint = stack.client.deployments.openai_compatible_endpoint(DEPLOYMENT)
+    assert endpoint == stack.proxy_url() + "/v1"
+    openai = OpenAI(base_url=endpoint, api_key=stack.token)
     completion = openai.completions.create(model="acme/1", prompt=PROMPT, max_tokens=5, temperature=0)
     assert completion.usage is not None and completion.usage.completion_tokens == 5
     chunks = openai.chat.completions.create(

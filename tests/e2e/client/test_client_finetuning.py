@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 import signal
 import threading
@@ -69,6 +70,11 @@ def test_adapters_create_trains_a_completed_version_with_live_progress(
     assert version.finetuning_job.uuid and version.finetuning_job.error is None
     err = capsys.readouterr().err
     assert "4/4" in err and "train_loss=" in err, err  # the bar reached the end, with a loss
+    assert re.search(r"tok/s=[\d,]+\]", err) and " elapsed, ETA " in err, err  # measured throughput
+
+    config = pb.adapters.get_config(version.id)  # what the worker trained, defaults resolved
+    assert (config.base_model, config.train_steps, config.micro_batch_size) == ("tiny-random-llama", 4, 2)
+    assert config.target_modules  # None in the request; the worker recorded the modules it chose
 
     job = pb.finetuning.jobs.get(version.finetuning_job.uuid)
     assert (job.status, job.adapter_id, job.steps_done, job.total_steps) == ("completed", version.id, 4, 4)

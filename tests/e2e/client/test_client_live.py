@@ -163,6 +163,8 @@ def test_adapter_upload_get_download_archive_delete(pb: Tuneforge, tmp_path: Pat
 
     assert pb.adapters.get("uploaded/1").uuid == version.uuid
     assert [v.id for v in pb.adapters.list("uploaded")] == ["uploaded/1"]
+    with pytest.raises(ValidationError, match="uploaded, not trained"):
+        pb.adapters.get_config("uploaded/1")
 
     archive = pb.adapters.download("uploaded/1", tmp_path)
     assert archive == tmp_path / "uploaded-1.zip"
