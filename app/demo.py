@@ -245,10 +245,6 @@ def format_report(dataset: Dataset, reused: bool, url: str, token: str, log_path
         *(f"    {_preview_line(row)}" for row in (dataset.preview or [])[:PREVIEW_ROWS]),
         "",
         f"API docs    {url}/docs",
-    ]
-    if _answers(f"{url}/ui"):  # the dashboard, once the server has one
-        lines.append(f"Dashboard   {url}/ui")
-    lines += [
         f"API token   {token}",
         "",
         "Point the Predibase SDK (or the tuneforge client) at this server:",
@@ -260,6 +256,22 @@ def format_report(dataset: Dataset, reused: bool, url: str, token: str, log_path
     return "\n".join(lines)
 
 
+def format_next_steps(url: str, token: str, deployment: str, adapter_id: str) -> str:
+    """The closing lines: where the dashboard is, the token it asks for, and the same steps from a shell."""
+    return "\n".join(
+        [
+            "",
+            f"Dashboard   {url}/ui",
+            f"API token   {token}",
+            "",
+            "The same from a shell, with the tuneforge CLI:",
+            f"  export TUNEFORGE_URL={url} TUNEFORGE_API_TOKEN={token}",
+            f"  tuneforge adapters show {adapter_id}",
+            f'  tuneforge prompt --deployment {deployment} --adapter {adapter_id} "Hello"',
+        ]
+    )
+
+
 def _preview_line(row: dict[str, object]) -> str:
     if "prompt" in row and "completion" in row:
         prompt = textwrap.shorten(str(row["prompt"]), width=96, placeholder=" ...")
@@ -267,13 +279,6 @@ def _preview_line(row: dict[str, object]) -> str:
     return textwrap.shorten(
         str({k: v for k, v in row.items() if k != "split"}), width=110, placeholder=" ..."
     )
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _display(path: Path) -> str:
@@ -315,6 +320,8 @@ def run(settings: Settings) -> int:
                 print(demo_serving.compare(client, version, path), flush=True)
             except demo_serving.ServingDemoError as exc:
                 raise DemoError(str(exc), show_log=True) from exc
+            deployment = demo_serving.deployment_for(client, version.base_model or DEFAULT_BASE_MODEL)
+            print(format_next_steps(server.url, token, deployment, version.id), flush=True)
         if os.environ.get("DEMO_EXIT", "").strip().lower() in ("1", "true", "yes"):
             return 0
         print("\nPress Ctrl-C to stop the server.", flush=True)

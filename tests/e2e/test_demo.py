@@ -80,6 +80,12 @@ def test_demo_uploads_the_dataset_trains_an_adapter_then_a_second_run_reuses_bot
     # Then it serves the adapter and shows what base model and adapter answer to held-out prompts.
     assert "Serving demo-dates/1 through deployment 'demo-tiny-random-llama'" in out
     assert out.count("\n    base      ") == 3 and out.count("\n    adapter   ") == 3
+    # The live progress bar went to the terminal's stderr; it reached the last step with a loss.
+    assert "4/4" in first.stderr and "train_loss=" in first.stderr and "tok/s=" in first.stderr
+    # Last, after the side-by-side answers: the dashboard and its token, and the same steps in the CLI.
+    closing = out[out.rindex("\n    adapter   ") :]
+    assert f"Dashboard   {url}/ui\nAPI token   {token}" in closing
+    assert "tuneforge prompt --deployment demo-tiny-random-llama --adapter demo-dates/1" in closing
 
     second = _run_demo(tmp_path, port)
     assert second.returncode == 0, second.stdout + second.stderr
