@@ -267,7 +267,7 @@ def format_next_steps(url: str, token: str, deployment: str, adapter_id: str) ->
             "The same from a shell, with the tuneforge CLI:",
             f"  export TUNEFORGE_URL={url} TUNEFORGE_API_TOKEN={token}",
             f"  tuneforge adapters show {adapter_id}",
-            f'  tuneforge prompt --deployment {deployment} --adapter {adapter_id} "Hello"',
+            f'  tuneforge prompt --deployment {deployment} --adapter {adapter_id} "<your prompt>"',
         ]
     )
 
