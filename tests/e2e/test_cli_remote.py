@@ -10,8 +10,10 @@ import io
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -157,7 +159,7 @@ def test_an_unknown_config_field_exits_1_naming_it_before_anything_is_created(
     assert code == 1 and "--set expects key=value" in err
 
 
-def test_no_wait_returns_at_once_then_cancel_and_a_watch_that_ends_canceled_exits_1(
+def test_no_wait_returns_at_once_ctrl_c_detaches_cancel_ends_it_and_its_watch_exits_1(
     cli: Cli, dataset_file: Path
 ) -> None:
     assert cli("datasets", "upload", str(dataset_file), "--name", "qa")[0] == 0
@@ -167,6 +169,16 @@ def test_no_wait_returns_at_once_then_cancel_and_a_watch_that_ends_canceled_exit
     )
     assert code == 0, err
     assert out.startswith("long/1 is queued") and "tuneforge jobs watch " in out
+    # Ctrl-C while watching detaches: exit 130, the job runs on, and the way back is printed.
+    interrupt = threading.Timer(1.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    interrupt.start()
+    try:
+        code, _, err = cli("jobs", "watch", "long/1")
+    finally:
+        interrupt.cancel()
+    assert code == 130 and "keeps running" in err
+    assert "tuneforge jobs watch " in err and "tuneforge adapters cancel long/1" in err
+    assert cli.json("adapters", "show", "long/1")["status"] in ("queued", "training")
     code, out, _ = cli("adapters", "cancel", "long/1")
     assert code == 0 and out.startswith("long/1: job ")
     code, out, err = cli("jobs", "watch", "long/1")  # by adapter id: the job that trains it
