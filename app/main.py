@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from app import dashboard
 from app.api import adapters, blobs, datasets, deployments, health, jobs, repos, serving_proxy, users
 from app.context import AppContext
 from app.errors import install_error_handlers
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (health, users, datasets, repos, adapters, jobs, blobs, deployments):
         app.include_router(module.router)
+    dashboard.mount(app)
     # Last: its `/{tenant}/...` paths must not shadow any fixed route.
     app.include_router(serving_proxy.router)
     return app
