@@ -1,0 +1,51 @@
+"""What the client package and the CLI may import: the client nothing of the server, the CLI no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DATA_PLANE = ("worker", "torch", "transformers", "peft", "bitsandbytes", "accelerate")
+SERVER = ("app", "fastapi", "uvicorn", "sqlalchemy", "celery", "boto3", *DATA_PLANE)
+
+# Imports every module of a package in a fresh interpreter that refuses the blocked top-level names.
+PROBE = """
+import importlib, pkgutil, sys
+blocked = set(sys.argv[2].split(","))
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in blocked:
+            raise ImportError(f"{name} must not be imported here")
+sys.meta_path.insert(0, Refuse())
+package = importlib.import_module(sys.argv[1])
+for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+    if not module.name.endswith("__main__"):
+        importlib.import_module(module.name)
+"""
+
+
+@pytest.mark.parametrize(
+    ("package", "blocked"),
+    [("tuneforge", SERVER), ("app.cli", DATA_PLANE)],
+    ids=["client-without-the-server", "cli-without-torch"],
+)
+def test_every_module_imports_without_the_blocked_packages(package: str, blocked: tuple[str, ...]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, package, ",".join(blocked)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_client_distribution_depends_on_httpx_pydantic_and_tqdm_only() -> None:
+    project = tomllib.loads((REPO_ROOT / "client" / "pyproject.toml").read_text())["project"]
+    names = {spec.split(">")[0].split("=")[0].split("[")[0].strip() for spec in project["dependencies"]}
+    assert names == {"httpx", "pydantic", "tqdm"}
