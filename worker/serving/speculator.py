@@ -30,9 +30,9 @@ random stream is consumed differently); the distribution is the same.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,17 +45,36 @@ from worker.serving.sampling import draw, warped_probs
 if TYPE_CHECKING:
     from worker.serving.lora import AdapterWeights
 
+
+class LMHead(Protocol):
+    """The runner's LM head: called on hidden states `[N, D]`, weight `[V, D]`."""
+
+    weight: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 SPECULATOR_WEIGHTS = "speculator.safetensors"
 SPECULATOR_CONFIG = "speculator_config.json"
 SUPPORTED_ARCHITECTURE = "medusa_residual_silu"
+DRAFT_VOCAB_KEY = "draft_vocab"
 
 
 @dataclass
 class Speculator:
-    """K residual heads `h + SiLU(W_k h + b_k)`, stacked as `[K, D, D]` / `[K, D]`."""
+    """K residual heads `h + SiLU(W_k h + b_k)`, stacked as `[K, D, D]` / `[K, D]`.
+
+    `draft_vocab`, when the artifact has one, is the training targets' most frequent tokens: drafts are
+    chosen among them only, through the matching rows of the LM head (a sixth of smollm2's LM head at
+    8192 tokens, and drafting reads it once per step). Verification always uses the whole vocabulary,
+    so this changes which drafts are proposed, never what is emitted.
+    """
 
     weight: torch.Tensor  # [K, D, D]
     bias: torch.Tensor  # [K, D]
+    draft_vocab: torch.Tensor | None = None  # [Vd] token ids, ascending
+    # [Vd, D]: the LM head's rows at draft_vocab, gathered at the first proposal.
+    _draft_rows: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     @property
     def num_heads(self) -> int:
@@ -81,34 +100,46 @@ class Speculator:
             bias = torch.stack([state[f"heads.{k}.linear.bias"] for k in range(heads)])
         except KeyError as exc:
             raise AdapterLoadError(f"speculator.safetensors lacks {exc}") from exc
-        return cls(weight.to(device=device, dtype=dtype), bias.to(device=device, dtype=dtype))
+        vocab = state.get(DRAFT_VOCAB_KEY)
+        return cls(
+            weight.to(device=device, dtype=dtype),
+            bias.to(device=device, dtype=dtype),
+            draft_vocab=vocab.to(device=device, dtype=torch.long) if vocab is not None else None,
+        )
 
-    def head_logits(
-        self, hidden: torch.Tensor, lm_head: torch.nn.Module | object, depth: int
-    ) -> torch.Tensor:
-        """Every head's logits `[N, depth, V]` (float32) for final-norm hidden states `[N, D]`."""
+    def head_logits(self, hidden: torch.Tensor, lm_head: LMHead, depth: int) -> torch.Tensor:
+        """Every head's logits `[N, depth, V or Vd]` (float32) for final-norm hidden states `[N, D]`:
+        over the draft vocabulary when there is one (column j is token draft_vocab[j])."""
         # [N, D] x [K, D, D]^T → [N, K, D]: every head on every row in one batched GEMM.
         projected = torch.einsum("nd,ked->nke", hidden, self.weight[:depth]) + self.bias[:depth]
-        heads = hidden[:, None, :] + F.silu(projected)
-        logits = lm_head(heads.reshape(-1, heads.shape[-1]))  # type: ignore[operator]
+        heads = (hidden[:, None, :] + F.silu(projected)).reshape(-1, hidden.shape[-1])
+        if self.draft_vocab is None:
+            logits = lm_head(heads)
+        else:
+            if self._draft_rows is None:
+                self._draft_rows = lm_head.weight.index_select(0, self.draft_vocab).contiguous()
+            logits = F.linear(heads, self._draft_rows)
         return logits.float().view(hidden.shape[0], depth, -1)
 
-    def propose(self, hidden: torch.Tensor, lm_head: torch.nn.Module | object, depth: int) -> torch.Tensor:
-        """Greedy drafts `[N, depth]` from final-norm hidden states `[N, D]` (depth <= num_heads)."""
-        return self.head_logits(hidden, lm_head, depth).argmax(-1)
+    def propose(self, hidden: torch.Tensor, lm_head: LMHead, depth: int) -> torch.Tensor:
+        """Greedy drafts `[N, depth]` (token ids) from final-norm hidden states `[N, D]` (depth <= K)."""
+        best = self.head_logits(hidden, lm_head, depth).argmax(-1)
+        return best if self.draft_vocab is None else self.draft_vocab[best]
 
     def propose_sampled(
-        self,
-        hidden: torch.Tensor,
-        lm_head: torch.nn.Module | object,
-        params: SamplingParams,
-        generator: torch.Generator | None,
+        self, hidden: torch.Tensor, lm_head: LMHead, params: SamplingParams, generator: torch.Generator | None
     ) -> tuple[list[int], torch.Tensor]:
-        """Drafts drawn from each head's processed distribution q, and q itself `[K, V]` (CPU)."""
-        logits = self.head_logits(hidden, lm_head, self.num_heads)[0].cpu()  # [K, V]
+        """Drafts drawn from each head's processed distribution q, and q itself `[K, V]` (CPU); with a
+        draft vocabulary q is zero outside it (rejection sampling only needs q(draft) > 0)."""
+        logits = self.head_logits(hidden, lm_head, self.num_heads)[0].cpu()  # [K, V or Vd]
         q = warped_probs(logits, [params] * self.num_heads)
-        drafts = [int(t) for t in draw(q, [generator] * self.num_heads)]
-        return drafts, q
+        drawn = draw(q, [generator] * self.num_heads)
+        if self.draft_vocab is None:
+            return [int(t) for t in drawn], q
+        vocab = self.draft_vocab.cpu()
+        full = torch.zeros(self.num_heads, lm_head.weight.shape[0])
+        full[:, vocab] = q
+        return [int(t) for t in vocab[drawn]], full
 
 
 def speculates(params: SamplingParams, adapter: AdapterWeights | None) -> bool:

@@ -140,6 +140,8 @@ def build_run(config: TrainingConfig, rows: Sequence[Mapping[str, Any]], inputs:
         init_adapter=init_adapter,
         init_speculator=inputs.init_from if config.adapter in TURBO_ADAPTERS else None,
     )
+    if trainable.speculator is not None:
+        trainable.speculator.set_draft_vocab([example.labels for example in data.train])
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
     total_steps = config.train_steps or config.epochs * steps_per_epoch
     optimizer = optim.build_optimizer(

@@ -11,7 +11,7 @@ from engine_support import Collected, hf_greedy, make_engine, run_until_done
 from transformers import AutoTokenizer
 
 from worker.serving.params import SamplingParams
-from worker.serving.speculator import accept_greedy
+from worker.serving.speculator import Speculator, accept_greedy
 from worker.training.loop import train
 from worker.training.speculator import MedusaHeads, SpeculatorConfig
 
@@ -77,6 +77,26 @@ def test_speculating_and_plain_requests_in_one_batch_match_greedy_decoding(
     assert engine.blocks.num_used == 0
 
 
+def test_drafts_come_from_the_draft_vocabulary_and_q_is_zero_outside_it(
+    tiny_model_dir: Path, turbo_root: Path
+) -> None:
+    engine = make_engine(tiny_model_dir, turbo_root)
+    speculator = Speculator.load(
+        turbo_root / "turbo" / "1", hidden_size=64, device=torch.device("cpu"), dtype=torch.float32
+    )
+    assert speculator.draft_vocab is not None
+    vocab = set(speculator.draft_vocab.tolist())
+    hidden = torch.randn(5, 64)
+    greedy = speculator.propose(hidden, engine.runner.lm_head, 3)
+    assert greedy.shape == (5, 3) and set(greedy.flatten().tolist()) <= vocab
+    params = SamplingParams(max_tokens=4, temperature=1.0)
+    drafts, q = speculator.propose_sampled(hidden[:1], engine.runner.lm_head, params, None)
+    assert set(drafts) <= vocab and q.shape == (3, engine.runner.vocab_size)
+    outside = torch.ones(engine.runner.vocab_size, dtype=torch.bool)
+    outside[speculator.draft_vocab] = False
+    assert float(q[:, outside].abs().max()) == 0.0 and torch.allclose(q.sum(-1), torch.ones(3))
+
+
 def test_speculation_stops_exactly_at_max_tokens_and_stop_strings(
     tiny_model_dir: Path, turbo_root: Path
 ) -> None:
@@ -125,14 +145,15 @@ def _chi_square(observed: torch.Tensor, expected: torch.Tensor) -> float:
     return float(((observed - expected) ** 2 / expected).sum())
 
 
+@pytest.mark.parametrize("adapter", ["heads/1", "turbo/1"])  # whole vocabulary / the trained draft vocabulary
 def test_sampled_requests_speculate_and_stay_reproducible_per_seed(
-    tiny_model_dir: Path, turbo_root: Path
+    tiny_model_dir: Path, turbo_root: Path, adapter: str
 ) -> None:
     params = SamplingParams(max_tokens=12, temperature=0.8, top_k=20, seed=11, ignore_eos=True)
     runs = []
     for _ in range(2):
         engine = make_engine(tiny_model_dir, turbo_root)
-        request = Collected(engine, [1, 504, 3458, 282], params, "heads/1")
+        request = Collected(engine, [1, 504, 3458, 282], params, adapter)
         run_until_done(engine, [request])
         runs.append(request.token_ids)
         assert engine.metrics.spec_steps._value.get() > 0

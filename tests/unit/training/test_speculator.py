@@ -125,6 +125,18 @@ def test_turbo_lora_trains_the_lora_and_the_heads(turbo_lora_run: tuple[Training
     heads = load_file(result.adapter_dir / "speculator.safetensors")
     assert len([k for k in heads if k.endswith("linear.weight")]) == 3
     assert all(v.abs().max() > 0 for k, v in heads.items() if k.endswith("linear.weight"))
+    # The draft vocabulary: the few distinct tokens the completions use ("The number is N." + EOS), not
+    # the tokenizer's whole vocabulary.
+    vocab = heads["draft_vocab"].tolist()
+    assert vocab == sorted(set(vocab)) and 4 <= len(vocab) <= 40
+
+
+def test_the_draft_vocabulary_keeps_the_most_frequent_targets_and_skips_ignored_positions() -> None:
+    rows = [[IGNORE_INDEX, IGNORE_INDEX, 7, 7, 3], [IGNORE_INDEX, 7, 3, 9, 11], [5, 5, 5, 3, 9]]
+    # counts: 3→3, 5→3, 7→3, 9→2, 11→1; ties broken by id; the result is sorted by id.
+    assert speculator.frequent_tokens(rows, limit=3).tolist() == [3, 5, 7]
+    assert speculator.frequent_tokens(rows, limit=4).tolist() == [3, 5, 7, 9]
+    assert speculator.frequent_tokens([[IGNORE_INDEX]]).tolist() == []
 
 
 def test_turbo_lora_artifact_loads_and_the_summary_reports_the_heads(
