@@ -202,12 +202,14 @@ def test_a_job_started_from_the_page_counts_steps_live_and_cancels(dashboard: Da
     first = page.evaluate(f"() => {step}")
     page.wait_for_function(f"() => {step} > {first}")  # it moves without reloading the page
     assert page.locator("#loss-chart circle[data-series=train]").count() >= 2
+    page.wait_for_selector("#version-status [data-status=training]")  # the version follows its job
     shoot(page, "job-training")
 
     page.click("#cancel")
-    page.wait_for_selector("#job-status [data-status=canceled], #job-status [data-status=stopped]")
+    page.wait_for_selector("#version-status [data-status=canceled]")
+    assert page.is_visible("#job-status [data-status=canceled]")
     assert page.is_hidden("#cancel")
-    assert "canceled" in page.inner_text("#timeline") or "stopped" in page.inner_text("#timeline")
+    assert "canceled" in page.inner_text("#timeline")
     shoot(page, "job-canceled")
     page.close()
 

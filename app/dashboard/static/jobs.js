@@ -8,7 +8,9 @@ import { errorBox, h, statusBadge, when } from "./dom.js";
 const FINAL = new Set(["completed", "errored", "canceled", "stopped"]);
 const POLL_MS = 1500;
 
-export async function jobPanel(uuid, signal) {
+// `onStatus` hears each change of the job's status; `onFinished` is called once if the job ends
+// while the panel watches it (not if it had ended already).
+export async function jobPanel(uuid, signal, { onStatus, onFinished } = {}) {
   const path = `/v2/finetuning/jobs/${encodeURIComponent(uuid)}`;
   const job = await get(path, { signal });
   const status = h("span", { id: "job-status" });
@@ -20,7 +22,10 @@ export async function jobPanel(uuid, signal) {
   const lr = lineChart("learning rate", { id: "lr-chart" });
   const rows = new Map(); // step → latest frame data (an eval can join a step already sent)
 
+  let shownStatus = job.status;
   function showJob(current) {
+    if (current.status !== shownStatus && onStatus) onStatus(current.status);
+    shownStatus = current.status;
     status.replaceChildren(statusBadge(current.status));
     counter.textContent = `step ${current.stepsDone} / ${current.totalSteps ?? "?"}`;
     counter.dataset.step = String(current.stepsDone);
@@ -81,7 +86,9 @@ export async function jobPanel(uuid, signal) {
       current = await refresh().catch(() => current);
     }
     await stream.catch(() => null);
-    if (!signal.aborted) await refresh().catch(() => null);
+    if (signal.aborted) return;
+    await refresh().catch(() => null);
+    if (onFinished && !FINAL.has(job.status)) onFinished();
   }
 
   showJob(job);

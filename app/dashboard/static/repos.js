@@ -98,7 +98,9 @@ function parentLink(parent) {
 }
 
 export async function versionPage([repo, tag], signal) {
-  const v = await get(`/v2/repos/${encodeURIComponent(repo)}/version/${tag}`, { signal });
+  const versionPath = `/v2/repos/${encodeURIComponent(repo)}/version/${tag}`;
+  const v = await get(versionPath, { signal });
+  const versionStatus = h("span", { id: "version-status" }, statusBadge(v.status));
   const id = `${v.repo}/${v.tag}`;
   const downloadStatus = h("span");
   const downloadButton = h("button", { type: "button", id: "download" }, "Download adapter (.zip)");
@@ -112,7 +114,7 @@ export async function versionPage([repo, tag], signal) {
     { id: "version" },
     h("h1", {}, `Adapter ${id}`),
     facts([
-      ["Status", statusBadge(v.status)],
+      ["Status", versionStatus],
       ["Adapter type", v.adapterType],
       ["Base model", v.baseModel],
       ["Continued from", parentLink(v.parentVersion)],
@@ -122,7 +124,12 @@ export async function versionPage([repo, tag], signal) {
     ]),
     v.status === "completed" ? h("p", {}, downloadButton, " ", downloadStatus) : null,
   );
-  if (v.finetuningJob.uuid) page.append(await jobPanel(v.finetuningJob.uuid, signal));
+  // The version's status follows its job's; a job that ends while watched changes the version
+  // (quality report, download), so the page is drawn anew.
+  const onStatus = () =>
+    get(versionPath, { signal }).then((now) => versionStatus.replaceChildren(statusBadge(now.status)), () => null);
+  const onFinished = () => window.dispatchEvent(new HashChangeEvent("hashchange"));
+  if (v.finetuningJob.uuid) page.append(await jobPanel(v.finetuningJob.uuid, signal, { onStatus, onFinished }));
   page.append(
     h("h2", {}, "Config used"),
     json(v.config),
