@@ -124,17 +124,40 @@ class DeploymentClient:
         self._http = http
         self.url = url
 
-    def generate(self, prompt: str, adapter_id: str | None = None, **parameters: Any) -> GenerateResponse:
-        """The whole completion at once. `parameters` are LoRAX's: max_new_tokens, temperature,
-        top_p, top_k, do_sample, seed, stop, repetition_penalty, return_full_text, details, ..."""
+    def generate(
+        self,
+        prompt: str,
+        adapter_id: str | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        **parameters: Any,
+    ) -> GenerateResponse:
+        """The whole completion at once, from the base model or through adapter `repo/N`.
+
+        `max_new_tokens` and `temperature` (None: greedy) are the usual knobs; `parameters` takes the
+        rest of LoRAX's: top_p, top_k, do_sample, seed, stop, repetition_penalty, return_full_text, ...
+        """
+        parameters.update(max_new_tokens=max_new_tokens, temperature=temperature)
         body = _request(prompt, adapter_id, parameters)
         response = self._http.send("POST", self.url + "/generate", json=body, idempotent=False)
         return GenerateResponse.model_validate(response.json())
 
     def generate_stream(
-        self, prompt: str, adapter_id: str | None = None, **parameters: Any
+        self,
+        prompt: str,
+        adapter_id: str | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        **parameters: Any,
     ) -> Iterator[StreamResponse]:
-        """Each token as the server produces it (Server-Sent Events)."""
+        """Each token as the server produces it (Server-Sent Events); parameters as in `generate`.
+
+        >>> for chunk in client.generate_stream("Hi", adapter_id="my-repo/1", max_new_tokens=20):
+        ...     print(chunk.token.text, end="", flush=True)
+        """
+        parameters.update(max_new_tokens=max_new_tokens, temperature=temperature)
         body = _request(prompt, adapter_id, parameters)
         response = self._http.send(
             "POST", self.url + "/generate_stream", json=body, idempotent=False, stream=True

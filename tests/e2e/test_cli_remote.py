@@ -222,7 +222,9 @@ def test_deployments_create_list_prompt_streams_tokens_rm(
     code, out, err = cli("deployments", "create", "tiny", "--base-model", TINY, "--description", "cli test")
     assert code == 0, err
     assert out.split("\n")[1].split()[:3] == ["tiny", TINY, "ready"]
-    assert "tiny" in [d["name"] for d in cli.json("deployments", "list")]
+    with Tuneforge(api_token=cli.token, base_url=cli.url) as client:
+        assert client.deployments.update("tiny", description="changed").description == "changed"
+    assert "changed" in [d["description"] for d in cli.json("deployments", "list") if d["name"] == "tiny"]
 
     prompt = ("prompt", "--deployment", "tiny", "--adapter", "acme/1", "--max-new-tokens", "8", "The quick")
     expected = cli.json(*prompt)["generated_text"]
