@@ -33,6 +33,11 @@ def remote(handler: Handler) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def deleted(args: argparse.Namespace, kind: str) -> int:
+    """Report a deletion: `deleted <kind> <name>`, or `{"deleted": name}` with `--json`."""
+    return emit(args.json, {"deleted": args.name}, lambda: f"deleted {kind} {args.name}")
+
+
 # --- datasets -------------------------------------------------------------------------------------
 
 
@@ -54,7 +59,7 @@ def datasets_show(client: Tuneforge, args: argparse.Namespace) -> int:
 
 def datasets_rm(client: Tuneforge, args: argparse.Namespace) -> int:
     client.datasets.delete(args.name)
-    return emit(args.json, {"deleted": args.name}, lambda: f"deleted dataset {args.name}")
+    return deleted(args, "dataset")
 
 
 def dataset_details(dataset: Dataset) -> str:
@@ -98,7 +103,7 @@ def repos_show(client: Tuneforge, args: argparse.Namespace) -> int:
 
 def repos_rm(client: Tuneforge, args: argparse.Namespace) -> int:
     client.repos.delete(args.name)
-    return emit(args.json, {"deleted": args.name}, lambda: f"deleted repo {args.name}")
+    return deleted(args, "repo")
 
 
 def repo_details(repo: Repo) -> str:
@@ -237,7 +242,7 @@ def deployments_list(client: Tuneforge, args: argparse.Namespace) -> int:
 
 def deployments_rm(client: Tuneforge, args: argparse.Namespace) -> int:
     client.deployments.delete(args.name)
-    return emit(args.json, {"deleted": args.name}, lambda: f"deleted deployment {args.name}")
+    return deleted(args, "deployment")
 
 
 def deployments_table(found: list[Deployment]) -> str:
