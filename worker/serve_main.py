@@ -25,6 +25,7 @@ from app.services import jobs, versions
 from app.settings import Settings
 from app.storage.base import BlobNotFoundError, StorageError
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError
+from worker.serving.speculator import SPECULATOR_CONFIG, SPECULATOR_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def _checkpoint(session: Session, version: AdapterVersion, step: int) -> _Artifa
 
 
 def _adapter_files(adapter_id: str, files: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The two files the engine loads; pickled weights are never loaded, whatever else is stored."""
+    """The files the engine loads (PEFT pair, plus Turbo heads when stored); never pickled weights."""
     if ADAPTER_WEIGHTS not in files:
         why = "only pickled weights (adapter_model.bin)" if PICKLED_WEIGHTS in files else "no adapter weights"
         raise AdapterLoadError(
@@ -160,7 +161,8 @@ def _adapter_files(adapter_id: str, files: dict[str, dict[str, Any]]) -> dict[st
         )
     if ADAPTER_CONFIG not in files:
         raise AdapterLoadError(f"adapter {adapter_id} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter")
-    return {name: files[name] for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+    wanted = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SPECULATOR_CONFIG, SPECULATOR_WEIGHTS)
+    return {name: files[name] for name in wanted if name in files}
 
 
 def model_cache_dir(settings: Settings) -> Path:
