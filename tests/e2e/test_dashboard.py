@@ -32,9 +32,9 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "dashboard"
 TINY = "tiny-random-llama"
 ROWS = [
-    {"prompt": f"Repeat the word number {n}.", "completion": f" number {n} number {n}"} for n in range(32)
+    {"prompt": f"Repeat the word number {n}.", "completion": f" number {n} number {n}"} for n in range(16)
 ]
-COMPLETED_STEPS = 6
+COMPLETED_STEPS = 4
 UI_TIMEOUT_MS = 60_000
 
 
@@ -96,16 +96,22 @@ def dashboard(worker_stack_factory: Callable[..., WorkerStack], chromium_path: P
     from playwright.sync_api import sync_playwright
 
     stack = worker_stack_factory("embedded")
-    stack.new_worker().start()
     token = stack.mint_token(f"t-{secrets.token_hex(4)}")
     api = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
-    # The serving process starts while the first adapter trains.
+    # The serving process starts, and the job waits in the queue, while the worker starts.
     api.post("/v2/deployments", json={"name": "tiny", "config": {"baseModel": TINY}}).raise_for_status()
     assert _upload_dataset(api, "numbers", ROWS)["status"] == "connected"
     api.post("/v2/repos", json={"name": "numbers"}).raise_for_status()
-    params = {"base_model": TINY, "adapter": "lora", "train_steps": COMPLETED_STEPS, "learning_rate": 5e-3}
+    # turbo_lora: its speculator heads make the playground's requests speculate (acceptance rate).
+    params = {
+        "base_model": TINY,
+        "adapter": "turbo_lora",
+        "train_steps": COMPLETED_STEPS,
+        "learning_rate": 0.005,
+    }
     job = api.post("/v2/finetuning/jobs", json={"params": params, "dataset": "numbers", "repo": "numbers"})
     job.raise_for_status()
+    stack.new_worker().start()
     final = _wait_for(
         lambda: api.get(f"/v2/finetuning/jobs/{job.json()['uuid']}").json(),
         lambda j: j["status"] in {"completed", "errored", "canceled"},
@@ -235,5 +241,9 @@ def test_the_playground_streams_the_adapters_answer_beside_the_base_models(dashb
     page.wait_for_function(
         "() => document.querySelector('#loaded-adapters')?.textContent.includes('numbers/1')"
     )
+    speculative = dashboard.api.get("/v2/deployments/tiny/metrics").json()["speculative"]
+    assert speculative["draftTokens"] > 0, "the turbo_lora adapter's heads must have drafted"
+    rate = f"{speculative['acceptanceRate'] * 100:.1f} %"
+    page.wait_for_selector(f"#acceptance-rate:text-is('{rate}')")
     shoot(page, "deployment-playground")
     page.close()
