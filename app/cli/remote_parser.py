@@ -32,69 +32,91 @@ def connection_options() -> argparse.ArgumentParser:
 
 def add_remote_commands(commands: Commands) -> None:
     """Register `datasets`, `repos`, `adapters`, `jobs`, `deployments` and `prompt`."""
-    common = connection_options()
+    builder = _Builder(commands)
+    for add in (_datasets, _repos, _adapters, _jobs, _deployments, _prompt):
+        add(builder)
 
-    def group(name: str, help_text: str) -> Commands:
-        return commands.add_parser(name, help=help_text).add_subparsers(dest="action", required=True)
 
-    def action(parent: Commands, name: str, handler: rc.Handler, help_text: str) -> argparse.ArgumentParser:
-        parser = parent.add_parser(name, help=help_text, parents=[common])
+class _Builder:
+    """Adds command groups and their actions, each action with the shared connection options."""
+
+    def __init__(self, commands: Commands) -> None:
+        self.commands = commands
+        self.common = connection_options()
+
+    def group(self, name: str, help_text: str) -> Commands:
+        return self.commands.add_parser(name, help=help_text).add_subparsers(dest="action", required=True)
+
+    def action(
+        self, parent: Commands, name: str, handler: rc.Handler, help_text: str
+    ) -> argparse.ArgumentParser:
+        parser = parent.add_parser(name, help=help_text, parents=[self.common])
         parser.set_defaults(func=rc.remote(handler))
         return parser
 
-    datasets = group("datasets", "upload and inspect datasets on a server")
-    upload = action(
-        datasets, "upload", rc.datasets_upload, "upload a CSV/JSONL/JSON/Parquet file and validate it"
+
+def _datasets(b: _Builder) -> None:
+    datasets = b.group("datasets", "upload and inspect datasets on a server")
+    upload = b.action(
+        datasets, "upload", rc.datasets_upload, "upload a CSV/JSONL/JSON/Parquet file, validate it"
     )
     upload.add_argument("file")
     upload.add_argument("--name", help="dataset name (default: the file's stem)")
-    action(datasets, "list", rc.datasets_list, "list datasets").add_argument("--limit", type=int, default=100)
-    action(datasets, "show", rc.datasets_show, "a dataset's status, format, rows and preview").add_argument(
-        "name"
+    b.action(datasets, "list", rc.datasets_list, "list datasets").add_argument(
+        "--limit", type=int, default=100
     )
-    action(datasets, "rm", rc.datasets_rm, "delete a dataset and its file").add_argument("name")
+    b.action(datasets, "show", rc.datasets_show, "status, format, rows and preview").add_argument("name")
+    b.action(datasets, "rm", rc.datasets_rm, "delete a dataset and its file").add_argument("name")
 
-    repos = group("repos", "adapter repositories")
-    create = action(repos, "create", rc.repos_create, "create a repo")
+
+def _repos(b: _Builder) -> None:
+    repos = b.group("repos", "adapter repositories")
+    create = b.action(repos, "create", rc.repos_create, "create a repo")
     create.add_argument("name")
     create.add_argument("--description")
     create.add_argument("--exists-ok", action="store_true", help="an existing repo of that name is fine")
-    action(repos, "list", rc.repos_list, "list repos").add_argument("--limit", type=int, default=100)
-    action(repos, "show", rc.repos_show, "a repo and its adapter versions").add_argument("name")
-    action(repos, "rm", rc.repos_rm, "delete a repo, its versions and their files").add_argument("name")
+    b.action(repos, "list", rc.repos_list, "list repos").add_argument("--limit", type=int, default=100)
+    b.action(repos, "show", rc.repos_show, "a repo and its adapter versions").add_argument("name")
+    b.action(repos, "rm", rc.repos_rm, "delete a repo, its versions and their files").add_argument("name")
 
-    adapters = group("adapters", "train, inspect and download adapters (repo/N)")
-    _add_adapters_create(action(adapters, "create", rc.adapters_create, "train a new adapter version"))
-    action(adapters, "list", rc.adapters_list, "a repo's adapter versions").add_argument("repo")
-    action(adapters, "show", rc.adapters_show, "one adapter version").add_argument(
-        "adapter_id", metavar="REPO/N"
-    )
-    download = action(adapters, "download", rc.adapters_download, "download an adapter's files as a zip")
+
+def _adapters(b: _Builder) -> None:
+    adapters = b.group("adapters", "train, inspect and download adapters (repo/N)")
+    _add_adapters_create(b.action(adapters, "create", rc.adapters_create, "train a new adapter version"))
+    b.action(adapters, "list", rc.adapters_list, "a repo's adapter versions").add_argument("repo")
+    show = b.action(adapters, "show", rc.adapters_show, "one adapter version")
+    show.add_argument("adapter_id", metavar="REPO/N")
+    download = b.action(adapters, "download", rc.adapters_download, "download an adapter's files as a zip")
     download.add_argument("adapter_id", metavar="REPO/N")
     download.add_argument("--dest", help="file or directory (default: ./<repo>-<N>.zip)")
-    action(adapters, "cancel", rc.adapters_cancel, "cancel the job training an adapter").add_argument(
-        "adapter_id", metavar="REPO/N"
-    )
+    cancel = b.action(adapters, "cancel", rc.adapters_cancel, "cancel the job training an adapter")
+    cancel.add_argument("adapter_id", metavar="REPO/N")
 
-    jobs = group("jobs", "fine-tuning jobs")
-    watch = action(jobs, "watch", rc.jobs_watch, "follow a job with a live progress bar until it ends")
+
+def _jobs(b: _Builder) -> None:
+    jobs = b.group("jobs", "fine-tuning jobs")
+    watch = b.action(jobs, "watch", rc.jobs_watch, "follow a job with a live progress bar until it ends")
     watch.add_argument("job", metavar="JOB_UUID|REPO/N")
-    action(jobs, "list", rc.jobs_list, "list jobs, newest first").add_argument(
+    b.action(jobs, "list", rc.jobs_list, "list jobs, newest first").add_argument(
         "--limit", type=int, default=100
     )
 
-    deployments = group("deployments", "serving deployments of base models")
-    deploy = action(deployments, "create", rc.deployments_create, "deploy a base model and wait until ready")
+
+def _deployments(b: _Builder) -> None:
+    deployments = b.group("deployments", "serving deployments of base models")
+    deploy = b.action(deployments, "create", rc.deployments_create, "deploy a base model, wait until ready")
     deploy.add_argument("name")
     deploy.add_argument("--base-model", required=True)
     deploy.add_argument("--preload", nargs="+", metavar="REPO/N", help="adapters to load at start")
     deploy.add_argument("--description")
     deploy.add_argument("--no-wait", action="store_true", help="return without waiting until it is ready")
-    action(deployments, "list", rc.deployments_list, "list deployments")
-    action(deployments, "rm", rc.deployments_rm, "delete a deployment").add_argument("name")
+    b.action(deployments, "list", rc.deployments_list, "list deployments")
+    b.action(deployments, "rm", rc.deployments_rm, "delete a deployment").add_argument("name")
 
-    prompt = commands.add_parser(
-        "prompt", help="generate with a deployment, streaming tokens", parents=[common]
+
+def _prompt(b: _Builder) -> None:
+    prompt = b.commands.add_parser(
+        "prompt", help="generate with a deployment, streaming tokens", parents=[b.common]
     )
     prompt.add_argument("text")
     prompt.add_argument("--deployment", required=True)
