@@ -54,11 +54,11 @@ async function signIn(token) {
   else route();
 }
 
-function signOut() {
+function signOut(message) {
   session.token = null;
   session.user = null;
   pageScope.abort();
-  signInForm();
+  signInForm(message);
 }
 
 async function route() {
@@ -79,7 +79,7 @@ async function route() {
       if (!scope.signal.aborted) view.replaceChildren(content);
     } catch (error) {
       if (error.name === "AbortError") return;
-      if (error instanceof ApiError && error.status === 401) return signOut();
+      if (error instanceof ApiError && error.status === 401) return signOut(new Error(`Signed out: ${error.message}`));
       view.replaceChildren(errorBox(error));
     }
     return;
@@ -87,6 +87,6 @@ async function route() {
   view.replaceChildren(errorBox(new Error(`no page at ${hash}`)));
 }
 
-document.getElementById("sign-out").addEventListener("click", signOut);
+document.getElementById("sign-out").addEventListener("click", () => signOut());
 window.addEventListener("hashchange", route);
 route();
