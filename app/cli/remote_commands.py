@@ -129,8 +129,9 @@ def versions_table(repo: Repo) -> str:
 def adapters_create(client: Tuneforge, args: argparse.Namespace) -> int:
     flags = {"base_model": args.base_model, "adapter": args.adapter}
     config = build_config(args.config, flags, args.set)
-    # Checked before anything is created on the server, so a bad field leaves no empty repo behind.
+    # Config and dataset are checked before the repo is created, so a mistake leaves no empty repo behind.
     finetuning_params(config, continuing=args.continue_from is not None)
+    client.datasets.get(args.dataset)
     client.repos.create(args.repo, exists_ok=True)
     version = client.adapters.create(
         config=config,

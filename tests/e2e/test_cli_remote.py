@@ -134,7 +134,7 @@ def test_adapters_create_with_a_config_file_and_set_trains_with_the_progress_bar
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(zipped.namelist())
 
 
-def test_an_unknown_config_field_exits_1_naming_it_before_anything_is_created(
+def test_an_unknown_config_field_or_dataset_exits_1_before_anything_is_created(
     cli: Cli, dataset_file: Path
 ) -> None:
     code, out, err = cli(
@@ -153,6 +153,8 @@ def test_an_unknown_config_field_exits_1_naming_it_before_anything_is_created(
     assert err.startswith("tuneforge: error: invalid fine-tuning config: bogus_knob: unknown field")
     assert len(err.splitlines()) == 1
     assert cli("repos", "show", "never")[0] == 1  # nothing was created
+    code, _, err = cli("adapters", "create", "--base-model", TINY, "--dataset", "nope", "--repo", "never")
+    assert code == 1 and "nope" in err and cli("repos", "show", "never")[0] == 1
     code, _, err = cli(
         "adapters", "create", "--base-model", TINY, "--dataset", "qa", "--repo", "r", "--set", "rank"
     )
