@@ -247,15 +247,16 @@ def test_closed_port_raises_server_unreachable_after_retrying_idempotent_calls()
 
 
 class _FlakyHandler(BaseHTTPRequestHandler):
-    """Answers 503 (plain text, like a proxy) to the first `failures` requests, then a repo list."""
+    """Answers `status` (plain text, like a proxy) to the first `failures` requests, then a repo list."""
 
     failures = 0
+    status = 503
     seen: list[str] = []
 
     def _answer(self) -> None:
         type(self).seen.append(self.command)
         if len(type(self).seen) <= type(self).failures:
-            body, status, kind = b"<html>upstream not ready</html>", 503, "text/html"
+            body, status, kind = b"<html>upstream not ready</html>", type(self).status, "text/html"
         else:
             body, status, kind = b'{"data": {"repos": [], "count": 0}}', 200, "application/json"
         self.send_response(status)
@@ -292,3 +293,16 @@ def test_503_is_retried_for_get_but_not_for_post(flaky_server) -> None:  # type:
             client.repos.create("r")
     assert caught.value.status == 503 and handler.seen == ["POST"]
     assert isinstance(caught.value, TuneforgeError)
+
+
+@pytest.mark.parametrize(("status", "attempts"), [(429, 3), (500, 1), (502, 1)])
+def test_only_429_and_503_are_retried(flaky_server, status: int, attempts: int) -> None:  # type: ignore[no-untyped-def]
+    url, handler = flaky_server
+    handler.status = status
+    with Tuneforge(api_token="pb_x", base_url=url) as client:
+        if attempts > 1:
+            assert client.repos.list() == []  # the server asked to slow down: waited and retried
+        else:
+            with pytest.raises(ServerError, match="upstream not ready"):  # failed while processing it
+                client.repos.list()
+    assert handler.seen == ["GET"] * attempts
