@@ -200,9 +200,12 @@ def test_a_job_started_from_the_page_counts_steps_live_and_cancels(dashboard: Da
     page.fill("#job-repo", "live")
     page.select_option("#job-dataset", "numbers")
     page.select_option("#job-base-model", TINY)
+    page.select_option("#job-adapter", "turbo_lora")
+    page.select_option("#job-parent", "numbers/1")
     page.fill("#job-steps", "5000")
     page.click("#new-job button[type=submit]")
     page.wait_for_url("**/ui/#/repos/live/1")
+    assert page.inner_text("#parent-version") == "numbers/1"  # its lineage, linked
     step = "+document.querySelector('#step-counter')?.dataset.step"
     page.wait_for_function(f"() => {step} >= 2", timeout=120_000)
     first = page.evaluate(f"() => {step}")
@@ -217,6 +220,8 @@ def test_a_job_started_from_the_page_counts_steps_live_and_cancels(dashboard: Da
     assert page.is_hidden("#cancel")
     assert "canceled" in page.inner_text("#timeline")
     shoot(page, "job-canceled")
+    page.click("#parent-version")
+    page.wait_for_selector("#version h1:text-is('Adapter numbers/1')")
     page.close()
 
 

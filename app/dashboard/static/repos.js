@@ -22,17 +22,18 @@ export async function repoList(_args, signal) {
     { id: "repos" },
     h("h1", {}, "Repos"),
     rows.length ? table(["Name", "Description", "Versions", "Latest", "Created"], rows) : h("p", { class: "muted" }, "No repos yet."),
-    await newJobForm(signal),
+    await newJobForm(data.repos, signal),
   );
 }
 
-async function newJobForm(signal) {
+async function newJobForm(repos, signal) {
   const [datasets, models] = await Promise.all([
     get("/v2/datasets?limit=1000", { signal }),
     get("/v2/base-models", { signal }),
   ]);
   const connected = datasets.data.filter((d) => d.status === "connected");
-  const select = (id, values) => h("select", { id }, values.map((v) => h("option", { value: v }, v)));
+  const select = (id, values) => h("select", { id }, values.map((v) => h("option", { value: v }, v || "— fresh start")));
+  const versions = repos.flatMap((r) => r.versions.filter((v) => v.status === "completed").map((v) => `${r.name}/${v.tag}`));
   const fields = {
     dataset: select("job-dataset", connected.map((d) => d.name)),
     repo: h("input", { id: "job-repo", required: true, pattern: "[A-Za-z0-9][A-Za-z0-9._-]*" }),
@@ -40,6 +41,7 @@ async function newJobForm(signal) {
     adapter: select("job-adapter", ["lora", "turbo_lora", "turbo"]),
     train_steps: h("input", { id: "job-steps", type: "number", min: 1, value: 100 }),
     learning_rate: h("input", { id: "job-lr", type: "number", step: "any", min: 0, value: 0.0002 }),
+    continue_from: select("job-parent", ["", ...versions]),
   };
   const status = h("div");
   const form = h(
@@ -61,7 +63,9 @@ async function newJobForm(signal) {
     };
     try {
       await post("/v2/repos", { name: repo, existsOk: true });
-      const job = await post("/v2/finetuning/jobs", { params, dataset: fields.dataset.value, repo });
+      const body = { params, dataset: fields.dataset.value, repo };
+      if (fields.continue_from.value) body.continueFromVersion = fields.continue_from.value;
+      const job = await post("/v2/finetuning/jobs", body);
       location.hash = `#/repos/${encodeURIComponent(job.targetRepoName)}/${job.targetVersionTag}`;
     } catch (error) {
       status.replaceChildren(errorBox(error));
