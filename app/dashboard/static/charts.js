@@ -15,10 +15,13 @@ function s(tag, attrs = {}, text) {
   return el;
 }
 
-function label(value) {
+// Enough significant digits that the ends of an axis spanning `span` read differently.
+function label(value, span = 0) {
   if (!Number.isFinite(value)) return "";
   const magnitude = Math.abs(value);
-  return magnitude !== 0 && (magnitude < 1e-3 || magnitude >= 1e5) ? value.toExponential(1) : String(+value.toPrecision(3));
+  const extra = span > 0 && magnitude > 0 ? Math.max(0, Math.ceil(Math.log10(magnitude / span))) : 0;
+  if (magnitude !== 0 && (magnitude < 1e-3 || magnitude >= 1e5)) return value.toExponential(1 + extra);
+  return String(+value.toPrecision(Math.min(3 + extra, 12)));
 }
 
 function extent(values) {
@@ -36,8 +39,8 @@ function axes(svg, [x0, x1], [y0, y1], xName) {
   svg.append(
     s("line", { class: "axis", x1: PAD.left, y1: PAD.top, x2: PAD.left, y2: bottom }),
     s("line", { class: "axis", x1: PAD.left, y1: bottom, x2: W - PAD.right, y2: bottom }),
-    s("text", { x: PAD.left - 4, y: PAD.top + 8, "text-anchor": "end" }, label(y1)),
-    s("text", { x: PAD.left - 4, y: bottom, "text-anchor": "end" }, label(y0)),
+    s("text", { x: PAD.left - 4, y: PAD.top + 8, "text-anchor": "end" }, label(y1, y1 - y0)),
+    s("text", { x: PAD.left - 4, y: bottom, "text-anchor": "end" }, label(y0, y1 - y0)),
     s("text", { x: PAD.left, y: H - 8 }, label(x0)),
     s("text", { x: W - PAD.right, y: H - 8, "text-anchor": "end" }, label(x1)),
     s("text", { x: (W + PAD.left) / 2, y: H - 8, "text-anchor": "middle" }, xName),
