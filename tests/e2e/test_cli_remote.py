@@ -204,6 +204,18 @@ def test_a_bad_token_exits_1_and_an_unreachable_server_exits_2(cli: Cli) -> None
     assert len(closed.stderr.splitlines()) == 1
 
 
+def test_without_a_token_a_local_servers_dev_token_is_used(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("TUNEFORGE_API_TOKEN", "PREDIBASE_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "dev-token").write_text(cli.token + "\n")  # as `tuneforge up` leaves it in its data dir
+    assert main(["repos", "create", "mine", "--url", cli.url, "--data-dir", str(tmp_path)]) == 0
+    assert main(["repos", "list", "--url", cli.url, "--data-dir", str(tmp_path / "elsewhere")]) == 1
+    assert "no API token" in capsys.readouterr().err
+    assert [r["name"] for r in cli.json("repos", "list")] == ["mine"]  # created in the token's tenant
+
+
 class _Writes(io.StringIO):
     """stdout that remembers each write, to tell a stream from one final print."""
 
