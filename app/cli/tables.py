@@ -15,8 +15,9 @@ MAX_CELL_CHARS = 60
 EMPTY = "-"
 
 
-def cell(value: object) -> str:
-    """One value as a table shows it: `-` for nothing, dates to the minute, long text shortened."""
+def cell(value: object, max_chars: int | None = MAX_CELL_CHARS) -> str:
+    """One value as a table shows it: `-` for nothing, dates to the minute, text on one line, shortened
+    to `max_chars` (None: kept whole)."""
     if value is None or value == "":
         return EMPTY
     if isinstance(value, datetime):
@@ -24,7 +25,7 @@ def cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     text = " ".join(str(value).split())
-    return text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 1] + "…"
+    return text if max_chars is None or len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -41,8 +42,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def fields(pairs: Sequence[tuple[str, object]]) -> str:
-    """`name  value` lines, names aligned; pairs whose value is None are left out."""
-    shown = [(name, cell(value)) for name, value in pairs if value is not None]
+    """`name  value` lines, names aligned, values whole; pairs whose value is None are left out."""
+    shown = [(name, cell(value, None)) for name, value in pairs if value is not None]
     width = max((len(name) for name, _ in shown), default=0)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in shown)
 

@@ -71,6 +71,9 @@ def test_tables_align_columns_and_show_dashes_for_nothing() -> None:
     ]
     assert table(("name",), []) == "(none)"
     assert fields([("name", "qa"), ("error", None), ("rows", 3)]) == "name  qa\nrows  3"
+    long = "x" * 100
+    assert table(("text",), [(long,)]).splitlines()[1] == "x" * 59 + "…"  # tables cut long cells
+    assert fields([("text", long)]) == f"text  {long}"  # a field block keeps them whole
 
 
 def _args(tmp_path: Path, url: str | None = None, token: str | None = None) -> argparse.Namespace:
