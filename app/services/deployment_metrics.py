@@ -75,10 +75,9 @@ def from_samples(status: str, values: dict[str, float], loaded: list[str]) -> De
 
 
 def read(serving: ServingSupervisor, view: DeploymentView, tenant: str) -> DeploymentMetrics:
-    status = serving.status(view.base_model)
-    if status is not ServingStatus.READY:
-        return DeploymentMetrics(status=status)
-    url = serving.ensure_started(view.base_model).url  # ready: returns the running backend, starts nothing
+    url = serving.ready_url(view.base_model)
+    if url is None:
+        return DeploymentMetrics(status=serving.status(view.base_model))
     try:
         scraped = httpx.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT_S)
         models = httpx.get(f"{url}/v1/models", headers={TENANT_HEADER: tenant}, timeout=SCRAPE_TIMEOUT_S)
@@ -88,4 +87,4 @@ def read(serving: ServingSupervisor, view: DeploymentView, tenant: str) -> Deplo
         # Died or restarting since the last health check: say what the supervisor will soon say.
         return DeploymentMetrics(status=ServingStatus.INITIALIZING)
     loaded = [m["id"] for m in models.json()["data"] if m.get("parent") and m.get("loaded")]
-    return from_samples(status, parse_samples(scraped.text), loaded)
+    return from_samples(ServingStatus.READY, parse_samples(scraped.text), loaded)

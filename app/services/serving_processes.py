@@ -130,6 +130,12 @@ class ServingSupervisor:
             backend = self._backends.get(base_model)
             return backend.status if backend is not None else ServingStatus.STANDBY
 
+    def ready_url(self, base_model: str) -> str | None:
+        """The URL of `base_model`'s server if it is ready now; never starts one (for read-only views)."""
+        with self._lock:
+            backend = self._backends.get(base_model)
+            return backend.url if backend is not None and backend.status is ServingStatus.READY else None
+
     def pid(self, base_model: str) -> int | None:
         """The process id of the serving process this control plane runs for `base_model`, if any."""
         with self._lock:
