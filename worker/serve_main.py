@@ -153,7 +153,11 @@ def _checkpoint(session: Session, version: AdapterVersion, step: int) -> _Artifa
 
 
 def _adapter_files(adapter_id: str, files: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The files the engine loads (PEFT pair, plus Turbo heads when stored); never pickled weights."""
+    """The files the engine loads (PEFT pair, plus Turbo heads when stored; a `turbo` trained on the base
+    model alone has only the heads); never pickled weights."""
+    heads = {name: files[name] for name in (SPECULATOR_CONFIG, SPECULATOR_WEIGHTS) if name in files}
+    if len(heads) == 2 and ADAPTER_WEIGHTS not in files and PICKLED_WEIGHTS not in files:
+        return heads
     if ADAPTER_WEIGHTS not in files:
         why = "only pickled weights (adapter_model.bin)" if PICKLED_WEIGHTS in files else "no adapter weights"
         raise AdapterLoadError(

@@ -52,8 +52,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's context
     max_prefill_tokens: int = 4096  # per step; a longer single prompt still runs alone
     max_waiting: int = 1024  # requests queued beyond this are refused with 503
-    # Keep a second, transposed copy of the weights for steps of <= 4 tokens (single streams decode
-    # ~1.4x faster on CPU) at the price of twice the weight memory.
+    # CPU only: steps of a few tokens use the compiled small-step kernel (model_runner.KERNEL_TOKENS), or
+    # where it cannot be built, a second transposed copy of the weights (twice the weight memory).
     small_step_weights: bool = True
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from worker.serving.cpu_kernels import MAX_ROWS, SmallGemm, small_gemm
 from worker.serving.kv_cache import BLOCK_SIZE, BlockManager, CacheShape, KVCache
 from worker.serving.lora import AdapterWeights, LoraBatch, LoraStacker
 from worker.serving.sequence import Sequence
@@ -25,21 +26,36 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-# Up to this many tokens a step multiplies by a [in, out] copy of each weight: on CPU that GEMV is
-# ~1.4x faster than with the [out, in] layout (both cores stream the matrix), while from ~8 tokens
-# on the usual layout wins again (bench: 30.7 vs 44.3 ms per smollm2-135m pass at 1 token, fp32).
+# Steps of up to this many tokens (a single stream, or one verifying a few drafts) multiply with the
+# compiled small-step kernel (worker/serving/cpu_kernels): every weight is read once for all rows, and
+# each row's result is bit-identical whatever the row count, so verifying drafts gives exactly the
+# logits decoding one token would. Measured on this 2-core CPU, smollm2-135m fp32 shapes, CPU time per
+# model pass: 1 row ~30 ms and 4 rows ~45 ms with the kernel, against ~33 and ~85 ms with MKL.
+KERNEL_TOKENS = MAX_ROWS
+# Without the kernel (no compiler, no AVX2): up to this many tokens a step multiplies by a [in, out]
+# copy of each weight, the faster layout for MKL's GEMV (30.7 vs 44.3 ms per pass at 1 token).
 SMALL_STEP_TOKENS = 4
 
 
 class Linear:
-    """A weight (and bias) with, optionally, the transposed copy that small steps multiply by."""
+    """A weight (and bias) and how small steps multiply by it: the compiled kernel, or a transposed copy."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, transposed_copy: bool) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        kernel: SmallGemm | None = None,
+        transposed_copy: bool = False,
+    ) -> None:
         self.weight = weight  # [out, in]
         self.bias = bias
-        self.weight_t = weight.T.contiguous() if transposed_copy else None  # [in, out]
+        self.kernel = kernel
+        self.weight_t = weight.T.contiguous() if transposed_copy and kernel is None else None  # [in, out]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.shape[0] <= KERNEL_TOKENS and self.kernel.supports(x, self.weight):
+            return self.kernel(x, self.weight, self.bias)
         if self.weight_t is not None and x.shape[0] <= SMALL_STEP_TOKENS:
             return x @ self.weight_t if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
         return F.linear(x, self.weight, self.bias)
@@ -57,11 +73,11 @@ class LayerWeights:
     down: Linear
 
     @classmethod
-    def fuse(cls, layer: Any, *, transposed_copy: bool) -> LayerWeights:
+    def fuse(cls, layer: Any, *, kernel: SmallGemm | None, transposed_copy: bool) -> LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
         qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
-        both = {"transposed_copy": transposed_copy}
+        both: dict[str, Any] = {"kernel": kernel, "transposed_copy": transposed_copy}
         return cls(
             input_norm=layer.input_layernorm.weight,
             post_norm=layer.post_attention_layernorm.weight,
@@ -109,8 +125,10 @@ class ModelRunner:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
         self.dtype = DTYPES[dtype]
         self.device = resolve_device(device)
-        # The transposed copies only pay off for the CPU's GEMV; cuBLAS reads either layout as fast.
+        # The small-step paths only pay off on the CPU; cuBLAS reads either layout as fast.
         small_step_weights = small_step_weights and self.device.type == "cpu"
+        self.kernel = small_gemm() if small_step_weights and self.dtype == torch.float32 else None
+        self._small_step_tokens = KERNEL_TOKENS if self.kernel is not None else SMALL_STEP_TOKENS
         self._cpu_threads = torch.get_num_threads()
         self._small_step_one_thread = small_step_weights
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
@@ -152,11 +170,10 @@ class ModelRunner:
         self.eos_token_ids = _eos_ids(config, self.tokenizer)
         self.embed = model.model.embed_tokens.weight
         self.final_norm = model.model.norm.weight
-        self.lm_head = Linear(model.lm_head.weight, None, transposed_copy=small_step_weights)
+        small: dict[str, Any] = {"kernel": self.kernel, "transposed_copy": small_step_weights}
+        self.lm_head = Linear(model.lm_head.weight, None, **small)
         self.cos, self.sin = _rope_table(model, self.max_model_len, self.dtype)
-        self.layers = [
-            LayerWeights.fuse(layer, transposed_copy=small_step_weights) for layer in model.model.layers
-        ]
+        self.layers = [LayerWeights.fuse(layer, **small) for layer in model.model.layers]
         del model  # the unfused q/k/v and gate/up weights are freed; only the fused copies remain
         shape = CacheShape(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
         num_blocks = KVCache.blocks_for_budget(shape, kv_cache_bytes)
@@ -283,7 +300,7 @@ class ModelRunner:
         barrier it waits on. Measured on this 2-core CPU, smollm2-135m fp32 single stream through
         AsyncEngine: 25.5 tok/s with one thread vs 23-24 with two; 32-row steps need both.
         """
-        wanted = 1 if tokens <= SMALL_STEP_TOKENS else self._cpu_threads
+        wanted = 1 if tokens <= self._small_step_tokens else self._cpu_threads
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
 

@@ -243,3 +243,18 @@ def test_the_server_serves_a_stored_adapter_in_the_tenant_the_proxy_names(
             ] == [TINY]
     finally:
         engine.shutdown()
+
+
+def test_turbo_heads_without_a_lora_are_served_and_pickles_never() -> None:
+    from worker.serve_main import _adapter_files
+
+    meta = {"sha256": "0" * 64}
+    heads = {"speculator.safetensors": meta, "speculator_config.json": meta}
+    # `turbo` on the base model: the heads are the whole artifact.
+    assert _adapter_files("r/1", heads | {"training_summary.json": meta}) == heads
+    peft = {"adapter_config.json": meta, "adapter_model.safetensors": meta}
+    assert _adapter_files("r/2", peft | heads) == peft | heads
+    with pytest.raises(AdapterLoadError, match="only pickled weights"):
+        _adapter_files("r/3", heads | {"adapter_config.json": meta, "adapter_model.bin": meta})
+    with pytest.raises(AdapterLoadError, match="no adapter weights"):
+        _adapter_files("r/4", {"speculator_config.json": meta})

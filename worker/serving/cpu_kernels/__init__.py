@@ -1,0 +1,140 @@
+"""CPU kernels the serving engine compiles for the machine it runs on (see small_gemm.c for why).
+
+The C source is compiled once per machine with the system C compiler into a cache directory
+(`TUNEFORGE_KERNEL_CACHE`, default `~/.cache/tuneforge/kernels`) and loaded with ctypes: no build step
+at install, nothing to ship per CPU. Where there is no compiler, no AVX2/FMA or any other problem,
+`small_gemm()` returns None with the reason logged, and the engine multiplies with torch instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("small_gemm.c")
+# -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse the scalar tail's
+# multiply-add in one inlined copy and not in another (outputs must not depend on the batch shape).
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
+MAX_ROWS = 8
+_POINTER, _SIZE = ctypes.c_void_p, ctypes.c_ssize_t
+
+
+class SmallGemm:
+    """`x @ weight.T + bias` for 1..MAX_ROWS rows of fp32 x; bit-identical per row whatever the row count."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._fn = library.tf_small_gemm
+        self._fn.argtypes = [_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _SIZE]
+        self._fn.restype = ctypes.c_int
+
+    def supports(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (
+            1 <= x.shape[0] <= MAX_ROWS
+            and x.dtype == weight.dtype == torch.float32
+            and x.device.type == weight.device.type == "cpu"
+            and x.stride(-1) == 1
+            and weight.is_contiguous()
+        )
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows, inner = x.shape
+        out_features = weight.shape[0]
+        if weight.shape[1] != inner:
+            raise ValueError(f"x has {inner} features, the weight {weight.shape[1]}")
+        y = torch.empty(rows, out_features, dtype=torch.float32)
+        status = self._fn(
+            x.data_ptr(),
+            rows,
+            x.stride(0),
+            weight.data_ptr(),
+            out_features,
+            inner,
+            bias.data_ptr() if bias is not None else None,
+            y.data_ptr(),
+            out_features,
+        )
+        if status != 0:
+            raise ValueError(f"small_gemm takes 1..{MAX_ROWS} rows, not {rows}")
+        return y
+
+
+@cache
+def small_gemm() -> SmallGemm | None:
+    """The compiled kernel for this machine, or None (reason logged) where it cannot be built."""
+    reason = _unsupported_reason()
+    if reason is None:
+        try:
+            return SmallGemm(ctypes.CDLL(str(_compiled())))
+        except subprocess.CalledProcessError as exc:
+            reason = f"compiling {SOURCE.name} failed: {exc.stderr.decode(errors='replace')[-500:]}"
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            reason = f"building or loading {SOURCE.name} failed: {exc}"
+    log.warning("serving without the small-step CPU kernel (%s): decode steps use torch's GEMM", reason)
+    return None
+
+
+def _unsupported_reason() -> str | None:
+    if os.environ.get("TUNEFORGE_CPU_KERNELS", "1") == "0":
+        return "TUNEFORGE_CPU_KERNELS=0"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"{platform.machine()} is not x86-64"
+    flags = _cpu_flags()
+    missing = {"avx2", "fma"} - flags
+    if missing:
+        return f"the CPU lacks {', '.join(sorted(missing))}"
+    if _compiler() is None:
+        return "no C compiler (cc/gcc) on PATH"
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _compiled() -> Path:
+    """The shared library, compiled on first use; keyed by source, flags, compiler and CPU."""
+    compiler = _compiler()
+    assert compiler is not None
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join((compiler, *FLAGS)).encode())
+    key.update(" ".join(sorted(_cpu_flags())).encode())
+    cache_dir = Path(os.environ.get("TUNEFORGE_KERNEL_CACHE") or Path.home() / ".cache/tuneforge/kernels")
+    target = cache_dir / f"small_gemm-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Compile beside the target and rename: concurrent engines never load a half-written library.
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run(
+            [compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True, timeout=120
+        )
+        os.replace(built, target)
+    log.info("compiled %s for this CPU: %s", SOURCE.name, target)
+    return target
