@@ -139,6 +139,7 @@ def test_a_wrong_token_shows_an_error_and_the_form_again(dashboard: Dashboard) -
 def test_the_token_stays_in_session_storage_and_no_cookie_is_set(dashboard: Dashboard) -> None:
     page = dashboard.open("datasets")
     page.wait_for_selector("#datasets")
+    shoot(page, "datasets")
     assert page.evaluate("() => sessionStorage.getItem('tuneforge.token')") == dashboard.token
     assert page.context.cookies() == []
     page.click("#sign-out")
@@ -173,7 +174,11 @@ def test_an_invalid_dataset_shows_its_validation_error(dashboard: Dashboard) -> 
 
 def test_a_completed_version_draws_its_loss_chart_from_the_jobs_metrics(dashboard: Dashboard) -> None:
     page = dashboard.open("repos")
+    page.wait_for_selector("#new-job")
+    shoot(page, "repos")
     page.click("#repos a:text('numbers')")
+    page.wait_for_selector("#repo [data-status=completed]")
+    shoot(page, "repo")
     page.click("#repo a:text('numbers/1')")
     page.wait_for_selector("#job-status [data-status=completed]")
     train_dots = "#loss-chart circle[data-series=train]"
@@ -230,6 +235,8 @@ def test_the_playground_streams_the_adapters_answer_beside_the_base_models(dashb
         lambda: dashboard.api.get("/v2/deployments/tiny").json()["data"], lambda d: d["status"] == "ready"
     )
     page = dashboard.open("deployments")
+    page.wait_for_selector("#deployments [data-status=ready]")
+    shoot(page, "deployments")
     page.click("#deployments a:text('tiny')")
     page.wait_for_selector("#deployment-metrics #tokens-per-second")
     page.select_option("#playground-adapter", "numbers/1")
