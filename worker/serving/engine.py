@@ -29,7 +29,7 @@ from worker.serving.kv_cache import BlockManager
 from worker.serving.lora import AdapterWeights
 from worker.serving.metrics import ServingMetrics
 from worker.serving.model_runner import ModelRunner
-from worker.serving.outputs import FinishReason, TokenOutput
+from worker.serving.outputs import FinishReason, SpeculationStats, TokenOutput
 from worker.serving.params import SamplingParams
 from worker.serving.sampling import make_generator, sample_next_tokens
 from worker.serving.scheduler import Scheduler
@@ -70,6 +70,7 @@ class _Request:
     # the distributions they were drawn from (the rejection rule needs them).
     drafts: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None
+    speculation: SpeculationStats | None = None  # counted from its first verification step
 
     def send(self, item: TokenOutput | BaseException) -> None:
         if self.async_deliver is not None:
@@ -258,6 +259,10 @@ class LLMEngine:
                 self.metrics.spec_steps.inc()
                 self.metrics.spec_drafted.inc(len(drafts[i]))
                 self.metrics.spec_accepted.inc(len(kept) - 1)
+                so_far = request.speculation or SpeculationStats()
+                request.speculation = SpeculationStats(
+                    so_far.steps + 1, so_far.drafted + len(drafts[i]), so_far.accepted + len(kept) - 1
+                )
         return chosen
 
     def _drafts_to_verify(self, request: _Request) -> list[int]:
@@ -341,6 +346,7 @@ class LLMEngine:
                 finish_reason=reason,
                 prompt_tokens=seq.num_prompt_tokens,
                 elapsed=now - seq.arrival,
+                speculation=request.speculation,
             )
         )
         if reason is not None:
@@ -367,7 +373,7 @@ class LLMEngine:
                 TokenOutput(
                     token_id=-1, text="", logprob=0.0, special=True, index=len(seq.output_token_ids),
                     finish_reason=reason, prompt_tokens=seq.num_prompt_tokens,
-                    elapsed=time.monotonic() - seq.arrival,
+                    elapsed=time.monotonic() - seq.arrival, speculation=request.speculation,
                 )
             )  # fmt: skip
         self._forget(request)

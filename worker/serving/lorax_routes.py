@@ -190,12 +190,16 @@ class _Reply:
         return self.body.inputs + generated
 
     def _details(self, outputs: list[TokenOutput]) -> dict[str, Any]:
-        return {
+        details: dict[str, Any] = {
             "finish_reason": lorax_finish_reason(finish_reason_of(outputs)),
             "prompt_tokens": len(self.prompt_ids),
             "generated_tokens": outputs[-1].index + 1,
             "seed": self.params.seed if not self.params.greedy else None,
         }
+        speculation = outputs[-1].speculation
+        if speculation is not None:  # a Turbo adapter: tuneforge's addition (LoRAX's clients ignore it)
+            details["speculation"] = speculation.as_dict()
+        return details
 
     def _prefill(self) -> list[dict[str, Any]]:
         # The engine does not score the prompt: its tokens come without logprobs (LoRAX's first one has none).

@@ -23,7 +23,7 @@ from worker.serving.http_common import (
     openai_error_body,
     sse,
 )
-from worker.serving.outputs import FinishReason, TokenOutput
+from worker.serving.outputs import FinishReason, SpeculationStats, TokenOutput
 from worker.serving.params import SamplingParams
 
 router = APIRouter(prefix="/v1")
@@ -253,13 +253,22 @@ class _Reply:
         self.kind, self.model, self.prompt_tokens, self.chat = kind, model, prompt_tokens, chat
         self.created = int(time.time())
 
-    def usage(self, completion_tokens: int) -> dict[str, int]:
+    def usage(self, completion_tokens: int, speculation: SpeculationStats | None = None) -> dict[str, Any]:
         total = self.prompt_tokens + completion_tokens
-        return {
+        usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": total,
         }
+        if speculation is not None:
+            # OpenAI's own fields for drafts checked against the model (Predicted Outputs), and the
+            # Turbo adapter's acceptance under tuneforge's name.
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": speculation.accepted,
+                "rejected_prediction_tokens": speculation.drafted - speculation.accepted,
+            }
+            usage["speculation"] = speculation.as_dict()
+        return usage
 
     def whole(self, outputs: list[TokenOutput]) -> dict[str, Any]:
         text, reason = completion_text(outputs), openai_finish_reason(finish_reason_of(outputs))
@@ -268,31 +277,33 @@ class _Reply:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        return self._envelope(self.kind, [choice]) | {"usage": self.usage(outputs[-1].index + 1)}
+        usage = self.usage(outputs[-1].index + 1, outputs[-1].speculation)
+        return self._envelope(self.kind, [choice]) | {"usage": usage}
 
     async def stream(self, generation: Generation, options: StreamOptions) -> AsyncGenerator[str, None]:
         """Chunks ending in `[DONE]`; with `include_usage` every chunk has `usage` (null, or the
         running counts with vLLM's `continuous_usage_stats`) and a last chunk without choices has it."""
         kind = f"{self.kind}.chunk" if self.chat else self.kind
         generated = 0
+        speculation: SpeculationStats | None = None
 
         def chunk(choices: list[dict[str, Any]]) -> str:
             if not options.include_usage:
                 return sse(self._envelope(kind, choices))
-            usage = self.usage(generated) if options.continuous_usage_stats else None
+            usage = self.usage(generated, speculation) if options.continuous_usage_stats else None
             return sse(self._envelope(kind, choices) | {"usage": usage})
 
         try:
             if self.chat:
                 yield chunk([self._chunk_choice({"role": "assistant", "content": ""})])
             async for output in generation.outputs():
-                generated = output.index + 1
+                generated, speculation = output.index + 1, output.speculation
                 for choice in self._chunk_choices(output):
                     yield chunk([choice])
         except ServingError as exc:
             yield sse(openai_error_body(exc.status_code, exc.message, exc.field, error_code(exc)))
         if options.include_usage:
-            yield sse(self._envelope(kind, []) | {"usage": self.usage(generated)})
+            yield sse(self._envelope(kind, []) | {"usage": self.usage(generated, speculation)})
         yield sse("[DONE]")
 
     def _chunk_choices(self, output: TokenOutput) -> list[dict[str, Any]]:

@@ -14,6 +14,33 @@ class FinishReason(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class SpeculationStats:
+    """A request's speculative decoding so far: verification steps, drafts proposed, drafts kept."""
+
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verification step (the accepted drafts plus the model's own token)."""
+        return (self.accepted + self.steps) / self.steps if self.steps else 1.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "steps": self.steps,
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_length": round(self.mean_accepted_length, 4),
+        }
+
+
+@dataclass(frozen=True)
 class TokenOutput:
     """One generated token. `text` is the new text it completes (it can be "" while a multi-byte
     character or a possible stop string is held back, and the last output flushes what is left)."""
@@ -27,6 +54,7 @@ class TokenOutput:
     prompt_tokens: int = 0
     # Time from submission to this token (seconds); the first one is the time to first token.
     elapsed: float = 0.0
+    speculation: SpeculationStats | None = None  # so far, for requests whose adapter has a speculator
 
     @property
     def finished(self) -> bool:

@@ -45,3 +45,17 @@ def make_adapter_set(base_dir: Path, root: Path) -> dict[str, Path]:
     for seed, (adapter_id, shape) in enumerate(ADAPTER_SHAPES.items()):
         made[adapter_id] = make_lora_adapter(base_dir, root / adapter_id, seed=seed + 1, **shape)
     return made
+
+
+def make_random_heads(out_dir: Path, *, hidden_size: int, num_heads: int, seed: int = 0) -> Path:
+    """Saves a heads-only Turbo speculator far from identity: many of its drafts are rejected."""
+    from worker.training.speculator import MedusaHeads, SpeculatorConfig
+
+    torch.manual_seed(seed)
+    heads = MedusaHeads(SpeculatorConfig(hidden_size=hidden_size, num_heads=num_heads))
+    with torch.no_grad():
+        for head in heads.heads:
+            head.linear.weight.normal_(0, 2.0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    heads.save(out_dir)
+    return out_dir

@@ -13,6 +13,7 @@ import lorax
 import pytest
 from lorax.errors import NotFoundError, ValidationError
 from server_support import TINY, LiveServingServer
+from serving_support import make_random_heads
 
 PROMPT = "Once upon a time"
 
@@ -181,3 +182,23 @@ def test_client_leaving_a_whole_response_early_aborts_the_request(server: LiveSe
     while _metric(server, "tuneforge_serving_requests_total", aborted) == aborted_before:
         assert time.monotonic() < deadline, "the abandoned request was never aborted"
         time.sleep(0.05)
+
+
+def test_a_turbo_adapters_details_report_acceptance(server: LiveServingServer, adapter_root: Path) -> None:
+    make_random_heads(adapter_root / "lorax-turbo" / "1", hidden_size=64, num_heads=3)
+    body = {
+        "inputs": PROMPT,
+        "parameters": {"adapter_id": "lorax-turbo/1", "max_new_tokens": 9, "details": True,
+                       "ignore_eos_token": True},
+    }  # fmt: skip
+    details = httpx.post(f"{server.url}/generate", json=body, timeout=60).json()["details"]
+    speculation = details["speculation"]
+    assert details["generated_tokens"] == 9 and speculation["steps"] > 0
+    assert 0 <= speculation["accepted_tokens"] <= speculation["drafted_tokens"]
+    assert speculation["acceptance_rate"] == pytest.approx(
+        speculation["accepted_tokens"] / speculation["drafted_tokens"], abs=1e-4
+    )
+    # A plain adapter's details have no speculation entry.
+    plain = httpx.post(f"{server.url}/generate", json=body | {"parameters": body["parameters"] | {
+        "adapter_id": "acme/1"}}, timeout=60).json()["details"]  # fmt: skip
+    assert "speculation" not in plain

@@ -12,6 +12,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from server_support import TINY, LiveServingServer
+from serving_support import make_random_heads
 
 # Small enough that an over-long prompt is cheap to build.
 CONTEXT = 256
@@ -232,3 +233,24 @@ def test_a_malformed_body_is_a_422_naming_the_field(server: LiveServingServer) -
         f"{server.url}/v1/completions", content=b"{", headers={"content-type": "application/json"}
     )
     assert response.status_code == 422 and "not valid JSON" in response.json()["error"]["message"]
+
+
+def test_a_turbo_adapters_usage_reports_its_drafts(
+    client: openai.OpenAI, server: LiveServingServer, adapter_root: Path
+) -> None:
+    make_random_heads(adapter_root / "openai-turbo" / "1", hidden_size=64, num_heads=3)
+    response = client.completions.create(
+        model="openai-turbo/1", prompt=PROMPT, max_tokens=10, temperature=0, extra_body=EXACT
+    )
+    usage = response.usage
+    assert usage is not None and usage.completion_tokens == 10
+    assert usage.completion_tokens_details is not None
+    accepted = usage.completion_tokens_details.accepted_prediction_tokens
+    rejected = usage.completion_tokens_details.rejected_prediction_tokens
+    assert accepted is not None and rejected is not None and accepted + rejected > 0
+    speculation = (usage.model_extra or {})["speculation"]
+    assert speculation["accepted_tokens"] == accepted
+    assert speculation["drafted_tokens"] == accepted + rejected
+    assert speculation["mean_accepted_length"] >= 1.0
+    plain = client.completions.create(model="acme/1", prompt=PROMPT, max_tokens=4, extra_body=EXACT)
+    assert plain.usage is not None and plain.usage.completion_tokens_details is None

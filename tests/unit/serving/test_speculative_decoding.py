@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from engine_support import Collected, hf_greedy, make_engine, run_until_done
+from serving_support import make_random_heads
 from transformers import AutoTokenizer
 
 from worker.serving.params import SamplingParams
 from worker.serving.speculator import Speculator, accept_greedy
 from worker.training.loop import train
-from worker.training.speculator import MedusaHeads, SpeculatorConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from training_support import make_config, number_rows
@@ -31,13 +31,7 @@ def turbo_root(tiny_model_dir: Path, adapter_root: Path, tmp_path_factory: pytes
     assert result.adapter_dir is not None
     (root / "turbo").mkdir()
     result.adapter_dir.rename(root / "turbo" / "1")
-    torch.manual_seed(0)
-    heads = MedusaHeads(SpeculatorConfig(hidden_size=64, num_heads=4))
-    with torch.no_grad():
-        for head in heads.heads:
-            head.linear.weight.normal_(0, 2.0)  # far from identity: many drafts rejected
-    (root / "heads" / "1").mkdir(parents=True)
-    heads.save(root / "heads" / "1")
+    make_random_heads(root / "heads" / "1", hidden_size=64, num_heads=4)
     for plain in (adapter_root / "acme").iterdir():
         (root / "acme").mkdir(exist_ok=True)
         (root / "acme" / plain.name).symlink_to(plain)
@@ -74,6 +68,11 @@ def test_speculating_and_plain_requests_in_one_batch_match_greedy_decoding(
     accepted = engine.metrics.spec_accepted._value.get()
     # Both outcomes happened: some drafts were kept, some rolled back (and outputs are still exact).
     assert 0 < accepted < drafted, (accepted, drafted)
+    # Each request's own account (what responses report) adds up to the engine's counters.
+    stats = [r.outputs[-1].speculation for r in requests]
+    assert [s is not None for s in stats] == [True, True, True, False, False]
+    assert sum(s.drafted for s in stats if s) == drafted and sum(s.accepted for s in stats if s) == accepted
+    assert all(s.steps > 0 and 1.0 <= s.mean_accepted_length <= 5.0 for s in stats if s)
     assert engine.blocks.num_used == 0
 
 
