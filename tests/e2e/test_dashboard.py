@@ -11,7 +11,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +44,31 @@ class Dashboard:
     token: str
     api: httpx.Client
     browser: Any  # playwright Browser
+    problems: dict[int, list[str]] = field(default_factory=dict)  # per open page
 
     def open(self, route: str, token: str | None = None) -> Any:
         """A new page, signed in through the form, at `#/route`."""
         page = self.browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(UI_TIMEOUT_MS)
+        problems = self.problems.setdefault(id(page), [])
+
+        def console(message: Any) -> None:
+            # A refused request is logged by the browser itself; the page shows it, which tests check.
+            if message.type == "error" and "Failed to load resource" not in message.text:
+                problems.append(message.text)
+
+        page.on("console", console)
+        page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
         page.goto(f"{self.stack.url}/ui/#/{route}")
         page.fill("#token", token or self.token)
         page.click("#sign-in button[type=submit]")
         return page
+
+    def close(self, page: Any) -> None:
+        """Closes the page; fails on any script error or policy violation it logged."""
+        problems = self.problems.pop(id(page))
+        page.close()
+        assert problems == [], problems
 
 
 def shoot(page: Any, name: str) -> None:
@@ -133,7 +149,7 @@ def test_a_wrong_token_shows_an_error_and_the_form_again(dashboard: Dashboard) -
     assert page.is_visible("#token") and not page.is_visible("#nav")
     assert page.evaluate("() => sessionStorage.getItem('tuneforge.token')") is None
     shoot(page, "sign-in-wrong-token")
-    page.close()
+    dashboard.close(page)
 
 
 def test_the_token_stays_in_session_storage_and_no_cookie_is_set(dashboard: Dashboard) -> None:
@@ -145,7 +161,7 @@ def test_the_token_stays_in_session_storage_and_no_cookie_is_set(dashboard: Dash
     page.click("#sign-out")
     page.wait_for_selector("#sign-in")
     assert page.evaluate("() => sessionStorage.getItem('tuneforge.token')") is None
-    page.close()
+    dashboard.close(page)
 
 
 def test_a_dataset_shows_its_rows_first_rows_and_length_histogram(dashboard: Dashboard) -> None:
@@ -160,7 +176,7 @@ def test_a_dataset_shows_its_rows_first_rows_and_length_histogram(dashboard: Das
     )
     assert sum(counts) == len(ROWS)
     shoot(page, "dataset")
-    page.close()
+    dashboard.close(page)
 
 
 def test_an_invalid_dataset_shows_its_validation_error(dashboard: Dashboard) -> None:
@@ -169,7 +185,7 @@ def test_an_invalid_dataset_shows_its_validation_error(dashboard: Dashboard) -> 
     error = page.wait_for_selector("#validation-error")
     assert "completion" in error.inner_text()
     shoot(page, "dataset-invalid")
-    page.close()
+    dashboard.close(page)
 
 
 def test_a_completed_version_draws_its_loss_chart_from_the_jobs_metrics(dashboard: Dashboard) -> None:
@@ -196,7 +212,7 @@ def test_a_completed_version_draws_its_loss_chart_from_the_jobs_metrics(dashboar
         page.click("#download")
     assert download.value.suggested_filename == "numbers-1.zip"
     shoot(page, "version-completed")
-    page.close()
+    dashboard.close(page)
 
 
 def test_a_job_started_from_the_page_counts_steps_live_and_cancels(dashboard: Dashboard) -> None:
@@ -227,7 +243,7 @@ def test_a_job_started_from_the_page_counts_steps_live_and_cancels(dashboard: Da
     shoot(page, "job-canceled")
     page.click("#parent-version")
     page.wait_for_selector("#version h1:text-is('Adapter numbers/1')")
-    page.close()
+    dashboard.close(page)
 
 
 def test_the_playground_streams_the_adapters_answer_beside_the_base_models(dashboard: Dashboard) -> None:
@@ -258,4 +274,4 @@ def test_the_playground_streams_the_adapters_answer_beside_the_base_models(dashb
     rate = f"{speculative['acceptanceRate'] * 100:.1f} %"
     page.wait_for_selector(f"#acceptance-rate:text-is('{rate}')")
     shoot(page, "deployment-playground")
-    page.close()
+    dashboard.close(page)

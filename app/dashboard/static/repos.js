@@ -36,7 +36,7 @@ async function newJobForm(repos, signal) {
   const versions = repos.flatMap((r) => r.versions.filter((v) => v.status === "completed").map((v) => `${r.name}/${v.tag}`));
   const fields = {
     dataset: select("job-dataset", connected.map((d) => d.name)),
-    repo: h("input", { id: "job-repo", required: true, pattern: "[A-Za-z0-9][A-Za-z0-9._-]*" }),
+    repo: h("input", { id: "job-repo", required: true, pattern: "[A-Za-z0-9][A-Za-z0-9._\\-]*" }),
     base_model: select("job-base-model", models.data.map((m) => m.name)),
     adapter: select("job-adapter", ["lora", "turbo_lora", "turbo"]),
     train_steps: h("input", { id: "job-steps", type: "number", min: 1, value: 100 }),
