@@ -183,6 +183,7 @@ def run_server(
     max_adapters: int,
     max_batch_size: int,
     kv_cache_bytes: int | None,
+    speculation_max_batch: int | None = None,
     dtype: str,
     preload: list[str],
     device: str = "auto",
@@ -217,6 +218,7 @@ def run_server(
         device=device,
         max_batch_size=max_batch_size,
         max_adapters=max_adapters,
+        speculation_max_batch=speculation_max_batch,
         kv_cache_bytes=kv_cache_bytes,
     )
     engine = AsyncEngine(config, source=source, metrics=ServingMetrics())

@@ -165,6 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_adapters=args.max_adapters,
         max_batch_size=args.max_batch_size,
         kv_cache_bytes=args.kv_cache_bytes,
+        speculation_max_batch=args.speculation_max_batch,
         dtype=args.dtype,
         device=args.device,
         preload=args.preload,
@@ -214,6 +215,14 @@ def add_server_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     serve.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")
     serve.add_argument(
         "--kv-cache-bytes", type=int, default=None, help="KV-cache budget in bytes (default: 1 GiB)"
+    )
+    serve.add_argument(
+        "--speculation-max-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Turbo adapters draft and verify only while at most N sequences decode together "
+        "(default: 2 on the CPU, 16 on a GPU)",
     )
     serve.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     serve.add_argument(

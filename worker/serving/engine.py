@@ -55,6 +55,10 @@ class EngineConfig:
     # CPU only: steps of a few tokens use the compiled small-step kernel (model_runner.KERNEL_TOKENS), or
     # where it cannot be built, a second transposed copy of the weights (twice the weight memory).
     small_step_weights: bool = True
+    # Speculate only while a step decodes at most this many sequences (None: 2 on the CPU, where two
+    # sequences' 1 + 3 verified tokens fill the 8-row small-step kernel and more turn the step
+    # compute-bound; 16 on a GPU). Larger batches decode one token a step, with the same output.
+    speculation_max_batch: int | None = None
 
 
 @dataclass(eq=False)
@@ -99,6 +103,11 @@ class LLMEngine:
         self.tokenizer = self.runner.tokenizer
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
         self.max_model_len = self.runner.max_model_len
+        if config.speculation_max_batch is not None and config.speculation_max_batch < 1:
+            raise ValueError(f"speculation_max_batch must be at least 1, not {config.speculation_max_batch}")
+        self.speculation_max_batch = config.speculation_max_batch or (
+            16 if self.runner.device.type == "cuda" else 2
+        )
         self.blocks = BlockManager(self.runner.cache.num_blocks)
         self.metrics.kv_blocks_total.set(self.blocks.num_blocks)
         self.adapters = AdapterCache(
@@ -282,6 +291,8 @@ class LLMEngine:
         self, requests: list[_Request], drafts: list[list[int]], emitted: list[list[tuple[int, float]]]
     ) -> None:
         """Next step's drafts from the heads, read at the position of each request's last token."""
+        if len(requests) > self.speculation_max_batch:
+            return  # a large batch: one token a step (see EngineConfig.speculation_max_batch)
         hidden = self.runner.last_hidden
         assert hidden is not None
         starts = _row_starts(drafts)

@@ -57,7 +57,7 @@ def test_speculating_and_plain_requests_in_one_batch_match_greedy_decoding(
         ("acme/2", prompts[3]),
         (None, prompts[1]),
     ]
-    engine = make_engine(tiny_model_dir, turbo_root)
+    engine = make_engine(tiny_model_dir, turbo_root, speculation_max_batch=len(cases))
     requests = [Collected(engine, prompt, GREEDY, adapter) for adapter, prompt in cases]
     run_until_done(engine, requests)
     lora_dir = {"turbo/1": turbo_root / "turbo" / "1", "acme/2": turbo_root / "acme" / "2"}
@@ -94,6 +94,20 @@ def test_drafts_come_from_the_draft_vocabulary_and_q_is_zero_outside_it(
     outside = torch.ones(engine.runner.vocab_size, dtype=torch.bool)
     outside[speculator.draft_vocab] = False
     assert float(q[:, outside].abs().max()) == 0.0 and torch.allclose(q.sum(-1), torch.ones(3))
+
+
+def test_batches_larger_than_the_speculation_limit_decode_one_token_a_step(
+    tiny_model_dir: Path, turbo_root: Path
+) -> None:
+    prompts = [[1, 504, 3458, 282 + i] for i in range(3)]
+    for limit, speculated in ((2, False), (3, True)):
+        engine = make_engine(tiny_model_dir, turbo_root, speculation_max_batch=limit)
+        requests = [Collected(engine, p, GREEDY, "heads/1") for p in prompts]
+        run_until_done(engine, requests)
+        assert [r.token_ids for r in requests] == [
+            hf_greedy(tiny_model_dir, None, p, NEW_TOKENS) for p in prompts
+        ]
+        assert (engine.metrics.spec_steps._value.get() > 0) is speculated
 
 
 def test_speculation_stops_exactly_at_max_tokens_and_stop_strings(
