@@ -208,6 +208,7 @@ def test_a_completed_version_draws_its_loss_chart_from_the_jobs_metrics(dashboar
     assert page.inner_text("#step-counter") == f"step {COMPLETED_STEPS} / {COMPLETED_STEPS}"
     assert "completed" in page.inner_text("#timeline")
     assert page.is_hidden("#cancel")
+    assert "exact match" in page.inner_text("#quality-summary")
     with page.expect_download() as download:
         page.click("#download")
     assert download.value.suggested_filename == "numbers-1.zip"

@@ -140,6 +140,7 @@ export async function versionPage([repo, tag], signal) {
     h("h2", {}, "Autoconfig decisions"),
     Object.keys(v.autoconfig).length ? json(v.autoconfig) : h("p", { class: "muted" }, "none recorded"),
     h("h2", {}, "Quality report"),
+    v.qualityReport.summary ? h("p", { id: "quality-summary" }, v.qualityReport.summary) : null,
     Object.keys(v.qualityReport).length ? json(v.qualityReport) : h("p", { class: "muted" }, "none yet"),
     h("h2", {}, "Metrics summary"),
     json(v.metricsSummary),
