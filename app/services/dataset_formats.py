@@ -99,11 +99,19 @@ def read_rows(
     chunks: Iterable[bytes], file_name: str, *, mime_type: str | None = None
 ) -> list[dict[str, Any]]:
     """The rows of a file `profile_dataset` accepted, read with the very same format detection."""
+    return list(iter_rows(chunks, file_name, mime_type=mime_type))
+
+
+def iter_rows(
+    chunks: Iterable[bytes], file_name: str, *, mime_type: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """`read_rows` one row at a time, for callers that need not hold a large file's rows at once."""
     name = PurePosixPath(file_name or "dataset").name
     with tempfile.SpooledTemporaryFile(max_size=_SPOOL_MAX_BYTES) as spool:
         _spool(chunks, spool)
         file_format = _detect_file_format(spool, name, mime_type)
-        return [values for _, values in _READERS[file_format](spool, name)]
+        for _, values in _READERS[file_format](spool, name):
+            yield values
 
 
 def _spool(chunks: Iterable[bytes], spool: IO[bytes]) -> tuple[int, str, bool]:

@@ -16,7 +16,7 @@ from typing import Any
 from app.context import AppContext
 from app.db import Dataset, DatasetStatus
 from app.errors import ConflictError
-from app.services.dataset_formats import read_rows
+from app.services.dataset_formats import iter_rows
 
 TOKENIZER = "approximate: words and punctuation marks"
 _PIECE = re.compile(r"\w+|[^\w\s]")
@@ -89,5 +89,5 @@ def lengths_of(ctx: AppContext, dataset: Dataset) -> LengthSummary:
         raise ConflictError(
             f"dataset {dataset.name!r} is {dataset.status}; row lengths exist once it is connected"
         )
-    rows = read_rows(ctx.store.iter_chunks(dataset.blob_key), dataset.file_name, mime_type=dataset.mime_type)
-    return summarise([approximate_tokens(row_text(row)) for row in rows])
+    rows = iter_rows(ctx.store.iter_chunks(dataset.blob_key), dataset.file_name, mime_type=dataset.mime_type)
+    return summarise([approximate_tokens(row_text(row)) for row in rows])  # one int per row held
