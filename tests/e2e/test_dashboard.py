@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -137,6 +138,8 @@ def dashboard(worker_stack_factory: Callable[..., WorkerStack], chromium_path: P
         browser = playwright.chromium.launch(
             executable_path=str(chromium_path), headless=True, args=CHROMIUM_ARGS
         )
+        debian = subprocess.run([chromium_path, "--version"], capture_output=True, text=True, check=True)
+        assert browser.version in debian.stdout, "the browser driven must be Debian's chromium"
         yield Dashboard(stack=stack, token=token, api=api, browser=browser)
         browser.close()
     api.close()
