@@ -164,6 +164,34 @@ def test_corrupted_blobs_and_pickle_only_versions_are_load_errors(
         _source(tenant, tmp_path).fetch("mine/1", tenant.name)
 
 
+def test_a_turbo_versions_speculator_heads_are_fetched_with_its_adapter(
+    tenant: TenantClient, tmp_path: Path
+) -> None:
+    from worker.job_io import upload_dir
+
+    directory = _adapter(tmp_path)
+    tenant.upload_adapter("turbo", directory)
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    (heads / "speculator.safetensors").write_bytes(b"head weights")
+    (heads / "speculator_config.json").write_text('{"num_heads": 3}')
+    version = _version(tenant, "turbo", 1)
+    with transaction(tenant.ctx.sessions) as session:  # as the worker records a turbo_lora's artifacts
+        row = session.get(AdapterVersion, version.id)
+        assert row is not None
+        stored = upload_dir(tenant.ctx.store, heads, row.artifact_prefix or "")
+        row.artifact_files = {**row.artifact_files, **stored}
+
+    fetched = _source(tenant, tmp_path).fetch("turbo/1", tenant.name)
+    assert sorted(p.name for p in fetched.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "speculator.safetensors",
+        "speculator_config.json",
+    ]
+    assert (fetched / "speculator.safetensors").read_bytes() == b"head weights"
+
+
 def _job_with_checkpoints(tenant: TenantClient, checkpoint_dir: Path, steps: list[int]) -> str:
     """numbers/1: a job accepted over HTTP, training, with the adapter stored as a checkpoint at `steps`."""
     begun = tenant.client.post("/v2/datasets/upload", json={"fileName": "n.jsonl", "mimeType": "text/plain"})
