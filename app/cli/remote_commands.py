@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tuneforge import AdapterVersion, Dataset, Deployment, FinetuningJob, Repo, Tuneforge
 from tuneforge.adapters import parse_adapter_id
@@ -189,10 +190,26 @@ def adapter_details(version: AdapterVersion) -> str:
                 else None,
             ),
             ("quality", quality.get("summary")),
+            ("speculation", speculation(summary)),
             ("archived", version.archived or None),
             ("description", version.description),
             ("created", version.created_at),
         ]
+    )
+
+
+def speculation(metrics_summary: dict[str, Any]) -> str | None:
+    """Turbo types: the heads' decode speedup measured in the serving engine, or why there is none."""
+    measured = (metrics_summary.get("speculator") or {}).get("measured")
+    if not measured:
+        return None
+    if "error" in measured:
+        return f"speedup not measured: {measured['error']}"
+    return (
+        f"{measured['speedup']:.2f}x decode tokens/s with the heads "
+        f"({measured['plain_tokens_per_s']:.0f} → {measured['speculative_tokens_per_s']:.0f}), "
+        f"mean accepted length {measured['mean_accepted_length']:.2f}, "
+        f"on {measured['prompts']} held-out prompts"
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from worker.training import checkpoints, evaluation, objective
+from worker.training import checkpoints, evaluation, objective, turbo_speedup
 from worker.training.base_models import resolve_base_model
 from worker.training.batches import make_batch
 from worker.training.config import TrainingConfig
@@ -141,7 +141,7 @@ def train(
     if not stopped:
         summary = _finish(run, progress, callbacks)
         adapter_dir = output_dir / "adapter"
-        checkpoints.write_atomically(adapter_dir, lambda tmp: _publish(run, tmp, summary))
+        checkpoints.write_atomically(adapter_dir, lambda tmp: _publish(run, tmp, summary, inputs.model_dir))
     return TrainingResult(
         steps=progress.step,
         total_steps=run.total_steps,
@@ -317,8 +317,14 @@ def _finish(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> dict
     }
 
 
-def _publish(run: Run, directory: Path, summary: dict[str, Any]) -> None:
+def _publish(run: Run, directory: Path, summary: dict[str, Any], model_dir: Path) -> None:
     run.trainable.save(directory)
+    prompts = turbo_speedup.held_out_prompts(run.data.eval)
+    if summary.get("speculator") is not None and prompts:  # turbo types: time the heads in the engine
+        runtime = run.trainable.runtime
+        summary["speculator"]["measured"] = turbo_speedup.measure(
+            directory, model_dir, prompts, dtype=runtime.dtype_name, device=runtime.device.type
+        )
     (directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 

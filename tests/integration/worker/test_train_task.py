@@ -267,6 +267,10 @@ def test_a_turbo_job_on_a_lora_version_stores_heads_beside_the_unchanged_lora(
             assert child_version.artifact_files[name] == parent_version.artifact_files[name]
         summary = child_version.metrics_summary
         assert summary["adapter_type"] == "turbo" and len(summary["speculator"]["head_top1_accuracy"]) == 3
+        # The speedup the serving engine measured on held-out prompts: the LoRA with and without the heads.
+        measured = summary["speculator"]["measured"]
+        assert measured["prompts"] >= 1 and measured["speedup"] > 0
+        assert measured["identical_outputs"] == measured["prompts"]
 
 
 def test_automatic_layers_and_ranks_are_recorded_on_the_version(ctx: AppContext, celery: Celery) -> None:
