@@ -49,6 +49,19 @@ def test_each_row_is_bit_identical_whatever_the_batch_it_is_in(kernel: cpu_kerne
             assert torch.equal(kernel(x[start : start + rows], weight, bias), alone[start : start + rows])
 
 
+def test_a_second_thread_changes_no_bit(kernel: cpu_kernels.SmallGemm) -> None:
+    torch.manual_seed(1)
+    weight, bias, x = torch.randn(3000, 576), torch.randn(3000), torch.randn(5, 576)
+    try:
+        kernel.threads = 1
+        alone = kernel(x, weight, bias)
+        kernel.threads = 2
+        for _ in range(3):  # the helper thread is started by the first call and reused
+            assert torch.equal(kernel(x, weight, bias), alone)
+    finally:
+        kernel.threads = 1
+
+
 def test_declines_what_it_does_not_compute(kernel: cpu_kernels.SmallGemm) -> None:
     weight = torch.randn(16, 32)
     assert not kernel.supports(torch.randn(9, 32), weight)  # more rows than the kernel's blocks

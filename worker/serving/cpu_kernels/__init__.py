@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("small_gemm.c")
 # -ffp-contract=off: the kernel's FMAs are explicit; the compiler must not fuse the scalar tail's
 # multiply-add in one inlined copy and not in another (outputs must not depend on the batch shape).
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")
 MAX_ROWS = 8
 _POINTER, _SIZE = ctypes.c_void_p, ctypes.c_ssize_t
 
@@ -36,7 +36,10 @@ class SmallGemm:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._fn = library.tf_small_gemm
-        self._fn.argtypes = [_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _SIZE]
+        self._fn.argtypes = [
+            *(_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _SIZE, ctypes.c_int)
+        ]
+        self.threads = 1  # 2: a helper thread takes half of each weight (see small_gemm.c)
         self._fn.restype = ctypes.c_int
 
     def supports(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -64,6 +67,7 @@ class SmallGemm:
             bias.data_ptr() if bias is not None else None,
             y.data_ptr(),
             out_features,
+            self.threads,
         )
         if status != 0:
             raise ValueError(f"small_gemm takes 1..{MAX_ROWS} rows, not {rows}")

@@ -13,6 +13,7 @@
  * Layout: x [M, K] row-major (row stride ldx), W [N, K] row-major (torch's Linear weight), y [M, ldy].
  */
 #include <immintrin.h>
+#include <pthread.h>
 #include <stddef.h>
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -84,11 +85,10 @@ SWEEP(4, 2)
  * still reads each weight from memory once. */
 #define PANEL_ROWS 128
 
-int tf_small_gemm(const float *x, ptrdiff_t M, ptrdiff_t ldx, const float *W, ptrdiff_t N, ptrdiff_t K,
-                  const float *bias, float *y, ptrdiff_t ldy) {
-    if (M < 1 || M > 8) return -1;
-    for (ptrdiff_t n0 = 0; n0 < N; n0 += PANEL_ROWS) {
-        ptrdiff_t n1 = n0 + PANEL_ROWS < N ? n0 + PANEL_ROWS : N;
+static void gemm_rows(const float *x, ptrdiff_t M, ptrdiff_t ldx, const float *W, ptrdiff_t K,
+                      ptrdiff_t first, ptrdiff_t last, const float *bias, float *y, ptrdiff_t ldy) {
+    for (ptrdiff_t n0 = first; n0 < last; n0 += PANEL_ROWS) {
+        ptrdiff_t n1 = n0 + PANEL_ROWS < last ? n0 + PANEL_ROWS : last;
         for (ptrdiff_t m = 0; m < M; m += 4) {
             ptrdiff_t rows = M - m < 4 ? M - m : 4;
             const float *xm = x + m * ldx;
@@ -101,5 +101,71 @@ int tf_small_gemm(const float *x, ptrdiff_t M, ptrdiff_t ldx, const float *W, pt
             }
         }
     }
+}
+
+/* A second core: one persistent helper thread takes the upper half of W's rows while the caller
+ * computes the lower half. It sleeps on a condition variable between calls (no spinning that would
+ * steal the core from torch's own threads between GEMMs). Which thread computes a row never changes
+ * its arithmetic, so results stay bit-identical. One call at a time (the call lock). */
+typedef struct {
+    const float *x, *W, *bias;
+    float *y;
+    ptrdiff_t M, ldx, K, first, last, ldy;
+} job_t;
+
+static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t job_ready = PTHREAD_COND_INITIALIZER, job_done = PTHREAD_COND_INITIALIZER;
+static job_t job;
+static int pending = 0, started = 0;
+
+static void *helper_main(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&lock);
+    for (;;) {
+        while (!pending) pthread_cond_wait(&job_ready, &lock);
+        job_t mine = job;
+        pthread_mutex_unlock(&lock);
+        gemm_rows(mine.x, mine.M, mine.ldx, mine.W, mine.K, mine.first, mine.last, mine.bias, mine.y,
+                  mine.ldy);
+        pthread_mutex_lock(&lock);
+        pending = 0;
+        pthread_cond_signal(&job_done);
+    }
+    return NULL;
+}
+
+/* Below this many multiply-adds a second thread's wake-up costs more than it saves. */
+#define PARALLEL_MIN_WORK (1 << 18)
+
+int tf_small_gemm(const float *x, ptrdiff_t M, ptrdiff_t ldx, const float *W, ptrdiff_t N, ptrdiff_t K,
+                  const float *bias, float *y, ptrdiff_t ldy, int threads) {
+    if (M < 1 || M > 8) return -1;
+    if (threads < 2 || N < 2 * PANEL_ROWS || N * K < PARALLEL_MIN_WORK) {
+        gemm_rows(x, M, ldx, W, K, 0, N, bias, y, ldy);
+        return 0;
+    }
+    pthread_mutex_lock(&call_lock);
+    if (!started) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, helper_main, NULL) != 0) {
+            pthread_mutex_unlock(&call_lock);
+            gemm_rows(x, M, ldx, W, K, 0, N, bias, y, ldy);
+            return 0;
+        }
+        pthread_detach(thread);
+        started = 1;
+    }
+    ptrdiff_t half = (N / 2 + PANEL_ROWS - 1) / PANEL_ROWS * PANEL_ROWS;
+    pthread_mutex_lock(&lock);
+    job = (job_t){x, W, bias, y, M, ldx, K, half, N, ldy};
+    pending = 1;
+    pthread_cond_signal(&job_ready);
+    pthread_mutex_unlock(&lock);
+    gemm_rows(x, M, ldx, W, K, 0, half, bias, y, ldy);
+    pthread_mutex_lock(&lock);
+    while (pending) pthread_cond_wait(&job_done, &lock);
+    pthread_mutex_unlock(&lock);
+    pthread_mutex_unlock(&call_lock);
     return 0;
 }
