@@ -12,8 +12,9 @@ Then one engine serves (a), (b), (c) and (c) copied without its speculator files
 demo prompts (chat template, as training formats them; greedy, stopping at EOS) measures
   - single stream, one prompt after another: decode rate, each request's first token excluded
     (that one is prefill): sum(tokens - 1) / sum(last token - first token);
-  - batch: all prompts at once, the same rate over the batch: sum(tokens - 1) / (last token
-    anywhere - first token anywhere);
+  - batches (--batches, default 1,2,8): the prompts in groups sent together, one group after
+    another; per group the first token anywhere to the last token anywhere, summed;
+    batches above the engine's speculation_max_batch (2 on the CPU) decode without drafts;
 for (b) against (a) (speculative vs plain: the same LoRA weights) and (c) with against without heads.
 Greedy outputs must be identical with and without speculation. Acceptance from the engine's
 counters: mean accepted length = (accepted + steps) / steps tokens per verification step, acceptance
@@ -190,17 +191,19 @@ def counters(engine: Any) -> tuple[float, float, float]:
 
 
 async def measure(
-    engine: Any, prompts: list[list[int]], adapter_id: str, max_tokens: int, batch: bool
+    engine: Any, prompts: list[list[int]], adapter_id: str, max_tokens: int, batch: int
 ) -> Measured:
+    """Prompts in groups of `batch` sent together, one group after another; decode rate over all."""
     await stream(engine, prompts[0], adapter_id, 4)  # warm-up
     before = counters(engine)
-    if batch:
-        streams = await asyncio.gather(*(stream(engine, p, adapter_id, max_tokens) for p in prompts))
-        start = min(s.received[0] for s in streams)
-        seconds = max(s.received[-1] for s in streams) - start
-    else:
-        streams = [await stream(engine, p, adapter_id, max_tokens) for p in prompts]
-        seconds = sum(s.received[-1] - s.received[0] for s in streams)
+    streams, seconds = [], 0.0
+    for start in range(0, len(prompts), batch):
+        group = await asyncio.gather(
+            *(stream(engine, p, adapter_id, max_tokens) for p in prompts[start : start + batch])
+        )
+        # One stream: first to last token; a group: first token anywhere to last token anywhere.
+        seconds += max(s.received[-1] for s in group) - min(s.received[0] for s in group)
+        streams.extend(group)
     steps, drafted, accepted = (now - then for now, then in zip(counters(engine), before, strict=True))
     decoded = sum(len(s.tokens) - 1 for s in streams)
     return Measured([s.tokens for s in streams], decoded / max(seconds, 1e-9), steps, drafted, accepted)
@@ -219,31 +222,37 @@ def compare(label: str, spec: Measured, plain: Measured) -> str:
     )
 
 
-async def run_all(engine: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Measured]:
+async def run_all(
+    engine: Any, prompts: list[list[int]], max_tokens: int, batches: list[int]
+) -> dict[str, Measured]:
     results = {}
-    for batch in (False, True):
+    for batch in batches:
         for adapter_id in (LORA, LORA_TURBO, TURBO_LORA_BARE, TURBO_LORA):
-            results[f"{adapter_id} {'batch' if batch else 'single'}"] = await measure(
-                engine, prompts, adapter_id, max_tokens, batch
-            )
+            results[f"{adapter_id} {batch}"] = await measure(engine, prompts, adapter_id, max_tokens, batch)
     return results
 
 
-def report(results: dict[str, Measured], prompts: int, train_seconds: dict[str, float]) -> dict[str, Any]:
+def report(
+    results: dict[str, Measured], batches: list[int], train_seconds: dict[str, float], limit: int
+) -> dict[str, Any]:
     lines, summary = [], {}
-    for mode, what in (("single", "single stream"), ("batch", f"batch {prompts}")):
-        plain, spec = results[f"{LORA} {mode}"], results[f"{LORA_TURBO} {mode}"]
-        bare, joint = results[f"{TURBO_LORA_BARE} {mode}"], results[f"{TURBO_LORA} {mode}"]
-        lines.append(compare(f"{what}", spec, plain) + "  [lora + turbo heads vs lora]")
-        lines.append(compare(f"{what}", joint, bare) + "  [turbo_lora with vs without heads]")
-        for key, m in ((f"lora_turbo_{mode}", spec), (f"lora_{mode}", plain), (f"turbo_lora_{mode}", joint),
-                       (f"turbo_lora_bare_{mode}", bare)):  # fmt: skip
-            summary[key] = {"decode_tok_s": m.decode_tok_s, "mean_accepted_length": m.mean_accepted_length,
-                            "acceptance_rate": m.acceptance_rate}  # fmt: skip
-    lengths = [len(t) for t in results[f"{LORA} single"].outputs]
-    print(
-        f"held-out prompts: {prompts}, generated {min(lengths)}-{max(lengths)} tokens each (greedy, to EOS)"
-    )
+    for batch in batches:
+        plain, spec = results[f"{LORA} {batch}"], results[f"{LORA_TURBO} {batch}"]
+        bare, joint = results[f"{TURBO_LORA_BARE} {batch}"], results[f"{TURBO_LORA} {batch}"]
+        what = "single stream" if batch == 1 else f"batch {batch}"
+        if batch > limit:
+            what += f" (over speculation_max_batch={limit}: decodes one token a step)"
+        lines.append(compare(what, spec, plain) + "  [lora + turbo heads vs lora]")
+        lines.append(compare(what, joint, bare) + "  [turbo_lora with vs without heads]")
+        measured = {"lora_turbo": spec, "lora": plain, "turbo_lora": joint, "turbo_lora_bare": bare}
+        for name, m in measured.items():
+            summary[f"{name}_{batch}"] = {
+                "decode_tok_s": m.decode_tok_s,
+                "mean_accepted_length": m.mean_accepted_length,
+                "acceptance_rate": m.acceptance_rate,
+            }
+    lengths = [len(t) for t in results[f"{LORA} {batches[0]}"].outputs]
+    print(f"held-out prompts: {len(lengths)}, {min(lengths)}-{max(lengths)} tokens each (greedy, to EOS)")
     for line in lines:
         print(line)
     if train_seconds:
@@ -251,6 +260,10 @@ def report(results: dict[str, Measured], prompts: int, train_seconds: dict[str, 
             "training seconds (the heads' cost): "
             + ", ".join(f"{k} {v:.0f} s" for k, v in train_seconds.items())
         )
+    single = f"{LORA_TURBO} 1"
+    if single in results:
+        ratio = results[single].decode_tok_s / results[f"{LORA} 1"].decode_tok_s
+        print(f"single-stream speedup (turbo heads on the lora vs the lora): {ratio:.2f}x")
     summary["train_seconds"] = train_seconds
     return summary
 
@@ -263,7 +276,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--turbo-steps", type=int, default=60)
     parser.add_argument("--turbo-lora-steps", type=int, default=60)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--prompts", type=int, default=8, help="held-out prompts (and the batch size)")
+    parser.add_argument("--prompts", type=int, default=8, help="held-out prompts")
+    parser.add_argument(
+        "--batches", default="1,2,8", help="requests sent together, comma-separated (1 = single stream)"
+    )
+    parser.add_argument("--kernel-threads", type=int, help="small-step kernel threads (default 1)")
     parser.add_argument("--max-tokens", type=int, default=32, help="per request; EOS stops earlier")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps each: an end-to-end check")
     parser.add_argument(
@@ -307,12 +324,22 @@ def main() -> None:
         strip_heads(root)
         if args.keep:
             shutil.copytree(root, args.keep, dirs_exist_ok=True)
-        engine = start_engine(model_dir, root, args.dtype, max(args.prompts, 1))
+        batches = [int(b) for b in args.batches.split(",")]
+        engine = start_engine(model_dir, root, args.dtype, max(batches))
+        kernel = engine.engine.runner.kernel
+        if args.kernel_threads and kernel is not None:
+            kernel.threads = args.kernel_threads
+        print(
+            "small-step kernel: "
+            + (f"on, {kernel.threads} thread(s)" if kernel is not None else "off (torch GEMM)"),
+            flush=True,
+        )
         try:
-            results = asyncio.run(run_all(engine, prompts, args.max_tokens))
+            results = asyncio.run(run_all(engine, prompts, args.max_tokens, batches))
+            limit = engine.engine.speculation_max_batch
         finally:
             engine.shutdown()
-    summary = report(results, args.prompts, train_seconds)
+    summary = report(results, batches, train_seconds, limit)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
