@@ -3,8 +3,8 @@ one request at a time, with the artifact's speculator and without it.
 
 Cost, bounded: one engine load of the base model (beside the training copy, in the worker's dtype and
 on its device), then at most MAX_PROMPTS prompts x MAX_NEW_TOKENS tokens in each of the two modes, plus
-one short warm-up request per mode. About a second on the tiny test model; on smollm2-135m on a 2-core
-CPU (~30 ms a plain token, see serving/model_runner.py) some 10-15 s, against minutes of training.
+one short warm-up request per mode: at most 2 x (8 x 32 + 8) generated tokens. About a second on the
+tiny test model; on smollm2-135m on a busy 2-core CPU, 4 prompts took 50 s (~80 ms a plain token).
 """
 
 from __future__ import annotations
