@@ -25,6 +25,12 @@ function headers(extra = {}, token = session.token) {
   return { Authorization: `Bearer ${token}`, ...extra };
 }
 
+function init({ method = "GET", body, token, signal }) {
+  const request = { method, signal, headers: headers(body !== undefined ? { "Content-Type": "application/json" } : {}, token) };
+  if (body !== undefined) request.body = JSON.stringify(body);
+  return request;
+}
+
 async function failure(response) {
   let message = `${response.status} ${response.statusText}`;
   try {
@@ -36,10 +42,8 @@ async function failure(response) {
   return new ApiError(response.status, message);
 }
 
-export async function request(path, { method = "GET", body, token, signal } = {}) {
-  const init = { method, signal, headers: headers(body ? { "Content-Type": "application/json" } : {}, token) };
-  if (body !== undefined) init.body = JSON.stringify(body);
-  const response = await fetch(path, init);
+export async function request(path, options = {}) {
+  const response = await fetch(path, init(options));
   if (!response.ok) throw await failure(response);
   if (response.status === 204) return null;
   return response.json();
@@ -50,10 +54,8 @@ export const post = (path, body, options = {}) => request(path, { ...options, me
 
 // Server-Sent Events over fetch (EventSource cannot send the Authorization header): calls onData
 // with each `data:` payload parsed as JSON, until the stream ends or `signal` aborts it.
-export async function streamEvents(path, { method = "GET", body, signal, onData }) {
-  const init = { method, signal, headers: headers(body ? { "Content-Type": "application/json" } : {}) };
-  if (body !== undefined) init.body = JSON.stringify(body);
-  const response = await fetch(path, init);
+export async function streamEvents(path, { onData, ...options }) {
+  const response = await fetch(path, init(options));
   if (!response.ok) throw await failure(response);
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
