@@ -19,6 +19,7 @@ def test_the_page_is_served_with_a_strict_content_security_policy(api_app: TestC
     assert "script-src 'self'" in policy and "unsafe" not in policy and "frame-ancestors 'none'" in policy
     assert response.headers["x-content-type-options"] == "nosniff"
     assert "set-cookie" not in response.headers
+    assert api_app.get("/ui").url.path == "/ui/"  # the bare path leads to the page
 
 
 def test_scripts_and_styles_are_served_with_their_types(api_app: TestClient) -> None:
