@@ -8,6 +8,7 @@ import re
 import secrets
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,13 +149,28 @@ def test_ctrl_c_while_waiting_detaches_without_canceling(
 ) -> None:
     pb.repos.create("e2e-detach", exists_ok=True)
     # A real SIGINT to the main thread, as Ctrl-C sends: it also breaks a blocking read of the stream.
-    interrupt = threading.Timer(1.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-    interrupt.start()
+    # Sent once the job exists (plus a second for the client to be waiting on it), never on a fixed
+    # timer: on a loaded machine a timer can fire while the create request is still in flight.
+    main, done = threading.main_thread().ident, threading.Event()
+
+    def interrupt_once_the_job_exists() -> None:
+        deadline = time.monotonic() + 120
+        while not done.is_set() and time.monotonic() < deadline:
+            if pb.finetuning.jobs.list():
+                done.wait(1.0)
+                if not done.is_set():
+                    signal.pthread_kill(main, signal.SIGINT)  # type: ignore[arg-type]
+                return
+            time.sleep(0.1)
+
+    interrupter = threading.Thread(target=interrupt_once_the_job_exists, daemon=True)
+    interrupter.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             pb.adapters.create(config=LONG_CONFIG, dataset=dataset, repo="e2e-detach")
     finally:
-        interrupt.cancel()
+        done.set()
+        interrupter.join()
     (job,) = pb.finetuning.jobs.list()
     try:
         assert job.status in ("queued", "training")  # still running: detaching canceled nothing
