@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests_support import write_peft_adapter
+from tests_support import ctrl_c_raises, write_peft_adapter
 from tuneforge import Tuneforge
 
 from app.cli import main
@@ -173,11 +173,12 @@ def test_no_wait_returns_at_once_ctrl_c_detaches_cancel_ends_it_and_its_watch_ex
     assert out.startswith("long/1 is queued") and "tuneforge jobs watch " in out
     # Ctrl-C while watching detaches: exit 130, the job runs on, and the way back is printed.
     interrupt = threading.Timer(1.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-    interrupt.start()
-    try:
-        code, _, err = cli("jobs", "watch", "long/1")
-    finally:
-        interrupt.cancel()
+    with ctrl_c_raises():
+        interrupt.start()
+        try:
+            code, _, err = cli("jobs", "watch", "long/1")
+        finally:
+            interrupt.cancel()
     assert code == 130 and "keeps running" in err
     assert "tuneforge jobs watch " in err and "tuneforge adapters cancel long/1" in err
     assert cli.json("adapters", "show", "long/1")["status"] in ("queued", "training")

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests_support import ctrl_c_raises
 from tuneforge import (
     ConflictError,
     Dataset,
@@ -164,9 +165,9 @@ def test_ctrl_c_while_waiting_detaches_without_canceling(
             time.sleep(0.1)
 
     interrupter = threading.Thread(target=interrupt_once_the_job_exists, daemon=True)
-    interrupter.start()
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_raises(), pytest.raises(KeyboardInterrupt):
+            interrupter.start()
             pb.adapters.create(config=LONG_CONFIG, dataset=dataset, repo="e2e-detach")
     finally:
         done.set()
