@@ -296,7 +296,8 @@ class LLMEngine:
         hidden = self.runner.last_hidden
         assert hidden is not None
         starts = _row_starts(drafts)
-        greedy: dict[int, list[tuple[_Request, int]]] = {}  # per speculator: its requests' hidden rows
+        # Per speculator (by identity): the speculator and its greedy requests with their hidden rows.
+        greedy: dict[int, tuple[speculative.Speculator, list[tuple[_Request, int]]]] = {}
         for i, request in enumerate(requests):
             if request.seq.seq_id not in self._requests or not speculative.speculates(
                 request.seq.params, request.adapter
@@ -304,15 +305,14 @@ class LLMEngine:
                 continue
             assert request.adapter is not None and request.adapter.speculator is not None
             last = starts[i] + len(emitted[i]) - 1  # the row whose logits gave the last emitted token
+            speculator = request.adapter.speculator
             if request.seq.params.greedy:
-                greedy.setdefault(id(request.adapter.speculator), []).append((request, last))
+                greedy.setdefault(id(speculator), (speculator, []))[1].append((request, last))
                 continue
-            request.drafts, request.draft_probs = request.adapter.speculator.propose_sampled(
+            request.drafts, request.draft_probs = speculator.propose_sampled(
                 hidden[last : last + 1], self.runner.lm_head, request.seq.params, request.seq.generator
             )
-        for group in greedy.values():  # one pass of the heads (and LM head) for all rows that share them
-            speculator = group[0][0].adapter.speculator  # type: ignore[union-attr]
-            assert speculator is not None
+        for speculator, group in greedy.values():  # one pass of the heads for all rows sharing them
             rows = hidden[torch.tensor([last for _, last in group], device=hidden.device)]
             proposed = speculator.propose(rows, self.runner.lm_head, speculator.num_heads).tolist()
             for (request, _), request_drafts in zip(group, proposed, strict=True):

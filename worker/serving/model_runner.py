@@ -50,11 +50,12 @@ class Linear:
     ) -> None:
         self.weight = weight  # [out, in]
         self.bias = bias
-        self.kernel = kernel
-        self.weight_t = weight.T.contiguous() if transposed_copy and kernel is None else None  # [in, out]
+        self.kernel = kernel if kernel is not None and kernel.takes_weight(weight) else None
+        # [in, out]: only where there is no kernel to use.
+        self.weight_t = weight.T.contiguous() if transposed_copy and self.kernel is None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.shape[0] <= KERNEL_TOKENS and self.kernel.supports(x, self.weight):
+        if self.kernel is not None and x.shape[0] <= KERNEL_TOKENS and self.kernel.takes_rows(x):
             return self.kernel(x, self.weight, self.bias)
         if self.weight_t is not None and x.shape[0] <= SMALL_STEP_TOKENS:
             return x @ self.weight_t if self.bias is None else torch.addmm(self.bias, x, self.weight_t)

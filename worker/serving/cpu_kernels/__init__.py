@@ -43,13 +43,16 @@ class SmallGemm:
         self._fn.restype = ctypes.c_int
 
     def supports(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return (
-            1 <= x.shape[0] <= MAX_ROWS
-            and x.dtype == weight.dtype == torch.float32
-            and x.device.type == weight.device.type == "cpu"
-            and x.stride(-1) == 1
-            and weight.is_contiguous()
-        )
+        return self.takes_weight(weight) and self.takes_rows(x)
+
+    @staticmethod
+    def takes_weight(weight: torch.Tensor) -> bool:
+        """Fixed per weight: checked once when a layer is built, not on every step."""
+        return weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.is_contiguous()
+
+    @staticmethod
+    def takes_rows(x: torch.Tensor) -> bool:
+        return 1 <= x.shape[0] <= MAX_ROWS and x.dtype == torch.float32 and x.stride(-1) == 1
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows, inner = x.shape
