@@ -82,11 +82,13 @@ def train_all(args: argparse.Namespace, root: Path, scratch: Path) -> dict[str, 
     base = demo_config().model_dump(exclude_unset=True) | {"base_model": BASE_MODEL, "dtype": args.dtype}
     if args.eval_samples:  # the end-of-run exact-match report generates on every held-out row otherwise
         base["max_eval_samples"] = args.eval_samples
+    heads = {"speculator_architecture": args.architecture, "speculator_heads": args.depth}
     plans = [
         ("lora", LORA, {"adapter": "lora", "train_steps": args.lora_steps}, None),
         ("turbo on the lora", LORA_TURBO,
-         {"adapter": "turbo", "train_steps": args.turbo_steps, "speculator_distill": True}, LORA),
-        ("turbo_lora", TURBO_LORA, {"adapter": "turbo_lora", "train_steps": args.turbo_lora_steps}, None),
+         {"adapter": "turbo", "train_steps": args.turbo_steps, "speculator_distill": True} | heads, LORA),
+        ("turbo_lora", TURBO_LORA,
+         {"adapter": "turbo_lora", "train_steps": args.turbo_lora_steps} | heads, None),
     ]  # fmt: skip
     rows, seconds = demo_rows(), {}
     for name, adapter_id, overrides, parent in plans:
@@ -276,6 +278,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--turbo-steps", type=int, default=60)
     parser.add_argument("--turbo-lora-steps", type=int, default=60)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument(
+        "--architecture", choices=["eagle", "medusa"], default="eagle", help="speculator_architecture"
+    )
+    parser.add_argument("--depth", type=int, default=6, help="speculator_heads: drafts per step")
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts")
     parser.add_argument(
         "--batches", default="1,2,8", help="requests sent together, comma-separated (1 = single stream)"

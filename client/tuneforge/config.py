@@ -198,9 +198,15 @@ class FinetuningConfig(BaseModel):
     seed: int = Field(default=42, ge=0, description="Seeds data order, splits, dropout and initialisation.")
 
     # --- speculator heads (turbo_lora / turbo) ------------------------------------------------------
+    speculator_architecture: Literal["medusa", "eagle"] = Field(
+        default="medusa",
+        description="medusa: independent residual heads on the last hidden state; eagle: a one-layer draft "
+        "model over the model's own features that attends to the context and to its earlier drafts.",
+    )
     speculator_heads: int = Field(
         default=3,
-        description=f"Medusa heads: head k predicts k+1 tokens past the next (1..{MAX_SPECULATOR_HEADS}).",
+        description="Drafts proposed per step: Medusa heads (head k predicts k+1 tokens past the next) or "
+        f"the eagle draft's depth (1..{MAX_SPECULATOR_HEADS}).",
     )
     speculator_loss_weight_decay: float = Field(
         default=0.8, gt=0, le=1, description="Head k's loss weighs decay**k (k from 0)."

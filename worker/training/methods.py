@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,10 @@ from tuneforge.config import (
     FinetuningConfig,
 )
 
+from worker.training import eagle
 from worker.training.attention import register_varlen_attention
 from worker.training.runtime import Runtime, TrainingConfigError
-from worker.training.speculator import SPECULATOR_WEIGHTS, MedusaHeads, SpeculatorConfig
+from worker.training.speculator import SPECULATOR_WEIGHTS, MedusaHeads, SpeculatorConfig, SpeculatorFiles
 
 # How many final transformer blocks `last_layer` trains (with the final norm and the LM head).
 LAST_LAYER_BLOCKS = 1
@@ -47,7 +48,7 @@ class TrainableModel:
     runtime: Runtime
     tokenizer: PreTrainedTokenizerBase
     details: dict[str, Any] = field(default_factory=dict)  # recorded in the training summary
-    speculator: MedusaHeads | None = None  # turbo types: trained heads beside (or instead of) the model's
+    speculator: SpeculatorFiles | None = None  # turbo types: trained heads beside (or instead of) the model's
     frozen_adapter: dict[str, bytes] = field(default_factory=dict)  # turbo on a parent LoRA: its files
 
     @property
@@ -250,7 +251,7 @@ def build(
 
 def _speculator(
     config: FinetuningConfig, base: PreTrainedModel, runtime: Runtime, init_from: Path | None
-) -> MedusaHeads | None:
+) -> SpeculatorFiles | None:
     if config.adapter not in TURBO_ADAPTERS:
         return None
     spec = SpeculatorConfig(
@@ -260,7 +261,23 @@ def _speculator(
         distill=config.speculator_distill,
         base_model=config.base_model,
     )
-    heads = MedusaHeads(spec).to(runtime.device)  # fp32 masters whatever the base's dtype
+    heads: SpeculatorFiles
+    if config.speculator_architecture == "eagle":
+        shape = base.config
+        heads_count = int(shape.num_attention_heads)
+        spec = replace(
+            spec,
+            architecture=eagle.ARCHITECTURE,
+            num_attention_heads=heads_count,
+            num_key_value_heads=int(getattr(shape, "num_key_value_heads", None) or heads_count),
+            head_dim=int(getattr(shape, "head_dim", None) or shape.hidden_size // heads_count),
+            intermediate_size=int(shape.intermediate_size),
+            rms_norm_eps=float(getattr(shape, "rms_norm_eps", 1e-5)),
+        )
+        heads = eagle.EagleDraft(spec)
+    else:
+        heads = MedusaHeads(spec)
+    heads = heads.to(runtime.device)  # fp32 masters whatever the base's dtype
     if init_from is not None and (init_from / SPECULATOR_WEIGHTS).is_file():
         try:
             heads.load(init_from)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from worker.training import speculator
+from worker.training import eagle, speculator
 from worker.training.batches import Batch, make_batch, token_loss_sum
 from worker.training.data import IGNORE_INDEX, Example
 from worker.training.methods import TrainableModel
@@ -41,7 +41,7 @@ def _turbo_forward(trainable: TrainableModel, batch: Batch) -> tuple[torch.Tenso
     segments = speculator.segment_ids(batch.targets.shape, batch.cu_seq_lens, batch.targets.device)
     # Self-distillation: the model's own greedy token stands where the dataset's would.
     head_targets = greedy if heads.config.distill else batch.targets
-    stats = speculator.head_losses(heads, hidden, _lm_head(trainable), head_targets, segments)
+    stats = _head_losses(trainable, batch, hidden, head_targets, segments)
     heads_loss = speculator.weighted_sum(stats, heads.config.loss_weights).to(lm_loss.device)
     return lm_loss + heads_loss, stats, greedy
 
@@ -65,6 +65,28 @@ def _forward(
     greedy = torch.full_like(batch.targets, IGNORE_INDEX)  # [B, S]
     greedy[has_target] = lm_logits.detach().argmax(-1)
     return hidden, lm_logits, greedy
+
+
+def _head_losses(
+    trainable: TrainableModel,
+    batch: Batch,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    segments: torch.Tensor,
+) -> HeadStats:
+    """Per-depth losses and hits of the run's speculator, whichever kind it is."""
+    heads = trainable.speculator
+    if isinstance(heads, eagle.EagleDraft):
+        causal_lm = trainable.causal_lm()
+        embed = causal_lm.get_input_embeddings()
+        assert isinstance(embed, torch.nn.Module)
+        return eagle.draft_losses(
+            heads, hidden, _lm_head(trainable), targets, segments,
+            input_ids=batch.input_ids, embed=embed, rotary=causal_lm.get_decoder().rotary_emb,
+            position_ids=batch.position_ids,
+        )  # fmt: skip
+    assert isinstance(heads, speculator.MedusaHeads)
+    return speculator.head_losses(heads, hidden, _lm_head(trainable), targets, segments)
 
 
 def _lm_head(trainable: TrainableModel) -> torch.nn.Module:
@@ -94,9 +116,8 @@ def evaluate_heads(
             batch = make_batch(micro, pad_token_id, packed=config.packing).to(trainable.runtime.device)
             hidden, _, greedy = _forward(trainable, batch)
             segments = speculator.segment_ids(batch.targets.shape, batch.cu_seq_lens, batch.targets.device)
-            lm_head = _lm_head(trainable)
-            dataset = speculator.head_losses(heads, hidden, lm_head, batch.targets, segments)
-            own = speculator.head_losses(heads, hidden, lm_head, greedy, segments)
+            dataset = _head_losses(trainable, batch, hidden, batch.targets, segments)
+            own = _head_losses(trainable, batch, hidden, greedy, segments)
             for k in range(n):
                 correct[k] += dataset.correct[k]
                 agree[k] += own.correct[k]

@@ -26,6 +26,7 @@ from worker.training.data import IGNORE_INDEX
 SPECULATOR_WEIGHTS = "speculator.safetensors"
 SPECULATOR_CONFIG = "speculator_config.json"
 SPECULATOR_FORMAT = 1
+MEDUSA = "medusa_residual_silu"
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,16 @@ class SpeculatorConfig:
     num_heads: int = 3
     loss_weight_decay: float = 0.8  # head k's loss weighs decay**k
     distill: bool = False  # heads trained on the model's own greedy tokens
-    architecture: str = "medusa_residual_silu"
-    shares_lm_head: bool = True  # logits = base LM head(head_k(h)); no head has a vocabulary matrix
+    architecture: str = MEDUSA
+    shares_lm_head: bool = True  # logits = base LM head(...); no speculator has a vocabulary matrix
     base_model: str | None = None
     format: int = SPECULATOR_FORMAT
+    # eagle_layer only: the base model's layer shape, which the draft layer copies (eagle.py).
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    rms_norm_eps: float | None = None
 
     @property
     def loss_weights(self) -> list[float]:
@@ -85,13 +92,12 @@ def frequent_tokens(label_rows: Sequence[Sequence[int]], limit: int = DRAFT_VOCA
     return torch.tensor(sorted(token for token, _ in ranked), dtype=torch.long)
 
 
-class MedusaHeads(torch.nn.Module):
-    """K residual blocks on the last hidden state; logits come from the base model's shared LM head."""
+class SpeculatorFiles(torch.nn.Module):
+    """What both speculator kinds share: the config, the draft vocabulary, the files."""
 
     def __init__(self, config: SpeculatorConfig) -> None:
         super().__init__()
         self.config = config
-        self.heads = torch.nn.ModuleList(ResidualBlock(config.hidden_size) for _ in range(config.num_heads))
         # Not a parameter or buffer: derived from this run's data (set_draft_vocab), saved for serving
         # beside the weights, never loaded back (a parent's data may differ).
         self.draft_vocab: torch.Tensor | None = None
@@ -100,13 +106,16 @@ class MedusaHeads(torch.nn.Module):
         vocab = frequent_tokens(label_rows)
         self.draft_vocab = vocab if len(vocab) else None
 
-    def head_logits(self, k: int, hidden: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
-        """Head k's fp32 logits for hidden states [..., H] -> [..., V]."""
-        block = self.heads[k]
-        projected = block(hidden.float())  # heads keep fp32 weights whatever the base computes in
-        weight = getattr(lm_head, "weight", None)
-        dtype = weight.dtype if isinstance(weight, torch.Tensor) else projected.dtype
-        return lm_head(projected.to(dtype)).float()
+    def vocab_rows(self, lm_head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(LM-head rows drafts choose among [Vd or V, D] fp32, detached; token id → row, -1 outside)."""
+        weight = lm_head.weight
+        assert isinstance(weight, torch.Tensor)
+        if self.draft_vocab is None:
+            return weight.detach().float(), None
+        vocab = self.draft_vocab.to(weight.device)
+        lookup = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+        lookup[vocab] = torch.arange(len(vocab), device=weight.device)
+        return weight.detach().index_select(0, vocab).float(), lookup
 
     def save(self, directory: Path) -> None:
         state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in self.state_dict().items()}
@@ -119,6 +128,11 @@ class MedusaHeads(torch.nn.Module):
     def load(self, directory: Path) -> None:
         """Load weights a same-shaped speculator saved (a checkpoint, or a parent version)."""
         saved = SpeculatorConfig.load(directory)
+        if saved.architecture != self.config.architecture:
+            raise ValueError(
+                f"speculator_architecture: the saved speculator in {directory} is {saved.architecture!r}; "
+                f"this run builds {self.config.architecture!r} (set speculator_architecture to match)"
+            )
         if (saved.num_heads, saved.hidden_size) != (self.config.num_heads, self.config.hidden_size):
             raise ValueError(
                 f"speculator_heads: the saved speculator in {directory} has {saved.num_heads} heads of "
@@ -128,6 +142,22 @@ class MedusaHeads(torch.nn.Module):
         state = load_file(directory / SPECULATOR_WEIGHTS)
         state.pop(DRAFT_VOCAB_KEY, None)
         self.load_state_dict(state)
+
+
+class MedusaHeads(SpeculatorFiles):
+    """K residual blocks on the last hidden state; logits come from the base model's shared LM head."""
+
+    def __init__(self, config: SpeculatorConfig) -> None:
+        super().__init__(config)
+        self.heads = torch.nn.ModuleList(ResidualBlock(config.hidden_size) for _ in range(config.num_heads))
+
+    def head_logits(self, k: int, hidden: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+        """Head k's fp32 logits for hidden states [..., H] -> [..., V]."""
+        block = self.heads[k]
+        projected = block(hidden.float())  # heads keep fp32 weights whatever the base computes in
+        weight = getattr(lm_head, "weight", None)
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) else projected.dtype
+        return lm_head(projected.to(dtype)).float()
 
 
 def segment_ids(
