@@ -89,8 +89,12 @@ class EagleDraft(SpeculatorFiles):
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, hd]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        repeat = hq // hkv
-        return q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+
+        # GQA: each kv head serves hq // hkv query heads (expand, whose backward is a plain sum).
+        def widen(x: torch.Tensor) -> torch.Tensor:
+            return x[:, :, None].expand(b, hkv, hq // hkv, s, hd).reshape(b, hq, s, hd)
+
+        return q, widen(k), widen(v)
 
     def _finish(self, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual attention output, then the MLP: [B, S, D]."""

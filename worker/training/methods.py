@@ -274,7 +274,9 @@ def _speculator(
             intermediate_size=int(shape.intermediate_size),
             rms_norm_eps=float(getattr(shape, "rms_norm_eps", 1e-5)),
         )
-        heads = eagle.EagleDraft(spec)
+        with torch.random.fork_rng(devices=[]):  # its random init is the run's seed's, not the RNG's state
+            torch.manual_seed(config.seed)
+            heads = eagle.EagleDraft(spec)
     else:
         heads = MedusaHeads(spec)
     heads = heads.to(runtime.device)  # fp32 masters whatever the base's dtype
