@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from worker.serving.eagle import ModelShape
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError, ServingError
 from worker.serving.lora import AdapterWeights
 from worker.serving.metrics import ServingMetrics
@@ -82,6 +83,7 @@ class AdapterCache:
         metrics: ServingMetrics,
         device: torch.device | None = None,
         hidden_size: int | None = None,
+        model_shape: ModelShape | None = None,
     ) -> None:
         self.source = source
         self.max_adapters = max_adapters
@@ -89,6 +91,7 @@ class AdapterCache:
         self.dtype = dtype
         self.device = device or torch.device("cpu")
         self.hidden_size = hidden_size
+        self.model_shape = model_shape
         self.metrics = metrics
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, AdapterWeights] = OrderedDict()
@@ -167,6 +170,7 @@ class AdapterCache:
                 dtype=self.dtype,
                 device=self.device,
                 hidden_size=self.hidden_size,
+                model_shape=self.model_shape,
             )
         except Exception as exc:
             if not isinstance(exc, ServingError):

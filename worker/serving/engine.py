@@ -8,6 +8,7 @@ A failure inside one request ends that request with its error; the loop never st
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import time
@@ -19,6 +20,7 @@ import torch
 from worker.serving import speculator as speculative
 from worker.serving.adapters import AdapterCache, AdapterSource
 from worker.serving.detokenizer import IncrementalDetokenizer
+from worker.serving.eagle import DraftState, EagleDraft, ModelShape, PendingPairs
 from worker.serving.errors import (
     EngineOverloadedError,
     InvalidParameterError,
@@ -75,6 +77,7 @@ class _Request:
     drafts: list[int] = field(default_factory=list)
     draft_probs: torch.Tensor | None = None
     speculation: SpeculationStats | None = None  # counted from its first verification step
+    draft_state: DraftState | None = None  # an eagle speculator's draft cache, rebuilt at each prefill
 
     def send(self, item: TokenOutput | BaseException) -> None:
         if self.async_deliver is not None:
@@ -118,6 +121,9 @@ class LLMEngine:
             device=self.runner.device,
             metrics=self.metrics,
             hidden_size=self.runner.hidden_size,
+            model_shape=ModelShape(
+                self.runner.hidden_size, self.runner.num_heads, self.runner.num_kv_heads, self.runner.head_dim
+            ),
         )
         self.scheduler = Scheduler(
             self.blocks,
@@ -228,7 +234,7 @@ class LLMEngine:
                 generated += 1
                 if self._emit(request, token, logprob, now):
                     break
-        self._propose_drafts(requests, drafts, emitted)
+        self._propose_drafts(requests, drafts, emitted, step.prefill_lengths)
         self.metrics.record_step(generated)
         self._update_gauges()
         return generated
@@ -288,35 +294,82 @@ class LLMEngine:
         return drafts
 
     def _propose_drafts(
-        self, requests: list[_Request], drafts: list[list[int]], emitted: list[list[tuple[int, float]]]
+        self,
+        requests: list[_Request],
+        drafts: list[list[int]],
+        emitted: list[list[tuple[int, float]]],
+        prefill_lengths: list[int] | None,
     ) -> None:
-        """Next step's drafts from the heads, read at the position of each request's last token."""
-        if len(requests) > self.speculation_max_batch:
-            return  # a large batch: one token a step (see EngineConfig.speculation_max_batch)
+        """Next step's drafts from the speculators: Medusa heads read the hidden state of each request's
+        last emitted token; eagle draft layers first commit the step's new (hidden state, token) pairs."""
+        # A large batch decodes one token a step (see EngineConfig.speculation_max_batch); eagle requests
+        # still commit their pairs, so they draft again as soon as the batch shrinks.
+        propose = len(requests) <= self.speculation_max_batch
         hidden = self.runner.last_hidden
         assert hidden is not None
         starts = _row_starts(drafts)
+        prefill_starts = list(itertools.accumulate(prefill_lengths or [], initial=0))  # rows of step_hidden
         # Per speculator (by identity): the speculator and its greedy requests with their hidden rows.
         greedy: dict[int, tuple[speculative.Speculator, list[tuple[_Request, int]]]] = {}
+        eagle: dict[int, tuple[EagleDraft, list[_Request], list[PendingPairs]]] = {}
         for i, request in enumerate(requests):
             if request.seq.seq_id not in self._requests or not speculative.speculates(
                 request.seq.params, request.adapter
             ):
                 continue
             assert request.adapter is not None and request.adapter.speculator is not None
-            last = starts[i] + len(emitted[i]) - 1  # the row whose logits gave the last emitted token
             speculator = request.adapter.speculator
+            if isinstance(speculator, EagleDraft):
+                # Its rows of the step: after a prefill all of them, after a decode step its fed token's
+                # row onward, one per emitted token (the drafts past the accepted ones are not final).
+                first, count = (
+                    (prefill_starts[i], prefill_lengths[i])
+                    if prefill_lengths
+                    else (starts[i], len(emitted[i]))
+                )
+                pairs = self._eagle_pairs(request, speculator, first, count, bool(prefill_lengths), propose)
+                if pairs is not None:
+                    members = eagle.setdefault(id(speculator), (speculator, [], []))
+                    members[1].append(request)
+                    members[2].append(pairs)
+                continue
+            if not propose:
+                continue
+            last = starts[i] + len(emitted[i]) - 1  # the row whose logits gave the last emitted token
             if request.seq.params.greedy:
                 greedy.setdefault(id(speculator), (speculator, []))[1].append((request, last))
                 continue
             request.drafts, request.draft_probs = speculator.propose_sampled(
                 hidden[last : last + 1], self.runner.lm_head, request.seq.params, request.seq.generator
             )
-        for speculator, group in greedy.values():  # one pass of the heads for all rows sharing them
+        for heads, group in greedy.values():  # one pass of the heads for all rows sharing them
             rows = hidden[torch.tensor([last for _, last in group], device=hidden.device)]
-            proposed = speculator.propose(rows, self.runner.lm_head, speculator.num_heads).tolist()
+            proposed = heads.propose(rows, self.runner.lm_head, heads.num_heads).tolist()
             for (request, _), request_drafts in zip(group, proposed, strict=True):
                 request.drafts = request_drafts
+        for draft, draft_requests, pending in eagle.values():  # one batched layer pass per draft model
+            proposals = draft.commit_and_propose(self.runner, pending)
+            for request, proposal in zip(draft_requests, proposals, strict=True):
+                if proposal is not None:
+                    request.drafts, request.draft_probs = proposal
+
+    def _eagle_pairs(
+        self, request: _Request, draft: EagleDraft, first: int, count: int, prefill: bool, propose: bool
+    ) -> PendingPairs | None:
+        """The `count` pairs (hidden state at step row first + i, the token after it) this step made
+        final, for the request's draft cache: a fresh one at a prefill (preemption's recompute
+        included). None if its cache does not end where the step began."""
+        seq, step_hidden = request.seq, self.runner.step_hidden
+        assert step_hidden is not None
+        if prefill:
+            request.draft_state = draft.new_state()
+        state = request.draft_state
+        if state is None or state.length != len(seq) - count - 1:
+            request.draft_state = None  # out of step with the sequence: drafting resumes at a prefill
+            return None
+        features = step_hidden[first : first + count]
+        params = seq.params if propose else None
+        return PendingPairs(state, features, seq.all_token_ids[-count:], params, seq.generator)
 
     def _active_adapters(self, requests: list[_Request]) -> tuple[list[AdapterWeights], list[int]]:
         adapters: list[AdapterWeights] = []

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from worker.serving.eagle import EagleDraft, ModelShape, is_eagle
 from worker.serving.errors import AdapterLoadError
 from worker.serving.speculator import Speculator, has_speculator
 
@@ -39,7 +40,7 @@ class AdapterWeights:
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     base_model: str | None
     nbytes: int
-    speculator: Speculator | None = None  # a Turbo adapter's draft heads
+    speculator: Speculator | EagleDraft | None = None  # a Turbo adapter's Medusa heads or draft layer
 
     @classmethod
     def load(
@@ -51,19 +52,16 @@ class AdapterWeights:
         dtype: torch.dtype,
         device: torch.device | None = None,
         hidden_size: int | None = None,
+        model_shape: ModelShape | None = None,
     ) -> AdapterWeights:
         speculator = None
-        if has_speculator(directory) and hidden_size is not None:
-            speculator = Speculator.load(
-                directory, hidden_size=hidden_size, device=device or torch.device("cpu"), dtype=dtype
+        if has_speculator(directory) and (hidden_size is not None or model_shape is not None):
+            speculator = _load_speculator(
+                directory, hidden_size, model_shape, device=device or torch.device("cpu"), dtype=dtype
             )
             if not (directory / "adapter_config.json").is_file():  # `turbo` on the base model: heads only
                 return cls(
-                    key=key,
-                    modules={},
-                    base_model=None,
-                    nbytes=speculator.weight.nbytes,
-                    speculator=speculator,
+                    key=key, modules={}, base_model=None, nbytes=speculator.nbytes, speculator=speculator
                 )
         config = _read_config(directory)
         weights = directory / "adapter_model.safetensors"
@@ -102,7 +100,7 @@ class AdapterWeights:
             )
         nbytes = sum(a.nbytes + b.nbytes for a, b in modules.values())
         if speculator is not None:
-            nbytes += speculator.weight.nbytes
+            nbytes += speculator.nbytes
         return cls(
             key=key,
             modules=modules,
@@ -110,6 +108,23 @@ class AdapterWeights:
             nbytes=nbytes,
             speculator=speculator,
         )
+
+
+def _load_speculator(
+    directory: Path,
+    hidden_size: int | None,
+    shape: ModelShape | None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Speculator | EagleDraft:
+    """The draft heads or the draft layer, as speculator_config.json's architecture says."""
+    if is_eagle(directory):
+        if shape is None:
+            raise AdapterLoadError("this engine cannot serve eagle speculators (no model shape to check)")
+        return EagleDraft.load(directory, shape=shape, device=device, dtype=dtype)
+    width = hidden_size if hidden_size is not None else shape.hidden_size if shape is not None else 0
+    return Speculator.load(directory, hidden_size=width, device=device, dtype=dtype)
 
 
 def _parent(module: str) -> str:

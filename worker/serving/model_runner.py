@@ -168,6 +168,7 @@ class ModelRunner:
         self.vocab_size = config.vocab_size
         self.hidden_size = config.hidden_size
         self.last_hidden: torch.Tensor | None = None
+        self.step_hidden: torch.Tensor | None = None
         self.eos_token_ids = _eos_ids(config, self.tokenizer)
         self.embed = model.model.embed_tokens.weight
         self.final_norm = model.model.norm.weight
@@ -287,9 +288,9 @@ class ModelRunner:
         hidden = F.embedding(step.input_ids, self.embed)  # [T, D]
         for index, weights in enumerate(self.layers):
             hidden = self._layer(index, weights, hidden, cos, sin, step, lora)
-        hidden = F.rms_norm(
-            hidden.index_select(0, step.logits_indices), (hidden.shape[-1],), self.final_norm, self.eps
-        )
+        # Every fed token's final-norm state: an eagle draft layer commits prefill's whole prompt.
+        self.step_hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.final_norm, self.eps)  # [T, D]
+        hidden = self.step_hidden.index_select(0, step.logits_indices)
         self.last_hidden = hidden  # [B or T, D] final-norm states: what speculator heads read
         return self.lm_head(hidden).float()
 

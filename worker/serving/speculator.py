@@ -23,6 +23,7 @@ the same processing of head i's logits, from which draft d_i was drawn:
     if every draft is accepted, emit one more token drawn from p_K.
 
 Requests with a repetition penalty do not speculate (their p would change with every accepted token).
+The other kind of Turbo speculator, a one-layer draft model, is eagle.py's; it shares this verification.
 A seeded request stays reproducible, but draws different tokens than without speculation (the
 random stream is consumed differently); the distribution is the same.
 """
@@ -79,6 +80,10 @@ class Speculator:
     @property
     def num_heads(self) -> int:
         return int(self.weight.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.bias.nbytes
 
     @classmethod
     def load(

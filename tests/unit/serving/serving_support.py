@@ -54,8 +54,68 @@ def make_random_heads(out_dir: Path, *, hidden_size: int, num_heads: int, seed: 
     torch.manual_seed(seed)
     heads = MedusaHeads(SpeculatorConfig(hidden_size=hidden_size, num_heads=num_heads))
     with torch.no_grad():
-        for head in heads.heads:
-            head.linear.weight.normal_(0, 2.0)
+        for name, param in heads.named_parameters():
+            if name.endswith("linear.weight"):
+                param.normal_(0, 2.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     heads.save(out_dir)
+    return out_dir
+
+
+def make_random_eagle(
+    out_dir: Path,
+    model_dir: Path,
+    *,
+    depth: int = 3,
+    seed: int = 0,
+    draft_vocab: list[int] | None = None,
+    scale: float = 1.0,
+) -> Path:
+    """Saves a random eagle draft layer (speculator_config.json "eagle_layer") shaped for the model in
+    `model_dir`: weights scaled like an initialised layer, so drafts vary from step to step."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    config: Any = AutoConfig.from_pretrained(model_dir)
+    d, inter = config.hidden_size, config.intermediate_size
+    hq, hkv = config.num_attention_heads, config.num_key_value_heads
+    hd = getattr(config, "head_dim", None) or d // hq
+    generator = torch.Generator().manual_seed(seed)
+
+    def linear(out: int, inp: int) -> torch.Tensor:
+        return torch.randn(out, inp, generator=generator) * scale / inp**0.5
+
+    state = {
+        "fc.weight": linear(d, 2 * d),
+        "layer.input_norm.weight": torch.ones(d),
+        "layer.q_proj.weight": linear(hq * hd, d),
+        "layer.k_proj.weight": linear(hkv * hd, d),
+        "layer.v_proj.weight": linear(hkv * hd, d),
+        "layer.o_proj.weight": linear(d, hq * hd),
+        "layer.post_norm.weight": torch.ones(d),
+        "layer.gate_proj.weight": linear(inter, d),
+        "layer.up_proj.weight": linear(inter, d),
+        "layer.down_proj.weight": linear(d, inter),
+    }
+    if draft_vocab is not None:
+        state["draft_vocab"] = torch.tensor(sorted(draft_vocab), dtype=torch.long)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_dir / "speculator.safetensors"))
+    (out_dir / "speculator_config.json").write_text(
+        json.dumps(
+            {
+                "architecture": "eagle_layer",
+                "hidden_size": d,
+                "num_heads": depth,
+                "num_attention_heads": hq,
+                "num_key_value_heads": hkv,
+                "head_dim": hd,
+                "intermediate_size": inter,
+                "rms_norm_eps": config.rms_norm_eps,
+                "trained_steps": 0,
+            }
+        )
+    )
     return out_dir
