@@ -289,6 +289,9 @@ class LLMEngine:
             self.max_model_len - len(seq) - 1,
         )
         drafts = drafts[: max(room, 0)]
+        if not seq.params.ignore_eos:  # nothing after an end-of-sequence draft could ever be emitted
+            ends = [i for i, token in enumerate(drafts) if token in self.runner.eos_token_ids]
+            drafts = drafts[: ends[0] + 1] if ends else drafts
         if drafts and not self.blocks.reserve(seq, len(seq) + len(drafts)):
             return []  # no spare blocks: decode one token, never preempt for speculation
         return drafts

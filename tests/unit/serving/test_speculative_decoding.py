@@ -171,3 +171,17 @@ def test_sampled_requests_speculate_and_stay_reproducible_per_seed(
         runs.append(request.token_ids)
         assert engine.metrics.spec_steps._value.get() > 0
     assert runs[0] == runs[1] and len(runs[0]) == 12
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_drafts_after_an_end_of_sequence_draft_are_not_verified(
+    tiny_model_dir: Path, turbo_root: Path, ignore_eos: bool
+) -> None:
+    """Accepting an EOS draft ends the request, so verifying drafts behind it only costs rows."""
+    engine = make_engine(tiny_model_dir, turbo_root)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=ignore_eos)
+    request = engine.add_request([1, 2, 3], params)
+    engine.step()  # the prefill: the request now holds cache blocks
+    eos = min(engine.runner.eos_token_ids)
+    request.drafts = [5, eos, 6, 7]
+    assert engine._drafts_to_verify(request) == ([5, eos, 6, 7] if ignore_eos else [5, eos])
