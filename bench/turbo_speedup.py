@@ -286,7 +286,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--batches", default="1,2,8", help="requests sent together, comma-separated (1 = single stream)"
     )
-    parser.add_argument("--kernel-threads", type=int, help="small-step kernel threads (default 1)")
+    parser.add_argument(
+        "--kernel-threads", type=int, help="small-step kernel threads (default 2 where there are 2 CPUs)"
+    )
     parser.add_argument("--max-tokens", type=int, default=32, help="per request; EOS stops earlier")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps each: an end-to-end check")
     parser.add_argument(

@@ -184,6 +184,7 @@ def run_server(
     max_batch_size: int,
     kv_cache_bytes: int | None,
     speculation_max_batch: int | None = None,
+    speculation_depth: int | None = None,
     dtype: str,
     preload: list[str],
     device: str = "auto",
@@ -219,6 +220,7 @@ def run_server(
         max_batch_size=max_batch_size,
         max_adapters=max_adapters,
         speculation_max_batch=speculation_max_batch,
+        speculation_depth=speculation_depth,
         kv_cache_bytes=kv_cache_bytes,
     )
     engine = AsyncEngine(config, source=source, metrics=ServingMetrics())

@@ -166,6 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         kv_cache_bytes=args.kv_cache_bytes,
         speculation_max_batch=args.speculation_max_batch,
+        speculation_depth=args.speculation_depth,
         dtype=args.dtype,
         device=args.device,
         preload=args.preload,
@@ -223,6 +224,13 @@ def add_server_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         metavar="N",
         help="Turbo adapters draft and verify only while at most N sequences decode together "
         "(default: 2 on the CPU, 16 on a GPU)",
+    )
+    serve.add_argument(
+        "--speculation-depth",
+        type=int,
+        default=None,
+        metavar="K",
+        help="at most K drafts a step (default: each Turbo adapter's trained depth)",
     )
     serve.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     serve.add_argument(

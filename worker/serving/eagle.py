@@ -232,15 +232,18 @@ class EagleDraft:
 
     # --- one engine step ---------------------------------------------------------------------------
 
-    def commit_and_propose(self, ctx: DraftContext, pending: list[PendingPairs]) -> list[Proposal | None]:
+    def commit_and_propose(
+        self, ctx: DraftContext, pending: list[PendingPairs], depth: int | None = None
+    ) -> list[Proposal | None]:
         """Commits every request's new pairs in one batched layer pass, then drafts K tokens for those
         with `params` (chained steps batched across them). None for commit-only requests."""
+        depth = min(depth or self.num_heads, self.num_heads)
         device = self.fc_t.device
         positions: list[int] = []
         segments = []
         for p in pending:
             rows = len(p.tokens)
-            p.state.reserve(p.state.length + rows + self.num_heads)  # + the proposal's temporary rows
+            p.state.reserve(p.state.length + rows + depth)  # + the proposal's temporary rows
             segments.append((p.state, len(positions), rows, p.state.length))
             positions.extend(range(p.state.length, p.state.length + rows))
         outputs = self.layer(
@@ -258,19 +261,18 @@ class EagleDraft:
             return proposals
         last = [segments[i][1] + segments[i][2] - 1 for i in drafting]
         drafts, probs = self._chain(
-            ctx, outputs[torch.tensor(last, device=device)], [pending[i] for i in drafting]
+            ctx, outputs[torch.tensor(last, device=device)], [pending[i] for i in drafting], depth
         )
         for i, row_drafts, q in zip(drafting, drafts.tolist(), probs, strict=True):
             proposals[i] = (row_drafts, q)
         return proposals
 
     def _chain(
-        self, ctx: DraftContext, outputs: torch.Tensor, pending: list[PendingPairs]
+        self, ctx: DraftContext, outputs: torch.Tensor, pending: list[PendingPairs], depth: int
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """K drafts per request `[R, K]` from the last committed pairs' outputs `[R, D]`, and the q rows
         `[K, V]` of sampled requests."""
         device = outputs.device
-        depth = self.num_heads
         drafts = torch.empty(len(pending), depth, dtype=torch.long, device=device)
         sampled = [r for r, p in enumerate(pending) if p.params is not None and not p.params.greedy]
         q_rows: dict[int, list[torch.Tensor]] = {r: [] for r in sampled}

@@ -61,6 +61,9 @@ class EngineConfig:
     # sequences' 1 + 3 verified tokens fill the 8-row small-step kernel and more turn the step
     # compute-bound; 16 on a GPU). Larger batches decode one token a step, with the same output.
     speculation_max_batch: int | None = None
+    # At most this many drafts per step (vLLM's num_speculative_tokens); None: each speculator's own
+    # depth. Fewer drafts cost fewer verified rows and draft passes, and accept fewer tokens a step.
+    speculation_depth: int | None = None
 
 
 @dataclass(eq=False)
@@ -111,6 +114,9 @@ class LLMEngine:
         self.speculation_max_batch = config.speculation_max_batch or (
             16 if self.runner.device.type == "cuda" else 2
         )
+        if config.speculation_depth is not None and config.speculation_depth < 1:
+            raise ValueError(f"speculation_depth must be at least 1, not {config.speculation_depth}")
+        self.speculation_depth = config.speculation_depth
         self.blocks = BlockManager(self.runner.cache.num_blocks)
         self.metrics.kv_blocks_total.set(self.blocks.num_blocks)
         self.adapters = AdapterCache(
@@ -343,18 +349,25 @@ class LLMEngine:
                 greedy.setdefault(id(speculator), (speculator, []))[1].append((request, last))
                 continue
             request.drafts, request.draft_probs = speculator.propose_sampled(
-                hidden[last : last + 1], self.runner.lm_head, request.seq.params, request.seq.generator
+                hidden[last : last + 1],
+                self.runner.lm_head,
+                request.seq.params,
+                request.seq.generator,
+                self._depth(speculator.num_heads),
             )
         for heads, group in greedy.values():  # one pass of the heads for all rows sharing them
             rows = hidden[torch.tensor([last for _, last in group], device=hidden.device)]
-            proposed = heads.propose(rows, self.runner.lm_head, heads.num_heads).tolist()
+            proposed = heads.propose(rows, self.runner.lm_head, self._depth(heads.num_heads)).tolist()
             for (request, _), request_drafts in zip(group, proposed, strict=True):
                 request.drafts = request_drafts
         for draft, draft_requests, pending in eagle.values():  # one batched layer pass per draft model
-            proposals = draft.commit_and_propose(self.runner, pending)
+            proposals = draft.commit_and_propose(self.runner, pending, self._depth(draft.num_heads))
             for request, proposal in zip(draft_requests, proposals, strict=True):
                 if proposal is not None:
                     request.drafts, request.draft_probs = proposal
+
+    def _depth(self, trained: int) -> int:
+        return min(trained, self.speculation_depth or trained)
 
     def _eagle_pairs(
         self, request: _Request, draft: EagleDraft, first: int, count: int, prefill: bool, propose: bool

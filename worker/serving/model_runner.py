@@ -297,9 +297,10 @@ class ModelRunner:
     def _pick_threads(self, tokens: int) -> None:
         """One intra-op thread for tiny steps, all of them otherwise.
 
-        A single stream's GEMVs are memory-bound: a second thread adds little bandwidth, and any other
-        runnable thread (the HTTP server's event loop, woken for every token) stalls the OpenMP
-        barrier it waits on. Measured on this 2-core CPU, smollm2-135m fp32 single stream through
+        A single stream's GEMVs are memory-bound: a second OpenMP thread adds little bandwidth, and any
+        other runnable thread (the HTTP server's event loop, woken for every token) stalls the OpenMP
+        barrier it waits on. (The small-step kernel splits its GEMMs with a thread of its own instead,
+        see cpu_kernels/small_gemm.c.) Measured on this 2-core CPU, smollm2-135m fp32 single stream through
         AsyncEngine: 25.5 tok/s with one thread vs 23-24 with two; 32-row steps need both.
         """
         wanted = 1 if tokens <= self._small_step_tokens else self._cpu_threads

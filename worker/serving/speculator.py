@@ -132,17 +132,23 @@ class Speculator:
         return best if self.draft_vocab is None else self.draft_vocab[best]
 
     def propose_sampled(
-        self, hidden: torch.Tensor, lm_head: LMHead, params: SamplingParams, generator: torch.Generator | None
+        self,
+        hidden: torch.Tensor,
+        lm_head: LMHead,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        depth: int | None = None,
     ) -> tuple[list[int], torch.Tensor]:
-        """Drafts drawn from each head's processed distribution q, and q itself `[K, V]` (CPU); with a
+        """Drafts drawn from each head's processed distribution q, and q itself `[depth, V]` (CPU); with a
         draft vocabulary q is zero outside it (rejection sampling only needs q(draft) > 0)."""
-        logits = self.head_logits(hidden, lm_head, self.num_heads)[0].cpu()  # [K, V or Vd]
-        q = warped_probs(logits, [params] * self.num_heads)
-        drawn = draw(q, [generator] * self.num_heads)
+        depth = depth or self.num_heads
+        logits = self.head_logits(hidden, lm_head, depth)[0].cpu()  # [depth, V or Vd]
+        q = warped_probs(logits, [params] * depth)
+        drawn = draw(q, [generator] * depth)
         if self.draft_vocab is None:
             return [int(t) for t in drawn], q
         vocab = self.draft_vocab.cpu()
-        full = torch.zeros(self.num_heads, lm_head.weight.shape[0])
+        full = torch.zeros(depth, lm_head.weight.shape[0])
         full[:, vocab] = q
         return [int(t) for t in vocab[drawn]], full
 

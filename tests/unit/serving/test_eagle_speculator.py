@@ -407,3 +407,24 @@ def test_a_request_for_a_broken_eagle_adapter_fails_with_the_reason(
     request = Collected(engine, [1, 2, 3], GREEDY, "bad/1")
     run_until_done(engine, [request])
     assert isinstance(request.error, AdapterLoadError) and "hidden_size 128" in str(request.error)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_speculation_depth_caps_the_drafts_of_both_kinds_and_outputs_stay_exact(
+    tiny_model_dir: Path, eagle_root: Path, depth: int
+) -> None:
+    engine = make_engine(tiny_model_dir, eagle_root, speculation_depth=depth, speculation_max_batch=3)
+    cases = [("echo/1", REPEATING_PROMPT), ("eagle/1", [1, 9, 8]), ("heads/1", [1, 7, 7, 3])]
+    requests = [Collected(engine, prompt, GREEDY, adapter) for adapter, prompt in cases]
+    run_until_done(engine, requests)
+    for (adapter, prompt), request in zip(cases, requests, strict=True):
+        assert request.token_ids == hf_greedy(tiny_model_dir, None, prompt, NEW_TOKENS), adapter
+        stats = request.outputs[-1].speculation
+        assert stats is not None and 0 < stats.drafted <= depth * stats.steps, adapter
+    echo = requests[0].outputs[-1].speculation
+    assert echo is not None and echo.accepted == echo.drafted  # the echo draft is always right
+
+
+def test_a_speculation_depth_below_one_is_refused(tiny_model_dir: Path, eagle_root: Path) -> None:
+    with pytest.raises(ValueError, match="speculation_depth must be at least 1"):
+        make_engine(tiny_model_dir, eagle_root, speculation_depth=0)

@@ -14,6 +14,7 @@
  */
 #include <immintrin.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -34,8 +35,8 @@ ALWAYS_INLINE float hsum(__m256 v) {
 ALWAYS_INLINE void block(const float *x, ptrdiff_t ldx, int MB, const float *W, ptrdiff_t K, int NB,
                          const float *bias, float *y, ptrdiff_t ldy) {
     /* Fully unrolled (MB and NB are constants at every call) so the accumulators live in registers. */
-    __m256 acc[4][8];
-#pragma GCC unroll 4
+    __m256 acc[8][8];
+#pragma GCC unroll 8
     for (int m = 0; m < MB; m++)
 #pragma GCC unroll 8
         for (int j = 0; j < NB; j++) acc[m][j] = _mm256_setzero_ps();
@@ -49,7 +50,7 @@ ALWAYS_INLINE void block(const float *x, ptrdiff_t ldx, int MB, const float *W, 
         __m256 w[8];
 #pragma GCC unroll 8
         for (int j = 0; j < NB; j++) w[j] = _mm256_loadu_ps(W + j * K + k);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int m = 0; m < MB; m++) {
             __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
 #pragma GCC unroll 8
@@ -80,13 +81,27 @@ SWEEP(1, 8)
 SWEEP(2, 4)
 SWEEP(3, 2)
 SWEEP(4, 2)
+/* 5-8 rows: every row of x against one weight row at a time, so the weights stream from memory once
+ * while the FMAs run (two 4-row passes over an L2-resident panel left the memory idle during the
+ * second: a 7-row smollm2 step cost 1.6x a 1-row step that way, measured). */
+SWEEP(5, 1)
+SWEEP(6, 1)
+SWEEP(7, 1)
+SWEEP(8, 1)
 
-/* Column panels of W small enough to stay in L2 while 4-row groups of x pass over them, so M = 5..8
- * still reads each weight from memory once. */
+/* Column panels of W (kept for the helper thread's split, which is in whole panels). */
 #define PANEL_ROWS 128
 
 static void gemm_rows(const float *x, ptrdiff_t M, ptrdiff_t ldx, const float *W, ptrdiff_t K,
                       ptrdiff_t first, ptrdiff_t last, const float *bias, float *y, ptrdiff_t ldy) {
+    if (M > 4) {
+        switch (M) {
+            case 5: sweep_5(x, ldx, W, K, first, last, bias, y, ldy); return;
+            case 6: sweep_6(x, ldx, W, K, first, last, bias, y, ldy); return;
+            case 7: sweep_7(x, ldx, W, K, first, last, bias, y, ldy); return;
+            default: sweep_8(x, ldx, W, K, first, last, bias, y, ldy); return;
+        }
+    }
     for (ptrdiff_t n0 = first; n0 < last; n0 += PANEL_ROWS) {
         ptrdiff_t n1 = n0 + PANEL_ROWS < last ? n0 + PANEL_ROWS : last;
         for (ptrdiff_t m = 0; m < M; m += 4) {
@@ -104,33 +119,52 @@ static void gemm_rows(const float *x, ptrdiff_t M, ptrdiff_t ldx, const float *W
 }
 
 /* A second core: one persistent helper thread takes the upper half of W's rows while the caller
- * computes the lower half. It sleeps on a condition variable between calls (no spinning that would
- * steal the core from torch's own threads between GEMMs). Which thread computes a row never changes
- * its arithmetic, so results stay bit-identical. One call at a time (the call lock). */
+ * computes the lower half. Which thread computes a row never changes its arithmetic, so results stay
+ * bit-identical. One call at a time (the call lock).
+ *
+ * Hand-off: a condition-variable wake-up costs tens of microseconds on a VM, and a decode step makes
+ * ~4 GEMM calls per layer (120 for smollm2), so waking the helper for each call cost more than it
+ * saved. The helper therefore spins for a short while after each job (the next GEMM of the step comes
+ * within microseconds) and only then sleeps on the condition variable, so between steps, and during
+ * large steps that do not use this kernel, it leaves the core to torch's own threads. */
 typedef struct {
     const float *x, *W, *bias;
     float *y;
     ptrdiff_t M, ldx, K, first, last, ldy;
 } job_t;
 
+/* ~0.5 ms of _mm_pause() on a Zen 2 core: longer than the gaps between one step's GEMMs. */
+#define SPIN_LIMIT 20000
+
 static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t job_ready = PTHREAD_COND_INITIALIZER, job_done = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t job_ready = PTHREAD_COND_INITIALIZER;
 static job_t job;
-static int pending = 0, started = 0;
+static atomic_int pending = 0;  /* 1: a job is posted and not finished */
+static atomic_int sleeping = 0; /* the helper is (about to be) waiting on job_ready */
+static int started = 0;
 
 static void *helper_main(void *unused) {
     (void)unused;
-    pthread_mutex_lock(&lock);
     for (;;) {
-        while (!pending) pthread_cond_wait(&job_ready, &lock);
+        int spins = 0;
+        while (!atomic_load(&pending)) {
+            if (++spins < SPIN_LIMIT) {
+                _mm_pause();
+                continue;
+            }
+            /* Sleep. sleeping is set before pending is read again, and the caller sets pending before
+             * reading sleeping (both sequentially consistent), so a posted job is never missed. */
+            pthread_mutex_lock(&lock);
+            atomic_store(&sleeping, 1);
+            while (!atomic_load(&pending)) pthread_cond_wait(&job_ready, &lock);
+            atomic_store(&sleeping, 0);
+            pthread_mutex_unlock(&lock);
+        }
         job_t mine = job;
-        pthread_mutex_unlock(&lock);
         gemm_rows(mine.x, mine.M, mine.ldx, mine.W, mine.K, mine.first, mine.last, mine.bias, mine.y,
                   mine.ldy);
-        pthread_mutex_lock(&lock);
-        pending = 0;
-        pthread_cond_signal(&job_done);
+        atomic_store(&pending, 0);
     }
     return NULL;
 }
@@ -157,15 +191,15 @@ int tf_small_gemm(const float *x, ptrdiff_t M, ptrdiff_t ldx, const float *W, pt
         started = 1;
     }
     ptrdiff_t half = (N / 2 + PANEL_ROWS - 1) / PANEL_ROWS * PANEL_ROWS;
-    pthread_mutex_lock(&lock);
     job = (job_t){x, W, bias, y, M, ldx, K, half, N, ldy};
-    pending = 1;
-    pthread_cond_signal(&job_ready);
-    pthread_mutex_unlock(&lock);
+    atomic_store(&pending, 1);
+    if (atomic_load(&sleeping)) {
+        pthread_mutex_lock(&lock);
+        pthread_cond_signal(&job_ready);
+        pthread_mutex_unlock(&lock);
+    }
     gemm_rows(x, M, ldx, W, K, 0, half, bias, y, ldy);
-    pthread_mutex_lock(&lock);
-    while (pending) pthread_cond_wait(&job_done, &lock);
-    pthread_mutex_unlock(&lock);
+    while (atomic_load(&pending)) _mm_pause(); /* the helper's half is about as long as ours */
     pthread_mutex_unlock(&call_lock);
     return 0;
 }
