@@ -1,13 +1,16 @@
-"""Turbo speedup: speculative decoding with trained Medusa heads against plain decoding, in one run.
+"""Turbo speedup: speculative decoding with a trained speculator against plain decoding, in one run.
 
 Run: .venv/bin/python bench/turbo_speedup.py [--lora-steps 60] [--turbo-steps 60] [--turbo-lora-steps 60]
+     [--architecture eagle|medusa] [--depth 6] [--serve-depth K] [--compare-medusa STEPS]
      [--dtype fp32|bf16] [--keep DIR] [--skip-training DIR] [--quick] [--json PATH]
 Base model smollm2-135m, the demo task (dates in words -> YYYY-MM-DD, app/services/demo_dataset.py),
 the demo's LoRA settings. Trains, timing each:
   (a) `lora`: a plain LoRA (the peer);
-  (b) `turbo`: heads only on top of (a) (init_from its artifact, LoRA frozen, self-distilled heads:
-      they learn what the adapted model says, which is what speculation must guess);
-  (c) `turbo_lora`: LoRA and heads trained jointly.
+  (b) `turbo`: a speculator only (default: the EAGLE-style draft layer, --depth drafts a step) on top
+      of (a) (init_from its artifact, LoRA frozen, self-distilled: it learns what the adapted model
+      says, which is what speculation must guess);
+  (c) `turbo_lora`: LoRA and speculator trained jointly;
+  (d) with --compare-medusa: Medusa heads on (a), the other architecture, timed single stream.
 Then one engine serves (a), (b), (c) and (c) copied without its speculator files, and on the held-out
 demo prompts (chat template, as training formats them; greedy, stopping at EOS) measures
   - single stream, one prompt after another: decode rate, each request's first token excluded
@@ -40,6 +43,7 @@ BASE_MODEL = "smollm2-135m"
 REPO = "turbo"
 # The adapters as the engine sees them: `<root>/turbo/<N>`.
 LORA, LORA_TURBO, TURBO_LORA, TURBO_LORA_BARE = "turbo/1", "turbo/2", "turbo/3", "turbo/4"
+LORA_MEDUSA = "turbo/5"  # --compare-medusa: Medusa heads (the other architecture) on the same LoRA
 SPECULATOR_FILES = ("speculator.safetensors", "speculator_config.json")
 QUICK_STEPS = 3
 
@@ -90,6 +94,10 @@ def train_all(args: argparse.Namespace, root: Path, scratch: Path) -> dict[str, 
         ("turbo_lora", TURBO_LORA,
          {"adapter": "turbo_lora", "train_steps": args.turbo_lora_steps} | heads, None),
     ]  # fmt: skip
+    if args.compare_medusa:
+        plans.append(("medusa heads on the lora", LORA_MEDUSA,
+                      {"adapter": "turbo", "train_steps": args.compare_medusa, "speculator_distill": True,
+                       "speculator_architecture": "medusa", "speculator_heads": 3}, LORA))  # fmt: skip
     rows, seconds = demo_rows(), {}
     for name, adapter_id, overrides, parent in plans:
         if (root / adapter_id).is_dir():
@@ -158,15 +166,20 @@ def held_out_prompts(tokenizer: Any, count: int) -> list[list[int]]:
     return [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
 
 
-def start_engine(model_dir: Path, root: Path, dtype: str, max_batch: int) -> Any:
+def start_engine(model_dir: Path, root: Path, dtype: str, max_batch: int, depth: int | None) -> Any:
     from worker.serving.adapters import LocalDirectorySource
     from worker.serving.async_engine import AsyncEngine
     from worker.serving.engine import EngineConfig
 
-    config = EngineConfig(model_path=model_dir, model_name=BASE_MODEL, dtype=dtype, max_batch_size=max_batch)
+    config = EngineConfig(
+        model_path=model_dir, model_name=BASE_MODEL, dtype=dtype, max_batch_size=max_batch,
+        speculation_depth=depth,
+    )  # fmt: skip
     engine = AsyncEngine(config, source=LocalDirectorySource(root))
     engine.start()
     wanted = [LORA, LORA_TURBO, TURBO_LORA, TURBO_LORA_BARE]
+    if (root / LORA_MEDUSA).is_dir():
+        wanted.append(LORA_MEDUSA)
     engine.preload(wanted)
     deadline = time.monotonic() + 120
     while len(engine.loaded_adapters()) < len(wanted):
@@ -225,12 +238,14 @@ def compare(label: str, spec: Measured, plain: Measured) -> str:
 
 
 async def run_all(
-    engine: Any, prompts: list[list[int]], max_tokens: int, batches: list[int]
+    engine: Any, prompts: list[list[int]], max_tokens: int, batches: list[int], medusa: bool
 ) -> dict[str, Measured]:
     results = {}
     for batch in batches:
         for adapter_id in (LORA, LORA_TURBO, TURBO_LORA_BARE, TURBO_LORA):
             results[f"{adapter_id} {batch}"] = await measure(engine, prompts, adapter_id, max_tokens, batch)
+    if medusa:  # the other architecture on the same LoRA, single stream only
+        results[f"{LORA_MEDUSA} 1"] = await measure(engine, prompts, LORA_MEDUSA, max_tokens, 1)
     return results
 
 
@@ -253,6 +268,11 @@ def report(
                 "mean_accepted_length": m.mean_accepted_length,
                 "acceptance_rate": m.acceptance_rate,
             }
+    if f"{LORA_MEDUSA} 1" in results and f"{LORA} 1" in results:
+        lines.append(
+            compare("single stream", results[f"{LORA_MEDUSA} 1"], results[f"{LORA} 1"])
+            + "  [lora + medusa heads vs lora: the other speculator_architecture]"
+        )
     lengths = [len(t) for t in results[f"{LORA} {batches[0]}"].outputs]
     print(f"held-out prompts: {len(lengths)}, {min(lengths)}-{max(lengths)} tokens each (greedy, to EOS)")
     for line in lines:
@@ -281,7 +301,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--architecture", choices=["eagle", "medusa"], default="eagle", help="speculator_architecture"
     )
-    parser.add_argument("--depth", type=int, default=6, help="speculator_heads: drafts per step")
+    parser.add_argument("--depth", type=int, default=6, help="speculator_heads: the depth trained")
+    parser.add_argument(
+        "--serve-depth", type=int, help="the engine's speculation_depth (default: the trained depth)"
+    )
+    parser.add_argument(
+        "--compare-medusa", type=int, default=0, metavar="STEPS",
+        help="also train Medusa heads (3, self-distilled) on the lora for STEPS steps and time them",
+    )  # fmt: skip
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts")
     parser.add_argument(
         "--batches", default="1,2,8", help="requests sent together, comma-separated (1 = single stream)"
@@ -333,7 +360,7 @@ def main() -> None:
         if args.keep:
             shutil.copytree(root, args.keep, dirs_exist_ok=True)
         batches = [int(b) for b in args.batches.split(",")]
-        engine = start_engine(model_dir, root, args.dtype, max(batches))
+        engine = start_engine(model_dir, root, args.dtype, max(batches), args.serve_depth)
         kernel = engine.engine.runner.kernel
         if args.kernel_threads and kernel is not None:
             kernel.threads = args.kernel_threads
@@ -343,7 +370,8 @@ def main() -> None:
             flush=True,
         )
         try:
-            results = asyncio.run(run_all(engine, prompts, args.max_tokens, batches))
+            medusa = (root / LORA_MEDUSA).is_dir()
+            results = asyncio.run(run_all(engine, prompts, args.max_tokens, batches, medusa))
             limit = engine.engine.speculation_max_batch
         finally:
             engine.shutdown()
