@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from worker.training import checkpoints, evaluation, objective, turbo_speedup
+from worker.training import checkpoints, evaluation, feature_cache, objective, turbo_speedup
 from worker.training.base_models import resolve_base_model
 from worker.training.batches import make_batch
 from worker.training.config import TrainingConfig
@@ -204,6 +204,13 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> 
     """One optimiser step over effective_batch_size rows, accumulated over micro-batches."""
     started = time.perf_counter()
     trainable, config = run.trainable, run.config
+    if not run.features_built:
+        # Inside the step, so its one-off cost counts in train_seconds (this step's tokens/s is low).
+        run.features_built = True
+        visits = run.total_steps * config.batch_size
+        run.features = feature_cache.build(trainable, run.data.train, run.pad_token_id, visits=visits)
+        if run.features is not None:
+            trainable.details["speculator_feature_cache"] = run.features.details()
     batches = [
         make_batch(micro, run.pad_token_id, packed=config.packing)
         for micro in run.micro_batches(run.examples_for_step(progress.step))
@@ -214,8 +221,9 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> 
     trainable.model.train(trainable.trains_model)
     loss_total = 0.0
     for batch in batches:
+        features = run.features.features(batch, run.device) if run.features is not None else None
         with trainable.autocast():
-            loss = objective.loss_sum(trainable, batch.to(run.device))
+            loss = objective.loss_sum(trainable, batch.to(run.device), features)
         run.scaler.scale(loss / n_targets).backward()
         loss_total += loss.item()
     run.scaler.unscale_(run.optimizer)

@@ -14,24 +14,39 @@ import torch
 from worker.training import eagle, speculator
 from worker.training.batches import Batch, make_batch, token_loss_sum
 from worker.training.data import IGNORE_INDEX, Example
+from worker.training.feature_cache import Features
 from worker.training.methods import TrainableModel
 from worker.training.speculator import HeadStats
 
 
-def loss_sum(trainable: TrainableModel, batch: Batch) -> torch.Tensor:
-    """The run's summed loss over the batch (0-dim fp32), normalised by the caller's target count."""
+def loss_sum(trainable: TrainableModel, batch: Batch, features: Features | None = None) -> torch.Tensor:
+    """The run's summed loss over the batch (0-dim fp32), normalised by the caller's target count.
+
+    features: the frozen model's outputs for this batch (turbo, worker/training/feature_cache.py);
+    when given, the model does not run.
+    """
     if trainable.speculator is None:
         return token_loss_sum(trainable.model, batch)
-    loss, _, _ = _turbo_forward(trainable, batch)
+    loss, _, _ = _turbo_forward(trainable, batch, features)
     return loss
 
 
-def _turbo_forward(trainable: TrainableModel, batch: Batch) -> tuple[torch.Tensor, HeadStats, torch.Tensor]:
+def _turbo_forward(
+    trainable: TrainableModel, batch: Batch, features: Features | None = None
+) -> tuple[torch.Tensor, HeadStats, torch.Tensor]:
     """(summed objective, per-head stats on the heads' targets, the model's greedy tokens [B, S])."""
     heads = trainable.speculator
     assert heads is not None
-    # The LM's logits are needed for its own loss, or for the greedy tokens heads distill.
-    hidden, lm_logits, greedy = _forward(trainable, batch, lm=trainable.trains_model or heads.config.distill)
+    if features is not None:
+        assert not trainable.trains_model, "cached features serve only a frozen model"
+        hidden, lm_logits = features.hidden, torch.zeros((0,), device=features.hidden.device)
+        greedy = (
+            features.greedy if features.greedy is not None else torch.full_like(batch.targets, IGNORE_INDEX)
+        )
+    else:
+        # The LM's logits are needed for its own loss, or for the greedy tokens heads distill.
+        lm = trainable.trains_model or heads.config.distill
+        hidden, lm_logits, greedy = _forward(trainable, batch, lm=lm)
     has_target = batch.targets != IGNORE_INDEX  # [B, S]
     lm_loss = (
         torch.nn.functional.cross_entropy(lm_logits, batch.targets[has_target], reduction="sum")

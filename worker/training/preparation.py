@@ -18,6 +18,7 @@ from tuneforge.config import LOW_RANK_ADAPTERS, TURBO_ADAPTERS
 from worker.training import autoconfig, methods, optim, token_cache
 from worker.training.config import TrainingConfig
 from worker.training.data import Example, PreparedData, prepare_data
+from worker.training.feature_cache import FeatureCache
 from worker.training.methods import TrainableModel
 from worker.training.runtime import Runtime, TrainingConfigError, resolve_runtime
 from worker.training.speculator import SPECULATOR_WEIGHTS
@@ -42,6 +43,9 @@ class Run:
     autoconfig: dict[str, Any] = field(default_factory=dict)  # the automatic decisions, JSON
     requested_trajectory: dict[str, Any] = field(default_factory=dict)  # as given, to match on resume
     best_state: dict[str, torch.Tensor] | None = None  # trainable weights at the best eval so far
+    # turbo: the frozen model's features of the training examples, built by the first step this process runs
+    features: FeatureCache | None = None
+    features_built: bool = False
 
     @property
     def device(self) -> torch.device:
