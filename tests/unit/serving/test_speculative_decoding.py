@@ -26,7 +26,9 @@ GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
 def turbo_root(tiny_model_dir: Path, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`turbo/1`: a trained turbo_lora (LoRA + heads); `heads/1`: random heads on the base model alone."""
     root = tmp_path_factory.mktemp("turbo-adapters")
-    config = make_config(adapter="turbo_lora", train_steps=12, speculator_heads=3)
+    config = make_config(
+        adapter="turbo_lora", train_steps=12, speculator_heads=3, speculator_architecture="medusa"
+    )
     result = train(config, number_rows(), output_dir=root / "run", cache_dir=tiny_model_dir.parent)
     assert result.adapter_dir is not None
     (root / "turbo").mkdir()

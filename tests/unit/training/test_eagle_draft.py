@@ -188,8 +188,10 @@ def test_turbo_lora_eagle_resumes_from_a_checkpoint_exactly(tiny_cache: Path, tm
 
 
 def test_continuing_a_medusa_version_as_eagle_names_the_field(tiny_cache: Path, tmp_path: Path) -> None:
-    medusa = train(make_config(adapter="turbo_lora", train_steps=1, speculator_heads=3), number_rows(),
-                   output_dir=tmp_path / "medusa", cache_dir=tiny_cache)  # fmt: skip
+    config = make_config(
+        adapter="turbo_lora", train_steps=1, speculator_heads=3, speculator_architecture="medusa"
+    )
+    medusa = train(config, number_rows(), output_dir=tmp_path / "medusa", cache_dir=tiny_cache)
     assert medusa.adapter_dir is not None
     with pytest.raises(TrainingConfigError, match="speculator_architecture"):
         train(eagle_config(adapter="turbo", train_steps=1), number_rows(), output_dir=tmp_path / "eagle",
@@ -200,4 +202,4 @@ def test_an_unknown_speculator_architecture_names_the_field() -> None:
     with pytest.raises(ValidationError) as caught:
         TrainingConfig(base_model=TINY, adapter="turbo", speculator_architecture="hydra")
     [error] = caught.value.errors()
-    assert error["loc"] == ("speculator_architecture",) and "'medusa' or 'eagle'" in error["msg"]
+    assert error["loc"] == ("speculator_architecture",) and "'eagle' or 'medusa'" in error["msg"]

@@ -26,7 +26,10 @@ def distinct_rows(n: int = 24) -> list[dict[str, str]]:
 
 def turbo(**overrides: Any) -> Any:
     # 3 steps an epoch over the 20-odd training rows: 7 steps are more than two epochs.
-    return make_config(**({"adapter": "turbo", "train_steps": 8, "speculator_heads": 2} | overrides))
+    return make_config(
+        **({"adapter": "turbo", "train_steps": 8, "speculator_heads": 2, "speculator_architecture": "medusa"}
+           | overrides)
+    )  # fmt: skip
 
 
 def stopped_run(config: Any, tiny_cache: Path, out: Path) -> tuple[TrainingResult, Recorder]:

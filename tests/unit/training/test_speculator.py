@@ -27,7 +27,10 @@ from worker.training.speculator import MedusaHeads, SpeculatorConfig
 
 
 def turbo_config(**overrides: Any) -> TrainingConfig:
-    return make_config(**({"adapter": "turbo_lora", "train_steps": 8} | overrides))
+    # These tests are about Medusa heads; the EAGLE-style draft (the default) has test_eagle_draft.py.
+    return make_config(
+        **({"adapter": "turbo_lora", "train_steps": 8, "speculator_architecture": "medusa"} | overrides)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +219,7 @@ def test_speculator_config_tolerates_unknown_keys(tmp_path: Path) -> None:
 
 def test_turbo_on_the_base_trains_only_the_heads(tiny_cache: Path, tmp_path: Path) -> None:
     recorder = Recorder()
-    config = make_config(adapter="turbo", train_steps=6, speculator_heads=2)
+    config = make_config(adapter="turbo", train_steps=6, speculator_heads=2, speculator_architecture="medusa")
     result = train(config, number_rows(), output_dir=tmp_path, cache_dir=tiny_cache, callbacks=recorder)
     assert result.adapter_dir is not None
     names = {path.name for path in result.adapter_dir.iterdir()}
@@ -233,7 +236,9 @@ def test_turbo_on_the_base_trains_only_the_heads(tiny_cache: Path, tmp_path: Pat
 def test_turbo_on_a_lora_leaves_the_lora_bit_identical(
     lora_dir: Path, tiny_cache: Path, tmp_path: Path
 ) -> None:
-    config = make_config(adapter="turbo", train_steps=4, speculator_distill=True)
+    config = make_config(
+        adapter="turbo", train_steps=4, speculator_distill=True, speculator_architecture="medusa"
+    )
     result = train(config, number_rows(), output_dir=tmp_path, cache_dir=tiny_cache, init_from=lora_dir)
     assert result.adapter_dir is not None
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -250,6 +255,7 @@ def test_self_distilled_heads_learn_the_models_own_tokens_not_the_datasets(
     # The random tiny model's greedy tokens are not the dataset's, so the two targets pull apart.
     def heads_after(distill: bool) -> dict[str, Any]:
         config = make_config(adapter="turbo", train_steps=40, learning_rate=3e-2, speculator_heads=1,
+                             speculator_architecture="medusa",
                              speculator_distill=distill)  # fmt: skip
         result = train(config, number_rows(), output_dir=tmp_path / str(distill), cache_dir=tiny_cache)
         return result.summary["speculator"]
@@ -262,7 +268,8 @@ def test_self_distilled_heads_learn_the_models_own_tokens_not_the_datasets(
 def test_turbo_on_a_lora_resumes_from_its_own_checkpoint_as_the_worker_does(
     lora_dir: Path, tiny_cache: Path, tmp_path: Path
 ) -> None:
-    config = make_config(adapter="turbo", train_steps=4, checkpoint_every_n_steps=2, speculator_heads=2)
+    config = make_config(adapter="turbo", train_steps=4, checkpoint_every_n_steps=2, speculator_heads=2,
+                         speculator_architecture="medusa")  # fmt: skip
     straight = Recorder()
     train(config, number_rows(), output_dir=tmp_path / "a", cache_dir=tiny_cache, callbacks=straight,
           init_from=lora_dir)  # fmt: skip
@@ -322,5 +329,6 @@ def test_speculator_config_errors_name_the_field(overrides: dict[str, Any], fiel
 def test_turbo_types_are_accepted_with_their_defaults() -> None:
     turbo_lora = TrainingConfig(base_model=TINY, adapter="turbo_lora")
     assert turbo_lora.speculator_heads == 3 and turbo_lora.learning_rate == 2e-4
+    assert turbo_lora.speculator_architecture == "eagle"
     turbo = TrainingConfig(base_model=TINY, adapter="turbo", quantization_bits=4)
     assert turbo.learning_rate == 1e-3 and turbo.speculator_loss_weight_decay == 0.8
