@@ -90,7 +90,9 @@ def test_eagle_medusa_and_plain_requests_match_greedy_decoding(
     assert all(s.steps > 0 and s.drafted > 0 for s in stats if s)
     echo = stats[3]
     assert echo is not None and echo.accepted == echo.drafted  # every repeated-token draft is right
-    assert echo.mean_accepted_length > 2.5
+    # Alone it drafts its full depth; in the batch of five speculating requests the CPU kernel's 8-row
+    # budget leaves each one draft a step (engine._depth), all of them accepted.
+    assert echo.mean_accepted_length == (2.0 if batched else pytest.approx(1 + DEPTH, abs=1.5))
 
 
 def test_speculation_metrics_count_eagle_drafts(tiny_model_dir: Path, eagle_root: Path) -> None:
@@ -110,7 +112,7 @@ def test_speculation_metrics_count_eagle_drafts(tiny_model_dir: Path, eagle_root
     assert echo is not None and echo.steps <= NEW_TOKENS // (DEPTH + 1) + 1
 
 
-def test_large_batches_keep_committing_and_speculation_resumes_when_the_batch_shrinks(
+def test_requests_in_a_batch_over_the_limit_stop_speculating_and_stay_exact(
     tiny_model_dir: Path, eagle_root: Path
 ) -> None:
     engine = make_engine(tiny_model_dir, eagle_root, speculation_max_batch=1)
@@ -124,10 +126,10 @@ def test_large_batches_keep_committing_and_speculation_resumes_when_the_batch_sh
         hf_greedy(tiny_model_dir, None, REPEATING_PROMPT, NEW_TOKENS),
         hf_greedy(tiny_model_dir, None, [1, 100, 200], 4),
     ]
-    # Two requests: no drafts while both ran; the long one speculated once alone, from its kept cache.
-    assert requests[1].outputs[-1].speculation is None
-    echo = requests[0].outputs[-1].speculation
-    assert echo is not None and echo.accepted > 0
+    # Two requests: no drafts while both ran, and the long one dropped its draft cache (keeping it
+    # would mean committing every step of a large batch), so it decoded alone without drafts too.
+    assert [r.outputs[-1].speculation for r in requests] == [None, None]
+    assert engine.metrics.spec_steps._value.get() == 0
 
 
 def test_preempted_eagle_requests_rebuild_their_draft_cache_and_outputs_stay_exact(
