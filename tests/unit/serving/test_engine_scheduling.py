@@ -94,8 +94,13 @@ def test_prompt_longer_than_the_context_is_refused_naming_the_limit(
 def test_abort_frees_the_sequence_blocks_at_once(tiny_model_dir: Path, adapter_root: Path) -> None:
     engine = make_engine(tiny_model_dir, adapter_root)
     keep, drop = Collected(engine, PROMPT, GREEDY, None), Collected(engine, PROMPT, GREEDY, "acme/2")
-    for _ in range(4):
+    # The adapter loads on a thread of its own: step until its request holds cache blocks (a fixed
+    # number of steps raced the load on a busy machine, and the abort then had nothing to free).
+    deadline = time.monotonic() + 60
+    while not drop.request.seq.block_table and time.monotonic() < deadline:
         engine.step()
+        time.sleep(0.01)
+    engine.step()
     used = engine.blocks.num_used
     engine.abort(drop.request.seq.seq_id)
     drop.drain()

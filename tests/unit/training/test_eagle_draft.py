@@ -141,14 +141,6 @@ def eagle_config(**overrides: Any) -> TrainingConfig:
     return make_config(**({"speculator_architecture": "eagle", "speculator_heads": 3} | overrides))
 
 
-@pytest.fixture(scope="module")
-def lora_dir(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("lora-parent")
-    result = train(make_config(train_steps=2), number_rows(), output_dir=out, cache_dir=tiny_cache)
-    assert result.adapter_dir is not None
-    return result.adapter_dir
-
-
 def test_turbo_eagle_on_a_lora_learns_and_leaves_the_lora_bit_identical(
     lora_dir: Path, tiny_cache: Path, tmp_path: Path
 ) -> None:

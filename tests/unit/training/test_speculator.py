@@ -50,14 +50,6 @@ def turbo_lora_run(
     return result, recorder
 
 
-@pytest.fixture(scope="module")
-def lora_dir(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("lora-parent")
-    result = train(make_config(train_steps=2), number_rows(), output_dir=out, cache_dir=tiny_cache)
-    assert result.adapter_dir is not None
-    return result.adapter_dir
-
-
 # --- the heads ------------------------------------------------------------------------------------
 
 
