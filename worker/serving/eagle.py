@@ -25,12 +25,11 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from worker.serving.errors import AdapterLoadError
 from worker.serving.params import SamplingParams
 from worker.serving.sampling import draw, warped_probs
-from worker.serving.speculator import DRAFT_VOCAB_KEY, SPECULATOR_CONFIG, SPECULATOR_WEIGHTS, LMHead
+from worker.serving.speculator import DRAFT_VOCAB_KEY, SPECULATOR_CONFIG, LMHead, read_speculator_files
 
 EAGLE_ARCHITECTURE = "eagle_layer"
 # The draft cache grows by this many positions at a time (a request rarely needs more than a few).
@@ -124,11 +123,7 @@ class EagleDraft:
     def load(
         cls, directory: Path, *, shape: ModelShape, device: torch.device, dtype: torch.dtype
     ) -> EagleDraft:
-        try:
-            config = json.loads((directory / SPECULATOR_CONFIG).read_text())
-            state = load_file(directory / SPECULATOR_WEIGHTS)
-        except (OSError, ValueError) as exc:
-            raise AdapterLoadError(f"the speculator files cannot be read ({exc})") from exc
+        config, state = read_speculator_files(directory)
         _check_shape(config, shape)
         try:
             depth = int(config["num_heads"])

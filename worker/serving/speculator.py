@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -89,11 +89,7 @@ class Speculator:
     def load(
         cls, directory: Path, *, hidden_size: int, device: torch.device, dtype: torch.dtype
     ) -> Speculator:
-        try:
-            config = json.loads((directory / SPECULATOR_CONFIG).read_text())
-            state = load_file(directory / SPECULATOR_WEIGHTS)
-        except (OSError, ValueError) as exc:
-            raise AdapterLoadError(f"the speculator files cannot be read ({exc})") from exc
+        config, state = read_speculator_files(directory)
         if config.get("architecture") != SUPPORTED_ARCHITECTURE or config.get("hidden_size") != hidden_size:
             raise AdapterLoadError(
                 f"speculator {config.get('architecture')!r} of hidden size {config.get('hidden_size')} "
@@ -182,6 +178,18 @@ def accept_sampled(
         return emitted
     emitted.append(int(draw(p[len(drafts)][None], [generator])[0]))
     return emitted
+
+
+def read_speculator_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """speculator_config.json and speculator.safetensors of either kind; unreadable ones refuse the load."""
+    try:
+        config = json.loads((directory / SPECULATOR_CONFIG).read_text())
+        state = load_file(directory / SPECULATOR_WEIGHTS)
+    except (OSError, ValueError) as exc:
+        raise AdapterLoadError(f"the speculator files cannot be read ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterLoadError("speculator_config.json is not a JSON object")
+    return config, state
 
 
 def has_speculator(directory: Path) -> bool:
