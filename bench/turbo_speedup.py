@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python bench/turbo_speedup.py [--lora-steps 60] [--turbo-steps 60] [--turbo-lora-steps 60]
      [--architecture eagle|medusa] [--depth 6] [--serve-depth K] [--compare-medusa STEPS]
-     [--dtype fp32|bf16] [--keep DIR] [--skip-training DIR] [--quick] [--json PATH]
+     [--dtype fp32|bf16] [--keep DIR] [--skip-training DIR] [--repeats 5] [--quick] [--json PATH]
 Base model smollm2-135m, the demo task (dates in words -> YYYY-MM-DD, app/services/demo_dataset.py),
 the demo's LoRA settings. Trains, timing each:
   (a) `lora`: a plain LoRA (the peer);
@@ -19,6 +19,8 @@ demo prompts (chat template, as training formats them; greedy, stopping at EOS) 
     another; per group the first token anywhere to the last token anywhere, summed;
     batches above the engine's speculation_max_batch (2 on the CPU) decode without drafts;
 for (b) against (a) (speculative vs plain: the same LoRA weights) and (c) with against without heads.
+Every measurement runs --repeats rounds, interleaved; rates are the rounds' median, and the per-round
+ratios' range is printed beside each (a batch-8 round lasts ~0.3 s, so one round can be disturbed).
 Greedy outputs must be identical with and without speculation. Acceptance from the engine's
 counters: mean accepted length = (accepted + steps) / steps tokens per verification step, acceptance
 rate = accepted / drafted. Target: >= 2.5x single stream. Never a pass/fail.
@@ -31,6 +33,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -56,11 +59,17 @@ class Stream:
 
 @dataclass
 class Measured:
-    outputs: list[list[int]]
-    decode_tok_s: float
+    """One adapter at one batch size over --repeats rounds: the rounds' outputs and decode rates."""
+
+    outputs: list[list[list[int]]]  # per round, per prompt
+    rates: list[float]  # decode tok/s per round
     spec_steps: float = 0.0
     spec_drafted: float = 0.0
     spec_accepted: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return statistics.median(self.rates)
 
     @property
     def mean_accepted_length(self) -> float:
@@ -206,9 +215,10 @@ def counters(engine: Any) -> tuple[float, float, float]:
 
 
 async def measure(
-    engine: Any, prompts: list[list[int]], adapter_id: str, max_tokens: int, batch: int
+    engine: Any, prompts: list[list[int]], adapter_id: str, max_tokens: int, batch: int, into: Measured | None
 ) -> Measured:
-    """Prompts in groups of `batch` sent together, one group after another; decode rate over all."""
+    """Prompts in groups of `batch` sent together, one group after another; decode rate over all. One
+    round: added to `into` (the earlier rounds of the same adapter and batch) when given."""
     await stream(engine, prompts[0], adapter_id, 4)  # warm-up
     before = counters(engine)
     streams, seconds = [], 0.0
@@ -221,31 +231,53 @@ async def measure(
         streams.extend(group)
     steps, drafted, accepted = (now - then for now, then in zip(counters(engine), before, strict=True))
     decoded = sum(len(s.tokens) - 1 for s in streams)
-    return Measured([s.tokens for s in streams], decoded / max(seconds, 1e-9), steps, drafted, accepted)
+    result = into or Measured([], [])
+    result.outputs.append([s.tokens for s in streams])
+    result.rates.append(decoded / max(seconds, 1e-9))
+    result.spec_steps += steps
+    result.spec_drafted += drafted
+    result.spec_accepted += accepted
+    return result
 
 
 # --- the run ------------------------------------------------------------------------------------------
 
 
 def compare(label: str, spec: Measured, plain: Measured) -> str:
-    same = sum(a == b for a, b in zip(spec.outputs, plain.outputs, strict=True))
+    """Median rates over the rounds; a prompt's output counts as identical only if every speculative
+    and every plain round produced the same tokens for it."""
+    reference = plain.outputs[0]
+    same = sum(
+        all(round_[i] == reference[i] for round_ in spec.outputs + plain.outputs)
+        for i in range(len(reference))
+    )
+    ratios = [s / p for s, p in zip(spec.rates, plain.rates, strict=True)]  # rounds measured side by side
+    spread = f", rounds {min(ratios):.2f}-{max(ratios):.2f}x" if len(ratios) > 1 else ""
     return (
         f"{label}: speculative {spec.decode_tok_s:.1f} tok/s vs plain {plain.decode_tok_s:.1f} tok/s = "
-        f"{spec.decode_tok_s / plain.decode_tok_s:.2f}x "
+        f"{spec.decode_tok_s / plain.decode_tok_s:.2f}x{spread} "
         f"(mean accepted length {spec.mean_accepted_length:.1f}, "
-        f"acceptance rate {spec.acceptance_rate:.2f}), outputs identical {same}/{len(plain.outputs)}"
+        f"acceptance rate {spec.acceptance_rate:.2f}), outputs identical {same}/{len(reference)}"
     )
 
 
 async def run_all(
-    engine: Any, prompts: list[list[int]], max_tokens: int, batches: list[int], medusa: bool
+    engine: Any, prompts: list[list[int]], max_tokens: int, batches: list[int], medusa: bool, repeats: int
 ) -> dict[str, Measured]:
-    results = {}
-    for batch in batches:
-        for adapter_id in (LORA, LORA_TURBO, TURBO_LORA_BARE, TURBO_LORA):
-            results[f"{adapter_id} {batch}"] = await measure(engine, prompts, adapter_id, max_tokens, batch)
+    """Every (adapter, batch) once per round, rounds one after another, so a passing disturbance (one
+    round of a batch-8 measurement is ~0.3 s) moves one round of one pair, not a whole comparison."""
+    runs = [
+        (adapter_id, batch)
+        for batch in batches
+        for adapter_id in (LORA, LORA_TURBO, TURBO_LORA_BARE, TURBO_LORA)
+    ]
     if medusa:  # the other architecture on the same LoRA, single stream only
-        results[f"{LORA_MEDUSA} 1"] = await measure(engine, prompts, LORA_MEDUSA, max_tokens, 1)
+        runs.append((LORA_MEDUSA, 1))
+    results: dict[str, Measured] = {}
+    for _ in range(repeats):
+        for adapter_id, batch in runs:
+            key = f"{adapter_id} {batch}"
+            results[key] = await measure(engine, prompts, adapter_id, max_tokens, batch, results.get(key))
     return results
 
 
@@ -265,6 +297,7 @@ def report(
         for name, m in measured.items():
             summary[f"{name}_{batch}"] = {
                 "decode_tok_s": m.decode_tok_s,
+                "decode_tok_s_rounds": m.rates,
                 "mean_accepted_length": m.mean_accepted_length,
                 "acceptance_rate": m.acceptance_rate,
             }
@@ -273,8 +306,12 @@ def report(
             compare("single stream", results[f"{LORA_MEDUSA} 1"], results[f"{LORA} 1"])
             + "  [lora + medusa heads vs lora: the other speculator_architecture]"
         )
-    lengths = [len(t) for t in results[f"{LORA} {batches[0]}"].outputs]
-    print(f"held-out prompts: {len(lengths)}, {min(lengths)}-{max(lengths)} tokens each (greedy, to EOS)")
+    first = results[f"{LORA} {batches[0]}"]
+    lengths = [len(t) for t in first.outputs[0]]
+    print(
+        f"held-out prompts: {len(lengths)}, {min(lengths)}-{max(lengths)} tokens each (greedy, to EOS); "
+        f"median of {len(first.rates)} rounds"
+    )
     for line in lines:
         print(line)
     if train_seconds:
@@ -317,6 +354,9 @@ def parse_args() -> argparse.Namespace:
         "--kernel-threads", type=int, help="small-step kernel threads (default 2 where there are 2 CPUs)"
     )
     parser.add_argument("--max-tokens", type=int, default=32, help="per request; EOS stops earlier")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="rounds of every measurement; rates are the rounds' median"
+    )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps each: an end-to-end check")
     parser.add_argument(
         "--eval-samples", type=int, help="held-out rows each training evaluates (default all)"
@@ -371,7 +411,7 @@ def main() -> None:
         )
         try:
             medusa = (root / LORA_MEDUSA).is_dir()
-            results = asyncio.run(run_all(engine, prompts, args.max_tokens, batches, medusa))
+            results = asyncio.run(run_all(engine, prompts, args.max_tokens, batches, medusa, args.repeats))
             limit = engine.engine.speculation_max_batch
         finally:
             engine.shutdown()
