@@ -412,7 +412,7 @@ def main() -> None:
         try:
             medusa = (root / LORA_MEDUSA).is_dir()
             results = asyncio.run(run_all(engine, prompts, args.max_tokens, batches, medusa, args.repeats))
-            limit = engine.engine.speculation_max_batch
+            limit = engine.engine.drafter.max_batch
         finally:
             engine.shutdown()
     summary = report(results, batches, train_seconds, limit)

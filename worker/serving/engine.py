@@ -8,7 +8,6 @@ A failure inside one request ends that request with its error; the loop never st
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import queue
 import time
@@ -20,7 +19,8 @@ import torch
 from worker.serving import speculator as speculative
 from worker.serving.adapters import AdapterCache, AdapterSource
 from worker.serving.detokenizer import IncrementalDetokenizer
-from worker.serving.eagle import DraftState, EagleDraft, ModelShape, PendingPairs
+from worker.serving.drafting import Drafter, row_starts
+from worker.serving.eagle import DraftState, ModelShape
 from worker.serving.errors import (
     EngineOverloadedError,
     InvalidParameterError,
@@ -30,7 +30,7 @@ from worker.serving.errors import (
 from worker.serving.kv_cache import BlockManager
 from worker.serving.lora import AdapterWeights
 from worker.serving.metrics import ServingMetrics
-from worker.serving.model_runner import KERNEL_TOKENS, ModelRunner
+from worker.serving.model_runner import ModelRunner
 from worker.serving.outputs import FinishReason, SpeculationStats, TokenOutput
 from worker.serving.params import SamplingParams
 from worker.serving.sampling import make_generator, sample_next_tokens
@@ -111,13 +111,17 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         if config.speculation_max_batch is not None and config.speculation_max_batch < 1:
             raise ValueError(f"speculation_max_batch must be at least 1, not {config.speculation_max_batch}")
-        self.speculation_max_batch = config.speculation_max_batch or (
-            16 if self.runner.device.type == "cuda" else 2
-        )
         if config.speculation_depth is not None and config.speculation_depth < 1:
             raise ValueError(f"speculation_depth must be at least 1, not {config.speculation_depth}")
-        self.speculation_depth = config.speculation_depth
         self.blocks = BlockManager(self.runner.cache.num_blocks)
+        self.drafter = Drafter(
+            self.runner,
+            self.blocks,
+            self.metrics,
+            max_model_len=self.max_model_len,
+            max_batch=config.speculation_max_batch or (16 if self.runner.device.type == "cuda" else 2),
+            depth=config.speculation_depth,
+        )
         self.metrics.kv_blocks_total.set(self.blocks.num_blocks)
         self.adapters = AdapterCache(
             source,
@@ -225,7 +229,7 @@ class LLMEngine:
             return 0
         requests = [self._requests[seq.seq_id] for seq in seqs]
         adapters, owner = self._active_adapters(requests)
-        drafts = [[] for _ in seqs] if is_prefill else [self._drafts_to_verify(r) for r in requests]
+        drafts = [[] for _ in seqs] if is_prefill else [self.drafter.to_verify(r) for r in requests]
         if is_prefill:
             step = self.runner.prefill_input(seqs, adapters, owner)
             self.metrics.prompt_tokens.inc(sum(len(s) for s in seqs))
@@ -240,7 +244,8 @@ class LLMEngine:
                 generated += 1
                 if self._emit(request, token, logprob, now):
                     break
-        self._propose_drafts(requests, drafts, emitted, step.prefill_lengths)
+        live = [r if r.seq.seq_id in self._requests else None for r in requests]
+        self.drafter.propose(live, drafts, emitted, step.prefill_lengths)
         self.metrics.record_step(generated)
         self._update_gauges()
         return generated
@@ -249,7 +254,7 @@ class LLMEngine:
         self, requests: list[_Request], logits: torch.Tensor, drafts: list[list[int]]
     ) -> list[list[tuple[int, float]]]:
         """Per request the (token, logprob) pairs this step emits: one sampled, or the verified drafts."""
-        starts = _row_starts(drafts)
+        starts = row_starts(drafts)
         chosen: list[list[tuple[int, float]]] = [[] for _ in requests]
         plain = [i for i, r in enumerate(requests) if not speculative.speculates(r.seq.params, r.adapter)]
         if plain:
@@ -266,141 +271,8 @@ class LLMEngine:
         for i in range(len(requests)):
             if chosen[i]:
                 continue
-            rows = logits[starts[i] : starts[i + 1]]  # [1 + drafts, V]
-            request = requests[i]
-            if request.seq.params.greedy:
-                kept = speculative.accept_greedy(drafts[i], rows.argmax(-1).tolist())
-            else:
-                kept = speculative.accept_sampled(
-                    drafts[i], request.draft_probs, rows, request.seq.params, request.seq.generator
-                )
-            kept_logprobs = torch.log_softmax(rows[: len(kept)], -1).gather(1, torch.tensor(kept)[:, None])
-            chosen[i] = list(zip(kept, kept_logprobs[:, 0].tolist(), strict=True))
-            if drafts[i]:
-                self.metrics.spec_steps.inc()
-                self.metrics.spec_drafted.inc(len(drafts[i]))
-                self.metrics.spec_accepted.inc(len(kept) - 1)
-                so_far = request.speculation or SpeculationStats()
-                request.speculation = SpeculationStats(
-                    so_far.steps + 1, so_far.drafted + len(drafts[i]), so_far.accepted + len(kept) - 1
-                )
+            chosen[i] = self.drafter.verify(requests[i], drafts[i], logits[starts[i] : starts[i + 1]])
         return chosen
-
-    def _drafts_to_verify(self, request: _Request) -> list[int]:
-        """The drafts this step verifies: cut to what the request may still emit and the cache holds."""
-        drafts, request.drafts = request.drafts, []
-        seq = request.seq
-        room = min(
-            seq.params.max_tokens - len(seq.output_token_ids) - 1,  # one token is always emitted besides
-            self.max_model_len - len(seq) - 1,
-        )
-        drafts = drafts[: max(room, 0)]
-        if not seq.params.ignore_eos:  # nothing after an end-of-sequence draft could ever be emitted
-            ends = [i for i, token in enumerate(drafts) if token in self.runner.eos_token_ids]
-            drafts = drafts[: ends[0] + 1] if ends else drafts
-        if drafts and not self.blocks.reserve(seq, len(seq) + len(drafts)):
-            return []  # no spare blocks: decode one token, never preempt for speculation
-        return drafts
-
-    def _propose_drafts(
-        self,
-        requests: list[_Request],
-        drafts: list[list[int]],
-        emitted: list[list[tuple[int, float]]],
-        prefill_lengths: list[int] | None,
-    ) -> None:
-        """Next step's drafts from the speculators: Medusa heads read the hidden state of each request's
-        last emitted token; eagle draft layers first commit the step's new (hidden state, token) pairs."""
-        # A large batch decodes one token a step (see EngineConfig.speculation_max_batch). Its eagle
-        # requests drop their draft cache rather than keep committing to it: committing cost 15% of
-        # batch-8 throughput (smollm2, CPU, measured), so they speculate again only after a prefill.
-        propose = len(requests) <= self.speculation_max_batch
-        live = [r for r in requests if r.seq.seq_id in self._requests]
-        speculating = sum(speculative.speculates(r.seq.params, r.adapter) for r in live)
-        hidden = self.runner.last_hidden
-        assert hidden is not None
-        starts = _row_starts(drafts)
-        prefill_starts = list(itertools.accumulate(prefill_lengths or [], initial=0))  # rows of step_hidden
-        # Per speculator (by identity): the speculator and its greedy requests with their hidden rows.
-        greedy: dict[int, tuple[speculative.Speculator, list[tuple[_Request, int]]]] = {}
-        eagle: dict[int, tuple[EagleDraft, list[_Request], list[PendingPairs]]] = {}
-        for i, request in enumerate(requests):
-            if request.seq.seq_id not in self._requests or not speculative.speculates(
-                request.seq.params, request.adapter
-            ):
-                continue
-            assert request.adapter is not None and request.adapter.speculator is not None
-            speculator = request.adapter.speculator
-            if isinstance(speculator, EagleDraft):
-                if not propose:
-                    request.draft_state = None
-                    continue
-                # Its rows of the step: after a prefill all of them, after a decode step its fed token's
-                # row onward, one per emitted token (the drafts past the accepted ones are not final).
-                first, count = (
-                    (prefill_starts[i], prefill_lengths[i])
-                    if prefill_lengths
-                    else (starts[i], len(emitted[i]))
-                )
-                pairs = self._eagle_pairs(request, speculator, first, count, bool(prefill_lengths))
-                if pairs is not None:
-                    members = eagle.setdefault(id(speculator), (speculator, [], []))
-                    members[1].append(request)
-                    members[2].append(pairs)
-                continue
-            if not propose:
-                continue
-            last = starts[i] + len(emitted[i]) - 1  # the row whose logits gave the last emitted token
-            if request.seq.params.greedy:
-                greedy.setdefault(id(speculator), (speculator, []))[1].append((request, last))
-                continue
-            request.drafts, request.draft_probs = speculator.propose_sampled(
-                hidden[last : last + 1],
-                self.runner.lm_head,
-                request.seq.params,
-                request.seq.generator,
-                self._depth(speculator.num_heads, speculating),
-            )
-        for heads, group in greedy.values():  # one pass of the heads for all rows sharing them
-            rows = hidden[torch.tensor([last for _, last in group], device=hidden.device)]
-            depth = self._depth(heads.num_heads, speculating)
-            proposed = heads.propose(rows, self.runner.lm_head, depth).tolist()
-            for (request, _), request_drafts in zip(group, proposed, strict=True):
-                request.drafts = request_drafts
-        for draft, draft_requests, pending in eagle.values():  # one batched layer pass per draft model
-            proposals = draft.commit_and_propose(
-                self.runner, pending, self._depth(draft.num_heads, speculating)
-            )
-            for request, proposal in zip(draft_requests, proposals, strict=True):
-                if proposal is not None:
-                    request.drafts, request.draft_probs = proposal
-
-    def _depth(self, trained: int, speculating: int) -> int:
-        """Drafts per request this step: the trained depth, capped by speculation_depth and, on the CPU,
-        so that the next step's rows (1 + drafts per speculating request) fit the small-step kernel,
-        past which a step falls back to torch's much slower few-row GEMM (two requests verifying 6
-        drafts each measured 0.97x plain decoding; 3 each fit the kernel's 8 rows)."""
-        depth = min(trained, self.speculation_depth or trained)
-        if self.runner.kernel is not None and speculating > 0:
-            depth = min(depth, max(1, KERNEL_TOKENS // speculating - 1))
-        return depth
-
-    def _eagle_pairs(
-        self, request: _Request, draft: EagleDraft, first: int, count: int, prefill: bool
-    ) -> PendingPairs | None:
-        """The `count` pairs (hidden state at step row first + i, the token after it) this step made
-        final, for the request's draft cache: a fresh one at a prefill (preemption's recompute
-        included). None if its cache does not end where the step began."""
-        seq, step_hidden = request.seq, self.runner.step_hidden
-        assert step_hidden is not None
-        if prefill:
-            request.draft_state = draft.new_state()
-        state = request.draft_state
-        if state is None or state.length != len(seq) - count - 1:
-            request.draft_state = None  # out of step with the sequence: drafting resumes at a prefill
-            return None
-        features = step_hidden[first : first + count]
-        return PendingPairs(state, features, seq.all_token_ids[-count:], seq.params, seq.generator)
 
     def _active_adapters(self, requests: list[_Request]) -> tuple[list[AdapterWeights], list[int]]:
         adapters: list[AdapterWeights] = []
@@ -492,14 +364,6 @@ class LLMEngine:
         for request in list(self._requests.values()):
             request.send(error)
             self._forget(request)
-
-
-def _row_starts(drafts: list[list[int]]) -> list[int]:
-    """Where each sequence's rows begin in a step's logits: its last token, then its drafts."""
-    starts = [0]
-    for d in drafts:
-        starts.append(starts[-1] + 1 + len(d))
-    return starts
 
 
 def _needs_history(seqs: list[Sequence]) -> bool:

@@ -92,7 +92,7 @@ def test_eagle_medusa_and_plain_requests_match_greedy_decoding(
     echo = stats[3]
     assert echo is not None and echo.accepted == echo.drafted  # every repeated-token draft is right
     # Alone it drafts its full depth; in the batch of five speculating requests the CPU kernel's 8-row
-    # budget leaves each one draft a step (engine._depth), all of them accepted.
+    # budget leaves each one draft a step (Drafter.depth, drafting.py), all of them accepted.
     assert echo.mean_accepted_length == (2.0 if batched else pytest.approx(1 + DEPTH, abs=1.5))
 
 

@@ -186,4 +186,4 @@ def test_drafts_after_an_end_of_sequence_draft_are_not_verified(
     engine.step()  # the prefill: the request now holds cache blocks
     eos = min(engine.runner.eos_token_ids)
     request.drafts = [5, eos, 6, 7]
-    assert engine._drafts_to_verify(request) == ([5, eos, 6, 7] if ignore_eos else [5, eos])
+    assert engine.drafter.to_verify(request) == ([5, eos, 6, 7] if ignore_eos else [5, eos])
