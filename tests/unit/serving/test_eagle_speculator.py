@@ -32,7 +32,8 @@ REPEATING_PROMPT = [1, 504, 3458, 282]
 def eagle_root(tiny_model_dir: Path, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`eagle/1`: a random draft layer on the base model; `eagle/2`: another with acme/2's LoRA and a
     draft vocabulary; `echo/1`: a layer whose output is its input hidden state (drafts repeat the last
-    token, which is what tiny-random-llama does); `heads/1`: Medusa heads; `acme/*`: plain LoRAs."""
+    token, which is what tiny-random-llama does); `sharp/1`: the same with its logits scaled 3x (a q
+    that differs from p on the same tokens); `heads/1`: Medusa heads; `acme/*`: plain LoRAs."""
     root = tmp_path_factory.mktemp("eagle-adapters")
     make_random_eagle(root / "eagle" / "1", tiny_model_dir, depth=DEPTH, seed=1)
     lora = root / "eagle" / "2"
@@ -45,6 +46,10 @@ def eagle_root(tiny_model_dir: Path, adapter_root: Path, tmp_path_factory: pytes
             state[name] = torch.zeros_like(weight)
     state["fc.weight"] = torch.cat([torch.eye(64), torch.zeros(64, 64)], 1)  # u = h: o = h
     save_file(state, str(echo / "speculator.safetensors"))
+    sharp = root / "sharp" / "1"
+    shutil.copytree(echo, sharp)
+    state["fc.weight"] = 3 * state["fc.weight"]  # o = 3h: drafts from logits 3x sharper than the model's
+    save_file(state, str(sharp / "speculator.safetensors"))
     make_random_heads(root / "heads" / "1", hidden_size=64, num_heads=3)
     for plain in (adapter_root / "acme").iterdir():
         (root / "acme").mkdir(exist_ok=True)
@@ -338,6 +343,54 @@ def test_sampled_requests_with_eagle_drafts_are_valid_and_reproducible_per_seed(
         assert engine.metrics.spec_steps._value.get() > 0
     assert runs[0] == runs[1] and len(runs[0]) == 12
     assert all(0 <= t < engine.runner.vocab_size for t in runs[0])
+
+
+def test_sampled_eagle_speculation_leaves_the_joint_distribution_of_two_tokens_unchanged(
+    tiny_model_dir: Path, eagle_root: Path
+) -> None:
+    """End to end through the engine: the first token comes from the prefill, the second from a verify
+    step of two eagle drafts (sharp/1's q ranks tokens as the model did a position earlier, 3x sharper,
+    so drafts are accepted and rejected, often by the min(1, p/q) rule itself). The (first, second)
+    counts over many seeded requests must follow p(t1) p(t2 | t1) from HF's logits, warped as the
+    request asks. (Checked to fail for a rule that accepts every draft p allows.)"""
+    from worker.serving.sampling import warped_probs
+
+    prompt = [1, 504, 3458]
+    params = [
+        SamplingParams(max_tokens=4, temperature=1.0, top_k=5, seed=seed, ignore_eos=True)
+        for seed in range(3000)
+    ]
+    # No small-step kernel: its 8-row budget would cut a batch of speculating requests to one draft each.
+    engine = make_engine(tiny_model_dir, eagle_root, small_step_weights=False, speculation_max_batch=100)
+    preload_adapters(engine, ["sharp/1"])
+    pairs: list[tuple[int, int]] = []
+    for start in range(0, len(params), 100):
+        requests = [Collected(engine, prompt, p, "sharp/1") for p in params[start : start + 100]]
+        run_until_done(engine, requests)
+        pairs += [(r.token_ids[0], r.token_ids[1]) for r in requests]
+    drafted, accepted = _spec(engine, "spec_drafted"), _spec(engine, "spec_accepted")
+    assert _spec(engine, "spec_steps") >= len(params) and 0 < accepted < drafted  # both branches taken
+
+    model: Any = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    warp = params[0]
+    with torch.no_grad():
+        first = warped_probs(model(torch.tensor([prompt])).logits[:, -1], [warp])[0]
+        support = first.nonzero()[:, 0].tolist()
+        second = warped_probs(
+            model(torch.tensor([[*prompt, t] for t in support])).logits[:, -1], [warp] * len(support)
+        )
+    expected, observed = [], []
+    for i, t1 in enumerate(support):
+        for t2 in second[i].nonzero()[:, 0].tolist():
+            expected.append(float(first[t1] * second[i, t2]) * len(pairs))
+            observed.append(sum(pair == (t1, t2) for pair in pairs))
+    assert len(expected) == 25 and sum(observed) == len(pairs)  # top-k 5 twice; nothing outside it
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(observed, expected, strict=True))
+    assert chi2 < CHI2_DF24_P001, (observed, [round(e) for e in expected])
+
+
+# Chi-square critical value, 24 degrees of freedom (5 x 5 cells), p = 0.001.
+CHI2_DF24_P001 = 51.18
 
 
 def test_sampled_eagle_drafts_come_with_q_zero_outside_the_draft_vocabulary(
