@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from worker.serving.cpu_kernels import SmallGemm
 from worker.serving.eagle import ModelShape
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError, ServingError
 from worker.serving.lora import AdapterWeights
@@ -84,6 +85,7 @@ class AdapterCache:
         device: torch.device | None = None,
         hidden_size: int | None = None,
         model_shape: ModelShape | None = None,
+        kernel: SmallGemm | None = None,  # the runner's small-step kernel, for eagle draft layers
     ) -> None:
         self.source = source
         self.max_adapters = max_adapters
@@ -92,6 +94,7 @@ class AdapterCache:
         self.device = device or torch.device("cpu")
         self.hidden_size = hidden_size
         self.model_shape = model_shape
+        self.kernel = kernel
         self.metrics = metrics
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, AdapterWeights] = OrderedDict()
@@ -171,6 +174,7 @@ class AdapterCache:
                 device=self.device,
                 hidden_size=self.hidden_size,
                 model_shape=self.model_shape,
+                kernel=self.kernel,
             )
         except Exception as exc:
             if not isinstance(exc, ServingError):

@@ -17,8 +17,9 @@ import torch
 from worker.serving import speculator as speculative
 from worker.serving.eagle import EagleDraft, PendingPairs
 from worker.serving.kv_cache import BlockManager
+from worker.serving.linear import KERNEL_TOKENS
 from worker.serving.metrics import ServingMetrics
-from worker.serving.model_runner import KERNEL_TOKENS, ModelRunner
+from worker.serving.model_runner import ModelRunner
 from worker.serving.outputs import SpeculationStats
 
 if TYPE_CHECKING:

@@ -26,7 +26,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from worker.serving.cpu_kernels import SmallGemm
 from worker.serving.errors import AdapterLoadError
+from worker.serving.linear import Linear
 from worker.serving.params import SamplingParams
 from worker.serving.sampling import draw, warped_probs
 from worker.serving.speculator import DRAFT_VOCAB_KEY, SPECULATOR_CONFIG, LMHead, read_speculator_files
@@ -99,17 +101,18 @@ Proposal = tuple[list[int], torch.Tensor | None]
 
 @dataclass(eq=False)
 class EagleDraft:
-    """The draft layer's weights, stored transposed `[in, out]` (the faster layout for few-row GEMMs on
-    the CPU, as model_runner measured), q/k/v and gate/up fused. Shared by every request of an adapter;
-    per-request state is a DraftState."""
+    """The draft layer's weights, q/k/v and gate/up fused, multiplied as the base model's are (linear.py:
+    few-row passes through the CPU's small-step kernel, which took a chained draft pass's five GEMMs
+    from 444 to 205 us, or else a transposed copy). Shared by every request of an adapter; per-request
+    state is a DraftState."""
 
-    fc_t: torch.Tensor  # [2D, D]
+    fc: Linear  # [D, 2D]
     input_norm: torch.Tensor  # [D]
-    qkv_t: torch.Tensor  # [D, (Hq + 2 Hkv) hd]
-    o_t: torch.Tensor  # [Hq hd, D]
+    qkv: Linear  # [(Hq + 2 Hkv) hd, D]
+    o: Linear  # [D, Hq hd]
     post_norm: torch.Tensor  # [D]
-    gate_up_t: torch.Tensor  # [D, 2I]
-    down_t: torch.Tensor  # [I, D]
+    gate_up: Linear  # [2I, D]
+    down: Linear  # [D, I]
     shape: ModelShape
     num_heads: int  # draft depth K: drafts proposed per step
     eps: float
@@ -118,12 +121,17 @@ class EagleDraft:
 
     @property
     def nbytes(self) -> int:
-        weights = (self.fc_t, self.qkv_t, self.o_t, self.gate_up_t, self.down_t)
-        return sum(w.nbytes for w in weights)
+        return sum(w.nbytes for w in (self.fc, self.qkv, self.o, self.gate_up, self.down))
 
     @classmethod
     def load(
-        cls, directory: Path, *, shape: ModelShape, device: torch.device, dtype: torch.dtype
+        cls,
+        directory: Path,
+        *,
+        shape: ModelShape,
+        device: torch.device,
+        dtype: torch.dtype,
+        kernel: SmallGemm | None = None,
     ) -> EagleDraft:
         config, state = read_speculator_files(directory)
         _check_shape(config, shape)
@@ -148,18 +156,21 @@ class EagleDraft:
         def put(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype).contiguous()
 
+        def linear(weight: torch.Tensor) -> Linear:
+            return Linear(put(weight), None, kernel=kernel, transposed_copy=device.type == "cpu")
+
         def w(name: str) -> torch.Tensor:
             return state[f"layer.{name}.weight"]
 
         vocab = state.get(DRAFT_VOCAB_KEY)
         return cls(
-            fc_t=put(state["fc.weight"].T),
+            fc=linear(state["fc.weight"]),
             input_norm=put(w("input_norm")),
-            qkv_t=put(torch.cat([w("q_proj"), w("k_proj"), w("v_proj")]).T),
-            o_t=put(w("o_proj").T),
+            qkv=linear(torch.cat([w("q_proj"), w("k_proj"), w("v_proj")])),
+            o=linear(w("o_proj")),
             post_norm=put(w("post_norm")),
-            gate_up_t=put(torch.cat([w("gate_proj"), w("up_proj")]).T),
-            down_t=put(w("down_proj").T),
+            gate_up=linear(torch.cat([w("gate_proj"), w("up_proj")])),
+            down=linear(w("down_proj")),
             shape=shape,
             num_heads=depth,
             eps=eps,
@@ -167,7 +178,7 @@ class EagleDraft:
         )
 
     def new_state(self) -> DraftState:
-        cache = self.fc_t.new_empty(CACHE_CHUNK, self.shape.num_kv_heads, self.shape.head_dim)
+        cache = self.input_norm.new_empty(CACHE_CHUNK, self.shape.num_kv_heads, self.shape.head_dim)
         return DraftState(cache, torch.empty_like(cache))
 
     # --- the layer ---------------------------------------------------------------------------------
@@ -188,9 +199,9 @@ class EagleDraft:
         """
         n, width = features.shape
         hq, hkv, hd = self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim
-        u = torch.cat([features, ctx.embed.index_select(0, tokens)], -1) @ self.fc_t  # [N, D]
+        u = self.fc(torch.cat([features, ctx.embed.index_select(0, tokens)], -1))  # [N, D]
         a = F.rms_norm(u, (width,), self.input_norm, self.eps)
-        heads = (a @ self.qkv_t).view(n, hq + 2 * hkv, hd)
+        heads = self.qkv(a).view(n, hq + 2 * hkv, hd)
         cos = ctx.cos.index_select(0, positions)[:, None, :]  # [N, 1, hd]
         sin = ctx.sin.index_select(0, positions)[:, None, :]
         rotated = heads[:, : hq + hkv]
@@ -214,10 +225,10 @@ class EagleDraft:
                 enable_gqa=True,
             )
             attended[row : row + rows] = out[0].transpose(0, 1).reshape(rows, hq * hd)
-        u = u + attended @ self.o_t
+        u = u + self.o(attended)
         b = F.rms_norm(u, (width,), self.post_norm, self.eps)
-        gate, up = (b @ self.gate_up_t).chunk(2, dim=-1)
-        return u + (F.silu(gate) * up) @ self.down_t
+        gate, up = self.gate_up(b).chunk(2, dim=-1)
+        return u + self.down(F.silu(gate) * up)
 
     def draft_logits(self, ctx: DraftContext, outputs: torch.Tensor) -> torch.Tensor:
         """Logits `[N, V or Vd]` (float32) of draft outputs `[N, D]`: column j is draft_vocab[j]."""
@@ -235,7 +246,7 @@ class EagleDraft:
         """Commits every request's new pairs in one batched layer pass, then drafts K tokens for those
         with `params` (chained steps batched across them). None for commit-only requests."""
         depth = min(depth or self.num_heads, self.num_heads)
-        device = self.fc_t.device
+        device = self.input_norm.device
         positions: list[int] = []
         segments = []
         for p in pending:

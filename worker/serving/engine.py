@@ -134,6 +134,7 @@ class LLMEngine:
             model_shape=ModelShape(
                 self.runner.hidden_size, self.runner.num_heads, self.runner.num_kv_heads, self.runner.head_dim
             ),
+            kernel=self.runner.kernel,
         )
         self.scheduler = Scheduler(
             self.blocks,

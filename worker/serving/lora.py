@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from worker.serving.cpu_kernels import SmallGemm
 from worker.serving.eagle import EagleDraft, ModelShape, is_eagle
 from worker.serving.errors import AdapterLoadError
 from worker.serving.speculator import Speculator, has_speculator
@@ -53,11 +54,17 @@ class AdapterWeights:
         device: torch.device | None = None,
         hidden_size: int | None = None,
         model_shape: ModelShape | None = None,
+        kernel: SmallGemm | None = None,
     ) -> AdapterWeights:
         speculator = None
         if has_speculator(directory) and (hidden_size is not None or model_shape is not None):
             speculator = _load_speculator(
-                directory, hidden_size, model_shape, device=device or torch.device("cpu"), dtype=dtype
+                directory,
+                hidden_size,
+                model_shape,
+                device=device or torch.device("cpu"),
+                dtype=dtype,
+                kernel=kernel,
             )
             if not (directory / "adapter_config.json").is_file():  # `turbo` on the base model: heads only
                 return cls(
@@ -117,12 +124,13 @@ def _load_speculator(
     *,
     device: torch.device,
     dtype: torch.dtype,
+    kernel: SmallGemm | None = None,
 ) -> Speculator | EagleDraft:
     """The draft heads or the draft layer, as speculator_config.json's architecture says."""
     if is_eagle(directory):
         if shape is None:
             raise AdapterLoadError("this engine cannot serve eagle speculators (no model shape to check)")
-        return EagleDraft.load(directory, shape=shape, device=device, dtype=dtype)
+        return EagleDraft.load(directory, shape=shape, device=device, dtype=dtype, kernel=kernel)
     width = hidden_size if hidden_size is not None else shape.hidden_size if shape is not None else 0
     return Speculator.load(directory, hidden_size=width, device=device, dtype=dtype)
 

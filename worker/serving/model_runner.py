@@ -17,49 +17,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from worker.serving.cpu_kernels import MAX_ROWS, SmallGemm, small_gemm
+from worker.serving.cpu_kernels import SmallGemm, small_gemm
 from worker.serving.kv_cache import BLOCK_SIZE, BlockManager, CacheShape, KVCache
+from worker.serving.linear import KERNEL_TOKENS, SMALL_STEP_TOKENS, Linear
 from worker.serving.lora import AdapterWeights, LoraBatch, LoraStacker
 from worker.serving.sequence import Sequence
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# Steps of up to this many tokens (a single stream, or one verifying a few drafts) multiply with the
-# compiled small-step kernel (worker/serving/cpu_kernels): every weight is read once for all rows, and
-# each row's result is bit-identical whatever the row count, so verifying drafts gives exactly the
-# logits decoding one token would. Measured on this 2-core CPU, smollm2-135m fp32 shapes, CPU time per
-# model pass: 1 row ~30 ms and 4 rows ~45 ms with the kernel, against ~33 and ~85 ms with MKL.
-KERNEL_TOKENS = MAX_ROWS
-# Without the kernel (no compiler, no AVX2): up to this many tokens a step multiplies by a [in, out]
-# copy of each weight, the faster layout for MKL's GEMV (30.7 vs 44.3 ms per pass at 1 token).
-SMALL_STEP_TOKENS = 4
-
-
-class Linear:
-    """A weight (and bias) and how small steps multiply by it: the compiled kernel, or a transposed copy."""
-
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        *,
-        kernel: SmallGemm | None = None,
-        transposed_copy: bool = False,
-    ) -> None:
-        self.weight = weight  # [out, in]
-        self.bias = bias
-        self.kernel = kernel if kernel is not None and kernel.takes_weight(weight) else None
-        # [in, out]: only where there is no kernel to use.
-        self.weight_t = weight.T.contiguous() if transposed_copy and self.kernel is None else None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.shape[0] <= KERNEL_TOKENS and self.kernel.takes_rows(x):
-            return self.kernel(x, self.weight, self.bias)
-        if self.weight_t is not None and x.shape[0] <= SMALL_STEP_TOKENS:
-            return x @ self.weight_t if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
-        return F.linear(x, self.weight, self.bias)
 
 
 @dataclass
