@@ -74,16 +74,6 @@ def run_until_done(engine: LLMEngine, collected: list[Collected], timeout_s: flo
     raise AssertionError("the engine did not finish its requests")
 
 
-def preload_adapters(engine: LLMEngine, adapter_ids: list[str], timeout_s: float = 60.0) -> None:
-    """Load adapters before any request names them, so a test's batch is formed the same way every run:
-    a request whose adapter is still loading on the background thread joins the batch steps later."""
-    keys = [engine.adapters.request(adapter_id, None) for adapter_id in adapter_ids]
-    deadline = time.monotonic() + timeout_s
-    while not all(engine.adapters.state(key) is not None for key in keys):
-        assert time.monotonic() < deadline, "the adapters did not load"
-        time.sleep(0.002)
-
-
 def hf_greedy(model_dir: Path, adapter_dir: Path | None, prompt: list[int], new_tokens: int) -> list[int]:
     """What HF (with PEFT for an adapter) generates greedily for one request alone, EOS ignored."""
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

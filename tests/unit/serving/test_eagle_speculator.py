@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_support import Collected, hf_greedy, make_engine, preload_adapters, run_until_done
+from engine_support import Collected, hf_greedy, make_engine, run_until_done
 from safetensors.torch import load_file, save_file
 from serving_support import make_random_eagle, make_random_heads
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -80,7 +80,6 @@ def test_eagle_medusa_and_plain_requests_match_greedy_decoding(
     expected = [hf_greedy(tiny_model_dir, lora_dir.get(a or ""), p, NEW_TOKENS) for a, p in cases]
     if batched:
         engine = make_engine(tiny_model_dir, eagle_root, speculation_max_batch=len(cases))
-        preload_adapters(engine, sorted({a for a, _ in cases if a}))  # all seven decode from the first step
         requests = [Collected(engine, prompt, GREEDY, adapter) for adapter, prompt in cases]
         run_until_done(engine, requests)
     else:
@@ -394,7 +393,6 @@ def test_sampled_eagle_speculation_leaves_the_joint_distribution_of_two_tokens_u
     ]
     # No small-step kernel: its 8-row budget would cut a batch of speculating requests to one draft each.
     engine = make_engine(tiny_model_dir, eagle_root, small_step_weights=False, speculation_max_batch=100)
-    preload_adapters(engine, ["sharp/1"])
     pairs: list[tuple[int, int]] = []
     for start in range(0, len(params), 100):
         requests = [Collected(engine, prompt, p, "sharp/1") for p in params[start : start + 100]]
