@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 from safetensors.torch import load_file
-from training_support import TINY, Recorder, make_config, number_rows
+from training_support import TINY, Recorder, crash_and_resume, make_config, number_rows
 
 from worker.training.config import TrainingConfig
 from worker.training.eagle import ARCHITECTURE, EagleDraft
@@ -164,15 +164,8 @@ def test_turbo_eagle_on_a_lora_learns_and_leaves_the_lora_bit_identical(
 
 def test_turbo_lora_eagle_resumes_from_a_checkpoint_exactly(tiny_cache: Path, tmp_path: Path) -> None:
     config = eagle_config(adapter="turbo_lora", train_steps=4, checkpoint_every_n_steps=2)
-    straight = Recorder()
-    train(config, number_rows(), output_dir=tmp_path / "a", cache_dir=tiny_cache, callbacks=straight)
-    crashed = Recorder(crash_at_checkpoint=2)
-    with pytest.raises(RuntimeError, match="simulated worker crash"):
-        train(config, number_rows(), output_dir=tmp_path / "b", cache_dir=tiny_cache, callbacks=crashed)
-    resumed = Recorder()
-    train(config, number_rows(), output_dir=tmp_path / "b", cache_dir=tiny_cache, callbacks=resumed,
-          resume_from=tmp_path / "b" / "checkpoints" / "step-2")  # fmt: skip
-    assert crashed.losses() + resumed.losses() == pytest.approx(straight.losses(), abs=1e-6)
+    run = crash_and_resume(config, number_rows(), tmp_path, tiny_cache, at=2)
+    assert run.crashed.losses() + run.resumed.losses() == pytest.approx(run.straight.losses(), abs=1e-6)
     want = load_file(tmp_path / "a" / "adapter" / "speculator.safetensors")
     got = load_file(tmp_path / "b" / "adapter" / "speculator.safetensors")
     assert want.keys() == got.keys()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from training_support import Recorder, make_config
+from training_support import Recorder, crash_and_resume, make_config
 from transformers.models.llama.modeling_llama import LlamaModel
 
 from worker.training import feature_cache, loop
@@ -138,14 +138,6 @@ def test_a_resumed_run_reads_the_features_a_straight_run_reads(
 ) -> None:
     config = turbo(train_steps=6, checkpoint_every_n_steps=4, speculator_architecture=architecture,
                    speculator_distill=True)  # fmt: skip
-    straight = Recorder()
-    train(config, distinct_rows(), output_dir=tmp_path / "a", cache_dir=tiny_cache, callbacks=straight)
-    crashed = Recorder(crash_at_checkpoint=4)
-    with pytest.raises(RuntimeError, match="simulated worker crash"):
-        train(config, distinct_rows(), output_dir=tmp_path / "b", cache_dir=tiny_cache, callbacks=crashed)
-    resumed = Recorder()
-    checkpoint = tmp_path / "b" / "checkpoints" / "step-4"
-    result = train(config, distinct_rows(), output_dir=tmp_path / "b", cache_dir=tiny_cache,
-                   callbacks=resumed, resume_from=checkpoint)  # fmt: skip
-    assert crashed.losses() + resumed.losses() == pytest.approx(straight.losses(), abs=1e-6)
-    assert result.summary["method"]["speculator_feature_cache"]["examples"] == result.data.train_rows
+    run = crash_and_resume(config, distinct_rows(), tmp_path, tiny_cache, at=4)
+    assert run.crashed.losses() + run.resumed.losses() == pytest.approx(run.straight.losses(), abs=1e-6)
+    assert run.result.summary["method"]["speculator_feature_cache"]["examples"] == run.result.data.train_rows

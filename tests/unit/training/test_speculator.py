@@ -14,7 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
-from training_support import TINY, Recorder, make_config, number_rows
+from training_support import TINY, Recorder, crash_and_resume, make_config, number_rows
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from worker.training import speculator, turbo_speedup
@@ -282,16 +282,9 @@ def test_turbo_on_a_lora_resumes_from_its_own_checkpoint_as_the_worker_does(
 
 def test_turbo_resume_from_a_checkpoint_continues_exactly(tiny_cache: Path, tmp_path: Path) -> None:
     config = turbo_config(train_steps=6, checkpoint_every_n_steps=3, lora_dropout=0.1, speculator_heads=2)
-    straight = Recorder()
-    train(config, number_rows(), output_dir=tmp_path / "a", cache_dir=tiny_cache, callbacks=straight)
-    crashed = Recorder(crash_at_checkpoint=3)
-    with pytest.raises(RuntimeError, match="simulated worker crash"):
-        train(config, number_rows(), output_dir=tmp_path / "b", cache_dir=tiny_cache, callbacks=crashed)
+    run = crash_and_resume(config, number_rows(), tmp_path, tiny_cache, at=3)
     assert (tmp_path / "b" / "checkpoints" / "step-3" / "speculator.safetensors").is_file()
-    resumed = Recorder()
-    train(config, number_rows(), output_dir=tmp_path / "b", cache_dir=tiny_cache, callbacks=resumed,
-          resume_from=tmp_path / "b" / "checkpoints" / "step-3")  # fmt: skip
-    assert crashed.losses() + resumed.losses() == pytest.approx(straight.losses(), abs=1e-6)
+    assert run.crashed.losses() + run.resumed.losses() == pytest.approx(run.straight.losses(), abs=1e-6)
     for name in ("adapter_model.safetensors", "speculator.safetensors"):
         want, got = load_file(tmp_path / "a" / "adapter" / name), load_file(tmp_path / "b" / "adapter" / name)
         assert want.keys() == got.keys()

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from pydantic import ValidationError
 from safetensors.torch import load_file
-from training_support import TINY, Recorder, make_config, number_rows
+from training_support import TINY, Recorder, crash_and_resume, make_config, number_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from worker.training.base_models import resolve_base_model
@@ -129,21 +129,9 @@ def test_padding_masks_padding_and_shifts_targets_within_each_row() -> None:
 
 def test_resume_after_a_crash_continues_exactly(tiny_cache: Path, tmp_path: Path) -> None:
     config = make_config(train_steps=6, checkpoint_every_n_steps=3, lora_dropout=0.1)
-    straight = Recorder()
-    train(config, number_rows(), output_dir=tmp_path / "a", cache_dir=tiny_cache, callbacks=straight)
-
-    crashed = Recorder(crash_at_checkpoint=3)
-    with pytest.raises(RuntimeError, match="simulated worker crash"):
-        train(config, number_rows(), output_dir=tmp_path / "b", cache_dir=tiny_cache, callbacks=crashed)
-    resumed = Recorder()
-    checkpoint = tmp_path / "b" / "checkpoints" / "step-3"
-    result = train(
-        config, number_rows(), output_dir=tmp_path / "b", cache_dir=tiny_cache, callbacks=resumed,
-        resume_from=checkpoint,
-    )  # fmt: skip
-
-    assert [step for step, _ in resumed.steps] == [4, 5, 6] and result.steps == 6
-    assert crashed.losses() + resumed.losses() == pytest.approx(straight.losses(), abs=1e-6)
+    run = crash_and_resume(config, number_rows(), tmp_path, tiny_cache, at=3)
+    assert [step for step, _ in run.resumed.steps] == [4, 5, 6] and run.result.steps == 6
+    assert run.crashed.losses() + run.resumed.losses() == pytest.approx(run.straight.losses(), abs=1e-6)
     want = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
     got = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
     assert want.keys() == got.keys()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from worker.training.config import TrainingConfig
 from worker.training.data import DataStats
-from worker.training.loop import NoCallbacks
+from worker.training.loop import NoCallbacks, TrainingResult, train
 
 TINY = "tiny-random-llama"
 
@@ -63,3 +66,25 @@ class Recorder(NoCallbacks):
 
     def losses(self) -> list[float]:
         return [metrics["train_loss"] for _, metrics in self.steps]
+
+
+@dataclass
+class CrashedRun:
+    straight: Recorder  # the run without a crash, in <tmp>/a
+    crashed: Recorder  # the same run in <tmp>/b, crashed at a checkpoint
+    resumed: Recorder  # <tmp>/b resumed from that checkpoint
+    result: TrainingResult  # of the resumed run
+
+
+def crash_and_resume(
+    config: TrainingConfig, rows: list[dict[str, str]], tmp_path: Path, cache_dir: Path, *, at: int
+) -> CrashedRun:
+    """Runs `config` straight, then again crashing at checkpoint step `at`, then resumes from it as the
+    worker does after a crash."""
+    straight, crashed, resumed = Recorder(), Recorder(crash_at_checkpoint=at), Recorder()
+    train(config, rows, output_dir=tmp_path / "a", cache_dir=cache_dir, callbacks=straight)
+    with pytest.raises(RuntimeError, match="simulated worker crash"):
+        train(config, rows, output_dir=tmp_path / "b", cache_dir=cache_dir, callbacks=crashed)
+    result = train(config, rows, output_dir=tmp_path / "b", cache_dir=cache_dir, callbacks=resumed,
+                   resume_from=tmp_path / "b" / "checkpoints" / f"step-{at}")  # fmt: skip
+    return CrashedRun(straight, crashed, resumed, result)
