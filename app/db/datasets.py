@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, Timestamped
@@ -31,7 +31,8 @@ class Dataset(Timestamped, Base):
     status: Mapped[str] = mapped_column(String(16), default=DatasetStatus.VALIDATING)
     file_name: Mapped[str] = mapped_column(String(255))
     mime_type: Mapped[str] = mapped_column(String(128), default="application/octet-stream")
-    blob_key: Mapped[str] = mapped_column(String(512))
+    # Unique: one upload registers at most one dataset.
+    blob_key: Mapped[str] = mapped_column(String(512), unique=True)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     sha256: Mapped[str | None] = mapped_column(String(64))
     # What validation found: prompt_completion | messages | text, and its evidence.
@@ -41,3 +42,5 @@ class Dataset(Timestamped, Base):
     split_counts: Mapped[dict[str, int] | None] = mapped_column(JSON)
     preview: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # Validation runs that ended without a verdict (worker lost, timed out); capped, then `errored`.
+    validation_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -39,5 +39,7 @@ class ApiToken(Timestamped, Base):
     name: Mapped[str] = mapped_column(String(64), default="")
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # None: never expires. Past it the token is refused as if revoked.
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     user: Mapped[User] = relationship(lazy="joined")
