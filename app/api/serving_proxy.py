@@ -2,7 +2,8 @@
 
 The caller's token decides the tenant: the path's tenant segment must be the caller's own (its name
 or its short code, which is what the Predibase SDK puts there), and the tenant header the serving
-process resolves adapters by is always set here, never taken from the caller. Responses stream
+process resolves adapters by travels in an assertion signed here (`tuneforge.serving_auth`), never
+taken from the caller. Responses stream
 through as they arrive (Server-Sent Events included), without buffering.
 """
 
@@ -15,11 +16,12 @@ import httpx
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from tuneforge.serving_auth import ASSERTION_HEADER
 
 from app.context import AppContext
 from app.errors import NotFoundError
 from app.services import auth, deployments
-from app.services.serving_processes import TENANT_HEADER, ServingSupervisor, ServingUnavailableError
+from app.services.serving_processes import ServingSupervisor, ServingUnavailableError
 
 router = APIRouter(tags=["serving"])
 
@@ -36,7 +38,7 @@ ROUTES = {
 # Hop-by-hop headers (RFC 9110 §7.6.1) and what the proxy sets itself.
 _DROPPED_REQUEST_HEADERS = {
     "host", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
-    "proxy-authorization", "authorization", "content-length", "cookie", TENANT_HEADER.lower(),
+    "proxy-authorization", "authorization", "content-length", "cookie", ASSERTION_HEADER.lower(),
 }  # fmt: skip
 _DROPPED_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
 # Generation can be long; only connecting is expected to be quick.
@@ -71,13 +73,14 @@ async def forward(request: Request, tenant: str, name: str, upstream_path: str) 
     # Read whole (generation requests are small) so that a request can be sent again after a restart.
     body = await request.body()
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED_REQUEST_HEADERS}
-    headers[TENANT_HEADER] = target.tenant
     timeout = ctx.settings.serving_start_timeout_seconds
     client = _http_client(request.app)
     for attempt in range(2):
-        url = await serving.wait_until_ready(target.base_model, timeout)
+        url = await serving.wait_until_ready(target.base_model, timeout) + upstream_path
+        # Signed per attempt, just before sending: assertions live seconds, a start can take longer.
+        signed = headers | serving.signed_headers(target.tenant, request.method, url, body)
         upstream = client.build_request(
-            request.method, url + upstream_path, content=body, headers=headers, params=request.query_params
+            request.method, url, content=body, headers=signed, params=request.query_params
         )
         try:
             response = await client.send(upstream, stream=True)

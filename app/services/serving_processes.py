@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+from tuneforge.serving_auth import TenantAssertions
 
 from app.db.base import utcnow
 from app.errors import ServiceError
@@ -102,6 +103,7 @@ class ServingSupervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._backends: dict[str, ServingBackend] = {}
+        self._assertions = TenantAssertions(settings.secret_key)
         self._lock = threading.RLock()
         self._closed = threading.Event()
         # Started with the first backend, so an app that never serves runs no extra thread.
@@ -141,6 +143,11 @@ class ServingSupervisor:
         with self._lock:
             backend = self._backends.get(base_model)
             return backend.process.pid if backend is not None and backend.process is not None else None
+
+    def signed_headers(self, tenant: str, method: str, url: str, body: bytes = b"") -> dict[str, str]:
+        """The assertion a serving process needs to answer this request as `tenant` (serving_auth)."""
+        path = httpx.URL(url).path or "/"
+        return self._assertions.headers(tenant=tenant, method=method, path=path, body=body)
 
     def events(self, base_model: str) -> list[ServingEvent]:
         with self._lock:
@@ -294,10 +301,10 @@ class ServingSupervisor:
         for tenant, adapter_id in sorted(backend.warmups - backend.warmed):
             backend.warmed.add((tenant, adapter_id))
             body = {"inputs": WARMUP_PROMPT, "parameters": {"adapter_id": adapter_id, "max_new_tokens": 1}}
+            content, url = json.dumps(body).encode(), f"{backend.url}/generate"
+            headers = self.signed_headers(tenant, "POST", url, content) | {"Content-Type": "application/json"}
             try:
-                response = httpx.post(
-                    f"{backend.url}/generate", json=body, headers={TENANT_HEADER: tenant}, timeout=120
-                )
+                response = httpx.post(url, content=content, headers=headers, timeout=120)
             except httpx.HTTPError as exc:
                 log.warning("preloading %s for tenant %s failed: %s", adapter_id, tenant, exc)
                 continue
@@ -309,10 +316,6 @@ class ServingSupervisor:
             return "no log"
         lines = backend.log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         return f"last lines of {backend.log_path}:\n" + "\n".join(lines)
-
-
-# The header the serving process resolves adapters by; only the proxy may set it.
-TENANT_HEADER = "X-Tuneforge-Tenant"
 
 
 def settings_environment(settings: Settings) -> dict[str, str]:
