@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# A secret that is fine on a laptop and refused in production (see `_refuse_dev_secrets`).
+# A secret that is fine on a laptop and refused everywhere else (see `_refuse_dev_secrets`).
 DEVELOPMENT_SECRET_KEY = "tuneforge-development-secret-change-me"
 
 
@@ -79,18 +79,23 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"storage_url: unsupported scheme {scheme!r}; use file:///path or s3://bucket/prefix"
             )
-        if self.environment == "production":
+        # The secret signs upload tokens, blob URLs and serving assertions: a shared database or blob
+        # store means other machines and people, to whom the published development secret is no secret.
+        if self.environment == "production" or not self.is_embedded or scheme != "file":
             self._refuse_dev_secrets()
         return self
 
     def _refuse_dev_secrets(self) -> None:
         if self.secret_key == DEVELOPMENT_SECRET_KEY or len(self.secret_key) < 32:
-            raise ValueError(
-                "secret_key: production refuses the development secret; set TUNEFORGE_SECRET_KEY "
-                "to at least 32 random characters (e.g. `python -c 'import secrets; "
-                "print(secrets.token_urlsafe(48))'`)"
+            where = (
+                "production" if self.environment == "production" else "a configuration with PostgreSQL or S3"
             )
-        if self.database_url.startswith("sqlite"):
+            raise ValueError(
+                f"secret_key: {where} refuses the development secret (only the embedded SQLite + local "
+                "directory default accepts it); set TUNEFORGE_SECRET_KEY to at least 32 random characters "
+                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+            )
+        if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError(
                 "database_url: production needs PostgreSQL; set TUNEFORGE_DATABASE_URL="
                 "postgresql+psycopg://user:pass@host/db"
