@@ -8,6 +8,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
 
 # A secret that is fine on a laptop and refused everywhere else (see `_refuse_dev_secrets`).
 DEVELOPMENT_SECRET_KEY = "tuneforge-development-secret-change-me"
@@ -58,6 +59,9 @@ class Settings(BaseSettings):
     serving_urls: dict[str, str] = Field(default_factory=dict)
     # How long a request waits for a starting serving process before it is answered 503.
     serving_start_timeout_seconds: float = Field(default=120.0, gt=0)
+    # The largest LoRA rank an uploaded adapter may have (tuneforge.lora_rules' default: 512, far above
+    # what anyone trains); higher ranks cost every tenant of the serving process memory and time.
+    max_lora_rank: int = Field(default=DEFAULT_MAX_LORA_RANK, ge=1, le=4096)
     # The embedded default creates this tenant (and a token for it) on `tuneforge up`.
     dev_tenant: str = "dev"
 

@@ -263,7 +263,8 @@ def test_the_server_serves_a_stored_adapter_in_the_tenant_the_proxy_signs_for(
         return assertions.headers(tenant=name, method=method, path=path, body=content)
 
     def generate(server: TestClient, name: str) -> httpx.Response:
-        return server.post("/generate", content=body, headers=as_tenant(name, "POST", "/generate", body))
+        headers = as_tenant(name, "POST", "/generate", body) | {"Content-Type": "application/json"}
+        return server.post("/generate", content=body, headers=headers)
 
     def models(server: TestClient, name: str) -> list[dict[str, Any]]:
         listed: list[dict[str, Any]] = server.get(
