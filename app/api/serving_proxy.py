@@ -9,6 +9,7 @@ through as they arrive (Server-Sent Events included), without buffering.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from app.services import auth, deployments
 from app.services.serving_processes import ServingSupervisor, ServingUnavailableError
 
 router = APIRouter(tags=["serving"])
+log = logging.getLogger(__name__)
 
 PREFIX = "/{tenant}/deployments/v2/llms/{name}"
 # (method, path under the deployment URL) → path on the serving process.
@@ -88,9 +90,11 @@ async def forward(request: Request, tenant: str, name: str, upstream_path: str) 
         except httpx.TransportError as exc:
             # Died since its last health check: the next wait starts it again (once).
             await run_in_threadpool(serving.report_unreachable, target.base_model)
+            log.warning("serving %s unreachable at %s: %r", target.base_model, url, exc)
             if attempt == 1:
+                # The transport error names the shared process's address: the log has it, not the caller.
                 raise ServingUnavailableError(
-                    f"deployment {name!r}: its serving process cannot be reached ({exc}); retry shortly"
+                    f"deployment {name!r}: its serving process cannot be reached; retry shortly"
                 ) from exc
     kept = {k: v for k, v in response.headers.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
     kept["X-Accel-Buffering"] = "no"  # and no proxy in front should buffer Server-Sent Events either

@@ -162,8 +162,10 @@ class ServingSupervisor:
             if backend.status is ServingStatus.READY:
                 return backend.url
             if backend.status is ServingStatus.FAILED:
+                # `error` is the short reason; the process's log tail went to the operator's log only.
                 raise ServingUnavailableError(
-                    f"the serving process for base model {base_model!r} failed: {backend.error}"
+                    f"the serving process for base model {base_model!r} failed ({backend.error}); "
+                    "retry shortly, or ask the operator (the control plane's log says why)"
                 )
             if time.monotonic() >= deadline:
                 raise ServingUnavailableError(
@@ -278,13 +280,18 @@ class ServingSupervisor:
             # Only an operator's server gets here: a process of ours that stopped answering but
             # still runs is given the benefit of the doubt until it exits.
             if not backend.owned:
-                self._fail(backend, f"{backend.url}/health does not answer 200")
+                log.warning("serving %s: %s/health does not answer 200", backend.base_model, backend.url)
+                self._fail(backend, "its /health does not answer 200")
         elif not healthy and backend.owned and self._start_overdue(backend):
             self._fail(backend, f"not healthy after {START_DEADLINE_S:.0f} s", tail=True)
             _terminate(process)
 
     def _fail(self, backend: ServingBackend, reason: str, *, tail: bool = False) -> None:
-        backend.error = f"{reason}; {self._log_tail(backend)}" if tail else reason
+        """`reason` is shown to tenants (errors, events): never a path, URL or log line of the shared
+        process; the log tail goes to the operator's log instead."""
+        if tail:
+            log.warning("serving %s failed: %s; %s", backend.base_model, reason, self._log_tail(backend))
+        backend.error = reason
         backend.failed_at = time.monotonic()
         backend.warmed.clear()
         backend.record(ServingStatus.FAILED, "Failed", reason)

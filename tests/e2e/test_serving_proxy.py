@@ -273,6 +273,9 @@ def test_a_base_model_that_cannot_start_fails_its_deployment_and_answers_503(sta
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
     response = httpx.post(stack.proxy_url("broken"), json=body, headers=stack.auth(), timeout=180)
     assert_error(response, 503, "failed")
+    # The shared process's log tail and paths stay in the operator's log.
+    for leak in ("last lines of", "Traceback", str(stack.server.app.state.ctx.settings.data_dir)):
+        assert leak not in response.text
     events = stack.client.deployments.events("broken")
     assert [e.event_type for e in events][-1] == "Failed" and "exited with code" in events[-1].message
     stack.client.deployments.delete("broken")
@@ -347,7 +350,11 @@ def test_serving_urls_point_at_an_operators_server_which_is_health_checked_not_s
             body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
             url = f"{server.url}/operated/deployments/v2/llms/served"
             headers = {"Authorization": f"Bearer {token}"}
-            assert_error(httpx.post(url, json=body, headers=headers, timeout=60), 503, "does not answer")
+            down = httpx.post(url, json=body, headers=headers, timeout=60)
+            assert_error(down, 503, "does not answer")
+            assert f"127.0.0.1:{port}" not in down.text, (
+                "the serving process's address is not the caller's business"
+            )
 
             serve = _start_operator_serve(settings, port, tmp_path / "serve.log")  # the operator restarts it
             _wait_for_status(client, "served", "ready")
