@@ -1,10 +1,10 @@
 """`/{tenant}/deployments/v2/llms/{name}/...`: the serving URL, forwarded to the deployment's server.
 
 The caller's token decides the tenant: the path's tenant segment must be the caller's own (its name
-or its short code, which is what the Predibase SDK puts there), and the tenant header the serving
-process resolves adapters by travels in an assertion signed here (`tuneforge.serving_auth`), never
-taken from the caller. Responses stream
-through as they arrive (Server-Sent Events included), without buffering.
+or its short code, which is what the Predibase SDK puts there), and the tenant the serving process
+resolves adapters in travels in an assertion signed here (`tuneforge.serving_auth`), never taken
+from the caller. Responses stream through as they arrive (Server-Sent Events included), without
+buffering.
 """
 
 from __future__ import annotations

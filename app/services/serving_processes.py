@@ -1,11 +1,11 @@
 """The serving processes behind deployments: one `tuneforge serve` per base model, supervised.
 
 Every deployment of a base model, in every tenant, shares one serving process: adapters are
-resolved per request from the tenant header, so there is nothing per deployment to run. In the
-embedded default the control plane starts that process itself (lazily, on the first deployment or
-request), health-checks it, starts it again when it has died, and stops it with the app or when the
-last deployment of its base model goes. In production `TUNEFORGE_SERVING_URLS` names serving
-Deployments an operator runs; those are only health-checked.
+resolved per request in the tenant a signed assertion names (`tuneforge.serving_auth`), so there
+is nothing per deployment to run. In the embedded default the control plane starts that process
+itself (lazily, on the first deployment or request), health-checks it, starts it again when it has
+died, and stops it with the app or when the last deployment of its base model goes. In production
+`TUNEFORGE_SERVING_URLS` names serving Deployments an operator runs; those are only health-checked.
 """
 
 from __future__ import annotations
