@@ -8,8 +8,9 @@ from urllib.parse import urlparse
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
 
-# A secret that is fine on a laptop and refused in production (see `_refuse_dev_secrets`).
+# A secret that is fine on a laptop and refused everywhere else (see `_refuse_dev_secrets`).
 DEVELOPMENT_SECRET_KEY = "tuneforge-development-secret-change-me"
 
 
@@ -58,6 +59,9 @@ class Settings(BaseSettings):
     serving_urls: dict[str, str] = Field(default_factory=dict)
     # How long a request waits for a starting serving process before it is answered 503.
     serving_start_timeout_seconds: float = Field(default=120.0, gt=0)
+    # The largest LoRA rank an uploaded adapter may have (tuneforge.lora_rules' default: 512, far above
+    # what anyone trains); higher ranks cost every tenant of the serving process memory and time.
+    max_lora_rank: int = Field(default=DEFAULT_MAX_LORA_RANK, ge=1, le=4096)
     # The embedded default creates this tenant (and a token for it) on `tuneforge up`.
     dev_tenant: str = "dev"
 
@@ -79,18 +83,23 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"storage_url: unsupported scheme {scheme!r}; use file:///path or s3://bucket/prefix"
             )
-        if self.environment == "production":
+        # The secret signs upload tokens, blob URLs and serving assertions: a shared database or blob
+        # store means other machines and people, to whom the published development secret is no secret.
+        if self.environment == "production" or not self.is_embedded or scheme != "file":
             self._refuse_dev_secrets()
         return self
 
     def _refuse_dev_secrets(self) -> None:
         if self.secret_key == DEVELOPMENT_SECRET_KEY or len(self.secret_key) < 32:
-            raise ValueError(
-                "secret_key: production refuses the development secret; set TUNEFORGE_SECRET_KEY "
-                "to at least 32 random characters (e.g. `python -c 'import secrets; "
-                "print(secrets.token_urlsafe(48))'`)"
+            where = (
+                "production" if self.environment == "production" else "a configuration with PostgreSQL or S3"
             )
-        if self.database_url.startswith("sqlite"):
+            raise ValueError(
+                f"secret_key: {where} refuses the development secret (only the embedded SQLite + local "
+                "directory default accepts it); set TUNEFORGE_SECRET_KEY to at least 32 random characters "
+                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+            )
+        if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError(
                 "database_url: production needs PostgreSQL; set TUNEFORGE_DATABASE_URL="
                 "postgresql+psycopg://user:pass@host/db"

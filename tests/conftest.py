@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from live_server import LiveServer
-from tests_support import POSTGRES_ADMIN_DSN
+from tests_support import POSTGRES_ADMIN_DSN, TEST_SECRET_KEY
 
 # Code under test never reaches a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,6 +76,8 @@ def stack_settings_factory(tmp_path_factory, request):  # type: ignore[no-untype
                 database_url=request.getfixturevalue("postgres_url"),
                 storage_url=f"s3://{bucket}/tuneforge",
                 s3_endpoint_url=s3.endpoint_url,
+                # Shared database and blob store: the development secret is refused there.
+                secret_key=TEST_SECRET_KEY,
             )
         fields.update(overrides)
         settings = Settings(**fields)  # type: ignore[arg-type]

@@ -13,6 +13,8 @@ from typing import Any
 POSTGRES_ADMIN_DSN = os.environ.get(
     "TUNEFORGE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
+# What test configurations with PostgreSQL or S3 sign with: they refuse the development secret.
+TEST_SECRET_KEY = "tuneforge-test-secret-" + "0123456789abcdef" * 2
 
 
 def assert_error(response: Any, status: int, fragment: str) -> dict[str, Any]:

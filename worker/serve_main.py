@@ -200,6 +200,7 @@ def run_server(
     from worker.serving.engine import EngineConfig
     from worker.serving.metrics import ServingMetrics
     from worker.serving.server import build_app
+    from worker.serving.tenant_auth import SignedTenants
     from worker.training.base_models import resolve_base_model
 
     tenant = tenant or settings.dev_tenant
@@ -229,7 +230,9 @@ def run_server(
         if preload:
             engine.preload(preload, tenant=tenant)
         print(f"tuneforge serving {base_model} on http://{host}:{port}", flush=True)
-        uvicorn.run(build_app(engine, default_tenant=tenant), host=host, port=port, log_level=log_level)
+        # Always verified: the tenant of a request is only ever the one the control plane signed.
+        app = build_app(engine, tenants=SignedTenants.from_secret(settings.secret_key))
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.shutdown()
         if ctx is not None:

@@ -1,13 +1,15 @@
 """`/{tenant}/deployments/v2/llms/{name}/...`: the serving URL, forwarded to the deployment's server.
 
 The caller's token decides the tenant: the path's tenant segment must be the caller's own (its name
-or its short code, which is what the Predibase SDK puts there), and the tenant header the serving
-process resolves adapters by is always set here, never taken from the caller. Responses stream
-through as they arrive (Server-Sent Events included), without buffering.
+or its short code, which is what the Predibase SDK puts there), and the tenant the serving process
+resolves adapters in travels in an assertion signed here (`tuneforge.serving_auth`), never taken
+from the caller. Responses stream through as they arrive (Server-Sent Events included), without
+buffering.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -15,13 +17,15 @@ import httpx
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from tuneforge.serving_auth import ASSERTION_HEADER
 
 from app.context import AppContext
 from app.errors import NotFoundError
 from app.services import auth, deployments
-from app.services.serving_processes import TENANT_HEADER, ServingSupervisor, ServingUnavailableError
+from app.services.serving_processes import ServingSupervisor, ServingUnavailableError
 
 router = APIRouter(tags=["serving"])
+log = logging.getLogger(__name__)
 
 PREFIX = "/{tenant}/deployments/v2/llms/{name}"
 # (method, path under the deployment URL) → path on the serving process.
@@ -36,7 +40,7 @@ ROUTES = {
 # Hop-by-hop headers (RFC 9110 §7.6.1) and what the proxy sets itself.
 _DROPPED_REQUEST_HEADERS = {
     "host", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
-    "proxy-authorization", "authorization", "content-length", "cookie", TENANT_HEADER.lower(),
+    "proxy-authorization", "authorization", "content-length", "cookie", ASSERTION_HEADER.lower(),
 }  # fmt: skip
 _DROPPED_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
 # Generation can be long; only connecting is expected to be quick.
@@ -71,13 +75,14 @@ async def forward(request: Request, tenant: str, name: str, upstream_path: str) 
     # Read whole (generation requests are small) so that a request can be sent again after a restart.
     body = await request.body()
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED_REQUEST_HEADERS}
-    headers[TENANT_HEADER] = target.tenant
     timeout = ctx.settings.serving_start_timeout_seconds
     client = _http_client(request.app)
     for attempt in range(2):
-        url = await serving.wait_until_ready(target.base_model, timeout)
+        url = await serving.wait_until_ready(target.base_model, timeout) + upstream_path
+        # Signed per attempt, just before sending: assertions live seconds, a start can take longer.
+        signed = headers | serving.signed_headers(target.tenant, request.method, url, body)
         upstream = client.build_request(
-            request.method, url + upstream_path, content=body, headers=headers, params=request.query_params
+            request.method, url, content=body, headers=signed, params=request.query_params
         )
         try:
             response = await client.send(upstream, stream=True)
@@ -85,9 +90,11 @@ async def forward(request: Request, tenant: str, name: str, upstream_path: str) 
         except httpx.TransportError as exc:
             # Died since its last health check: the next wait starts it again (once).
             await run_in_threadpool(serving.report_unreachable, target.base_model)
+            log.warning("serving %s unreachable at %s: %r", target.base_model, url, exc)
             if attempt == 1:
+                # The transport error names the shared process's address: the log has it, not the caller.
                 raise ServingUnavailableError(
-                    f"deployment {name!r}: its serving process cannot be reached ({exc}); retry shortly"
+                    f"deployment {name!r}: its serving process cannot be reached; retry shortly"
                 ) from exc
     kept = {k: v for k, v in response.headers.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
     kept["X-Accel-Buffering"] = "no"  # and no proxy in front should buffer Server-Sent Events either

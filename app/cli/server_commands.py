@@ -1,5 +1,5 @@
-"""`tuneforge up | worker | serve | token | migrate`: run the embedded stack or a worker, mint API tokens,
-migrate the database.
+"""`tuneforge up | worker | serve | token | migrate`: run the embedded stack or a worker, mint, list and
+revoke API tokens, migrate the database.
 
 `worker` and `serve` import the data plane lazily, so the control-plane image (no torch) can still
 run every other command.
@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
+from app.cli.tables import table
 from app.db import migrate
 from app.db.session import make_engine, make_session_factory, transaction
 from app.services import auth
-from app.settings import Settings
+from app.settings import DEVELOPMENT_SECRET_KEY, Settings
 
 
 def _settings(data_dir: str | None = None) -> Settings:
@@ -38,17 +41,70 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_token_create(args: argparse.Namespace) -> int:
     settings = _settings(args.data_dir)
     migrate.upgrade(settings.database_url)
-    token = _mint_token(settings, args.tenant, args.user, args.name)
+    token = _mint_token(settings, args.tenant, args.user, args.name, args.expires_in)
     print(token)
-    print(f"# token for user {args.user!r} in tenant {args.tenant!r}; it is shown only once", file=sys.stderr)
+    lifetime = f"expires in {args.expires_in}" if args.expires_in else "does not expire"
+    print(
+        f"# token for user {args.user!r} in tenant {args.tenant!r} ({lifetime}); it is shown only once",
+        file=sys.stderr,
+    )
     return 0
 
 
-def _mint_token(settings: Settings, tenant: str, user: str, name: str = "") -> str:
+def cmd_token_list(args: argparse.Namespace) -> int:
+    settings = _settings(args.data_dir)
+    migrate.upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
         with transaction(make_session_factory(engine)) as session:
-            return auth.create_token(session, auth.get_or_create_user(session, tenant, user), name)
+            rows = [
+                (row.lookup_id, row.user.tenant.name, row.user.username, row.name, auth.token_state(row),
+                 row.created_at, row.last_used_at, row.expires_at)
+                for row in auth.list_tokens(session, args.tenant)
+            ]  # fmt: skip
+    finally:
+        engine.dispose()
+    headers = ("id", "tenant", "user", "name", "state", "created", "last used", "expires")
+    print(table(headers, rows))
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    settings = _settings(args.data_dir)
+    migrate.upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            row = auth.revoke_token(session, args.token_id)
+            print(f"revoked token {row.lookup_id} of user {row.user.username!r} in {row.user.tenant.name!r}")
+    finally:
+        engine.dispose()
+    return 0
+
+
+_DURATION = re.compile(r"(\d{1,6})([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def duration(text: str) -> timedelta:
+    """`90m`, `12h`, `30d`, `2w` → a timedelta; the bounds are the token service's."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30d, 12h, 90m or 2w")
+    lifetime = timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+    if not auth.MIN_TOKEN_LIFETIME <= lifetime <= auth.MAX_TOKEN_LIFETIME:
+        raise argparse.ArgumentTypeError(f"{text}: a token lives between {auth.LIFETIME_BOUNDS}")
+    return lifetime
+
+
+def _mint_token(
+    settings: Settings, tenant: str, user: str, name: str = "", expires_in: timedelta | None = None
+) -> str:
+    engine = make_engine(settings.database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            owner = auth.get_or_create_user(session, tenant, user)
+            return auth.create_token(session, owner, name, expires_in=expires_in)
     finally:
         engine.dispose()
 
@@ -157,6 +213,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
 
     settings = _settings(args.data_dir)
+    _refuse_public_dev_secret(settings, args.host)
     run_server(
         settings,
         base_model=args.base_model,
@@ -175,6 +232,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
     )
     return 0
+
+
+def _refuse_public_dev_secret(settings: Settings, host: str) -> None:
+    """Serving trusts whoever signs with the secret; the development secret is public, so a process
+    signed with it may listen on loopback only (where only this machine's users reach it)."""
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    if settings.secret_key == DEVELOPMENT_SECRET_KEY and not loopback:
+        raise ValueError(
+            f"--host {host}: a serving process reachable from other machines needs a real secret; set "
+            "TUNEFORGE_SECRET_KEY (the control plane's) or keep the default --host 127.0.0.1"
+        )
 
 
 def _redact(url: str) -> str:
@@ -210,7 +278,7 @@ def add_server_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     serve.add_argument(
         "--base-model", required=True, help="a built-in name, HF id in the cache, or local dir"
     )
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, required=True)
     serve.add_argument("--max-adapters", type=int, default=16, help="adapters kept in memory (LRU)")
     serve.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")
@@ -258,7 +326,23 @@ def add_server_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     create.add_argument("--tenant", required=True)
     create.add_argument("--user", default="admin")
     create.add_argument("--name", default="", help="a label for the token")
+    create.add_argument(
+        "--expires-in",
+        type=duration,
+        default=None,
+        metavar="DURATION",
+        help="refuse the token after this long: 90m, 12h, 30d, 2w (5 minutes to 366 days; default: never)",
+    )
+    create.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
     create.set_defaults(func=cmd_token_create)
+    listing = token.add_parser("list", help="list tokens: id, owner, state, last use, expiry (never secrets)")
+    listing.add_argument("--tenant", help="only this tenant's tokens")
+    listing.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
+    listing.set_defaults(func=cmd_token_list)
+    revoke = token.add_parser("revoke", help="revoke a token now: every later request with it is refused")
+    revoke.add_argument("token_id", metavar="ID", help="the id `token list` shows (or the whole token)")
+    revoke.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
+    revoke.set_defaults(func=cmd_token_revoke)
 
     migrate_cmd = commands.add_parser("migrate", help="upgrade the database to the latest schema")
     migrate_cmd.set_defaults(func=cmd_migrate)

@@ -1,10 +1,10 @@
-"""Uploading an existing PEFT adapter as a new version: presigned staging, checks, then an atomic publish."""
+"""Uploading an existing PEFT adapter as a new version: presigned staging, checks (`adapter_checks`), then
+an atomic publish."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
+import logging
 import uuid
 from typing import Any
 
@@ -14,18 +14,16 @@ from sqlalchemy.orm import Session
 from app.context import AppContext
 from app.db import AdapterVersion, Repo, User, VersionSource, VersionStatus
 from app.errors import InvalidInputError, PayloadTooLargeError
-from app.services import repos, upload_tokens
+from app.services import adapter_checks, base_models, repos, upload_tokens
+from app.services.adapter_checks import CONFIG_FILE, WEIGHTS_FILE
 from app.storage import BlobNotFoundError, BlobStore
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+log = logging.getLogger(__name__)
+
 PICKLE_FILE = "adapter_model.bin"
 # The SDK insists on a URL for each of these, even for files it will not send.
 UPLOAD_FILES = (CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE)
 MAX_CONFIG_BYTES = 1024 * 1024
-_SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
-_SAFETENSORS_DTYPES = {"BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64",
-                       "U64", "F8_E4M3", "F8_E5M2"}  # fmt: skip
 
 
 def begin(ctx: AppContext, session: Session, user: User, repo_name: str, base_url: str) -> dict[str, Any]:
@@ -54,9 +52,9 @@ def finish(ctx: AppContext, session: Session, user: User, upload_token: str) -> 
     if done is not None:
         return done
     try:
-        config = _read_config(store, staging)
+        config = _read_config(store, staging, ctx.settings.max_lora_rank)
         files = {CONFIG_FILE: _digest(store, f"{staging}{CONFIG_FILE}")}
-        files[WEIGHTS_FILE] = _check_weights(store, staging, ctx.settings.max_upload_bytes)
+        files[WEIGHTS_FILE] = _check_weights(ctx, staging, config)
         return _publish(ctx, session, user, repo, config, staging, prefix, files)
     finally:
         # The pickle file (if any) is never read; staging goes whether the upload was accepted or not.
@@ -69,31 +67,18 @@ def _version_prefix(user: User, repo: Repo, staging: str) -> str:
     return f"tenants/{user.tenant.uuid}/repos/{repo.uuid}/versions/{upload_id}/"
 
 
-def _read_config(store: BlobStore, staging: str) -> dict[str, Any]:
+def _read_config(store: BlobStore, staging: str, max_rank: int) -> dict[str, Any]:
     try:
         size = store.stat(f"{staging}{CONFIG_FILE}").size
     except BlobNotFoundError:
         raise InvalidInputError(f"{CONFIG_FILE}: missing; upload what save_pretrained wrote") from None
     if size > MAX_CONFIG_BYTES:
         raise InvalidInputError(f"{CONFIG_FILE}: {size} bytes is too large for an adapter config")
-    try:
-        config = json.loads(store.read_bytes(f"{staging}{CONFIG_FILE}"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{CONFIG_FILE}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise InvalidInputError(f"{CONFIG_FILE}: must be a JSON object")
-    if not config.get("peft_type"):
-        raise InvalidInputError(f"{CONFIG_FILE}: peft_type is missing; is this a PEFT adapter config?")
-    if not config.get("base_model_name_or_path"):
-        raise InvalidInputError(
-            f"{CONFIG_FILE}: base_model_name_or_path is missing; set it to the base model the adapter was "
-            "trained on"
-        )
-    return config
+    return adapter_checks.parse_config(store.read_bytes(f"{staging}{CONFIG_FILE}"), max_rank=max_rank)
 
 
-def _check_weights(store: BlobStore, staging: str, max_bytes: int) -> dict[str, Any]:
-    key = f"{staging}{WEIGHTS_FILE}"
+def _check_weights(ctx: AppContext, staging: str, config: dict[str, Any]) -> dict[str, Any]:
+    store, key = ctx.store, f"{staging}{WEIGHTS_FILE}"
     if not store.exists(key):
         if store.exists(f"{staging}{PICKLE_FILE}"):
             raise InvalidInputError(
@@ -102,52 +87,17 @@ def _check_weights(store: BlobStore, staging: str, max_bytes: int) -> dict[str, 
                 f"safe_serialization=True)` and upload {WEIGHTS_FILE}"
             )
         raise InvalidInputError(f"{WEIGHTS_FILE}: missing; upload the adapter weights in safetensors format")
-    size = store.stat(key).size
+    size, max_bytes = store.stat(key).size, ctx.settings.max_upload_bytes
     if size > max_bytes:
         raise PayloadTooLargeError(f"{WEIGHTS_FILE}: {size} bytes exceeds the limit of {max_bytes}")
-    digest, head, need = hashlib.sha256(), bytearray(), 8
-    for chunk in store.iter_chunks(key):
-        digest.update(chunk)
-        rest = memoryview(chunk)
-        while len(head) < need and rest:
-            take = need - len(head)
-            head += rest[:take]
-            rest = rest[take:]
-            if need == 8 and len(head) == 8:  # the length prefix tells how much header follows
-                need += _header_length(head, size)
-    if need == 8 or len(head) < need:
-        raise InvalidInputError(f"{WEIGHTS_FILE}: truncated file ({size} bytes)")
-    header_len = need - 8
-    _check_tensor_table(bytes(head[8:]), data_bytes=size - 8 - header_len)
-    return {"size": size, "sha256": digest.hexdigest()}
-
-
-def _header_length(prefix: bytearray, size: int) -> int:
-    (length,) = struct.unpack("<Q", bytes(prefix[:8]))
-    if length == 0 or length > _SAFETENSORS_MAX_HEADER or length + 8 > size:
-        raise InvalidInputError(f"{WEIGHTS_FILE}: not a safetensors file (bad header length {length})")
-    return int(length)
-
-
-def _check_tensor_table(raw: bytes, data_bytes: int) -> None:
-    """The header must describe tensors that exactly tile the data section, as safetensors requires."""
-    try:
-        table = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidInputError(f"{WEIGHTS_FILE}: not a safetensors file (header is not JSON)") from None
-    tensors = {k: v for k, v in table.items() if k != "__metadata__"} if isinstance(table, dict) else {}
-    if not tensors:
-        raise InvalidInputError(f"{WEIGHTS_FILE}: contains no tensors")
-    end = 0
-    for name, spec in tensors.items():
-        offsets = spec.get("data_offsets") if isinstance(spec, dict) else None
-        if not isinstance(spec, dict) or spec.get("dtype") not in _SAFETENSORS_DTYPES or not offsets:
-            raise InvalidInputError(f"{WEIGHTS_FILE}: tensor {name!r} has an invalid dtype or offsets")
-        end = max(end, int(offsets[1]))
-    if end != data_bytes:
-        raise InvalidInputError(
-            f"{WEIGHTS_FILE}: header describes {end} bytes of tensor data but the file has {data_bytes}"
-        )
+    base_model = str(config["base_model_name_or_path"])
+    model_config = base_models.model_config(ctx.settings, base_model)
+    if model_config is None:
+        log.info("upload of an adapter of %s: shapes not checked here (base model config unknown); "
+                 "the serving process checks them at load", base_model)  # fmt: skip
+    return adapter_checks.check_weights(
+        store.iter_chunks(key), size, config, model_config=model_config, max_rank=ctx.settings.max_lora_rank
+    )
 
 
 def _digest(store: BlobStore, key: str) -> dict[str, Any]:

@@ -7,10 +7,19 @@ built-in catalogue; `tests/unit/services/test_base_models.py` holds it equal to 
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
 from typing import Any
+
+from tuneforge import lora_rules
 
 from app.errors import InvalidInputError
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
+# An HF config.json is a few KB.
+MAX_MODEL_CONFIG_BYTES = 1024 * 1024
 
 BUILTIN_MODELS: tuple[dict[str, Any], ...] = (
     {
@@ -47,3 +56,30 @@ def require_available(settings: Settings, name: str) -> None:
             f"params.base_model: unknown base model {name!r}; available: {', '.join(names)}. "
             "An operator can add a model whose weights the workers can reach with TUNEFORGE_EXTRA_BASE_MODELS"
         )
+
+
+def model_config(settings: Settings, name: str) -> dict[str, Any] | None:
+    """The base model's HF config.json where this control plane can read it, else None.
+
+    Built-in models live in the model cache once a worker (or serving process) sharing it has built
+    them; an operator's extra model that is a local directory has it inside. Only names the operator
+    configured are looked up, never a path an upload names. A config that does not describe a
+    Llama-style model (whose projection shapes `lora_rules` knows) counts as unknown.
+    """
+    builtin = {model["name"] for model in BUILTIN_MODELS}
+    if name in builtin and settings.model_cache_dir is not None:
+        path = settings.model_cache_dir / name / "config.json"
+    elif name in settings.extra_base_models and Path(name).is_absolute():
+        path = Path(name) / "config.json"
+    else:
+        return None
+    try:
+        if path.stat().st_size > MAX_MODEL_CONFIG_BYTES:
+            return None
+        config = json.loads(path.read_bytes())
+        lora_rules.projection_shapes(config)
+        lora_rules.model_layers(config)
+    except (OSError, ValueError, TypeError, KeyError, ZeroDivisionError, RecursionError) as exc:
+        log.info("base model %s: no usable config.json at %s (%s)", name, path, type(exc).__name__)
+        return None
+    return config if isinstance(config, dict) else None

@@ -14,7 +14,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.services.deployments import DeploymentView
-from app.services.serving_processes import TENANT_HEADER, ServingStatus, ServingSupervisor
+from app.services.serving_processes import ServingStatus, ServingSupervisor
 
 SCRAPE_TIMEOUT_S = 5.0
 _PREFIX = "tuneforge_serving_"
@@ -80,7 +80,9 @@ def read(serving: ServingSupervisor, view: DeploymentView, tenant: str) -> Deplo
         return DeploymentMetrics(status=serving.status(view.base_model))
     try:
         scraped = httpx.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT_S)
-        models = httpx.get(f"{url}/v1/models", headers={TENANT_HEADER: tenant}, timeout=SCRAPE_TIMEOUT_S)
+        models_url = f"{url}/v1/models"
+        signed = serving.signed_headers(tenant, "GET", models_url)
+        models = httpx.get(models_url, headers=signed, timeout=SCRAPE_TIMEOUT_S)
         scraped.raise_for_status()
         models.raise_for_status()
     except httpx.HTTPError:

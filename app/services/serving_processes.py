@@ -1,11 +1,11 @@
 """The serving processes behind deployments: one `tuneforge serve` per base model, supervised.
 
 Every deployment of a base model, in every tenant, shares one serving process: adapters are
-resolved per request from the tenant header, so there is nothing per deployment to run. In the
-embedded default the control plane starts that process itself (lazily, on the first deployment or
-request), health-checks it, starts it again when it has died, and stops it with the app or when the
-last deployment of its base model goes. In production `TUNEFORGE_SERVING_URLS` names serving
-Deployments an operator runs; those are only health-checked.
+resolved per request in the tenant a signed assertion names (`tuneforge.serving_auth`), so there
+is nothing per deployment to run. In the embedded default the control plane starts that process
+itself (lazily, on the first deployment or request), health-checks it, starts it again when it has
+died, and stops it with the app or when the last deployment of its base model goes. In production
+`TUNEFORGE_SERVING_URLS` names serving Deployments an operator runs; those are only health-checked.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+from tuneforge.serving_auth import TenantAssertions
 
 from app.db.base import utcnow
 from app.errors import ServiceError
@@ -102,6 +103,7 @@ class ServingSupervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._backends: dict[str, ServingBackend] = {}
+        self._assertions = TenantAssertions(settings.secret_key)
         self._lock = threading.RLock()
         self._closed = threading.Event()
         # Started with the first backend, so an app that never serves runs no extra thread.
@@ -142,6 +144,11 @@ class ServingSupervisor:
             backend = self._backends.get(base_model)
             return backend.process.pid if backend is not None and backend.process is not None else None
 
+    def signed_headers(self, tenant: str, method: str, url: str, body: bytes = b"") -> dict[str, str]:
+        """The assertion a serving process needs to answer this request as `tenant` (serving_auth)."""
+        path = httpx.URL(url).path or "/"
+        return self._assertions.headers(tenant=tenant, method=method, path=path, body=body)
+
     def events(self, base_model: str) -> list[ServingEvent]:
         with self._lock:
             backend = self._backends.get(base_model)
@@ -155,8 +162,10 @@ class ServingSupervisor:
             if backend.status is ServingStatus.READY:
                 return backend.url
             if backend.status is ServingStatus.FAILED:
+                # `error` is the short reason; the process's log tail went to the operator's log only.
                 raise ServingUnavailableError(
-                    f"the serving process for base model {base_model!r} failed: {backend.error}"
+                    f"the serving process for base model {base_model!r} failed ({backend.error}); "
+                    "retry shortly, or ask the operator (the control plane's log says why)"
                 )
             if time.monotonic() >= deadline:
                 raise ServingUnavailableError(
@@ -271,13 +280,18 @@ class ServingSupervisor:
             # Only an operator's server gets here: a process of ours that stopped answering but
             # still runs is given the benefit of the doubt until it exits.
             if not backend.owned:
-                self._fail(backend, f"{backend.url}/health does not answer 200")
+                log.warning("serving %s: %s/health does not answer 200", backend.base_model, backend.url)
+                self._fail(backend, "its /health does not answer 200")
         elif not healthy and backend.owned and self._start_overdue(backend):
             self._fail(backend, f"not healthy after {START_DEADLINE_S:.0f} s", tail=True)
             _terminate(process)
 
     def _fail(self, backend: ServingBackend, reason: str, *, tail: bool = False) -> None:
-        backend.error = f"{reason}; {self._log_tail(backend)}" if tail else reason
+        """`reason` is shown to tenants (errors, events): never a path, URL or log line of the shared
+        process; the log tail goes to the operator's log instead."""
+        if tail:
+            log.warning("serving %s failed: %s; %s", backend.base_model, reason, self._log_tail(backend))
+        backend.error = reason
         backend.failed_at = time.monotonic()
         backend.warmed.clear()
         backend.record(ServingStatus.FAILED, "Failed", reason)
@@ -294,10 +308,10 @@ class ServingSupervisor:
         for tenant, adapter_id in sorted(backend.warmups - backend.warmed):
             backend.warmed.add((tenant, adapter_id))
             body = {"inputs": WARMUP_PROMPT, "parameters": {"adapter_id": adapter_id, "max_new_tokens": 1}}
+            content, url = json.dumps(body).encode(), f"{backend.url}/generate"
+            headers = self.signed_headers(tenant, "POST", url, content) | {"Content-Type": "application/json"}
             try:
-                response = httpx.post(
-                    f"{backend.url}/generate", json=body, headers={TENANT_HEADER: tenant}, timeout=120
-                )
+                response = httpx.post(url, content=content, headers=headers, timeout=120)
             except httpx.HTTPError as exc:
                 log.warning("preloading %s for tenant %s failed: %s", adapter_id, tenant, exc)
                 continue
@@ -309,10 +323,6 @@ class ServingSupervisor:
             return "no log"
         lines = backend.log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         return f"last lines of {backend.log_path}:\n" + "\n".join(lines)
-
-
-# The header the serving process resolves adapters by; only the proxy may set it.
-TENANT_HEADER = "X-Tuneforge-Tenant"
 
 
 def settings_environment(settings: Settings) -> dict[str, str]:

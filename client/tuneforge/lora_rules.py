@@ -216,3 +216,69 @@ def check_tensor_shape(
                 f"shape {list(shape)} does not fit {module}: its {side} has {expected} features, not {wide}",
             )
     return int(rank)
+
+
+def model_layers(model_config: Mapping[str, Any]) -> int:
+    """How many decoder layers a Llama-style HF config.json describes."""
+    return int(model_config["num_hidden_layers"])
+
+
+def check_tensors(
+    tensors: Mapping[str, tuple[str, list[int] | tuple[int, ...]]],
+    config: Mapping[str, Any],
+    *,
+    model_config: Mapping[str, Any] | None = None,
+    max_rank: int = DEFAULT_MAX_LORA_RANK,
+) -> dict[str, int]:
+    """A whole weights file's tensor table (`name -> (safetensors dtype, shape)`) against its config.
+
+    Every tensor is the lora_A or lora_B of a projection we serve (in `target_modules`, when the
+    config lists them), floating point and 2-d; A and B come in pairs of one rank, the rank the
+    config gives that module (`r`, or its `rank_pattern` entry), at most `max_rank`. With the base
+    model's `model_config` also the layer index and the projection's features are checked; without
+    it (the base model is not known here) those wait for load time. Returns `module path -> rank`.
+    """
+    shapes = projection_shapes(model_config) if model_config is not None else None
+    num_layers = model_layers(model_config) if model_config is not None else None
+    targets = config.get("target_modules")
+    allowed = {str(t) for t in targets} if isinstance(targets, list | tuple) else None
+    pairs: dict[tuple[int, str], dict[str, int]] = {}
+    for name, (dtype, shape) in tensors.items():
+        parsed = parse_weight_name(name)
+        if parsed is None:
+            raise AdapterRuleError(
+                name, "is not the lora_A or lora_B weight of a projection we serve (q_proj ... down_proj)"
+            )
+        layer, module, which = parsed
+        if dtype not in FLOAT_DTYPES:
+            raise AdapterRuleError(name, f"dtype {dtype}; LoRA weights are {', '.join(sorted(FLOAT_DTYPES))}")
+        if allowed is not None and module not in allowed:
+            raise AdapterRuleError(name, f"{module} is not among target_modules {sorted(allowed)}")
+        rank = check_tensor_shape(
+            name, shape, which=which, module=module, layer=layer, num_layers=num_layers, shapes=shapes,
+            max_rank=max_rank,
+        )  # fmt: skip
+        side = pairs.setdefault((layer, module), {})
+        if which in side:
+            raise AdapterRuleError(name, f"a second lora_{which} weight for {module_path(layer, module)}")
+        side[which] = rank
+    return {
+        module_path(layer, module): _pair_rank(layer, module, side, config)
+        for (layer, module), side in pairs.items()
+    }
+
+
+def _pair_rank(layer: int, module: str, side: Mapping[str, int], config: Mapping[str, Any]) -> int:
+    path = module_path(layer, module)
+    for which, other in (("A", "B"), ("B", "A")):
+        if which not in side:
+            raise AdapterRuleError(path, f"has lora_{other} but no lora_{which}; LoRA weights come in pairs")
+    if side["A"] != side["B"]:
+        raise AdapterRuleError(path, f"lora_A has rank {side['A']} but lora_B has rank {side['B']}")
+    expected = pattern_value(config.get("rank_pattern") or {}, path, config.get("r", 8))
+    if side["A"] != expected:
+        raise AdapterRuleError(
+            path, f"its weights have rank {side['A']}, but adapter_config.json gives it rank {expected:g} "
+            "(r, or its rank_pattern entry)"
+        )  # fmt: skip
+    return side["A"]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
-from tests_support import process_alive
+from tests_support import TEST_SECRET_KEY, process_alive
 
 TUNEFORGE = [sys.executable, "-m", "app.cli"]
 
@@ -126,6 +126,7 @@ def test_migrate_reports_head(tmp_path: Path) -> None:
 
 def test_unreachable_database_is_a_one_line_error(tmp_path: Path) -> None:
     env = _env(tmp_path) | {"TUNEFORGE_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/none"}
+    env |= {"TUNEFORGE_SECRET_KEY": TEST_SECRET_KEY}
     result = subprocess.run([*TUNEFORGE, "migrate"], env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert "cannot reach a backing service" in result.stderr and "Traceback" not in result.stderr

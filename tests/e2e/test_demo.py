@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests_support import TEST_SECRET_KEY
 
 pytestmark = pytest.mark.e2e
 
@@ -129,7 +130,10 @@ def test_ctrl_c_stops_the_server_and_exits_cleanly(tmp_path: Path) -> None:
 
 def test_server_that_cannot_start_fails_with_one_line_and_the_log_tail(tmp_path: Path) -> None:
     result = _run_demo(
-        tmp_path, _free_port(), TUNEFORGE_DATABASE_URL="postgresql+psycopg://nobody@127.0.0.1:1/none"
+        tmp_path,
+        _free_port(),
+        TUNEFORGE_DATABASE_URL="postgresql+psycopg://nobody@127.0.0.1:1/none",
+        TUNEFORGE_SECRET_KEY=TEST_SECRET_KEY,
     )
     assert result.returncode == 1, result.stdout + result.stderr
     first_line, *rest = result.stderr.splitlines()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 from tests_support import write_peft_adapter
+from tuneforge.serving_auth import TenantAssertions
 
 TINY = "tiny-random-llama"
 
@@ -43,7 +45,17 @@ def test_serve_with_an_adapter_dir_answers_health_and_completions(
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
+    secret = "serve-cli-test-" + "k" * 32
     env |= {"TUNEFORGE_MODEL_CACHE_DIR": str(shared_model_cache), "PYTHONUNBUFFERED": "1"}
+    env |= {"TUNEFORGE_SECRET_KEY": secret}
+    assertions = TenantAssertions(secret)
+
+    def post(path: str, body: dict[str, object]) -> httpx.Response:
+        content = json.dumps(body).encode()
+        signed = assertions.headers(tenant="dev", method="POST", path=path, body=content)
+        headers = signed | {"Content-Type": "application/json"}
+        return httpx.post(f"{url}{path}", content=content, headers=headers, timeout=60)
+
     command = [sys.executable, "-m", "app.cli", "serve", "--base-model", TINY, "--port", str(port)]
     command += ["--adapter-dir", str(adapters), "--data-dir", str(tmp_path / "data"), "--preload", "acme/1"]
     log = tmp_path / "serve.log"
@@ -52,14 +64,14 @@ def test_serve_with_an_adapter_dir_answers_health_and_completions(
     try:
         _wait_healthy(url, process, log)
         body = {"model": "acme/1", "prompt": "Hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
-        completion = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
+        completion = post("/v1/completions", body)
         assert completion.status_code == 200, completion.text
         assert completion.json()["usage"]["completion_tokens"] == 5
-        models = httpx.get(f"{url}/v1/models").json()["data"]
+        listing = assertions.headers(tenant="dev", method="GET", path="/v1/models")
+        models = httpx.get(f"{url}/v1/models", headers=listing).json()["data"]
         assert [m["id"] for m in models] == [TINY, "acme/1"] and models[1]["loaded"] is True
-        generated = httpx.post(
-            f"{url}/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
-        )
+        generated = post("/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 2}})
         assert generated.status_code == 200 and "generated_text" in generated.json()
     finally:
         process.send_signal(signal.SIGINT)  # what Ctrl-C (or the supervisor's stop) does

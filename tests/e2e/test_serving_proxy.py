@@ -112,12 +112,11 @@ def test_tuneforge_client_generates_with_the_adapter_as_the_serving_process_does
     assert base.details is not None and base.details.generated_tokens == 8
     assert tuned.generated_text != base.generated_text, "the adapter must change the greedy output"
     # The proxy adds nothing and loses nothing: the serving process itself answers the same.
-    direct = httpx.post(
-        stack.serving.ensure_started(TINY).url + "/generate",
-        json={"inputs": PROMPT, "parameters": {"adapter_id": "acme/1", "max_new_tokens": 8}},
-        headers={"X-Tuneforge-Tenant": stack.tenant},
-        timeout=60,
-    )
+    url = stack.serving.ensure_started(TINY).url + "/generate"
+    parameters = {"adapter_id": "acme/1", "max_new_tokens": 8}
+    body = json.dumps({"inputs": PROMPT, "parameters": parameters}).encode()
+    signed = stack.serving.signed_headers(stack.tenant, "POST", url, body)
+    direct = httpx.post(url, content=body, headers=signed | {"Content-Type": "application/json"}, timeout=60)
     assert direct.status_code == 200, direct.text
     assert direct.json()["generated_text"] == tuned.generated_text
 
@@ -131,11 +130,13 @@ def test_generate_stream_yields_tokens_that_make_up_the_generated_text(stack: Se
     assert tokens[-1].generated_text == whole and all(t.generated_text is None for t in tokens[:-1])
 
 
-def _event_arrivals(url: str, headers: dict[str, str], tokens: int) -> list[float]:
+def _event_arrivals(url: str, headers: Callable[[str, bytes], dict[str, str]], tokens: int) -> list[float]:
     """When each Server-Sent Event of a `generate_stream` arrived, in seconds from the first one."""
-    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": tokens}}
+    body = json.dumps({"inputs": PROMPT, "parameters": {"max_new_tokens": tokens}}).encode()
     arrivals: list[float] = []
-    with httpx.stream("POST", url + "/generate_stream", json=body, headers=headers, timeout=120) as response:
+    url += "/generate_stream"
+    sent = headers(url, body) | {"Content-Type": "application/json"}
+    with httpx.stream("POST", url, content=body, headers=sent, timeout=120) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
@@ -148,9 +149,11 @@ def _event_arrivals(url: str, headers: dict[str, str], tokens: int) -> list[floa
 def test_a_proxied_stream_arrives_incrementally(stack: ServingStack) -> None:
     tokens = 600
     direct = _event_arrivals(
-        stack.serving.ensure_started(TINY).url, {"X-Tuneforge-Tenant": stack.tenant}, tokens
+        stack.serving.ensure_started(TINY).url,
+        lambda url, body: stack.serving.signed_headers(stack.tenant, "POST", url, body),
+        tokens,
     )
-    proxied = _event_arrivals(stack.proxy_url(), stack.auth(), tokens)
+    proxied = _event_arrivals(stack.proxy_url(), lambda url, body: stack.auth(), tokens)
     # Buffered, every event would arrive at once at the end; relayed as produced, the events spread
     # over the generation as they do straight from the serving process.
     assert direct[-1] > 0.05, "the generation is too quick to tell streaming from buffering"
@@ -227,11 +230,14 @@ def test_another_tenants_path_deployment_and_adapter_are_not_found(stack: Servin
     assert theirs.generate(PROMPT, max_new_tokens=2).generated_text  # same process, own tenant
     with pytest.raises(NotFoundError):
         theirs.generate(PROMPT, adapter_id="acme/1", max_new_tokens=2)
-    # A tenant header sent by the caller is replaced by the caller's own tenant.
-    spoofed = {**other, "X-Tuneforge-Tenant": stack.tenant}
+    # An assertion the caller sends (even a genuine one, for the first tenant and this very request) is
+    # replaced by one for the caller's own tenant.
     body["parameters"]["adapter_id"] = "acme/1"
+    content = json.dumps(body).encode()
+    genuine = stack.serving.signed_headers(stack.tenant, "POST", "http://serving/", content)
+    spoofed = {**other, **genuine, "Content-Type": "application/json"}
     url = stack.proxy_url("theirs", tenant=stack.other_tenant)
-    assert httpx.post(url, json=body, headers=spoofed, timeout=60).status_code == 404
+    assert httpx.post(url, content=content, headers=spoofed, timeout=60).status_code == 404
 
 
 def _adapter_loads(serving_url: str) -> float:
@@ -267,6 +273,9 @@ def test_a_base_model_that_cannot_start_fails_its_deployment_and_answers_503(sta
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
     response = httpx.post(stack.proxy_url("broken"), json=body, headers=stack.auth(), timeout=180)
     assert_error(response, 503, "failed")
+    # The shared process's log tail and paths stay in the operator's log.
+    for leak in ("last lines of", "Traceback", str(stack.server.app.state.ctx.settings.data_dir)):
+        assert leak not in response.text
     events = stack.client.deployments.events("broken")
     assert [e.event_type for e in events][-1] == "Failed" and "exited with code" in events[-1].message
     stack.client.deployments.delete("broken")
@@ -341,7 +350,11 @@ def test_serving_urls_point_at_an_operators_server_which_is_health_checked_not_s
             body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
             url = f"{server.url}/operated/deployments/v2/llms/served"
             headers = {"Authorization": f"Bearer {token}"}
-            assert_error(httpx.post(url, json=body, headers=headers, timeout=60), 503, "does not answer")
+            down = httpx.post(url, json=body, headers=headers, timeout=60)
+            assert_error(down, 503, "does not answer")
+            assert f"127.0.0.1:{port}" not in down.text, (
+                "the serving process's address is not the caller's business"
+            )
 
             serve = _start_operator_serve(settings, port, tmp_path / "serve.log")  # the operator restarts it
             _wait_for_status(client, "served", "ready")

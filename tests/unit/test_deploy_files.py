@@ -312,3 +312,13 @@ def test_compose_api_serving_urls_name_the_serving_services_and_their_ports(
         assert (args.base_model, args.port) == (base_model, target.port), (url, args)
         assert args.host == "0.0.0.0", "a serving process on 127.0.0.1 is unreachable from the api"
         assert target.path in ("", "/"), url
+
+
+def test_compose_serving_is_not_published_and_shares_the_apis_secret() -> None:
+    services = compose()["services"]
+    # Only the api reaches the serving process (over the compose network); clients go through the api.
+    assert "ports" not in services["serving"]
+    secret = {name: service_env(services[name])["TUNEFORGE_SECRET_KEY"] for name in ("api", "serving")}
+    assert interpolate(secret["serving"], {"TUNEFORGE_SECRET_KEY": STRONG_SECRET}) == interpolate(
+        secret["api"], {"TUNEFORGE_SECRET_KEY": STRONG_SECRET}
+    )

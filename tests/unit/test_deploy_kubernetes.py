@@ -178,3 +178,66 @@ def test_k8s_and_compose_name_the_same_two_images() -> None:
     assert worker_images == {image_name(services["worker"]["image"])}
     assert api_images != worker_images
     assert {entry["name"] for entry in kustomization()["images"]} == api_images | worker_images
+
+
+# --- who may reach the serving pods -----------------------------------------------------------
+
+
+def _pod_labels(name: str) -> dict[str, str]:
+    labels: dict[str, str] = k8s_objects()[("Deployment", name)]["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def _selects(selector: dict[str, object], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors are checked here: {selector}"
+    match: dict[str, str] = selector.get("matchLabels", {})  # type: ignore[assignment]
+    return match.items() <= labels.items()
+
+
+def _serving_deployments() -> list[str]:
+    return [
+        name
+        for (kind, name), obj in k8s_objects().items()
+        if kind == "Deployment"
+        and any(
+            c.get("command", [])[:2] == ["tuneforge", "serve"]
+            for c in obj["spec"]["template"]["spec"]["containers"]
+        )
+    ]
+
+
+def test_k8s_network_policy_lets_only_the_api_pods_reach_every_serving_pod() -> None:
+    policies = [obj for (kind, _), obj in k8s_objects().items() if kind == "NetworkPolicy"]
+    serving = _serving_deployments()
+    assert serving == [SERVING]
+    guarding = [
+        p for p in policies if all(_selects(p["spec"]["podSelector"], _pod_labels(s)) for s in serving)
+    ]
+    assert guarding, "no NetworkPolicy selects the serving pods"
+    for policy in guarding:
+        spec = policy["spec"]
+        assert "Ingress" in spec["policyTypes"]
+        for other in ("tuneforge-api", "tuneforge-worker"):
+            assert not _selects(spec["podSelector"], _pod_labels(other)), f"the policy also isolates {other}"
+        (rule,) = spec["ingress"]
+        # Peers are pods of this namespace picked by labels: no namespaceSelector or ipBlock widening it.
+        assert all(set(peer) == {"podSelector"} for peer in rule["from"]), rule["from"]
+        allowed = [
+            name
+            for name in ("tuneforge-api", "tuneforge-worker", *serving)
+            if any(_selects(peer["podSelector"], _pod_labels(name)) for peer in rule["from"])
+        ]
+        assert allowed == ["tuneforge-api"], allowed
+        container = only_container(SERVING)
+        listening = serve_args(container.get("command", []) + container.get("args", [])).port
+        assert [(p.get("protocol", "TCP"), container_port(container, p["port"])) for p in rule["ports"]] == [
+            ("TCP", listening)
+        ]
+
+
+def test_k8s_api_and_serving_sign_and_verify_with_the_same_secret() -> None:
+    api, serving = only_container("tuneforge-api"), only_container(SERVING)
+    key = f"{ENV_PREFIX}SECRET_KEY"
+    assert k8s_env(serving)[key] and k8s_env(serving)[key] == k8s_env(api)[key]
+    secret_refs = [s["secretRef"]["name"] for s in serving["envFrom"] if "secretRef" in s]
+    assert secret_refs == [s["secretRef"]["name"] for s in api["envFrom"] if "secretRef" in s]

@@ -59,3 +59,27 @@ def test_production_accepts_real_secrets() -> None:
 def test_unknown_storage_scheme_names_the_field() -> None:
     with pytest.raises(ValidationError, match="storage_url"):
         Settings(storage_url="ftp://somewhere")
+
+
+@pytest.mark.parametrize(
+    "shared",
+    [
+        {"database_url": "postgresql+psycopg://h/d"},
+        {"storage_url": "s3://bucket/prefix"},
+        {"database_url": "postgresql+psycopg://h/d", "storage_url": "s3://bucket/prefix"},
+    ],
+    ids=["postgres", "s3", "postgres+s3"],
+)
+def test_any_shared_database_or_blob_store_refuses_the_development_secret(
+    shared: dict[str, str], tmp_path: Path
+) -> None:
+    with pytest.raises(ValidationError, match="secret_key: a configuration with PostgreSQL or S3"):
+        Settings(data_dir=tmp_path, **shared)
+    with pytest.raises(ValidationError, match="secret_key"):
+        Settings(data_dir=tmp_path, secret_key="short", **shared)
+    assert Settings(data_dir=tmp_path, secret_key=STRONG, **shared).secret_key == STRONG
+
+
+def test_only_the_embedded_default_accepts_the_development_secret(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert settings.secret_key == DEVELOPMENT_SECRET_KEY and settings.is_embedded

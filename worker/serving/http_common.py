@@ -19,8 +19,8 @@ from worker.serving.params import SamplingParams
 if TYPE_CHECKING:
     from worker.serving.async_engine import AsyncEngine
 
-# The control-plane proxy names the caller's tenant in this header; adapters resolve in that tenant.
-TENANT_HEADER = "X-Tuneforge-Tenant"
+# Where `tenant_auth`'s middleware leaves the tenant it verified (the request scope's state).
+TENANT_STATE = "tuneforge_tenant"
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class RequestContext:
 
     @classmethod
     def of(cls, request: Request) -> RequestContext:
-        tenant = request.headers.get(TENANT_HEADER) or request.app.state.default_tenant
+        tenant: str | None = request.scope.get("state", {}).get(TENANT_STATE)
         return cls(engine=request.app.state.engine, tenant=tenant)
 
     def adapter_for(self, model: str | None) -> str | None:

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from worker.serving import lorax_routes, openai_routes
 from worker.serving.errors import ServingError
 from worker.serving.http_common import error_body, error_code, is_openai_path
+from worker.serving.tenant_auth import TenantAuth, TenantAuthMiddleware
 
 if TYPE_CHECKING:
     from worker.serving.async_engine import AsyncEngine
@@ -22,11 +23,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def build_app(engine: AsyncEngine, *, default_tenant: str | None) -> FastAPI:
-    """The app over a started engine; `default_tenant` resolves adapters when the proxy names none."""
+def build_app(engine: AsyncEngine, *, tenants: TenantAuth) -> FastAPI:
+    """The app over a started engine; `tenants` says who a request is from: `SignedTenants` verifies
+    the control plane's assertion, `TrustedTenant` (tests, benchmarks) trusts one fixed tenant."""
     app = FastAPI(title=f"tuneforge serving: {engine.model_name}", docs_url=None, redoc_url=None)
     app.state.engine = engine
-    app.state.default_tenant = default_tenant
+    app.add_middleware(TenantAuthMiddleware, auth=tenants)
     app.state.started_at = time.time()
     app.include_router(openai_routes.router)
     app.include_router(lorax_routes.router)

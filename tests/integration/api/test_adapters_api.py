@@ -7,8 +7,15 @@ import io
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+from fastapi.testclient import TestClient
 from tests_support import assert_error, write_peft_adapter
+
+from app.db.session import transaction
+from app.main import create_app
+from app.services import auth
 
 
 def _upload(tenant, repo: str, files: dict[str, bytes]):  # type: ignore[no-untyped-def]
@@ -121,3 +128,47 @@ def test_repeating_the_finish_step_returns_the_same_version(tenant, tmp_path: Pa
     assert first.status_code == second.status_code == 200, second.text
     assert first.json()["uuid"] == second.json()["uuid"] and first.json()["tag"] == 1
     assert len(tenant.client.get("/v2/repos/retry").json()["versions"]) == 1
+
+
+def _with_tensor(files: dict[str, bytes], name: str, values: Any) -> dict[str, bytes]:
+    """The adapter's files with one tensor replaced (safetensors rewritten as save_pretrained would)."""
+    from safetensors.numpy import load, save
+
+    tensors = load(files["adapter_model.safetensors"])
+    tensors[name] = values
+    return files | {"adapter_model.safetensors": save(tensors)}
+
+
+class _Uploader:
+    """What `_upload` needs of a tenant, on an app of the test's own (local blob store: URLs on the app)."""
+
+    def __init__(self, client: TestClient) -> None:
+        self.client = client
+
+    def put_presigned(self, url: str, data: bytes) -> Any:
+        return self.client.put(url, content=data, headers={"Content-Type": "application/octet-stream"})
+
+
+Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def test_an_adapter_with_one_nan_is_422_naming_the_tensor(tenant, tmp_path: Path) -> None:
+    files = _adapter_files(tmp_path)
+    values = np.ones((4, 64), dtype="float32")
+    values[3, 63] = np.nan
+    response = _upload(tenant, "nan", _with_tensor(files, Q_A, values))
+    assert_error(response, 422, f"{Q_A!r} holds NaN or infinite values")
+    assert_error(tenant.client.get("/v2/repos/nan/version/1"), 404, "not found")
+
+
+def test_a_wrong_shape_is_422_where_the_control_plane_knows_the_base_model(
+    stack_settings_factory, shared_model_cache: Path, tmp_path: Path
+) -> None:
+    settings = stack_settings_factory("embedded", model_cache_dir=shared_model_cache)
+    with TestClient(create_app(settings)) as api:
+        with transaction(api.app.state.ctx.sessions) as session:
+            token = auth.create_token(session, auth.get_or_create_user(session, "shapes", "alice"))
+        tenant = _Uploader(TestClient(api.app, headers={"Authorization": f"Bearer {token}"}))
+        files = _with_tensor(_adapter_files(tmp_path), Q_A, np.ones((4, 48), dtype="float32"))
+        assert_error(_upload(tenant, "shapes", files), 422, "its input has 64 features, not 48")
+        assert _upload(tenant, "shapes", _adapter_files(tmp_path / "fits")).status_code == 200

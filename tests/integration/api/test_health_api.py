@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
-from tests_support import assert_error
+from tests_support import TEST_SECRET_KEY, assert_error
 
 from app.main import create_app
 
@@ -17,11 +17,18 @@ def test_healthz_and_readyz(api_app: TestClient) -> None:
 
 def test_readyz_is_503_json_when_storage_is_unreachable(stack_settings_factory, s3_server) -> None:
     settings = stack_settings_factory(
-        "embedded", storage_url="s3://bucket-that-does-not-exist/x", s3_endpoint_url=s3_server.endpoint_url
+        "embedded",
+        storage_url="s3://bucket-that-does-not-exist/x",
+        s3_endpoint_url=s3_server.endpoint_url,
+        secret_key=TEST_SECRET_KEY,
     )
     with TestClient(create_app(settings)) as client:
-        body = assert_error(client.get("/readyz"), 503, "storage")
-    assert body["checks"]["database"] == "ok"
+        response = client.get("/readyz")
+    body = assert_error(response, 503, "storage")
+    assert body["checks"] == {"database": "ok", "storage": "unreachable"}
+    # Why it is unreachable (the bucket, the endpoint, the exception) is for the log, not the public.
+    for secret in ("bucket-that-does-not-exist", s3_server.endpoint_url, "Error"):
+        assert secret not in response.text
 
 
 def test_metrics_count_requests_by_route_template(tenant, api_app: TestClient) -> None:

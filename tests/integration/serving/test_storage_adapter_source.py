@@ -239,36 +239,50 @@ def test_a_checkpoint_is_served_by_step_without_its_trainer_state(
     assert source.list_available(tenant.name) == []  # only completed versions are listed
 
 
-def test_the_server_serves_a_stored_adapter_in_the_tenant_the_proxy_names(
+def test_the_server_serves_a_stored_adapter_in_the_tenant_the_proxy_signs_for(
     tenant: TenantClient, new_tenant: Callable[[], TenantClient], tmp_path: Path, shared_model_cache: Path
 ) -> None:
+    from tuneforge.serving_auth import TenantAssertions
+
     from worker.serving.async_engine import AsyncEngine
     from worker.serving.engine import EngineConfig
-    from worker.serving.http_common import TENANT_HEADER
     from worker.serving.server import build_app
+    from worker.serving.tenant_auth import SignedTenants
 
     tenant.upload_adapter("mine", _adapter(tmp_path))
     other = new_tenant().name
     config = EngineConfig(model_path=shared_model_cache / TINY, model_name=TINY, kv_cache_bytes=1 << 24)
     engine = AsyncEngine(config, source=_source(tenant, tmp_path))
     engine.start()
-    body = {"inputs": "Hello", "parameters": {"adapter_id": "mine/1", "max_new_tokens": 4, "details": True}}
+    body = json.dumps(
+        {"inputs": "Hello", "parameters": {"adapter_id": "mine/1", "max_new_tokens": 4, "details": True}}
+    ).encode()
+    assertions = TenantAssertions("s" * 48)
+
+    def as_tenant(name: str, method: str, path: str, content: bytes = b"") -> dict[str, str]:
+        return assertions.headers(tenant=name, method=method, path=path, body=content)
+
+    def generate(server: TestClient, name: str) -> httpx.Response:
+        headers = as_tenant(name, "POST", "/generate", body) | {"Content-Type": "application/json"}
+        return server.post("/generate", content=body, headers=headers)
+
+    def models(server: TestClient, name: str) -> list[dict[str, Any]]:
+        listed: list[dict[str, Any]] = server.get(
+            "/v1/models", headers=as_tenant(name, "GET", "/v1/models")
+        ).json()["data"]
+        return listed
+
     try:
-        with TestClient(build_app(engine, default_tenant=tenant.name)) as server:
-            as_default = server.post("/generate", json=body)
-            assert as_default.status_code == 200, as_default.text
-            assert (
-                server.post("/generate", json=body, headers={TENANT_HEADER: tenant.name}).status_code == 200
-            )
+        with TestClient(build_app(engine, tenants=SignedTenants(assertions))) as server:
+            mine = generate(server, tenant.name)
+            assert mine.status_code == 200, mine.text
             assert engine.loaded_adapters(tenant.name) == ["mine/1"]
             assert engine.loaded_adapters(other) == []
-            refused = server.post("/generate", json=body, headers={TENANT_HEADER: other})
+            refused = generate(server, other)
             assert refused.status_code == 404 and "mine/1 not found" in refused.json()["error"]
-            listed = server.get("/v1/models").json()["data"]
+            listed = models(server, tenant.name)
             assert [m["id"] for m in listed] == [TINY, "mine/1"] and listed[1]["loaded"] is True
-            assert [
-                m["id"] for m in server.get("/v1/models", headers={TENANT_HEADER: other}).json()["data"]
-            ] == [TINY]
+            assert [m["id"] for m in models(server, other)] == [TINY]
     finally:
         engine.shutdown()
 

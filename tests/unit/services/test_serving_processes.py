@@ -19,6 +19,7 @@ def test_a_serving_process_builds_the_same_settings_from_its_environment(
         database_url="postgresql+psycopg://u:p%40ss@db/tf",
         storage_url="s3://bucket/prefix",
         s3_endpoint_url="http://s3:9000",
+        secret_key="s" * 48,
         extra_base_models=["/models/llama", "org/model"],
         serving_urls={"tiny-random-llama": "http://serve-tiny:8080"},
         model_cache_dir=tmp_path / "cache",

@@ -14,6 +14,7 @@ from worker.serving.async_engine import AsyncEngine
 from worker.serving.engine import EngineConfig
 from worker.serving.metrics import ServingMetrics
 from worker.serving.server import build_app
+from worker.serving.tenant_auth import TrustedTenant
 
 TINY = "tiny-random-llama"
 
@@ -35,7 +36,8 @@ class LiveServingServer:
 
     def __enter__(self) -> LiveServingServer:
         self.engine.start()
-        app = build_app(self.engine, default_tenant="dev")
+        # These tests exercise the routes, not the assertion (tests/hostile/test_identity.py does).
+        app = build_app(self.engine, tenants=TrustedTenant("dev"))
         self._server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         )

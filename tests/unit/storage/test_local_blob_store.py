@@ -221,7 +221,9 @@ def test_check_creates_root_and_fails_when_unwritable(tmp_path: Path, signer: Si
 def test_open_blob_store_parses_storage_url(tmp_path: Path) -> None:
     local = open_blob_store(Settings(data_dir=tmp_path))
     assert isinstance(local, LocalBlobStore) and local.root == tmp_path / "blobs"
-    s3 = open_blob_store(Settings(data_dir=tmp_path, storage_url="s3://bucket/some/prefix/"))
+    s3 = open_blob_store(
+        Settings(data_dir=tmp_path, storage_url="s3://bucket/some/prefix/", secret_key="s" * 48)
+    )
     assert isinstance(s3, S3BlobStore) and (s3.bucket, s3.prefix) == ("bucket", "some/prefix/")
     with pytest.raises(ValueError):
         open_blob_store(Settings(data_dir=tmp_path, storage_url="file://host/dir"))
