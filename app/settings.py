@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     serving_urls: dict[str, str] = Field(default_factory=dict)
     # How long a request waits for a starting serving process before it is answered 503.
     serving_start_timeout_seconds: float = Field(default=120.0, gt=0)
+    # A serving process this control plane runs that stops answering /health for this long (wedged:
+    # a stuck step, a stopped process) is stopped and restarted by the next request. Long enough that
+    # a busy engine on a small CPU is never taken for a wedged one.
+    serving_unresponsive_seconds: float = Field(default=15.0, ge=1, le=600)
+    # How long a stopping serving process gets after SIGTERM before it is killed (SIGKILL).
+    serving_stop_timeout_seconds: float = Field(default=10.0, ge=1, le=120)
     # The embedded default creates this tenant (and a token for it) on `tuneforge up`.
     dev_tenant: str = "dev"
 

@@ -86,6 +86,11 @@ def _source(tenant: TenantClient, tmp_path: Path, base_model: str = TINY) -> Sto
     return StorageAdapterSource(tenant.ctx, tmp_path / "cache", tenant.name, base_model=base_model)
 
 
+def _fetch(source: StorageAdapterSource, adapter_id: str, tenant: str | None) -> Path:
+    """What the engine does: resolve the id (per request), then fetch what it resolved to (at load)."""
+    return source.fetch(source.resolve(adapter_id, tenant))
+
+
 def _adapter(tmp_path: Path, name: str = "adapter", base_model: str = TINY) -> Path:
     return write_peft_adapter(tmp_path / name, base_model)
 
@@ -108,14 +113,14 @@ def test_an_uploaded_version_is_fetched_verified_and_cached(tenant: TenantClient
     tenant.upload_adapter("mine", directory)
     source = _source(tenant, tmp_path)
 
-    fetched = source.fetch("mine/1", None)  # None: the source's default tenant
+    fetched = _fetch(source, "mine/1", None)  # None: the source's default tenant
     assert sorted(p.name for p in fetched.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     for path in fetched.iterdir():
         assert path.read_bytes() == (directory / path.name).read_bytes()
     assert fetched == tmp_path / "cache" / _version(tenant, "mine", 1).uuid
     # Cached: a second fetch reads nothing from storage, even once the blobs are gone.
     tenant.ctx.store.delete_prefix(_version(tenant, "mine", 1).artifact_prefix or "")
-    assert source.fetch("mine/1", tenant.name) == fetched
+    assert _fetch(source, "mine/1", tenant.name) == fetched
     assert source.list_available(tenant.name) == ["mine/1"]
 
 
@@ -125,10 +130,10 @@ def test_another_tenants_or_an_unknown_adapter_is_not_found(
     tenant.upload_adapter("mine", _adapter(tmp_path))
     other = new_tenant()
     with pytest.raises(AdapterNotFoundError, match="mine/1 not found"):
-        _source(tenant, tmp_path).fetch("mine/1", other.name)
+        _fetch(_source(tenant, tmp_path), "mine/1", other.name)
     for unknown in ("mine/2", "theirs/1", "mine", "mine/1@3"):
         with pytest.raises(AdapterNotFoundError):
-            _source(tenant, tmp_path).fetch(unknown, tenant.name)
+            _fetch(_source(tenant, tmp_path), unknown, tenant.name)
     assert _source(tenant, tmp_path).list_available(other.name) == []
 
 
@@ -139,7 +144,7 @@ def test_an_adapter_of_another_base_model_is_a_load_error_naming_both(
     with pytest.raises(
         AdapterLoadError, match=r"trained on 'smollm2-135m'; this deployment serves 'tiny-random-llama'"
     ):
-        _source(tenant, tmp_path).fetch("smol/1", tenant.name)
+        _fetch(_source(tenant, tmp_path), "smol/1", tenant.name)
     assert _source(tenant, tmp_path).list_available(tenant.name) == []
     assert _source(tenant, tmp_path, base_model="smollm2-135m").list_available(tenant.name) == ["smol/1"]
 
@@ -151,7 +156,7 @@ def test_corrupted_blobs_and_pickle_only_versions_are_load_errors(
     version = _version(tenant, "mine", 1)
     tenant.ctx.store.put_stream(f"{version.artifact_prefix}adapter_model.safetensors", [b"not the weights"])
     with pytest.raises(AdapterLoadError, match="cannot read its files"):
-        _source(tenant, tmp_path).fetch("mine/1", tenant.name)
+        _fetch(_source(tenant, tmp_path), "mine/1", tenant.name)
     assert not (tmp_path / "cache" / version.uuid).exists()  # nothing half-written is left to serve
 
     with transaction(tenant.ctx.sessions) as session:
@@ -161,7 +166,7 @@ def test_corrupted_blobs_and_pickle_only_versions_are_load_errors(
         files["adapter_model.bin"] = files.pop("adapter_model.safetensors")
         row.artifact_files = files
     with pytest.raises(AdapterLoadError, match=r"only pickled weights \(adapter_model.bin\)"):
-        _source(tenant, tmp_path).fetch("mine/1", tenant.name)
+        _fetch(_source(tenant, tmp_path), "mine/1", tenant.name)
 
 
 def test_a_turbo_versions_speculator_heads_are_fetched_with_its_adapter(
@@ -182,7 +187,7 @@ def test_a_turbo_versions_speculator_heads_are_fetched_with_its_adapter(
         stored = upload_dir(tenant.ctx.store, heads, row.artifact_prefix or "")
         row.artifact_files = {**row.artifact_files, **stored}
 
-    fetched = _source(tenant, tmp_path).fetch("turbo/1", tenant.name)
+    fetched = _fetch(_source(tenant, tmp_path), "turbo/1", tenant.name)
     assert sorted(p.name for p in fetched.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -229,11 +234,11 @@ def test_a_checkpoint_is_served_by_step_without_its_trainer_state(
     _job_with_checkpoints(tenant, directory, [10, 20])
     source = _source(tenant, tmp_path)
     with pytest.raises(AdapterLoadError, match="numbers/1 is training, not completed"):
-        source.fetch("numbers/1", tenant.name)
+        _fetch(source, "numbers/1", tenant.name)
     with pytest.raises(AdapterNotFoundError, match="stored checkpoint steps are 10, 20"):
-        source.fetch("numbers/1@15", tenant.name)
+        _fetch(source, "numbers/1@15", tenant.name)
 
-    fetched = source.fetch("numbers/1@20", tenant.name)
+    fetched = _fetch(source, "numbers/1@20", tenant.name)
     assert fetched == tmp_path / "cache" / _version(tenant, "numbers", 1).uuid / "step-20"
     assert sorted(p.name for p in fetched.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert source.list_available(tenant.name) == []  # only completed versions are listed
