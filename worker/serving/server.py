@@ -140,7 +140,7 @@ def _field_path(location: tuple[Any, ...]) -> str | None:
     for part in location[1:] if location[:1] == ("body",) else location:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in _TYPE_TAGS or "[" in str(part) or str(part).startswith("function-"):
+        elif part in _TYPE_TAGS or "[" in str(part) or str(part).startswith(("function-", "constrained-")):
             break
         else:
             path += f".{part}" if path else str(part)
