@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tuneforge import lora_rules
 
 from worker.serving.cpu_kernels import SmallGemm
@@ -172,7 +172,7 @@ def _read_pairs(
                 pair[which] = f.get_tensor(name)
     except lora_rules.AdapterRuleError as exc:
         raise AdapterLoadError(str(exc)) from None
-    except (OSError, ValueError, RuntimeError) as exc:  # corrupt or truncated file
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # corrupt or truncated file
         log.warning("adapter_model.safetensors at %s cannot be read: %s", weights, exc)
         raise AdapterLoadError("adapter_model.safetensors is not a readable safetensors file") from None
     return pairs
