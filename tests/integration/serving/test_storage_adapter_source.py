@@ -291,3 +291,53 @@ def test_turbo_heads_without_a_lora_are_served_and_pickles_never() -> None:
         _adapter_files("r/3", heads | {"adapter_config.json": meta, "adapter_model.bin": meta})
     with pytest.raises(AdapterLoadError, match="no adapter weights"):
         _adapter_files("r/4", {"speculator_config.json": meta})
+
+
+def test_an_id_resolves_to_its_versions_uuid_and_stops_resolving_once_archived_or_deleted(
+    tenant: TenantClient, tmp_path: Path
+) -> None:
+    tenant.upload_adapter("mine", _adapter(tmp_path))
+    source = _source(tenant, tmp_path)
+    first = source.resolve("mine/1", tenant.name)
+    assert first.key == _version(tenant, "mine", 1).uuid and first.adapter_id == "mine/1"
+
+    assert tenant.client.put("/v2/repos/mine/version/1", json={"archived": True}).status_code == 200
+    with pytest.raises(AdapterNotFoundError, match="archived"):
+        source.resolve("mine/1", tenant.name)
+    assert source.list_available(tenant.name) == []
+    assert tenant.client.put("/v2/repos/mine/version/1", json={"archived": False}).status_code == 200
+    assert source.resolve("mine/1", tenant.name).key == first.key
+
+    assert tenant.client.delete("/v2/repos/mine").status_code in (200, 204)
+    with pytest.raises(AdapterNotFoundError):
+        source.resolve("mine/1", tenant.name)
+    tenant.upload_adapter("mine", _adapter(tmp_path, "again"))  # a new repo of the same name: mine/1 again
+    again = source.resolve("mine/1", tenant.name)
+    assert again.key != first.key and again.key == _version(tenant, "mine", 1).uuid
+    assert source.fetch(again) == tmp_path / "cache" / again.key
+
+
+def test_the_engine_resolves_ids_again_after_a_couple_of_seconds_at_most(
+    tenant: TenantClient, tmp_path: Path, shared_model_cache: Path
+) -> None:
+    from worker.serving.engine import EngineConfig, LLMEngine
+
+    tenant.upload_adapter("mine", _adapter(tmp_path))
+    config = EngineConfig(
+        model_path=shared_model_cache / TINY,
+        model_name=TINY,
+        kv_cache_bytes=1 << 24,
+        adapter_resolve_ttl_s=0.3,
+    )
+    cache = LLMEngine(config, _source(tenant, tmp_path)).adapters
+    remembered = cache.resolve("mine/1", tenant.name)
+    assert tenant.client.delete("/v2/repos/mine/version/1").status_code in (200, 204)
+    assert cache.resolve("mine/1", tenant.name) == remembered  # within the TTL: no database read
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            cache.resolve("mine/1", tenant.name)
+        except AdapterNotFoundError:
+            break
+        assert time.monotonic() < deadline, "a deleted version still resolves"
+        time.sleep(0.05)
