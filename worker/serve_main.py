@@ -9,6 +9,7 @@ seconds), so a deleted, archived or replaced version stops being served within t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -270,7 +271,9 @@ def run_server(
         if preload:
             engine.preload(preload, tenant=tenant)
         print(f"tuneforge serving {base_model} on http://{host}:{port}", flush=True)
-        server.run()
+        # uvicorn re-raises a Ctrl-C it has handled already; uvicorn.run swallows it, so do we.
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run()
     finally:
         engine.shutdown()
         if ctx is not None:
