@@ -170,7 +170,7 @@ class ServingSupervisor:
             backend = self.ensure_started(base_model)
             if backend.status is ServingStatus.READY:
                 return backend.url
-            if backend.status is ServingStatus.FAILED:
+            if backend.status is ServingStatus.FAILED and not _being_replaced(backend):
                 raise ServingUnavailableError(
                     f"the serving process for base model {base_model!r} failed: {backend.error}"
                 )
@@ -367,6 +367,12 @@ def settings_environment(settings: Settings) -> dict[str, str]:
         key = f"TUNEFORGE_{name.upper()}"
         env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
     return env | {"PYTHONUNBUFFERED": "1"}
+
+
+def _being_replaced(backend: ServingBackend) -> bool:
+    """A process of ours that had served, failed and is still being stopped: the next look after it
+    exits starts a new one, so a request waits for that rather than fail."""
+    return backend.owned and backend.ready_at is not None and _process_alive(backend)
 
 
 def _process_alive(backend: ServingBackend) -> bool:
