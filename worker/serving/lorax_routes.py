@@ -188,8 +188,10 @@ class _Reply:
         outputs = await self.generation.collect(request)
         reply: dict[str, Any] = {"generated_text": self._full_text(completion_text(outputs))}
         if self.body.parameters.details:
+            # Decoding every prompt token is tokenizer work: off the event loop, like tokenizing.
+            wanted = self.body.parameters.decoder_input_details
             reply["details"] = self._details(outputs) | {
-                "prefill": self._prefill() if self.body.parameters.decoder_input_details else [],
+                "prefill": await run_in_threadpool(self._prefill) if wanted else [],
                 "tokens": [_token(output) for output in outputs],
                 "best_of_sequences": None,
             }
