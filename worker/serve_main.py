@@ -29,7 +29,7 @@ from app.db import AdapterVersion, Repo, Tenant, VersionStatus
 from app.services import jobs, versions
 from app.settings import Settings
 from app.storage.base import BlobNotFoundError, StorageError
-from worker.serving.adapters import ResolvedAdapter
+from worker.serving.adapters import AdapterSource, ResolvedAdapter
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError
 from worker.serving.speculator import SPECULATOR_CONFIG, SPECULATOR_WEIGHTS
 
@@ -218,32 +218,16 @@ def run_server(
 ) -> int:
     """Load the model, start the engine, and serve HTTP until stopped; returns the exit code (non-zero
     when the engine died or the parent went away, so that a supervisor restarts it)."""
-    import uvicorn
-
-    from worker.serving.adapters import AdapterSource, LocalDirectorySource
     from worker.serving.async_engine import AsyncEngine
     from worker.serving.engine import EngineConfig
-    from worker.serving.lifetime import (
-        EXIT_PARENT_GONE,
-        GRACEFUL_SHUTDOWN_S,
-        HARD_EXIT_AFTER_S,
-        ServingServer,
-        watch_parent,
-    )
+    from worker.serving.lifetime import process_server
     from worker.serving.metrics import ServingMetrics
     from worker.serving.server import build_app
     from worker.training.base_models import resolve_base_model
 
     tenant = tenant or settings.dev_tenant
     model_path = resolve_base_model(base_model, model_cache_dir(settings))
-    ctx: AppContext | None = None
-    source: AdapterSource
-    if adapter_dir is not None:
-        source = LocalDirectorySource(adapter_dir)
-    else:
-        ctx = AppContext.from_settings(settings)
-        cache = settings.data_dir / "serving" / "adapters"
-        source = StorageAdapterSource(ctx, cache, tenant, base_model=base_model)
+    source, ctx = _adapter_source(settings, adapter_dir, tenant, base_model)
     config = EngineConfig(
         model_path=model_path,
         model_name=base_model,
@@ -258,12 +242,7 @@ def run_server(
     )
     engine = AsyncEngine(config, source=source, metrics=ServingMetrics())
     app = build_app(engine, default_tenant=tenant)
-    server_config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_S)
-    )
-    server = ServingServer(server_config, engine, hard_exit_after_s=HARD_EXIT_AFTER_S)
-    if parent_pid is not None:
-        watch_parent(parent_pid, lambda: server.stop(EXIT_PARENT_GONE))
+    server = process_server(app, engine, host=host, port=port, log_level=log_level, parent_pid=parent_pid)
     # uvicorn re-raises the SIGTERM it caught once it has stopped; exit through `finally` instead.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
@@ -279,6 +258,19 @@ def run_server(
         if ctx is not None:
             ctx.close()
     return server.exit_code
+
+
+def _adapter_source(
+    settings: Settings, adapter_dir: Path | None, tenant: str, base_model: str
+) -> tuple[AdapterSource, AppContext | None]:
+    """A directory of adapters, or tuneforge storage (with the context to close at exit)."""
+    from worker.serving.adapters import LocalDirectorySource
+
+    if adapter_dir is not None:
+        return LocalDirectorySource(adapter_dir), None
+    ctx = AppContext.from_settings(settings)
+    cache = settings.data_dir / "serving" / "adapters"
+    return StorageAdapterSource(ctx, cache, tenant, base_model=base_model), ctx
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

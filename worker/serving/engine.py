@@ -145,28 +145,7 @@ class LLMEngine:
             raise ValueError(
                 f"max_lora_rank must be in 1..{DEFAULT_MAX_LORA_RANK}, not {config.max_lora_rank}"
             )
-        self.adapters = AdapterCache(
-            source,
-            max_adapters=config.max_adapters,
-            shape=LoadShape(
-                num_layers=self.runner.num_layers,
-                dtype=self.runner.dtype,
-                device=self.runner.device,
-                hidden_size=self.runner.hidden_size,
-                model_shape=ModelShape(
-                    self.runner.hidden_size,
-                    self.runner.num_heads,
-                    self.runner.num_kv_heads,
-                    self.runner.head_dim,
-                ),
-                kernel=self.runner.kernel,
-                module_shapes=self.runner.module_shapes,
-                max_rank=config.max_lora_rank,
-                vocab_size=self.runner.vocab_size,
-            ),
-            metrics=self.metrics,
-            resolve_ttl_s=config.adapter_resolve_ttl_s,
-        )
+        self.adapters = self._adapter_cache(source, config)
         self.scheduler = Scheduler(
             self.blocks,
             max_batch_size=config.max_batch_size,
@@ -175,6 +154,32 @@ class LLMEngine:
         )
         self._requests: dict[int, _Request] = {}
         self.computer = StepComputer(self.runner, self.drafter, self)
+
+    def _adapter_cache(self, source: AdapterSource, config: EngineConfig) -> AdapterCache:
+        """Adapters load against this runner's real shapes and dtype, within the deployment's rank limit."""
+        runner = self.runner
+        return AdapterCache(
+            source,
+            max_adapters=config.max_adapters,
+            shape=LoadShape(
+                num_layers=runner.num_layers,
+                dtype=runner.dtype,
+                device=runner.device,
+                hidden_size=runner.hidden_size,
+                model_shape=ModelShape(
+                    runner.hidden_size,
+                    runner.num_heads,
+                    runner.num_kv_heads,
+                    runner.head_dim,
+                ),
+                kernel=runner.kernel,
+                module_shapes=runner.module_shapes,
+                max_rank=config.max_lora_rank,
+                vocab_size=runner.vocab_size,
+            ),
+            metrics=self.metrics,
+            resolve_ttl_s=config.adapter_resolve_ttl_s,
+        )
 
     # --- requests ------------------------------------------------------------------------------------
 

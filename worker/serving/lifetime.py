@@ -22,6 +22,8 @@ import uvicorn
 if TYPE_CHECKING:
     import socket
 
+    from starlette.types import ASGIApp
+
     from worker.serving.async_engine import AsyncEngine
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,20 @@ class ServingServer(uvicorn.Server):
         self._hard_exit = threading.Timer(self.hard_exit_after_s, exit_now)
         self._hard_exit.daemon = True
         self._hard_exit.start()
+
+
+def process_server(
+    app: ASGIApp, engine: AsyncEngine, *, host: str, port: int, log_level: str, parent_pid: int | None
+) -> ServingServer:
+    """The server of a `tuneforge serve` process: graceful shutdown bounded, a hard exit should stopping
+    hang, and (with `parent_pid`) a stop once the process that started it is gone."""
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN_S)
+    )
+    server = ServingServer(config, engine, hard_exit_after_s=HARD_EXIT_AFTER_S)
+    if parent_pid is not None:
+        watch_parent(parent_pid, lambda: server.stop(EXIT_PARENT_GONE))
+    return server
 
 
 def watch_parent(pid: int, on_gone: Callable[[], None]) -> None:

@@ -106,24 +106,10 @@ class AdapterWeights:
                 "(convert a pickle adapter_model.bin with safetensors.torch.save_file)"
             )
         pairs = _read_pairs(weights, num_layers=num_layers, shapes=module_shapes, max_rank=max_rank)
-        modules = {}
-        for (layer, module), pair in pairs.items():
-            if set(pair) != {"A", "B"}:
-                raise AdapterLoadError(f"layer {layer} {module} lacks lora_A or lora_B")
-            a, b = pair["A"], pair["B"]
-            rank = a.shape[0]
-            if b.shape[1] != rank:
-                raise AdapterLoadError(
-                    f"layer {layer} {module}: lora_A has rank {rank} but lora_B has rank {b.shape[1]}"
-                )
-            scaling = _scaling(config, lora_rules.module_path(layer, module), rank)
-            served = (
-                a.to(device=device, dtype=dtype).contiguous(),
-                (b.float() * scaling).to(device=device, dtype=dtype).contiguous(),
-            )
-            for which, tensor in zip("AB", served, strict=True):
-                _check_finite(tensor, f"layer {layer} {module} lora_{which}")
-            modules[(layer, module)] = served
+        modules = {
+            (layer, module): _served_pair(config, layer, module, pair, dtype=dtype, device=device)
+            for (layer, module), pair in pairs.items()
+        }
         nbytes = sum(a.nbytes + b.nbytes for a, b in modules.values())
         if speculator is not None:
             nbytes += speculator.nbytes
@@ -135,6 +121,34 @@ class AdapterWeights:
             nbytes=nbytes,
             speculator=speculator,
         )
+
+
+def _served_pair(
+    config: Mapping[str, Any],
+    layer: int,
+    module: str,
+    pair: dict[str, torch.Tensor],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(A, B·scaling)` as the engine multiplies by them, checked finite in that form."""
+    if set(pair) != {"A", "B"}:
+        raise AdapterLoadError(f"layer {layer} {module} lacks lora_A or lora_B")
+    a, b = pair["A"], pair["B"]
+    rank = a.shape[0]
+    if b.shape[1] != rank:
+        raise AdapterLoadError(
+            f"layer {layer} {module}: lora_A has rank {rank} but lora_B has rank {b.shape[1]}"
+        )
+    scaling = _scaling(config, lora_rules.module_path(layer, module), rank)
+    served = (
+        a.to(device=device, dtype=dtype).contiguous(),
+        (b.float() * scaling).to(device=device, dtype=dtype).contiguous(),
+    )
+    for which, tensor in zip("AB", served, strict=True):
+        _check_finite(tensor, f"layer {layer} {module} lora_{which}")
+    return served
 
 
 def _read_pairs(
