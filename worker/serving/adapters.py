@@ -163,8 +163,8 @@ class AdapterCache:
             with self._lock:
                 self._remember(name, remembered, now)
         result = remembered[1]
-        if isinstance(result, ServingError):
-            raise result
+        if isinstance(result, ServingError):  # a copy per request: one instance raised in many threads
+            raise type(result)(result.message, field=result.field)
         return result
 
     def _resolve_now(self, adapter_id: str, tenant: str | None) -> ResolvedAdapter | ServingError:
@@ -302,8 +302,13 @@ class AdapterCache:
 
     def _record_failure(self, key: str, error: ServingError) -> None:
         self.metrics.adapter_loads.labels(outcome="failed").inc()
+        now = time.monotonic()
         with self._lock:
-            self._failed[key] = (time.monotonic(), error)
+            # Each upload is a new key: forget old failures, or a tenant uploading broken adapters
+            # would grow this without bound.
+            for old in [k for k, (when, _) in self._failed.items() if now - when > FAILED_LOAD_MEMORY_S]:
+                del self._failed[old]
+            self._failed[key] = (now, error)
             self._loading.pop(key, None)
 
     def _evict(self, keep: str | None = None) -> None:
