@@ -12,6 +12,8 @@ from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
 
 # A secret that is fine on a laptop and refused everywhere else (see `_refuse_dev_secrets`).
 DEVELOPMENT_SECRET_KEY = "tuneforge-development-secret-change-me"
+# The most any deployment may allow for `max_lora_rank` (serving memory grows with it).
+MAX_LORA_RANK_LIMIT = 4096
 
 
 class Settings(BaseSettings):
@@ -61,7 +63,13 @@ class Settings(BaseSettings):
     serving_start_timeout_seconds: float = Field(default=120.0, gt=0)
     # The largest LoRA rank an uploaded adapter may have (tuneforge.lora_rules' default: 512, far above
     # what anyone trains); higher ranks cost every tenant of the serving process memory and time.
-    max_lora_rank: int = Field(default=DEFAULT_MAX_LORA_RANK, ge=1, le=4096)
+    max_lora_rank: int = Field(default=DEFAULT_MAX_LORA_RANK, ge=1, le=MAX_LORA_RANK_LIMIT)
+    # A serving process this control plane runs that stops answering /health for this long (wedged:
+    # a stuck step, a stopped process) is stopped and restarted by the next request. Long enough that
+    # a busy engine on a small CPU is never taken for a wedged one.
+    serving_unresponsive_seconds: float = Field(default=15.0, ge=1, le=600)
+    # How long a stopping serving process gets after SIGTERM before it is killed (SIGKILL).
+    serving_stop_timeout_seconds: float = Field(default=10.0, ge=1, le=120)
     # The embedded default creates this tenant (and a token for it) on `tuneforge up`.
     dev_tenant: str = "dev"
 

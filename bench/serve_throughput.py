@@ -202,8 +202,10 @@ async def engine_request(
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     tokens, elapsed, received = [], [], []
-    adapter = request.adapter_id or None  # "" = the base model
-    async for out in engine.generate(request.prompt_ids, params, adapter_id=adapter):
+    adapter = None  # "" = the base model
+    if request.adapter_id:  # resolved off the event loop, as the server does
+        adapter = await asyncio.to_thread(engine.resolve_adapter, request.adapter_id, None)
+    async for out in engine.generate(request.prompt_ids, params, adapter):
         received.append(time.perf_counter())
         tokens.append(out.token_id)
         elapsed.append(out.elapsed)

@@ -203,7 +203,8 @@ async def stream(engine: Any, prompt: list[int], adapter_id: str, max_tokens: in
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     out = Stream([], [])
-    async for token in engine.generate(prompt, params, adapter_id=adapter_id):
+    adapter = await asyncio.to_thread(engine.resolve_adapter, adapter_id, None)  # as the server does
+    async for token in engine.generate(prompt, params, adapter):
         out.received.append(time.perf_counter())
         out.tokens.append(token.token_id)
     return out

@@ -3,13 +3,17 @@
 The launcher is the serving engine's I/O glue (as `worker/tasks.py` is the trainer's): it reads
 settings, finds adapter versions and checkpoints in the control plane's database, downloads their
 PEFT files from the blob store, and hands the engine an `AdapterSource` that knows nothing of either.
+An id is resolved to its version's uuid on every request (the engine remembers it for a couple of
+seconds), so a deleted, archived or replaced version stops being served within that time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
+import signal
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -18,12 +22,14 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
 
 from app.context import AppContext
 from app.db import AdapterVersion, Repo, Tenant, VersionStatus
 from app.services import jobs, versions
 from app.settings import Settings
 from app.storage.base import BlobNotFoundError, StorageError
+from worker.serving.adapters import AdapterSource, ResolvedAdapter
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError
 from worker.serving.speculator import SPECULATOR_CONFIG, SPECULATOR_WEIGHTS
 
@@ -48,8 +54,10 @@ class _Artifact:
 class StorageAdapterSource:
     """Adapters `repo/N` (a completed version) and `repo/N@step` (a stored checkpoint) of a tenant.
 
-    Files land in `cache_dir/<version uuid>[/step-N]`, written to a scratch directory and renamed into
-    place once every sha256 matched, so a crash never leaves a half-written adapter to be served.
+    `resolve` finds what the id names now (its version's uuid is the key); `fetch` downloads exactly
+    that version, whatever the name has come to mean since. Files land in
+    `cache_dir/<version uuid>[/step-N]`, written to a scratch directory and renamed into place once
+    every sha256 matched, so a crash never leaves a half-written adapter to be served.
     """
 
     def __init__(self, ctx: AppContext, cache_dir: Path, default_tenant: str, *, base_model: str) -> None:
@@ -57,13 +65,17 @@ class StorageAdapterSource:
         self._base_model = base_model
         self._lock = threading.Lock()  # one download per key at a time; loads are rare
 
-    def fetch(self, adapter_id: str, tenant: str | None) -> Path:
+    def resolve(self, adapter_id: str, tenant: str | None) -> ResolvedAdapter:
         with self._ctx.sessions() as session:
             artifact = self._artifact(session, adapter_id, tenant or self._default_tenant)
+        return ResolvedAdapter(adapter_id, tenant, artifact.key, artifact)
+
+    def fetch(self, adapter: ResolvedAdapter) -> Path:
+        artifact: _Artifact = adapter.location
         target = self._cache_dir / artifact.key
         with self._lock:
             if not target.is_dir():
-                self._download(adapter_id, artifact, target)
+                self._download(adapter.adapter_id, artifact, target)
         return target
 
     def list_available(self, tenant: str | None) -> list[str]:
@@ -76,6 +88,7 @@ class StorageAdapterSource:
                 Tenant.name == (tenant or self._default_tenant),
                 AdapterVersion.base_model == self._base_model,
                 AdapterVersion.status == VersionStatus.COMPLETED,
+                AdapterVersion.archived.is_(False),
             )
             .order_by(Repo.name, AdapterVersion.tag)
         )
@@ -97,7 +110,14 @@ class StorageAdapterSource:
             .where(Tenant.name == tenant, Repo.name == match["repo"], AdapterVersion.tag == int(match["tag"]))
         )
         if version is None:  # also another tenant's: its existence is not revealed
-            raise AdapterNotFoundError(f"adapter {match['repo']}/{match['tag']} not found")
+            raise AdapterNotFoundError(
+                f"adapter {match['repo']}/{match['tag']} not found", field="adapter_id"
+            )
+        if version.archived:
+            raise AdapterNotFoundError(
+                f"adapter {match['repo']}/{match['tag']} is archived; unarchive it to serve it",
+                field="adapter_id",
+            )
         if version.base_model != self._base_model:
             raise AdapterLoadError(
                 f"adapter {adapter_id} was trained on {version.base_model!r}; this deployment serves "
@@ -129,11 +149,13 @@ class StorageAdapterSource:
                         handle.write(chunk)
             scratch.rename(target)
         except BlobNotFoundError as exc:
-            raise AdapterLoadError(
-                f"adapter {adapter_id}: its files are missing from storage ({exc})"
-            ) from None
+            log.warning("adapter %s: a file is missing from storage: %s", adapter_id, exc)
+            raise AdapterLoadError(f"adapter {adapter_id}: its files are missing from storage") from None
         except StorageError as exc:  # a checksum mismatch, or the store is unreachable
-            raise AdapterLoadError(f"adapter {adapter_id}: cannot read its files: {exc}") from None
+            log.warning("adapter %s: reading its files failed: %s", adapter_id, exc)
+            raise AdapterLoadError(
+                f"adapter {adapter_id}: cannot read its files (a checksum mismatch, or storage unreachable)"
+            ) from None
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         log.info("adapter %s downloaded to %s", adapter_id, target)
@@ -185,19 +207,20 @@ def run_server(
     kv_cache_bytes: int | None,
     speculation_max_batch: int | None = None,
     speculation_depth: int | None = None,
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
     dtype: str,
     preload: list[str],
     device: str = "auto",
     adapter_dir: Path | None,
     tenant: str | None,
     log_level: str = "info",
-) -> None:
-    """Load the model, start the engine, and serve HTTP until interrupted."""
-    import uvicorn
-
-    from worker.serving.adapters import AdapterSource, LocalDirectorySource
+    parent_pid: int | None = None,
+) -> int:
+    """Load the model, start the engine, and serve HTTP until stopped; returns the exit code (non-zero
+    when the engine died or the parent went away, so that a supervisor restarts it)."""
     from worker.serving.async_engine import AsyncEngine
     from worker.serving.engine import EngineConfig
+    from worker.serving.lifetime import process_server
     from worker.serving.metrics import ServingMetrics
     from worker.serving.server import build_app
     from worker.serving.tenant_auth import SignedTenants
@@ -205,14 +228,7 @@ def run_server(
 
     tenant = tenant or settings.dev_tenant
     model_path = resolve_base_model(base_model, model_cache_dir(settings))
-    ctx: AppContext | None = None
-    source: AdapterSource
-    if adapter_dir is not None:
-        source = LocalDirectorySource(adapter_dir)
-    else:
-        ctx = AppContext.from_settings(settings)
-        cache = settings.data_dir / "serving" / "adapters"
-        source = StorageAdapterSource(ctx, cache, tenant, base_model=base_model)
+    source, ctx = _adapter_source(settings, adapter_dir, tenant, base_model)
     config = EngineConfig(
         model_path=model_path,
         model_name=base_model,
@@ -223,17 +239,41 @@ def run_server(
         speculation_max_batch=speculation_max_batch,
         speculation_depth=speculation_depth,
         kv_cache_bytes=kv_cache_bytes,
+        max_lora_rank=max_lora_rank,
     )
     engine = AsyncEngine(config, source=source, metrics=ServingMetrics())
-    engine.start()
+    # Always verified: the tenant of a request is only ever the one the control plane signed.
+    app = build_app(engine, tenants=SignedTenants.from_secret(settings.secret_key))
+    server = process_server(app, engine, host=host, port=port, log_level=log_level, parent_pid=parent_pid)
+    # uvicorn re-raises the SIGTERM it caught once it has stopped; exit through `finally` instead.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        engine.start()
         if preload:
             engine.preload(preload, tenant=tenant)
         print(f"tuneforge serving {base_model} on http://{host}:{port}", flush=True)
-        # Always verified: the tenant of a request is only ever the one the control plane signed.
-        app = build_app(engine, tenants=SignedTenants.from_secret(settings.secret_key))
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        # uvicorn re-raises a Ctrl-C it has handled already; uvicorn.run swallows it, so do we.
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run()
     finally:
         engine.shutdown()
         if ctx is not None:
             ctx.close()
+    return server.exit_code
+
+
+def _adapter_source(
+    settings: Settings, adapter_dir: Path | None, tenant: str, base_model: str
+) -> tuple[AdapterSource, AppContext | None]:
+    """A directory of adapters, or tuneforge storage (with the context to close at exit)."""
+    from worker.serving.adapters import LocalDirectorySource
+
+    if adapter_dir is not None:
+        return LocalDirectorySource(adapter_dir), None
+    ctx = AppContext.from_settings(settings)
+    cache = settings.data_dir / "serving" / "adapters"
+    return StorageAdapterSource(ctx, cache, tenant, base_model=base_model), ctx
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)

@@ -28,6 +28,7 @@ from worker.training.base_models import BaseModelSourceMissingError, UnknownBase
 from worker.training.config import TrainingConfig
 from worker.training.data import DataStats, TrainingDataError
 from worker.training.loop import NoCallbacks, TrainingResult, train
+from worker.training.methods import NonFiniteWeightsError
 from worker.training.runtime import TrainingConfigError
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ USER_ERRORS = (
     BaseModelSourceMissingError,
     TrainingDataError,
     TrainingConfigError,
+    NonFiniteWeightsError,
     versions.ParentMissingError,
 )
 

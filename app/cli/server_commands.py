@@ -20,7 +20,7 @@ from app.cli.tables import table
 from app.db import migrate
 from app.db.session import make_engine, make_session_factory, transaction
 from app.services import auth
-from app.settings import DEVELOPMENT_SECRET_KEY, Settings
+from app.settings import DEVELOPMENT_SECRET_KEY, MAX_LORA_RANK_LIMIT, Settings
 
 
 def _settings(data_dir: str | None = None) -> Settings:
@@ -150,12 +150,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default handler that
     # would kill this process before `finally` stops the worker, orphaning it. Exit cleanly instead.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    app = create_app(settings)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=UP_GRACEFUL_SHUTDOWN_S,
+        )
     finally:
+        # The app's shutdown stops its serving processes too; this is for when stopping never got there.
+        app.state.serving.close()
         if worker is not None:
             _stop_worker_process(worker)
     return 0
+
+
+# Open streams (a proxied generation can run for minutes) are cut after this long when `up` stops.
+UP_GRACEFUL_SHUTDOWN_S = 5
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -214,7 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args.data_dir)
     _refuse_public_dev_secret(settings, args.host)
-    run_server(
+    return run_server(
         settings,
         base_model=args.base_model,
         host=args.host,
@@ -224,14 +237,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kv_cache_bytes=args.kv_cache_bytes,
         speculation_max_batch=args.speculation_max_batch,
         speculation_depth=args.speculation_depth,
+        max_lora_rank=args.max_lora_rank or settings.max_lora_rank,
         dtype=args.dtype,
         device=args.device,
         preload=args.preload,
         adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
         tenant=args.tenant,
         log_level=args.log_level,
+        parent_pid=args.parent_pid,
     )
-    return 0
+
+
+def _lora_rank(value: str) -> int:
+    rank = int(value)
+    if not 1 <= rank <= MAX_LORA_RANK_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in 1..{MAX_LORA_RANK_LIMIT}")
+    return rank
 
 
 def _refuse_public_dev_secret(settings: Settings, host: str) -> None:
@@ -299,6 +320,21 @@ def add_server_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         default=None,
         metavar="K",
         help="at most K drafts a step (default: each Turbo adapter's trained depth)",
+    )
+    serve.add_argument(
+        "--max-lora-rank",
+        type=_lora_rank,
+        default=None,
+        metavar="R",
+        help="adapters of a higher rank are refused at load (default: TUNEFORGE_MAX_LORA_RANK, 512)",
+    )
+    serve.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        metavar="PID",
+        help="stop when process PID ends (the control plane passes its own, so that its serving processes "
+        "never outlive it)",
     )
     serve.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     serve.add_argument(

@@ -6,11 +6,17 @@ is nothing per deployment to run. In the embedded default the control plane star
 itself (lazily, on the first deployment or request), health-checks it, starts it again when it has
 died, and stops it with the app or when the last deployment of its base model goes. In production
 `TUNEFORGE_SERVING_URLS` names serving Deployments an operator runs; those are only health-checked.
+
+A process of ours that answers /health with an error (its engine stopped) or does not answer for
+`serving_unresponsive_seconds` (wedged) is stopped, SIGKILLed if SIGTERM does not do it, and marked
+failed; the next request starts a new one. Each child is told this process's pid (`--parent-pid`) and
+exits when it is gone, so no serving process outlives its control plane, even one killed outright.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
@@ -42,9 +48,16 @@ HEALTH_TIMEOUT_S = 2.0
 START_DEADLINE_S = 900.0
 # After a failed start, requests are answered 503 for this long instead of starting it again at once.
 RETRY_FAILED_START_AFTER_S = 10.0
-STOP_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 20
 WARMUP_PROMPT = "Hello"
+
+
+class Health(enum.Enum):
+    """What one /health probe found."""
+
+    OK = "ok"  # 200
+    UNHEALTHY = "unhealthy"  # it answered, with an error: its engine is not running
+    SILENT = "silent"  # no answer within HEALTH_TIMEOUT_S (not listening yet, or wedged)
 
 
 class ServingStatus(enum.StrEnum):
@@ -82,6 +95,7 @@ class ServingBackend:
     started_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     failed_at: float | None = None
+    silent_since: float | None = None  # when a ready process last stopped answering /health
     events: list[ServingEvent] = field(default_factory=list)
     # (tenant, adapter id) pairs to load as soon as the process is ready, and again after a restart.
     warmups: set[tuple[str, str]] = field(default_factory=set)
@@ -108,6 +122,8 @@ class ServingSupervisor:
         self._closed = threading.Event()
         # Started with the first backend, so an app that never serves runs no extra thread.
         self._monitor: threading.Thread | None = None
+        # Threads stopping processes found failed; close() waits for them too.
+        self._stoppers: list[threading.Thread] = []
 
     # --- what the deployment service and the proxy ask ---------------------------------------
 
@@ -161,7 +177,7 @@ class ServingSupervisor:
             backend = self.ensure_started(base_model)
             if backend.status is ServingStatus.READY:
                 return backend.url
-            if backend.status is ServingStatus.FAILED:
+            if backend.status is ServingStatus.FAILED and not _being_replaced(backend):
                 # `error` is the short reason; the process's log tail went to the operator's log only.
                 raise ServingUnavailableError(
                     f"the serving process for base model {base_model!r} failed ({backend.error}); "
@@ -179,32 +195,39 @@ class ServingSupervisor:
         with self._lock:
             backend = self._backends.get(base_model)
         if backend is not None:
-            healthy = _process_alive(backend) and _healthy(backend.url)
+            health = _probe(backend.url) if _process_alive(backend) else Health.SILENT
             with self._lock:
-                self._apply(backend, healthy)
+                self._apply(backend, health)
 
     def stop(self, base_model: str) -> None:
         """Stop the process serving `base_model` (its last deployment is gone)."""
         with self._lock:
             backend = self._backends.pop(base_model, None)
         if backend is not None:
-            _terminate(backend.process)
+            _terminate(backend.process, self._stop_timeout)
 
     def close(self) -> None:
+        """Stop every process this control plane started (the wedged ones with SIGKILL); idempotent."""
         self._closed.set()
         with self._lock:
             backends, self._backends = list(self._backends.values()), {}
-        for backend in backends:
-            _terminate(backend.process)
+            stoppers, self._stoppers = self._stoppers, []
+        stoppers += [_stop_in_background(b.process, self._stop_timeout) for b in backends]
+        for stopper in stoppers:
+            stopper.join()
         if self._monitor is not None:
             self._monitor.join(timeout=5)
+
+    @property
+    def _stop_timeout(self) -> float:
+        return self.settings.serving_stop_timeout_seconds
 
     # --- starting -------------------------------------------------------------------------------
 
     def _needs_start(self, backend: ServingBackend) -> bool:
         if backend.process is None or backend.process.poll() is None:
             return False
-        self._apply(backend, healthy=False)  # records why it exited, once
+        self._apply(backend, Health.SILENT)  # records why it exited, once
         recent = backend.failed_at is not None and (
             time.monotonic() - backend.failed_at < RETRY_FAILED_START_AFTER_S
         )
@@ -219,14 +242,15 @@ class ServingSupervisor:
             backend = ServingBackend(
                 base_model=base_model, url=url.rstrip("/"), events=events, warmups=warmups
             )
-            backend.record(ServingStatus.INITIALIZING, "Initializing", f"serving at {backend.url}")
+            log.info("serving %s: an operator's server at %s", base_model, backend.url)
+            backend.record(ServingStatus.INITIALIZING, "Initializing", "connecting to its serving process")
             return backend
         port = _free_port()
         log_path = self.settings.data_dir / "serving" / f"{_safe_file_name(base_model)}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable, "-m", "app.cli", "serve", "--base-model", base_model,
-            "--host", "127.0.0.1", "--port", str(port),
+            "--host", "127.0.0.1", "--port", str(port), "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
@@ -246,7 +270,9 @@ class ServingSupervisor:
             warmups=warmups,
         )
         verb = "restarting" if previous is not None else "starting"
-        backend.record(ServingStatus.INITIALIZING, "Initializing", f"{verb} pid {process.pid} on port {port}")
+        # Pid and port are for the operator's log; events are shown to tenants.
+        log.info("serving %s: %s pid %s on port %s", base_model, verb, process.pid, port)
+        backend.record(ServingStatus.INITIALIZING, "Initializing", f"{verb} its serving process")
         return backend
 
     # --- health ---------------------------------------------------------------------------------
@@ -258,33 +284,53 @@ class ServingSupervisor:
             for backend in backends:
                 try:
                     # The health request runs outside the lock: requests must not wait on it.
-                    healthy = _process_alive(backend) and _healthy(backend.url)
+                    health = _probe(backend.url) if _process_alive(backend) else Health.SILENT
                     with self._lock:
                         if self._backends.get(backend.base_model) is backend:
-                            self._apply(backend, healthy)
+                            self._apply(backend, health)
                     self._warm(backend)
                 except Exception:  # the monitor must outlive any one check
                     log.exception("serving monitor: checking %s failed", backend.base_model)
 
-    def _apply(self, backend: ServingBackend, healthy: bool) -> None:
+    def _apply(self, backend: ServingBackend, health: Health) -> None:
         process = backend.process
         if process is not None and process.poll() is not None:
             if backend.status is not ServingStatus.FAILED:
                 self._fail(backend, f"exited with code {process.returncode}", tail=True)
             return
-        if healthy and backend.status is not ServingStatus.READY:
-            backend.error = None
-            backend.ready_at = time.monotonic()
-            backend.record(ServingStatus.READY, "Ready")
-        elif not healthy and backend.status is ServingStatus.READY:
-            # Only an operator's server gets here: a process of ours that stopped answering but
-            # still runs is given the benefit of the doubt until it exits.
-            if not backend.owned:
-                log.warning("serving %s: %s/health does not answer 200", backend.base_model, backend.url)
-                self._fail(backend, "its /health does not answer 200")
-        elif not healthy and backend.owned and self._start_overdue(backend):
+        if health is Health.OK:
+            backend.silent_since = None
+            if backend.status is not ServingStatus.READY:
+                backend.error = None
+                backend.ready_at = time.monotonic()
+                backend.record(ServingStatus.READY, "Ready")
+        elif backend.status is ServingStatus.READY and not backend.owned:
+            # The operator restarts it; the URL is for the operator's log, not for tenants.
+            log.warning("serving %s: %s/health does not answer 200", backend.base_model, backend.url)
+            self._fail(backend, "its /health does not answer 200")
+        elif backend.status is ServingStatus.READY:
+            reason = self._unhealthy_reason(backend, health)
+            if reason is not None:  # ours, and broken: stop it; the next request starts a new one
+                self._fail(backend, reason, tail=True)
+                self._stop_later(process)
+        elif backend.owned and self._start_overdue(backend):
             self._fail(backend, f"not healthy after {START_DEADLINE_S:.0f} s", tail=True)
-            _terminate(process)
+            self._stop_later(process)
+
+    def _stop_later(self, process: subprocess.Popen[bytes] | None) -> None:
+        """Stop a failed process without holding up the monitor (caller holds the lock)."""
+        self._stoppers = [t for t in self._stoppers if t.is_alive()]
+        self._stoppers.append(_stop_in_background(process, self._stop_timeout))
+
+    def _unhealthy_reason(self, backend: ServingBackend, health: Health) -> str | None:
+        """Why a ready process of ours is to be stopped now, or None to give it more time."""
+        if health is Health.UNHEALTHY:
+            return "its engine stopped (/health answered an error)"
+        now = time.monotonic()
+        if backend.silent_since is None:
+            backend.silent_since = now
+        limit = self.settings.serving_unresponsive_seconds
+        return f"did not answer /health for {limit:.0f} s" if now - backend.silent_since >= limit else None
 
     def _fail(self, backend: ServingBackend, reason: str, *, tail: bool = False) -> None:
         """`reason` is shown to tenants (errors, events): never a path, URL or log line of the shared
@@ -337,28 +383,46 @@ def settings_environment(settings: Settings) -> dict[str, str]:
     return env | {"PYTHONUNBUFFERED": "1"}
 
 
+def _being_replaced(backend: ServingBackend) -> bool:
+    """A process of ours that had served, failed and is still being stopped: the next look after it
+    exits starts a new one, so a request waits for that rather than fail."""
+    return backend.owned and backend.ready_at is not None and _process_alive(backend)
+
+
 def _process_alive(backend: ServingBackend) -> bool:
     return backend.process is None or backend.process.poll() is None
 
 
-def _healthy(url: str) -> bool:
+def _probe(url: str) -> Health:
     try:
-        return httpx.get(f"{url}/health", timeout=HEALTH_TIMEOUT_S).status_code == 200
+        status = httpx.get(f"{url}/health", timeout=HEALTH_TIMEOUT_S).status_code
     except httpx.HTTPError:
-        return False
+        return Health.SILENT
+    return Health.OK if status == 200 else Health.UNHEALTHY
 
 
-def _terminate(process: subprocess.Popen[bytes] | None) -> None:
+def _terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM to the process group, SIGKILL if it has not exited within `timeout` (a wedged one)."""
     if process is None or process.poll() is not None:
         return
     try:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=STOP_TIMEOUT_S)
+        process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        log.warning("serving process %d did not stop within %.0f s; killing it", process.pid, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     except ProcessLookupError:
         process.wait()
+
+
+def _stop_in_background(process: subprocess.Popen[bytes] | None, timeout: float) -> threading.Thread:
+    """_terminate on a thread of its own (the monitor must not wait on it), not a daemon: the
+    interpreter waits for it at exit rather than leave the process running."""
+    stopper = threading.Thread(target=_terminate, args=(process, timeout), name="serving-stop")
+    stopper.start()
+    return stopper
 
 
 def _free_port() -> int:

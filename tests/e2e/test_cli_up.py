@@ -155,3 +155,77 @@ def _worker_pid(process: subprocess.Popen[str]) -> int:
         if "training worker started (pid " in line:
             return int(line.split("(pid ", 1)[1].split(",", 1)[0])
     raise AssertionError("tuneforge up did not report its worker")
+
+
+def _up_serving_a_deployment(tmp_path: Path, model_cache: Path) -> tuple[subprocess.Popen[str], int]:
+    """`tuneforge up` (no worker) with a ready tiny deployment; returns it and its serving process's pid."""
+    from tuneforge import Tuneforge
+
+    port = _free_port()
+    env = _env(tmp_path) | {
+        "TUNEFORGE_MODEL_CACHE_DIR": str(model_cache),
+        "TUNEFORGE_SERVING_STOP_TIMEOUT_SECONDS": "2",
+    }
+    process = subprocess.Popen(
+        [*TUNEFORGE, "up", "--port", str(port), "--no-worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url, process)
+    with Tuneforge(api_token=(tmp_path / "dev-token").read_text().strip(), base_url=url) as client:
+        client.deployments.create("tiny", config={"baseModel": "tiny-random-llama"}, timeout=180)
+    serving = [pid for pid in _children(process.pid) if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(serving) == 1, serving
+    return process, serving[0]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it exited meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _wait_gone(pid: int, within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while process_alive(pid):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_sigterm_stops_up_and_its_serving_process_even_a_wedged_one(
+    tmp_path: Path, shared_model_cache: Path
+) -> None:
+    process, serving = _up_serving_a_deployment(tmp_path, shared_model_cache)
+    try:
+        os.kill(serving, signal.SIGSTOP)  # wedged: alive, deaf to SIGTERM
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        _wait_gone(serving, 5, f"the wedged serving process {serving} outlived tuneforge up")
+    finally:
+        if process_alive(serving):
+            os.kill(serving, signal.SIGKILL)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+
+
+def test_a_serving_process_exits_when_up_is_killed_outright(tmp_path: Path, shared_model_cache: Path) -> None:
+    """The issue's orphan: up killed with SIGKILL left its serving process holding the model."""
+    process, serving = _up_serving_a_deployment(tmp_path, shared_model_cache)
+    try:
+        process.kill()
+        process.wait()
+        _wait_gone(serving, 20, f"serving process {serving} outlived tuneforge up")
+    finally:
+        if process_alive(serving):
+            os.kill(serving, signal.SIGKILL)

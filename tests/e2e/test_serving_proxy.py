@@ -25,7 +25,7 @@ import pytest
 import torch
 from live_server import LiveServer
 from peft import LoraConfig, get_peft_model
-from tests_support import assert_error
+from tests_support import assert_error, process_alive
 from transformers import AutoModelForCausalLM
 from tuneforge import NotFoundError, Tuneforge
 
@@ -87,7 +87,11 @@ def stack(
 
     missing = tmp_path_factory.mktemp("no-model") / "missing-model"  # a base model that cannot start
     settings = stack_settings_factory(
-        request.param, model_cache_dir=shared_model_cache, extra_base_models=[str(missing)]
+        request.param,
+        model_cache_dir=shared_model_cache,
+        extra_base_models=[str(missing)],
+        serving_unresponsive_seconds=5,
+        serving_stop_timeout_seconds=2,
     )
     with LiveServer(settings) as server:
         tenant, other = f"t-{secrets.token_hex(4)}", f"t-{secrets.token_hex(4)}"
@@ -296,6 +300,29 @@ def test_a_killed_serving_process_is_restarted_by_the_next_request(stack: Servin
     assert stack.serving.pid(TINY) not in (None, pid)
     kinds = [e.event_type for e in stack.client.deployments.events(DEPLOYMENT)]
     assert kinds[-3:] == ["Failed", "Initializing", "Ready"], kinds
+
+
+def test_a_wedged_serving_process_is_killed_and_the_next_request_starts_a_new_one(
+    stack: ServingStack,
+) -> None:
+    serving = stack.client.deployments.client(DEPLOYMENT)
+    before = serving.generate(PROMPT, adapter_id="acme/1", max_new_tokens=6).generated_text
+    pid = stack.serving.pid(TINY)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # alive, listening, answering nothing: what a stuck step looks like
+    try:
+        deadline = time.monotonic() + 30
+        while process_alive(pid):
+            assert time.monotonic() < deadline, "the wedged serving process was never stopped"
+            time.sleep(0.1)
+    finally:
+        if process_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    events = stack.client.deployments.events(DEPLOYMENT)
+    assert events[-1].event_type == "Failed" and "did not answer /health" in events[-1].message
+    after = serving.generate(PROMPT, adapter_id="acme/1", max_new_tokens=6).generated_text
+    assert after == before
+    assert stack.serving.pid(TINY) not in (None, pid)
 
 
 # --- production: an operator runs the serving process, TUNEFORGE_SERVING_URLS points at it ----------

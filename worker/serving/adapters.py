@@ -1,4 +1,10 @@
-"""Where adapters come from (`AdapterSource`) and the in-memory LRU cache of loaded ones.
+"""Where adapters come from (`AdapterSource`), what an adapter id names right now (`ResolvedAdapter`),
+and the in-memory LRU cache of loaded ones.
+
+An id (`repo/N`) is resolved per request, in the HTTP handler's worker thread (never on the event loop
+or the engine thread), with a memory of at most `resolve_ttl_s`: a version deleted or archived stops
+being served within that time, and weights are cached under what the id resolved to (a stored
+version's uuid), so a repo deleted and made again never serves the old `repo/1`.
 
 Loads run on a background thread: a request for an adapter not yet in memory waits in the queue
 while the running batch keeps decoding, and joins the batch the step after its adapter is ready.
@@ -11,15 +17,18 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+from tuneforge import lora_rules
 
 from worker.serving.cpu_kernels import SmallGemm
 from worker.serving.eagle import ModelShape
-from worker.serving.errors import AdapterLoadError, AdapterNotFoundError, ServingError
+from worker.serving.errors import AdapterLoadError, AdapterNotFoundError, AdapterSourceError, ServingError
 from worker.serving.lora import AdapterWeights
 from worker.serving.metrics import ServingMetrics
 from worker.serving.speculator import has_speculator
@@ -28,15 +37,37 @@ log = logging.getLogger(__name__)
 
 # A broken adapter fails every request for it this long without another load attempt.
 FAILED_LOAD_MEMORY_S = 10.0
-ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}/[0-9]+(@[0-9]+)?$")
+# How long what an id resolved to is reused: a deleted version is served at most this long after.
+DEFAULT_RESOLVE_TTL_S = 2.0
+# Resolutions remembered at once (tenant x id); older ones are dropped first.
+MAX_REMEMBERED_RESOLUTIONS = 4096
+ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}/[0-9]{1,9}(@[0-9]{1,9})?$")
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """An adapter id, as a tenant named it, resolved to the weights it names now.
+
+    `key` identifies those weights (for stored adapters the version's uuid): the cache holds them under
+    it. `location` is whatever the source needs to fetch them; the engine never looks inside.
+    """
+
+    adapter_id: str
+    tenant: str | None
+    key: str
+    location: Any = None
 
 
 class AdapterSource(Protocol):
-    def fetch(self, adapter_id: str, tenant: str | None) -> Path:
-        """A local directory with adapter_config.json + adapter_model.safetensors (blocking I/O is fine).
+    def resolve(self, adapter_id: str, tenant: str | None) -> ResolvedAdapter:
+        """What `adapter_id` names for `tenant` now (blocking I/O is fine: called off the event loop).
 
-        Raises AdapterNotFoundError (unknown, or another tenant's) or AdapterLoadError.
+        Raises AdapterNotFoundError (unknown, deleted, archived, or another tenant's) or
+        AdapterLoadError (it exists but this deployment cannot serve it).
         """
+
+    def fetch(self, adapter: ResolvedAdapter) -> Path:
+        """A local directory with adapter_config.json + adapter_model.safetensors (blocking I/O is fine)."""
 
     def list_available(self, tenant: str | None) -> list[str]: ...
 
@@ -44,7 +75,7 @@ class AdapterSource(Protocol):
 def check_adapter_id(adapter_id: str) -> None:
     if not ADAPTER_ID.match(adapter_id):
         raise AdapterNotFoundError(
-            f"adapter id {adapter_id!r} is not of the form repo/N or repo/N@step (e.g. 'my-repo/1')",
+            f"adapter id {adapter_id[:80]!r} is not of the form repo/N or repo/N@step (e.g. 'my-repo/1')",
             field="adapter_id",
         )
 
@@ -55,20 +86,39 @@ class LocalDirectorySource:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def fetch(self, adapter_id: str, tenant: str | None) -> Path:
+    def resolve(self, adapter_id: str, tenant: str | None) -> ResolvedAdapter:
         check_adapter_id(adapter_id)
         path = self.root / adapter_id
         if not (path / "adapter_config.json").is_file() and not has_speculator(path):
-            raise AdapterNotFoundError(f"adapter {adapter_id} not found")
-        return path
+            raise AdapterNotFoundError(f"adapter {adapter_id} not found", field="adapter_id")
+        # A directory has no identity of its own: each tenant's name for it is cached apart.
+        return ResolvedAdapter(adapter_id, tenant, f"{tenant or ''}::{adapter_id}", path)
+
+    def fetch(self, adapter: ResolvedAdapter) -> Path:
+        return Path(adapter.location)
 
     def list_available(self, tenant: str | None) -> list[str]:
         found = (p.parent.relative_to(self.root) for p in self.root.glob("*/*/adapter_config.json"))
         return sorted(str(p) for p in found)
 
 
+@dataclass(frozen=True)
+class LoadShape:
+    """What a loaded adapter must fit: the base model's shapes, the serving dtype and the rank limit."""
+
+    num_layers: int
+    dtype: torch.dtype
+    device: torch.device
+    hidden_size: int | None = None
+    model_shape: ModelShape | None = None  # for eagle draft layers
+    kernel: SmallGemm | None = None  # the runner's small-step kernel, for eagle draft layers
+    module_shapes: Mapping[str, tuple[int, int]] | None = None  # module -> (in, out) of the runner
+    max_rank: int = lora_rules.DEFAULT_MAX_LORA_RANK
+    vocab_size: int | None = None
+
+
 class AdapterCache:
-    """Loaded adapters keyed by `tenant::id`, at most `max_adapters` of them beyond those in use.
+    """Loaded adapters keyed by what their ids resolved to, at most `max_adapters` beyond those in use.
 
     An adapter used by a running sequence is pinned; eviction takes the least recently used unpinned
     one. Failed loads are remembered briefly so a broken adapter fails fast, not once per request.
@@ -79,56 +129,90 @@ class AdapterCache:
         source: AdapterSource,
         *,
         max_adapters: int,
-        num_layers: int,
-        dtype: torch.dtype,
+        shape: LoadShape,
         metrics: ServingMetrics,
-        device: torch.device | None = None,
-        hidden_size: int | None = None,
-        model_shape: ModelShape | None = None,
-        kernel: SmallGemm | None = None,  # the runner's small-step kernel, for eagle draft layers
+        resolve_ttl_s: float = DEFAULT_RESOLVE_TTL_S,
     ) -> None:
         self.source = source
         self.max_adapters = max_adapters
-        self.num_layers = num_layers
-        self.dtype = dtype
-        self.device = device or torch.device("cpu")
-        self.hidden_size = hidden_size
-        self.model_shape = model_shape
-        self.kernel = kernel
+        self.shape = shape
         self.metrics = metrics
+        self.resolve_ttl_s = resolve_ttl_s
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, AdapterWeights] = OrderedDict()
         self._loading: dict[str, Future[None]] = {}
         self._pins: dict[str, int] = {}
         self._failed: dict[str, tuple[float, ServingError]] = {}
+        # (tenant, id) -> (when it expires, what it resolved to or why it did not)
+        self._resolved: dict[tuple[str, str], tuple[float, ResolvedAdapter | ServingError]] = {}
+        self._names: dict[str, tuple[str, str]] = {}  # key -> the (tenant, id) it was last asked by
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-loader")
 
-    @staticmethod
-    def key(adapter_id: str, tenant: str | None) -> str:
-        return f"{tenant or ''}::{adapter_id}"
+    # --- resolving (HTTP worker threads) ----------------------------------------------------------
 
-    def request(self, adapter_id: str, tenant: str | None) -> str:
-        """Start loading if needed (counts a hit or a miss) and return the cache key."""
+    def resolve(self, adapter_id: str, tenant: str | None) -> ResolvedAdapter:
+        """What `adapter_id` names for `tenant` now, remembered for `resolve_ttl_s`. Blocking: call it
+        from a worker thread, never from the event loop or the engine thread."""
         check_adapter_id(adapter_id)
-        key = self.key(adapter_id, tenant)
+        name = (tenant or "", adapter_id)
+        now = time.monotonic()
         with self._lock:
+            remembered = self._resolved.get(name)
+        if remembered is None or remembered[0] <= now:
+            remembered = (now + self.resolve_ttl_s, self._resolve_now(adapter_id, tenant))
+            with self._lock:
+                self._remember(name, remembered, now)
+        result = remembered[1]
+        if isinstance(result, ServingError):  # a copy per request: one instance raised in many threads
+            raise type(result)(result.message, field=result.field)
+        return result
+
+    def _resolve_now(self, adapter_id: str, tenant: str | None) -> ResolvedAdapter | ServingError:
+        try:
+            return self.source.resolve(adapter_id, tenant)
+        except ServingError as exc:
+            return exc
+        except Exception:  # the database or blob store is out of reach: not remembered, retried next time
+            log.exception("resolving adapter %s for tenant %s failed", adapter_id, tenant)
+            raise AdapterSourceError(
+                f"adapter {adapter_id} cannot be looked up right now; retry shortly", field="adapter_id"
+            ) from None
+
+    def _remember(
+        self, name: tuple[str, str], entry: tuple[float, ResolvedAdapter | ServingError], now: float
+    ) -> None:
+        self._resolved[name] = entry
+        if len(self._resolved) > MAX_REMEMBERED_RESOLUTIONS:
+            for old in [n for n, (expires, _) in self._resolved.items() if expires <= now]:
+                del self._resolved[old]
+            while len(self._resolved) > MAX_REMEMBERED_RESOLUTIONS:
+                del self._resolved[next(iter(self._resolved))]
+
+    # --- loading (the engine thread asks, loader threads load) -----------------------------------
+
+    def request(self, adapter: ResolvedAdapter) -> str:
+        """Start loading if needed (counts a hit or a miss) and return the cache key."""
+        key = adapter.key
+        with self._lock:
+            self._names[key] = (adapter.tenant or "", adapter.adapter_id)
             failed = self._failed.get(key)
             if failed is not None and time.monotonic() - failed[0] > FAILED_LOAD_MEMORY_S:
-                del self._failed[key]  # it may have been fixed (uploaded again): try again
+                del self._failed[key]  # it may have been fixed: try again
             if key in self._loaded:
                 self.metrics.adapter_hits.inc()
                 self._loaded.move_to_end(key)
             else:
                 self.metrics.adapter_misses.inc()
                 if key not in self._loading and key not in self._failed:
-                    self._loading[key] = self._pool.submit(self._load, key, adapter_id, tenant)
+                    self._loading[key] = self._pool.submit(self._load, adapter)
         return key
 
     def preload(self, adapter_id: str, tenant: str | None) -> None:
-        self.request(adapter_id, tenant)
+        self.request(self.resolve(adapter_id, tenant))
 
-    def state(self, key: str) -> AdapterWeights | ServingError | None:
+    def state(self, adapter: ResolvedAdapter) -> AdapterWeights | ServingError | None:
         """The loaded adapter, the error that failed its load, or None while it is (re)loading."""
+        key = adapter.key
         with self._lock:
             weights = self._loaded.get(key)
             if weights is not None:
@@ -136,9 +220,15 @@ class AdapterCache:
             if key in self._failed:
                 return self._failed[key][1]
             if key not in self._loading:  # evicted before its request took it: load it again
-                tenant, adapter_id = key.split("::", 1)
-                self._loading[key] = self._pool.submit(self._load, key, adapter_id, tenant or None)
+                self._loading[key] = self._pool.submit(self._load, adapter)
         return None
+
+    def mark_failed(self, key: str, error: ServingError) -> None:
+        """An adapter that broke a step: dropped, and refused like a failed load for a while."""
+        with self._lock:
+            self._loaded.pop(key, None)
+            self._failed[key] = (time.monotonic(), error)
+            self.metrics.adapters_loaded.set(len(self._loaded))
 
     def pin(self, key: str) -> None:
         with self._lock:
@@ -156,40 +246,70 @@ class AdapterCache:
             self._evict()
 
     def loaded_ids(self, tenant: str | None = None) -> list[str]:
-        prefix = self.key("", tenant)
+        """Ids this tenant asked for whose weights are in memory, least recently used first."""
         with self._lock:
-            return [key[len(prefix) :] for key in self._loaded if key.startswith(prefix)]
+            names = [self._names.get(key) for key in self._loaded]
+        return [name[1] for name in names if name is not None and name[0] == (tenant or "")]
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _load(self, key: str, adapter_id: str, tenant: str | None) -> None:
+    def _load(self, adapter: ResolvedAdapter) -> None:
         try:
-            directory = self.source.fetch(adapter_id, tenant)
-            weights = AdapterWeights.load(
-                key,
-                directory,
-                num_layers=self.num_layers,
-                dtype=self.dtype,
-                device=self.device,
-                hidden_size=self.hidden_size,
-                model_shape=self.model_shape,
-                kernel=self.kernel,
-            )
-        except Exception as exc:
-            if not isinstance(exc, ServingError):
-                log.exception("loading adapter %s failed", adapter_id)
-                exc = AdapterLoadError(f"adapter {adapter_id} failed to load: {exc}")
-            self.metrics.adapter_loads.labels(outcome="failed").inc()
-            with self._lock:
-                self._failed[key] = (time.monotonic(), exc)
-                self._loading.pop(key, None)
+            weights = self._read(adapter)
+        except ServingError as exc:
+            self._record_failure(adapter.key, exc)
             return
         with self._lock:
-            self._loaded[key] = weights
-            self._loading.pop(key, None)
-            self._evict(keep=key)  # a fresh load waits for its request; evicting it would only reload it
+            self._loaded[adapter.key] = weights
+            self._loading.pop(adapter.key, None)
+            self._evict(keep=adapter.key)  # a fresh load waits for its request; evicting it would reload it
         self.metrics.adapter_loads.labels(outcome="loaded").inc()
+
+    def _read(self, adapter: ResolvedAdapter) -> AdapterWeights:
+        """Fetches and checks the weights; a refusal names the adapter and the rule, never a path."""
+        shape = self.shape
+        try:
+            directory = self.source.fetch(adapter)
+            return AdapterWeights.load(
+                adapter.key,
+                directory,
+                num_layers=shape.num_layers,
+                dtype=shape.dtype,
+                device=shape.device,
+                hidden_size=shape.hidden_size,
+                model_shape=shape.model_shape,
+                kernel=shape.kernel,
+                module_shapes=shape.module_shapes,
+                max_rank=shape.max_rank,
+                vocab_size=shape.vocab_size,
+            )
+        except AdapterLoadError as exc:
+            log.warning("adapter %s (tenant %s) refused: %s", adapter.adapter_id, adapter.tenant, exc.message)
+            prefix = f"adapter {adapter.adapter_id}"
+            message = (
+                exc.message if exc.message.startswith(prefix) else f"{prefix} cannot be served: {exc.message}"
+            )
+            raise AdapterLoadError(message, field="adapter_id") from None
+        except ServingError:
+            raise
+        except Exception as exc:
+            log.exception("loading adapter %s (tenant %s) failed", adapter.adapter_id, adapter.tenant)
+            raise AdapterLoadError(
+                f"adapter {adapter.adapter_id} failed to load ({type(exc).__name__}); see the server log",
+                field="adapter_id",
+            ) from None
+
+    def _record_failure(self, key: str, error: ServingError) -> None:
+        self.metrics.adapter_loads.labels(outcome="failed").inc()
+        now = time.monotonic()
+        with self._lock:
+            # Each upload is a new key: forget old failures, or a tenant uploading broken adapters
+            # would grow this without bound.
+            for old in [k for k, (when, _) in self._failed.items() if now - when > FAILED_LOAD_MEMORY_S]:
+                del self._failed[old]
+            self._failed[key] = (now, error)
+            self._loading.pop(key, None)
 
     def _evict(self, keep: str | None = None) -> None:
         """Drop least recently used unpinned adapters over the bound (caller holds the lock)."""
@@ -200,4 +320,7 @@ class AdapterCache:
                 continue
             del self._loaded[key]
             self.metrics.adapter_evictions.inc()
+        for key in [k for k in self._names if k not in self._loaded and k not in self._loading]:
+            if not self._pins.get(key):
+                del self._names[key]
         self.metrics.adapters_loaded.set(len(self._loaded))

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 import torch
 
-from worker.serving.adapters import AdapterSource
+from worker.serving.adapters import AdapterSource, ResolvedAdapter
 from worker.serving.engine import EngineConfig, LLMEngine
 from worker.serving.errors import EngineError, ServingError, ShuttingDownError
 from worker.serving.metrics import ServingMetrics
@@ -22,14 +23,15 @@ from worker.serving.sequence import next_sequence_id
 
 log = logging.getLogger(__name__)
 
+Stream = tuple[asyncio.AbstractEventLoop, "asyncio.Queue[TokenOutput | BaseException]"]
+
 
 @dataclass(frozen=True)
 class _Add:
     seq_id: int
     prompt: list[int]
     params: SamplingParams
-    adapter_id: str | None
-    tenant: str | None
+    adapter: ResolvedAdapter | None
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[TokenOutput | BaseException]
     arrival: float
@@ -46,20 +48,37 @@ class AsyncEngine:
     Requests and aborts reach the thread through an inbox; tokens come back through one asyncio
     queue per request. Leaving `generate()` early (client disconnect, cancellation) posts an abort,
     so the sequence leaves the batch and frees its KV blocks at the next step.
+
+    Nothing a request does stops the thread: a failure while admitting or stepping fails the requests
+    it concerns (see engine.py and stepping.py). Should the thread end anyway, or the server begin to
+    shut down, the engine closes: every request in flight (queued, running, or waiting on its queue
+    here, even behind a wedged step) gets an error at once, later ones are refused, `ready` turns
+    False (`/health` answers 503), and `on_death` tells the process to exit so that its supervisor
+    starts a new one.
     """
 
     def __init__(
-        self, config: EngineConfig, source: AdapterSource, metrics: ServingMetrics | None = None
+        self,
+        config: EngineConfig,
+        source: AdapterSource,
+        metrics: ServingMetrics | None = None,
+        *,
+        on_death: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.source = source
         self.metrics = metrics or ServingMetrics()
         self.model_name = config.model_name
+        self.on_death = on_death
         self._engine: LLMEngine | None = None
         self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Posting and closing under one lock: no request can slip into the inbox once it is closed.
+        self._lock = threading.Lock()
+        self._closed: ServingError | None = None
+        self._streams: dict[int, Stream] = {}  # every request between its post and its last output
 
     def start(self) -> None:
         """Load the model (blocking) and start the engine thread."""
@@ -83,11 +102,18 @@ class AsyncEngine:
 
     @property
     def ready(self) -> bool:
-        return self._engine is not None and self._thread is not None and self._thread.is_alive()
+        alive = self._thread is not None and self._thread.is_alive()
+        return self._engine is not None and alive and self._closed is None
 
-    def shutdown(self) -> None:
+    def begin_shutdown(self) -> None:
+        """End every request in flight with ShuttingDownError now and refuse new ones; the engine thread
+        stops at its next turn. Safe from any thread (the HTTP server calls it when it starts stopping)."""
+        self._close(ShuttingDownError("the server is shutting down; retry shortly"))
         self._stop.set()
         self._wake.set()
+
+    def shutdown(self) -> None:
+        self.begin_shutdown()
         if self._thread is not None:
             self._thread.join(timeout=10)
         if self._engine is not None:
@@ -97,6 +123,10 @@ class AsyncEngine:
         for adapter_id in adapter_ids:
             self.engine.adapters.preload(adapter_id, tenant)
 
+    def resolve_adapter(self, adapter_id: str, tenant: str | None) -> ResolvedAdapter:
+        """What the id names for the tenant now. Blocking (a database read): call it from a worker thread."""
+        return self.engine.adapters.resolve(adapter_id, tenant)
+
     def loaded_adapters(self, tenant: str | None = None) -> list[str]:
         """Adapter ids in memory for this tenant (another tenant's same-named adapter is not listed)."""
         return self.engine.adapters.loaded_ids(tenant)
@@ -105,17 +135,14 @@ class AsyncEngine:
         self,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        adapter_id: str | None = None,
-        tenant: str | None = None,
+        adapter: ResolvedAdapter | None = None,
     ) -> AsyncGenerator[TokenOutput, None]:
         """Tokens of one request as they are generated; raises its ServingError if it fails."""
         self.engine.validate(prompt_token_ids, params)  # fail fast, before anything is queued
         out: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()
         seq_id = next_sequence_id()
         loop = asyncio.get_running_loop()
-        self._post(
-            _Add(seq_id, list(prompt_token_ids), params, adapter_id, tenant, loop, out, time.monotonic())
-        )
+        self._post_add(_Add(seq_id, list(prompt_token_ids), params, adapter, loop, out, time.monotonic()))
         finished = False
         try:
             while not finished:
@@ -126,31 +153,81 @@ class AsyncEngine:
                 finished = item.finished
                 yield item
         finally:
+            with self._lock:
+                self._streams.pop(seq_id, None)
             if not finished:
                 self._post(_Abort(seq_id))
 
-    def _post(self, message: _Add | _Abort) -> None:
+    def _post_add(self, message: _Add) -> None:
+        with self._lock:
+            if self._closed is not None:
+                raise _fresh(self._closed)
+            self._streams[message.seq_id] = (message.loop, message.out)
+            self._inbox.put(message)
+        self._wake.set()
+
+    def _post(self, message: _Abort) -> None:
         self._inbox.put(message)
         self._wake.set()
+
+    def _close(self, error: ServingError) -> None:
+        """Refuse new requests with `error` (the first reason given stays) and send it to every stream."""
+        with self._lock:
+            if self._closed is None:
+                self._closed = error
+            error = self._closed
+            streams, self._streams = list(self._streams.values()), {}
+        for loop, out in streams:
+            _deliver(loop, out, _fresh(error))
 
     # --- the engine thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
         engine = self.engine
         torch.set_grad_enabled(False)
-        while not self._stop.is_set():
-            self._drain_inbox(engine)
-            if not engine.has_work:
-                # Idle, or only waiting for adapter loads: sleep until a request arrives (polling loads).
-                self._wake.wait(timeout=0.005 if engine.has_unfinished else 1.0)
-                self._wake.clear()
-                continue
+        died = False
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._turn(engine)
+                except Exception:  # past every per-request guard: fail what is in flight, keep serving
+                    log.exception("the engine loop failed outside any one request; failing its requests")
+                    engine.fail_all(EngineError("the engine failed while generating; retry the request"))
+        except BaseException:
+            died = True
+            log.critical(
+                "the engine thread died; failing every request and stopping the server", exc_info=True
+            )
+            self._close(ShuttingDownError("the serving engine stopped; the server restarts, retry shortly"))
+        finally:
+            self._close(ShuttingDownError("the server is shutting down; retry shortly"))
+            self._fail_everything(engine)
+        if died and self.on_death is not None:
+            self.on_death()
+
+    def _turn(self, engine: LLMEngine) -> None:
+        self._drain_inbox(engine)
+        if not engine.has_work:
+            # Idle, or only waiting for adapter loads: sleep until a request arrives (polling loads).
+            self._wake.wait(timeout=0.005 if engine.has_unfinished else 1.0)
+            self._wake.clear()
+            return
+        engine.step()
+
+    def _fail_everything(self, engine: LLMEngine) -> None:
+        """After the loop: whatever is still queued or in the engine ends with the closing error."""
+        assert self._closed is not None
+        while True:
             try:
-                engine.step()
-            except Exception as exc:  # a bug in a step must not kill the server: fail its requests
-                log.exception("engine step failed; failing the requests in it")
-                engine.fail_all(EngineError(f"internal engine error: {exc}"))
-        engine.fail_all(ShuttingDownError("the server is shutting down"))
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(message, _Add):
+                _deliver(message.loop, message.out, _fresh(self._closed))
+        try:
+            engine.fail_all(self._closed)
+        except Exception:  # its streams have their error already (_close)
+            log.exception("failing the engine's requests at shutdown")
 
     def _drain_inbox(self, engine: LLMEngine) -> None:
         while True:
@@ -165,12 +242,27 @@ class AsyncEngine:
                 request = engine.add_request(
                     message.prompt,
                     message.params,
-                    message.adapter_id,
-                    message.tenant,
+                    message.adapter,
                     seq_id=message.seq_id,
                     arrival=message.arrival,
                 )
             except ServingError as exc:
-                message.loop.call_soon_threadsafe(message.out.put_nowait, exc)
+                _deliver(message.loop, message.out, exc)
+                continue
+            except Exception:  # admitting must not stop the loop: this request fails, alone
+                log.exception("admitting request %s failed", message.seq_id)
+                _deliver(message.loop, message.out, EngineError("the request could not be admitted; retry"))
                 continue
             request.async_deliver = (message.loop, message.out)
+
+
+def _fresh(error: ServingError) -> ServingError:
+    """A new instance per request: one exception object raised in many tasks would share a traceback."""
+    return type(error)(error.message, field=error.field)
+
+
+def _deliver(
+    loop: asyncio.AbstractEventLoop, out: asyncio.Queue[TokenOutput | BaseException], item: BaseException
+) -> None:
+    with contextlib.suppress(RuntimeError):  # a closed event loop: nobody waits for this request any more
+        loop.call_soon_threadsafe(out.put_nowait, item)

@@ -31,7 +31,18 @@ from worker.serving.errors import AdapterLoadError
 from worker.serving.linear import Linear
 from worker.serving.params import SamplingParams
 from worker.serving.sampling import draw, warped_probs
-from worker.serving.speculator import DRAFT_VOCAB_KEY, SPECULATOR_CONFIG, LMHead, read_speculator_files
+from worker.serving.speculator import (
+    DRAFT_VOCAB_KEY,
+    MAX_DRAFT_HEADS,
+    SPECULATOR_CONFIG,
+    LMHead,
+    check_finite,
+    draft_vocab,
+    read_speculator_files,
+)
+
+# Far above any decoder's MLP width: a config past it is not a draft layer (and would size huge tensors).
+MAX_INTERMEDIATE = 1 << 20
 
 EAGLE_ARCHITECTURE = "eagle_layer"
 # The draft cache grows by this many positions at a time (a request rarely needs more than a few).
@@ -132,6 +143,7 @@ class EagleDraft:
         device: torch.device,
         dtype: torch.dtype,
         kernel: SmallGemm | None = None,
+        vocab_size: int | None = None,
     ) -> EagleDraft:
         config, state = read_speculator_files(directory)
         _check_shape(config, shape)
@@ -141,8 +153,14 @@ class EagleDraft:
             intermediate = int(config["intermediate_size"])
         except (KeyError, TypeError, ValueError) as exc:
             raise AdapterLoadError(f"speculator_config.json lacks a valid {exc}") from exc
-        if depth < 1:
-            raise AdapterLoadError(f"speculator_config.json: num_heads must be at least 1, not {depth}")
+        if not 1 <= depth <= MAX_DRAFT_HEADS:
+            raise AdapterLoadError(
+                f"speculator_config.json: num_heads must be in 1..{MAX_DRAFT_HEADS}, not {depth}"
+            )
+        if not 0 < eps < 1 or not 0 < intermediate <= MAX_INTERMEDIATE:
+            raise AdapterLoadError(
+                "speculator_config.json: rms_norm_eps or intermediate_size is out of range"
+            )
         weights = _expected_weights(shape, intermediate)
         for name, expected in weights.items():
             if name not in state:
@@ -154,7 +172,9 @@ class EagleDraft:
                 )
 
         def put(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=device, dtype=dtype).contiguous()
+            return check_finite(
+                t.to(device=device, dtype=dtype).contiguous(), "the eagle draft layer's weights"
+            )
 
         def linear(weight: torch.Tensor) -> Linear:
             return Linear(put(weight), None, kernel=kernel, transposed_copy=device.type == "cpu")
@@ -174,7 +194,7 @@ class EagleDraft:
             shape=shape,
             num_heads=depth,
             eps=eps,
-            draft_vocab=vocab.to(device=device, dtype=torch.long) if vocab is not None else None,
+            draft_vocab=draft_vocab(vocab, vocab_size, device),
         )
 
     def new_state(self) -> DraftState:

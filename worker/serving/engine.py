@@ -3,11 +3,14 @@
 It is single-threaded by design: `AsyncEngine` (async_engine.py) runs it on a thread of its own that
 owns the model, the KV cache and the scheduler; HTTP handlers only post requests and aborts to it.
 A failure inside one request ends that request with its error; the loop never stops for a request.
+A failure inside a step is pinned on the requests of one adapter (`_compute`): they fail, the adapter
+is refused for a while, and the step runs again for the others, who emit what they would have.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import time
@@ -15,13 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
 
-from worker.serving import speculator as speculative
-from worker.serving.adapters import AdapterCache, AdapterSource
+from worker.serving.adapters import (
+    DEFAULT_RESOLVE_TTL_S,
+    AdapterCache,
+    AdapterSource,
+    LoadShape,
+    ResolvedAdapter,
+)
 from worker.serving.detokenizer import IncrementalDetokenizer
-from worker.serving.drafting import Drafter, row_starts
+from worker.serving.drafting import Drafter
 from worker.serving.eagle import DraftState, ModelShape
 from worker.serving.errors import (
+    AdapterLoadError,
+    EngineError,
     EngineOverloadedError,
     InvalidParameterError,
     PromptTooLongError,
@@ -33,9 +44,10 @@ from worker.serving.metrics import ServingMetrics
 from worker.serving.model_runner import ModelRunner
 from worker.serving.outputs import FinishReason, SpeculationStats, TokenOutput
 from worker.serving.params import SamplingParams
-from worker.serving.sampling import make_generator, sample_next_tokens
+from worker.serving.sampling import make_generator
 from worker.serving.scheduler import Scheduler
 from worker.serving.sequence import Sequence, SequenceStatus
+from worker.serving.stepping import StepComputer
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +76,10 @@ class EngineConfig:
     # At most this many drafts per step (vLLM's num_speculative_tokens); None: each speculator's own
     # depth. Fewer drafts cost fewer verified rows and draft passes, and accept fewer tokens a step.
     speculation_depth: int | None = None
+    # Adapters of a higher rank are refused at load (`tuneforge serve --max-lora-rank`).
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
+    # What an adapter id resolved to is reused this long: a deleted version is served at most this long.
+    adapter_resolve_ttl_s: float = DEFAULT_RESOLVE_TTL_S
 
 
 @dataclass(eq=False)
@@ -73,6 +89,7 @@ class _Request:
     seq: Sequence
     detok: IncrementalDetokenizer
     deliver: queue.SimpleQueue[TokenOutput | BaseException] | None = None
+    adapter_ref: ResolvedAdapter | None = None  # what the request's adapter id resolved to
     async_deliver: tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenOutput | BaseException]] | None = None
     adapter: AdapterWeights | None = None
     # Proposed by the adapter's speculator and verified at the next step; for sampled requests also
@@ -85,7 +102,8 @@ class _Request:
     def send(self, item: TokenOutput | BaseException) -> None:
         if self.async_deliver is not None:
             loop, q = self.async_deliver
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            with contextlib.suppress(RuntimeError):  # its event loop is closed: nobody waits for it
+                loop.call_soon_threadsafe(q.put_nowait, item)
         elif self.deliver is not None:
             self.deliver.put(item)
 
@@ -123,19 +141,11 @@ class LLMEngine:
             depth=config.speculation_depth,
         )
         self.metrics.kv_blocks_total.set(self.blocks.num_blocks)
-        self.adapters = AdapterCache(
-            source,
-            max_adapters=config.max_adapters,
-            num_layers=self.runner.num_layers,
-            dtype=self.runner.dtype,
-            device=self.runner.device,
-            metrics=self.metrics,
-            hidden_size=self.runner.hidden_size,
-            model_shape=ModelShape(
-                self.runner.hidden_size, self.runner.num_heads, self.runner.num_kv_heads, self.runner.head_dim
-            ),
-            kernel=self.runner.kernel,
-        )
+        if not 1 <= config.max_lora_rank <= DEFAULT_MAX_LORA_RANK:
+            raise ValueError(
+                f"max_lora_rank must be in 1..{DEFAULT_MAX_LORA_RANK}, not {config.max_lora_rank}"
+            )
+        self.adapters = self._adapter_cache(source, config)
         self.scheduler = Scheduler(
             self.blocks,
             max_batch_size=config.max_batch_size,
@@ -143,6 +153,33 @@ class LLMEngine:
             is_ready=self._adapter_ready,
         )
         self._requests: dict[int, _Request] = {}
+        self.computer = StepComputer(self.runner, self.drafter, self)
+
+    def _adapter_cache(self, source: AdapterSource, config: EngineConfig) -> AdapterCache:
+        """Adapters load against this runner's real shapes and dtype, within the deployment's rank limit."""
+        runner = self.runner
+        return AdapterCache(
+            source,
+            max_adapters=config.max_adapters,
+            shape=LoadShape(
+                num_layers=runner.num_layers,
+                dtype=runner.dtype,
+                device=runner.device,
+                hidden_size=runner.hidden_size,
+                model_shape=ModelShape(
+                    runner.hidden_size,
+                    runner.num_heads,
+                    runner.num_kv_heads,
+                    runner.head_dim,
+                ),
+                kernel=runner.kernel,
+                module_shapes=runner.module_shapes,
+                max_rank=config.max_lora_rank,
+                vocab_size=runner.vocab_size,
+            ),
+            metrics=self.metrics,
+            resolve_ttl_s=config.adapter_resolve_ttl_s,
+        )
 
     # --- requests ------------------------------------------------------------------------------------
 
@@ -150,7 +187,7 @@ class LLMEngine:
         """Checks that fail a request before it is queued (the caller gets the 4xx at once)."""
         if not prompt_token_ids:
             raise InvalidParameterError("the prompt is empty", field="prompt")
-        if any(not 0 <= t < self.runner.vocab_size for t in prompt_token_ids):
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.runner.vocab_size:
             raise InvalidParameterError(
                 f"prompt token ids must be in [0, {self.runner.vocab_size})", field="prompt"
             )
@@ -169,20 +206,25 @@ class LLMEngine:
         self,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        adapter_id: str | None = None,
+        adapter: ResolvedAdapter | str | None = None,
         tenant: str | None = None,
         *,
         seq_id: int | None = None,
         arrival: float | None = None,
     ) -> _Request:
+        """Queue one request. `adapter` is resolved already (what AsyncEngine passes) or an id, which is
+        resolved here, blocking (tests and benches drive the engine this way)."""
         self.validate(prompt_token_ids, params)
-        key = self.adapters.request(adapter_id, tenant) if adapter_id else None
+        if isinstance(adapter, str):
+            adapter = self.adapters.resolve(adapter, tenant)
+        key = self.adapters.request(adapter) if adapter is not None else None
         seq = Sequence(list(prompt_token_ids), params, adapter_key=key, generator=make_generator(params.seed))
         if seq_id is not None:
             seq.seq_id = seq_id
         if arrival is not None:  # the caller's submit time: waiting in the inbox counts toward TTFT
             seq.arrival = arrival
         request = _Request(seq, IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop))
+        request.adapter_ref = adapter
         self._requests[seq.seq_id] = request
         self.scheduler.add(seq)
         return request
@@ -199,9 +241,9 @@ class LLMEngine:
         """Hand finished loads to their waiting sequences; fail those whose adapter failed to load."""
         for seq in list(self.scheduler.waiting):
             request = self._requests[seq.seq_id]
-            if seq.adapter_key is None or request.adapter is not None:
+            if request.adapter_ref is None or request.adapter is not None:
                 continue
-            state = self.adapters.state(seq.adapter_key)
+            state = self.adapters.state(request.adapter_ref)
             if isinstance(state, ServingError):
                 self.metrics.requests.labels(finish_reason="error").inc()
                 request.send(state)
@@ -229,65 +271,50 @@ class LLMEngine:
         if not seqs:
             return 0
         requests = [self._requests[seq.seq_id] for seq in seqs]
-        adapters, owner = self._active_adapters(requests)
         drafts = [[] for _ in seqs] if is_prefill else [self.drafter.to_verify(r) for r in requests]
         if is_prefill:
-            step = self.runner.prefill_input(seqs, adapters, owner)
             self.metrics.prompt_tokens.inc(sum(len(s) for s in seqs))
-        else:
-            step = self.runner.decode_input(seqs, adapters, owner, drafts if any(drafts) else None)
-        logits = self.runner.forward(step).cpu()  # sampling (and its seeded generators) run on the CPU
-        emitted = self._choose_tokens(requests, logits, drafts)
+        ran, emitted, prefill_lengths = self.computer.compute(requests, drafts, is_prefill)
         now = time.monotonic()
         generated = 0
-        for request, tokens in zip(requests, emitted, strict=True):
-            for token, logprob in tokens:
-                generated += 1
-                if self._emit(request, token, logprob, now):
-                    break
-        live = [r if r.seq.seq_id in self._requests else None for r in requests]
-        self.drafter.propose(live, drafts, emitted, step.prefill_lengths)
+        for i, tokens in zip(ran, emitted, strict=True):
+            try:
+                for token, logprob in tokens:
+                    generated += 1
+                    if self._emit(requests[i], token, logprob, now):
+                        break
+            except Exception:  # e.g. the detokenizer on a token it cannot decode: this request only
+                log.exception("emitting a token of request %s failed", requests[i].seq.seq_id)
+                self.fail_requests([requests[i]], EngineError("the engine failed while generating; retry"))
+        live = [requests[i] if requests[i].seq.seq_id in self._requests else None for i in ran]
+        self.computer.propose(live, [drafts[i] for i in ran], emitted, prefill_lengths)
         self.metrics.record_step(generated)
         self._update_gauges()
         return generated
 
-    def _choose_tokens(
-        self, requests: list[_Request], logits: torch.Tensor, drafts: list[list[int]]
-    ) -> list[list[tuple[int, float]]]:
-        """Per request the (token, logprob) pairs this step emits: one sampled, or the verified drafts."""
-        starts = row_starts(drafts)
-        chosen: list[list[tuple[int, float]]] = [[] for _ in requests]
-        plain = [i for i, r in enumerate(requests) if not speculative.speculates(r.seq.params, r.adapter)]
-        if plain:
-            seqs = [requests[i].seq for i in plain]
-            histories: list[torch.Tensor | list[int]] = (
-                [torch.tensor(s.all_token_ids) for s in seqs] if _needs_history(seqs) else [[] for _ in seqs]
+    def fail_adapters(self, requests: list[_Request]) -> None:
+        """Fail the requests a failure was pinned on: every request of their adapters (which are refused
+        for a while, like a failed load), and those of the base model among them."""
+        base = [r for r in requests if r.seq.adapter_key is None]
+        if base:
+            self.fail_requests(base, EngineError("the engine failed while generating; retry the request"))
+        for key, ref in {r.seq.adapter_key: r.adapter_ref for r in requests if r.seq.adapter_key}.items():
+            name = ref.adapter_id if ref is not None else "of this request"
+            log.error("adapter %s (key %s) failed inside a step; refusing it for now", name, key)
+            error = AdapterLoadError(
+                f"adapter {name} failed while generating (its outputs were not finite or its weights do not "
+                "fit) and is not served for now",
+                field="adapter_id",
             )
-            rows = logits[torch.tensor([starts[i] for i in plain])]
-            tokens, logprobs = sample_next_tokens(
-                rows, [s.params for s in seqs], histories, [s.generator for s in seqs]
-            )
-            for i, token, logprob in zip(plain, tokens.tolist(), logprobs.tolist(), strict=True):
-                chosen[i] = [(token, logprob)]
-        for i in range(len(requests)):
-            if chosen[i]:
-                continue
-            chosen[i] = self.drafter.verify(requests[i], drafts[i], logits[starts[i] : starts[i + 1]])
-        return chosen
+            self.adapters.mark_failed(key, error)
+            self.fail_requests([r for r in self._requests.values() if r.seq.adapter_key == key], error)
 
-    def _active_adapters(self, requests: list[_Request]) -> tuple[list[AdapterWeights], list[int]]:
-        adapters: list[AdapterWeights] = []
-        position: dict[str, int] = {}
-        owner = []
+    def fail_requests(self, requests: list[_Request], error: ServingError) -> None:
         for request in requests:
-            if request.adapter is None:
-                owner.append(-1)
-                continue
-            if request.adapter.key not in position:
-                position[request.adapter.key] = len(adapters)
-                adapters.append(request.adapter)
-            owner.append(position[request.adapter.key])
-        return adapters, owner
+            if request.seq.seq_id in self._requests:
+                self.metrics.requests.labels(finish_reason="error").inc()
+                request.send(error)
+                self._forget(request)
 
     def _emit(self, request: _Request, token: int, logprob: float, now: float) -> bool:
         """Hands one token to the request; True if that finished it."""
@@ -365,7 +392,3 @@ class LLMEngine:
         for request in list(self._requests.values()):
             request.send(error)
             self._forget(request)
-
-
-def _needs_history(seqs: list[Sequence]) -> bool:
-    return any(s.params.repetition_penalty != 1.0 for s in seqs)

@@ -43,10 +43,17 @@ class EngineOverloadedError(ServingError):
 
 
 class EngineError(ServingError):
-    """A bug inside the engine failed the step this request was in; the server keeps running."""
+    """A bug inside the engine failed this request (never another's); the server keeps running.
+    Its message says so without the exception's text, which the server log has."""
 
     status_code = 500
 
 
 class ShuttingDownError(ServingError):
+    status_code = 503
+
+
+class AdapterSourceError(ServingError):
+    """The adapter store (database, blob store) cannot be reached for now; retry shortly."""
+
     status_code = 503

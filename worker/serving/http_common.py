@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -67,9 +68,14 @@ class RequestContext:
         return remaining if default is None else min(default, remaining)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, model: str | None) -> Generation:
-        stream = self.engine.generate(
-            prompt_ids, params, adapter_id=self.adapter_for(model), tenant=self.tenant
+        adapter_id = self.adapter_for(model)
+        # Resolving reads the database (a deleted version must stop being served): off the event loop.
+        adapter = (
+            await run_in_threadpool(self.engine.resolve_adapter, adapter_id, self.tenant)
+            if adapter_id
+            else None
         )
+        stream = self.engine.generate(prompt_ids, params, adapter)
         return await Generation.start(stream)  # closing the generator aborts the request
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
@@ -21,7 +22,21 @@ from worker.serving.http_common import (
     sse,
 )
 from worker.serving.outputs import FinishReason, TokenOutput
-from worker.serving.params import SamplingParams
+from worker.serving.params import (
+    MAX_CHOICES,
+    MAX_NAME_LENGTH,
+    MAX_PROMPT_CHARS,
+    MAX_PROMPT_TOKEN_IDS,
+    MAX_REPETITION_PENALTY,
+    MAX_STOP_LENGTH,
+    MAX_STOP_SEQUENCES,
+    MAX_TEMPERATURE,
+    MAX_TOKENS_LIMIT,
+    MAX_TOP_K,
+    MIN_REPETITION_PENALTY,
+    SEED_MAX,
+    SamplingParams,
+)
 
 router = APIRouter()
 
@@ -32,31 +47,36 @@ ADAPTER_SOURCES = (None, "hub", "local", "s3", "pbase")
 
 
 class Parameters(BaseModel):
-    """LoRAX's `parameters`; lorax-client sends every field, most of them null."""
+    """LoRAX's `parameters`; lorax-client sends every field, most of them null. Each is bounded here,
+    and NaN or infinite numbers (which Python's json accepts) are refused."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    adapter_id: str | None = None
-    adapter_source: str | None = None
+    adapter_id: str | None = Field(default=None, max_length=MAX_NAME_LENGTH)
+    adapter_source: str | None = Field(default=None, max_length=MAX_NAME_LENGTH)
     merged_adapters: dict[str, Any] | None = None
-    api_token: str | None = None
+    api_token: str | None = Field(default=None, max_length=MAX_NAME_LENGTH)
     do_sample: bool = False
-    max_new_tokens: int | None = Field(default=None, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     ignore_eos_token: bool = False
-    repetition_penalty: float | None = None
+    repetition_penalty: float | None = Field(
+        default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY
+    )
     return_full_text: bool = False
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = Field(default=None, ge=0)
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    truncate: int | None = Field(default=None, ge=1)
-    typical_p: float | None = None
-    best_of: int | None = None
+    stop: list[Annotated[str, Field(max_length=MAX_STOP_LENGTH)]] = Field(
+        default_factory=list, max_length=MAX_STOP_SEQUENCES
+    )
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
+    temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE)
+    top_k: int | None = Field(default=None, le=MAX_TOP_K)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    truncate: int | None = Field(default=None, ge=1, le=MAX_PROMPT_TOKEN_IDS)
+    typical_p: float | None = Field(default=None, gt=0, le=1)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     watermark: bool = False
     details: bool = False
     decoder_input_details: bool = False
-    return_k_alternatives: int | None = None
+    return_k_alternatives: int | None = Field(default=None, ge=0, le=MAX_CHOICES)
     response_format: dict[str, Any] | None = None
 
     def sampling(self, max_new_tokens: int) -> SamplingParams:
@@ -95,9 +115,9 @@ class Parameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    inputs: str = Field(min_length=1)
+    inputs: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     parameters: Parameters = Field(default_factory=Parameters)
     stream: bool = False
 
@@ -130,16 +150,21 @@ async def generate_or_stream(body: GenerateRequest, request: Request) -> Respons
 
 async def _start(body: GenerateRequest, request: Request) -> _Reply:
     ctx = RequestContext.of(request)
-    prompt_ids = list(ctx.engine.tokenizer(body.inputs)["input_ids"])
     parameters = body.parameters
-    if parameters.truncate is not None:
-        prompt_ids = prompt_ids[-parameters.truncate :]
+    # Tokenizing is CPU work: on the event loop it would stall every other request's stream.
+    prompt_ids = await run_in_threadpool(_prompt_ids, ctx, body.inputs, parameters.truncate)
     budget = ctx.max_tokens(
         len(prompt_ids), parameters.max_new_tokens, DEFAULT_MAX_NEW_TOKENS, "max_new_tokens"
     )
     params = parameters.sampling(budget)
     generation = await ctx.generate(prompt_ids, params, parameters.adapter_id)
     return _Reply(ctx, body, prompt_ids, params, generation)
+
+
+def _prompt_ids(ctx: RequestContext, inputs: str, truncate: int | None) -> list[int]:
+    """The prompt's token ids, keeping only the last `truncate` when asked (LoRAX's truncation side)."""
+    prompt_ids = list(ctx.engine.tokenizer(inputs)["input_ids"])
+    return prompt_ids[-truncate:] if truncate is not None else prompt_ids
 
 
 # --- responses ------------------------------------------------------------------------------------
@@ -163,8 +188,10 @@ class _Reply:
         outputs = await self.generation.collect(request)
         reply: dict[str, Any] = {"generated_text": self._full_text(completion_text(outputs))}
         if self.body.parameters.details:
+            # Decoding every prompt token is tokenizer work: off the event loop, like tokenizing.
+            wanted = self.body.parameters.decoder_input_details
             reply["details"] = self._details(outputs) | {
-                "prefill": self._prefill() if self.body.parameters.decoder_input_details else [],
+                "prefill": await run_in_threadpool(self._prefill) if wanted else [],
                 "tokens": [_token(output) for output in outputs],
                 "best_of_sequences": None,
             }

@@ -151,6 +151,7 @@ class ModelRunner:
             )
         self.cache = KVCache(shape, num_blocks, self.device)
         self.stacker = LoraStacker()
+        self.module_shapes = _module_shapes(self.layers[0], self.qkv_slices, self.gate_up_slices)
 
     # --- building step inputs ----------------------------------------------------------------------
 
@@ -247,7 +248,7 @@ class ModelRunner:
         """Next-token logits `[B, V]` (float32) for each sequence of the step."""
         if self._small_step_one_thread:
             self._pick_threads(step.input_ids.shape[0])
-        lora = LoraBatch(self.stacker.stacks(step.adapters), step.token_adapter, self.dtype)
+        lora = LoraBatch(self.stacker.stacks(step.adapters), step.token_adapter)
         cos = self.cos.index_select(0, step.positions)[:, None, :]  # [T, 1, hd]
         sin = self.sin.index_select(0, step.positions)[:, None, :]
         hidden = F.embedding(step.input_ids, self.embed)  # [T, D]
@@ -347,6 +348,25 @@ class ModelRunner:
         assert step.query_valid is not None
         grid = out.transpose(1, 2).reshape(-1, q.shape[1] * q.shape[2])  # [B * Q, H * hd]
         return grid.index_select(0, step.query_valid)
+
+
+def _module_shapes(
+    layer: LayerWeights, qkv: dict[str, slice], gate_up: dict[str, slice]
+) -> dict[str, tuple[int, int]]:
+    """`module -> (in_features, out_features)` of the fused weights the runner multiplies by: the shapes a
+    LoRA's A `[r, in]` and B `[out, r]` must fit, read from the weights rather than the config."""
+
+    def rows(weight: torch.Tensor, part: slice) -> int:
+        return len(range(*part.indices(weight.shape[0])))
+
+    shapes = {name: (layer.qkv.weight.shape[1], rows(layer.qkv.weight, part)) for name, part in qkv.items()}
+    shapes |= {
+        name: (layer.gate_up.weight.shape[1], rows(layer.gate_up.weight, part))
+        for name, part in gate_up.items()
+    }
+    shapes["o_proj"] = (layer.o.weight.shape[1], layer.o.weight.shape[0])
+    shapes["down_proj"] = (layer.down.weight.shape[1], layer.down.weight.shape[0])
+    return {name: (int(inp), int(out)) for name, (inp, out) in shapes.items()}
 
 
 def resolve_device(device: str) -> torch.device:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -24,7 +24,27 @@ from worker.serving.http_common import (
     sse,
 )
 from worker.serving.outputs import FinishReason, SpeculationStats, TokenOutput
-from worker.serving.params import SamplingParams
+from worker.serving.params import (
+    MAX_ABS_PENALTY,
+    MAX_CHOICES,
+    MAX_CONTENT_PARTS,
+    MAX_LOGPROBS,
+    MAX_MESSAGES,
+    MAX_NAME_LENGTH,
+    MAX_PROMPT_CHARS,
+    MAX_PROMPT_TOKEN_IDS,
+    MAX_REPETITION_PENALTY,
+    MAX_STOP_LENGTH,
+    MAX_STOP_SEQUENCES,
+    MAX_TEMPERATURE,
+    MAX_TOKEN_ID,
+    MAX_TOKENS_LIMIT,
+    MAX_TOP_K,
+    MIN_REPETITION_PENALTY,
+    SEED_MAX,
+    SEED_MIN,
+    SamplingParams,
+)
 
 router = APIRouter(prefix="/v1")
 
@@ -32,7 +52,19 @@ router = APIRouter(prefix="/v1")
 DEFAULT_COMPLETION_TOKENS = 16
 
 
+# Every field is bounded where it is parsed; NaN and infinities (which Python's json accepts) are refused.
+_BOUNDED = ConfigDict(extra="ignore", allow_inf_nan=False)
+Tokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKEN_IDS)]
+PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+Penalty = Annotated[float, Field(ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)]
+
+
 class StreamOptions(BaseModel):
+    model_config = _BOUNDED
+
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
@@ -40,25 +72,27 @@ class StreamOptions(BaseModel):
 class _GenerationRequest(BaseModel):
     """Fields both endpoints take. Unknown fields are ignored, as vLLM does; unsupported ones refused."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _BOUNDED
 
-    model: str = ""
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    model: str = Field(default="", max_length=MAX_NAME_LENGTH)
+    max_tokens: Tokens | None = None
+    temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: Annotated[dict[str, Penalty], Field(max_length=MAX_CHOICES)] | None = None
     # vLLM's extras
-    top_k: int | None = None
-    repetition_penalty: float | None = None
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
+    repetition_penalty: float | None = Field(
+        default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY
+    )
     ignore_eos: bool = False
-    min_tokens: int | None = None
+    min_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS_LIMIT)
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         self._refuse_unsupported()
@@ -88,11 +122,16 @@ class _GenerationRequest(BaseModel):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = None
+    prompt: (
+        PromptText
+        | Annotated[list[PromptText], Field(max_length=MAX_CHOICES)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(max_length=MAX_CHOICES)]
+    )
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    suffix: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
 
     def _refuse_unsupported(self) -> None:
         super()._refuse_unsupported()
@@ -103,18 +142,18 @@ class CompletionRequest(_GenerationRequest):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: str = Field(max_length=MAX_NAME_LENGTH)
+    content: PromptText | Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)] | None = None
 
 
 class ChatCompletionRequest(_GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: Tokens | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_CHOICES)] | None = None
     response_format: dict[str, Any] | None = None
 
     def _refuse_unsupported(self) -> None:
@@ -139,7 +178,7 @@ def _refuse(condition: bool, field: str, message: str) -> None:
 @router.post("/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
     ctx = RequestContext.of(request)
-    prompt_ids = _prompt_ids(ctx, body.prompt)
+    prompt_ids = await run_in_threadpool(_prompt_ids, ctx, body.prompt)  # tokenizing is CPU work
     budget = ctx.max_tokens(len(prompt_ids), body.max_tokens, DEFAULT_COMPLETION_TOKENS, "max_tokens")
     params = body.sampling(budget)
     generation = await ctx.generate(prompt_ids, params, body.model)
@@ -215,6 +254,12 @@ def _prompt_ids(ctx: RequestContext, prompt: str | list[str] | list[int] | list[
 def _chat_prompt_ids(ctx: RequestContext, messages: list[ChatMessage]) -> list[int]:
     """The base model's chat template over the messages, ending in the assistant's turn."""
     conversation = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(messages)]
+    characters = sum(len(turn["content"]) for turn in conversation)
+    _refuse(
+        characters > MAX_PROMPT_CHARS,
+        "messages",
+        f"hold {characters} characters; at most {MAX_PROMPT_CHARS} are accepted",
+    )
     tokenizer = ctx.engine.tokenizer
     _refuse(tokenizer.chat_template is None, "messages", f"{ctx.engine.model_name} has no chat template")
     try:

@@ -1,14 +1,49 @@
-"""Per-request sampling parameters, validated once at the edge so the engine loop never sees bad values."""
+"""Per-request sampling parameters and the bounds of every request field, checked once at the edge so the
+engine loop never sees a bad value.
+
+The HTTP schemas (openai_routes.py, lorax_routes.py) bound their fields with these constants where the
+body is parsed; `SamplingParams` checks them again, so that no caller (a test, a bench, a future route)
+can hand the engine thread a value it would choke on.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from worker.serving.errors import InvalidParameterError
 
+# torch.Generator seeds are 64-bit; vLLM bounds them by torch.iinfo(torch.long) too.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# Above any model's context (the real limit, checked once the prompt is tokenized).
+MAX_TOKENS_LIMIT = 1 << 20
+# Above any vocabulary; the sampler clamps a larger top_k to the vocabulary.
+MAX_TOP_K = 1 << 20
+# logits / T must stay finite: far above any useful value (OpenAI caps at 2), and below it, temperatures
+# under GREEDY_TEMPERATURE sample greedily (vLLM's rule) because 1/T would overflow float32.
+MAX_TEMPERATURE = 100.0
+GREEDY_TEMPERATURE = 1e-5
+# CTRL-style penalties divide or multiply logits: these keep them finite.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+# OpenAI's range for presence / frequency penalties (refused anyway unless 0).
+MAX_ABS_PENALTY = 2.0
 # Stop strings longer than this would make every streamed token wait for the hold-back window.
 MAX_STOP_LENGTH = 256
 MAX_STOP_SEQUENCES = 8
+# A prompt is bounded before it is tokenized (characters) and after (the model's context); a prompt
+# of token ids by its length. Both are far above any context served here.
+MAX_PROMPT_CHARS = 1 << 20
+MAX_PROMPT_TOKEN_IDS = 1 << 17
+MAX_TOKEN_ID = 2**31 - 1
+MAX_MESSAGES = 1024
+MAX_CONTENT_PARTS = 256
+# Counts a request may ask for that are refused unless 1 (n, best_of) or unsupported (logprobs).
+MAX_CHOICES = 128
+MAX_LOGPROBS = 20
+# Names (models, adapter ids, roles) and other short strings.
+MAX_NAME_LENGTH = 256
+# The whole request body; a bigger one is answered 413 before it is parsed.
+DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -26,11 +61,25 @@ class SamplingParams:
     do_sample: bool = True  # LoRAX's switch; False forces greedy whatever the temperature
 
     def __post_init__(self) -> None:
-        _check(self.max_tokens >= 1, "max_tokens", "must be at least 1")
-        _check(self.temperature >= 0, "temperature", "must be >= 0 (0 means greedy)")
-        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        _check(self.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)")
-        _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1.0 turns it off)")
+        _check(1 <= self.max_tokens <= MAX_TOKENS_LIMIT, "max_tokens", f"must be in 1..{MAX_TOKENS_LIMIT}")
+        _check(
+            _finite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
+            "temperature",
+            f"must be in [0, {MAX_TEMPERATURE:g}] (0 means greedy)",
+        )
+        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _check(0 <= self.top_k <= MAX_TOP_K, "top_k", f"must be in 0..{MAX_TOP_K} (0 turns it off)")
+        _check(
+            _finite(self.repetition_penalty)
+            and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+            "repetition_penalty",
+            f"must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1.0 turns it off)",
+        )
+        _check(
+            self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+            "seed",
+            f"must be a 64-bit integer ({SEED_MIN}..{SEED_MAX})",
+        )
         _check(len(self.stop) <= MAX_STOP_SEQUENCES, "stop", f"at most {MAX_STOP_SEQUENCES} sequences")
         for s in self.stop:
             _check(
@@ -39,7 +88,11 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
+        return not self.do_sample or self.temperature < GREEDY_TEMPERATURE
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def _check(ok: bool, field: str, message: str) -> None:

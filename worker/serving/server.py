@@ -11,10 +11,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.serving import lorax_routes, openai_routes
 from worker.serving.errors import ServingError
 from worker.serving.http_common import error_body, error_code, is_openai_path
+from worker.serving.params import DEFAULT_MAX_BODY_BYTES
 from worker.serving.tenant_auth import TenantAuth, TenantAuthMiddleware
 
 if TYPE_CHECKING:
@@ -23,9 +25,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def build_app(engine: AsyncEngine, *, tenants: TenantAuth) -> FastAPI:
+def build_app(
+    engine: AsyncEngine, *, tenants: TenantAuth, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> FastAPI:
     """The app over a started engine; `tenants` says who a request is from: `SignedTenants` verifies
-    the control plane's assertion, `TrustedTenant` (tests, benchmarks) trusts one fixed tenant."""
+    the control plane's assertion, `TrustedTenant` (tests, benchmarks) trusts one fixed tenant.
+    A request body over `max_body_bytes` is answered 413 before it is parsed (or its signature read)."""
     app = FastAPI(title=f"tuneforge serving: {engine.model_name}", docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.add_middleware(TenantAuthMiddleware, auth=tenants)
@@ -37,7 +42,61 @@ def build_app(engine: AsyncEngine, *, tenants: TenantAuth) -> FastAPI:
     app.add_exception_handler(ServingError, _serving_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
+    # Added last, so outermost: no body over the limit is buffered, not even to check its signature.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     return app
+
+
+class BodyLimit:
+    """Reads the request body up to `max_bytes` before the app sees it; a larger one is a 413 at once.
+
+    The declared Content-Length is checked first; a chunked body is counted as it arrives. The app then
+    gets the body in one message, and later `receive()` calls (disconnect detection) go to the client.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            await self._refuse(scope, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before its request was whole: nothing to answer
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        message = f"the request body is over {self.max_bytes} bytes; send a shorter prompt"
+        body = error_body(scope["path"], 413, message, None, "request_too_large")
+        await JSONResponse(body, status_code=413)(scope, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
 
 
 async def health(request: Request) -> Response:
@@ -84,7 +143,7 @@ def _field_path(location: tuple[Any, ...]) -> str | None:
     for part in location[1:] if location[:1] == ("body",) else location:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in _TYPE_TAGS or "[" in str(part) or str(part).startswith("function-"):
+        elif part in _TYPE_TAGS or "[" in str(part) or str(part).startswith(("function-", "constrained-")):
             break
         else:
             path += f".{part}" if path else str(part)
@@ -93,5 +152,5 @@ def _field_path(location: tuple[Any, ...]) -> str | None:
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("request %s %s failed", request.method, request.url.path, exc_info=exc)
-    message = f"internal error ({type(exc).__name__}); the request was not completed"
+    message = "internal error; the request was not completed (the server log has details)"
     return JSONResponse(error_body(request.url.path, 500, message, None, "internal_error"), status_code=500)

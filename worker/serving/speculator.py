@@ -31,6 +31,7 @@ random stream is consumed differently); the distribution is the same.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -55,10 +56,15 @@ class LMHead(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
+log = logging.getLogger(__name__)
+
 SPECULATOR_WEIGHTS = "speculator.safetensors"
 SPECULATOR_CONFIG = "speculator_config.json"
 SUPPORTED_ARCHITECTURE = "medusa_residual_silu"
 DRAFT_VOCAB_KEY = "draft_vocab"
+# Far above any trained depth (Medusa uses 3-5 heads); a config past it is not a speculator.
+MAX_DRAFT_HEADS = 64
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass
@@ -87,25 +93,42 @@ class Speculator:
 
     @classmethod
     def load(
-        cls, directory: Path, *, hidden_size: int, device: torch.device, dtype: torch.dtype
+        cls,
+        directory: Path,
+        *,
+        hidden_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        vocab_size: int | None = None,
     ) -> Speculator:
         config, state = read_speculator_files(directory)
         if config.get("architecture") != SUPPORTED_ARCHITECTURE or config.get("hidden_size") != hidden_size:
             raise AdapterLoadError(
-                f"speculator {config.get('architecture')!r} of hidden size {config.get('hidden_size')} "
-                f"does not fit this engine ({SUPPORTED_ARCHITECTURE}, hidden size {hidden_size})"
+                f"speculator {str(config.get('architecture'))[:80]!r} of hidden size "
+                f"{str(config.get('hidden_size'))[:20]} does not fit this engine "
+                f"({SUPPORTED_ARCHITECTURE}, hidden size {hidden_size})"
             )
-        heads = int(config["num_heads"])
-        try:
-            weight = torch.stack([state[f"heads.{k}.linear.weight"] for k in range(heads)])
-            bias = torch.stack([state[f"heads.{k}.linear.bias"] for k in range(heads)])
-        except KeyError as exc:
-            raise AdapterLoadError(f"speculator.safetensors lacks {exc}") from exc
-        vocab = state.get(DRAFT_VOCAB_KEY)
+        heads = config.get("num_heads")
+        if isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= MAX_DRAFT_HEADS:
+            raise AdapterLoadError(f"speculator_config.json: num_heads must be in 1..{MAX_DRAFT_HEADS}")
+        expected = {"weight": (hidden_size, hidden_size), "bias": (hidden_size,)}
+        stacked = {}
+        for part, shape in expected.items():
+            tensors = [state.get(f"heads.{k}.linear.{part}") for k in range(heads)]
+            for k, tensor in enumerate(tensors):
+                if tensor is None or tuple(tensor.shape) != shape:
+                    found = "missing" if tensor is None else f"{tuple(tensor.shape)}"
+                    raise AdapterLoadError(
+                        f"speculator.safetensors: heads.{k}.linear.{part} is {found}, not {shape}"
+                    )
+            stacked[part] = check_finite(
+                torch.stack(tensors).to(device=device, dtype=dtype),
+                f"speculator heads' {part}",
+            )
         return cls(
-            weight.to(device=device, dtype=dtype),
-            bias.to(device=device, dtype=dtype),
-            draft_vocab=vocab.to(device=device, dtype=torch.long) if vocab is not None else None,
+            stacked["weight"],
+            stacked["bias"],
+            draft_vocab=draft_vocab(state.get(DRAFT_VOCAB_KEY), vocab_size, device),
         )
 
     def head_logits(self, hidden: torch.Tensor, lm_head: LMHead, depth: int) -> torch.Tensor:
@@ -183,13 +206,37 @@ def accept_sampled(
 def read_speculator_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """speculator_config.json and speculator.safetensors of either kind; unreadable ones refuse the load."""
     try:
+        if (directory / SPECULATOR_CONFIG).stat().st_size > MAX_CONFIG_BYTES:
+            raise AdapterLoadError(f"speculator_config.json is over {MAX_CONFIG_BYTES} bytes")
         config = json.loads((directory / SPECULATOR_CONFIG).read_text())
         state = load_file(directory / SPECULATOR_WEIGHTS)
-    except (OSError, ValueError) as exc:
-        raise AdapterLoadError(f"the speculator files cannot be read ({exc})") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        log.warning("speculator files in %s cannot be read: %s", directory, exc)
+        raise AdapterLoadError("the speculator files cannot be read (not JSON / safetensors)") from None
     if not isinstance(config, dict):
         raise AdapterLoadError("speculator_config.json is not a JSON object")
     return config, state
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """The tensor, if every value is finite in the dtype it is served in; else the load is refused."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise AdapterLoadError(f"{what} hold NaN or infinite values")
+    return tensor
+
+
+def draft_vocab(
+    ids: torch.Tensor | None, vocab_size: int | None, device: torch.device
+) -> torch.Tensor | None:
+    """A speculator's draft vocabulary `[Vd]` (ascending token ids), checked to index the LM head."""
+    if ids is None:
+        return None
+    if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise AdapterLoadError(f"speculator.safetensors: {DRAFT_VOCAB_KEY} must be a 1-d list of token ids")
+    limit = vocab_size if vocab_size is not None else torch.iinfo(torch.long).max
+    if int(ids.min()) < 0 or int(ids.max()) >= limit:
+        raise AdapterLoadError(f"speculator.safetensors: {DRAFT_VOCAB_KEY} holds ids outside [0, {limit})")
+    return ids.to(device=device, dtype=torch.long)
 
 
 def has_speculator(directory: Path) -> bool:

@@ -34,6 +34,11 @@ from worker.training.attention import register_varlen_attention
 from worker.training.runtime import Runtime, TrainingConfigError
 from worker.training.speculator import SPECULATOR_WEIGHTS, MedusaHeads, SpeculatorConfig, SpeculatorFiles
 
+
+class NonFiniteWeightsError(ValueError):
+    """Training left NaN or infinite values in the weights: nothing is saved, checkpointed or published."""
+
+
 # How many final transformer blocks `last_layer` trains (with the final norm and the LM head).
 LAST_LAYER_BLOCKS = 1
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -101,10 +106,22 @@ class TrainableModel:
     def save(self, directory: Path) -> None:
         """The publishable artifact: a PEFT adapter, or a whole model for full / last-layer tuning;
         plus the speculator files for turbo types (turbo: those and a parent LoRA's files, unchanged).
+        NonFiniteWeightsError, and nothing written, if a trained weight holds NaN or an infinity.
         """
+        self.check_finite()
         self._save_model(directory)
         if self.speculator is not None:
             self.speculator.save(directory)
+
+    @torch.no_grad()
+    def check_finite(self) -> None:
+        """Weights that went NaN or infinite would only ever produce NaN: refuse to keep them."""
+        for name, param in self.named_trainable():
+            if not bool(torch.isfinite(param).all()):
+                raise NonFiniteWeightsError(
+                    f"training produced NaN or infinite weights ({name}), so nothing was published; "
+                    "lower the learning_rate, or continue from a version whose weights are finite"
+                )
 
     def _save_model(self, directory: Path) -> None:
         if self.config.adapter == "turbo":

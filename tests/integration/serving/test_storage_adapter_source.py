@@ -86,6 +86,11 @@ def _source(tenant: TenantClient, tmp_path: Path, base_model: str = TINY) -> Sto
     return StorageAdapterSource(tenant.ctx, tmp_path / "cache", tenant.name, base_model=base_model)
 
 
+def _fetch(source: StorageAdapterSource, adapter_id: str, tenant: str | None) -> Path:
+    """What the engine does: resolve the id (per request), then fetch what it resolved to (at load)."""
+    return source.fetch(source.resolve(adapter_id, tenant))
+
+
 def _adapter(tmp_path: Path, name: str = "adapter", base_model: str = TINY) -> Path:
     return write_peft_adapter(tmp_path / name, base_model)
 
@@ -108,14 +113,14 @@ def test_an_uploaded_version_is_fetched_verified_and_cached(tenant: TenantClient
     tenant.upload_adapter("mine", directory)
     source = _source(tenant, tmp_path)
 
-    fetched = source.fetch("mine/1", None)  # None: the source's default tenant
+    fetched = _fetch(source, "mine/1", None)  # None: the source's default tenant
     assert sorted(p.name for p in fetched.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     for path in fetched.iterdir():
         assert path.read_bytes() == (directory / path.name).read_bytes()
     assert fetched == tmp_path / "cache" / _version(tenant, "mine", 1).uuid
     # Cached: a second fetch reads nothing from storage, even once the blobs are gone.
     tenant.ctx.store.delete_prefix(_version(tenant, "mine", 1).artifact_prefix or "")
-    assert source.fetch("mine/1", tenant.name) == fetched
+    assert _fetch(source, "mine/1", tenant.name) == fetched
     assert source.list_available(tenant.name) == ["mine/1"]
 
 
@@ -125,10 +130,10 @@ def test_another_tenants_or_an_unknown_adapter_is_not_found(
     tenant.upload_adapter("mine", _adapter(tmp_path))
     other = new_tenant()
     with pytest.raises(AdapterNotFoundError, match="mine/1 not found"):
-        _source(tenant, tmp_path).fetch("mine/1", other.name)
+        _fetch(_source(tenant, tmp_path), "mine/1", other.name)
     for unknown in ("mine/2", "theirs/1", "mine", "mine/1@3"):
         with pytest.raises(AdapterNotFoundError):
-            _source(tenant, tmp_path).fetch(unknown, tenant.name)
+            _fetch(_source(tenant, tmp_path), unknown, tenant.name)
     assert _source(tenant, tmp_path).list_available(other.name) == []
 
 
@@ -139,7 +144,7 @@ def test_an_adapter_of_another_base_model_is_a_load_error_naming_both(
     with pytest.raises(
         AdapterLoadError, match=r"trained on 'smollm2-135m'; this deployment serves 'tiny-random-llama'"
     ):
-        _source(tenant, tmp_path).fetch("smol/1", tenant.name)
+        _fetch(_source(tenant, tmp_path), "smol/1", tenant.name)
     assert _source(tenant, tmp_path).list_available(tenant.name) == []
     assert _source(tenant, tmp_path, base_model="smollm2-135m").list_available(tenant.name) == ["smol/1"]
 
@@ -151,7 +156,7 @@ def test_corrupted_blobs_and_pickle_only_versions_are_load_errors(
     version = _version(tenant, "mine", 1)
     tenant.ctx.store.put_stream(f"{version.artifact_prefix}adapter_model.safetensors", [b"not the weights"])
     with pytest.raises(AdapterLoadError, match="cannot read its files"):
-        _source(tenant, tmp_path).fetch("mine/1", tenant.name)
+        _fetch(_source(tenant, tmp_path), "mine/1", tenant.name)
     assert not (tmp_path / "cache" / version.uuid).exists()  # nothing half-written is left to serve
 
     with transaction(tenant.ctx.sessions) as session:
@@ -161,7 +166,7 @@ def test_corrupted_blobs_and_pickle_only_versions_are_load_errors(
         files["adapter_model.bin"] = files.pop("adapter_model.safetensors")
         row.artifact_files = files
     with pytest.raises(AdapterLoadError, match=r"only pickled weights \(adapter_model.bin\)"):
-        _source(tenant, tmp_path).fetch("mine/1", tenant.name)
+        _fetch(_source(tenant, tmp_path), "mine/1", tenant.name)
 
 
 def test_a_turbo_versions_speculator_heads_are_fetched_with_its_adapter(
@@ -182,7 +187,7 @@ def test_a_turbo_versions_speculator_heads_are_fetched_with_its_adapter(
         stored = upload_dir(tenant.ctx.store, heads, row.artifact_prefix or "")
         row.artifact_files = {**row.artifact_files, **stored}
 
-    fetched = _source(tenant, tmp_path).fetch("turbo/1", tenant.name)
+    fetched = _fetch(_source(tenant, tmp_path), "turbo/1", tenant.name)
     assert sorted(p.name for p in fetched.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -229,11 +234,11 @@ def test_a_checkpoint_is_served_by_step_without_its_trainer_state(
     _job_with_checkpoints(tenant, directory, [10, 20])
     source = _source(tenant, tmp_path)
     with pytest.raises(AdapterLoadError, match="numbers/1 is training, not completed"):
-        source.fetch("numbers/1", tenant.name)
+        _fetch(source, "numbers/1", tenant.name)
     with pytest.raises(AdapterNotFoundError, match="stored checkpoint steps are 10, 20"):
-        source.fetch("numbers/1@15", tenant.name)
+        _fetch(source, "numbers/1@15", tenant.name)
 
-    fetched = source.fetch("numbers/1@20", tenant.name)
+    fetched = _fetch(source, "numbers/1@20", tenant.name)
     assert fetched == tmp_path / "cache" / _version(tenant, "numbers", 1).uuid / "step-20"
     assert sorted(p.name for p in fetched.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert source.list_available(tenant.name) == []  # only completed versions are listed
@@ -300,3 +305,53 @@ def test_turbo_heads_without_a_lora_are_served_and_pickles_never() -> None:
         _adapter_files("r/3", heads | {"adapter_config.json": meta, "adapter_model.bin": meta})
     with pytest.raises(AdapterLoadError, match="no adapter weights"):
         _adapter_files("r/4", {"speculator_config.json": meta})
+
+
+def test_an_id_resolves_to_its_versions_uuid_and_stops_resolving_once_archived_or_deleted(
+    tenant: TenantClient, tmp_path: Path
+) -> None:
+    tenant.upload_adapter("mine", _adapter(tmp_path))
+    source = _source(tenant, tmp_path)
+    first = source.resolve("mine/1", tenant.name)
+    assert first.key == _version(tenant, "mine", 1).uuid and first.adapter_id == "mine/1"
+
+    assert tenant.client.put("/v2/repos/mine/version/1", json={"archived": True}).status_code == 200
+    with pytest.raises(AdapterNotFoundError, match="archived"):
+        source.resolve("mine/1", tenant.name)
+    assert source.list_available(tenant.name) == []
+    assert tenant.client.put("/v2/repos/mine/version/1", json={"archived": False}).status_code == 200
+    assert source.resolve("mine/1", tenant.name).key == first.key
+
+    assert tenant.client.delete("/v2/repos/mine").status_code in (200, 204)
+    with pytest.raises(AdapterNotFoundError):
+        source.resolve("mine/1", tenant.name)
+    tenant.upload_adapter("mine", _adapter(tmp_path, "again"))  # a new repo of the same name: mine/1 again
+    again = source.resolve("mine/1", tenant.name)
+    assert again.key != first.key and again.key == _version(tenant, "mine", 1).uuid
+    assert source.fetch(again) == tmp_path / "cache" / again.key
+
+
+def test_the_engine_resolves_ids_again_after_a_couple_of_seconds_at_most(
+    tenant: TenantClient, tmp_path: Path, shared_model_cache: Path
+) -> None:
+    from worker.serving.engine import EngineConfig, LLMEngine
+
+    tenant.upload_adapter("mine", _adapter(tmp_path))
+    config = EngineConfig(
+        model_path=shared_model_cache / TINY,
+        model_name=TINY,
+        kv_cache_bytes=1 << 24,
+        adapter_resolve_ttl_s=0.3,
+    )
+    cache = LLMEngine(config, _source(tenant, tmp_path)).adapters
+    remembered = cache.resolve("mine/1", tenant.name)
+    assert tenant.client.delete("/v2/repos/mine/version/1").status_code in (200, 204)
+    assert cache.resolve("mine/1", tenant.name) == remembered  # within the TTL: no database read
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            cache.resolve("mine/1", tenant.name)
+        except AdapterNotFoundError:
+            break
+        assert time.monotonic() < deadline, "a deleted version still resolves"
+        time.sleep(0.05)

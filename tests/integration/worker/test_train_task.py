@@ -300,3 +300,39 @@ def test_truncated_rows_are_kept_and_reported_as_a_job_event(ctx: AppContext, ce
     [event] = events
     assert event.data["count"] == len(event.data["rows"]) > 0
     assert "longer than max_seq_length (8) and were truncated (kept)" in event.message
+
+
+def _poison_adapter(ctx: AppContext, version_id: int) -> None:
+    """One NaN in the stored lora_B of a completed version, recorded with its new sha256 (as an upload of
+    such a file would be)."""
+    from safetensors.torch import load, save
+
+    with transaction(ctx.sessions) as session:
+        version = session.get(AdapterVersion, version_id)
+        assert version is not None and version.artifact_prefix is not None
+        key = f"{version.artifact_prefix}adapter_model.safetensors"
+        weights = load(b"".join(ctx.store.iter_chunks(key)))
+        weights[next(k for k in sorted(weights) if "lora_B" in k)][0, 0] = float("nan")
+        info = ctx.store.put_stream(key, [save(weights)])
+        files = dict(version.artifact_files)
+        files["adapter_model.safetensors"] = {"size": info.size, "sha256": info.sha256}
+        version.artifact_files = files
+
+
+def test_a_run_whose_weights_turn_non_finite_errors_and_publishes_nothing(
+    ctx: AppContext, celery: Celery
+) -> None:
+    parent = _run_to_completion(ctx, celery, _queued_job(ctx, dtype="fp32"))
+    _poison_adapter(ctx, parent.version_id)
+    child_id = _child_job(ctx, parent.id, train_steps=2)
+
+    celery.send_task(TRAIN_TASK, args=[child_id])
+    job = _wait_until_final(ctx, child_id)
+
+    assert job.status == JobStatus.ERRORED
+    assert job.error is not None and "NaN or infinite weights" in job.error
+    with ctx.sessions() as session:
+        version = session.get(AdapterVersion, job.version_id)
+        assert version is not None and version.status == JobStatus.ERRORED
+        assert not version.artifact_files and version.artifact_prefix is None
+        assert session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == child_id)).all() == []

@@ -60,8 +60,8 @@ def run_until_done(engine: LLMEngine, collected: list[Collected], timeout_s: flo
     so the batches are the same every run: a request whose adapter loads a step late would join later,
     and how many drafts the others get, and whether they speculate at all, would change with it."""
     deadline = time.monotonic() + timeout_s
-    keys = {c.request.seq.adapter_key for c in collected} - {None}
-    while not all(engine.adapters.state(key) is not None for key in keys if key is not None):
+    adapters = [c.request.adapter_ref for c in collected if c.request.adapter_ref is not None]
+    while not all(engine.adapters.state(adapter) is not None for adapter in adapters):
         assert time.monotonic() < deadline, "the adapters did not load"
         time.sleep(0.002)
     while time.monotonic() < deadline:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from engine_support import Collected, make_engine, run_until_done
 
-from worker.serving.adapters import LocalDirectorySource
+from worker.serving.adapters import LocalDirectorySource, ResolvedAdapter
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError, PromptTooLongError
 from worker.serving.kv_cache import BLOCK_SIZE, CacheShape
 from worker.serving.outputs import FinishReason
@@ -72,10 +72,10 @@ def test_unknown_and_broken_adapters_fail_alone_while_the_batch_completes(
         (broken / "acme" / src.name).symlink_to(src)
     engine = make_engine(tiny_model_dir, broken)
     good = [Collected(engine, PROMPT, GREEDY, "acme/1"), Collected(engine, PROMPT, GREEDY, None)]
-    unknown = Collected(engine, PROMPT, GREEDY, "nope/7")
+    with pytest.raises(AdapterNotFoundError):  # resolved before the request is queued
+        Collected(engine, PROMPT, GREEDY, "nope/7")
     pickle_only = Collected(engine, PROMPT, GREEDY, "bad/1")
-    run_until_done(engine, [*good, unknown, pickle_only])
-    assert isinstance(unknown.error, AdapterNotFoundError)
+    run_until_done(engine, [*good, pickle_only])
     assert isinstance(pickle_only.error, AdapterLoadError)
     assert "safetensors" in pickle_only.error.message
     assert [len(r.token_ids) for r in good] == [20, 20]
@@ -151,9 +151,9 @@ class _SlowSource(LocalDirectorySource):
         super().__init__(root)
         self.release = threading.Event()
 
-    def fetch(self, adapter_id: str, tenant: str | None) -> Path:
+    def fetch(self, adapter: ResolvedAdapter) -> Path:
         self.release.wait(timeout=30)
-        return super().fetch(adapter_id, tenant)
+        return super().fetch(adapter)
 
 
 def test_a_loading_adapter_does_not_stall_the_running_batch(tiny_model_dir: Path, adapter_root: Path) -> None:

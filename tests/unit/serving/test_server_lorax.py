@@ -202,3 +202,26 @@ def test_a_turbo_adapters_details_report_acceptance(server: LiveServingServer, a
     plain = httpx.post(f"{server.url}/generate", json=body | {"parameters": body["parameters"] | {
         "adapter_id": "acme/1"}}, timeout=60).json()["details"]  # fmt: skip
     assert "speculation" not in plain
+
+
+@pytest.mark.parametrize(
+    ("field", "raw"),
+    [
+        ("seed", "18446744073709551616"),
+        ("temperature", "NaN"),
+        ("top_p", "Infinity"),
+        ("max_new_tokens", "1e30"),
+        ("repetition_penalty", "0"),
+        ("truncate", "1e12"),
+        ("stop", json.dumps(["s"] * 9)),
+    ],
+)
+def test_a_parameter_out_of_range_or_not_finite_is_422_naming_it(
+    server: LiveServingServer, field: str, raw: str
+) -> None:
+    body = f'{{"inputs": "hello", "parameters": {{"max_new_tokens": 2, "{field}": {raw}}}}}'
+    response = httpx.post(
+        f"{server.url}/generate", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error_type"] == "validation" and field in response.json()["error"]

@@ -14,6 +14,8 @@ from openai.types.chat import ChatCompletionMessageParam
 from server_support import TINY, LiveServingServer
 from serving_support import make_random_heads
 
+from worker.serving.params import DEFAULT_MAX_BODY_BYTES, MAX_MESSAGES, MAX_PROMPT_CHARS
+
 # Small enough that an over-long prompt is cheap to build.
 CONTEXT = 256
 PROMPT = "The quick brown fox"
@@ -254,3 +256,61 @@ def test_a_turbo_adapters_usage_reports_its_drafts(
     assert speculation["mean_accepted_length"] >= 1.0
     plain = client.completions.create(model="acme/1", prompt=PROMPT, max_tokens=4, extra_body=EXACT)
     assert plain.usage is not None and plain.usage.completion_tokens_details is None
+
+
+@pytest.mark.parametrize(
+    ("field", "raw"),
+    [
+        ("seed", "18446744073709551616"),
+        ("seed", "-9223372036854775809"),
+        ("temperature", "NaN"),
+        ("temperature", "Infinity"),
+        ("temperature", "1e400"),
+        ("top_p", "-Infinity"),
+        ("max_tokens", "1e30"),
+        ("max_tokens", "10000000000000"),
+        ("top_k", "1099511627776"),
+        ("repetition_penalty", "1e-300"),
+        ("frequency_penalty", "NaN"),
+        ("n", "1e9"),
+        ("stop", json.dumps(["s"] * 9)),
+        ("stop", json.dumps("x" * 300)),
+        ("prompt", "[1, 2, 1099511627776]"),
+        ("prompt", json.dumps("x" * (MAX_PROMPT_CHARS + 1))),
+    ],
+)
+def test_a_number_out_of_range_or_not_finite_is_422_naming_the_field(
+    server: LiveServingServer, field: str, raw: str
+) -> None:
+    """Python's json reads NaN, Infinity and 1e400 (inf); none may reach the engine thread."""
+    body = f'{{"prompt": "hello", "max_tokens": 4, "{field}": {raw}}}'  # later keys win
+    response = httpx.post(
+        f"{server.url}/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and field in error["message"]
+
+
+def test_chat_messages_and_their_parts_are_bounded(server: LiveServingServer) -> None:
+    url = f"{server.url}/v1/chat/completions"
+    many = {"messages": [{"role": "user", "content": "hi"}] * (MAX_MESSAGES + 1), "max_tokens": 2}
+    assert httpx.post(url, json=many, timeout=30).json()["error"]["param"] == "messages"
+    long = {"messages": [{"role": "user", "content": "x" * (MAX_PROMPT_CHARS + 1)}], "max_tokens": 2}
+    response = httpx.post(url, json=long, timeout=30)
+    assert response.status_code == 422 and response.json()["error"]["param"] == "messages[0].content"
+
+
+def test_a_body_over_the_limit_is_413_in_each_apis_error_shape(server: LiveServingServer) -> None:
+    big = b'{"prompt": "' + b"x" * (DEFAULT_MAX_BODY_BYTES + 1) + b'"}'
+    headers = {"content-type": "application/json"}
+    openai_style = httpx.post(f"{server.url}/v1/completions", content=big, headers=headers, timeout=30)
+    assert openai_style.status_code == 413 and openai_style.json()["error"]["code"] == "request_too_large"
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        for start in range(0, len(big), 1 << 20):
+            yield big[start : start + (1 << 20)]
+
+    lorax_style = httpx.post(f"{server.url}/generate", content=chunked(), headers=headers, timeout=30)
+    assert lorax_style.status_code == 413 and lorax_style.json()["error_type"] == "validation"
+    assert _greedy(openai.OpenAI(base_url=f"{server.url}/v1", api_key="x"), "", max_tokens=2).choices

@@ -5,12 +5,13 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from training_support import TINY, make_config, number_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -18,6 +19,7 @@ from worker.training.base_models import resolve_base_model
 from worker.training.batches import pad, token_loss_sum
 from worker.training.data import prepare_data
 from worker.training.loop import TrainingResult, train
+from worker.training.methods import NonFiniteWeightsError
 from worker.training.preparation import resolve_config
 from worker.training.runtime import resolve_runtime
 
@@ -151,3 +153,27 @@ def test_gradient_checkpointing_changes_memory_not_the_result(tiny_cache: Path, 
     plain = run(tmp_path / "plain", tiny_cache, train_steps=3)
     checkpointed = run(tmp_path / "ckpt", tiny_cache, train_steps=3, gradient_checkpointing=True)
     assert checkpointed.eval_loss_after == pytest.approx(plain.eval_loss_after, rel=1e-5)
+
+
+def test_non_finite_weights_end_the_run_and_nothing_is_saved(tiny_cache: Path, tmp_path: Path) -> None:
+    """A parent whose lora_B holds one NaN: the forward pass is NaN, so is every update, and the run
+    must not checkpoint or publish weights that only ever produce NaN."""
+    parent = run(tmp_path / "parent", tiny_cache, train_steps=2)
+    assert parent.adapter_dir is not None
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(parent.adapter_dir, poisoned)
+    weights = load_file(poisoned / "adapter_model.safetensors")
+    name = next(k for k in sorted(weights) if "lora_B" in k)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(poisoned / "adapter_model.safetensors"))
+
+    with pytest.raises(NonFiniteWeightsError, match="NaN or infinite weights"):
+        train(
+            make_config(train_steps=2, checkpoint_every_n_steps=1),
+            number_rows(),
+            output_dir=tmp_path / "child",
+            cache_dir=tiny_cache,
+            init_from=poisoned,
+        )
+    assert not (tmp_path / "child" / "adapter").exists()
+    assert list((tmp_path / "child").rglob("adapter_model.safetensors")) == []
