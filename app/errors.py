@@ -48,6 +48,16 @@ class PayloadTooLargeError(ServiceError):
     status_code = 413
 
 
+class TooManyRequestsError(ServiceError):
+    """A per-tenant limit: answered 429 with `Retry-After`, which the Predibase SDK sleeps before retrying."""
+
+    status_code = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+
 def error_body(message: str, detail: Any = None) -> dict[str, Any]:
     body: dict[str, Any] = {"error": message}
     if detail is not None:
@@ -68,7 +78,8 @@ def _describe_validation_error(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.detail), status_code=exc.status_code)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooManyRequestsError) else None
+        return JSONResponse(error_body(exc.message, exc.detail), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -61,6 +61,20 @@ class Settings(BaseSettings):
     # The embedded default creates this tenant (and a token for it) on `tuneforge up`.
     dev_tenant: str = "dev"
 
+    # --- fairness: per-tenant limits (429 + Retry-After), lost work, outages, garbage collection ---
+    # Queued + training + stopping jobs one tenant may have: beyond it a new job is refused rather
+    # than queued, so one tenant cannot fill every GPU's queue for hours.
+    tenant_max_active_jobs: int = Field(default=8, ge=1, le=10_000)
+    # Requests one tenant may have in flight through the serving proxy of one API process; a serving
+    # process batches ~32 sequences, so a tenant past this would only be queueing ahead of others.
+    tenant_max_waiting_requests: int = Field(default=64, ge=1, le=100_000)
+    # Proxy requests per second per tenant (token bucket refilled at this rate, holding `burst`).
+    tenant_requests_per_second: float = Field(default=50.0, gt=0, le=100_000)
+    tenant_request_burst: int = Field(default=100, ge=1, le=1_000_000)
+    # Bytes one tenant may keep stored: datasets + adapter versions + checkpoints (tokenised caches,
+    # being derived, are not counted). Checked when an upload is registered and when a job is accepted.
+    tenant_max_stored_bytes: int = Field(default=200 * 1024**3, ge=1, le=1024**5)
+
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:
         data_dir = self.data_dir.expanduser().absolute()
