@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # Bytes one tenant may keep stored: datasets + adapter versions + checkpoints (tokenised caches,
     # being derived, are not counted). Checked when an upload is registered and when a job is accepted.
     tenant_max_stored_bytes: int = Field(default=200 * 1024**3, ge=1, le=1024**5)
+    # A job whose worker was lost this many times (OOM-killed, node lost) ends `errored` instead of
+    # being redelivered forever; a crash that repeats at the same step would otherwise loop for good.
+    job_max_attempts: int = Field(default=3, ge=1, le=100)
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

@@ -60,12 +60,12 @@ def run_job(ctx: AppContext, job_id: int, *, worker_id: str) -> None:
             log.warning("job %s no longer exists; dropping its delivery", job_id)
             return
         try:
-            jobs.start_attempt(
-                session, job, worker_id=worker_id, lease_seconds=ctx.settings.job_lease_seconds
-            )
-            session.commit()
+            _start(ctx, session, job, worker_id)
         except ConflictError as exc:
-            session.rollback()
+            if isinstance(exc, jobs.AttemptsExhaustedError):
+                session.commit()  # the job was just ended `errored`: record it
+            else:
+                session.rollback()
             log.info("job %s: %s; dropping this delivery", job_id, exc)
             return
         try:
@@ -87,6 +87,18 @@ def run_job(ctx: AppContext, job_id: int, *, worker_id: str) -> None:
             except Exception:
                 log.exception("job %s: could not record the failure", job_id)
             raise
+
+
+def _start(ctx: AppContext, session: Session, job: FinetuningJob, worker_id: str) -> None:
+    settings = ctx.settings
+    jobs.start_attempt(
+        session,
+        job,
+        worker_id=worker_id,
+        lease_seconds=settings.job_lease_seconds,
+        max_attempts=settings.job_max_attempts,
+    )
+    session.commit()
 
 
 @contextmanager

@@ -2,17 +2,20 @@
 
 It runs in every control-plane process (a daemon thread started by the app's lifespan). Sends are
 at-least-once, so two control planes sweeping together may send a job twice; the worker that
-receives the second copy finds the first one's live lease and drops it.
+receives the second copy finds the first one's live lease and drops it. A job whose worker was lost
+on each of its `job_max_attempts` deliveries is ended `errored` instead of being sent again.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session
 
 from app.context import AppContext
-from app.db import JobStatus
+from app.db import FinetuningJob, JobStatus
 from app.db.base import utcnow
 from app.services import finetuning, jobs
 
@@ -29,7 +32,7 @@ def sweep(ctx: AppContext) -> int:
     sent = 0
     with ctx.sessions() as session:
         waiting = jobs.queued_unenqueued(session, now - timedelta(seconds=ENQUEUE_GRACE_SECONDS))
-        for job in waiting + jobs.orphaned(session, lease_cutoff):
+        for job in waiting + _resumable(ctx, session, lease_cutoff):
             if job.status != JobStatus.QUEUED:
                 log.warning(
                     "job %s: worker %s stopped heartbeating at %s; re-enqueueing it to resume from its "
@@ -42,6 +45,19 @@ def sweep(ctx: AppContext) -> int:
                 break  # the broker is still down; the next pass tries again
             sent += 1
     return sent
+
+
+def _resumable(ctx: AppContext, session: Session, lease_cutoff: datetime) -> list[FinetuningJob]:
+    """Orphaned jobs to send again; those lost on every allowed attempt are ended `errored` here."""
+    resumable = []
+    for job in jobs.orphaned(session, lease_cutoff):
+        if jobs.lost_too_often(job, ctx.settings.job_max_attempts):
+            jobs.give_up_lost(session, job)
+            session.commit()
+            log.warning("job %s: %s; not re-enqueueing it", job.uuid, job.error)
+        else:
+            resumable.append(job)
+    return resumable
 
 
 class JobSweeper:
