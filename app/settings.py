@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     # A job whose worker was lost this many times (OOM-killed, node lost) ends `errored` instead of
     # being redelivered forever; a crash that repeats at the same step would otherwise loop for good.
     job_max_attempts: int = Field(default=3, ge=1, le=100)
+    # How long a worker keeps retrying a training job's database writes (metrics, checkpoints, final
+    # status) through a database outage before it gives the job up to the sweeper; a PostgreSQL
+    # restart or failover takes well under this.
+    worker_db_retry_seconds: float = Field(default=300.0, ge=0, le=24 * 3600)
+    # A connection attempt to the database gives up after this, so requests answer 503 during an
+    # outage instead of hanging on a dead host.
+    database_connect_timeout_seconds: int = Field(default=5, ge=1, le=300)
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.context import AppContext
 from app.db import User
+from app.db.session import close_session
 from app.services import auth, quotas
 
 
@@ -22,8 +23,11 @@ CtxDep = Annotated[AppContext, Depends(get_ctx)]
 
 
 def get_session(ctx: CtxDep) -> Iterator[Session]:
-    with ctx.sessions() as session:
+    session = ctx.sessions()
+    try:
         yield session
+    finally:
+        close_session(session)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

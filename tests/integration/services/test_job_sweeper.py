@@ -68,3 +68,11 @@ def test_an_orphan_under_the_cap_is_re_sent_and_one_at_the_cap_is_ended_errored(
     given_up = _job(ctx, exhausted)
     assert (given_up.status, given_up.error) == (JobStatus.ERRORED, "worker lost 2 times (out of memory?)")
     assert given_up.enqueued_at is None
+
+
+def test_leases_are_not_judged_until_the_database_has_been_reachable_for_a_lease(ctx: AppContext) -> None:
+    orphan = _orphan(ctx, attempts=1)
+    sweep(ctx, judge_leases=False)
+    assert _job(ctx, orphan).enqueued_at is None
+    sweep(ctx)
+    assert _job(ctx, orphan).enqueued_at is not None
