@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     # A connection attempt to the database gives up after this, so requests answer 503 during an
     # outage instead of hanging on a dead host.
     database_connect_timeout_seconds: int = Field(default=5, ge=1, le=300)
+    # `tuneforge gc` removes unreferenced blobs only once they are this old: a blob is written before
+    # the row that points at it (an upload awaiting registration, a checkpoint being recorded).
+    gc_min_age_seconds: float = Field(default=24 * 3600, ge=0, le=365 * 24 * 3600)
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

@@ -24,7 +24,7 @@ from app.errors import ConflictError
 from app.queue import TRAIN_TASK
 from app.services import jobs, versions
 from worker.db_retry import RetryingCallbacks, retrying
-from worker.job_io import BlobTokenCache, download_checkpoint, download_files, download_rows, upload_dir
+from worker.job_io import download_checkpoint, download_files, download_rows, token_cache_for, upload_dir
 from worker.training.base_models import BaseModelSourceMissingError, UnknownBaseModelError
 from worker.training.config import TrainingConfig
 from worker.training.data import DataStats, TrainingDataError
@@ -169,7 +169,7 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
             callbacks=retried,
             resume_from=resume_from,
             init_from=init_from,
-            data_cache=BlobTokenCache(ctx.store, f"tenants/{tenant_uuid}/tokenized/"),
+            data_cache=token_cache_for(ctx.store, dataset),
             dataset_fingerprint=dataset.sha256 if dataset is not None else None,
         )
         if result.stopped or result.adapter_dir is None:
