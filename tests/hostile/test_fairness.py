@@ -94,6 +94,14 @@ class Tenant:
     def job(self, uuid: str) -> dict[str, Any]:
         return dict(self.api.get(f"/v2/finetuning/jobs/{uuid}").json())
 
+    def wait_for_attempt(self, uuid: str, attempt: int) -> None:
+        _until(lambda: self.job(uuid)["attempt"] == attempt, 120, f"attempt {attempt} of job {uuid} to start")
+
+    def finished(self, uuid: str, timeout: float) -> dict[str, Any]:
+        """The job once it reached a final status."""
+        _until(lambda: self.job(uuid)["status"] in FINAL, timeout, f"job {uuid} to reach a final status")
+        return self.job(uuid)
+
 
 # --- quotas ----------------------------------------------------------------------------------------
 
@@ -127,13 +135,17 @@ def serving_url(
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 @pytest.fixture
 def proxy_server(
     stack_settings_factory: Callable[..., Any], serving_url: str, shared_model_cache: Path
-) -> Callable[..., LiveServer]:
+) -> Iterator[Callable[..., LiveServer]]:
     """A live control plane whose tiny-random-llama deployments are served by `serving_url`."""
     opened: list[LiveServer] = []
 
@@ -145,7 +157,7 @@ def proxy_server(
         opened.append(server)
         return server
 
-    yield build  # type: ignore[misc]
+    yield build
     for server in opened:
         server.__exit__(None, None, None)
 
@@ -261,11 +273,11 @@ def test_a_job_whose_worker_is_killed_on_every_attempt_ends_errored_instead_of_b
     uuid = tenant.create_job(train_steps=100_000, checkpoint_every_n_steps=5).json()["uuid"]
 
     for attempt in (1, 2):
-        _until(lambda a=attempt: tenant.job(uuid)["attempt"] == a, 120, f"attempt {attempt} to start")
+        tenant.wait_for_attempt(uuid, attempt)
         # What the kernel's OOM killer does: the pool child dies at once; Celery's parent lives on.
         os.kill(_worker_pid(stack, uuid), signal.SIGKILL)
 
-    final = _until(lambda: (job := tenant.job(uuid))["status"] in FINAL and job, 60, "a final status")
+    final = tenant.finished(uuid, 60)
     assert (final["status"], final["error"]) == ("errored", "worker lost 2 times (out of memory?)")
     assert final["attempt"] == 2
     version = tenant.api.get("/v2/repos/r/version/1").json()
@@ -401,9 +413,7 @@ def test_a_worker_mid_job_keeps_its_job_through_a_database_outage_and_finishes_i
             time.sleep(TEST_LEASE_SECONDS + 2)  # the outage: a dozen steps' time, and past the job's lease
             proxy.restore()
 
-            final = _until(
-                lambda: (job := tenant.job(uuid))["status"] in FINAL and job, 120, "a final status"
-            )
+            final = tenant.finished(uuid, 120)
             assert final["status"] == "completed", final["error"]
             assert (final["attempt"], final["stepsDone"]) == (1, 20)
             # Not re-sent either: the sweeper did not take the outage for a lost worker.
