@@ -27,7 +27,9 @@ class AppContext:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AppContext:
-        engine = make_engine(settings.database_url)
+        engine = make_engine(
+            settings.database_url, connect_timeout_seconds=settings.database_connect_timeout_seconds
+        )
         return cls(
             settings=settings,
             engine=engine,

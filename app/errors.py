@@ -8,6 +8,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,20 @@ class PayloadTooLargeError(ServiceError):
     status_code = 413
 
 
+class TooManyRequestsError(ServiceError):
+    """A per-tenant limit: answered 429 with `Retry-After`, which the Predibase SDK sleeps before retrying."""
+
+    status_code = 429
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+
+# How soon a client should come back while the database is unreachable.
+DATABASE_RETRY_AFTER_SECONDS = 5
+
+
 def error_body(message: str, detail: Any = None) -> dict[str, Any]:
     body: dict[str, Any] = {"error": message}
     if detail is not None:
@@ -68,7 +84,20 @@ def _describe_validation_error(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.detail), status_code=exc.status_code)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooManyRequestsError) else None
+        return JSONResponse(error_body(exc.message, exc.detail), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeoutError)
+    async def _database_unreachable(request: Request, exc: Exception) -> JSONResponse:
+        return _database_outage(request, exc)
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        # A dropped connection surfaces as whichever DBAPI error the driver raised mid-statement.
+        if exc.connection_invalidated:
+            return _database_outage(request, exc)
+        return await _unexpected(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -85,6 +114,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body("internal server error; see the server log"), status_code=500)
+
+
+def _database_outage(request: Request, exc: Exception) -> JSONResponse:
+    """503, not 500: the request was fine and will succeed once the database is back (the SDK retries)."""
+    log.warning("database unreachable on %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        error_body("the database is unreachable; retry shortly"),
+        status_code=503,
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+    )
 
 
 def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from app.errors import install_error_handlers
 from app.observability import MetricsMiddleware, RequestMetrics
 from app.services.dataset_validator import DatasetValidator
 from app.services.job_sweeper import JobSweeper
+from app.services.quotas import ServingLimits
 from app.services.serving_processes import ServingSupervisor
 from app.settings import Settings
 
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="tuneforge", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx
     app.state.serving = ServingSupervisor(ctx.settings)
+    app.state.serving_limits = ServingLimits.from_settings(ctx.settings)
     app.state.metrics = RequestMetrics(CollectorRegistry())
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)

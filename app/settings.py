@@ -73,6 +73,33 @@ class Settings(BaseSettings):
     # The embedded default creates this tenant (and a token for it) on `tuneforge up`.
     dev_tenant: str = "dev"
 
+    # --- fairness: per-tenant limits (429 + Retry-After), lost work, outages, garbage collection ---
+    # Queued + training + stopping jobs one tenant may have: beyond it a new job is refused rather
+    # than queued, so one tenant cannot fill every GPU's queue for hours.
+    tenant_max_active_jobs: int = Field(default=8, ge=1, le=10_000)
+    # Requests one tenant may have in flight through the serving proxy of one API process; a serving
+    # process batches ~32 sequences, so a tenant past this would only be queueing ahead of others.
+    tenant_max_waiting_requests: int = Field(default=64, ge=1, le=100_000)
+    # Proxy requests per second per tenant (token bucket refilled at this rate, holding `burst`).
+    tenant_requests_per_second: float = Field(default=50.0, gt=0, le=100_000)
+    tenant_request_burst: int = Field(default=100, ge=1, le=1_000_000)
+    # Bytes one tenant may keep stored: datasets + adapter versions + checkpoints (tokenised caches,
+    # being derived, are not counted). Checked when an upload is registered and when a job is accepted.
+    tenant_max_stored_bytes: int = Field(default=200 * 1024**3, ge=1, le=1024**5)
+    # A job whose worker was lost this many times (OOM-killed, node lost) ends `errored` instead of
+    # being redelivered forever; a crash that repeats at the same step would otherwise loop for good.
+    job_max_attempts: int = Field(default=3, ge=1, le=100)
+    # How long a worker keeps retrying a training job's database writes (metrics, checkpoints, final
+    # status) through a database outage before it gives the job up to the sweeper; a PostgreSQL
+    # restart or failover takes well under this.
+    worker_db_retry_seconds: float = Field(default=300.0, ge=0, le=24 * 3600)
+    # A connection attempt to the database gives up after this, so requests answer 503 during an
+    # outage instead of hanging on a dead host.
+    database_connect_timeout_seconds: int = Field(default=5, ge=1, le=300)
+    # `tuneforge gc` removes unreferenced blobs only once they are this old: a blob is written before
+    # the row that points at it (an upload awaiting registration, a checkpoint being recorded).
+    gc_min_age_seconds: float = Field(default=24 * 3600, ge=0, le=365 * 24 * 3600)
+
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:
         data_dir = self.data_dir.expanduser().absolute()

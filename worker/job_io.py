@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from app.db import Dataset, DatasetStatus, JobCheckpoint
+from app.services import blob_keys
 from app.services.dataset_formats import DatasetFormatError, read_rows
 from app.storage import BlobStore
 from app.storage.base import BlobNotFoundError
@@ -48,8 +49,14 @@ def upload_dir(
     return files
 
 
+def token_cache_for(store: BlobStore, dataset: Dataset | None) -> BlobTokenCache | None:
+    """The dataset's tokenised-data cache, in its own directory so that deleting the dataset removes it."""
+    prefix = blob_keys.tokenized_prefix(dataset.blob_key) if dataset is not None else None
+    return BlobTokenCache(store, prefix) if prefix is not None else None
+
+
 class BlobTokenCache:
-    """The training core's tokenised-data cache, kept in the blob store beside the tenant's datasets.
+    """The training core's tokenised-data cache, kept in the blob store beside its dataset's file.
 
     Entries are keyed by a hash of the dataset's bytes, the tokenizer and the data settings, so a
     stale entry is never read; they are safe to delete at any time (the next job re-tokenises).

@@ -6,10 +6,10 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
@@ -23,7 +23,8 @@ from app.db.jobs import JobEventKind
 from app.errors import ConflictError
 from app.queue import TRAIN_TASK
 from app.services import jobs, versions
-from worker.job_io import BlobTokenCache, download_checkpoint, download_files, download_rows, upload_dir
+from worker.db_retry import RetryingCallbacks, retrying
+from worker.job_io import download_checkpoint, download_files, download_rows, token_cache_for, upload_dir
 from worker.training.base_models import BaseModelSourceMissingError, UnknownBaseModelError
 from worker.training.config import TrainingConfig
 from worker.training.data import DataStats, TrainingDataError
@@ -32,6 +33,8 @@ from worker.training.methods import NonFiniteWeightsError
 from worker.training.runtime import TrainingConfigError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Failures whose message tells the user what to change; anything else is our bug and is re-raised.
 USER_ERRORS = (
@@ -57,17 +60,17 @@ def register_tasks(celery: Celery, ctx: AppContext) -> None:
 def run_job(ctx: AppContext, job_id: int, *, worker_id: str) -> None:
     """Train job `job_id` to a final status; a delivery of an already finished job is dropped."""
     with ctx.sessions() as session:
-        job = session.get(FinetuningJob, job_id)
+        job = _retry(ctx, session, lambda: session.get(FinetuningJob, job_id), f"job {job_id}: loading")
         if job is None:
             log.warning("job %s no longer exists; dropping its delivery", job_id)
             return
         try:
-            jobs.start_attempt(
-                session, job, worker_id=worker_id, lease_seconds=ctx.settings.job_lease_seconds
-            )
-            session.commit()
+            _retry(ctx, session, lambda: _start(ctx, session, job, worker_id), f"job {job_id}: starting")
         except ConflictError as exc:
-            session.rollback()
+            if isinstance(exc, jobs.AttemptsExhaustedError):
+                session.commit()  # the job was just ended `errored`: record it
+            else:
+                session.rollback()
             log.info("job %s: %s; dropping this delivery", job_id, exc)
             return
         try:
@@ -89,6 +92,23 @@ def run_job(ctx: AppContext, job_id: int, *, worker_id: str) -> None:
             except Exception:
                 log.exception("job %s: could not record the failure", job_id)
             raise
+
+
+def _start(ctx: AppContext, session: Session, job: FinetuningJob, worker_id: str) -> None:
+    settings = ctx.settings
+    jobs.start_attempt(
+        session,
+        job,
+        worker_id=worker_id,
+        lease_seconds=settings.job_lease_seconds,
+        max_attempts=settings.job_max_attempts,
+    )
+    session.commit()
+
+
+def _retry(ctx: AppContext, session: Session, write: Callable[[], T], what: str) -> T:
+    """`write` through a database outage of up to TUNEFORGE_WORKER_DB_RETRY_SECONDS (see worker.db_retry)."""
+    return retrying(session, write, budget_seconds=ctx.settings.worker_db_retry_seconds, what=what)
 
 
 @contextmanager
@@ -140,22 +160,30 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
             f"tenants/{tenant_uuid}/jobs/{job.uuid}/checkpoints/",
             keep_checkpoints=config.keep_n_checkpoints,
         )
+        retried = RetryingCallbacks(
+            callbacks, session, budget_seconds=ctx.settings.worker_db_retry_seconds, job_id=job.id
+        )
         result = train(
             config,
             rows,
             output_dir=Path(scratch) / "run",
             cache_dir=_model_cache_dir(ctx),
-            callbacks=callbacks,
+            callbacks=retried,
             resume_from=resume_from,
             init_from=init_from,
-            data_cache=BlobTokenCache(ctx.store, f"tenants/{tenant_uuid}/tokenized/"),
+            data_cache=token_cache_for(ctx.store, dataset),
             dataset_fingerprint=dataset.sha256 if dataset is not None else None,
         )
         if result.stopped or result.adapter_dir is None:
-            _end(session, job, JobStatus.CANCELED)
+            _retry(ctx, session, lambda: _end(session, job, JobStatus.CANCELED), f"job {job.id}: canceling")
             return
-        _publish(ctx, job, result, f"tenants/{tenant_uuid}/repos/{job.version.repo.uuid}/versions/")
-        _end(session, job, JobStatus.COMPLETED)
+        versions_prefix = f"tenants/{tenant_uuid}/repos/{job.version.repo.uuid}/versions/"
+
+        def publish() -> None:  # whole: a failed commit's rollback drops the version's new fields too
+            _publish(ctx, job, result, versions_prefix)
+            _end(session, job, JobStatus.COMPLETED)
+
+        _retry(ctx, session, publish, f"job {job.id}: publishing")
 
 
 def _starting_weights(
@@ -196,6 +224,8 @@ def _end(session: Session, job: FinetuningJob, status: JobStatus, *, error: str 
     if status == JobStatus.ERRORED:
         session.rollback()  # drop half-done writes of the failed run; the error must still land
     session.refresh(job, ["status"])
+    if job.status == status:
+        return  # a retried write whose first commit did land before the connection dropped
     jobs.transition(session, job, status, error=error)
     session.commit()
 

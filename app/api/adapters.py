@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from app.api import presenters, schemas
-from app.api.deps import BaseUrlDep, CtxDep, CurrentUser, SessionDep
+from app.api.deps import BaseUrlDep, CtxDep, CurrentUser, SessionDep, StorageRoom
 from app.services import adapter_uploads, versions
 
 router = APIRouter(tags=["adapters"])
@@ -52,7 +52,7 @@ def download_version(
     )
 
 
-@router.post("/v2/adapters/upload")
+@router.post("/v2/adapters/upload", dependencies=[StorageRoom])
 def begin_adapter_upload(
     body: schemas.AdapterUploadBegin,
     ctx: CtxDep,
@@ -64,8 +64,13 @@ def begin_adapter_upload(
 
 
 # The SDK calls this path with a trailing slash; serve both rather than answer with a redirect.
-@router.put("/v2/adapters/upload", response_model=schemas.AdapterVersionPublic)
-@router.put("/v2/adapters/upload/", response_model=schemas.AdapterVersionPublic, include_in_schema=False)
+@router.put("/v2/adapters/upload", response_model=schemas.AdapterVersionPublic, dependencies=[StorageRoom])
+@router.put(
+    "/v2/adapters/upload/",
+    response_model=schemas.AdapterVersionPublic,
+    include_in_schema=False,
+    dependencies=[StorageRoom],
+)
 def finish_adapter_upload(
     body: schemas.AdapterUploadFinish, ctx: CtxDep, session: SessionDep, user: CurrentUser
 ) -> schemas.AdapterVersionPublic:

@@ -6,13 +6,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from app.api import presenters, schemas
-from app.api.deps import BaseUrlDep, CtxDep, CurrentUser, SessionDep
+from app.api.deps import BaseUrlDep, CtxDep, CurrentUser, SessionDep, StorageRoom
 from app.services import dataset_lengths, datasets
 
 router = APIRouter(tags=["datasets"])
 
 
-@router.post("/v2/datasets/upload", response_model=schemas.DatasetUploadBegun)
+@router.post("/v2/datasets/upload", response_model=schemas.DatasetUploadBegun, dependencies=[StorageRoom])
 def begin_upload(
     body: schemas.DatasetUploadBegin, ctx: CtxDep, user: CurrentUser, base_url: BaseUrlDep
 ) -> schemas.DatasetUploadBegun:
@@ -20,7 +20,7 @@ def begin_upload(
     return schemas.DatasetUploadBegun(presigned_url=url, upload_token=token)
 
 
-@router.put("/v2/datasets/upload", response_model=schemas.DatasetPublic)
+@router.put("/v2/datasets/upload", response_model=schemas.DatasetPublic, dependencies=[StorageRoom])
 def finish_upload(
     body: schemas.DatasetUploadFinish, request: Request, ctx: CtxDep, session: SessionDep, user: CurrentUser
 ) -> schemas.DatasetPublic:

@@ -10,7 +10,8 @@ from sqlalchemy.orm import Session
 
 from app.context import AppContext
 from app.db import User
-from app.services import auth
+from app.db.session import close_session
+from app.services import auth, quotas
 
 
 def get_ctx(request: Request) -> AppContext:
@@ -22,8 +23,11 @@ CtxDep = Annotated[AppContext, Depends(get_ctx)]
 
 
 def get_session(ctx: CtxDep) -> Iterator[Session]:
-    with ctx.sessions() as session:
+    session = ctx.sessions()
+    try:
         yield session
+    finally:
+        close_session(session)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -45,3 +49,12 @@ def get_base_url(request: Request, ctx: CtxDep) -> str:
 
 
 BaseUrlDep = Annotated[str, Depends(get_base_url)]
+
+
+def require_storage_room(ctx: CtxDep, session: SessionDep, user: CurrentUser) -> None:
+    """429 once the caller's tenant stores its quota; for the routes that store more of its bytes."""
+    quotas.require_storage_room(session, user.tenant_id, ctx.settings.tenant_max_stored_bytes)
+
+
+# As `dependencies=[StorageRoom]` on a route decorator.
+StorageRoom = Depends(require_storage_room)

@@ -19,6 +19,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from tuneforge.serving_auth import ASSERTION_HEADER
 
+from app.api.serving_admission import SlotResponse, admit
 from app.context import AppContext
 from app.errors import NotFoundError
 from app.services import auth, deployments
@@ -72,6 +73,26 @@ async def forward(request: Request, tenant: str, name: str, upstream_path: str) 
     serving: ServingSupervisor = request.app.state.serving
     authorization = request.headers.get("authorization")
     target = await run_in_threadpool(_resolve, ctx, serving, authorization, tenant, name)
+    slot = admit(request, target.tenant)
+    try:
+        response = await _open_upstream(request, ctx, serving, target, name, upstream_path)
+    except BaseException:
+        slot.release()
+        raise
+    kept = {k: v for k, v in response.headers.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
+    kept["X-Accel-Buffering"] = "no"  # and no proxy in front should buffer Server-Sent Events either
+    return SlotResponse(slot, response, _relay(response), status_code=response.status_code, headers=kept)
+
+
+async def _open_upstream(
+    request: Request,
+    ctx: AppContext,
+    serving: ServingSupervisor,
+    target: Target,
+    name: str,
+    upstream_path: str,
+) -> httpx.Response:
+    """The serving process's streaming response, after one restart if it cannot be reached."""
     # Read whole (generation requests are small) so that a request can be sent again after a restart.
     body = await request.body()
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED_REQUEST_HEADERS}
@@ -96,9 +117,7 @@ async def forward(request: Request, tenant: str, name: str, upstream_path: str) 
                 raise ServingUnavailableError(
                     f"deployment {name!r}: its serving process cannot be reached; retry shortly"
                 ) from exc
-    kept = {k: v for k, v in response.headers.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
-    kept["X-Accel-Buffering"] = "no"  # and no proxy in front should buffer Server-Sent Events either
-    return StreamingResponse(_relay(response), status_code=response.status_code, headers=kept)
+    return response
 
 
 async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:

@@ -1,6 +1,6 @@
 """The `tuneforge` command: run and administer a server here, or drive one over HTTP.
 
-Server commands (`up`, `worker`, `serve`, `token`, `migrate`) live in `server_commands`; the remote
+Server commands (`up`, `worker`, `serve`, `token`, `migrate`, `gc`) live in `server_commands`; the remote
 ones (`datasets`, `repos`, `adapters`, `jobs`, `deployments`, `prompt`) in `remote_commands` and talk
 to a server only through the thin client. Nothing here imports torch at module level, so the
 control-plane image runs every command but `worker` and `serve`.
@@ -25,7 +25,7 @@ from app.storage import StorageError
 __all__ = ["build_parser", "cmd_serve", "dev_token", "main"]
 
 DESCRIPTION = (
-    "Run a tuneforge server on this machine (up, worker, serve, token, migrate) or drive one over HTTP "
+    "Run a tuneforge server on this machine (up, worker, serve, token, migrate, gc) or drive one over HTTP "
     "(datasets, repos, adapters, jobs, deployments, prompt). Exit codes: 0 success, 1 user error, "
     "2 server unreachable."
 )

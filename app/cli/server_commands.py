@@ -1,5 +1,5 @@
-"""`tuneforge up | worker | serve | token | migrate`: run the embedded stack or a worker, mint, list and
-revoke API tokens, migrate the database.
+"""`tuneforge up | worker | serve | token | migrate | gc`: run the embedded stack or a worker, mint, list
+and revoke API tokens, migrate the database, remove orphaned blobs.
 
 `worker` and `serve` import the data plane lazily, so the control-plane image (no torch) can still
 run every other command.
@@ -17,9 +17,10 @@ from datetime import timedelta
 from pathlib import Path
 
 from app.cli.tables import table
+from app.context import AppContext
 from app.db import migrate
 from app.db.session import make_engine, make_session_factory, transaction
-from app.services import auth
+from app.services import auth, gc
 from app.settings import DEVELOPMENT_SECRET_KEY, MAX_LORA_RANK_LIMIT, Settings
 
 
@@ -266,6 +267,44 @@ def _refuse_public_dev_secret(settings: Settings, host: str) -> None:
         )
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    settings = _settings(args.data_dir)
+    min_age = settings.gc_min_age_seconds if args.min_age_seconds is None else args.min_age_seconds
+    if min_age < 0:
+        raise ValueError(f"--min-age-seconds: must be at least 0, got {min_age:g}")
+    ctx = AppContext.from_settings(settings)
+    try:
+        with ctx.sessions() as session:
+            report = gc.collect(ctx.store, session, min_age=timedelta(seconds=min_age), dry_run=args.dry_run)
+    finally:
+        ctx.close()
+    _print_gc_report(report, min_age)
+    return 0
+
+
+def _print_gc_report(report: gc.GcReport, min_age: float) -> None:
+    verb, freed = ("would remove", "would free") if report.dry_run else ("removed", "freed")
+    for orphan in report.removable:
+        print(
+            f"{verb} {orphan.prefix}  {len(orphan.blobs)} blob(s), {orphan.size} bytes, "
+            f"last written {orphan.newest.isoformat(timespec='seconds')}"
+        )
+    summary = (
+        f"gc: {verb} {len(report.removable)} orphan(s), {report.freed_blobs} blob(s); {freed} "
+        f"{report.freed_bytes} bytes ({_human(report.freed_bytes)}); kept {len(report.too_recent)} "
+        f"unreferenced owner(s) written in the last {min_age:g} s"
+    )
+    print(summary + (" (dry run: nothing removed)" if report.dry_run else ""))
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
 def _redact(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     credentials, at, host = rest.rpartition("@")
@@ -382,3 +421,19 @@ def add_server_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
     migrate_cmd = commands.add_parser("migrate", help="upgrade the database to the latest schema")
     migrate_cmd.set_defaults(func=cmd_migrate)
+
+    gc_cmd = commands.add_parser(
+        "gc",
+        help="remove blobs no dataset, adapter version or checkpoint points at (abandoned uploads, "
+        "leftovers of deletes) and report the bytes freed",
+    )
+    gc_cmd.add_argument("--dry-run", action="store_true", help="report what would be removed; remove nothing")
+    gc_cmd.add_argument(
+        "--min-age-seconds",
+        type=float,
+        default=None,
+        help="only remove orphans whose newest blob is older than this "
+        "(default: TUNEFORGE_GC_MIN_AGE_SECONDS, one day)",
+    )
+    gc_cmd.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
+    gc_cmd.set_defaults(func=cmd_gc)

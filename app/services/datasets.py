@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from app.context import AppContext
 from app.db import Dataset, DatasetStatus, User
 from app.errors import ConflictError, InvalidInputError, NotFoundError, PayloadTooLargeError
-from app.services import upload_tokens
+from app.services import blob_keys, upload_tokens
 from app.services.dataset_formats import SUPPORTED_EXTENSIONS, DatasetFormatError, profile_dataset
 from app.services.names import validate_name
 from app.storage import BlobNotFoundError
@@ -127,11 +127,17 @@ def download_link(ctx: AppContext, dataset: Dataset, base_url: str) -> str:
 
 
 def delete(ctx: AppContext, session: Session, dataset: Dataset) -> None:
-    # Row first: a crash between the two leaves an orphan blob, never a row pointing at nothing.
+    """The row, then its file and tokenised caches (its whole directory, see `blob_keys`)."""
+    # Row first: a crash between the two leaves orphan blobs for `tuneforge gc`, never a row
+    # pointing at nothing.
     key = dataset.blob_key
     session.delete(dataset)
     session.commit()
-    ctx.store.delete(key)
+    directory = blob_keys.dataset_dir(key)
+    if directory is None:
+        ctx.store.delete(key)
+    else:
+        ctx.store.delete_prefix(directory)
 
 
 def validate(ctx: AppContext, dataset_id: int) -> None:

@@ -21,7 +21,7 @@ from app.context import AppContext
 from app.db import AdapterVersion, Dataset, DatasetStatus, FinetuningJob, User, VersionSource
 from app.errors import InvalidInputError, NotFoundError
 from app.queue import EnqueueError
-from app.services import base_models, continuation, datasets, jobs, repos
+from app.services import base_models, continuation, datasets, jobs, quotas, repos
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def create_job(
     base_model = _base_model(ctx, config)
     dataset = _connected_dataset(session, user, dataset_ref)
     repo = repos.get(session, user, repo_ref)
+    _require_quotas(ctx, session, user)
     stored = config.model_dump(mode="json")
     version = AdapterVersion(
         repo_id=repo.id,
@@ -87,6 +88,13 @@ def create_job(
     session.commit()
     enqueue(ctx, session, job)
     return job
+
+
+def _require_quotas(ctx: AppContext, session: Session, user: User) -> None:
+    """429 past the tenant's job or storage limit; holds the tenant's job-count lock until the commit."""
+    settings = ctx.settings
+    quotas.require_storage_room(session, user.tenant_id, settings.tenant_max_stored_bytes)
+    quotas.require_job_slot(session, user.tenant_id, settings.tenant_max_active_jobs)
 
 
 def enqueue(ctx: AppContext, session: Session, job: FinetuningJob) -> bool:

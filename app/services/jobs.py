@@ -16,7 +16,10 @@ Everything else is refused with a `ConflictError` naming both states; completed,
 canceled are final. A crash is not a transition: a redelivered job stays `training` (or
 `stopping`), `start_attempt` records a `restart` event and bumps `attempt`, and training resumes
 from `latest_checkpoint`. A worker holds a running job by a lease (`heartbeat_at`, refreshed
-while it trains); only a delivery that finds the lease expired may resume the job.
+while it trains); only a delivery that finds the lease expired may resume the job. A job whose
+worker was lost `max_attempts` times is given up (`training`/`stopping` → `errored`, see
+`give_up_lost`) instead of being resumed yet again: a run that is OOM-killed at the same step would
+otherwise be redelivered forever.
 
 Status writes are compare-and-set (`UPDATE ... WHERE status = <expected>`), so of two racing
 writers (a cancel and a worker starting the job) exactly one wins on Postgres and SQLite alike.
@@ -112,13 +115,35 @@ def add_event(session: Session, job: FinetuningJob, kind: JobEventKind, message:
     session.add(JobEvent(job_id=job.id, kind=kind, message=message, data=data))
 
 
-def start_attempt(session: Session, job: FinetuningJob, *, worker_id: str, lease_seconds: float) -> bool:
+class AttemptsExhaustedError(ConflictError):
+    """The delivery found a job lost too often and ended it `errored` in the caller's session: commit."""
+
+
+def lost_too_often(job: FinetuningJob, max_attempts: int) -> bool:
+    """Every one of the job's `max_attempts` deliveries so far started and then lost its worker."""
+    return job.status in (JobStatus.TRAINING, JobStatus.STOPPING) and job.attempt >= max_attempts
+
+
+def give_up_lost(session: Session, job: FinetuningJob) -> None:
+    """End a job whose worker was lost on every attempt; its checkpoints stay: the version serves the last."""
+    transition(session, job, JobStatus.ERRORED, error=f"worker lost {job.attempt} times (out of memory?)")
+
+
+def start_attempt(
+    session: Session,
+    job: FinetuningJob,
+    *,
+    worker_id: str,
+    lease_seconds: float,
+    max_attempts: int | None = None,
+) -> bool:
     """A worker received the job: start it, or (redelivery after a lost worker) resume it.
 
     Returns True when this is a restart. Raises `ConflictError` for a final job, and for a job
     whose lease another live worker still holds (a duplicate delivery); the worker acks and drops
     such a delivery. Taking an expired lease is compare-and-set, so of two redeliveries racing
-    for an orphaned job exactly one resumes it.
+    for an orphaned job exactly one resumes it. A job that already lost its worker `max_attempts`
+    times is ended `errored` instead, and `AttemptsExhaustedError` says so (commit, then drop it).
     """
     if job.status in FINAL_STATUSES:
         raise ConflictError(f"job already {job.status}")
@@ -128,6 +153,9 @@ def start_attempt(session: Session, job: FinetuningJob, *, worker_id: str, lease
         restart = False
     else:
         _take_expired_lease(session, job, worker_id, now - timedelta(seconds=lease_seconds))
+        if max_attempts is not None and lost_too_often(job, max_attempts):
+            give_up_lost(session, job)
+            raise AttemptsExhaustedError(f"job given up: {job.error}")
         checkpoint = latest_checkpoint(session, job)
         resume_step = checkpoint.step if checkpoint is not None else 0
         add_event(

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from app.context import AppContext
 from app.db import AdapterVersion, Repo, User, VersionStatus
 from app.errors import ConflictError, NotFoundError
+from app.services import blob_keys
 from app.services.names import validate_name
 
 # Versions in these states have (or will have) a worker writing to them.
@@ -88,7 +89,8 @@ def delete(ctx: AppContext, session: Session, repo: Repo) -> None:
             f"repo {repo.name!r} holds the parent of {child.repo.name}/{child.tag}, which is still "
             f"{child.status}; cancel that job first"
         )
-    prefixes = [v.artifact_prefix for v in repo.versions if v.artifact_prefix]
+    # Every version's artifact and its jobs' checkpoints; rows first, so a crash leaves orphans for `gc`.
+    prefixes = blob_keys.repo_prefixes(session, repo)
     session.delete(repo)
     session.commit()
     for prefix in prefixes:

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, object_session
 from app.context import AppContext
 from app.db import AdapterVersion, JobCheckpoint, User, VersionStatus
 from app.errors import ConflictError, InvalidInputError, NotFoundError
-from app.services import jobs, repos
+from app.services import blob_keys, jobs, repos
 from app.services.zip_stream import zip_chunks
 
 
@@ -58,10 +58,11 @@ def delete(ctx: AppContext, session: Session, version: AdapterVersion) -> None:
             f"adapter version {version_id(version)} is the parent of {version_id(child)}, which is still "
             f"{child.status}; cancel that job first"
         )
-    prefix = version.artifact_prefix
+    # Its artifact and its job's checkpoints; rows first, so a crash leaves orphans for `gc`.
+    prefixes = blob_keys.version_prefixes(session, version)
     session.delete(version)
     session.commit()
-    if prefix:
+    for prefix in prefixes:
         ctx.store.delete_prefix(prefix)
 
 

@@ -15,6 +15,7 @@ from app.storage.base import (
     BlobTooLargeError,
     ChecksumMismatchError,
     StorageError,
+    StoredBlob,
 )
 from app.storage.local import LocalBlobStore, verify_blob_token
 from app.storage.s3 import S3BlobStore
@@ -29,6 +30,7 @@ __all__ = [
     "LocalBlobStore",
     "S3BlobStore",
     "StorageError",
+    "StoredBlob",
     "open_blob_store",
     "verify_blob_token",
 ]

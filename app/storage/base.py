@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import BinaryIO
 
 # Reads and writes move in chunks of this size: a dataset or adapter is never whole in memory.
@@ -38,6 +39,15 @@ class BlobInfo:
     key: str
     size: int
     sha256: str | None  # None when the bytes arrived without passing through us (S3 presigned PUT)
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """One entry of a listing: what garbage collection needs to judge and report a blob."""
+
+    key: str
+    size: int
+    modified: datetime  # timezone-aware UTC: when the bytes were last written
 
 
 class BlobStore(abc.ABC):
@@ -75,6 +85,10 @@ class BlobStore(abc.ABC):
 
     @abc.abstractmethod
     def list_keys(self, prefix: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def list_blobs(self, prefix: str) -> Iterator[StoredBlob]:
+        """Every blob under `prefix` with its size and write time, streamed (a store may hold millions)."""
 
     @abc.abstractmethod
     def copy(self, src: str, dst: str) -> None:

@@ -7,6 +7,7 @@ import os
 import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from stat import S_ISREG
 from typing import IO, BinaryIO
@@ -18,6 +19,7 @@ from app.storage.base import (
     BlobNotFoundError,
     BlobStore,
     StorageError,
+    StoredBlob,
 )
 from app.storage.streams import RESERVED_PREFIX, MeteredChunks, validate_key, verified_chunks
 
@@ -113,18 +115,29 @@ class LocalBlobStore(BlobStore):
         return len(keys)
 
     def list_keys(self, prefix: str) -> list[str]:
+        return sorted(key for key, _ in self._walk(prefix))
+
+    def list_blobs(self, prefix: str) -> Iterator[StoredBlob]:
+        for key, path in self._walk(prefix):
+            try:
+                found = path.stat()
+            except FileNotFoundError:
+                continue  # deleted since the walk saw it
+            modified = datetime.fromtimestamp(found.st_mtime, UTC)
+            yield StoredBlob(key=key, size=found.st_size, modified=modified)
+
+    def _walk(self, prefix: str) -> Iterator[tuple[str, Path]]:
+        """(key, path) of every blob under `prefix`, leaving out our sidecars and temp files."""
         validate_key(prefix, allow_prefix=True)
         # Only the directory the prefix lies in can hold matches: walk that, not the whole store.
         start = self.root / prefix.rpartition("/")[0]
-        keys: list[str] = []
         for dirpath, dirnames, filenames in os.walk(start):
             dirnames[:] = [name for name in dirnames if not name.startswith(RESERVED_PREFIX)]
             relative = Path(dirpath).relative_to(self.root).as_posix()
             for name in filenames:
                 key = name if relative == "." else f"{relative}/{name}"
                 if not name.startswith(RESERVED_PREFIX) and key.startswith(prefix):
-                    keys.append(key)
-        return sorted(keys)
+                    yield key, Path(dirpath) / name
 
     def copy(self, src: str, dst: str) -> None:
         # Re-streaming verifies the source against its recorded sha256 before the copy becomes visible.

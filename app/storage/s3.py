@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import UTC
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
@@ -11,7 +12,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app.storage.base import CHUNK_BYTES, BlobInfo, BlobNotFoundError, BlobStore, StorageError
+from app.storage.base import CHUNK_BYTES, BlobInfo, BlobNotFoundError, BlobStore, StorageError, StoredBlob
 from app.storage.streams import MeteredChunks, validate_key, verified_chunks
 
 # S3's own limits: parts (but the last) are at least 5 MiB; one CopyObject moves at most 5 GiB.
@@ -160,6 +161,16 @@ class S3BlobStore(BlobStore):
             for page in self._pages(prefix)
             for item in page.get("Contents", [])
         ]
+
+    def list_blobs(self, prefix: str) -> Iterator[StoredBlob]:
+        for page in self._pages(prefix):
+            for item in page.get("Contents", []):
+                modified = item["LastModified"]
+                yield StoredBlob(
+                    key=item["Key"][len(self.prefix) :],
+                    size=int(item["Size"]),
+                    modified=modified if modified.tzinfo else modified.replace(tzinfo=UTC),
+                )
 
     def copy(self, src: str, dst: str) -> None:
         head = self._head(src)

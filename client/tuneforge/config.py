@@ -49,6 +49,31 @@ DEFAULT_LEARNING_RATES = {
 }
 DEFAULT_EFFECTIVE_BATCH_SIZE = 16
 
+# Upper bounds on the fields that size a run's work, so one request cannot ask a worker for years
+# of compute or unbounded memory and disk. Each sits well past what demanding LLaMA-Factory /
+# Predibase users run, so real work never meets it; a value past it is a 422 naming the field.
+# Long fine-tunes run 10k-100k optimizer steps; a million is days of GPU time even at 0.1 s a step.
+MAX_STEPS = 1_000_000
+# Small datasets are trained for tens of passes, a few-row one for hundreds.
+MAX_EPOCHS = 10_000
+# Fine-tuning batches are 8-1024 rows; Llama 3's pre-training batch was ~2k sequences of 8k tokens.
+MAX_BATCH_ROWS = 16_384
+# The longest contexts fine-tuned in practice are 128k tokens (Llama 3.1, Qwen 2.5); twice that.
+MAX_SEQ_LENGTH = 262_144
+# HF Trainer's save_total_limit is typically 1-5; each full-model checkpoint can be gigabytes.
+MAX_KEPT_CHECKPOINTS = 100
+# Per evaluation: 200 by default; ten thousand makes a slow eval, a hundred thousand a wasteful one.
+MAX_EVAL_SAMPLES = 100_000
+# Clock-based cadences (checkpoints, evals): a week, past any job time limit.
+MAX_CADENCE_MINUTES = 7 * 24 * 60.0
+# Evaluations without improvement before stopping early; more than any run evaluates.
+MAX_EARLY_STOPPING_PATIENCE = 10_000
+# numpy's and most tools' seed range; larger seeds overflow some RNG APIs.
+MAX_SEED = 2**32 - 1
+# target_modules: HF ids and module names are short; a model has at most a few hundred module kinds.
+MAX_TARGET_MODULES = 512
+MAX_NAME_LENGTH = 512
+
 SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 OptimizerType = Literal["adamw_torch", "sgd", "adamw_8bit", "paged_adamw_32bit"]
 
@@ -95,16 +120,20 @@ class FinetuningConfig(BaseModel):
 
     # --- Predibase fields -----------------------------------------------------------------------
     base_model: str | None = Field(
-        default=None, min_length=1, description="Built-in model name, HF id or local path."
+        default=None,
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        description="Built-in model name, HF id or local path.",
     )
     adapter: str = Field(default="lora", description="lora | dora | full | last_layer | turbo_lora | turbo.")
     task: Literal["sft", "continued_pretraining"] = Field(
         default="sft", description="sft: learn completions of prompts; continued_pretraining: learn raw text."
     )
-    epochs: int = Field(default=3, ge=1, le=10_000, description="Passes over the training rows.")
+    epochs: int = Field(default=3, ge=1, le=MAX_EPOCHS, description="Passes over the training rows.")
     train_steps: int | None = Field(
         default=None,
         ge=1,
+        le=MAX_STEPS,
         description="Exactly this many optimizer steps (cycling epochs); wins over epochs.",
     )
     learning_rate: float | None = Field(
@@ -122,7 +151,9 @@ class FinetuningConfig(BaseModel):
     )
     lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA branch's input.")
     target_modules: tuple[str, ...] | None = Field(
-        default=None, description="None: every attention and MLP projection the base model has."
+        default=None,
+        max_length=MAX_TARGET_MODULES,
+        description="None: every attention and MLP projection the base model has.",
     )
     enable_early_stopping: bool = Field(
         default=True, description="Stop when eval loss has not improved for early_stopping_patience evals."
@@ -142,26 +173,36 @@ class FinetuningConfig(BaseModel):
         default=0.03, ge=0, lt=1, description="Share of the steps over which the rate rises from 0."
     )
     effective_batch_size: int | None = Field(
-        default=None, ge=1, description="Rows per optimizer step; default 16 (or micro * accumulation)."
+        default=None,
+        ge=1,
+        le=MAX_BATCH_ROWS,
+        description="Rows per optimizer step; default 16 (or micro * accumulation).",
     )
 
     # --- batch, evaluation and precision ----------------------------------------------------------
     micro_batch_size: int = Field(default=4, ge=1, le=4096, description="Rows per forward pass.")
     eval_batch_size: int | None = Field(default=None, ge=1, le=4096, description="Default: micro_batch_size.")
     gradient_accumulation_steps: int | None = Field(
-        default=None, ge=1, description="Derived from effective_batch_size / micro_batch_size when absent."
+        default=None,
+        ge=1,
+        le=MAX_BATCH_ROWS,
+        description="Derived from effective_batch_size / micro_batch_size when absent.",
     )
     eval_every_n_steps: int | None = Field(
-        default=None, ge=1, description="Default: at each checkpoint, and always at the end."
+        default=None, ge=1, le=MAX_STEPS, description="Default: at each checkpoint, and always at the end."
     )
-    eval_every_n_minutes: float | None = Field(default=None, gt=0, description="Also evaluate on this clock.")
+    eval_every_n_minutes: float | None = Field(
+        default=None, gt=0, le=MAX_CADENCE_MINUTES, description="Also evaluate on this clock."
+    )
     eval_fraction: float = Field(
         default=0.1,
         ge=0,
         le=0.5,
         description="Rows held out for eval when there is no `split` column; 0: none.",
     )
-    max_eval_samples: int = Field(default=200, ge=1, description="Eval rows scored at most, per evaluation.")
+    max_eval_samples: int = Field(
+        default=200, ge=1, le=MAX_EVAL_SAMPLES, description="Eval rows scored at most, per evaluation."
+    )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 where the device computes it natively, else fp32."
     )
@@ -177,7 +218,10 @@ class FinetuningConfig(BaseModel):
 
     # --- sequence, memory and checkpoints -----------------------------------------------------------
     max_seq_length: int | None = Field(
-        default=None, ge=8, description="Longer rows are truncated (and counted); default min(context, 2048)."
+        default=None,
+        ge=8,
+        le=MAX_SEQ_LENGTH,
+        description="Longer rows are truncated (and counted); default min(context, 2048).",
     )
     packing: bool = Field(
         default=True, description="Several rows per sequence, each attending only to itself (no padding)."
@@ -187,15 +231,26 @@ class FinetuningConfig(BaseModel):
     )
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradients are clipped to this global norm.")
     checkpoint_every_n_steps: int = Field(
-        default=50, ge=1, description="A restartable checkpoint every this many optimizer steps."
+        default=50,
+        ge=1,
+        le=MAX_STEPS,
+        description="A restartable checkpoint every this many optimizer steps.",
     )
-    checkpoint_every_n_minutes: float | None = Field(default=None, gt=0, description="And on this clock.")
-    keep_n_checkpoints: int = Field(default=3, ge=1, description="Older checkpoints are deleted.")
+    checkpoint_every_n_minutes: float | None = Field(
+        default=None, gt=0, le=MAX_CADENCE_MINUTES, description="And on this clock."
+    )
+    keep_n_checkpoints: int = Field(
+        default=3, ge=1, le=MAX_KEPT_CHECKPOINTS, description="Older checkpoints are deleted."
+    )
     load_best_at_end: bool = Field(
         default=True, description="The stored adapter is the lowest-eval-loss one."
     )
-    early_stopping_patience: int = Field(default=5, ge=1, description="Evaluations without improvement.")
-    seed: int = Field(default=42, ge=0, description="Seeds data order, splits, dropout and initialisation.")
+    early_stopping_patience: int = Field(
+        default=5, ge=1, le=MAX_EARLY_STOPPING_PATIENCE, description="Evaluations without improvement."
+    )
+    seed: int = Field(
+        default=42, ge=0, le=MAX_SEED, description="Seeds data order, splits, dropout and initialisation."
+    )
 
     # --- speculator heads (turbo_lora / turbo) ------------------------------------------------------
     speculator_architecture: Literal["eagle", "medusa"] = Field(
@@ -279,6 +334,8 @@ class FinetuningConfig(BaseModel):
     def _targets_non_empty(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         if value is not None and (not value or not all(name.strip() for name in value)):
             raise ValueError("target_modules must name at least one module, or be null for the default")
+        if value is not None and any(len(name) > MAX_NAME_LENGTH for name in value):
+            raise ValueError(f"target_modules: each name must be at most {MAX_NAME_LENGTH} characters")
         return value
 
     @model_validator(mode="after")

@@ -26,6 +26,7 @@ from websockets.sync.client import connect
 from worker_fixtures import WorkerStack
 
 from app.db import FinetuningJob, JobEvent, JobEventKind, JobMetric
+from app.services import auth
 
 pytestmark = pytest.mark.e2e
 
@@ -253,3 +254,31 @@ def test_a_job_created_while_the_broker_is_down_stays_queued_and_runs_once_it_is
     stack.new_worker().start()
     final = _wait(api, job["uuid"], lambda j: j["status"] in FINAL, what="a final status")
     assert final["status"] == "completed", final["error"]
+
+
+def test_deleting_a_version_a_dataset_and_a_repo_deletes_their_blobs_checkpoints_and_token_caches(
+    live_server_with_worker: WorkerStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack = live_server_with_worker
+    _, token = _prepare(stack, tmp_path, monkeypatch)
+    api = _api(stack, token)
+    for _ in range(2):
+        job = _start_job(api, train_steps=4, checkpoint_every_n_steps=2)
+        final = _wait(api, job["uuid"], lambda j: j["status"] in FINAL, what="a final status")
+        assert final["status"] == "completed", final["error"]
+    store = stack.app.state.ctx.store
+    with _session(stack) as session:
+        owned = f"tenants/{auth.authenticate(session, token).tenant.uuid}/"
+    kinds = {key.split("/")[2] for key in store.list_keys(owned)}
+    assert kinds == {"datasets", "repos", "jobs"}
+    assert any("/tokenized/" in key for key in store.list_keys(f"{owned}datasets/"))
+    jobs_before = {key.split("/")[3] for key in store.list_keys(f"{owned}jobs/")}
+    assert len(jobs_before) == 2
+
+    assert api.delete("/v2/repos/numbers/version/1").status_code == 200
+    assert len({key.split("/")[3] for key in store.list_keys(f"{owned}jobs/")}) == 1
+    assert api.delete("/v2/datasets/numbers").status_code == 200
+    assert store.list_keys(f"{owned}datasets/") == []  # its file and its tokenised caches
+    assert api.delete("/v2/repos/numbers").status_code == 200
+
+    assert store.list_keys(owned) == []

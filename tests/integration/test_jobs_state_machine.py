@@ -300,3 +300,34 @@ def test_sweeper_finds_only_queued_jobs_whose_enqueue_was_lost(session: Session)
     assert lost.id in found
     assert not found & {enqueued.id, started.id}
     assert lost.id not in {j.id for j in jobs.queued_unenqueued(session, utcnow() - timedelta(hours=1))}
+
+
+def test_a_redelivery_past_the_attempt_cap_ends_the_job_errored_instead_of_resuming_it(
+    session: Session,
+) -> None:
+    job = _new_job(session)
+    jobs.start_attempt(session, job, worker_id="w1", lease_seconds=LEASE, max_attempts=2)
+    _expire_lease(session, job)
+    assert jobs.start_attempt(session, job, worker_id="w2", lease_seconds=LEASE, max_attempts=2) is True
+    _expire_lease(session, job)
+    session.commit()
+
+    with pytest.raises(jobs.AttemptsExhaustedError, match=r"worker lost 2 times \(out of memory\?\)"):
+        jobs.start_attempt(session, job, worker_id="w3", lease_seconds=LEASE, max_attempts=2)
+    session.commit()
+
+    session.refresh(job)
+    assert (job.status, job.attempt, job.error) == (S.ERRORED, 2, "worker lost 2 times (out of memory?)")
+    assert job.version.status == S.ERRORED and job.finished_at is not None
+
+
+def test_the_attempt_cap_spares_a_live_lease_and_a_job_below_the_cap(session: Session) -> None:
+    held, fresh = _new_job(session), _new_job(session)
+    jobs.start_attempt(session, held, worker_id="w1", lease_seconds=LEASE, max_attempts=1)
+    session.commit()
+    with pytest.raises(ConflictError, match="held by w1"):  # a duplicate delivery, not a lost worker
+        jobs.start_attempt(session, held, worker_id="w2", lease_seconds=LEASE, max_attempts=1)
+    assert held.status == S.TRAINING
+    jobs.start_attempt(session, fresh, worker_id="w1", lease_seconds=LEASE, max_attempts=2)
+    _expire_lease(session, fresh)
+    assert jobs.lost_too_often(fresh, 2) is False and jobs.lost_too_often(fresh, 1) is True

@@ -248,7 +248,7 @@ class LLMEngine:
                 self.metrics.requests.labels(finish_reason="error").inc()
                 request.send(state)
                 self._forget(request)
-            elif state is not None:
+            elif state is not None and seq.adapter_key is not None:
                 request.adapter = state
                 self.adapters.pin(seq.adapter_key)
 

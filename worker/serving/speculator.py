@@ -114,13 +114,15 @@ class Speculator:
         expected = {"weight": (hidden_size, hidden_size), "bias": (hidden_size,)}
         stacked = {}
         for part, shape in expected.items():
-            tensors = [state.get(f"heads.{k}.linear.{part}") for k in range(heads)]
-            for k, tensor in enumerate(tensors):
+            tensors: list[torch.Tensor] = []
+            for k in range(heads):
+                tensor = state.get(f"heads.{k}.linear.{part}")
                 if tensor is None or tuple(tensor.shape) != shape:
                     found = "missing" if tensor is None else f"{tuple(tensor.shape)}"
                     raise AdapterLoadError(
                         f"speculator.safetensors: heads.{k}.linear.{part} is {found}, not {shape}"
                     )
+                tensors.append(tensor)
             stacked[part] = check_finite(
                 torch.stack(tensors).to(device=device, dtype=dtype),
                 f"speculator heads' {part}",

@@ -87,6 +87,11 @@ def test_cancel_of_a_queued_job_is_final_and_a_second_cancel_is_a_409(tenant) ->
         ({"base_model": TINY, "enable_dreams": True}, "params.enable_dreams: unknown field"),
         ({"adapter": "lora"}, "params.base_model: required"),
         ({"base_model": TINY, "rank": "high"}, "params.rank: "),
+        # Fields that size the work have upper bounds.
+        ({"base_model": TINY, "train_steps": 10**9}, "params.train_steps: Input should be less than"),
+        ({"base_model": TINY, "max_seq_length": 10**7}, "params.max_seq_length: Input should be less than"),
+        ({"base_model": TINY, "keep_n_checkpoints": 10**6}, "params.keep_n_checkpoints: Input should be"),
+        ({"base_model": TINY, "seed": 2**64}, "params.seed: Input should be less than or equal"),
         # Checks across fields name the field they are about, not an empty location.
         (
             {"base_model": TINY, "adapter": "full", "quantization_bits": 4},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -134,6 +135,16 @@ def test_delete_prefix_respects_segment_boundaries(store: S3BlobStore) -> None:
     assert store.list_keys("a/b/") == ["a/b/x", "a/b/y/z"]
     assert store.delete_prefix("a/b/") == 2
     assert store.list_keys("") == ["a/bc", "a/c"]
+
+
+def test_list_blobs_gives_size_and_write_time_under_the_prefix(store: S3BlobStore) -> None:
+    before = datetime.now(UTC) - timedelta(seconds=60)
+    store.put_stream("x/y", [b"12345"])
+    store.put_stream("x/z/w", [b"1"])
+    store.put_stream("xa", [b"1"])
+    listed = sorted(store.list_blobs("x/"), key=lambda blob: blob.key)
+    assert [(blob.key, blob.size) for blob in listed] == [("x/y", 5), ("x/z/w", 1)]
+    assert all(before < blob.modified < datetime.now(UTC) + timedelta(seconds=60) for blob in listed)
 
 
 def test_keys_are_validated_like_the_local_store(store: S3BlobStore) -> None:

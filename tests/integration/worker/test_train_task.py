@@ -181,8 +181,10 @@ def test_train_task_completes_version_with_verified_adapter_metrics_and_checkpoi
         assert version.config["target_modules"][0] == "q_proj"
         assert "exact match" in version.quality_report["summary"]
         assert version.metrics_summary["useful_tokens"] > 0
-        # Tokenised once per (dataset, tokenizer, settings), kept beside the tenant's data.
-        assert len(ctx.store.list_keys(version.artifact_prefix.split("repos/")[0] + "tokenized/")) == 1
+        # Tokenised once per (dataset, tokenizer, settings), kept in the dataset's directory.
+        dataset = session.get(Dataset, job.dataset_id)
+        assert dataset is not None
+        assert len(ctx.store.list_keys(dataset.blob_key.rsplit("/", 1)[0] + "/tokenized/")) == 1
         checkpoints = session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)).all()
         assert sorted(c.step for c in checkpoints) == [2, 4]
         for checkpoint in checkpoints:

@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,17 @@ def test_listing_hides_sidecars_and_temp_files(store: LocalBlobStore) -> None:
     store.put_stream("x/y", [b"1"])
     (store.root / "x" / ".tf-tmp-leftover").write_bytes(b"partial")
     assert store.list_keys("") == ["x/y"]
+
+
+def test_list_blobs_gives_size_and_write_time_and_hides_bookkeeping(store: LocalBlobStore) -> None:
+    before = datetime.now(UTC) - timedelta(seconds=5)
+    store.put_stream("x/y", [b"12345"])
+    store.put_stream("x/z/w", [b"1"])
+    store.put_stream("xa", [b"1"])
+    (store.root / "x" / ".tf-tmp-leftover").write_bytes(b"partial")
+    listed = sorted(store.list_blobs("x/"), key=lambda blob: blob.key)
+    assert [(blob.key, blob.size) for blob in listed] == [("x/y", 5), ("x/z/w", 1)]
+    assert all(before < blob.modified <= datetime.now(UTC) for blob in listed)
 
 
 def test_copy_keeps_sha256_and_refuses_a_corrupt_source(store: LocalBlobStore) -> None:
