@@ -25,6 +25,10 @@ class ServiceError(Exception):
         if status_code is not None:
             self.status_code = status_code
 
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return None
+
 
 class InvalidInputError(ServiceError):
     status_code = 422
@@ -48,6 +52,20 @@ class PayloadTooLargeError(ServiceError):
     status_code = 413
 
 
+class ServiceUnavailableError(ServiceError):
+    """The server is at a limit of its own for the moment; the client retries after `retry_after` s."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after: int, detail: Any = None) -> None:
+        super().__init__(message, detail=detail)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)}
+
+
 def error_body(message: str, detail: Any = None) -> dict[str, Any]:
     body: dict[str, Any] = {"error": message}
     if detail is not None:
@@ -68,7 +86,9 @@ def _describe_validation_error(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.detail), status_code=exc.status_code)
+        return JSONResponse(
+            error_body(exc.message, exc.detail), status_code=exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -57,7 +57,11 @@ STACKS = ("embedded", "postgres_s3")
 
 @pytest.fixture(scope="session")
 def stack_settings_factory(tmp_path_factory, request):  # type: ignore[no-untyped-def]
-    """Settings for a named stack; `postgres_s3` pulls in the real PostgreSQL and the S3 server."""
+    """Settings for a named stack; `postgres_s3` pulls in the real PostgreSQL, the S3 server and Redis.
+
+    Queues get names of their own on the shared Redis, so that no other test run's workers take
+    this run's messages (nor this run's theirs).
+    """
     from app.db import migrate
     from app.settings import Settings
 
@@ -76,6 +80,9 @@ def stack_settings_factory(tmp_path_factory, request):  # type: ignore[no-untype
                 database_url=request.getfixturevalue("postgres_url"),
                 storage_url=f"s3://{bucket}/tuneforge",
                 s3_endpoint_url=s3.endpoint_url,
+                broker_url=request.getfixturevalue("redis_url"),
+                train_queue=f"tuneforge.train.test-{secrets.token_hex(4)}",
+                validate_queue=f"tuneforge.validate.test-{secrets.token_hex(4)}",
             )
         fields.update(overrides)
         settings = Settings(**fields)  # type: ignore[arg-type]
@@ -83,16 +90,29 @@ def stack_settings_factory(tmp_path_factory, request):  # type: ignore[no-untype
         built[key] = settings
         return settings
 
-    return build
+    yield build
+    _drop_redis_queues([s for s in built.values() if s.broker_url.startswith("redis://")])
+
+
+def _drop_redis_queues(stacks: list) -> None:  # type: ignore[type-arg]
+    """The run's own queues (a list per queue, and kombu's binding set) leave the shared Redis."""
+    import redis
+
+    for settings in stacks:
+        client = redis.Redis.from_url(settings.broker_url)
+        for queue in (settings.train_queue, settings.validate_queue):
+            client.delete(queue, f"_kombu.binding.{queue}")
 
 
 # --- a live server over real HTTP, for SDK and client tests ------------------------------------------
 
 
 @pytest.fixture(scope="session", params=STACKS)
-def live_server(request: pytest.FixtureRequest, stack_settings_factory):  # type: ignore[no-untyped-def]
-    """A live server per stack (embedded, Postgres + S3); tests use a fresh tenant each."""
-    with LiveServer(stack_settings_factory(request.param)) as server:
+def live_server(request: pytest.FixtureRequest, stack_settings_factory, validate_worker_for):  # type: ignore[no-untyped-def]
+    """A live server per stack (embedded, Postgres + S3) with a validate worker; a fresh tenant per test."""
+    settings = stack_settings_factory(request.param)
+    validate_worker_for(settings)
+    with LiveServer(settings) as server:
         yield server
 
 

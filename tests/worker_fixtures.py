@@ -37,18 +37,25 @@ def settings_env(settings: Any) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """One `tuneforge worker`; its log goes to a file the test can show when something fails."""
+    """One `tuneforge worker`; its log goes to a file the test can show when something fails.
 
-    def __init__(self, settings: Any, log_path: Path) -> None:
+    By default it runs both nodes (training, and validation as its child); `queues="validate"`
+    runs only the light validate node, what the API tests need to see datasets connected.
+    """
+
+    def __init__(self, settings: Any, log_path: Path, queues: str | None = None) -> None:
         self.settings = settings
         self.log_path = log_path
+        self.queues = queues
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        queues = ["--queues", self.queues] if self.queues else []
+        nodes = 1 if self.queues and "," not in self.queues else 2
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "worker", "--log-level", "info"],
+                [sys.executable, "-m", "app.cli", "worker", *queues, "--log-level", "info"],
                 env=settings_env(self.settings),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -56,7 +63,7 @@ class WorkerProcess:
                 start_new_session=True,  # its own process group: kill() reaches the pool child too
             )
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        while b" ready." not in self.log_path.read_bytes()[offset:]:
+        while self.log_path.read_bytes()[offset:].count(b" ready.") < nodes:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 pytest.fail(f"worker did not start:\n{self.log_tail()}")
@@ -114,6 +121,29 @@ def redis_url() -> str:
 
 
 @pytest.fixture(scope="session")
+def validate_worker_for(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Any], WorkerProcess]]:
+    """Starts (once per Settings) a real `tuneforge worker --queues validate` for a stack's datasets.
+
+    Validation never runs in the API process: a test that waits for `connected` needs one of these
+    on the same database, blob store and broker as its app.
+    """
+    started: dict[str, WorkerProcess] = {}
+
+    def start(settings: Any) -> WorkerProcess:
+        key = " ".join(
+            (settings.database_url, settings.storage_url, settings.broker_url, settings.validate_queue)
+        )
+        if key not in started:
+            logs = tmp_path_factory.mktemp("validate-worker")
+            started[key] = WorkerProcess(settings, logs / "worker.log", queues="validate").start()
+        return started[key]
+
+    yield start
+    for worker in started.values():
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
 def shared_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Built once per run; every worker of every stack reads the same tiny-random-llama checkpoint."""
     from worker.training.base_models import resolve_base_model
@@ -144,6 +174,7 @@ def worker_stack_factory(
     def build(stack: str, **overrides: Any) -> WorkerStack:
         fields: dict[str, Any] = {
             "train_queue": f"tuneforge.train.test-{secrets.token_hex(4)}",
+            "validate_queue": f"tuneforge.validate.test-{secrets.token_hex(4)}",
             "job_lease_seconds": TEST_LEASE_SECONDS,
             "sweep_interval_seconds": 0.5,
             "model_cache_dir": shared_model_cache,

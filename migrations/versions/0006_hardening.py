@@ -20,9 +20,7 @@ def upgrade() -> None:
     with op.batch_alter_table("api_tokens") as batch:
         batch.add_column(sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table("datasets") as batch:
-        batch.add_column(
-            sa.Column("validation_attempts", sa.Integer(), nullable=False, server_default="0")
-        )
+        batch.add_column(sa.Column("validation_attempts", sa.Integer(), nullable=False, server_default="0"))
         batch.create_unique_constraint("uq_datasets_blob_key", ["blob_key"])
 
 

@@ -21,10 +21,13 @@ STACKS = ("embedded", "postgres_s3")
 
 @pytest.fixture(scope="session", params=STACKS)
 def api_app(
-    request: pytest.FixtureRequest, stack_settings_factory: Callable[..., Any]
+    request: pytest.FixtureRequest,
+    stack_settings_factory: Callable[..., Any],
+    validate_worker_for: Callable[[Any], Any],
 ) -> Iterator[TestClient]:
-    app = create_app(stack_settings_factory(request.param))
-    with TestClient(app) as client:  # runs the lifespan: validator pool, shutdown at the end
+    settings = stack_settings_factory(request.param)
+    validate_worker_for(settings)  # datasets reach a verdict on a real validate worker, as deployed
+    with TestClient(create_app(settings)) as client:  # runs the lifespan: the sweeper, shutdown at the end
         yield client
 
 
