@@ -75,18 +75,24 @@ class TenantSession:
             time.sleep(0.05)
 
 
+def _tenant_on(app_client: TestClient) -> TenantSession:
+    ctx = app_client.app.state.ctx  # type: ignore[attr-defined]
+    tenant = f"t-{secrets.token_hex(4)}"
+    with transaction(ctx.sessions) as session:
+        token = auth.create_token(session, auth.get_or_create_user(session, tenant, "alice"))
+    client = TestClient(app_client.app, headers={"Authorization": f"Bearer {token}"})
+    return TenantSession(client=client, tenant=tenant, token=token)
+
+
+@pytest.fixture
+def new_tenant_on() -> Callable[[TestClient], TenantSession]:
+    """A new tenant on an app of the test's own (e.g. one built with other settings)."""
+    return _tenant_on
+
+
 @pytest.fixture
 def new_tenant(api_app: TestClient) -> Callable[[], TenantSession]:
-    ctx = api_app.app.state.ctx  # type: ignore[attr-defined]
-
-    def make() -> TenantSession:
-        tenant = f"t-{secrets.token_hex(4)}"
-        with transaction(ctx.sessions) as session:
-            token = auth.create_token(session, auth.get_or_create_user(session, tenant, "alice"))
-        client = TestClient(api_app.app, headers={"Authorization": f"Bearer {token}"})
-        return TenantSession(client=client, tenant=tenant, token=token)
-
-    return make
+    return lambda: _tenant_on(api_app)
 
 
 @pytest.fixture
