@@ -58,11 +58,12 @@ def verify_blob_token(signer: Signer, token: str, method: str) -> BlobGrant:
 def content_disposition(filename: str) -> str:
     """`attachment` with an ASCII fallback and RFC 5987's UTF-8 form (RFC 6266), safe for any name.
 
-    Quotes, backslashes, control characters (CR/LF) and non-ASCII never reach the quoted fallback,
+    Quotes, backslashes, semicolons, control characters (CR/LF) and non-ASCII never reach the fallback,
     and the UTF-8 form is percent-encoded, so no name can end the header or add a parameter.
     """
     name = _shortened(filename.replace("/", "_").replace("\\", "_")) or "download"
-    fallback = "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in name)
+    # `;` is legal inside the quotes, but naive clients split on it.
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\%;' else "_" for c in name)
     encoded = quote(name.encode("utf-8", "replace"), safe="")
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
