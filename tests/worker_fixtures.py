@@ -97,7 +97,7 @@ class WorkerStack:
     server: Any  # tests/conftest.py LiveServer
     settings: Any
     workers: list[WorkerProcess]
-    new_worker: Callable[[], WorkerProcess]
+    new_worker: Callable[..., WorkerProcess]  # (queues=None): both nodes; "validate": validation only
 
     @property
     def url(self) -> str:
@@ -188,8 +188,8 @@ def worker_stack_factory(
         workers: list[WorkerProcess] = []
         logs = tmp_path_factory.mktemp("worker-logs")
 
-        def new_worker() -> WorkerProcess:
-            worker = WorkerProcess(settings, logs / f"worker-{len(workers)}.log")
+        def new_worker(queues: str | None = None) -> WorkerProcess:
+            worker = WorkerProcess(settings, logs / f"worker-{len(workers)}.log", queues=queues)
             workers.append(worker)
             return worker
 

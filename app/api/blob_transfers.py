@@ -61,6 +61,9 @@ class BlobTransfers:
     def release_slot(self, borrower: object) -> None:
         self._slots.release_on_behalf_of(borrower)
 
+    async def closed(self, store: BlobStore, key: str | None) -> bool:
+        return key is not None and await self._io(store.exists, key)
+
     async def receive(
         self, store: BlobStore, key: str, body: AsyncIterator[bytes], max_bytes: int
     ) -> BlobInfo:

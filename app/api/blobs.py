@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from app.api.blob_transfers import BlobTransfers
 from app.context import AppContext
-from app.errors import AuthenticationError, NotFoundError, PayloadTooLargeError
+from app.errors import AuthenticationError, ConflictError, NotFoundError, PayloadTooLargeError
 from app.signing import InvalidTokenError
 from app.storage import BlobGrant, BlobNotFoundError, BlobTooLargeError, content_disposition
 
@@ -37,6 +37,8 @@ async def put_blob(token: str, request: Request) -> dict[str, Any]:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(f"upload is {declared} bytes; the limit is {limit}")
+    if await transfers.closed(ctx.store, grant.closed_by):
+        raise ConflictError("this upload was already registered; its URL is used up, begin a new upload")
     borrower = transfers.take_slot()
     try:
         info = await transfers.receive(ctx.store, grant.key, request.stream(), limit)

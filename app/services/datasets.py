@@ -29,6 +29,9 @@ from app.storage import BlobInfo, BlobNotFoundError, StorageError
 log = logging.getLogger(__name__)
 
 DEFAULT_CONNECTION = "file_uploads"
+# Written beside an upload when it is registered: the token and the control plane's PUT URL are then
+# used up, even once the dataset is deleted (the marker outlives both; `tuneforge gc` removes it).
+_REGISTERED_MARKER = "registered"
 MAX_FILE_NAME_CHARS = 255  # the column's width
 
 
@@ -47,13 +50,18 @@ def begin_upload(
             f"sizeBytes: the file is {size_bytes} bytes; the limit is {limit} (TUNEFORGE_MAX_UPLOAD_BYTES)"
         )
     suffix = PurePosixPath(name).suffix.lower()
-    upload = uuid.uuid4()
-    key = f"tenants/{user.tenant.uuid}/uploads/{upload}/data{suffix}"
-    dest = f"tenants/{user.tenant.uuid}/datasets/{upload}/data{suffix}"
+    upload_id, tenant = uuid.uuid4(), user.tenant.uuid
+    key = f"tenants/{tenant}/uploads/{upload_id}/data{suffix}"
+    sealed = f"tenants/{tenant}/uploads/{upload_id}/{_REGISTERED_MARKER}"
+    dest = f"tenants/{tenant}/datasets/{upload_id}/data{suffix}"
     url = ctx.store.presigned_put_url(
-        key, expires_in=ctx.settings.signed_url_ttl_seconds, base_url=base_url, content_length=size_bytes
+        key,
+        expires_in=ctx.settings.signed_url_ttl_seconds,
+        base_url=base_url,
+        content_length=size_bytes,
+        closed_by=sealed,
     )
-    return url, upload_tokens.issue(ctx, user, "dataset", key=key, dest=dest, file=name)
+    return url, upload_tokens.issue(ctx, user, "dataset", key=key, dest=dest, sealed=sealed, file=name)
 
 
 def _checked_file_name(file_name: str) -> str:
@@ -76,20 +84,23 @@ def finish_upload(ctx: AppContext, session: Session, user: User, name: str, uplo
     """Step 3: register the uploaded bytes as a dataset (once per token), then send it to be validated."""
     validate_name(name, "name")
     claims = upload_tokens.verify(ctx, user, upload_token, "dataset")
-    if "dest" not in claims:
+    if "sealed" not in claims:
         raise InvalidInputError("uploadToken: issued by an older server; start the upload again")
     done = session.scalar(select(Dataset).where(Dataset.blob_key == claims["dest"]))
     if done is not None:
         # A client retrying after a lost response gets the dataset it already created.
         if done.name == name and done.tenant_id == user.tenant_id:
             return done
-        raise _already_registered(done)
+        raise _already_registered(done.name)
+    if ctx.store.exists(claims["sealed"]):
+        raise _already_registered(None)
     _uploaded_size(ctx, claims["key"])
     if _find(session, user, name, DEFAULT_CONNECTION) is not None:
         raise ConflictError(f"name: a dataset called {name!r} already exists; pick another name or delete it")
     dataset = _claim(session, user, name, claims)
     try:
         sealed = _seal(ctx, claims["key"], claims["dest"])
+        ctx.store.put_stream(claims["sealed"], [dataset.uuid.encode()])
     except BaseException:
         session.delete(dataset)
         session.commit()
@@ -136,15 +147,16 @@ def _claim(session: Session, user: User, name: str, claims: dict[str, str]) -> D
         session.rollback()
         winner = session.scalar(select(Dataset).where(Dataset.blob_key == claims["dest"]))
         if winner is not None:
-            raise _already_registered(winner) from None
+            raise _already_registered(winner.name) from None
         raise ConflictError(f"name: a dataset called {name!r} already exists") from None
     return dataset
 
 
-def _already_registered(dataset: Dataset) -> ConflictError:
+def _already_registered(name: str | None) -> ConflictError:
+    registered = f"as dataset {name!r}" if name else "(as a dataset since deleted)"
     return ConflictError(
-        f"uploadToken: this upload is already registered as dataset {dataset.name!r}; an upload "
-        "registers one dataset, so begin a new upload for another"
+        f"uploadToken: this upload is already registered {registered}; an upload registers one "
+        "dataset, so begin a new upload for another"
     )
 
 

@@ -129,14 +129,21 @@ class BlobStore(abc.ABC):
 
     @abc.abstractmethod
     def presigned_put_url(
-        self, key: str, *, expires_in: int, base_url: str, content_length: int | None = None
+        self,
+        key: str,
+        *,
+        expires_in: int,
+        base_url: str,
+        content_length: int | None = None,
+        closed_by: str | None = None,
     ) -> str:
         """A URL an unauthenticated client may PUT raw bytes to until it expires.
 
         `base_url` is the control plane's public URL: URLs the control plane serves itself (the
-        local store's, and relayed uploads) point there and take at most the upload limit. With
+        local store's, and relayed uploads) point there, take at most the upload limit, and are
+        refused once the key `closed_by` exists (an upload that was registered). With
         `content_length`, a backend that signs it (S3) may hand out a direct URL that accepts a
-        body of exactly that many bytes.
+        body of exactly that many bytes instead.
         """
 
     @abc.abstractmethod

@@ -101,9 +101,16 @@ class LocalBlobStore(BlobStore):
         self.put_stream(dst, chunks, content_type=content_type)
 
     def presigned_put_url(
-        self, key: str, *, expires_in: int, base_url: str, content_length: int | None = None
+        self,
+        key: str,
+        *,
+        expires_in: int,
+        base_url: str,
+        content_length: int | None = None,
+        closed_by: str | None = None,
     ) -> str:
-        return self._urls.url(base_url, BlobGrant(key, "PUT"), expires_in=expires_in)
+        grant = BlobGrant(key, "PUT", closed_by=closed_by)
+        return self._urls.url(base_url, grant, expires_in=expires_in)
 
     def presigned_get_url(
         self,

@@ -144,19 +144,27 @@ class S3BlobStore(BlobStore):
         return self._urls.verify(token, method)
 
     def presigned_put_url(
-        self, key: str, *, expires_in: int, base_url: str, content_length: int | None = None
+        self,
+        key: str,
+        *,
+        expires_in: int,
+        base_url: str,
+        content_length: int | None = None,
+        closed_by: str | None = None,
     ) -> str:
         """A direct S3 URL bound to `content_length`, else a URL of the control plane that relays to S3.
 
         A presigned PUT accepts any body up to S3's 5 GiB; signing Content-Length makes S3 (and
         MinIO) refuse a body of any other length, so the declared size, checked against the limit
         by the caller, is what S3 takes. Without a declared size the bytes pass through the
-        control plane, which enforces the limit while they stream.
+        control plane, which enforces the limit while they stream. A direct URL cannot be closed
+        by `closed_by`: a late PUT lands on `key` only, never on what was registered from it.
         """
         if content_length is None:
             if self._urls is None:
                 raise StorageError("this S3 store has no URL signer to relay uploads of undeclared size")
-            return self._urls.url(base_url, BlobGrant(key, "PUT"), expires_in=expires_in)
+            grant = BlobGrant(key, "PUT", closed_by=closed_by)
+            return self._urls.url(base_url, grant, expires_in=expires_in)
         params = {"Bucket": self.bucket, "Key": self._full(key), "ContentLength": content_length}
         with _s3_errors(key):
             url: str = self._signer.generate_presigned_url("put_object", Params=params, ExpiresIn=expires_in)

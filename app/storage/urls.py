@@ -26,6 +26,7 @@ class BlobGrant:
     method: str  # "PUT" or "GET"
     filename: str | None = None  # GET: the name the download is saved under
     sha256: str | None = None  # GET: what the bytes must hash to; a mismatch aborts the download
+    closed_by: str | None = None  # PUT: refused once this key exists (the upload was registered)
 
 
 class BlobUrls:
@@ -33,7 +34,13 @@ class BlobUrls:
         self._signer = signer
 
     def url(self, base_url: str, grant: BlobGrant, *, expires_in: int) -> str:
-        claims = {"k": validate_key(grant.key), "m": grant.method, "f": grant.filename, "s": grant.sha256}
+        claims = {
+            "k": validate_key(grant.key),
+            "m": grant.method,
+            "f": grant.filename,
+            "s": grant.sha256,
+            "c": validate_key(grant.closed_by) if grant.closed_by else None,
+        }
         return f"{base_url.rstrip('/')}/blobs/{self._signer.dumps(claims, expires_in=expires_in)}"
 
     def verify(self, token: str, method: str) -> BlobGrant:
@@ -43,16 +50,20 @@ class BlobUrls:
 def verify_blob_token(signer: Signer, token: str, method: str) -> BlobGrant:
     """The grant a token minted by `BlobUrls.url` carries; InvalidTokenError otherwise."""
     claims = signer.loads(token)
-    key, filename, sha256 = claims.get("k"), claims.get("f"), claims.get("s")
+    key, filename, sha256, closed_by = (claims.get(name) for name in ("k", "f", "s", "c"))
     if claims.get("m") != method.upper():
         raise InvalidTokenError(f"issued for {claims.get('m')}, not {method.upper()}")
-    if not isinstance(key, str) or not all(v is None or isinstance(v, str) for v in (filename, sha256)):
+    if not isinstance(key, str) or not all(
+        v is None or isinstance(v, str) for v in (filename, sha256, closed_by)
+    ):
         raise InvalidTokenError("malformed payload")
     try:
         validate_key(key)
+        if closed_by is not None:
+            validate_key(closed_by)
     except ValueError as exc:
         raise InvalidTokenError("malformed payload") from exc
-    return BlobGrant(key=key, method=method.upper(), filename=filename, sha256=sha256)
+    return BlobGrant(key=key, method=method.upper(), filename=filename, sha256=sha256, closed_by=closed_by)
 
 
 def content_disposition(filename: str) -> str:

@@ -191,6 +191,17 @@ def test_a_second_registration_of_one_upload_is_409_naming_the_first(tenant) -> 
     assert tenant.client.get("/v2/datasets").json()["count"] == 1
 
 
+def test_an_upload_stays_used_up_after_its_dataset_is_deleted(tenant) -> None:
+    begun = _begin_and_put(tenant, "a.csv", CSV)
+    body = {"name": "gone-soon", "uploadToken": begun["uploadToken"]}
+    assert tenant.client.put("/v2/datasets/upload", json=body).status_code == 200
+    assert tenant.client.delete("/v2/datasets/gone-soon").status_code == 200
+    # The control plane's own upload URL is closed; a direct S3 URL would write only the upload key.
+    assert_error(tenant.put_presigned(begun["presignedUrl"], CSV), 409, "already registered")
+    again = tenant.client.put("/v2/datasets/upload", json=body | {"name": "revived"})
+    assert_error(again, 409, "already registered (as a dataset since deleted)")
+
+
 def test_bytes_changed_in_storage_after_registration_are_never_served(api_app, tenant) -> None:
     body = tenant.upload_dataset("tampered", "qa.csv", CSV)
     store = api_app.app.state.ctx.store
