@@ -2,12 +2,13 @@
 
 A dataset left `validating` (a crash, a broker that was down) is sent by the sweeper and validated;
 one whose validations kept ending without a verdict ends `errored` after the attempt cap; one that
-needs more memory than a validation may take ends `errored` while the worker lives on.
+needs more memory, or more time, than a validation may take ends `errored` while the worker lives on.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -24,17 +25,26 @@ from app.db.base import utcnow
 from app.db.session import transaction
 from app.main import create_app
 from app.services import auth, dataset_validation
+from app.storage import LocalBlobStore
 
 STACKS = ["embedded", "postgres_s3"]
 
 
-def _orphan(settings: Any, name: str, data: bytes, **fields: Any) -> None:
-    """What a crash between "upload registered" and "verdict recorded" leaves behind."""
+def _orphan(settings: Any, name: str, data: bytes | None, **fields: Any) -> None:
+    """What a crash between "upload registered" and "verdict recorded" leaves behind.
+
+    With `data` None the blob is a FIFO nobody writes to (local store only): reading it hangs.
+    """
     ctx = AppContext.from_settings(settings)
     with transaction(ctx.sessions) as session:
         user = auth.get_or_create_user(session, "crashed", "carol")
         key = f"tenants/{user.tenant.uuid}/datasets/{name}/data.csv"
-        ctx.store.put_stream(key, [data])
+        if data is None:
+            assert isinstance(ctx.store, LocalBlobStore)
+            (ctx.store.root / key).parent.mkdir(parents=True)
+            os.mkfifo(ctx.store.root / key)
+        else:
+            ctx.store.put_stream(key, [data])
         session.add(Dataset(tenant_id=user.tenant_id, name=name, file_name="data.csv", blob_key=key,
                             status=DatasetStatus.VALIDATING, mime_type="text/csv", **fields))  # fmt: skip
     ctx.close()
@@ -104,6 +114,20 @@ def test_sweeper_sends_unsent_and_abandoned_validations_but_not_running_ones(
     assert sent["running"] is not None and sent["running"].replace(tzinfo=None) == long_ago.replace(
         tzinfo=None
     )
+
+
+def test_a_validation_that_hangs_is_stopped_at_its_time_limit(
+    stack_settings_factory: Callable[..., Any], validate_worker_for: Callable[[Any], Any]
+) -> None:
+    settings = stack_settings_factory("embedded", validation_time_limit_seconds=5)
+    validate_worker_for(settings)
+    _orphan(settings, "stuck", None)
+    started = time.monotonic()
+    with TestClient(create_app(settings)) as client:
+        row = _verdict(client, "stuck", timeout=60)
+    assert row.status == DatasetStatus.ERRORED
+    assert "ran past its time limit of 5 s" in (row.last_error or "")
+    assert time.monotonic() - started < 30  # the soft limit, not the sweeper's re-send or the hard kill
 
 
 def _parquet_bomb(rows: int = 64, row_bytes: int = 4 * 1024 * 1024) -> bytes:
