@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 def make_engine(database_url: str) -> Engine:
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if database_url.startswith("sqlite"):
-        # Request threads and the validation pool share the file; WAL lets readers run beside a writer.
+        # Request threads and worker processes share the file; WAL lets readers run beside a writer.
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     engine = create_engine(database_url, **kwargs)
     if database_url.startswith("sqlite"):

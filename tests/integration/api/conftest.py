@@ -66,7 +66,7 @@ class TenantSession:
         assert finished.status_code == 200, finished.text
         return self.wait_for_dataset(name)
 
-    def wait_for_dataset(self, name: str, timeout: float = 30) -> dict[str, Any]:
+    def wait_for_dataset(self, name: str, timeout: float = 60) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             body = self.client.get(f"/v1/datasets/name/{name}").json()
