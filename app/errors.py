@@ -27,6 +27,10 @@ class ServiceError(Exception):
         if status_code is not None:
             self.status_code = status_code
 
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return None
+
 
 class InvalidInputError(ServiceError):
     status_code = 422
@@ -59,9 +63,27 @@ class TooManyRequestsError(ServiceError):
         super().__init__(message)
         self.retry_after = max(1, retry_after)
 
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)}
+
 
 # How soon a client should come back while the database is unreachable.
 DATABASE_RETRY_AFTER_SECONDS = 5
+
+
+class ServiceUnavailableError(ServiceError):
+    """The server is at a limit of its own for the moment; the client retries after `retry_after` s."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after: int, detail: Any = None) -> None:
+        super().__init__(message, detail=detail)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)}
 
 
 def error_body(message: str, detail: Any = None) -> dict[str, Any]:
@@ -84,8 +106,9 @@ def _describe_validation_error(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooManyRequestsError) else None
-        return JSONResponse(error_body(exc.message, exc.detail), status_code=exc.status_code, headers=headers)
+        return JSONResponse(
+            error_body(exc.message, exc.detail), status_code=exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeoutError)

@@ -11,10 +11,10 @@ from prometheus_client import CollectorRegistry
 
 from app import dashboard
 from app.api import adapters, blobs, datasets, deployments, health, jobs, repos, serving_proxy, users
+from app.api.blob_transfers import BlobTransfers
 from app.context import AppContext
 from app.errors import install_error_handlers
 from app.observability import MetricsMiddleware, RequestMetrics
-from app.services.dataset_validator import DatasetValidator
 from app.services.job_sweeper import JobSweeper
 from app.services.quotas import ServingLimits
 from app.services.serving_processes import ServingSupervisor
@@ -29,11 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        validator = DatasetValidator(ctx)
-        app.state.validator = validator
-        resumed = validator.resume_pending()
-        if resumed:
-            log.info("re-validating %d dataset(s) left unvalidated by an earlier run", resumed)
+        # Also sends datasets to the validate workers that the broker never got.
         sweeper = JobSweeper(ctx, ctx.settings.sweep_interval_seconds)
         sweeper.start()
         try:
@@ -42,13 +38,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await serving_proxy.close_http_client(app)
             app.state.serving.close()  # stops the serving processes this control plane started
             sweeper.stop()
-            validator.shutdown()
             ctx.close()
 
     app = FastAPI(title="tuneforge", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx
     app.state.serving = ServingSupervisor(ctx.settings)
     app.state.serving_limits = ServingLimits.from_settings(ctx.settings)
+    app.state.blob_transfers = BlobTransfers(
+        ctx.settings.blob_transfer_limit, ctx.settings.blob_idle_timeout_seconds
+    )
     app.state.metrics = RequestMetrics(CollectorRegistry())
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)

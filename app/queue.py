@@ -1,8 +1,9 @@
-"""The control plane's side of the job queue: hands job ids to Celery workers by task name.
+"""The control plane's side of the job queue: hands job and dataset ids to Celery workers by task name.
 
-The API never imports `worker/` (no torch in the API image): it sends `tuneforge.train` by name
-with a JSON payload of one job id. The database, not the broker, is the record of what was
-accepted; a failed send leaves the job `queued` for the sweeper to send again.
+The API never imports `worker/` (no torch in the API image): it sends `tuneforge.train` (a job
+id) and `tuneforge.validate` (a dataset id) by name, each to its own queue, with a JSON payload.
+The database, not the broker, is the record of what was accepted; a failed send leaves the job
+`queued` (the dataset `validating`) for the sweeper to send again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 TRAIN_TASK = "tuneforge.train"
+VALIDATE_TASK = "tuneforge.validate"
 # Connecting to a broker that is down must fail the send quickly, not hold the request open.
 SEND_TIMEOUT_SECONDS = 3.0
 
@@ -33,6 +35,7 @@ class EnqueueError(Exception):
 class JobQueue:
     def __init__(self, settings: Settings) -> None:
         self._queue = settings.train_queue
+        self._validate_queue = settings.validate_queue
         self._celery = Celery("tuneforge-api", broker=settings.broker_url, set_as_current=False)
         self._celery.conf.update(
             task_serializer="json",
@@ -46,8 +49,15 @@ class JobQueue:
 
     def send_train(self, job_id: int) -> None:
         """Publish one job id; raises EnqueueError if the broker is unreachable."""
+        self._send(TRAIN_TASK, job_id, self._queue)
+
+    def send_validate(self, dataset_id: int) -> None:
+        """Publish one dataset id to the validate queue; raises EnqueueError if the broker is unreachable."""
+        self._send(VALIDATE_TASK, dataset_id, self._validate_queue)
+
+    def _send(self, task: str, row_id: int, queue: str) -> None:
         try:
-            self._celery.send_task(TRAIN_TASK, args=[job_id], queue=self._queue, retry=False)
+            self._celery.send_task(task, args=[row_id], queue=queue, retry=False)
         except Exception as exc:  # kombu/redis raise a zoo of connection errors; all mean the same here
             raise EnqueueError(f"broker unreachable: {type(exc).__name__}: {exc}") from exc
 

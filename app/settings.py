@@ -41,6 +41,28 @@ class Settings(BaseSettings):
     # Objects larger than this go to S3 in parts of this size.
     multipart_chunk_bytes: int = Field(default=16 * 1024**2, ge=5 * 1024**2)
     dataset_preview_rows: int = Field(default=5, ge=0, le=100)
+    # --- dataset validation: Celery workers (`tuneforge worker`), never the API process ---------
+    # The queue the API sends `tuneforge.validate` to; a validate worker node consumes only it, so a
+    # validation never waits behind a training job.
+    validate_queue: str = Field(default="tuneforge.validate", min_length=1, max_length=200)
+    # A validation still running after this long is stopped and its dataset ends `errored`; streaming
+    # validation of a file at the default 1 GiB upload limit takes about a minute.
+    validation_time_limit_seconds: int = Field(default=600, ge=5, le=6 * 3600)
+    # Memory one validation may allocate on top of what its worker process holds at start (an address
+    # space limit, RLIMIT_AS): rows are checked one at a time, so only a hostile file (a decompression
+    # bomb) needs more, and it then ends `errored` instead of taking the worker down.
+    validation_memory_bytes: int = Field(default=2 * 1024**3, ge=64 * 1024**2, le=256 * 1024**3)
+    # Validation runs that ended without a verdict (worker lost or killed, storage unreachable) before
+    # the dataset ends `errored` rather than being sent again.
+    validation_max_attempts: int = Field(default=3, ge=1, le=20)
+    # Datasets one validate worker node checks at once, each in a process of its own.
+    validation_concurrency: int = Field(default=2, ge=1, le=64)
+    # --- bytes streamed through the control plane (local blob store, uploads relayed to S3) -------
+    # Transfers one API process streams at once; more are answered 503 + Retry-After, so slow clients
+    # cannot pile up open files and buffers. They never hold a thread of the pool ordinary routes use.
+    blob_transfer_limit: int = Field(default=64, ge=1, le=4096)
+    # A transfer whose client sends (PUT) or takes (GET) nothing for this long is dropped.
+    blob_idle_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     # Fine-tuning jobs: the Celery queue the API enqueues to and workers consume.
     train_queue: str = "tuneforge.train"
     # A hard ceiling on one delivery of a job, so a hung run cannot hold a GPU forever.

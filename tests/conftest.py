@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -57,7 +58,11 @@ STACKS = ("embedded", "postgres_s3")
 
 @pytest.fixture(scope="session")
 def stack_settings_factory(tmp_path_factory, request):  # type: ignore[no-untyped-def]
-    """Settings for a named stack; `postgres_s3` pulls in the real PostgreSQL and the S3 server."""
+    """Settings for a named stack; `postgres_s3` pulls in the real PostgreSQL, the S3 server and Redis.
+
+    Queues get names of their own on the shared Redis, so that no other test run's workers take
+    this run's messages (nor this run's theirs).
+    """
     from app.db import migrate
     from app.settings import Settings
 
@@ -78,6 +83,9 @@ def stack_settings_factory(tmp_path_factory, request):  # type: ignore[no-untype
                 s3_endpoint_url=s3.endpoint_url,
                 # Shared database and blob store: the development secret is refused there.
                 secret_key=TEST_SECRET_KEY,
+                broker_url=request.getfixturevalue("redis_url"),
+                train_queue=f"tuneforge.train.test-{secrets.token_hex(4)}",
+                validate_queue=f"tuneforge.validate.test-{secrets.token_hex(4)}",
             )
         fields.update(overrides)
         settings = Settings(**fields)  # type: ignore[arg-type]
@@ -85,16 +93,30 @@ def stack_settings_factory(tmp_path_factory, request):  # type: ignore[no-untype
         built[key] = settings
         return settings
 
-    return build
+    yield build
+    _drop_redis_queues([s for s in built.values() if s.broker_url.startswith("redis://")])
+
+
+def _drop_redis_queues(stacks: list) -> None:  # type: ignore[type-arg]
+    """The run's own queues (a list per queue, and kombu's binding set) leave the shared Redis."""
+    import redis
+
+    for settings in stacks:
+        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2)
+        with contextlib.suppress(redis.RedisError):  # a Redis of a test's own may be gone already
+            for queue in (settings.train_queue, settings.validate_queue):
+                client.delete(queue, f"_kombu.binding.{queue}")
 
 
 # --- a live server over real HTTP, for SDK and client tests ------------------------------------------
 
 
 @pytest.fixture(scope="session", params=STACKS)
-def live_server(request: pytest.FixtureRequest, stack_settings_factory):  # type: ignore[no-untyped-def]
-    """A live server per stack (embedded, Postgres + S3); tests use a fresh tenant each."""
-    with LiveServer(stack_settings_factory(request.param)) as server:
+def live_server(request: pytest.FixtureRequest, stack_settings_factory, validate_worker_for):  # type: ignore[no-untyped-def]
+    """A live server per stack (embedded, Postgres + S3) with a validate worker; a fresh tenant per test."""
+    settings = stack_settings_factory(request.param)
+    validate_worker_for(settings)
+    with LiveServer(settings) as server:
         yield server
 
 

@@ -37,18 +37,25 @@ def settings_env(settings: Any) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """One `tuneforge worker`; its log goes to a file the test can show when something fails."""
+    """One `tuneforge worker`; its log goes to a file the test can show when something fails.
 
-    def __init__(self, settings: Any, log_path: Path) -> None:
+    By default it runs both nodes (training, and validation as its child); `queues="validate"`
+    runs only the light validate node, what the API tests need to see datasets connected.
+    """
+
+    def __init__(self, settings: Any, log_path: Path, queues: str | None = None) -> None:
         self.settings = settings
         self.log_path = log_path
+        self.queues = queues
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        queues = ["--queues", self.queues] if self.queues else []
+        nodes = 1 if self.queues and "," not in self.queues else 2
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "worker", "--log-level", "info"],
+                [sys.executable, "-m", "app.cli", "worker", *queues, "--log-level", "info"],
                 env=settings_env(self.settings),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -56,7 +63,7 @@ class WorkerProcess:
                 start_new_session=True,  # its own process group: kill() reaches the pool child too
             )
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        while b" ready." not in self.log_path.read_bytes()[offset:]:
+        while self.log_path.read_bytes()[offset:].count(b" ready.") < nodes:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 pytest.fail(f"worker did not start:\n{self.log_tail()}")
@@ -90,7 +97,7 @@ class WorkerStack:
     server: Any  # tests/conftest.py LiveServer
     settings: Any
     workers: list[WorkerProcess]
-    new_worker: Callable[[], WorkerProcess]
+    new_worker: Callable[..., WorkerProcess]  # (queues=None): both nodes; "validate": validation only
 
     @property
     def url(self) -> str:
@@ -111,6 +118,29 @@ def redis_url() -> str:
     except redis.RedisError as exc:
         pytest.fail(f"Redis is required at {REDIS_URL} for the worker tests: {exc}")
     return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def validate_worker_for(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Any], WorkerProcess]]:
+    """Starts (once per Settings) a real `tuneforge worker --queues validate` for a stack's datasets.
+
+    Validation never runs in the API process: a test that waits for `connected` needs one of these
+    on the same database, blob store and broker as its app.
+    """
+    started: dict[str, WorkerProcess] = {}
+
+    def start(settings: Any) -> WorkerProcess:
+        key = " ".join(
+            (settings.database_url, settings.storage_url, settings.broker_url, settings.validate_queue)
+        )
+        if key not in started:
+            logs = tmp_path_factory.mktemp("validate-worker")
+            started[key] = WorkerProcess(settings, logs / "worker.log", queues="validate").start()
+        return started[key]
+
+    yield start
+    for worker in started.values():
+        worker.stop()
 
 
 @pytest.fixture(scope="session")
@@ -144,6 +174,7 @@ def worker_stack_factory(
     def build(stack: str, **overrides: Any) -> WorkerStack:
         fields: dict[str, Any] = {
             "train_queue": f"tuneforge.train.test-{secrets.token_hex(4)}",
+            "validate_queue": f"tuneforge.validate.test-{secrets.token_hex(4)}",
             "job_lease_seconds": TEST_LEASE_SECONDS,
             "sweep_interval_seconds": 0.5,
             "model_cache_dir": shared_model_cache,
@@ -157,8 +188,8 @@ def worker_stack_factory(
         workers: list[WorkerProcess] = []
         logs = tmp_path_factory.mktemp("worker-logs")
 
-        def new_worker() -> WorkerProcess:
-            worker = WorkerProcess(settings, logs / f"worker-{len(workers)}.log")
+        def new_worker(queues: str | None = None) -> WorkerProcess:
+            worker = WorkerProcess(settings, logs / f"worker-{len(workers)}.log", queues=queues)
             workers.append(worker)
             return worker
 

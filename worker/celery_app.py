@@ -1,6 +1,12 @@
-"""Builds the Celery app the workers and the API share: JSON only, one acked-late job at a time."""
+"""Builds the Celery apps of the two worker nodes: training (one acked-late job at a time) and validation.
+
+Both speak JSON only and take ids, never pickled objects. They are separate nodes (processes) on
+separate queues, so a validation never waits behind an hours-long training job.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from celery import Celery
 
@@ -8,23 +14,32 @@ from app.queue import redis_transport_options
 from app.settings import Settings
 
 HARD_LIMIT_GRACE_SECONDS = 300
+# Room for a validate node's visibility timeout beyond its hard time limit: Redis must not hand a
+# running validation's message to a second node.
+_VALIDATE_VISIBILITY_MARGIN_SECONDS = 600
+
+_COMMON: dict[str, Any] = {
+    # Tasks carry ids, never pickled objects: JSON in, JSON out, nothing else accepted.
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    # State lives in the database; Celery results would be a second, unread copy.
+    "task_ignore_result": True,
+    # A worker lost mid-task leaves the message unacked, so another worker picks it up again.
+    "task_acks_late": True,
+    "task_reject_on_worker_lost": True,
+    # Never reserve a second message behind a running one.
+    "worker_prefetch_multiplier": 1,
+    "broker_connection_retry_on_startup": True,
+}
 
 
 def make_celery(settings: Settings) -> Celery:
-    """A Celery app on `settings.broker_url`; register tasks with `worker.tasks.register_tasks`."""
+    """The training node's app on `settings.broker_url`; register tasks with `worker.tasks.register_tasks`."""
     celery = Celery("tuneforge", broker=settings.broker_url, set_as_current=False)
     celery.conf.update(
-        # Tasks carry ids, never pickled objects: JSON in, JSON out, nothing else accepted.
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        # Job state lives in the database; Celery results would be a second, unread copy.
-        task_ignore_result=True,
-        # A worker lost mid-job leaves the message unacked, so another worker resumes the job.
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        # One job per worker process: never reserve a second job behind a long training run.
-        worker_prefetch_multiplier=1,
+        _COMMON,
+        # One job per worker process.
         worker_concurrency=1,
         # A fresh child per job hands all of a run's (GPU) memory back to the system when it ends.
         worker_max_tasks_per_child=1,
@@ -38,6 +53,25 @@ def make_celery(settings: Settings) -> Celery:
             settings.broker_url, visibility_timeout=settings.job_time_limit_seconds + 3600
         ),
         task_default_queue=settings.train_queue,
-        broker_connection_retry_on_startup=True,
+    )
+    return celery
+
+
+def make_validate_celery(settings: Settings) -> Celery:
+    """The validate node's app; register its task with `worker.validate_task.register_validate_task`."""
+    from app.services.dataset_validation import hard_time_limit
+
+    celery = Celery("tuneforge-validate", broker=settings.broker_url, set_as_current=False)
+    celery.conf.update(
+        _COMMON,
+        worker_concurrency=settings.validation_concurrency,
+        # A fresh child per validation: each starts from the same small footprint under its memory
+        # cap, and whatever a hostile file made it allocate goes back to the system at once.
+        worker_max_tasks_per_child=1,
+        broker_transport_options=redis_transport_options(
+            settings.broker_url,
+            visibility_timeout=hard_time_limit(settings) + _VALIDATE_VISIBILITY_MARGIN_SECONDS,
+        ),
+        task_default_queue=settings.validate_queue,
     )
     return celery

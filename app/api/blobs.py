@@ -1,76 +1,70 @@
-"""The local blob store's presigned URLs: the control plane itself accepts the PUT and serves the GET."""
+"""The control plane's own blob URLs: it accepts the PUT and serves the GET of a signed `/blobs/<token>`.
+
+The local store serves every transfer here; the S3 store relays uploads of undeclared size here.
+Transfers stream asynchronously (`blob_transfers`) and never hold a thread of the route pool.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import anyio
-import anyio.from_thread
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response
 
-from app.api.deps import CtxDep
-from app.errors import AuthenticationError, NotFoundError, PayloadTooLargeError
+from app.api.blob_transfers import BlobTransfers
+from app.context import AppContext
+from app.errors import AuthenticationError, ConflictError, NotFoundError, PayloadTooLargeError
 from app.signing import InvalidTokenError
-from app.storage import BlobNotFoundError, BlobTooLargeError, LocalBlobStore
+from app.storage import BlobGrant, BlobNotFoundError, BlobTooLargeError, content_disposition
 
 router = APIRouter(tags=["blobs"], include_in_schema=False)
 
 
-def _key_for(ctx: CtxDep, token: str, method: str) -> tuple[str, str | None]:
-    if not isinstance(ctx.store, LocalBlobStore):
-        raise NotFoundError("this server's blobs live in S3; use the presigned S3 URL")
+def _grant(request: Request, token: str, method: str) -> tuple[AppContext, BlobTransfers, BlobGrant]:
+    # Read from app.state, not through a sync dependency: that would take a thread of the route pool.
+    ctx: AppContext = request.app.state.ctx
     try:
-        return ctx.store.verify_url_token(token, method)
+        grant = ctx.store.verify_url_token(token, method)
     except InvalidTokenError as exc:
         raise AuthenticationError(f"blob URL rejected ({exc}); ask the API for a fresh one") from None
-
-
-def _sync_chunks(stream: AsyncIterator[bytes]) -> Iterator[bytes]:
-    """Pull the request body from the event loop, one chunk at a time, inside a worker thread."""
-
-    async def next_chunk() -> bytes:
-        return await stream.__anext__()
-
-    while True:
-        try:
-            chunk = anyio.from_thread.run(next_chunk)
-        except StopAsyncIteration:
-            return
-        if chunk:
-            yield chunk
+    return ctx, request.app.state.blob_transfers, grant
 
 
 @router.put("/blobs/{token}")
-async def put_blob(token: str, request: Request, ctx: CtxDep) -> dict[str, Any]:
-    key, _ = _key_for(ctx, token, "PUT")
+async def put_blob(token: str, request: Request) -> dict[str, Any]:
+    ctx, transfers, grant = _grant(request, token, "PUT")
     limit = ctx.settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(
-            f"upload is {declared} bytes; the limit is {limit} (TUNEFORGE_MAX_UPLOAD_BYTES)"
-        )
-    chunks = _sync_chunks(request.stream().__aiter__())
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(f"upload is {declared} bytes; the limit is {limit}")
+    if await transfers.closed(ctx.store, grant.closed_by):
+        raise ConflictError("this upload was already registered; its URL is used up, begin a new upload")
+    borrower = transfers.take_slot()
     try:
-        info = await anyio.to_thread.run_sync(lambda: ctx.store.put_stream(key, chunks, max_bytes=limit))
+        info = await transfers.receive(ctx.store, grant.key, request.stream(), limit)
     except BlobTooLargeError:
-        raise PayloadTooLargeError(
-            f"upload exceeds the limit of {limit} bytes (TUNEFORGE_MAX_UPLOAD_BYTES)"
-        ) from None
+        raise _too_large(f"upload exceeds the limit of {limit} bytes") from None
+    finally:
+        transfers.release_slot(borrower)
     return {"size": info.size, "sha256": info.sha256}
 
 
+def _too_large(message: str) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"{message} (TUNEFORGE_MAX_UPLOAD_BYTES)")
+
+
 @router.get("/blobs/{token}")
-def get_blob(token: str, ctx: CtxDep) -> StreamingResponse:
-    key, filename = _key_for(ctx, token, "GET")
+async def get_blob(token: str, request: Request) -> Response:
+    ctx, transfers, grant = _grant(request, token, "GET")
+    borrower = transfers.take_slot()
     try:
-        size = ctx.store.stat(key).size
-    except BlobNotFoundError:
-        raise NotFoundError("the file behind this link no longer exists") from None
+        size, chunks = await transfers.open_download(ctx.store, grant.key, grant.sha256)
+    except BaseException as exc:
+        transfers.release_slot(borrower)
+        if isinstance(exc, BlobNotFoundError):
+            raise NotFoundError("the file behind this link no longer exists") from None
+        raise
     headers = {"Content-Length": str(size)}
-    if filename:
-        headers["Content-Disposition"] = f'attachment; filename="{filename}"'
-    return StreamingResponse(
-        ctx.store.iter_chunks(key), media_type="application/octet-stream", headers=headers
-    )
+    if grant.filename:
+        headers["Content-Disposition"] = content_disposition(grant.filename)
+    return transfers.response(chunks, borrower, headers)

@@ -3,7 +3,7 @@
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 
 from app.api import presenters, schemas
 from app.api.deps import BaseUrlDep, CtxDep, CurrentUser, SessionDep, StorageRoom
@@ -16,17 +16,16 @@ router = APIRouter(tags=["datasets"])
 def begin_upload(
     body: schemas.DatasetUploadBegin, ctx: CtxDep, user: CurrentUser, base_url: BaseUrlDep
 ) -> schemas.DatasetUploadBegun:
-    url, token = datasets.begin_upload(ctx, user, body.file_name, base_url)
+    url, token = datasets.begin_upload(ctx, user, body.file_name, base_url, body.size_bytes)
     return schemas.DatasetUploadBegun(presigned_url=url, upload_token=token)
 
 
 @router.put("/v2/datasets/upload", response_model=schemas.DatasetPublic, dependencies=[StorageRoom])
 def finish_upload(
-    body: schemas.DatasetUploadFinish, request: Request, ctx: CtxDep, session: SessionDep, user: CurrentUser
+    body: schemas.DatasetUploadFinish, ctx: CtxDep, session: SessionDep, user: CurrentUser
 ) -> schemas.DatasetPublic:
-    dataset = datasets.finish_upload(ctx, session, user, body.name, body.upload_token)
-    request.app.state.validator.submit(dataset.id)  # after the commit, so the row is there to validate
-    return presenters.dataset(dataset)
+    # Registers the bytes and, after the commit, sends the dataset to a validate worker.
+    return presenters.dataset(datasets.finish_upload(ctx, session, user, body.name, body.upload_token))
 
 
 @router.get("/v1/datasets/name/{name}", response_model=schemas.DatasetPublic)

@@ -42,8 +42,10 @@ class UserPublic(WireModel):
 
 
 class DatasetUploadBegin(WireModel):
-    file_name: str
-    mime_type: str | None = None
+    file_name: str = Field(max_length=1024)
+    mime_type: str | None = Field(default=None, max_length=255)
+    # Optional (the Predibase SDK omits it): a declared size may get a direct storage URL bound to it.
+    size_bytes: int | None = Field(default=None, ge=0, le=5 * 1024**4)
 
 
 class DatasetUploadBegun(WireModel):

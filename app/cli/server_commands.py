@@ -2,12 +2,13 @@
 and revoke API tokens, migrate the database, remove orphaned blobs.
 
 `worker` and `serve` import the data plane lazily, so the control-plane image (no torch) can still
-run every other command.
+run every other command, and `worker --queues validate` too.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import signal
@@ -22,6 +23,9 @@ from app.db import migrate
 from app.db.session import make_engine, make_session_factory, transaction
 from app.services import auth, gc
 from app.settings import DEVELOPMENT_SECRET_KEY, MAX_LORA_RANK_LIMIT, Settings
+
+# The worker nodes `tuneforge worker` can run: training jobs, and dataset validation beside them.
+WORKER_QUEUES = ("train", "validate")
 
 
 def _settings(data_dir: str | None = None) -> Settings:
@@ -147,7 +151,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if token:
         print(f"development tenant {settings.dev_tenant!r}, API token: {token}", flush=True)
         print(f"  export PREDIBASE_GATEWAY={url} PREDIBASE_API_TOKEN={token}", flush=True)
-    worker = None if args.no_worker else _start_worker_process(settings)
+    # --no-worker still validates datasets: the validate node is light (no torch) and every upload needs it.
+    worker = _start_worker_process(settings, ("validate",) if args.no_worker else WORKER_QUEUES)
     # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default handler that
     # would kill this process before `finally` stops the worker, orphaning it. Exit cleanly instead.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -181,13 +186,16 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 WORKER_STOP_TIMEOUT_S = 10.0
 
 
-def _start_worker_process(settings: Settings) -> subprocess.Popen[bytes]:
-    """`tuneforge worker` beside the control plane, in a session of its own so that Ctrl-C stops it once."""
+def _start_worker_process(settings: Settings, queues: tuple[str, ...]) -> subprocess.Popen[bytes]:
+    """`tuneforge worker` beside the control plane, in a session of its own so that Ctrl-C stops it once.
+
+    Its validate node is a child of its own, in the same process group: stopping the group stops both.
+    """
     env = os.environ | {"TUNEFORGE_DATA_DIR": str(settings.data_dir)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker"], env=env, stdin=subprocess.DEVNULL, start_new_session=True
-    )
-    print(f"training worker started (pid {process.pid}, broker {_redact(settings.broker_url)})", flush=True)
+    command = [sys.executable, "-m", "app.cli", "worker", "--queues", ",".join(queues)]
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    kind = "training worker" if "train" in queues else "dataset validation worker"
+    print(f"{kind} started (pid {process.pid}, broker {_redact(settings.broker_url)})", flush=True)
     return process
 
 
@@ -204,18 +212,27 @@ def _stop_worker_process(process: subprocess.Popen[bytes]) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    try:
-        from worker.main import run_worker
-    except ImportError as exc:
-        raise ValueError(
-            f"the training worker needs the data-plane packages ({exc.name} is missing): "
-            "pip install 'tuneforge[worker]'"
-        ) from None
+    from worker.main import run_worker  # light: the training stack loads only where it trains
 
+    if "train" in args.queues and importlib.util.find_spec("torch") is None:
+        raise ValueError(
+            "the training worker needs the data-plane packages (torch is missing): pip install "
+            "'tuneforge[worker]', or run only dataset validation with `tuneforge worker --queues validate`"
+        )
     settings = _settings(args.data_dir)
     migrate.upgrade(settings.database_url)
-    run_worker(settings, loglevel=args.log_level)
+    run_worker(settings, queues=args.queues, loglevel=args.log_level)
     return 0
+
+
+def _queues(value: str) -> tuple[str, ...]:
+    queues = tuple(dict.fromkeys(q.strip() for q in value.split(",") if q.strip()))
+    unknown = [q for q in queues if q not in WORKER_QUEUES]
+    if not queues or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: name one or both of {', '.join(WORKER_QUEUES)}, separated by a comma"
+        )
+    return queues
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -275,7 +292,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
     ctx = AppContext.from_settings(settings)
     try:
         with ctx.sessions() as session:
-            report = gc.collect(ctx.store, session, min_age=timedelta(seconds=min_age), dry_run=args.dry_run)
+            report = gc.collect(
+                ctx.store,
+                session,
+                min_age=timedelta(seconds=min_age),
+                dry_run=args.dry_run,
+                upload_token_ttl=timedelta(seconds=settings.signed_url_ttl_seconds),
+            )
     finally:
         ctx.close()
     _print_gc_report(report, min_age)
@@ -325,7 +348,13 @@ def add_server_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     up.set_defaults(func=cmd_up)
 
     worker = commands.add_parser(
-        "worker", help="run a training worker (needs the `worker` extra: torch, ...)"
+        "worker", help="run a training worker (needs the `worker` extra: torch, ...) and a dataset validator"
+    )
+    worker.add_argument(
+        "--queues",
+        type=_queues,
+        default=WORKER_QUEUES,
+        help="train, validate or both (default): `validate` alone needs no torch, e.g. in the API image",
     )
     worker.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
     worker.add_argument("--log-level", default="info")

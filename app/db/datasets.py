@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import enum
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, Timestamped
 
 
 class DatasetStatus(enum.StrEnum):
-    """`validating` → `connected` | `errored`. The SDK polls until `connected` or a `lastError`."""
+    """`validating` → `connected` | `errored`. The SDK polls until `connected` or a `lastError`.
+
+    Validation runs on a worker (`tuneforge.validate`); a dataset whose validation ends without a
+    verdict `validation_max_attempts` times ends `errored` instead of being sent again.
+    """
 
     VALIDATING = "validating"
     CONNECTED = "connected"
@@ -44,3 +49,6 @@ class Dataset(Timestamped, Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     # Validation runs that ended without a verdict (worker lost, timed out); capped, then `errored`.
     validation_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When the API or the sweeper last handed the dataset to the validate queue; None: never (the
+    # broker was down), so the sweeper sends it.
+    validation_enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -21,7 +21,7 @@ def make_engine(database_url: str, *, connect_timeout_seconds: int = 5) -> Engin
     """pool_pre_ping replaces connections a database restart broke, so service resumes by itself."""
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if database_url.startswith("sqlite"):
-        # Request threads and the validation pool share the file; WAL lets readers run beside a writer.
+        # Request threads and worker processes share the file; WAL lets readers run beside a writer.
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:
         kwargs["pool_timeout"] = POOL_TIMEOUT_SECONDS

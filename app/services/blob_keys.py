@@ -1,5 +1,7 @@
 """Where a tenant's data lies in the blob store and which row owns each key: what deletes and gc rely on.
 
+    tenants/<tenant>/uploads/<upload>/<file>              a dataset upload as the client PUT it, and
+                                                          the marker that closes it once registered
     tenants/<tenant>/datasets/<upload>/<file>             a dataset's file (`Dataset.blob_key`)
     tenants/<tenant>/datasets/<upload>/tokenized/<key>    its tokenised caches (written by workers)
     tenants/<tenant>/staging/adapters/<upload>/<file>     an adapter upload awaiting its checks
@@ -44,6 +46,12 @@ def repo_dir(tenant_uuid: str, repo_uuid: str) -> str:
     return f"{TENANTS}{tenant_uuid}/repos/{repo_uuid}/"
 
 
+def is_upload(prefix: str) -> bool:
+    """A dataset upload's directory: no row ever points at it (registration copies the bytes out)."""
+    parts = prefix.rstrip("/").split("/")
+    return len(parts) == 4 and _matches(parts, ("tenants", "*", "uploads", "*"))
+
+
 def owner_prefix(key: str) -> str | None:
     """The directory of the dataset, staged upload, version or checkpoint `key` belongs to.
 
@@ -61,6 +69,7 @@ def owner_prefix(key: str) -> str | None:
 
 # Owner directories as segment patterns ("*" is any one segment): the layout table above.
 _OWNERS = (
+    ("tenants", "*", "uploads", "*"),
     ("tenants", "*", "datasets", "*"),
     ("tenants", "*", "staging", "adapters", "*"),
     ("tenants", "*", "repos", "*", "versions", "*"),

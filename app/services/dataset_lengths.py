@@ -17,6 +17,7 @@ from app.context import AppContext
 from app.db import Dataset, DatasetStatus
 from app.errors import ConflictError
 from app.services.dataset_formats import iter_rows
+from app.storage import ChecksumMismatchError
 
 TOKENIZER = "approximate: words and punctuation marks"
 _PIECE = re.compile(r"\w+|[^\w\s]")
@@ -89,5 +90,12 @@ def lengths_of(ctx: AppContext, dataset: Dataset) -> LengthSummary:
         raise ConflictError(
             f"dataset {dataset.name!r} is {dataset.status}; row lengths exist once it is connected"
         )
-    rows = iter_rows(ctx.store.iter_chunks(dataset.blob_key), dataset.file_name, mime_type=dataset.mime_type)
-    return summarise([approximate_tokens(row_text(row)) for row in rows])  # one int per row held
+    chunks = ctx.store.iter_chunks(dataset.blob_key, expected_sha256=dataset.sha256)
+    rows = iter_rows(chunks, dataset.file_name, mime_type=dataset.mime_type)
+    try:
+        return summarise([approximate_tokens(row_text(row)) for row in rows])  # one int per row held
+    except ChecksumMismatchError:
+        raise ConflictError(
+            f"dataset {dataset.name!r}: the stored file no longer matches the sha256 recorded when it was "
+            "registered; upload it again"
+        ) from None

@@ -1,8 +1,8 @@
 """Garbage collection of the blob store: tenant blobs no row points at, found by key and removed.
 
-An orphan is a dataset directory, staged adapter upload, version artifact or checkpoint (see
-`blob_keys` for the layout) that no row owns: an upload never registered or abandoned, bytes a
-crash left behind between a row's delete and its blobs', a pruned checkpoint a worker could not
+An orphan is an owner directory (see `blob_keys` for the layout) that no row owns: a dataset upload
+(never registered, or registered and copied out: no row ever points at one), a dataset directory,
+staged adapter upload, version artifact or checkpoint whose row is gone, bytes a crash left behind between a row's delete and its blobs', a pruned checkpoint a worker could not
 delete, tokenised caches of the earlier layout. Every blob is written before the row that points
 at it, so an owner is removed only once its newest blob is older than `min_age` (a day by default:
 far past an upload token's life and a checkpoint's bookkeeping).
@@ -58,14 +58,30 @@ class GcReport:
 
 
 def collect(
-    store: BlobStore, session: Session, *, min_age: timedelta, dry_run: bool, now: datetime | None = None
+    store: BlobStore,
+    session: Session,
+    *,
+    min_age: timedelta,
+    dry_run: bool,
+    upload_token_ttl: timedelta = timedelta(0),
+    now: datetime | None = None,
 ) -> GcReport:
-    """Find the orphans and, unless `dry_run`, delete every blob of those older than `min_age`."""
+    """Find the orphans and, unless `dry_run`, delete every blob of those older than `min_age`.
+
+    A dataset upload's directory is never pointed at by a row (registration copies its bytes out),
+    and its `registered` marker is what keeps the upload token used up: it stays at least as long as
+    an upload token lives (`upload_token_ttl`), whatever `min_age` says.
+    """
     orphans = find_orphans(store, session)
-    cutoff = (now or utcnow()) - min_age
+    moment = now or utcnow()
+
+    def old(orphan: Orphan) -> bool:
+        age = max(min_age, upload_token_ttl) if blob_keys.is_upload(orphan.prefix) else min_age
+        return orphan.newest < moment - age
+
     report = GcReport(
-        removable=[o for o in orphans if o.newest < cutoff],
-        too_recent=[o for o in orphans if o.newest >= cutoff],
+        removable=[o for o in orphans if old(o)],
+        too_recent=[o for o in orphans if not old(o)],
         dry_run=dry_run,
     )
     if not dry_run:

@@ -1,5 +1,7 @@
 """The sweeper: (re-)sends jobs the broker never got, and jobs whose worker stopped heartbeating.
 
+Each pass also (re-)sends `validating` datasets (`dataset_validation.sweep`) the same way.
+
 It runs in every control-plane process (a daemon thread started by the app's lifespan). Sends are
 at-least-once, so two control planes sweeping together may send a job twice; the worker that
 receives the second copy finds the first one's live lease and drops it. A job whose worker was lost
@@ -22,7 +24,7 @@ from sqlalchemy.orm import Session
 from app.context import AppContext
 from app.db import FinetuningJob, JobStatus
 from app.db.base import utcnow
-from app.services import finetuning, jobs
+from app.services import dataset_validation, finetuning, jobs
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,9 @@ class JobSweeper:
                 sent = sweep(self._ctx, judge_leases=self._judge_leases())
                 if sent:
                     log.info("sweeper sent %d job(s) to the workers", sent)
+                sent = dataset_validation.sweep(self._ctx)
+                if sent:
+                    log.info("sweeper sent %d dataset(s) to the validate workers", sent)
             except Exception:
                 # A database blip must not end the sweeping for good; the next pass retries.
                 self._reachable_since = None

@@ -13,24 +13,29 @@ from app.storage.base import (
     BlobNotFoundError,
     BlobStore,
     BlobTooLargeError,
+    BlobWriter,
     ChecksumMismatchError,
     StorageError,
     StoredBlob,
 )
-from app.storage.local import LocalBlobStore, verify_blob_token
+from app.storage.local import LocalBlobStore
 from app.storage.s3 import S3BlobStore
+from app.storage.urls import BlobGrant, content_disposition, verify_blob_token
 
 __all__ = [
     "CHUNK_BYTES",
+    "BlobGrant",
     "BlobInfo",
     "BlobNotFoundError",
     "BlobStore",
     "BlobTooLargeError",
+    "BlobWriter",
     "ChecksumMismatchError",
     "LocalBlobStore",
     "S3BlobStore",
     "StorageError",
     "StoredBlob",
+    "content_disposition",
     "open_blob_store",
     "verify_blob_token",
 ]
@@ -53,6 +58,7 @@ def open_blob_store(settings: Settings) -> BlobStore:
             region=settings.s3_region,
             multipart_chunk_bytes=settings.multipart_chunk_bytes,
             public_endpoint_url=settings.s3_public_endpoint_url,
+            url_signer=Signer(settings.secret_key, "blob"),
         )
     raise ValueError(
         f"storage_url: unsupported scheme {url.scheme!r}; use file:///path or s3://bucket/prefix"

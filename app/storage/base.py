@@ -6,7 +6,12 @@ import abc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+from app.signing import InvalidTokenError
+
+if TYPE_CHECKING:
+    from app.storage.urls import BlobGrant
 
 # Reads and writes move in chunks of this size: a dataset or adapter is never whole in memory.
 CHUNK_BYTES = 1024 * 1024
@@ -34,6 +39,16 @@ class ChecksumMismatchError(StorageError):
         self.key, self.expected, self.actual = key, expected, actual
 
 
+def raw_chunks(source: Iterable[bytes] | BinaryIO) -> Iterator[bytes]:
+    """Non-empty byte chunks from an iterable of chunks or a readable binary file."""
+    read = getattr(source, "read", None)
+    if read is None:
+        yield from (bytes(chunk) for chunk in source if chunk)
+        return
+    while chunk := read(CHUNK_BYTES):
+        yield chunk
+
+
 @dataclass(frozen=True)
 class BlobInfo:
     key: str
@@ -50,10 +65,34 @@ class StoredBlob:
     modified: datetime  # timezone-aware UTC: when the bytes were last written
 
 
+class BlobWriter(abc.ABC):
+    """One blob written chunk by chunk: `commit` makes it visible with its sha256, `abort` leaves nothing.
+
+    Chunks arrive as the caller gets them (the control plane writes an upload as its body streams
+    in), so a slow client holds a writer, never a thread. Past `max_bytes`, `write` raises
+    BlobTooLargeError; the caller then aborts.
+    """
+
+    @abc.abstractmethod
+    def write(self, chunk: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def commit(self) -> BlobInfo: ...
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Best effort and idempotent: called while another error is already on its way up."""
+
+
 class BlobStore(abc.ABC):
     """Keys are '/'-separated relative paths chosen by the services, never by users."""
 
     @abc.abstractmethod
+    def open_writer(
+        self, key: str, *, content_type: str = "application/octet-stream", max_bytes: int | None = None
+    ) -> BlobWriter:
+        """Start writing `key`; nothing is visible under it until `commit`."""
+
     def put_stream(
         self,
         key: str,
@@ -63,6 +102,14 @@ class BlobStore(abc.ABC):
         max_bytes: int | None = None,
     ) -> BlobInfo:
         """Stream bytes in, computing sha256 on the way; past `max_bytes` abort and leave nothing behind."""
+        writer = self.open_writer(key, content_type=content_type, max_bytes=max_bytes)
+        try:
+            for chunk in raw_chunks(chunks):
+                writer.write(chunk)
+            return writer.commit()
+        except BaseException:  # the source's own errors (a dropped client) must leave nothing too
+            writer.abort()
+            raise
 
     @abc.abstractmethod
     def iter_chunks(self, key: str, *, expected_sha256: str | None = None) -> Iterator[bytes]:
@@ -95,17 +142,42 @@ class BlobStore(abc.ABC):
         """Server-side copy where the backend has one; keeps the recorded sha256."""
 
     @abc.abstractmethod
-    def presigned_put_url(self, key: str, *, expires_in: int, base_url: str) -> str:
+    def presigned_put_url(
+        self,
+        key: str,
+        *,
+        expires_in: int,
+        base_url: str,
+        content_length: int | None = None,
+        closed_by: str | None = None,
+    ) -> str:
         """A URL an unauthenticated client may PUT raw bytes to until it expires.
 
-        `base_url` is the control plane's public URL: the local backend points its URLs there.
+        `base_url` is the control plane's public URL: URLs the control plane serves itself (the
+        local store's, and relayed uploads) point there, take at most the upload limit, and are
+        refused once the key `closed_by` exists (an upload that was registered). With
+        `content_length`, a backend that signs it (S3) may hand out a direct URL that accepts a
+        body of exactly that many bytes instead.
         """
 
     @abc.abstractmethod
     def presigned_get_url(
-        self, key: str, *, expires_in: int, base_url: str, filename: str | None = None
+        self,
+        key: str,
+        *,
+        expires_in: int,
+        base_url: str,
+        filename: str | None = None,
+        sha256: str | None = None,
     ) -> str:
-        """A URL an unauthenticated client may GET the bytes from until it expires."""
+        """A URL an unauthenticated client may GET the bytes from until it expires.
+
+        With `sha256`, a URL the control plane serves aborts the download if the bytes differ.
+        """
+
+    def verify_url_token(self, token: str, method: str) -> BlobGrant:
+        """The grant of a `/blobs/<token>` URL this store handed out; InvalidTokenError otherwise."""
+        raise InvalidTokenError("this store hands out no control-plane blob URLs")
 
     @abc.abstractmethod
     def check(self) -> None:

@@ -5,41 +5,28 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from stat import S_ISREG
-from typing import IO, BinaryIO
+from typing import IO
 
-from app.signing import InvalidTokenError, Signer
+from app.signing import Signer
 from app.storage.base import (
     CHUNK_BYTES,
     BlobInfo,
     BlobNotFoundError,
     BlobStore,
+    BlobWriter,
     StorageError,
     StoredBlob,
 )
-from app.storage.streams import RESERVED_PREFIX, MeteredChunks, validate_key, verified_chunks
+from app.storage.streams import RESERVED_PREFIX, ByteMeter, validate_key, verified_chunks
+from app.storage.urls import BlobGrant, BlobUrls
 
 _META_DIR = f"{RESERVED_PREFIX}meta"
 _TEMP_PREFIX = f"{RESERVED_PREFIX}tmp-"
-
-
-def verify_blob_token(signer: Signer, token: str, method: str) -> tuple[str, str | None]:
-    """Check a token minted by `LocalBlobStore.presigned_*_url` and return its (key, download filename)."""
-    claims = signer.loads(token)
-    key, filename = claims.get("k"), claims.get("f")
-    if claims.get("m") != method.upper():
-        raise InvalidTokenError(f"issued for {claims.get('m')}, not {method.upper()}")
-    if not isinstance(key, str) or not (filename is None or isinstance(filename, str)):
-        raise InvalidTokenError("malformed payload")
-    try:
-        validate_key(key)
-    except ValueError as exc:
-        raise InvalidTokenError("malformed payload") from exc
-    return key, filename
 
 
 class LocalBlobStore(BlobStore):
@@ -47,37 +34,17 @@ class LocalBlobStore(BlobStore):
 
     def __init__(self, root: Path, signer: Signer) -> None:
         self.root = Path(root)
-        self._signer = signer
+        self._urls = BlobUrls(signer)
 
-    def verify_url_token(self, token: str, method: str) -> tuple[str, str | None]:
-        """(key, download filename) of a URL this store signed; InvalidTokenError otherwise."""
-        return verify_blob_token(self._signer, token, method)
+    def verify_url_token(self, token: str, method: str) -> BlobGrant:
+        return self._urls.verify(token, method)
 
-    def put_stream(
-        self,
-        key: str,
-        chunks: Iterable[bytes] | BinaryIO,
-        *,
-        content_type: str = "application/octet-stream",
-        max_bytes: int | None = None,
-    ) -> BlobInfo:
+    def open_writer(
+        self, key: str, *, content_type: str = "application/octet-stream", max_bytes: int | None = None
+    ) -> BlobWriter:
         path = self._path(key)
-        meter = MeteredChunks(chunks, max_bytes)
         temp, handle = self._open_temp(path.parent)
-        try:
-            _write_all(handle, meter, key)
-            # Sidecar first, naming the temp file's inode (os.replace keeps it): the blob is never
-            # visible without its sha256, and a sidecar left by a crash or a racing writer is ignored.
-            with _disk_errors(f"cannot write {key!r}"):
-                meta = {"sha256": meter.sha256, "content_type": content_type, "file": _file_id(temp.stat())}
-            self._write_meta(key, meta)
-            with _disk_errors(f"cannot write {key!r}"):
-                os.replace(temp, path)
-        except BaseException:  # the source's own errors (a dropped client) must leave nothing too
-            temp.unlink(missing_ok=True)
-            self._prune_empty_dirs(path.parent)
-            raise
-        return BlobInfo(key=key, size=meter.size, sha256=meter.sha256)
+        return _LocalWriter(self, key, path, temp, handle, content_type, max_bytes)
 
     def iter_chunks(self, key: str, *, expected_sha256: str | None = None) -> Iterator[bytes]:
         # Opened here, not in the generator, so a missing blob fails at the call (before a response starts).
@@ -105,8 +72,8 @@ class LocalBlobStore(BlobStore):
             return  # 'a/b' is a directory, or 'a' is a file: either way there is no blob 'a/b' to delete
         except OSError as exc:
             raise StorageError(f"cannot delete {key!r}: {exc}") from exc
-        self._prune_empty_dirs(path.parent)
-        self._prune_empty_dirs(self._meta_path(key).parent)
+        self.prune_empty_dirs(path.parent)
+        self.prune_empty_dirs(self._meta_path(key).parent)
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list_keys(prefix)
@@ -146,13 +113,28 @@ class LocalBlobStore(BlobStore):
         chunks = self.iter_chunks(src, expected_sha256=recorded.get("sha256"))
         self.put_stream(dst, chunks, content_type=content_type)
 
-    def presigned_put_url(self, key: str, *, expires_in: int, base_url: str) -> str:
-        return self._signed_url(base_url, {"k": validate_key(key), "m": "PUT", "f": None}, expires_in)
+    def presigned_put_url(
+        self,
+        key: str,
+        *,
+        expires_in: int,
+        base_url: str,
+        content_length: int | None = None,
+        closed_by: str | None = None,
+    ) -> str:
+        grant = BlobGrant(key, "PUT", closed_by=closed_by)
+        return self._urls.url(base_url, grant, expires_in=expires_in)
 
     def presigned_get_url(
-        self, key: str, *, expires_in: int, base_url: str, filename: str | None = None
+        self,
+        key: str,
+        *,
+        expires_in: int,
+        base_url: str,
+        filename: str | None = None,
+        sha256: str | None = None,
     ) -> str:
-        return self._signed_url(base_url, {"k": validate_key(key), "m": "GET", "f": filename}, expires_in)
+        return self._urls.url(base_url, BlobGrant(key, "GET", filename, sha256), expires_in=expires_in)
 
     def check(self) -> None:
         try:
@@ -162,9 +144,6 @@ class LocalBlobStore(BlobStore):
             probe.unlink()
         except OSError as exc:
             raise StorageError(f"blob directory {self.root} is not writable: {exc}") from exc
-
-    def _signed_url(self, base_url: str, claims: dict[str, str | None], expires_in: int) -> str:
-        return f"{base_url.rstrip('/')}/blobs/{self._signer.dumps(claims, expires_in=expires_in)}"
 
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
@@ -189,7 +168,7 @@ class LocalBlobStore(BlobStore):
             return {}  # written without passing through us: checksum unknown
         return meta if meta.get("file") == _file_id(found) else {}
 
-    def _write_meta(self, key: str, meta: dict[str, str]) -> None:
+    def write_meta(self, key: str, meta: dict[str, str]) -> None:
         path = self._meta_path(key)
         temp, handle = self._open_temp(path.parent)
         try:
@@ -213,7 +192,7 @@ class LocalBlobStore(BlobStore):
                 raise StorageError(f"cannot write under {directory}: {exc}") from exc
         raise StorageError(f"cannot write under {directory}: it keeps disappearing")
 
-    def _prune_empty_dirs(self, directory: Path) -> None:
+    def prune_empty_dirs(self, directory: Path) -> None:
         """Remove directories left empty, up to (not including) the root, so deletes leave no trace."""
         root = self.root.resolve()
         current = directory.resolve()
@@ -239,14 +218,52 @@ def _disk_errors(action: str) -> Iterator[None]:
         raise StorageError(f"{action}: {exc}") from exc
 
 
-def _write_all(handle: IO[bytes], chunks: Iterable[bytes], key: str) -> None:
-    with handle:
-        for chunk in chunks:
-            with _disk_errors(f"cannot write {key!r}"):
-                handle.write(chunk)
-        with _disk_errors(f"cannot write {key!r}"):
-            handle.flush()
-            os.fsync(handle.fileno())
+class _LocalWriter(BlobWriter):
+    """Bytes go to a temp file beside the target; commit records the sha256, then renames it into place."""
+
+    def __init__(
+        self,
+        store: LocalBlobStore,
+        key: str,
+        path: Path,
+        temp: Path,
+        handle: IO[bytes],
+        content_type: str,
+        max_bytes: int | None,
+    ) -> None:
+        self._store, self._key, self._path, self._temp, self._handle = store, key, path, temp, handle
+        self._content_type = content_type
+        self._meter = ByteMeter(max_bytes)
+
+    def write(self, chunk: bytes) -> None:
+        self._meter.add(chunk)
+        with _disk_errors(f"cannot write {self._key!r}"):
+            self._handle.write(chunk)
+
+    def commit(self) -> BlobInfo:
+        with _disk_errors(f"cannot write {self._key!r}"):
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            # Sidecar first, naming the temp file's inode (os.replace keeps it): the blob is never
+            # visible without its sha256, and a sidecar left by a crash or a racing writer is ignored.
+            meta = {
+                "sha256": self._meter.sha256,
+                "content_type": self._content_type,
+                "file": _file_id(self._temp.stat()),
+            }
+        self._store.write_meta(self._key, meta)
+        with _disk_errors(f"cannot write {self._key!r}"):
+            os.replace(self._temp, self._path)
+        return BlobInfo(key=self._key, size=self._meter.size, sha256=self._meter.sha256)
+
+    def abort(self) -> None:
+        try:
+            self._handle.close()
+            self._temp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        self._store.prune_empty_dirs(self._path.parent)
 
 
 def _file_chunks(handle: IO[bytes]) -> Iterator[bytes]:

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import base64
+import binascii
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC
-from typing import Any, BinaryIO
-from urllib.parse import quote
+from typing import Any
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app.storage.base import CHUNK_BYTES, BlobInfo, BlobNotFoundError, BlobStore, StorageError, StoredBlob
-from app.storage.streams import MeteredChunks, validate_key, verified_chunks
+from app.signing import Signer
+from app.storage.base import (
+    CHUNK_BYTES,
+    BlobInfo,
+    BlobNotFoundError,
+    BlobStore,
+    BlobWriter,
+    StorageError,
+    StoredBlob,
+)
+from app.storage.streams import ByteMeter, validate_key, verified_chunks
+from app.storage.urls import BlobGrant, BlobUrls, content_disposition
 
 # S3's own limits: parts (but the last) are at least 5 MiB; one CopyObject moves at most 5 GiB.
 MIN_PART_BYTES = 5 * 1024**2
@@ -41,12 +52,6 @@ def _s3_errors(key: str) -> Iterator[None]:
         raise StorageError(f"S3 unreachable for {key!r}: {exc}") from exc
 
 
-def _content_disposition(filename: str) -> str:
-    # An ASCII fallback for old clients plus RFC 5987's UTF-8 form; quotes and backslashes never pass raw.
-    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
-
-
 class S3BlobStore(BlobStore):
     """Keys live under `prefix` in `bucket`; credentials come from boto3's standard chain."""
 
@@ -59,6 +64,7 @@ class S3BlobStore(BlobStore):
         region: str = "us-east-1",
         multipart_chunk_bytes: int = 16 * 1024**2,
         public_endpoint_url: str | None = None,
+        url_signer: Signer | None = None,
     ) -> None:
         if multipart_chunk_bytes < MIN_PART_BYTES:
             raise ValueError(
@@ -66,7 +72,10 @@ class S3BlobStore(BlobStore):
             )
         self.bucket = bucket
         self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
-        self._part_bytes = multipart_chunk_bytes
+        self.part_bytes = multipart_chunk_bytes
+        # Uploads of undeclared size are relayed through the control plane's own URLs (see
+        # presigned_put_url); without a signer only size-declared direct uploads are possible.
+        self._urls = BlobUrls(url_signer) if url_signer is not None else None
         # Custom endpoints (MinIO, moto) rarely resolve bucket subdomains: address buckets by path there.
         addressing = "path" if endpoint_url else "auto"
         config = Config(
@@ -84,37 +93,10 @@ class S3BlobStore(BlobStore):
                 "s3", endpoint_url=public_endpoint_url, region_name=region, config=config
             )
 
-    def put_stream(
-        self,
-        key: str,
-        chunks: Iterable[bytes] | BinaryIO,
-        *,
-        content_type: str = "application/octet-stream",
-        max_bytes: int | None = None,
-    ) -> BlobInfo:
-        meter = MeteredChunks(chunks, max_bytes)
-        pending = bytearray()
-        upload: _MultipartUpload | None = None
-        try:
-            for chunk in meter:
-                pending += chunk
-                if len(pending) >= self._part_bytes:
-                    if upload is None:
-                        upload = _MultipartUpload(self._client, self.bucket, self._full(key), content_type)
-                    upload.add_part(pending)
-                    pending = bytearray()  # a new buffer: the sent one may still be referenced by botocore
-            if upload is None:
-                self._put_small(key, pending, content_type, meter.sha256)
-            else:
-                upload.finish(pending)
-                # The sha256 is known only now, and metadata is fixed at upload creation: rewrite it in place.
-                replace = {"Metadata": {"sha256": meter.sha256}, "ContentType": content_type}
-                self._copy_within(self._full(key), self._full(key), meter.size, replace)
-        except BaseException:
-            if upload is not None:
-                upload.abort_or_delete()
-            raise
-        return BlobInfo(key=key, size=meter.size, sha256=meter.sha256)
+    def open_writer(
+        self, key: str, *, content_type: str = "application/octet-stream", max_bytes: int | None = None
+    ) -> BlobWriter:
+        return _S3Writer(self, key, content_type, max_bytes)
 
     def iter_chunks(self, key: str, *, expected_sha256: str | None = None) -> Iterator[bytes]:
         with _s3_errors(key):  # fetched here so a missing key fails at the call, before a response starts
@@ -123,9 +105,8 @@ class S3BlobStore(BlobStore):
 
     def stat(self, key: str) -> BlobInfo:
         head = self._head(key)
-        return BlobInfo(
-            key=key, size=int(head["ContentLength"]), sha256=head.get("Metadata", {}).get("sha256")
-        )
+        sha256 = head.get("Metadata", {}).get("sha256") or _full_object_sha256(head.get("ChecksumSHA256"))
+        return BlobInfo(key=key, size=int(head["ContentLength"]), sha256=sha256)
 
     def exists(self, key: str) -> bool:
         try:
@@ -176,18 +157,51 @@ class S3BlobStore(BlobStore):
         head = self._head(src)
         self._copy_within(self._full(src), self._full(dst), int(head["ContentLength"]))
 
-    def presigned_put_url(self, key: str, *, expires_in: int, base_url: str) -> str:
-        params = {"Bucket": self.bucket, "Key": self._full(key)}
+    def verify_url_token(self, token: str, method: str) -> BlobGrant:
+        if self._urls is None:
+            return super().verify_url_token(token, method)
+        return self._urls.verify(token, method)
+
+    def presigned_put_url(
+        self,
+        key: str,
+        *,
+        expires_in: int,
+        base_url: str,
+        content_length: int | None = None,
+        closed_by: str | None = None,
+    ) -> str:
+        """A direct S3 URL bound to `content_length`, else a URL of the control plane that relays to S3.
+
+        A presigned PUT accepts any body up to S3's 5 GiB; signing Content-Length makes S3 (and
+        MinIO) refuse a body of any other length, so the declared size, checked against the limit
+        by the caller, is what S3 takes. Without a declared size the bytes pass through the
+        control plane, which enforces the limit while they stream. A direct URL cannot be closed
+        by `closed_by`: a late PUT lands on `key` only, never on what was registered from it.
+        """
+        if content_length is None:
+            if self._urls is None:
+                raise StorageError("this S3 store has no URL signer to relay uploads of undeclared size")
+            grant = BlobGrant(key, "PUT", closed_by=closed_by)
+            return self._urls.url(base_url, grant, expires_in=expires_in)
+        params = {"Bucket": self.bucket, "Key": self._full(key), "ContentLength": content_length}
         with _s3_errors(key):
             url: str = self._signer.generate_presigned_url("put_object", Params=params, ExpiresIn=expires_in)
         return url
 
     def presigned_get_url(
-        self, key: str, *, expires_in: int, base_url: str, filename: str | None = None
+        self,
+        key: str,
+        *,
+        expires_in: int,
+        base_url: str,
+        filename: str | None = None,
+        sha256: str | None = None,
     ) -> str:
+        # S3 serves the bytes itself: the caller compares `sha256` with stat() before asking for a URL.
         params = {"Bucket": self.bucket, "Key": self._full(key)}
         if filename:
-            params["ResponseContentDisposition"] = _content_disposition(filename)
+            params["ResponseContentDisposition"] = content_disposition(filename)
         with _s3_errors(key):
             url: str = self._signer.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_in)
         return url
@@ -204,7 +218,9 @@ class S3BlobStore(BlobStore):
 
     def _head(self, key: str) -> dict[str, Any]:
         with _s3_errors(key):
-            head: dict[str, Any] = self._client.head_object(Bucket=self.bucket, Key=self._full(key))
+            head: dict[str, Any] = self._client.head_object(
+                Bucket=self.bucket, Key=self._full(key), ChecksumMode="ENABLED"
+            )
         return head
 
     def _pages(self, prefix: str) -> Iterator[dict[str, Any]]:
@@ -213,7 +229,14 @@ class S3BlobStore(BlobStore):
         with _s3_errors(prefix):
             yield from paginator.paginate(Bucket=self.bucket, Prefix=full_prefix)
 
-    def _put_small(self, key: str, data: bytearray, content_type: str, sha256: str) -> None:
+    def start_multipart(self, key: str, content_type: str) -> _MultipartUpload:
+        return _MultipartUpload(self._client, self.bucket, self._full(key), content_type)
+
+    def set_metadata(self, key: str, size: int, sha256: str, content_type: str) -> None:
+        replace = {"Metadata": {"sha256": sha256}, "ContentType": content_type}
+        self._copy_within(self._full(key), self._full(key), size, replace)
+
+    def put_small(self, key: str, data: bytearray, content_type: str, sha256: str) -> None:
         with _s3_errors(key):
             self._client.put_object(
                 Bucket=self.bucket,
@@ -231,10 +254,46 @@ class S3BlobStore(BlobStore):
         extra = (
             {"MetadataDirective": "COPY"} if replace is None else {"MetadataDirective": "REPLACE", **replace}
         )
+        # S3 computes the copy's own SHA-256 (one part, so of the whole object): stat() then knows
+        # the sha256 of bytes that arrived through a presigned PUT, which carry no metadata of ours.
+        extra["ChecksumAlgorithm"] = "SHA256"
         with _s3_errors(src):
             self._client.copy_object(
                 Bucket=self.bucket, Key=dst, CopySource={"Bucket": self.bucket, "Key": src}, **extra
             )
+
+
+class _S3Writer(BlobWriter):
+    """Small blobs go up in one PUT at commit; larger ones as a multipart upload, a part per filled buffer."""
+
+    def __init__(self, store: S3BlobStore, key: str, content_type: str, max_bytes: int | None) -> None:
+        self._store, self._key, self._content_type = store, key, content_type
+        self._meter = ByteMeter(max_bytes)
+        self._pending = bytearray()
+        self._upload: _MultipartUpload | None = None
+
+    def write(self, chunk: bytes) -> None:
+        self._meter.add(chunk)
+        self._pending += chunk
+        if len(self._pending) >= self._store.part_bytes:
+            if self._upload is None:
+                self._upload = self._store.start_multipart(self._key, self._content_type)
+            self._upload.add_part(self._pending)
+            self._pending = bytearray()  # a new buffer: the sent one may still be referenced by botocore
+
+    def commit(self) -> BlobInfo:
+        sha256 = self._meter.sha256
+        if self._upload is None:
+            self._store.put_small(self._key, self._pending, self._content_type, sha256)
+        else:
+            self._upload.finish(self._pending)
+            # The sha256 is known only now, and metadata is fixed at upload creation: rewrite it in place.
+            self._store.set_metadata(self._key, self._meter.size, sha256, self._content_type)
+        return BlobInfo(key=self._key, size=self._meter.size, sha256=sha256)
+
+    def abort(self) -> None:
+        if self._upload is not None:
+            self._upload.abort_or_delete()
 
 
 class _MultipartUpload:
@@ -320,3 +379,14 @@ def _multipart_copy(
 def _body_chunks(body: Any, key: str) -> Iterator[bytes]:
     with body, _s3_errors(key):
         yield from body.iter_chunks(CHUNK_BYTES)
+
+
+def _full_object_sha256(checksum: str | None) -> str | None:
+    """S3's ChecksumSHA256 as hex when it is of the whole object (a multipart object's reads 'xxx-N')."""
+    if not checksum or "-" in checksum:
+        return None
+    try:
+        digest = base64.b64decode(checksum, validate=True)
+    except binascii.Error:
+        return None
+    return digest.hex() if len(digest) == 32 else None

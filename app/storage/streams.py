@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
-from typing import BinaryIO
 
-from app.storage.base import CHUNK_BYTES, BlobTooLargeError, ChecksumMismatchError
+from app.storage.base import BlobTooLargeError, ChecksumMismatchError
 
 # Names starting with this are ours (sidecar tree, temp files): keys may not use it, listings skip it.
 RESERVED_PREFIX = ".tf-"
@@ -28,35 +27,23 @@ def validate_key(key: str, *, allow_prefix: bool = False) -> str:
     return key
 
 
-class MeteredChunks:
-    """One pass over a byte source that hashes and counts as it goes and stops past `max_bytes`."""
+class ByteMeter:
+    """Hashes and counts bytes as they pass, refusing the chunk that takes the total past `max_bytes`."""
 
-    def __init__(self, source: Iterable[bytes] | BinaryIO, max_bytes: int | None) -> None:
-        self._source = source
+    def __init__(self, max_bytes: int | None) -> None:
         self._max_bytes = max_bytes
         self._hash = hashlib.sha256()
         self.size = 0
 
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in _raw_chunks(self._source):
-            self.size += len(chunk)
-            if self._max_bytes is not None and self.size > self._max_bytes:
-                raise BlobTooLargeError(self._max_bytes)
-            self._hash.update(chunk)
-            yield chunk
+    def add(self, chunk: bytes | bytearray | memoryview) -> None:
+        if self._max_bytes is not None and self.size + len(chunk) > self._max_bytes:
+            raise BlobTooLargeError(self._max_bytes)
+        self.size += len(chunk)
+        self._hash.update(chunk)
 
     @property
     def sha256(self) -> str:
         return self._hash.hexdigest()
-
-
-def _raw_chunks(source: Iterable[bytes] | BinaryIO) -> Iterator[bytes]:
-    read = getattr(source, "read", None)
-    if read is None:
-        yield from (bytes(chunk) for chunk in source if chunk)
-        return
-    while chunk := read(CHUNK_BYTES):
-        yield chunk
 
 
 def verified_chunks(chunks: Iterable[bytes], key: str, expected_sha256: str | None) -> Iterator[bytes]:

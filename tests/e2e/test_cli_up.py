@@ -27,9 +27,9 @@ def _env(data_dir: Path) -> dict[str, str]:
     return env | {"TUNEFORGE_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
 
 
-def _start_up(data_dir: Path, port: int) -> subprocess.Popen[str]:
+def _start_up(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*TUNEFORGE, "up", "--port", str(port)],
+        [*TUNEFORGE, "up", "--port", str(port), *extra],
         env=_env(data_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -139,20 +139,48 @@ def test_sigterm_stops_up_and_its_training_worker(tmp_path: Path) -> None:
     try:
         _wait_healthy(f"http://127.0.0.1:{port}", process)
         worker_pid = _worker_pid(process)
+        validator_pid = _validate_node_of(worker_pid)
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
+    for pid, what in ((worker_pid, "worker"), (validator_pid, "validate node")):
+        deadline = time.monotonic() + 15
+        while process_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not process_alive(pid), f"{what} {pid} outlived tuneforge up"
+
+
+def test_up_without_a_training_worker_still_validates_datasets(tmp_path: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _start_up(tmp_path, port, "--no-worker")
+    try:
+        _wait_healthy(url, process)
+        validator_pid = _worker_pid(process, "dataset validation worker started (pid ")
+        token = (tmp_path / "dev-token").read_text().strip()
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as api:
+            begun = api.post("/v2/datasets/upload", json={"fileName": "qa.csv"}).json()
+            httpx.put(begun["presignedUrl"], content=b"prompt,completion\nq,a\n").raise_for_status()
+            api.put("/v2/datasets/upload", json={"name": "qa", "uploadToken": begun["uploadToken"]})
+            deadline = time.monotonic() + 60
+            while (status := api.get("/v1/datasets/name/qa").json()["status"]) == "validating":
+                assert time.monotonic() < deadline, "no dataset validation without a training worker"
+                time.sleep(0.2)
+        assert status == "connected"
+    finally:
+        output = _stop(process)
     deadline = time.monotonic() + 15
-    while process_alive(worker_pid) and time.monotonic() < deadline:
+    while process_alive(validator_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not process_alive(worker_pid), f"worker {worker_pid} outlived tuneforge up"
+    assert not process_alive(validator_pid), output
 
 
-def _worker_pid(process: subprocess.Popen[str]) -> int:
+def _worker_pid(process: subprocess.Popen[str], announced: str = "training worker started (pid ") -> int:
     assert process.stdout is not None
     for line in process.stdout:  # printed before uvicorn starts, so it is already there
-        if "training worker started (pid " in line:
+        if announced in line:
             return int(line.split("(pid ", 1)[1].split(",", 1)[0])
     raise AssertionError("tuneforge up did not report its worker")
 
@@ -229,3 +257,19 @@ def test_a_serving_process_exits_when_up_is_killed_outright(tmp_path: Path, shar
     finally:
         if process_alive(serving):
             os.kill(serving, signal.SIGKILL)
+
+
+def _validate_node_of(worker_pid: int, timeout: float = 30) -> int:
+    """The `tuneforge worker --queues validate` child the training worker starts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == worker_pid and b"validate" in cmdline:
+                return int(stat.parent.name)
+        time.sleep(0.1)
+    raise AssertionError(f"worker {worker_pid} started no validate node")

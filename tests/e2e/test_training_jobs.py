@@ -239,6 +239,7 @@ def test_a_job_created_while_the_broker_is_down_stays_queued_and_runs_once_it_is
 ) -> None:
     broker_url, (start_broker, stop_broker) = own_redis
     stack = worker_stack_factory("postgres_s3", broker_url=broker_url)
+    stack.new_worker("validate").start()  # the dataset must be connected; no training worker yet
     _, token = _prepare(stack, tmp_path, monkeypatch)
     api = _api(stack, token)
     stop_broker()

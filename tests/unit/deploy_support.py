@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from app.cli import build_parser, cmd_serve
+from app.cli.server_commands import cmd_worker
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,6 +131,14 @@ def serve_args(command: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(command[1:])
     assert args.func is cmd_serve
     return args
+
+
+def worker_queues(command: list[str]) -> tuple[str, ...]:
+    """The queues `tuneforge worker ...` consumes, parsed by the real CLI parser."""
+    assert command[:2] == ["tuneforge", "worker"], command
+    args = build_parser().parse_args(command[1:])
+    assert args.func is cmd_worker
+    return tuple(args.queues)
 
 
 def healthcheck_url(test: list[str] | str) -> ParseResult:

@@ -38,6 +38,7 @@ from deploy_support import (
     wheel_requirements,
     words,
     worker_extra,
+    worker_queues,
 )
 
 # --- settings names ---------------------------------------------------------------------------
@@ -184,7 +185,9 @@ def test_worker_image_ships_the_builtin_base_model_source_without_its_dependenci
 def test_compose_has_the_production_services_with_healthchecks_and_named_volumes() -> None:
     spec = compose()
     services = spec["services"]
-    assert {"postgres", "redis", "minio", "minio-init", "api", "worker", "serving"} <= set(services)
+    assert {"postgres", "redis", "minio", "minio-init", "api", "worker", "validator", "serving"} <= set(
+        services
+    )
     assert services["postgres"]["image"].startswith("postgres:16")
     assert services["redis"]["image"].startswith("redis:7")
     for name in ("postgres", "redis", "minio", "api", "serving"):
@@ -205,7 +208,7 @@ def test_compose_builds_each_image_from_an_existing_dockerfile(service: str, doc
     assert (ROOT / build.get("context", ".") / build["dockerfile"]).is_file()
 
 
-@pytest.mark.parametrize("name", ["api", "worker", "serving"])
+@pytest.mark.parametrize("name", ["api", "worker", "validator", "serving"])
 def test_compose_production_settings_point_at_the_compose_services(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -239,7 +242,7 @@ def test_compose_production_settings_point_at_the_compose_services(
     )
 
 
-@pytest.mark.parametrize("name", ["api", "worker", "serving"])
+@pytest.mark.parametrize("name", ["api", "worker", "validator", "serving"])
 def test_compose_requires_the_secret_key_from_the_host(name: str) -> None:
     raw = service_env(compose()["services"][name])["TUNEFORGE_SECRET_KEY"]
     with pytest.raises(KeyError, match="TUNEFORGE_SECRET_KEY"):
@@ -267,11 +270,30 @@ def test_compose_api_migrates_then_serves_on_the_published_port() -> None:
 
 def test_compose_worker_runs_tuneforge_worker_on_a_reserved_gpu() -> None:
     worker = compose()["services"]["worker"]
-    assert command_words(worker) == ["tuneforge", "worker"]
+    assert worker_queues(command_words(worker)) == ("train",)
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     gpus = [d for d in devices if d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])]
     assert gpus and all(d.get("count") in (1, "all") or d.get("device_ids") for d in gpus), devices
     assert {"postgres", "redis", "minio"} <= set(worker["depends_on"])
+
+
+def test_compose_validator_validates_datasets_from_the_api_image_without_a_gpu() -> None:
+    services = compose()["services"]
+    validator = services["validator"]
+    assert worker_queues(command_words(validator)) == ("validate",)
+    assert validator["image"] == services["api"]["image"], "validation needs no torch: the light image"
+    assert "deploy" not in validator, "validation needs no GPU"
+    assert validator.get("mem_limit"), "validation is memory-capped per process; bound the container too"
+    conditions = {name: dep["condition"] for name, dep in validator["depends_on"].items()}
+    assert conditions["api"] == conditions["redis"] == conditions["postgres"] == "service_healthy"
+    # Between them, the worker services consume every queue the API sends to.
+    consumed = {
+        queue
+        for service in services.values()
+        if "command" in service and command_words(service)[:2] == ["tuneforge", "worker"]
+        for queue in worker_queues(command_words(service))
+    }
+    assert consumed == {"train", "validate"}
 
 
 def test_compose_serving_runs_tuneforge_serve_from_the_worker_image_on_a_reserved_gpu() -> None:

@@ -27,6 +27,7 @@ from deploy_support import (
     settings_from,
     uvicorn_port,
     words,
+    worker_queues,
 )
 from pydantic import ValidationError
 
@@ -70,10 +71,26 @@ def test_k8s_api_probes_and_service_reach_the_port_uvicorn_listens_on() -> None:
 def test_k8s_worker_runs_tuneforge_worker_on_one_gpu_node() -> None:
     spec = pod_spec("tuneforge-worker")
     worker = only_container("tuneforge-worker")
-    assert worker.get("command", []) + worker.get("args", []) == ["tuneforge", "worker"]
+    assert worker_queues(worker.get("command", []) + worker.get("args", [])) == ("train",)
     assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) == 1
     assert spec.get("nodeSelector") or spec.get("affinity"), "no GPU node placement example"
     assert any(t["key"] == "nvidia.com/gpu" for t in spec.get("tolerations", []))
+
+
+def test_k8s_validator_validates_datasets_from_the_api_image_without_a_gpu() -> None:
+    validator = only_container("tuneforge-validator")
+    assert worker_queues(validator.get("command", []) + validator.get("args", [])) == ("validate",)
+    assert image_name(validator["image"]) == image_name(only_container("tuneforge-api")["image"])
+    assert validator["envFrom"] == only_container("tuneforge-api")["envFrom"]
+    assert "nvidia.com/gpu" not in validator["resources"].get("limits", {})
+    assert validator["resources"]["limits"]["memory"], "bound the pod beside the per-validation cap"
+    # Between them, the worker Deployments consume every queue the API sends to.
+    consumed = set()
+    for (kind, _), doc in k8s_objects().items():
+        for container in doc["spec"]["template"]["spec"]["containers"] if kind == "Deployment" else []:
+            command = container.get("command", []) + container.get("args", [])
+            consumed |= set(worker_queues(command)) if command[:2] == ["tuneforge", "worker"] else set()
+    assert consumed == {"train", "validate"}
 
 
 SERVING = "tuneforge-serving-smollm2-135m"
@@ -149,7 +166,9 @@ def test_k8s_config_and_secret_keys_are_settings_fields() -> None:
     assert set(secret) <= SETTINGS_ENV | S3_CREDENTIALS, set(secret) - SETTINGS_ENV - S3_CREDENTIALS
 
 
-@pytest.mark.parametrize("name", ["tuneforge-api", "tuneforge-worker", "tuneforge-serving-smollm2-135m"])
+@pytest.mark.parametrize(
+    "name", ["tuneforge-api", "tuneforge-worker", "tuneforge-validator", "tuneforge-serving-smollm2-135m"]
+)
 def test_k8s_containers_get_every_production_setting(name: str) -> None:
     env = k8s_env(only_container(name))
     assert env[f"{ENV_PREFIX}ENVIRONMENT"] == "production"

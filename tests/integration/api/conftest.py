@@ -21,10 +21,13 @@ STACKS = ("embedded", "postgres_s3")
 
 @pytest.fixture(scope="session", params=STACKS)
 def api_app(
-    request: pytest.FixtureRequest, stack_settings_factory: Callable[..., Any]
+    request: pytest.FixtureRequest,
+    stack_settings_factory: Callable[..., Any],
+    validate_worker_for: Callable[[Any], Any],
 ) -> Iterator[TestClient]:
-    app = create_app(stack_settings_factory(request.param))
-    with TestClient(app) as client:  # runs the lifespan: validator pool, shutdown at the end
+    settings = stack_settings_factory(request.param)
+    validate_worker_for(settings)  # datasets reach a verdict on a real validate worker, as deployed
+    with TestClient(create_app(settings)) as client:  # runs the lifespan: the sweeper, shutdown at the end
         yield client
 
 
@@ -63,7 +66,7 @@ class TenantSession:
         assert finished.status_code == 200, finished.text
         return self.wait_for_dataset(name)
 
-    def wait_for_dataset(self, name: str, timeout: float = 30) -> dict[str, Any]:
+    def wait_for_dataset(self, name: str, timeout: float = 60) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             body = self.client.get(f"/v1/datasets/name/{name}").json()
@@ -72,18 +75,24 @@ class TenantSession:
             time.sleep(0.05)
 
 
+def _tenant_on(app_client: TestClient) -> TenantSession:
+    ctx = app_client.app.state.ctx  # type: ignore[attr-defined]
+    tenant = f"t-{secrets.token_hex(4)}"
+    with transaction(ctx.sessions) as session:
+        token = auth.create_token(session, auth.get_or_create_user(session, tenant, "alice"))
+    client = TestClient(app_client.app, headers={"Authorization": f"Bearer {token}"})
+    return TenantSession(client=client, tenant=tenant, token=token)
+
+
+@pytest.fixture
+def new_tenant_on() -> Callable[[TestClient], TenantSession]:
+    """A new tenant on an app of the test's own (e.g. one built with other settings)."""
+    return _tenant_on
+
+
 @pytest.fixture
 def new_tenant(api_app: TestClient) -> Callable[[], TenantSession]:
-    ctx = api_app.app.state.ctx  # type: ignore[attr-defined]
-
-    def make() -> TenantSession:
-        tenant = f"t-{secrets.token_hex(4)}"
-        with transaction(ctx.sessions) as session:
-            token = auth.create_token(session, auth.get_or_create_user(session, tenant, "alice"))
-        client = TestClient(api_app.app, headers={"Authorization": f"Bearer {token}"})
-        return TenantSession(client=client, tenant=tenant, token=token)
-
-    return make
+    return lambda: _tenant_on(api_app)
 
 
 @pytest.fixture

@@ -36,8 +36,12 @@ ROWS = b"".join(
 
 
 @pytest.fixture(scope="module", params=["embedded", "postgres_s3"])
-def api(request: pytest.FixtureRequest, stack_settings_factory: Callable[..., Any]) -> Iterator[TestClient]:
-    with TestClient(create_app(stack_settings_factory(request.param))) as client:
+def api(
+    request: pytest.FixtureRequest, stack_settings_factory: Callable[..., Any], validate_worker_for: Any
+) -> Iterator[TestClient]:
+    settings = stack_settings_factory(request.param)
+    validate_worker_for(settings)  # the checkpoint tests upload a dataset that must be connected
+    with TestClient(create_app(settings)) as client:
         yield client
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
 import pytest
 
+from app.signing import Signer
 from app.storage import (
     BlobInfo,
     BlobNotFoundError,
@@ -99,7 +102,9 @@ def test_failing_source_mid_multipart_aborts_the_upload(store: S3BlobStore, s3_s
 
 def test_presigned_put_then_get_over_plain_http(store: S3BlobStore) -> None:
     data = b"uploaded without credentials"
-    put_url = store.presigned_put_url("uploads/f.csv", expires_in=300, base_url="http://unused")
+    put_url = store.presigned_put_url(
+        "uploads/f.csv", expires_in=300, base_url="http://unused", content_length=len(data)
+    )
     httpx.put(put_url, content=data, headers={"Content-Type": "text/csv"}).raise_for_status()
     assert store.stat("uploads/f.csv").sha256 is None  # the bytes never passed through us
     get_url = store.presigned_get_url(
@@ -109,6 +114,60 @@ def test_presigned_put_then_get_over_plain_http(store: S3BlobStore) -> None:
     response.raise_for_status()
     assert response.content == data
     assert 'filename="f.csv"' in response.headers["content-disposition"]
+
+
+def test_presigned_put_binds_the_declared_length(store: S3BlobStore) -> None:
+    """S3 recomputes a presigned URL's signature over the request it gets; Content-Length is signed,
+    so a body of any other length is refused (SignatureDoesNotMatch). moto does not check presigned
+    signatures, so the check S3 and MinIO run is recomputed here."""
+    url = store.presigned_put_url(
+        "uploads/f.csv", expires_in=300, base_url="http://unused", content_length=28
+    )
+    query = dict(parse_qsl(urlsplit(url).query))
+    assert query["X-Amz-SignedHeaders"] == "content-length;host"
+    assert _sigv4_query_signature(url, content_length=28) == query["X-Amz-Signature"]
+    for other in (0, 27, 29, 5 * 1024**3):
+        assert _sigv4_query_signature(url, content_length=other) != query["X-Amz-Signature"]
+
+
+def test_presigned_put_without_a_length_needs_a_relay_signer(store: S3BlobStore) -> None:
+    with pytest.raises(StorageError, match="undeclared size"):
+        store.presigned_put_url("uploads/f.csv", expires_in=300, base_url="http://unused")
+    relaying = S3BlobStore(
+        store.bucket, "tuneforge/", endpoint_url="http://s3.test", url_signer=Signer("k", "blob")
+    )
+    url = relaying.presigned_put_url("uploads/f.csv", expires_in=300, base_url="http://api.test")
+    assert url.startswith("http://api.test/blobs/")
+    assert relaying.verify_url_token(url.rsplit("/", 1)[1], "PUT").key == "uploads/f.csv"
+
+
+def test_copy_records_the_sha256_of_bytes_that_bypassed_us(store: S3BlobStore) -> None:
+    data = b"prompt,completion\nq,a\n"
+    url = store.presigned_put_url("uploads/d.csv", expires_in=300, base_url="", content_length=len(data))
+    httpx.put(url, content=data).raise_for_status()
+    store.copy("uploads/d.csv", "datasets/d.csv")
+    assert store.stat("datasets/d.csv").sha256 == hashlib.sha256(data).hexdigest()
+
+
+def _sigv4_query_signature(url: str, *, content_length: int) -> str:
+    """AWS Signature V4 of a presigned PUT as S3 verifies it, for a request with this Content-Length."""
+    parts = urlsplit(url)
+    query = {k: v for k, v in parse_qsl(parts.query) if k != "X-Amz-Signature"}
+    canonical_query = "&".join(
+        f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(query.items())
+    )
+    headers = f"content-length:{content_length}\nhost:{parts.netloc}\n"
+    canonical = "\n".join(
+        ["PUT", parts.path, canonical_query, headers, query["X-Amz-SignedHeaders"], "UNSIGNED-PAYLOAD"]
+    )
+    scope = query["X-Amz-Credential"].split("/", 1)[1]
+    to_sign = "\n".join(
+        ["AWS4-HMAC-SHA256", query["X-Amz-Date"], scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
+    key = ("AWS4" + os.environ["AWS_SECRET_ACCESS_KEY"]).encode()
+    for part in scope.split("/"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
 
 
 def test_copy_keeps_sha256(store: S3BlobStore) -> None:

@@ -45,6 +45,34 @@ def test_every_module_imports_without_the_blocked_packages(package: str, blocked
     assert result.returncode == 0, result.stderr
 
 
+# What `tuneforge worker --queues validate` loads: it runs from the API image, which has no torch.
+VALIDATE_NODE_PROBE = """
+import sys
+blocked = set(sys.argv[1].split(","))
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in blocked:
+            raise ImportError(f"{name} must not be imported here")
+sys.meta_path.insert(0, Refuse())
+import worker.main, worker.validate_task, worker.celery_app
+from app.cli import build_parser
+args = build_parser().parse_args(["worker", "--queues", "validate"])
+assert args.queues == ("validate",)
+"""
+
+
+def test_the_validate_worker_node_imports_nothing_of_the_training_stack() -> None:
+    training_stack = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "gguf")
+    result = subprocess.run(
+        [sys.executable, "-c", VALIDATE_NODE_PROBE, ",".join(training_stack)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_client_distribution_depends_on_httpx_pydantic_and_tqdm_only() -> None:
     project = tomllib.loads((REPO_ROOT / "client" / "pyproject.toml").read_text())["project"]
     names = {spec.split(">")[0].split("=")[0].split("[")[0].strip() for spec in project["dependencies"]}

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from app.services.dataset_formats import (
+    MAX_COLUMNS,
+    MAX_NESTING,
+    MAX_ROW_BYTES,
     SUPPORTED_EXTENSIONS,
     DatasetFormatError,
     DatasetProfile,
@@ -398,9 +402,10 @@ def test_json_array_of_non_objects_names_the_row() -> None:
     assert message == "row 2: expected a JSON object, found a string"
 
 
-def test_invalid_json_document_names_line_and_column() -> None:
+def test_invalid_json_document_names_the_row_and_the_problem() -> None:
     message = error_for(b'[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": }\n]', "d.json")
-    assert message.startswith("d.json: invalid JSON at line 3, column 14")
+    assert message.startswith("row 2: invalid JSON: unallowed token at this point in JSON text near")
+    assert '{"prompt": }' in message
 
 
 def test_unknown_split_value_names_row_and_value() -> None:
@@ -421,3 +426,61 @@ def test_read_rows_reads_what_the_profiler_accepted_with_the_same_detection() ->
     data = b'prompt,completion\n"{not json",x\n'
     assert profile_dataset([data], "odd.csv").file_format == "csv"
     assert read_rows([data[:5], data[5:]], "odd.csv") == [{"prompt": "{not json", "completion": "x"}]
+
+
+# --- bounds: nesting, row size, columns, encodings ------------------------------------------------
+
+
+def test_deeply_nested_json_array_row_is_named_and_found_streaming() -> None:
+    poison = b"[" * 200_000 + b"]" * 200_000
+    started = time.monotonic()
+    message = error_for(b'[{"prompt": "a", "completion": "b"}, ' + poison[1:], "poison.json")
+    assert message == f"row 2: JSON nested more than {MAX_NESTING} levels deep"
+    assert time.monotonic() - started < 2  # stops at the bound instead of building 200,000 levels
+
+
+def test_deeply_nested_jsonl_line_is_named() -> None:
+    data = jsonl(pc("a", "b")) + b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b', "completion": "c"}\n'
+    assert error_for(data, "d.jsonl").startswith(f"line 2: JSON nested more than {MAX_NESTING} levels deep")
+
+
+def test_nesting_up_to_the_bound_is_accepted() -> None:
+    value: Any = "deep"
+    for _ in range(MAX_NESTING - 2):  # the row is level 1 and 'meta' level 2
+        value = [value]
+    assert profile(jsonl(pc("a", "b", meta=value)), "d.jsonl").row_count == 1
+    assert profile(json.dumps([pc("a", "b", meta=value)]).encode(), "d.json").row_count == 1
+
+
+def test_a_line_longer_than_a_row_may_be_is_named_before_it_is_read_whole() -> None:
+    data = jsonl(pc("a", "b")) + b'{"prompt": "' + b"x" * MAX_ROW_BYTES + b'", "completion": "c"}\n'
+    assert error_for(data, "d.jsonl").startswith(f"line 2 is longer than {MAX_ROW_BYTES} bytes")
+
+
+def test_a_json_array_row_larger_than_a_row_may_be_is_named() -> None:
+    big = pc("x" * (MAX_ROW_BYTES // 2), "y" * (MAX_ROW_BYTES // 2 + 10))
+    message = error_for(json.dumps([pc("a", "b"), big]).encode(), "d.json")
+    assert message.startswith(f"row 2 is larger than {MAX_ROW_BYTES} bytes")
+
+
+def test_too_many_distinct_columns_are_refused() -> None:
+    rows = [pc("a", "b", **{f"extra{i}": 1}) for i in range(MAX_COLUMNS)]
+    assert f"more than {MAX_COLUMNS} distinct columns" in error_for(jsonl(*rows), "d.jsonl")
+    header = ["prompt", "completion", *(f"c{i}" for i in range(MAX_COLUMNS))]
+    assert f"at most {MAX_COLUMNS}" in error_for(csv_bytes(header, ["a"] * len(header)), "d.csv")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_utf16_and_utf32_files_are_named_as_such(encoding: str) -> None:
+    data = "prompt,completion\nq,a\n".encode(encoding)
+    assert error_for(data, "d.csv") == f"d.csv is {encoding.upper()} text; re-save the file as UTF-8"
+
+
+def test_a_number_past_pythons_digit_limit_is_named() -> None:
+    data = b'{"prompt": "a", "completion": "b", "n": ' + b"9" * 5000 + b"}\n"
+    assert error_for(data, "d.jsonl").startswith("line 1: invalid JSON")
+    assert error_for(b"[" + data.strip() + b"]", "d.json").startswith("row 1: invalid JSON")
+
+
+def test_json_array_with_a_byte_order_mark_is_read() -> None:
+    assert profile(b"\xef\xbb\xbf" + json.dumps([pc("a", "b")]).encode(), "d.json").row_count == 1

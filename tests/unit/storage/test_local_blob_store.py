@@ -14,6 +14,7 @@ import pytest
 from app.settings import Settings
 from app.signing import InvalidTokenError, Signer
 from app.storage import (
+    BlobGrant,
     BlobNotFoundError,
     BlobTooLargeError,
     ChecksumMismatchError,
@@ -184,10 +185,14 @@ def test_copy_keeps_sha256_and_refuses_a_corrupt_source(store: LocalBlobStore) -
 
 def test_signed_urls_round_trip(store: LocalBlobStore, signer: Signer) -> None:
     put = store.presigned_put_url("d/f.csv", expires_in=60, base_url=BASE_URL)
-    get = store.presigned_get_url("d/f.csv", expires_in=60, base_url=BASE_URL, filename="f.csv")
+    get = store.presigned_get_url(
+        "d/f.csv", expires_in=60, base_url=BASE_URL, filename="f.csv", sha256="ab" * 32
+    )
     assert put.startswith("http://tuneforge.test/blobs/")
-    assert verify_blob_token(signer, put.rsplit("/", 1)[1], "PUT") == ("d/f.csv", None)
-    assert verify_blob_token(signer, get.rsplit("/", 1)[1], "GET") == ("d/f.csv", "f.csv")
+    assert verify_blob_token(signer, put.rsplit("/", 1)[1], "PUT") == BlobGrant("d/f.csv", "PUT")
+    assert verify_blob_token(signer, get.rsplit("/", 1)[1], "GET") == BlobGrant(
+        "d/f.csv", "GET", "f.csv", "ab" * 32
+    )
 
 
 def test_signed_token_for_put_cannot_get(store: LocalBlobStore, signer: Signer) -> None:
@@ -251,7 +256,7 @@ def test_s3_presigned_urls_use_the_public_endpoint_when_one_is_set(monkeypatch: 
     store = S3BlobStore(
         "bucket", "p", endpoint_url="http://minio:9000", public_endpoint_url="http://localhost:9000"
     )
-    assert store.presigned_put_url("k", expires_in=60, base_url="").startswith(
+    assert store.presigned_put_url("k", expires_in=60, base_url="", content_length=10).startswith(
         "http://localhost:9000/bucket/p/k?"
     )
     inside = S3BlobStore("bucket", "p", endpoint_url="http://minio:9000")
