@@ -22,6 +22,10 @@ from sqlalchemy.orm import Session
 from app.db import AdapterVersion, FinetuningJob, Repo, Tenant
 
 TENANTS = "tenants/"
+# Written beside an upload when it is registered: the token and the control plane's PUT URL are then
+# used up, even once the dataset is deleted (the marker outlives both; `tuneforge gc` removes it only
+# once no upload token can still name it).
+UPLOAD_REGISTERED_MARKER = "registered"
 
 
 def dataset_dir(blob_key: str) -> str | None:
@@ -46,10 +50,12 @@ def repo_dir(tenant_uuid: str, repo_uuid: str) -> str:
     return f"{TENANTS}{tenant_uuid}/repos/{repo_uuid}/"
 
 
-def is_upload(prefix: str) -> bool:
-    """A dataset upload's directory: no row ever points at it (registration copies the bytes out)."""
+def is_registered_upload(prefix: str, keys: list[str]) -> bool:
+    """A dataset upload's directory (no row ever points at one: registration copies the bytes out)
+    holding the marker that keeps its token used up."""
     parts = prefix.rstrip("/").split("/")
-    return len(parts) == 4 and _matches(parts, ("tenants", "*", "uploads", "*"))
+    is_upload = len(parts) == 4 and _matches(parts, ("tenants", "*", "uploads", "*"))
+    return is_upload and f"{prefix}{UPLOAD_REGISTERED_MARKER}" in keys
 
 
 def owner_prefix(key: str) -> str | None:

@@ -29,9 +29,6 @@ from app.storage import BlobInfo, BlobNotFoundError, StorageError
 log = logging.getLogger(__name__)
 
 DEFAULT_CONNECTION = "file_uploads"
-# Written beside an upload when it is registered: the token and the control plane's PUT URL are then
-# used up, even once the dataset is deleted (the marker outlives both; `tuneforge gc` removes it).
-_REGISTERED_MARKER = "registered"
 MAX_FILE_NAME_CHARS = 255  # the column's width
 
 
@@ -52,7 +49,7 @@ def begin_upload(
     suffix = PurePosixPath(name).suffix.lower()
     upload_id, tenant = uuid.uuid4(), user.tenant.uuid
     key = f"tenants/{tenant}/uploads/{upload_id}/data{suffix}"
-    sealed = f"tenants/{tenant}/uploads/{upload_id}/{_REGISTERED_MARKER}"
+    sealed = f"tenants/{tenant}/uploads/{upload_id}/{blob_keys.UPLOAD_REGISTERED_MARKER}"
     dest = f"tenants/{tenant}/datasets/{upload_id}/data{suffix}"
     url = ctx.store.presigned_put_url(
         key,

@@ -2,10 +2,11 @@
 
 An orphan is an owner directory (see `blob_keys` for the layout) that no row owns: a dataset upload
 (never registered, or registered and copied out: no row ever points at one), a dataset directory,
-staged adapter upload, version artifact or checkpoint whose row is gone, bytes a crash left behind between a row's delete and its blobs', a pruned checkpoint a worker could not
-delete, tokenised caches of the earlier layout. Every blob is written before the row that points
-at it, so an owner is removed only once its newest blob is older than `min_age` (a day by default:
-far past an upload token's life and a checkpoint's bookkeeping).
+staged adapter upload, version artifact or checkpoint whose row is gone, bytes a crash left behind
+between a row's delete and its blobs', a pruned checkpoint a worker could not delete, tokenised
+caches of the earlier layout. Every blob is written before the row that points at it, so an owner
+is removed only once its newest blob is older than `min_age` (a day by default: far past an upload
+token's life and a checkpoint's bookkeeping).
 
 Blobs are listed before rows are read, so a row committed during the listing keeps its blobs.
 Keys outside the layout (anything not under `tenants/`, or of an unknown kind) are never touched.
@@ -68,15 +69,17 @@ def collect(
 ) -> GcReport:
     """Find the orphans and, unless `dry_run`, delete every blob of those older than `min_age`.
 
-    A dataset upload's directory is never pointed at by a row (registration copies its bytes out),
-    and its `registered` marker is what keeps the upload token used up: it stays at least as long as
-    an upload token lives (`upload_token_ttl`), whatever `min_age` says.
+    A dataset upload's directory is never pointed at by a row (registration copies its bytes out);
+    once registered, its marker is what keeps the upload token used up, so it stays at least as long
+    as an upload token lives (`upload_token_ttl`), whatever `min_age` says.
     """
     orphans = find_orphans(store, session)
     moment = now or utcnow()
 
     def old(orphan: Orphan) -> bool:
-        age = max(min_age, upload_token_ttl) if blob_keys.is_upload(orphan.prefix) else min_age
+        keys = [blob.key for blob in orphan.blobs]
+        registered = blob_keys.is_registered_upload(orphan.prefix, keys)
+        age = max(min_age, upload_token_ttl) if registered else min_age
         return orphan.newest < moment - age
 
     report = GcReport(

@@ -179,9 +179,11 @@ def _generate(tenant: Tenant) -> httpx.Response:
 
 
 def test_a_tenant_past_its_active_jobs_gets_429_with_retry_after_and_another_tenant_does_not(
-    stack_settings_factory: Callable[..., Any],
+    stack_settings_factory: Callable[..., Any], validate_worker_for: Callable[[Any], Any]
 ) -> None:
-    with LiveServer(stack_settings_factory("postgres_s3", tenant_max_active_jobs=2)) as server:
+    settings = stack_settings_factory("postgres_s3", tenant_max_active_jobs=2)
+    validate_worker_for(settings)
+    with LiveServer(settings) as server:
         greedy, other = Tenant(server), Tenant(server)
         for tenant in (greedy, other):
             tenant.connected_dataset("d")
@@ -237,9 +239,11 @@ def test_a_tenant_sending_faster_than_its_rate_gets_429_with_retry_after_and_ano
 
 
 def test_a_tenant_at_its_stored_bytes_gets_429_for_uploads_and_jobs_and_another_tenant_does_not(
-    stack_settings_factory: Callable[..., Any],
+    stack_settings_factory: Callable[..., Any], validate_worker_for: Callable[[Any], Any]
 ) -> None:
-    with LiveServer(stack_settings_factory("postgres_s3", tenant_max_stored_bytes=len(ROWS))) as server:
+    settings = stack_settings_factory("postgres_s3", tenant_max_stored_bytes=len(ROWS))
+    validate_worker_for(settings)
+    with LiveServer(settings) as server:
         hoarder, other = Tenant(server), Tenant(server)
         hoarder.connected_dataset("d")
         assert hoarder.api.post("/v2/repos", json={"name": "r"}).status_code == 200
@@ -301,9 +305,10 @@ def _gc(settings: Any, *args: str) -> str:
 
 
 def test_gc_removes_only_orphaned_blobs_after_a_dry_run_that_removes_nothing(
-    stack_settings_factory: Callable[..., Any], tmp_path: Path
+    stack_settings_factory: Callable[..., Any], validate_worker_for: Callable[[Any], Any], tmp_path: Path
 ) -> None:
     settings = stack_settings_factory("postgres_s3")
+    validate_worker_for(settings)
     with LiveServer(settings) as server:
         tenant = Tenant(server)
         store = server.app.state.ctx.store

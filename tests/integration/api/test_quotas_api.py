@@ -24,11 +24,14 @@ MAX_BYTES = len(ROWS) + 1
 
 @pytest.fixture(scope="module", params=["embedded", "postgres_s3"])
 def server(
-    request: pytest.FixtureRequest, stack_settings_factory: Callable[..., Any]
+    request: pytest.FixtureRequest,
+    stack_settings_factory: Callable[..., Any],
+    validate_worker_for: Callable[[Any], Any],
 ) -> Iterator[LiveServer]:
     settings = stack_settings_factory(
         request.param, tenant_max_active_jobs=MAX_JOBS, tenant_max_stored_bytes=MAX_BYTES
     )
+    validate_worker_for(settings)  # datasets reach a verdict on a real validate worker, as deployed
     with LiveServer(settings) as live:
         yield live
 
