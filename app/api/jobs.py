@@ -44,7 +44,7 @@ def list_jobs(
     session: SessionDep,
     user: CurrentUser,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=schemas.MAX_PAGE_OFFSET)] = 0,
 ) -> schemas.ListEnvelope[schemas.FinetuningJobPublic]:
     rows, total = finetuning.list_jobs(session, user, limit, offset)
     return schemas.ListEnvelope(data=[presenters.job(r) for r in rows], count=total)

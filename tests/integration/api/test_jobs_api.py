@@ -175,3 +175,9 @@ def test_a_non_finite_loss_streams_as_null_in_strict_json_and_once(tenant, api_a
     assert [f["data"]["steps"] for f in frames] == [1, 2, 2]  # the last is the completion frame
     assert (frames[0]["data"]["train_metrics_loss"], frames[0]["data"]["learning_rate"]) == (None, None)
     assert frames[-1]["meta"]["is_completed"] and frames[-1]["meta"]["status"] == "errored"
+
+
+def test_a_page_offset_past_any_table_is_a_422_naming_offset_not_a_database_error(tenant) -> None:  # type: ignore[no-untyped-def]
+    # Found by the fuzzer: 2**63 overflowed SQLite's integer and PostgreSQL's bigint (a 500).
+    assert_error(tenant.client.get(f"/v2/finetuning/jobs?offset={2**63}"), 422, "offset")
+    assert tenant.client.get(f"/v2/finetuning/jobs?offset={2**31 - 1}").json()["data"] == []
