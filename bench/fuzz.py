@@ -136,6 +136,7 @@ def _fuzz_control_plane(args: argparse.Namespace, model_dir: Path, adapters: Pat
     backend = ServingBackend(model_dir, adapters)
     with contextlib.ExitStack() as stack:
         stack.callback(backend.close)
+        (scratch / "data").mkdir()
         fields: dict[str, object] = {"data_dir": scratch / "data", "public_url": ""}
         if args.stack == "postgres_s3":
             fields |= stack.enter_context(_postgres_s3_fields())
