@@ -228,6 +228,8 @@ def fuzz(target: FuzzTarget, budget: Budget, run: FuzzRun | None = None) -> Fuzz
     then the accepted request with the most numbers, sent again with each number made extreme."""
     run = run or FuzzRun()
     for operation in operations(target.schema):
+        if run.stopped:
+            break
         accepted = _Accepted()
         _send_coverage_cases(target, operation, budget, run, accepted)
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -253,10 +255,11 @@ class _Accepted:
 
 def _send(target: FuzzTarget, case: Case, choices: Choices, budget: Budget, run: FuzzRun) -> str:
     """Fill in and send one case; its answer class, or "" once the run must stop."""
+    # Filled in before the budget is looked at: Hypothesis replays draws and needs the same ones.
+    headers = target.prepare(case, choices)
     if run.stopped or (reason := budget.spent(run)):
         run.stopped = run.stopped or reason
         return ""
-    headers = target.prepare(case, choices)
     started = time.monotonic()
     answer, finding = _call(target, case, headers, budget.request_timeout)
     run.record(_name(case.operation), answer, finding, time.monotonic() - started)
