@@ -31,6 +31,19 @@ EXTREME_NUMBERS: list[int | float] = [
     5e-324,
     -0.0,
 ]
+# Strings that break code assuming printable text: NUL (PostgreSQL refuses it in text), a lone
+# surrogate (not encodable as UTF-8), non-ASCII beside ASCII-only comparisons, path tricks, size.
+HOSTILE_STRINGS = [
+    "\x00",
+    "a\x00b",
+    "\ud800",
+    "é",
+    "\u202e",
+    "../../etc/passwd",
+    "%00",
+    "{{7*7}}",
+    "x" * 70_000,
+]
 # Headers every server receives whatever its schema says; values are latin-1, as on the wire.
 ODD_HEADERS = {
     "Content-Type": [
@@ -106,6 +119,27 @@ def sweep_paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]
     return [path] if value is None or (isinstance(value, int | float) and not isinstance(value, bool)) else []
 
 
+def _replace_one(case: Case, where: Any, values: Sequence[Any], choices: Choices) -> None:
+    """One leaf that `where` finds in the body, path or query parameters, replaced by one of `values`."""
+    places = [
+        (container, path)
+        for container in (case.body, case.path_parameters, case.query)
+        if isinstance(container, dict | list)
+        for path in where(container)
+    ]
+    if places:
+        container, path = choices.pick(places, "leaf")
+        set_at(container, path, choices.pick(values, "value"))
+
+
+def string_paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in string_paths(v, (*path, k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in string_paths(v, (*path, i))]
+    return [path] if isinstance(value, str) else []
+
+
 def set_at(body: Any, path: tuple[Any, ...], value: Any) -> None:
     *parents, last = path
     for key in parents:
@@ -114,10 +148,12 @@ def set_at(body: Any, path: tuple[Any, ...], value: Any) -> None:
 
 
 def mutate(case: Case, choices: Choices) -> None:
-    """One number in three bodies made extreme (the rest as generated); undeclared headers in one in five."""
-    paths = number_paths(case.body) if isinstance(case.body, dict | list) else []
-    if paths and choices.one_in(3, "extreme number"):
-        set_at(case.body, choices.pick(paths, "number"), choices.pick(EXTREME_NUMBERS, "extreme"))
+    """The rest as generated, but: in one case in three a number made extreme, in one in four a
+    string made hostile (body, path or query), in one in five an undeclared header."""
+    if choices.one_in(3, "extreme number"):
+        _replace_one(case, number_paths, EXTREME_NUMBERS, choices)
+    if choices.one_in(4, "hostile string"):
+        _replace_one(case, string_paths, HOSTILE_STRINGS, choices)
     if choices.one_in(5, "odd headers"):
         name = choices.pick(sorted(ODD_HEADERS), "odd header")
         case.headers = dict(case.headers or {}) | {name: choices.pick(ODD_HEADERS[name], name)}

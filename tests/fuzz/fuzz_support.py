@@ -17,6 +17,7 @@ import itertools
 import json
 import threading
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -150,6 +151,12 @@ def _answer(status: int) -> str:
     return f"{status // 100}xx"
 
 
+def _raised_in_the_app(error: BaseException) -> bool:
+    """Whether the exception came out of the ASGI app, not out of the client preparing the request."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return any("/starlette/" in f.filename or "/fastapi/" in f.filename for f in frames)
+
+
 def _shown(header: str, value: Any) -> Any:
     # The tenant's real token is named, not printed: a reproducer says whether it was sent.
     if header.lower() == "authorization" and "pb_" in str(value):
@@ -192,6 +199,8 @@ def _call(
     error = outcome.get("error")
     if isinstance(error, requests.exceptions.ReadTimeout):
         return "hung", _finding(case, "hung", f"no answer in {timeout:.0f}s")
+    if error is not None and not _raised_in_the_app(error):
+        return "unsent", None  # the client could not build it (a URL that cannot be encoded)
     if error is not None:
         return "5xx", _finding(case, "exception", f"{type(error).__name__}: {error}")
     response = outcome["response"]
@@ -244,13 +253,23 @@ def fuzz(target: FuzzTarget, budget: Budget, run: FuzzRun | None = None) -> Fuzz
 
 @dataclass
 class _Accepted:
-    """The 2xx-answered request of one operation with the most numbers and nulls in its body."""
+    """The 2xx-answered request of one operation with the most numbers and nulls in body and query."""
 
     case: Case | None = None
 
     def offer(self, case: Case) -> None:
-        if self.case is None or len(sweep_paths(case.body)) > len(sweep_paths(self.case.body)):
+        if self.case is None or len(_sweepable(case)) > len(_sweepable(self.case)):
             self.case = case
+
+
+def _sweepable(case: Case) -> list[tuple[str, tuple[Any, ...]]]:
+    """(part, path) of every number or null in the case's body and query."""
+    return [
+        (part, path)
+        for part, value in (("body", case.body), ("query", case.query))
+        if isinstance(value, dict | list)
+        for path in sweep_paths(value)
+    ]
 
 
 def _send(target: FuzzTarget, case: Case, choices: Choices, budget: Budget, run: FuzzRun) -> str:
@@ -290,17 +309,18 @@ def _send_coverage_cases(
 def _sweep_extreme_numbers(
     target: FuzzTarget, operation: APIOperation, base: Case | None, budget: Budget, run: FuzzRun
 ) -> None:
-    """`base` sent once per (number or null in its body, extreme value), the rest as it was accepted."""
-    for path in sweep_paths(base.body) if base is not None and base.body is not None else []:
+    """`base` sent once per (number or null in its body or query, extreme value), the rest as accepted."""
+    for part, path in _sweepable(base) if base is not None else []:
         for value in EXTREME_NUMBERS:
             assert base is not None
-            body = copy.deepcopy(base.body)
-            set_at(body, path, value)
+            body = copy.deepcopy(base.body) if isinstance(base.body, dict | list) else base.body  # or NOT_SET
+            parts = {"body": body, "query": dict(base.query or {})}
+            set_at(parts[part], path, value)
             case = operation.Case(
                 path_parameters=dict(base.path_parameters or {}),
-                query=dict(base.query or {}),
+                query=parts["query"],
                 headers=dict(base.headers or {}),
-                body=body,
+                body=parts["body"],
                 media_type=base.media_type,
             )
             if not _send(target, case, PlainChoices(), budget, run):
