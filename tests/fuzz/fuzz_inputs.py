@@ -1,4 +1,4 @@
-"""What schema-driven generation rarely reaches: extreme numbers in bodies, headers no schema declares.
+"""What schema-driven generation rarely reaches: extreme numbers, hostile strings, undeclared headers.
 
 Every choice goes through `Choices`, so the same mutations serve Hypothesis-generated cases (drawn
 from the test's data, reproducible and derandomized) and Schemathesis's deterministic coverage cases
@@ -37,7 +37,7 @@ HOSTILE_STRINGS = [
     "\x00",
     "a\x00b",
     "\ud800",
-    "é",
+    "é.é",  # dotted like a signed token, non-ASCII on both sides
     "\u202e",
     "../../etc/passwd",
     "%00",
