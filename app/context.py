@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from anyio import CapacityLimiter
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,6 +25,8 @@ class AppContext:
     upload_signer: Signer
     # Producer side of the job queue (connects lazily, on the first send).
     queue: JobQueue
+    # Threads the metrics streams' database polls may hold at once, apart from the request handlers'.
+    stream_limiter: CapacityLimiter
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AppContext:
@@ -37,6 +40,7 @@ class AppContext:
             store=open_blob_store(settings),
             upload_signer=Signer(settings.secret_key, "upload"),
             queue=JobQueue(settings),
+            stream_limiter=CapacityLimiter(settings.metrics_stream_threads),
         )
 
     def close(self) -> None:

@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     job_lease_seconds: float = Field(default=60.0, gt=0)
     # How often the control plane sweeps for jobs to (re-)enqueue (broker was down, worker lost).
     sweep_interval_seconds: float = Field(default=5.0, gt=0)
+    # Threads the metrics streams (WebSocket and SSE) poll the database on, all watchers together:
+    # one indexed read each per poll, so a few serve many watchers; they are not the request
+    # handlers' threads, so slow routes cannot stall a stream and many watchers cannot stall routes.
+    metrics_stream_threads: int = Field(default=8, ge=1, le=64)
     # Where workers keep built base-model checkpoints; empty means `<data_dir>/models`. Point several
     # workers (or test runs) at one shared directory to build each model once.
     model_cache_dir: Path | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -43,7 +44,7 @@ def list_jobs(
     session: SessionDep,
     user: CurrentUser,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=schemas.MAX_PAGE_OFFSET)] = 0,
 ) -> schemas.ListEnvelope[schemas.FinetuningJobPublic]:
     rows, total = finetuning.list_jobs(session, user, limit, offset)
     return schemas.ListEnvelope(data=[presenters.job(r) for r in rows], count=total)
@@ -98,7 +99,7 @@ def stream_metrics_sse(
 
 async def _sse(ctx: AppContext, job_id: int) -> AsyncIterator[str]:
     async for item in job_stream.frames(ctx, job_id):
-        yield ": keep-alive\n\n" if item is None else f"data: {json.dumps(item)}\n\n"
+        yield ": keep-alive\n\n" if item.keepalive else f"data: {json.dumps(item.body)}\n\n"
 
 
 @router.websocket(JOB_PATH + "/metrics/stream")
@@ -114,13 +115,45 @@ async def stream_metrics_ws(websocket: WebSocket, job_uuid: str) -> None:
         await websocket.close(code=1008, reason=exc.message[:120])
         return
     await websocket.accept()
-    try:
-        async for item in job_stream.frames(ctx, job_id):
-            if item is not None:
-                await websocket.send_text(json.dumps(item))
-    except WebSocketDisconnect:
-        return
-    await websocket.close()
+    sdk = websocket.headers.get("user-agent", "").startswith(job_stream.PREDIBASE_SDK_AGENT)
+    if await _send_until_disconnect(websocket, _ws_messages(ctx, job_id, sdk)):
+        await websocket.close()
+
+
+async def _ws_messages(ctx: AppContext, job_id: int, sdk: bool) -> AsyncIterator[str]:
+    # A keep-alive repeats the latest frame: every client already takes a frame it has seen.
+    async for item in job_stream.frames(ctx, job_id):
+        yield json.dumps(job_stream.for_predibase_sdk(item.body) if sdk else item.body)
+
+
+async def _send_until_disconnect(websocket: WebSocket, messages: AsyncIterator[str]) -> bool:
+    """Send every message; True when all went, False when the client left first.
+
+    The client's side is read meanwhile, so a watcher that goes away stops the polling at once
+    instead of at the next send (which, for a job still queued, may be hours away).
+    """
+
+    async def send_all() -> None:
+        async for message in messages:
+            await websocket.send_text(message)
+
+    async def until_disconnect() -> None:
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass  # nothing a client sends here means anything
+
+    sender, receiver = asyncio.create_task(send_all()), asyncio.create_task(until_disconnect())
+    done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (sender, receiver):
+        task.cancel()
+    await asyncio.gather(sender, receiver, return_exceptions=True)
+    if sender not in done:
+        return False  # the receiver ends only when the client has gone
+    error = sender.exception()
+    if isinstance(error, WebSocketDisconnect | OSError):
+        return False
+    if error is not None:
+        raise error  # a broken stream is the server's fault: logged, and the client sees 1011
+    return True
 
 
 def _authorized_job_id(ctx: AppContext, authorization: str | None, job_uuid: str) -> int:

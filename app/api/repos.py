@@ -21,7 +21,7 @@ def list_repos(
     session: SessionDep,
     user: CurrentUser,
     limit: Annotated[int, Query(ge=1, le=1000)] = 10,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=schemas.MAX_PAGE_OFFSET)] = 0,
 ) -> schemas.DataEnvelope[schemas.RepoList]:
     rows, total = repos.list_repos(session, user, limit, offset)
     return schemas.DataEnvelope(data=schemas.RepoList(repos=[presenters.repo(r) for r in rows], count=total))

@@ -258,6 +258,11 @@ class BaseModelPublic(WireModel):
     chat_template: bool | None = None
 
 
+# Past this a page offset is a mistake, not a page: without a bound, 2**63 reaches the database
+# and fails there (a 500) instead of here (a 422 naming `offset`).
+MAX_PAGE_OFFSET = 2**31 - 1
+
+
 class ListEnvelope(WireModel, Generic[T]):
     """`{data: [...], count}`: a page of a list and the total."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid as uuid_lib
 from typing import Any
 
 from pydantic import ValidationError
@@ -168,12 +169,23 @@ def estimate_steps(ctx: AppContext, session: Session, user: User, request: Any) 
 
 
 def get(session: Session, user: User, job_uuid: str) -> FinetuningJob:
+    if not _is_uuid(job_uuid):
+        # Never a job; and a NUL in it would reach PostgreSQL, which refuses it (a 500, not a 404).
+        raise NotFoundError(f"fine-tuning job {job_uuid!r} not found")
     job = session.scalar(
         select(FinetuningJob).where(FinetuningJob.tenant_id == user.tenant_id, FinetuningJob.uuid == job_uuid)
     )
     if job is None:
         raise NotFoundError(f"fine-tuning job {job_uuid!r} not found")
     return job
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid_lib.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def list_jobs(session: Session, user: User, limit: int, offset: int) -> tuple[list[FinetuningJob], int]:

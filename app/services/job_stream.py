@@ -2,7 +2,9 @@
 
 Both the WebSocket (what the Predibase SDK opens) and the Server-Sent-Events twin (browsers, curl,
 the thin client) are fed by `frames`, which polls the database: the worker writes one metrics row
-per step from another process, so the database is the only place both sides share.
+per step from another process, so the database is the only place both sides share. The polls run
+on a thread limiter of their own (`AppContext.stream_limiter`): watchers neither wait behind the
+request handlers' thread pool nor take its threads.
 """
 
 from __future__ import annotations
@@ -10,19 +12,22 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from anyio import CapacityLimiter, to_thread
 from sqlalchemy import select
-from starlette.concurrency import run_in_threadpool
 
 from app.context import AppContext
 from app.db import FinetuningJob, JobMetric
 from app.services.jobs import FINAL_STATUSES
 
 POLL_SECONDS = 0.5
-# An idle stream still says something this often, so proxies and clients know it is alive.
+# An idle stream still says something this often, so proxies and clients know it is alive and the
+# server learns, by the failed send, that a client has gone.
 KEEPALIVE_SECONDS = 15.0
+# What the Predibase SDK puts at the start of its User-Agent (see `for_predibase_sdk`).
+PREDIBASE_SDK_AGENT = "predibase-sdk/"
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,24 @@ class _Snapshot:
     rows: list[dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class StreamFrame:
+    """One frame to send; `keepalive` marks a repeat of the latest frame sent because nothing is new."""
+
+    body: dict[str, Any]
+    keepalive: bool = False
+
+
+def _finite(value: float | None) -> float | None:
+    # JSON has no NaN: browsers' JSON.parse refuses the frame, and NaN != NaN would resend it forever.
+    return value if value is None or math.isfinite(value) else None
+
+
 def _read(ctx: AppContext, job_id: int, from_step: int) -> _Snapshot:
-    """The job's state and its rows from `from_step` on (that one again: an eval may have joined it)."""
+    """The job's state and its rows from `from_step` on (that one again: an eval may have joined it).
+
+    The job is read before its rows, so a final status seen here comes with every row written before it.
+    """
     with ctx.sessions() as session:
         job = session.get(FinetuningJob, job_id)
         if job is None:  # deleted with its repo while someone watched
@@ -53,12 +74,12 @@ def _read(ctx: AppContext, job_id: int, from_step: int) -> _Snapshot:
             [
                 {
                     "step": r.step,
-                    "epoch": r.epoch,
-                    "train_loss": r.train_loss,
-                    "eval_loss": r.eval_loss,
-                    "learning_rate": r.learning_rate,
+                    "epoch": _finite(r.epoch),
+                    "train_loss": _finite(r.train_loss),
+                    "eval_loss": _finite(r.eval_loss),
+                    "learning_rate": _finite(r.learning_rate),
                     "tokens": r.tokens,
-                    "tokens_per_second": r.tokens_per_second,
+                    "tokens_per_second": _finite(r.tokens_per_second),
                     "checkpoint_number": r.checkpoint_number,
                 }
                 for r in rows
@@ -99,31 +120,67 @@ def frame(
     }
 
 
+def for_predibase_sdk(body: dict[str, Any]) -> dict[str, Any]:
+    """The frame as the Predibase SDK can follow it: `checkpoint_number` held at 0.
+
+    The SDK (2025.10, progress-table 0.1.26) adds a table row whenever `checkpoint_number` grows,
+    and for any task but classification that row writes accuracy columns its table lacks. The
+    AssertionError is swallowed, the checkpoint is never marked seen, and every later frame takes
+    the same path: its progress bar freezes at the first checkpoint (step 50 by default) and it
+    never sees `is_completed`. Held at 0, the bar follows every step and the watch ends on the
+    completion frame; the checkpoints stay in `GET .../metrics` and the SSE stream.
+    """
+    return {"data": body["data"] | {"checkpoint_number": 0}, "meta": body["meta"]}
+
+
+@dataclass
+class _Cursor:
+    """What one watcher has been sent: the step to read from, and what that step's row looked like."""
+
+    next_step: int = 0
+    last_sent: dict[str, Any] | None = None
+    evals_seen: set[int] = field(default_factory=set)
+
+    def fresh(self, snapshot: _Snapshot) -> list[dict[str, Any]]:
+        """Frames for the rows not sent yet, or changed since (an eval or checkpoint merged in)."""
+        out = []
+        for row in snapshot.rows:
+            if row == self.last_sent:
+                continue  # the row we resumed from, unchanged
+            if row["eval_loss"] is not None:
+                self.evals_seen.add(row["step"])
+            self.last_sent, self.next_step = row, row["step"]
+            out.append(frame(snapshot, row, len(self.evals_seen), completed=False))
+        return out
+
+    def latest(self, snapshot: _Snapshot, completed: bool = False) -> dict[str, Any]:
+        return frame(snapshot, self.last_sent, len(self.evals_seen), completed)
+
+
 async def frames(
-    ctx: AppContext, job_id: int, poll_seconds: float = POLL_SECONDS
-) -> AsyncIterator[dict[str, Any] | None]:
+    ctx: AppContext,
+    job_id: int,
+    *,
+    poll_seconds: float = POLL_SECONDS,
+    keepalive_seconds: float = KEEPALIVE_SECONDS,
+) -> AsyncIterator[StreamFrame]:
     """Every stored row, then new rows as they land; ends with an `is_completed` frame.
 
-    Yields None after KEEPALIVE_SECONDS without a row, for the transport to send a keep-alive.
+    After `keepalive_seconds` without a row the latest frame comes again, marked `keepalive`.
     """
-    next_step, last_sent, checkpoints = 0, None, 0
-    evals_seen: set[int] = set()
-    idle_since = asyncio.get_running_loop().time()
+    limiter: CapacityLimiter = ctx.stream_limiter
+    cursor = _Cursor()
+    clock = asyncio.get_running_loop().time
+    said_at = clock()
     while True:
-        snapshot = await run_in_threadpool(_read, ctx, job_id, next_step)
-        now = asyncio.get_running_loop().time()
-        if now - idle_since >= KEEPALIVE_SECONDS:
-            idle_since = now
-            yield None
-        for row in snapshot.rows:
-            if row == last_sent:
-                continue  # the row we resumed from, unchanged
-            if row["eval_loss"] is not None and row["step"] not in evals_seen:
-                evals_seen.add(row["step"])
-                checkpoints += 1
-            last_sent, next_step, idle_since = row, row["step"], now
-            yield frame(snapshot, row, checkpoints, completed=False)
+        snapshot = await to_thread.run_sync(_read, ctx, job_id, cursor.next_step, limiter=limiter)
+        for body in cursor.fresh(snapshot):
+            said_at = clock()
+            yield StreamFrame(body)
         if snapshot.status in FINAL_STATUSES:
-            yield frame(snapshot, last_sent, checkpoints, completed=True)
+            yield StreamFrame(cursor.latest(snapshot, completed=True))
             return
+        if clock() - said_at >= keepalive_seconds:
+            said_at = clock()
+            yield StreamFrame(cursor.latest(snapshot), keepalive=True)
         await asyncio.sleep(poll_seconds)

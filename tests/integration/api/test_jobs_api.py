@@ -155,3 +155,41 @@ def test_cost_estimate_answers_a_json_object_whatever_it_is_sent(tenant) -> None
 def test_base_models_are_listed(tenant) -> None:  # type: ignore[no-untyped-def]
     names = [m["name"] for m in tenant.client.get("/v2/base-models").json()["data"]]
     assert names[:2] == ["smollm2-135m", TINY]
+
+
+def test_a_non_finite_loss_streams_as_null_in_strict_json_and_once(tenant, api_app) -> None:  # type: ignore[no-untyped-def]
+    from app.db import FinetuningJob, JobStatus
+    from app.db.session import transaction
+    from app.services import jobs
+
+    _ready(tenant)
+    uuid = _create(tenant).json()["uuid"]
+    with transaction(api_app.app.state.ctx.sessions) as session:
+        job = session.query(FinetuningJob).filter_by(uuid=uuid).one()
+        jobs.start_attempt(session, job, worker_id="w", lease_seconds=60)
+        jobs.record_metric(session, job, 1, train_loss=float("nan"), learning_rate=float("inf"))
+        jobs.record_metric(session, job, 2, train_loss=0.5)
+        jobs.transition(session, job, JobStatus.ERRORED, error="loss is NaN")
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON (a browser's JSON.parse refuses the frame)")
+
+    body = tenant.client.get(f"/v2/finetuning/jobs/{uuid}/metrics/stream").text
+    lines = [line.removeprefix("data: ") for line in body.splitlines() if line.startswith("data: ")]
+    frames = [json.loads(line, parse_constant=strict) for line in lines]
+    assert [f["data"]["steps"] for f in frames] == [1, 2, 2]  # the last is the completion frame
+    assert (frames[0]["data"]["train_metrics_loss"], frames[0]["data"]["learning_rate"]) == (None, None)
+    assert frames[-1]["meta"]["is_completed"] and frames[-1]["meta"]["status"] == "errored"
+
+
+def test_a_page_offset_past_any_table_is_a_422_naming_offset_not_a_database_error(tenant) -> None:  # type: ignore[no-untyped-def]
+    # Found by the fuzzer: 2**63 overflowed SQLite's integer and PostgreSQL's bigint (a 500).
+    assert_error(tenant.client.get(f"/v2/finetuning/jobs?offset={2**63}"), 422, "offset")
+    assert tenant.client.get(f"/v2/finetuning/jobs?offset={2**31 - 1}").json()["data"] == []
+
+
+def test_a_job_id_that_is_no_uuid_is_a_404_even_with_a_nul_in_it(tenant) -> None:  # type: ignore[no-untyped-def]
+    # Found by the fuzzer: PostgreSQL refuses a NUL in a text parameter, which surfaced as a 500.
+    for path in ("", "/timeline", "/metrics", "/metrics/stream"):
+        assert_error(tenant.client.get(f"/v2/finetuning/jobs/a%00b{path}"), 404, "not found")
+    assert_error(tenant.client.post("/v2/finetuning/jobs/a%00b/cancel"), 404, "not found")

@@ -75,3 +75,9 @@ def test_malformed_json_body_is_4xx_with_error(tenant) -> None:
 
 def test_missing_required_field_names_it(tenant) -> None:
     assert_error(tenant.client.post("/v2/repos", json={"description": "no name"}), 422, "name")
+
+
+def test_a_page_offset_past_any_table_is_a_422_naming_offset_not_a_database_error(tenant) -> None:  # type: ignore[no-untyped-def]
+    # Found by the fuzzer: 2**63 overflowed SQLite's integer and PostgreSQL's bigint (a 500).
+    assert_error(tenant.client.get(f"/v2/repos?offset={2**63}"), 422, "offset")
+    assert tenant.client.get(f"/v2/repos?offset={2**31 - 1}").json()["data"]["repos"] == []
