@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -114,6 +114,19 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PoolTimeoutError)
     async def _database_unreachable(request: Request, exc: Exception) -> JSONResponse:
         return _database_outage(request, exc)
+
+    @app.exception_handler(DataError)
+    async def _unstorable_value(request: Request, exc: DataError) -> JSONResponse:
+        # The request was accepted but holds a value the database cannot store (PostgreSQL: NUL in
+        # text, an integer past its column). The driver's text is for the log, not the caller.
+        log.info("unstorable value on %s %s: %s", request.method, request.url.path, exc.orig)
+        nul = "NUL" in str(exc.orig)
+        message = (
+            "a text value holds a NUL character (\\u0000), which cannot be stored; remove it"
+            if nul
+            else "a value in the request is out of the range that can be stored; check its numbers"
+        )
+        return JSONResponse(error_body(message), status_code=422)
 
     @app.exception_handler(DBAPIError)
     async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:

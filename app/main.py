@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from app import dashboard
 from app.api import adapters, blobs, datasets, deployments, health, jobs, repos, serving_proxy, users
 from app.api.blob_transfers import BlobTransfers
+from app.api.request_guards import RefuseNulMiddleware
 from app.context import AppContext
 from app.errors import install_error_handlers
 from app.observability import MetricsMiddleware, RequestMetrics
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.metrics = RequestMetrics(CollectorRegistry())
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RefuseNulMiddleware)
     install_error_handlers(app)
     for module in (health, users, datasets, repos, adapters, jobs, blobs, deployments):
         app.include_router(module.router)

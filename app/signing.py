@@ -35,7 +35,8 @@ class Signer:
 
     def loads(self, token: str) -> dict[str, Any]:
         encoded, _, mac = token.partition(".")
-        if not mac or not hmac.compare_digest(mac, self._mac(encoded)):
+        # compare_digest refuses non-ASCII str (TypeError): such a token is forged, not a server error.
+        if not mac or not mac.isascii() or not hmac.compare_digest(mac, self._mac(encoded)):
             raise InvalidTokenError("signature does not match")
         try:
             body: dict[str, Any] = json.loads(_b64decode(encoded))

@@ -36,6 +36,7 @@ from fuzz_targets import (  # noqa: E402
     serving_adapter_root,
 )
 from schemathesis.python import asgi  # noqa: E402
+from worker_fixtures import WorkerProcess  # noqa: E402
 
 from app.db import migrate  # noqa: E402
 from app.settings import Settings  # noqa: E402
@@ -133,15 +134,19 @@ def main() -> int:
 
 
 def _fuzz_control_plane(args: argparse.Namespace, model_dir: Path, adapters: Path, scratch: Path) -> bool:
-    backend = ServingBackend(model_dir, adapters)
+    secret_key = secrets.token_urlsafe(48)  # the control plane signs what it sends the backend with it
+    backend = ServingBackend(model_dir, adapters, secret_key)
     with contextlib.ExitStack() as stack:
         stack.callback(backend.close)
         (scratch / "data").mkdir()
-        fields: dict[str, object] = {"data_dir": scratch / "data", "public_url": ""}
+        fields: dict[str, object] = {"data_dir": scratch / "data", "public_url": "", "secret_key": secret_key}
         if args.stack == "postgres_s3":
             fields |= stack.enter_context(_postgres_s3_fields())
         settings = Settings(**fields, serving_urls={m: backend.url for m in BASE_MODELS})  # type: ignore[arg-type]
         migrate.upgrade(settings.database_url)
+        # Datasets are validated on a validate worker, as deployed (the seeded one must connect).
+        validator = WorkerProcess(settings, scratch / "validate-worker.log", queues="validate").start()
+        stack.callback(validator.stop)
         target = ControlPlaneTarget(f"control plane ({args.stack})", settings, scratch / "seed")
         try:
             run = _run(target, _budget(args, args.seconds))

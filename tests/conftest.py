@@ -129,10 +129,10 @@ def _drop_redis_queues(stacks: list) -> None:  # type: ignore[type-arg]
     """The run's own queues (a list per queue, and kombu's binding set) leave the shared Redis."""
     import redis
 
-    for settings in stacks:
-        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2)
+    for stack in stacks:
+        client = redis.Redis.from_url(stack.broker_url, socket_connect_timeout=2)
         with contextlib.suppress(redis.RedisError):  # a Redis of a test's own may be gone already
-            for queue in (settings.train_queue, settings.validate_queue):
+            for queue in (stack.train_queue, stack.validate_queue):
                 client.delete(queue, f"_kombu.binding.{queue}")
 
 

@@ -43,7 +43,7 @@ def list_datasets(
     session: SessionDep,
     user: CurrentUser,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=schemas.MAX_PAGE_OFFSET)] = 0,
 ) -> dict[str, Any]:
     rows, total = datasets.list_datasets(session, user, limit, offset)
     return {

@@ -60,7 +60,9 @@ async def generate(tenant: str, name: str, request: Request) -> StreamingRespons
     return await forward(request, tenant, name, "/")
 
 
-@router.api_route(PREFIX + "/{path:path}", methods=["GET", "POST"])
+# One route per method: a shared one gives both the same OpenAPI operation id.
+@router.get(PREFIX + "/{path:path}", operation_id="serving_route_get")
+@router.post(PREFIX + "/{path:path}", operation_id="serving_route_post")
 async def serving_route(tenant: str, name: str, path: str, request: Request) -> StreamingResponse:
     upstream = ROUTES.get((request.method, path.strip("/")))
     if upstream is None:

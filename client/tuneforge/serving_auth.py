@@ -52,7 +52,9 @@ class Assertion:
     expires_at: int
 
     def check_body(self, body: bytes) -> None:
-        if not hmac.compare_digest(self.body_sha256, hashlib.sha256(body).hexdigest()):
+        digest = self.body_sha256
+        # compare_digest refuses non-ASCII str (TypeError): such a claim cannot match, it is not an error.
+        if not digest.isascii() or not hmac.compare_digest(digest, hashlib.sha256(body).hexdigest()):
             raise InvalidAssertionError("the assertion was signed for another request body")
 
 
@@ -107,7 +109,7 @@ class TenantAssertions:
         payload, _, mac = rest.partition(".")
         if version != _VERSION or not payload or not mac:
             raise InvalidAssertionError("the assertion is not in the v1.<claims>.<signature> format")
-        if not hmac.compare_digest(mac, self._mac(f"{version}.{payload}")):
+        if not mac.isascii() or not hmac.compare_digest(mac, self._mac(f"{version}.{payload}")):
             raise InvalidAssertionError("the assertion's signature does not match")
         claims, signed_method, signed_path = _claims(payload)
         moment = now if now is not None else time.time()

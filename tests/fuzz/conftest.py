@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from fuzz_targets import TINY, ServingBackend, serving_adapter_root
+from tests_support import TEST_SECRET_KEY
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +23,6 @@ def fuzz_adapter_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def serving_backend(fuzz_model_dir: Path, fuzz_adapter_root: Path) -> Iterator[ServingBackend]:
     """What the control plane's serving routes forward to: a real engine over HTTP."""
-    backend = ServingBackend(fuzz_model_dir, fuzz_adapter_root)
+    backend = ServingBackend(fuzz_model_dir, fuzz_adapter_root, TEST_SECRET_KEY)
     yield backend
     backend.close()

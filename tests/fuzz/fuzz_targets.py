@@ -34,6 +34,7 @@ from worker.serving.async_engine import AsyncEngine
 from worker.serving.engine import EngineConfig
 from worker.serving.metrics import ServingMetrics
 from worker.serving.server import build_app
+from worker.serving.tenant_auth import SignedTenants, TrustedTenant
 
 TINY = "tiny-random-llama"
 BASE_MODELS = ("smollm2-135m", TINY)
@@ -92,13 +93,14 @@ def serving_adapter_root(root: Path) -> Path:
 class ServingBackend:
     """A serving process over HTTP on a free loopback port (uvicorn in a thread): the proxy's upstream."""
 
-    def __init__(self, model_dir: Path, adapter_root: Path) -> None:
+    def __init__(self, model_dir: Path, adapter_root: Path, secret_key: str) -> None:
         self.engine = _engine(model_dir, adapter_root)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = int(probe.getsockname()[1])
         self.url = f"http://127.0.0.1:{port}"
-        app = build_app(self.engine, default_tenant=None)
+        # As deployed: only what the control plane signed with its secret is answered.
+        app = build_app(self.engine, tenants=SignedTenants.from_secret(secret_key))
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()
@@ -129,7 +131,8 @@ class ServingTarget:
     def __init__(self, model_dir: Path, adapter_root: Path) -> None:
         self._model_dir, self._adapter_root = model_dir, adapter_root
         self._engine = _engine(model_dir, adapter_root)
-        self._app = build_app(self._engine, default_tenant="dev")
+        # The routes are the target here; the signature check in front of them has tests of its own.
+        self._app = build_app(self._engine, tenants=TrustedTenant("dev"))
         self.schema = schemathesis.openapi.from_asgi("/openapi.json", self._app)
 
     @property
@@ -152,7 +155,7 @@ class ServingTarget:
     def restart(self) -> None:
         _stop(self._engine)
         self._engine = _engine(self._model_dir, self._adapter_root)
-        self._app = build_app(self._engine, default_tenant="dev")
+        self._app = build_app(self._engine, tenants=TrustedTenant("dev"))
 
     def close(self) -> None:
         _stop(self._engine)

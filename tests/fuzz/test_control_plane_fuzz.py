@@ -15,6 +15,7 @@ import pytest
 from fuzz_support import Budget, fuzz, operations
 from fuzz_targets import BASE_MODELS, ControlPlaneTarget, ServingBackend
 from schemathesis.python import asgi
+from tests_support import TEST_SECRET_KEY
 
 STACKS = ("embedded", "postgres_s3")
 MIN_REQUESTS = 1000
@@ -22,9 +23,17 @@ MIN_REQUESTS = 1000
 
 @pytest.mark.parametrize("stack", STACKS)
 def test_generated_requests_to_every_control_plane_operation_get_no_5xx_and_none_hangs(
-    stack: str, stack_settings_factory: Callable[..., Any], serving_backend: ServingBackend, tmp_path: Path
+    stack: str,
+    stack_settings_factory: Callable[..., Any],
+    validate_worker_for: Callable[[Any], Any],
+    serving_backend: ServingBackend,
+    tmp_path: Path,
 ) -> None:
-    settings = stack_settings_factory(stack, serving_urls={m: serving_backend.url for m in BASE_MODELS})
+    # One serving backend for both stacks: both sign with the secret it verifies.
+    settings = stack_settings_factory(
+        stack, secret_key=TEST_SECRET_KEY, serving_urls={m: serving_backend.url for m in BASE_MODELS}
+    )
+    validate_worker_for(settings)  # the seeded dataset is validated on a real validate worker
     target = ControlPlaneTarget(f"control plane ({stack})", settings, tmp_path)
     try:
         run = fuzz(target, Budget(examples_per_operation=25, max_seconds=240))
