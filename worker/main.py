@@ -8,8 +8,6 @@ validate node imports no torch, so it also runs from the control-plane image.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -21,6 +19,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init
 
+from app.child_processes import dies_with_parent
 from app.context import AppContext
 from app.settings import Settings
 from worker.celery_app import make_celery, make_validate_celery
@@ -29,7 +28,6 @@ from worker.validate_task import limit_memory, register_validate_task
 QUEUES = ("train", "validate")
 # How long a stopping validate node may finish its validations before it is killed.
 _VALIDATE_STOP_TIMEOUT_S = 30.0
-_PR_SET_PDEATHSIG = 1
 
 
 def run_worker(
@@ -90,14 +88,8 @@ def _run_node(celery: Celery, ctx: AppContext, loglevel: str, hostname: str, ext
 def _start_validate_node(loglevel: str) -> subprocess.Popen[bytes]:
     """`tuneforge worker --queues validate` as a child; the same environment gives it the same Settings."""
     command = [sys.executable, "-m", "app.cli", "worker", "--queues", "validate", "--log-level", loglevel]
-    return subprocess.Popen(command, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-
-
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM when this process dies, even by SIGKILL, so it is never orphaned."""
-    # Elsewhere (no prctl) the parent's `finally` is the only stop.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    # It gets SIGTERM when this process dies, even by SIGKILL, so it is never orphaned.
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, preexec_fn=dies_with_parent(signal.SIGTERM))
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

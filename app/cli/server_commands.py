@@ -17,6 +17,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from app.child_processes import dies_with_parent
 from app.cli.tables import table
 from app.context import AppContext
 from app.db import migrate
@@ -193,7 +194,15 @@ def _start_worker_process(settings: Settings, queues: tuple[str, ...]) -> subpro
     """
     env = os.environ | {"TUNEFORGE_DATA_DIR": str(settings.data_dir)}
     command = [sys.executable, "-m", "app.cli", "worker", "--queues", ",".join(queues)]
-    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    # Killed outright, `up` cannot stop it: the kernel then sends it Celery's cold shutdown (a job in
+    # flight resumes from its last checkpoint on the next start).
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=dies_with_parent(signal.SIGQUIT),
+    )
     kind = "training worker" if "train" in queues else "dataset validation worker"
     print(f"{kind} started (pid {process.pid}, broker {_redact(settings.broker_url)})", flush=True)
     return process

@@ -247,16 +247,24 @@ def test_sigterm_stops_up_and_its_serving_process_even_a_wedged_one(
     assert process.returncode == 0
 
 
-def test_a_serving_process_exits_when_up_is_killed_outright(tmp_path: Path, shared_model_cache: Path) -> None:
+def test_a_serving_process_and_the_worker_exit_when_up_is_killed_outright(
+    tmp_path: Path, shared_model_cache: Path
+) -> None:
     """The issue's orphan: up killed with SIGKILL left its serving process holding the model."""
     process, serving = _up_serving_a_deployment(tmp_path, shared_model_cache)
+    workers = [
+        pid for pid in _children(process.pid) if b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(workers) == 1, workers  # --no-worker still validates datasets: a validate-only worker
     try:
         process.kill()
         process.wait()
         _wait_gone(serving, 20, f"serving process {serving} outlived tuneforge up")
+        _wait_gone(workers[0], 20, f"worker {workers[0]} outlived tuneforge up")
     finally:
-        if process_alive(serving):
-            os.kill(serving, signal.SIGKILL)
+        for pid in (serving, *workers):
+            if process_alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _validate_node_of(worker_pid: int, timeout: float = 30) -> int:
