@@ -15,6 +15,8 @@ import httpx
 from tests_support import process_alive, write_peft_adapter
 from tuneforge.serving_auth import TenantAssertions
 
+from app.settings import DEVELOPMENT_SECRET_KEY
+
 TINY = "tiny-random-llama"
 
 
@@ -99,10 +101,17 @@ def test_sigterm_stops_serve_within_seconds_while_a_stream_is_open(
     with log.open("w") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 1900, "ignore_eos_token": True}}
+    body = json.dumps({"inputs": "Hello", "parameters": {"max_new_tokens": 1900, "ignore_eos_token": True}})
+    # The process runs with the development secret (its environment names none): sign with it.
+    signed = TenantAssertions(DEVELOPMENT_SECRET_KEY).headers(
+        tenant="dev", method="POST", path="/generate_stream", body=body.encode()
+    )
     try:
         _wait_healthy(url, process, log)
-        with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=30) as stream:
+        headers = signed | {"Content-Type": "application/json"}
+        with httpx.stream(
+            "POST", f"{url}/generate_stream", content=body, headers=headers, timeout=30
+        ) as stream:
             next(line for line in stream.iter_lines() if line.startswith("data:"))
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=20)  # reading no further: the server may not wait on this client

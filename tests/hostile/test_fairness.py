@@ -307,7 +307,9 @@ def _gc(settings: Any, *args: str) -> str:
 def test_gc_removes_only_orphaned_blobs_after_a_dry_run_that_removes_nothing(
     stack_settings_factory: Callable[..., Any], validate_worker_for: Callable[[Any], Any], tmp_path: Path
 ) -> None:
-    settings = stack_settings_factory("postgres_s3")
+    # A stack of its own (any override builds one, with a bucket of its own): gc then sees only this
+    # test's blobs, not what the rest of the suite leaves in the shared stack's bucket.
+    settings = stack_settings_factory("postgres_s3", gc_min_age_seconds=86400.0)
     validate_worker_for(settings)
     with LiveServer(settings) as server:
         tenant = Tenant(server)

@@ -188,8 +188,10 @@ def test_a_page_offset_past_any_table_is_a_422_naming_offset_not_a_database_erro
     assert tenant.client.get(f"/v2/finetuning/jobs?offset={2**31 - 1}").json()["data"] == []
 
 
-def test_a_job_id_that_is_no_uuid_is_a_404_even_with_a_nul_in_it(tenant) -> None:  # type: ignore[no-untyped-def]
+def test_a_job_id_that_is_no_uuid_is_a_404_and_one_with_a_nul_a_400(tenant) -> None:  # type: ignore[no-untyped-def]
     # Found by the fuzzer: PostgreSQL refuses a NUL in a text parameter, which surfaced as a 500.
     for path in ("", "/timeline", "/metrics", "/metrics/stream"):
-        assert_error(tenant.client.get(f"/v2/finetuning/jobs/a%00b{path}"), 404, "not found")
-    assert_error(tenant.client.post("/v2/finetuning/jobs/a%00b/cancel"), 404, "not found")
+        assert_error(tenant.client.get(f"/v2/finetuning/jobs/not-a-uuid{path}"), 404, "not found")
+        assert_error(tenant.client.get(f"/v2/finetuning/jobs/a%00b{path}"), 400, "NUL")
+    assert_error(tenant.client.post("/v2/finetuning/jobs/not-a-uuid/cancel"), 404, "not found")
+    assert_error(tenant.client.post("/v2/finetuning/jobs/a%00b/cancel"), 400, "NUL")
