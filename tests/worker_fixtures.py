@@ -6,6 +6,7 @@ configured through the same TUNEFORGE_* environment variables, so killing it is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -77,17 +78,26 @@ class WorkerProcess:
         self.process.wait()
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGQUIT)  # cold shutdown: tests do not wait for a job
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_all([self])
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def stop_all(workers: list[WorkerProcess]) -> None:
+    """Cold shutdown for all at once (tests do not wait for a job), then SIGKILL any still running."""
+    running = [w.process for w in workers if w.process is not None and w.process.poll() is None]
+    for process in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGQUIT)
+    deadline = time.monotonic() + 15
+    for process in running:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 @dataclass
@@ -139,8 +149,7 @@ def validate_worker_for(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ca
         return started[key]
 
     yield start
-    for worker in started.values():
-        worker.stop()
+    stop_all(list(started.values()))
 
 
 @pytest.fixture(scope="session")
@@ -198,8 +207,7 @@ def worker_stack_factory(
 
     yield build
     for server, workers in opened:
-        for worker in workers:
-            worker.stop()
+        stop_all(workers)
         server.__exit__(None, None, None)
     with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as admin:
         for name in created:

@@ -57,6 +57,10 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
+# Resident memory (KiB, Celery's unit) past which a validate child is replaced after its task.
+VALIDATE_CHILD_MAX_RSS_KIB = 512 * 1024
+
+
 def make_validate_celery(settings: Settings) -> Celery:
     """The validate node's app; register its task with `worker.validate_task.register_validate_task`."""
     from app.services.dataset_validation import hard_time_limit
@@ -65,9 +69,11 @@ def make_validate_celery(settings: Settings) -> Celery:
     celery.conf.update(
         _COMMON,
         worker_concurrency=settings.validation_concurrency,
-        # A fresh child per validation: each starts from the same small footprint under its memory
-        # cap, and whatever a hostile file made it allocate goes back to the system at once.
-        worker_max_tasks_per_child=1,
+        # Children are reused: replacing one after every validation made each validation after it wait
+        # seconds for the pool to refill. A child a big file left holding more than this much resident
+        # memory is replaced once its validation ends; its address-space cap (set at start) bounds
+        # every validation it runs.
+        worker_max_memory_per_child=VALIDATE_CHILD_MAX_RSS_KIB,
         broker_transport_options=redis_transport_options(
             settings.broker_url,
             visibility_timeout=hard_time_limit(settings) + _VALIDATE_VISIBILITY_MARGIN_SECONDS,

@@ -115,7 +115,9 @@ def dashboard(worker_stack_factory: Callable[..., WorkerStack], chromium_path: P
     stack = worker_stack_factory("embedded")
     token = stack.mint_token(f"t-{secrets.token_hex(4)}")
     api = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
-    # The serving process starts, and the job waits in the queue, while the worker starts.
+    # The worker (with its validate node: datasets are validated there) and the serving process start
+    # side by side.
+    stack.new_worker().start()
     api.post("/v2/deployments", json={"name": "tiny", "config": {"baseModel": TINY}}).raise_for_status()
     assert _upload_dataset(api, "numbers", ROWS)["status"] == "connected"
     api.post("/v2/repos", json={"name": "numbers"}).raise_for_status()
@@ -128,7 +130,6 @@ def dashboard(worker_stack_factory: Callable[..., WorkerStack], chromium_path: P
     }
     job = api.post("/v2/finetuning/jobs", json={"params": params, "dataset": "numbers", "repo": "numbers"})
     job.raise_for_status()
-    stack.new_worker().start()
     final = _wait_for(
         lambda: api.get(f"/v2/finetuning/jobs/{job.json()['uuid']}").json(),
         lambda j: j["status"] in {"completed", "errored", "canceled"},

@@ -21,7 +21,10 @@ def test_generated_requests_to_every_serving_operation_get_no_5xx_and_none_hangs
 ) -> None:
     target = ServingTarget(fuzz_model_dir, fuzz_adapter_root)
     try:
-        run = fuzz(target, Budget(examples_per_operation=50, max_seconds=240, max_restarts=3))
+        run = fuzz(
+            target,
+            Budget(examples_per_operation=30, coverage_per_operation=150, max_seconds=240, max_restarts=3),
+        )
     finally:
         target.close()
     report = run.summary(target.name)
