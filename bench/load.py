@@ -4,10 +4,13 @@ Run: .venv/bin/python bench/load.py [--seconds 180] [--model smollm2-135m|tiny-r
      [--tenants 4] [--concurrency 2] [--max-requests 20000]
 Starts `tuneforge up` (no training worker) in a temporary data dir on a free 127.0.0.1 port, mints a
 token per tenant, computes a reference answer for each prompt once (greedy, one request at a time),
-then lets every tenant send, for `--seconds` or `--max-requests`: greedy completions (OpenAI and
-LoRAX routes) whose text must equal the reference, streams whose joined text must equal it too,
-bad requests that must get a 4xx, requests to another tenant's URL that must get a 404, streams
-the client drops after the first event, and control-plane reads. Nothing leaves 127.0.0.1.
+has every tenant upload an adapter of its own under the same id `mine/1` (other random weights each)
+and asks it each prompt once, then lets every tenant send, for `--seconds` or `--max-requests`:
+greedy completions (OpenAI and LoRAX routes) whose text must equal the reference, completions with
+its `mine/1` that must equal its own adapter's answer (another tenant's weights would be caught),
+streams whose joined text must equal the reference too, bad requests that must get a 4xx, requests
+to another tenant's URL that must get a 404, streams the client drops after the first event, and
+control-plane reads. Nothing leaves 127.0.0.1.
 Prints requests served, p50/p99 latency, answers by class (2xx/4xx/5xx/hung/wrong/error) and the
 RSS of every process it started, at the start and at the end; then stops `tuneforge up` and checks
 that no process it started is left running. Expected: zero 5xx, hung, wrong and error; RSS flat.
@@ -42,6 +45,8 @@ PROMPTS = [
     "A haiku about the sea:",
 ]
 MAX_TOKENS = 12
+ADAPTER = "mine/1"
+ADAPTER_RANK = 8
 STARTUP_TIMEOUT_S = 120.0
 # The first request starts the serving process (for smollm2: dequantizing its weights once).
 FIRST_ANSWER_TIMEOUT_S = 900.0
@@ -75,6 +80,9 @@ class Tenant:
     api: str  # the control plane
     base: str  # the deployment's serving URL
     client: httpx.AsyncClient
+    # Its own adapter `mine/1` (every tenant names its own so: the same id, other weights) and that
+    # adapter's greedy answer to each prompt.
+    adapter_answers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,6 +112,16 @@ async def good_generate(t: Tenant, ref: Reference, prompt: str) -> tuple[str, st
         return _class(response.status_code), response.text
     text = response.json()["generated_text"]
     return ("2xx", "") if text == ref.lorax[prompt] else ("wrong", f"{text!r} != {ref.lorax[prompt]!r}")
+
+
+async def adapter_completion(t: Tenant, ref: Reference, prompt: str) -> tuple[str, str]:
+    """The tenant's own `mine/1`: the answer must be its adapter's, never another tenant's `mine/1`."""
+    body = {"model": ADAPTER, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+    response = await t.client.post(f"{t.base}/v1/completions", json=body)
+    if response.status_code != 200:
+        return _class(response.status_code), response.text
+    text, expected = response.json()["choices"][0]["text"], t.adapter_answers[prompt]
+    return ("2xx", "") if text == expected else ("wrong", f"{ADAPTER}: {text!r} != {expected!r}")
 
 
 async def stream(t: Tenant, ref: Reference, prompt: str) -> tuple[str, str]:
@@ -299,6 +317,59 @@ async def _reference(t: Tenant, model: str) -> Reference:
     return Reference(openai, lorax, model)
 
 
+def _adapter_files(model_config: dict[str, Any], seed: int) -> dict[str, bytes]:
+    """A random LoRA on q_proj and v_proj of every layer, shaped for the base model (PEFT's files)."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    hidden, heads = model_config["hidden_size"], model_config["num_attention_heads"]
+    head_dim = model_config.get("head_dim") or hidden // heads
+    kv_out = (model_config.get("num_key_value_heads") or heads) * head_dim
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(model_config["num_hidden_layers"]):
+        for module, out in (("q_proj", heads * head_dim), ("v_proj", kv_out)):
+            name = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            a = rng.standard_normal((ADAPTER_RANK, hidden)) / np.sqrt(hidden)
+            tensors[f"{name}.lora_A.weight"] = a.astype("float32")
+            tensors[f"{name}.lora_B.weight"] = (0.3 * rng.standard_normal((out, ADAPTER_RANK))).astype(
+                "float32"
+            )
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": model_config["_name"],
+        "r": ADAPTER_RANK,
+        "lora_alpha": 2 * ADAPTER_RANK,
+        "target_modules": ["q_proj", "v_proj"],
+    }
+    return {"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": save(tensors)}
+
+
+async def _upload_adapters(tenants: list[Tenant], model: str, cache_dir: Path) -> None:
+    """Each tenant uploads its own random `mine/1` and asks it each prompt once (its reference)."""
+    model_config = json.loads((cache_dir / model / "config.json").read_text()) | {"_name": model}
+    for seed, t in enumerate(tenants):
+        begun = await t.client.post(f"{t.api}/v2/adapters/upload", json={"repo": "mine"})
+        begun.raise_for_status()
+        for name, content in _adapter_files(model_config, seed).items():
+            put = await t.client.put(begun.json()["presignedUrls"][name], content=content)
+            put.raise_for_status()
+        done = await t.client.put(
+            f"{t.api}/v2/adapters/upload/", json={"uploadToken": begun.json()["uploadToken"]}
+        )
+        done.raise_for_status()
+        for prompt in PROMPTS:
+            body = {"model": ADAPTER, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+            response = await t.client.post(
+                f"{t.base}/v1/completions", json=body, timeout=FIRST_ANSWER_TIMEOUT_S
+            )
+            response.raise_for_status()
+            t.adapter_answers[prompt] = response.json()["choices"][0]["text"]
+    distinct = {tuple(t.adapter_answers.values()) for t in tenants}
+    print(f"adapters: {len(tenants)} tenants' own {ADAPTER}, {len(distinct)} distinct sets of answers")
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
@@ -331,7 +402,8 @@ def _stop(process: subprocess.Popen[bytes], started: list[psutil.Process]) -> li
 
 async def _load(url: str, tenants: list[Tenant], ref: Reference, args: argparse.Namespace) -> Tally:
     mix = [
-        ("completion", good_completion, 30),
+        ("completion", good_completion, 20),
+        ("adapter completion", adapter_completion, 15),
         ("generate", good_generate, 15),
         ("stream", stream, 20),
         ("bad request", bad_request, 15),
@@ -375,6 +447,7 @@ async def main_async(args: argparse.Namespace) -> int:
             tenants = await _tenants(url, data_dir, args)
             print(f"tuneforge up on {url}, {len(tenants)} tenants, model {args.model}; computing references")
             ref = await _reference(tenants[0], args.model)
+            await _upload_adapters(tenants, args.model, args.cache_dir)
             started = _processes(root)
             before = _rss(started)
             began = time.monotonic()

@@ -203,14 +203,17 @@ def test_a_tenant_holding_its_waiting_requests_gets_429_and_its_slot_back_when_i
 ) -> None:
     server = proxy_server(tenant_max_waiting_requests=1)
     hog, other = _deployed(server), _deployed(server)
+    limits = server.app.state.serving_limits
     assert _generate(hog).status_code == 200
+    # Its slot goes back once the server has finished the response, which may be after the client
+    # has read it: wait, so that the count below is the stalled request's alone.
+    _until(lambda: limits.waiting(hog.name) == 0, 10, "the first request's slot to be given back")
     # A request whose body never finishes arriving stays in flight through the proxy.
     stalled = socket.create_connection(("127.0.0.1", server.port))
     stalled.sendall(
         f"POST {_proxy_path(hog, 'generate')} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {hog.token}\r\n"
         "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
     )
-    limits = server.app.state.serving_limits
     _until(lambda: limits.waiting(hog.name) == 1, 10, "the stalled request to be admitted")
 
     refused = _generate(hog)
