@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_support import Collected, make_engine, run_until_done
+from engine_support import Collected, make_engine, run_until_done, step, wait_for_adapters
 
 from worker.serving.adapters import LocalDirectorySource, ResolvedAdapter
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError, PromptTooLongError
@@ -41,8 +41,7 @@ def test_a_tight_kv_budget_queues_and_preempts_instead_of_crashing_and_outputs_s
     peak = 0
     deadline = time.monotonic() + 60
     while not all(r.done for r in requests) and time.monotonic() < deadline:
-        if tight.step() == 0:
-            time.sleep(0.002)  # waiting for adapter loads
+        step(tight)
         peak = max(peak, tight.blocks.num_used)
         for r in requests:
             r.drain()
@@ -94,12 +93,13 @@ def test_prompt_longer_than_the_context_is_refused_naming_the_limit(
 def test_abort_frees_the_sequence_blocks_at_once(tiny_model_dir: Path, adapter_root: Path) -> None:
     engine = make_engine(tiny_model_dir, adapter_root)
     keep, drop = Collected(engine, PROMPT, GREEDY, None), Collected(engine, PROMPT, GREEDY, "acme/2")
-    # The adapter loads on a thread of its own: step until its request holds cache blocks (a fixed
-    # number of steps raced the load on a busy machine, and the abort then had nothing to free).
+    # The adapter loads on a thread of its own: wait for it, then step until its request holds cache
+    # blocks (a fixed number of steps raced the load on a busy machine, and the abort then had nothing
+    # to free).
+    wait_for_adapters(engine, [drop])
     deadline = time.monotonic() + 60
     while not drop.request.seq.block_table and time.monotonic() < deadline:
         engine.step()
-        time.sleep(0.01)
     engine.step()
     used = engine.blocks.num_used
     engine.abort(drop.request.seq.seq_id)
