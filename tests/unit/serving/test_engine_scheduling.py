@@ -181,3 +181,29 @@ def test_adapters_in_memory_stay_under_the_lru_bound(tiny_model_dir: Path, adapt
         assert len(engine.adapters.loaded_ids()) <= 2
     assert engine.adapters.loaded_ids() == ["acme/4", "acme/1"]
     assert engine.metrics.adapter_evictions._value.get() == 3
+
+
+def test_a_load_that_ends_wakes_its_subscribers_and_its_waiters(
+    tiny_model_dir: Path, adapter_root: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "bad" / "1").mkdir(parents=True)
+    (tmp_path / "bad" / "1" / "adapter_config.json").write_text('{"peft_type": "LORA"}')  # no weights
+    (tmp_path / "acme").symlink_to(adapter_root / "acme")
+    engine = make_engine(tiny_model_dir, tmp_path)
+    source = _SlowSource(tmp_path)
+    engine.adapters.source = source
+    settled = threading.Event()
+    engine.adapters.on_settled(settled.set)
+    held = Collected(engine, PROMPT, GREEDY, "acme/2")
+    assert held.request.adapter_ref is not None
+    assert not engine.adapters.wait(held.request.adapter_ref, timeout=0.2)  # its fetch is held
+    assert not settled.is_set()
+    source.release.set()
+    assert engine.adapters.wait(held.request.adapter_ref, timeout=30)
+    assert settled.wait(timeout=30)
+    settled.clear()
+    broken = Collected(engine, PROMPT, GREEDY, "bad/1")
+    assert broken.request.adapter_ref is not None
+    assert engine.adapters.wait(broken.request.adapter_ref, timeout=30)  # a failed load ends it too
+    assert isinstance(engine.adapters.state(broken.request.adapter_ref), AdapterLoadError)
+    assert settled.wait(timeout=30)
