@@ -82,3 +82,12 @@ def test_builds_into_the_cache_once_and_can_be_switched_off(
     off = cpu_kernels.KernelConfig(enabled=False)
     assert cpu_kernels._unsupported_reason(off) == "switched off (KernelConfig.enabled is False)"
     assert cpu_kernels.small_gemm(off) is None
+
+
+def test_the_serve_entry_point_reads_the_kernel_settings_from_its_environment(tmp_path: Path) -> None:
+    from worker.serve_main import kernel_config
+
+    assert kernel_config({}) == cpu_kernels.KernelConfig()
+    environ = {"TUNEFORGE_CPU_KERNELS": "0", "TUNEFORGE_KERNEL_CACHE": str(tmp_path), "CC": "clang"}
+    expected = cpu_kernels.KernelConfig(enabled=False, cache_dir=tmp_path, compiler="clang")
+    assert kernel_config(environ) == expected
