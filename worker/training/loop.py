@@ -238,11 +238,7 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> 
     trainable, config = run.trainable, run.config
     if not run.features_built:
         # Inside the step, so its one-off cost counts in train_seconds (this step's tokens/s is low).
-        run.features_built = True
-        visits = run.total_steps * config.batch_size
-        run.features = feature_cache.build(trainable, run.data.train, run.pad_token_id, visits=visits)
-        if run.features is not None:
-            trainable.details["speculator_feature_cache"] = run.features.details()
+        _build_features(run)
     batches = [
         make_batch(micro, run.pad_token_id, packed=config.packing)
         for micro in run.micro_batches(run.examples_for_step(progress.step))
@@ -284,6 +280,15 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> 
         **memory_metrics(run.device),
     }
     callbacks.on_step(progress.step, run.total_steps, metrics)
+
+
+def _build_features(run: Run) -> None:
+    """The speculator's cached base-model features, when its method uses them (once per run)."""
+    run.features_built = True
+    visits = run.total_steps * run.config.batch_size
+    run.features = feature_cache.build(run.trainable, run.data.train, run.pad_token_id, visits=visits)
+    if run.features is not None:
+        run.trainable.details["speculator_feature_cache"] = run.features.details()
 
 
 def _record_eval(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> None:

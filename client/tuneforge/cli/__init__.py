@@ -49,10 +49,11 @@ def _description(plugins: Sequence[CommandPlugin]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the process exit code."""
+    # Before logging is set up: what the plugins log while they are imported is not the command's output.
+    plugins = installed_plugins()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # One line per HTTP request would bury the remote commands' output.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    plugins = installed_plugins()
     args = build_parser(plugins).parse_args(argv)
     args.data_dir = getattr(args, "data_dir", None)
     try:
