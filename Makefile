@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml client/pyproject.toml Makefile
 	# The client distribution first: the server depends on tuneforge-client, which is not on PyPI.
 	$(PIP) install -q -e ./client
 	$(PIP) install -q -e ".[worker,dev]"
+	# The `tuneforge` command is the client's console script. In a venv made before it was, reinstalling
+	# the server removed the script the server once owned: the client's install puts it back.
+	test -x $(VENV)/bin/tuneforge || $(PIP) install -q --no-deps -e ./client
 	# LoRAX's Python client, for the serving tests: --no-deps because it pins huggingface-hub<1.0,
 	# which it never imports and which transformers 5 cannot use (aiohttp/pydantic come from dev).
 	$(PIP) install -q --no-deps lorax-client==0.6.3

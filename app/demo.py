@@ -61,7 +61,7 @@ class ControlPlane:
 
     @classmethod
     def start(cls, data_dir: Path, port: int) -> ControlPlane:
-        """Launch `python -m app.cli up` with its output appended to `<data_dir>/server.log`."""
+        """Launch `python -m tuneforge.cli up` with its output appended to `<data_dir>/server.log`."""
         log_path = data_dir / "server.log"
         # Appended, not truncated: a server left running by an earlier demo may still write here.
         log: IO[bytes] = log_path.open("ab")
@@ -72,7 +72,7 @@ class ControlPlane:
         with log:
             # A session of its own: Ctrl-C reaches only this process, which then stops the server once.
             process = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "up", "--host", HOST, "--port", str(port)],
+                [sys.executable, "-m", "tuneforge.cli", "up", "--host", HOST, "--port", str(port)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -8,6 +8,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from tuneforge.client import DEFAULT_DATA_DIR, DEV_TOKEN_FILE
 from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
 
 # A secret that is fine on a laptop and refused everywhere else (see `_refuse_dev_secrets`).
@@ -22,7 +23,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TUNEFORGE_", env_file=None, extra="ignore")
 
     environment: Literal["development", "production"] = "development"
-    data_dir: Path = Path(".tuneforge")
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
     # Empty means "derive from data_dir": SQLite file / local blob directory / embedded broker.
     database_url: str = ""
     storage_url: str = ""
@@ -173,4 +174,4 @@ class Settings(BaseSettings):
     @property
     def dev_token_file(self) -> Path:
         """The embedded default's token, kept readable by its owner only; the DB stores only a hash."""
-        return self.data_dir / "dev-token"
+        return self.data_dir / DEV_TOKEN_FILE

@@ -229,7 +229,7 @@ def _start(data_dir: Path, port: int, cache_dir: Path, log: Path) -> subprocess.
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
-    command = [sys.executable, "-m", "app.cli", "up", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "tuneforge.cli", "up", "--host", "127.0.0.1", "--port", str(port)]
     with log.open("wb") as out:
         return subprocess.Popen(
             [*command, "--no-worker", "--log-level", "warning"],
@@ -243,7 +243,7 @@ def _start(data_dir: Path, port: int, cache_dir: Path, log: Path) -> subprocess.
 def _mint(data_dir: Path, tenant: str) -> str:
     env = os.environ | {"TUNEFORGE_DATA_DIR": str(data_dir)}
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "token", "create", "--tenant", tenant],
+        [sys.executable, "-m", "tuneforge.cli", "token", "create", "--tenant", tenant],
         env=env,
         capture_output=True,
         text=True,

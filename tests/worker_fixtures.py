@@ -56,7 +56,7 @@ class WorkerProcess:
         nodes = 1 if self.queues and "," not in self.queues else 2
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "worker", *queues, "--log-level", "info"],
+                [sys.executable, "-m", "tuneforge.cli", "worker", *queues, "--log-level", "info"],
                 env=settings_env(self.settings),
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -87,7 +87,8 @@ def _run_node(celery: Celery, ctx: AppContext, loglevel: str, hostname: str, ext
 
 def _start_validate_node(loglevel: str) -> subprocess.Popen[bytes]:
     """`tuneforge worker --queues validate` as a child; the same environment gives it the same Settings."""
-    command = [sys.executable, "-m", "app.cli", "worker", "--queues", "validate", "--log-level", loglevel]
+    tuneforge = [sys.executable, "-m", "tuneforge.cli"]
+    command = [*tuneforge, "worker", "--queues", "validate", "--log-level", loglevel]
     # It gets SIGTERM when this process dies, even by SIGKILL, so it is never orphaned.
     return subprocess.Popen(command, stdin=subprocess.DEVNULL, preexec_fn=dies_with_parent(signal.SIGTERM))
 

@@ -1,5 +1,5 @@
-"""`tuneforge up | worker | serve | token | migrate | gc`: run the embedded stack or a worker, mint, list
-and revoke API tokens, migrate the database, remove orphaned blobs.
+"""The server commands' handlers, `tuneforge up | worker | serve | token | migrate | gc`: run the embedded
+stack or a worker, mint, list and revoke API tokens, migrate the database, remove orphaned blobs.
 
 `worker` and `serve` import the data plane lazily, so the control-plane image (no torch) can still
 run every other command, and `worker --queues validate` too.
@@ -10,20 +10,20 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import re
 import signal
 import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
 
+from tuneforge.cli.tables import table
+
 from app.child_processes import dies_with_parent
-from app.cli.tables import table
 from app.context import AppContext
 from app.db import migrate
 from app.db.session import make_engine, make_session_factory, transaction
 from app.services import auth, gc
-from app.settings import DEVELOPMENT_SECRET_KEY, MAX_LORA_RANK_LIMIT, Settings
+from app.settings import DEVELOPMENT_SECRET_KEY, Settings
 
 # The worker nodes `tuneforge worker` can run: training jobs, and dataset validation beside them.
 WORKER_QUEUES = ("train", "validate")
@@ -86,21 +86,6 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     return 0
-
-
-_DURATION = re.compile(r"(\d{1,6})([smhdw])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def duration(text: str) -> timedelta:
-    """`90m`, `12h`, `30d`, `2w` → a timedelta; the bounds are the token service's."""
-    match = _DURATION.fullmatch(text.strip().lower())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30d, 12h, 90m or 2w")
-    lifetime = timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
-    if not auth.MIN_TOKEN_LIFETIME <= lifetime <= auth.MAX_TOKEN_LIFETIME:
-        raise argparse.ArgumentTypeError(f"{text}: a token lives between {auth.LIFETIME_BOUNDS}")
-    return lifetime
 
 
 def _mint_token(
@@ -193,7 +178,7 @@ def _start_worker_process(settings: Settings, queues: tuple[str, ...]) -> subpro
     Its validate node is a child of its own, in the same process group: stopping the group stops both.
     """
     env = os.environ | {"TUNEFORGE_DATA_DIR": str(settings.data_dir)}
-    command = [sys.executable, "-m", "app.cli", "worker", "--queues", ",".join(queues)]
+    command = [sys.executable, "-m", "tuneforge.cli", "worker", "--queues", ",".join(queues)]
     # Killed outright, `up` cannot stop it: the kernel then sends it Celery's cold shutdown (a job in
     # flight resumes from its last checkpoint on the next start).
     process = subprocess.Popen(
@@ -234,16 +219,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _queues(value: str) -> tuple[str, ...]:
-    queues = tuple(dict.fromkeys(q.strip() for q in value.split(",") if q.strip()))
-    unknown = [q for q in queues if q not in WORKER_QUEUES]
-    if not queues or unknown:
-        raise argparse.ArgumentTypeError(
-            f"{value!r}: name one or both of {', '.join(WORKER_QUEUES)}, separated by a comma"
-        )
-    return queues
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from worker.serve_main import run_server
@@ -273,13 +248,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         parent_pid=args.parent_pid,
     )
-
-
-def _lora_rank(value: str) -> int:
-    rank = int(value)
-    if not 1 <= rank <= MAX_LORA_RANK_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be in 1..{MAX_LORA_RANK_LIMIT}")
-    return rank
 
 
 def _refuse_public_dev_secret(settings: Settings, host: str) -> None:
@@ -341,137 +309,3 @@ def _redact(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     credentials, at, host = rest.rpartition("@")
     return f"{scheme}{sep}{credentials.split(':')[0]}:***@{host}" if at else url
-
-
-def add_server_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register the commands that run or administer a server on this machine."""
-
-    up = commands.add_parser("up", help="run the embedded control plane (SQLite + local blobs)")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
-    up.add_argument("--log-level", default="info")
-    up.add_argument(
-        "--no-worker", action="store_true", help="run the control plane without a training worker"
-    )
-    up.set_defaults(func=cmd_up)
-
-    worker = commands.add_parser(
-        "worker", help="run a training worker (needs the `worker` extra: torch, ...) and a dataset validator"
-    )
-    worker.add_argument(
-        "--queues",
-        type=_queues,
-        default=WORKER_QUEUES,
-        help="train, validate or both (default): `validate` alone needs no torch, e.g. in the API image",
-    )
-    worker.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
-    worker.add_argument("--log-level", default="info")
-    worker.set_defaults(func=cmd_worker)
-
-    serve = commands.add_parser(
-        "serve",
-        help="serve one base model and its adapters over HTTP (OpenAI and LoRAX APIs; `worker` extra)",
-    )
-    serve.add_argument(
-        "--base-model", required=True, help="a built-in name, HF id in the cache, or local dir"
-    )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    serve.add_argument("--port", type=int, required=True)
-    serve.add_argument("--max-adapters", type=int, default=16, help="adapters kept in memory (LRU)")
-    serve.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")
-    serve.add_argument(
-        "--kv-cache-bytes", type=int, default=None, help="KV-cache budget in bytes (default: 1 GiB)"
-    )
-    serve.add_argument(
-        "--speculation-max-batch",
-        type=int,
-        default=None,
-        metavar="N",
-        help="Turbo adapters draft and verify only while at most N sequences decode together "
-        "(default: 2 on the CPU, 16 on a GPU)",
-    )
-    serve.add_argument(
-        "--speculation-depth",
-        type=int,
-        default=None,
-        metavar="K",
-        help="at most K drafts a step (default: each Turbo adapter's trained depth)",
-    )
-    serve.add_argument(
-        "--max-lora-rank",
-        type=_lora_rank,
-        default=None,
-        metavar="R",
-        help="adapters of a higher rank are refused at load (default: TUNEFORGE_MAX_LORA_RANK, 512)",
-    )
-    serve.add_argument(
-        "--parent-pid",
-        type=int,
-        default=None,
-        metavar="PID",
-        help="stop when process PID ends (the control plane passes its own, so that its serving processes "
-        "never outlive it)",
-    )
-    serve.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    serve.add_argument(
-        "--device",
-        default="auto",
-        help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N",
-    )
-    serve.add_argument(
-        "--preload", nargs="+", action="extend", default=[], metavar="ID", help="adapters to load at start"
-    )
-    serve.add_argument(
-        "--adapter-dir", help="serve adapters from <dir>/<repo>/<N> instead of tuneforge storage"
-    )
-    serve.add_argument(
-        "--tenant", help="the tenant adapters resolve in when a request names none (default: dev)"
-    )
-    serve.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
-    serve.add_argument("--log-level", default="info")
-    serve.set_defaults(func=cmd_serve)
-
-    token = commands.add_parser("token", help="manage API tokens").add_subparsers(
-        dest="action", required=True
-    )
-    create = token.add_parser("create", help="mint a token for a user (tenant and user are created if new)")
-    create.add_argument("--tenant", required=True)
-    create.add_argument("--user", default="admin")
-    create.add_argument("--name", default="", help="a label for the token")
-    create.add_argument(
-        "--expires-in",
-        type=duration,
-        default=None,
-        metavar="DURATION",
-        help="refuse the token after this long: 90m, 12h, 30d, 2w (5 minutes to 366 days; default: never)",
-    )
-    create.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
-    create.set_defaults(func=cmd_token_create)
-    listing = token.add_parser("list", help="list tokens: id, owner, state, last use, expiry (never secrets)")
-    listing.add_argument("--tenant", help="only this tenant's tokens")
-    listing.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
-    listing.set_defaults(func=cmd_token_list)
-    revoke = token.add_parser("revoke", help="revoke a token now: every later request with it is refused")
-    revoke.add_argument("token_id", metavar="ID", help="the id `token list` shows (or the whole token)")
-    revoke.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
-    revoke.set_defaults(func=cmd_token_revoke)
-
-    migrate_cmd = commands.add_parser("migrate", help="upgrade the database to the latest schema")
-    migrate_cmd.set_defaults(func=cmd_migrate)
-
-    gc_cmd = commands.add_parser(
-        "gc",
-        help="remove blobs no dataset, adapter version or checkpoint points at (abandoned uploads, "
-        "leftovers of deletes) and report the bytes freed",
-    )
-    gc_cmd.add_argument("--dry-run", action="store_true", help="report what would be removed; remove nothing")
-    gc_cmd.add_argument(
-        "--min-age-seconds",
-        type=float,
-        default=None,
-        help="only remove orphans whose newest blob is older than this "
-        "(default: TUNEFORGE_GC_MIN_AGE_SECONDS, one day)",
-    )
-    gc_cmd.add_argument("--data-dir", default=argparse.SUPPRESS, help="overrides TUNEFORGE_DATA_DIR")
-    gc_cmd.set_defaults(func=cmd_gc)

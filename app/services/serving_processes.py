@@ -249,7 +249,7 @@ class ServingSupervisor:
         log_path = self.settings.data_dir / "serving" / f"{_safe_file_name(base_model)}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "app.cli", "serve", "--base-model", base_model,
+            sys.executable, "-m", "tuneforge.cli", "serve", "--base-model", base_model,
             "--host", "127.0.0.1", "--port", str(port), "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         with log_path.open("ab") as log_file:

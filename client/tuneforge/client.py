@@ -17,6 +17,11 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 # tuneforge's own names first; the Predibase SDK's names make existing environments work unchanged.
 TOKEN_ENV_VARS = ("TUNEFORGE_API_TOKEN", "PREDIBASE_API_TOKEN")
 URL_ENV_VARS = ("TUNEFORGE_URL", "PREDIBASE_GATEWAY")
+# Where a local `tuneforge up` keeps its state and its development token (the server's Settings
+# read these same names): the CLI finds that token without importing the server.
+DATA_DIR_ENV = "TUNEFORGE_DATA_DIR"
+DEFAULT_DATA_DIR = ".tuneforge"
+DEV_TOKEN_FILE = "dev-token"
 
 
 class Tuneforge:

@@ -1,6 +1,6 @@
 """The remote `tuneforge` commands against a live server with a real worker and a real serving process.
 
-Commands run in-process through `app.cli.main` (the same code the console script runs), so their
+Commands run in-process through `tuneforge.cli.main` (the same code the console script runs), so their
 stdout, stderr and exit codes are checked directly; one test runs the real process for exit code 2.
 """
 
@@ -21,8 +21,7 @@ from typing import Any
 import pytest
 from tests_support import ctrl_c_raises, write_peft_adapter
 from tuneforge import Tuneforge
-
-from app.cli import main
+from tuneforge.cli import main
 
 pytestmark = [
     pytest.mark.e2e,
@@ -193,8 +192,9 @@ def test_a_bad_token_exits_1_and_an_unreachable_server_exits_2(cli: Cli) -> None
     cli.token = "pb_wrong"
     code, out, err = cli("repos", "list")
     assert (code, out) == (1, "") and "tuneforge: error:" in err and "401" in err
+    unreachable = ["datasets", "list", "--url", "http://127.0.0.1:9", "--token", "x"]
     closed = subprocess.run(
-        [sys.executable, "-m", "app.cli", "datasets", "list", "--url", "http://127.0.0.1:9", "--token", "x"],
+        [sys.executable, "-m", "tuneforge.cli", *unreachable],
         capture_output=True,
         text=True,
         env={k: v for k, v in os.environ.items() if not k.startswith(("TUNEFORGE_", "PREDIBASE_"))},

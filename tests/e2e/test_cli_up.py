@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 from tests_support import TEST_SECRET_KEY, process_alive
 
-TUNEFORGE = [sys.executable, "-m", "app.cli"]
+TUNEFORGE = [sys.executable, "-m", "tuneforge.cli"]
 
 
 def _free_port() -> int:

@@ -58,7 +58,7 @@ def test_serve_with_an_adapter_dir_answers_health_and_completions(
         headers = signed | {"Content-Type": "application/json"}
         return httpx.post(f"{url}{path}", content=content, headers=headers, timeout=60)
 
-    command = [sys.executable, "-m", "app.cli", "serve", "--base-model", TINY, "--port", str(port)]
+    command = [sys.executable, "-m", "tuneforge.cli", "serve", "--base-model", TINY, "--port", str(port)]
     command += ["--adapter-dir", str(adapters), "--data-dir", str(tmp_path / "data"), "--preload", "acme/1"]
     log = tmp_path / "serve.log"
     with log.open("w") as out:
@@ -86,7 +86,7 @@ def _serve_command(tmp_path: Path, shared_model_cache: Path, port: int) -> tuple
     (tmp_path / "adapters").mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
     env |= {"TUNEFORGE_MODEL_CACHE_DIR": str(shared_model_cache), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "app.cli", "serve", "--base-model", TINY, "--port", str(port)]
+    command = [sys.executable, "-m", "tuneforge.cli", "serve", "--base-model", TINY, "--port", str(port)]
     command += ["--adapter-dir", str(tmp_path / "adapters"), "--data-dir", str(tmp_path / "data")]
     return command, env
 

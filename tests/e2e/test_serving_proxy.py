@@ -333,7 +333,7 @@ def _start_operator_serve(settings: Any, port: int, log_path: Path) -> subproces
 
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--base-model", TINY, "--port", str(port)],
+            [sys.executable, "-m", "tuneforge.cli", "serve", "--base-model", TINY, "--port", str(port)],
             env=settings_environment(settings),
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -117,7 +117,7 @@ def serving_url(
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    command = [sys.executable, "-m", "app.cli", "serve", "--base-model", TINY, "--port", str(port)]
+    command = [sys.executable, "-m", "tuneforge.cli", "serve", "--base-model", TINY, "--port", str(port)]
     with log.open("wb") as out:
         process = subprocess.Popen(
             command, env=settings_env(settings), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -297,7 +297,7 @@ def test_a_job_whose_worker_is_killed_on_every_attempt_ends_errored_instead_of_b
 def _gc(settings: Any, *args: str) -> str:
     """`tuneforge gc ...` as an operator runs it, configured like the server; its stdout."""
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "gc", *args],
+        [sys.executable, "-m", "tuneforge.cli", "gc", *args],
         env=settings_env(settings),
         capture_output=True,
         text=True,

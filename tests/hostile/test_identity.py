@@ -20,9 +20,9 @@ import pytest
 from live_server import LiveServer
 from sqlalchemy import update
 from tests_support import TEST_SECRET_KEY, assert_error, write_peft_adapter
+from tuneforge.cli import main as tuneforge
 from tuneforge.serving_auth import ASSERTION_HEADER, TenantAssertions
 
-from app.cli import main as tuneforge
 from app.db import ApiToken
 from app.db.base import utcnow
 from app.services.serving_processes import settings_environment
@@ -93,7 +93,7 @@ def serving_process(
     port, log = _free_port(), root / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
     env |= {"TUNEFORGE_MODEL_CACHE_DIR": str(shared_model_cache), "TUNEFORGE_SECRET_KEY": TEST_SECRET_KEY}
-    command = [sys.executable, "-m", "app.cli", "serve", "--base-model", TINY, "--port", str(port)]
+    command = [sys.executable, "-m", "tuneforge.cli", "serve", "--base-model", TINY, "--port", str(port)]
     command += ["--adapter-dir", str(root / "adapters"), "--data-dir", str(root / "data")]
     with log.open("w") as out:
         process = subprocess.Popen(command, env=env | {"PYTHONUNBUFFERED": "1"}, stdout=out, stderr=out)

@@ -18,9 +18,9 @@ from urllib.parse import ParseResult, urlparse
 
 import pytest
 import yaml
+from tuneforge.cli import build_parser
 
-from app.cli import build_parser, cmd_serve
-from app.cli.server_commands import cmd_worker
+from app.cli.server_commands import cmd_serve, cmd_worker
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -53,9 +53,15 @@ def test_every_tuneforge_variable_in_deploy_files_is_a_settings_field() -> None:
     assert not unknown, f"not fields of app.settings.Settings: {unknown}"
 
 
-def test_tuneforge_is_the_declared_console_script_and_has_migrate(capsys: pytest.CaptureFixture[str]) -> None:
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    module, _, attribute = scripts["tuneforge"].partition(":")
+def test_tuneforge_is_the_clients_console_script_and_the_server_adds_migrate(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
+    # One `tuneforge` command, the client's: the server adds its commands through the entry-point group.
+    assert "scripts" not in server
+    assert server["entry-points"]["tuneforge.commands"] == {"server": "app.cli"}
+    module, _, attribute = client["scripts"]["tuneforge"].partition(":")
     main = getattr(importlib.import_module(module), attribute)
     with pytest.raises(SystemExit) as exited:
         main(["migrate", "--help"])

@@ -13,13 +13,14 @@ from typing import Any, Protocol
 
 import torch
 
-from worker.training import checkpoints, evaluation, feature_cache, objective, turbo_speedup
+from worker.training import checkpoints, evaluation, feature_cache, objective
 from worker.training.base_models import resolve_base_model
 from worker.training.batches import make_batch
 from worker.training.config import TrainingConfig
 from worker.training.data import DataStats
 from worker.training.evaluation import EvalTracker
 from worker.training.preparation import Inputs, Run, build_run
+from worker.training.quality import held_out_prompts
 from worker.training.runtime import memory_metrics
 from worker.training.token_cache import DataCache
 
@@ -67,6 +68,9 @@ class TrainingResult:
     adapter_dir: Path | None  # output_dir/adapter, written only when the run completes
     last_checkpoint: Path | None
     data: DataStats
+    model_dir: Path  # the base model's local directory
+    # The prompt part of the first few answerable eval rows, for measuring the artifact where it serves.
+    held_out_prompts: list[list[int]]
     summary: dict[str, Any] = field(default_factory=dict)  # also written as adapter/training_summary.json
 
 
@@ -118,10 +122,7 @@ def train(
     if config.base_model is None:
         raise ValueError("base_model: required (a continued run inherits its parent's before training)")
     resume = Path(resume_from) if resume_from is not None else None
-    # Read once, on the host: optimizer.load_state_dict moves each state tensor to its parameter's device.
-    saved = checkpoints.load(resume, torch.device("cpu")) if resume is not None else None
-    if saved is not None and resume is not None:
-        _check_same_trajectory(config, saved[1], resume)
+    saved = _load_checkpoint(config, resume)
     inputs = Inputs(
         model_dir=resolve_base_model(config.base_model, Path(cache_dir)),
         init_from=init_from,
@@ -131,17 +132,43 @@ def train(
     )
     run = build_run(config, rows, inputs)
     callbacks.on_data(run.data.stats)
-    if saved is not None and resume is not None:
-        progress = _restore(run, resume, saved[0])
-    else:
-        progress = _Progress()
-        _measure_start(run, progress)
+    progress = _restore(run, resume, saved[0]) if saved is not None and resume else _fresh_progress(run)
     stopped, last = _run_steps(run, progress, callbacks, output_dir, resume)
-    adapter_dir, summary = None, {}
-    if not stopped:
-        summary = _finish(run, progress, callbacks)
-        adapter_dir = output_dir / "adapter"
-        checkpoints.write_atomically(adapter_dir, lambda tmp: _publish(run, tmp, summary, inputs.model_dir))
+    if stopped:
+        return _result(run, progress, inputs, started, stopped=True, last_checkpoint=last)
+    summary = _finish(run, progress, callbacks)
+    adapter_dir = output_dir / "adapter"
+    checkpoints.write_atomically(adapter_dir, lambda tmp: _publish(run, tmp, summary))
+    return _result(
+        run, progress, inputs, started, adapter_dir=adapter_dir, summary=summary, last_checkpoint=last
+    )
+
+
+def _load_checkpoint(
+    config: TrainingConfig, resume: Path | None
+) -> tuple[checkpoints.TrainerState, dict[str, Any]] | None:
+    """The checkpoint to resume from, checked to continue this very run; None for a fresh run."""
+    if resume is None:
+        return None
+    # Read once, on the host: optimizer.load_state_dict moves each state tensor to its parameter's device.
+    saved = checkpoints.load(resume, torch.device("cpu"))
+    _check_same_trajectory(config, saved[1], resume)
+    return saved
+
+
+def _result(
+    run: Run,
+    progress: _Progress,
+    inputs: Inputs,
+    started: float,
+    *,
+    stopped: bool = False,
+    adapter_dir: Path | None = None,
+    summary: dict[str, Any] | None = None,
+    last_checkpoint: Path | None,
+) -> TrainingResult:
+    """What the caller learns of the run: a stopped run has no artifact, summary or final eval loss."""
+    summary = summary or {}
     return TrainingResult(
         steps=progress.step,
         total_steps=run.total_steps,
@@ -157,16 +184,21 @@ def train(
         seconds=time.monotonic() - started,
         stopped=stopped,
         adapter_dir=adapter_dir,
-        last_checkpoint=last,
+        last_checkpoint=last_checkpoint,
         data=run.data.stats,
+        model_dir=inputs.model_dir,
+        held_out_prompts=held_out_prompts(run.data.eval),
         summary=summary,
     )
 
 
-def _measure_start(run: Run, progress: _Progress) -> None:
-    """Eval loss and exact match before the first step: the baseline the quality report compares to."""
+def _fresh_progress(run: Run) -> _Progress:
+    """A run from step 0, with the eval loss and exact match the quality report compares to measured
+    before the first step."""
+    progress = _Progress()
     progress.eval_loss_before = evaluation.eval_loss(run.trainable, run.data.eval, run.pad_token_id)
     progress.base_exact_match = evaluation.exact_match(run.trainable, run.data.eval, base=True)
+    return progress
 
 
 def _run_steps(
@@ -206,11 +238,7 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> 
     trainable, config = run.trainable, run.config
     if not run.features_built:
         # Inside the step, so its one-off cost counts in train_seconds (this step's tokens/s is low).
-        run.features_built = True
-        visits = run.total_steps * config.batch_size
-        run.features = feature_cache.build(trainable, run.data.train, run.pad_token_id, visits=visits)
-        if run.features is not None:
-            trainable.details["speculator_feature_cache"] = run.features.details()
+        _build_features(run)
     batches = [
         make_batch(micro, run.pad_token_id, packed=config.packing)
         for micro in run.micro_batches(run.examples_for_step(progress.step))
@@ -252,6 +280,15 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> 
         **memory_metrics(run.device),
     }
     callbacks.on_step(progress.step, run.total_steps, metrics)
+
+
+def _build_features(run: Run) -> None:
+    """The speculator's cached base-model features, when its method uses them (once per run)."""
+    run.features_built = True
+    visits = run.total_steps * run.config.batch_size
+    run.features = feature_cache.build(run.trainable, run.data.train, run.pad_token_id, visits=visits)
+    if run.features is not None:
+        run.trainable.details["speculator_feature_cache"] = run.features.details()
 
 
 def _record_eval(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> None:
@@ -325,14 +362,13 @@ def _finish(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> dict
     }
 
 
-def _publish(run: Run, directory: Path, summary: dict[str, Any], model_dir: Path) -> None:
+def _publish(run: Run, directory: Path, summary: dict[str, Any]) -> None:
     run.trainable.save(directory)
-    prompts = turbo_speedup.held_out_prompts(run.data.eval)
-    if summary.get("speculator") is not None and prompts:  # turbo types: time the heads in the engine
-        runtime = run.trainable.runtime
-        summary["speculator"]["measured"] = turbo_speedup.measure(
-            directory, model_dir, prompts, dtype=runtime.dtype_name, device=runtime.device.type
-        )
+    write_summary(directory, summary)
+
+
+def write_summary(directory: Path, summary: dict[str, Any]) -> None:
+    """The artifact's training_summary.json; the worker rewrites it when it adds what it measured."""
     (directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,6 +20,7 @@ STOP_MARGIN = 8  # tokens generated past a reference's length: the same text may
 MAX_NEW_TOKENS = 128
 MAX_SAMPLES = 5
 PROMPT_TAIL_CHARS = 200
+HELD_OUT_PROMPTS = 8  # the prompts a run hands back for timing its artifact (worker.turbo_measure)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,12 @@ def split_target(example: Example) -> tuple[list[int], list[int]] | None:
     if start == 0 or any(targets[:start]):  # no prompt (a text row), or several assistant spans
         return None
     return example.input_ids[:start], example.input_ids[start:]
+
+
+def held_out_prompts(examples: Sequence[Example], limit: int = HELD_OUT_PROMPTS) -> list[list[int]]:
+    """The prompt part, as formatted for training, of the first examples that have one."""
+    splits = (split_target(example) for example in examples)
+    return list(islice((split[0] for split in splits if split is not None), limit))
 
 
 def answerable(

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 from tuneforge import AdapterVersion, AuthenticationError, ValidationError
-
-from app.cli.config_args import build_config, parse_value
-from app.cli.connection import api_token, server_url
-from app.cli.remote_commands import adapter_details, speculation
-from app.cli.tables import fields, table
+from tuneforge.cli.config_args import build_config, parse_value
+from tuneforge.cli.connection import api_token, server_url
+from tuneforge.cli.remote_commands import adapter_details, speculation
+from tuneforge.cli.tables import fields, table
 
 
 def test_set_values_are_json_where_they_parse_else_text() -> None:

@@ -53,7 +53,7 @@ class Refuse:
             raise ImportError(f"{name} must not be imported here")
 sys.meta_path.insert(0, Refuse())
 import worker.main, worker.validate_task, worker.celery_app
-from app.cli import build_parser
+from tuneforge.cli import build_parser
 args = build_parser().parse_args(["worker", "--queues", "validate"])
 assert args.queues == ("validate",)
 """

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from tuneforge.cli import build_parser, main
 
-from app.cli import build_parser, main
-from app.cli.server_commands import duration
+from app.cli.server_parser import duration
 from app.main import create_app
 from app.settings import Settings
 

@@ -2,7 +2,7 @@
 
 Each one talks to the server only through the thin client (`tuneforge.Tuneforge`), prints a table or
 a `field  value` block (JSON with `--json`), and returns the exit code; failures are raised as the
-client's typed errors, which `app.cli.main` turns into exit codes 1 and 2.
+client's typed errors, which `tuneforge.cli.main` turns into exit codes 1 and 2.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from typing import Any
 
 from tuneforge import AdapterVersion, Dataset, Deployment, FinetuningJob, Repo, Tuneforge
 from tuneforge.adapters import parse_adapter_id
+from tuneforge.cli.config_args import build_config
+from tuneforge.cli.connection import connect
+from tuneforge.cli.tables import emit, fields, table
 from tuneforge.finetuning import finetuning_params
-
-from app.cli.config_args import build_config
-from app.cli.connection import connect
-from app.cli.tables import emit, fields, table
 
 Handler = Callable[[Tuneforge, argparse.Namespace], int]
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from tuneforge.cli import remote_commands as rc
 from tuneforge.config import TRAINED_ADAPTERS
-
-from app.cli import remote_commands as rc
 
 if TYPE_CHECKING:
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]

@@ -4,13 +4,21 @@ embedded stack's defaults (`tuneforge up` on this machine)."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from tuneforge import AuthenticationError, Tuneforge
-from tuneforge.client import DEFAULT_BASE_URL, TOKEN_ENV_VARS, URL_ENV_VARS, first_env, normalize_base_url
-
-from app.settings import Settings
+from tuneforge.client import (
+    DATA_DIR_ENV,
+    DEFAULT_BASE_URL,
+    DEFAULT_DATA_DIR,
+    DEV_TOKEN_FILE,
+    TOKEN_ENV_VARS,
+    URL_ENV_VARS,
+    first_env,
+    normalize_base_url,
+)
 
 # The embedded development token is sent only to a server on this machine: a URL elsewhere must
 # never receive a local secret it did not ask for.
@@ -33,11 +41,11 @@ def api_token(args: argparse.Namespace, url: str) -> str:
     if token:
         return token
     token_file = _dev_token_file(args.data_dir)
-    if urlsplit(url).hostname in LOOPBACK_HOSTS and token_file is not None and token_file.is_file():
+    if urlsplit(url).hostname in LOOPBACK_HOSTS and token_file.is_file():
         return token_file.read_text().strip()
     raise AuthenticationError(
         "no API token: pass --token or set TUNEFORGE_API_TOKEN (`tuneforge token create --tenant NAME` "
-        f"mints one); for a local `tuneforge up`, the token is read from {token_file or 'its data dir'}"
+        f"mints one); for a local `tuneforge up`, the token is read from {token_file}"
     )
 
 
@@ -47,9 +55,7 @@ def connect(args: argparse.Namespace) -> Tuneforge:
     return Tuneforge(api_token=api_token(args, url), base_url=url, poll_interval=0.5)
 
 
-def _dev_token_file(data_dir: str | None) -> Path | None:
-    try:
-        settings = Settings(data_dir=Path(data_dir)) if data_dir else Settings()
-    except ValueError:  # invalid TUNEFORGE_* settings: there is no local stack to read a token from
-        return None
-    return settings.dev_token_file
+def _dev_token_file(data_dir: str | None) -> Path:
+    """`--data-dir`, else TUNEFORGE_DATA_DIR, else the server's default, as `tuneforge up` resolves it."""
+    chosen = data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+    return Path(chosen).expanduser().absolute() / DEV_TOKEN_FILE

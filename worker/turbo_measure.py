@@ -1,10 +1,12 @@
-"""Owns the measured speedup of a turbo artifact: the serving engine decodes held-out prompts greedily,
-one request at a time, with the artifact's speculator and without it.
+"""Owns the measured speedup of a published turbo artifact: the serving engine decodes held-out prompts
+greedily, one request at a time, with the artifact's speculator and without it.
 
-Cost, bounded: one engine load of the base model (beside the training copy, in the worker's dtype and
-on its device), then at most MAX_PROMPTS prompts x MAX_NEW_TOKENS tokens in each of the two modes, plus
-one short warm-up request per mode: at most 2 x (8 x 32 + 8) generated tokens. About a second on the
-tiny test model; on smollm2-135m on a busy 2-core CPU, 4 prompts took 50 s (~80 ms a plain token).
+Worker glue, not training: the training library never loads the serving engine; the worker measures
+what a run published before it stores the artifact.
+
+Cost, bounded: one engine load of the base model (in the run's dtype and on its device), then at most
+MAX_PROMPTS prompts x MAX_NEW_TOKENS tokens in each of the two modes, plus one short warm-up request per
+mode: at most 2 x (8 x 32 + 8) generated tokens.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from worker.serving.metrics import ServingMetrics
 from worker.serving.outputs import TokenOutput
 from worker.serving.params import SamplingParams
 from worker.serving.speculator import SPECULATOR_CONFIG, SPECULATOR_WEIGHTS
-from worker.training.data import Example
-from worker.training.quality import split_target
+from worker.training.loop import TrainingResult, write_summary
+from worker.training.quality import HELD_OUT_PROMPTS
 
 log = logging.getLogger(__name__)
 
-MAX_PROMPTS = 8
+MAX_PROMPTS = HELD_OUT_PROMPTS  # a run hands back at most this many
 MAX_NEW_TOKENS = 32
 WARMUP_TOKENS = 8  # first-request costs (thread pools, LoRA stacks) are not what a deployment pays per token
 REQUEST_TIMEOUT_S = 120.0
@@ -54,10 +56,22 @@ class _Pass:
     spec_accepted: float
 
 
-def held_out_prompts(examples: Sequence[Example], limit: int = MAX_PROMPTS) -> list[list[int]]:
-    """The prompt part, as formatted for training, of the first eval examples that have one."""
-    splits = (split_target(example) for example in examples)
-    return [split[0] for split in splits if split is not None][:limit]
+def add_to_summary(result: TrainingResult) -> None:
+    """Turbo types: time the published artifact and record it as the summary's `speculator.measured`, in
+    result.summary and in the artifact's training_summary.json alike (the version's metrics read both).
+    """
+    speculator = result.summary.get("speculator")
+    if speculator is None or result.adapter_dir is None or not result.held_out_prompts:
+        return
+    runtime = result.summary["runtime"]
+    speculator["measured"] = measure(
+        result.adapter_dir,
+        result.model_dir,
+        result.held_out_prompts,
+        dtype=runtime["dtype"],
+        device=runtime["device"],
+    )
+    write_summary(result.adapter_dir, result.summary)
 
 
 def measure(
@@ -67,9 +81,9 @@ def measure(
 
     A failure here never fails the training run: the artifact is good whether or not it was timed.
     """
-    threads = torch.get_num_threads()  # the engine's small steps set one thread; training must get all back
+    threads = torch.get_num_threads()  # the engine's small steps set one thread; the worker must get all back
     try:
-        return _measure(artifact, model_dir, list(prompts), dtype=dtype, device=device)
+        return _measure(artifact, model_dir, list(prompts[:MAX_PROMPTS]), dtype=dtype, device=device)
     except Exception as exc:
         log.exception("measuring the speculator's speedup failed")
         return {"error": f"{type(exc).__name__}: {exc}"}
