@@ -175,8 +175,8 @@ def _generate(
         if time.monotonic() > deadline:
             engine.abort(request.seq.seq_id)
             raise TimeoutError(f"a {max_tokens}-token request took over {REQUEST_TIMEOUT_S:.0f} s")
-        if engine.step() == 0:
-            time.sleep(0.002)  # only waiting for the adapter to load (a background thread)
+        if engine.step() == 0:  # nothing to run until the adapter's load (a background thread) ends
+            engine.adapters.wait_for_load(timeout=max(0.0, deadline - time.monotonic()))
     outputs: list[TokenOutput] = []
     while not delivered.empty():
         item = delivered.get()

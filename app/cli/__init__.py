@@ -1,10 +1,9 @@
-"""The server distribution's part of the `tuneforge` command: `up`, `worker`, `serve`, `token`,
-`migrate` and `gc`, run against a server on this machine.
+"""The control plane's part of the `tuneforge` command: `up`, `token`, `migrate` and `gc`, run against a
+server on this machine (the data plane's `worker` and `serve` are `worker/commands.py`'s).
 
 The command itself is the client distribution's (`tuneforge.cli`); this package is its
 `tuneforge.commands` entry point (see `tuneforge.cli.plugins`), so one `tuneforge` runs these beside
-the remote commands. Nothing here imports torch at module level, so the control-plane image runs
-every command but `worker` and `serve`.
+the remote commands. Nothing here imports the data plane: `app` never imports `worker`.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from app.storage import StorageError
 
 __all__ = ["SUMMARY", "add_commands", "failure"]
 
-SUMMARY = "run a tuneforge server on this machine (up, worker, serve, token, migrate, gc)"
+SUMMARY = "run a tuneforge server on this machine (up, token, migrate, gc)"
 
 
 def failure(exc: Exception) -> tuple[str, int] | None:

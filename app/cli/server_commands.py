@@ -1,14 +1,10 @@
-"""The server commands' handlers, `tuneforge up | worker | serve | token | migrate | gc`: run the embedded
-stack or a worker, mint, list and revoke API tokens, migrate the database, remove orphaned blobs.
-
-`worker` and `serve` import the data plane lazily, so the control-plane image (no torch) can still
-run every other command, and `worker --queues validate` too.
-"""
+"""The control plane's command handlers, `tuneforge up | token | migrate | gc`: run the embedded stack
+(its worker as a `tuneforge worker` child process), mint, list and revoke API tokens, migrate the
+database, remove orphaned blobs."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import signal
 import subprocess
@@ -23,13 +19,13 @@ from app.context import AppContext
 from app.db import migrate
 from app.db.session import make_engine, make_session_factory, transaction
 from app.services import auth, gc
-from app.settings import DEVELOPMENT_SECRET_KEY, Settings
+from app.settings import Settings
 
 # The worker nodes `tuneforge worker` can run: training jobs, and dataset validation beside them.
 WORKER_QUEUES = ("train", "validate")
 
 
-def _settings(data_dir: str | None = None) -> Settings:
+def server_settings(data_dir: str | None = None) -> Settings:
     if data_dir:
         os.environ["TUNEFORGE_DATA_DIR"] = data_dir
     settings = Settings()
@@ -38,14 +34,14 @@ def _settings(data_dir: str | None = None) -> Settings:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    settings = _settings(args.data_dir)
+    settings = server_settings(args.data_dir)
     migrate.upgrade(settings.database_url)
     print(f"database at head: {_redact(settings.database_url)}")
     return 0
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    settings = _settings(args.data_dir)
+    settings = server_settings(args.data_dir)
     migrate.upgrade(settings.database_url)
     token = _mint_token(settings, args.tenant, args.user, args.name, args.expires_in)
     print(token)
@@ -58,7 +54,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
-    settings = _settings(args.data_dir)
+    settings = server_settings(args.data_dir)
     migrate.upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
@@ -76,7 +72,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    settings = _settings(args.data_dir)
+    settings = server_settings(args.data_dir)
     migrate.upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
@@ -128,7 +124,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from app.main import create_app
 
-    settings = _settings(args.data_dir)
+    settings = server_settings(args.data_dir)
     migrate.upgrade(settings.database_url)
     token = dev_token(settings) if settings.environment == "development" else None
     url = f"http://{args.host}:{args.port}"
@@ -205,64 +201,8 @@ def _stop_worker_process(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.main import run_worker  # light: the training stack loads only where it trains
-
-    if "train" in args.queues and importlib.util.find_spec("torch") is None:
-        raise ValueError(
-            "the training worker needs the data-plane packages (torch is missing): pip install "
-            "'tuneforge[worker]', or run only dataset validation with `tuneforge worker --queues validate`"
-        )
-    settings = _settings(args.data_dir)
-    migrate.upgrade(settings.database_url)
-    run_worker(settings, queues=args.queues, loglevel=args.log_level)
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from worker.serve_main import run_server
-    except ImportError as exc:
-        raise ValueError(
-            f"serving needs the data-plane packages ({exc.name} is missing): pip install 'tuneforge[worker]'"
-        ) from None
-
-    settings = _settings(args.data_dir)
-    _refuse_public_dev_secret(settings, args.host)
-    return run_server(
-        settings,
-        base_model=args.base_model,
-        host=args.host,
-        port=args.port,
-        max_adapters=args.max_adapters,
-        max_batch_size=args.max_batch_size,
-        kv_cache_bytes=args.kv_cache_bytes,
-        speculation_max_batch=args.speculation_max_batch,
-        speculation_depth=args.speculation_depth,
-        max_lora_rank=args.max_lora_rank or settings.max_lora_rank,
-        dtype=args.dtype,
-        device=args.device,
-        preload=args.preload,
-        adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
-        tenant=args.tenant,
-        log_level=args.log_level,
-        parent_pid=args.parent_pid,
-    )
-
-
-def _refuse_public_dev_secret(settings: Settings, host: str) -> None:
-    """Serving trusts whoever signs with the secret; the development secret is public, so a process
-    signed with it may listen on loopback only (where only this machine's users reach it)."""
-    loopback = host in ("localhost", "::1") or host.startswith("127.")
-    if settings.secret_key == DEVELOPMENT_SECRET_KEY and not loopback:
-        raise ValueError(
-            f"--host {host}: a serving process reachable from other machines needs a real secret; set "
-            "TUNEFORGE_SECRET_KEY (the control plane's) or keep the default --host 127.0.0.1"
-        )
-
-
 def cmd_gc(args: argparse.Namespace) -> int:
-    settings = _settings(args.data_dir)
+    settings = server_settings(args.data_dir)
     min_age = settings.gc_min_age_seconds if args.min_age_seconds is None else args.min_age_seconds
     if min_age < 0:
         raise ValueError(f"--min-age-seconds: must be at least 0, got {min_age:g}")

@@ -20,8 +20,8 @@ import pytest
 import yaml
 from tuneforge.cli import build_parser
 
-from app.cli.server_commands import cmd_serve, cmd_worker
 from app.settings import Settings
+from worker.commands import cmd_serve, cmd_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"

@@ -53,19 +53,23 @@ def test_every_tuneforge_variable_in_deploy_files_is_a_settings_field() -> None:
     assert not unknown, f"not fields of app.settings.Settings: {unknown}"
 
 
-def test_tuneforge_is_the_clients_console_script_and_the_server_adds_migrate(
+def test_tuneforge_is_the_clients_console_script_and_each_server_plane_adds_its_commands(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     server = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
     # One `tuneforge` command, the client's: the server adds its commands through the entry-point group.
     assert "scripts" not in server
-    assert server["entry-points"]["tuneforge.commands"] == {"server": "app.cli"}
+    assert server["entry-points"]["tuneforge.commands"] == {
+        "control-plane": "app.cli",
+        "data-plane": "worker.commands",
+    }
     module, _, attribute = client["scripts"]["tuneforge"].partition(":")
     main = getattr(importlib.import_module(module), attribute)
-    with pytest.raises(SystemExit) as exited:
-        main(["migrate", "--help"])
-    assert exited.value.code == 0, capsys.readouterr().err
+    for command in ("migrate", "serve"):
+        with pytest.raises(SystemExit) as exited:
+            main([command, "--help"])
+        assert exited.value.code == 0, capsys.readouterr().err
 
 
 # --- Dockerfiles ------------------------------------------------------------------------------
