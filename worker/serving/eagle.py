@@ -25,6 +25,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from tuneforge.rules.artifacts import SPECULATOR_CONFIG
+from tuneforge.rules.speculator import MAX_DRAFT_HEADS, SpeculatorArchitecture
 
 from worker.serving.cpu_kernels import SmallGemm
 from worker.serving.errors import AdapterLoadError
@@ -33,8 +35,6 @@ from worker.serving.params import SamplingParams
 from worker.serving.sampling import draw, warped_probs
 from worker.serving.speculator import (
     DRAFT_VOCAB_KEY,
-    MAX_DRAFT_HEADS,
-    SPECULATOR_CONFIG,
     LMHead,
     check_finite,
     draft_vocab,
@@ -44,7 +44,7 @@ from worker.serving.speculator import (
 # Far above any decoder's MLP width: a config past it is not a draft layer (and would size huge tensors).
 MAX_INTERMEDIATE = 1 << 20
 
-EAGLE_ARCHITECTURE = "eagle_layer"
+EAGLE_ARCHITECTURE = SpeculatorArchitecture.EAGLE
 # The draft cache grows by this many positions at a time (a request rarely needs more than a few).
 CACHE_CHUNK = 256
 

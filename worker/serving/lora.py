@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from tuneforge import lora_rules
+from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 from worker.serving.cpu_kernels import SmallGemm
 from worker.serving.eagle import EagleDraft, ModelShape, is_eagle
@@ -94,12 +95,12 @@ class AdapterWeights:
                 kernel=kernel,
                 vocab_size=vocab_size,
             )
-            if not (directory / "adapter_config.json").is_file():  # `turbo` on the base model: heads only
+            if not (directory / ADAPTER_CONFIG).is_file():  # `turbo` on the base model: heads only
                 return cls(
                     key=key, modules={}, base_model=None, nbytes=speculator.nbytes, speculator=speculator
                 )
         config = _read_config(directory, max_rank)
-        weights = directory / "adapter_model.safetensors"
+        weights = directory / ADAPTER_WEIGHTS
         if not weights.is_file():
             raise AdapterLoadError(
                 "it has no adapter_model.safetensors; only safetensors weights are served "
@@ -222,7 +223,7 @@ def _load_speculator(
 
 
 def _read_config(directory: Path, max_rank: int) -> dict[str, Any]:
-    path = directory / "adapter_config.json"
+    path = directory / ADAPTER_CONFIG
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise AdapterLoadError(f"adapter_config.json is over {MAX_CONFIG_BYTES} bytes")

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tuneforge.rules.artifacts import SPECULATOR_CONFIG, SPECULATOR_WEIGHTS
+from tuneforge.rules.speculator import MAX_DRAFT_HEADS, SpeculatorArchitecture
 
 from worker.serving.errors import AdapterLoadError
 from worker.serving.params import SamplingParams
@@ -58,12 +60,8 @@ class LMHead(Protocol):
 
 log = logging.getLogger(__name__)
 
-SPECULATOR_WEIGHTS = "speculator.safetensors"
-SPECULATOR_CONFIG = "speculator_config.json"
-SUPPORTED_ARCHITECTURE = "medusa_residual_silu"
+SUPPORTED_ARCHITECTURE = SpeculatorArchitecture.MEDUSA
 DRAFT_VOCAB_KEY = "draft_vocab"
-# Far above any trained depth (Medusa uses 3-5 heads); a config past it is not a speculator.
-MAX_DRAFT_HEADS = 64
 MAX_CONFIG_BYTES = 1 << 20
 
 

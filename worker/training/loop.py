@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from tuneforge.rules.artifacts import TRAINING_SUMMARY
 
 from worker.training import checkpoints, evaluation, feature_cache, objective, turbo_speedup
 from worker.training.base_models import resolve_base_model
@@ -23,7 +24,6 @@ from worker.training.preparation import Inputs, Run, build_run
 from worker.training.runtime import memory_metrics
 from worker.training.token_cache import DataCache
 
-SUMMARY_FILE = "training_summary.json"
 SUMMARY_FORMAT = 1
 
 
@@ -333,7 +333,7 @@ def _publish(run: Run, directory: Path, summary: dict[str, Any], model_dir: Path
         summary["speculator"]["measured"] = turbo_speedup.measure(
             directory, model_dir, prompts, dtype=runtime.dtype_name, device=runtime.device.type
         )
-    (directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (directory / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
 # --- checkpoints -------------------------------------------------------------------------------
