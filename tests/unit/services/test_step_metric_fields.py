@@ -12,4 +12,3 @@ def test_each_step_metric_field_has_a_column() -> None:
     assert set(STEP_METRIC_FIELDS) <= columns
     # What a row holds besides the metrics: its keys and bookkeeping.
     assert columns - set(STEP_METRIC_FIELDS) == {"id", "job_id", "step", "attempt", "created_at"}
-
