@@ -5,17 +5,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-MAX_REPO_NAME = 64
+from tuneforge.rules.names import MAX_NAME_LENGTH, NAME_PATTERN, is_valid_name
+
 MAX_NUMBER_DIGITS = 9
-# Repo names follow the server's name rule (letters, digits, '.', '_', '-'; starting with a letter or
-# digit); version numbers and checkpoint steps are bounded so they always fit a database integer.
-_PATTERN = re.compile(
-    rf"(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_REPO_NAME - 1}}})"
-    rf"/(?P<number>[0-9]{{1,{MAX_NUMBER_DIGITS}}})"
-    rf"(?:@(?P<step>[0-9]{{1,{MAX_NUMBER_DIGITS}}}))?"
-)
+# The repo is a name by the one name rule (its length is checked apart); version numbers and checkpoint
+# steps are bounded so they always fit a database integer.
+_DIGITS = rf"[0-9]{{1,{MAX_NUMBER_DIGITS}}}"
+_PATTERN = re.compile(rf"(?P<repo>{NAME_PATTERN})/(?P<number>{_DIGITS})(?:@(?P<step>{_DIGITS}))?")
 EXPECTED_SHAPE = (
-    f"repo/N or, for a checkpoint, repo/N@step (repo: 1-{MAX_REPO_NAME} letters, digits, '.', '_' or '-' "
+    f"repo/N or, for a checkpoint, repo/N@step (repo: 1-{MAX_NAME_LENGTH} letters, digits, '.', '_' or '-' "
     f"starting with a letter or digit; N: a version number from 1; N and step at most {MAX_NUMBER_DIGITS} "
     "digits)"
 )
@@ -41,8 +39,7 @@ class AdapterRef:
     def parse(cls, text: str) -> AdapterRef:
         """`"repo/3"` or `"repo/3@40"`, exactly (no surrounding spaces), or AdapterRefError."""
         match = _PATTERN.fullmatch(text)
-        # '..' never occurs in a repo name the server accepts, and would read as a parent directory.
-        if match is None or int(match["number"]) < 1 or ".." in match["repo"]:
+        if match is None or int(match["number"]) < 1 or not is_valid_name(match["repo"]):
             raise AdapterRefError(text)
         step = match["step"]
         return cls(match["repo"], int(match["number"]), None if step is None else int(step))

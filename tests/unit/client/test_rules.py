@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tuneforge.rules.adapter_ref import MAX_REPO_NAME, AdapterRef, AdapterRefError
+from tuneforge.rules.adapter_ref import AdapterRef, AdapterRefError
 from tuneforge.rules.artifacts import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -28,6 +28,7 @@ from tuneforge.rules.metrics import (
     TRAIN_STEP_FIELDS,
     step_values,
 )
+from tuneforge.rules.names import MAX_NAME_LENGTH
 from tuneforge.rules.speculator import (
     MAX_DRAFT_HEADS,
     SpeculatorArchitecture,
@@ -39,7 +40,7 @@ _NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-
 repo_names = st.builds(
     lambda first, rest: first + rest,
     st.sampled_from(_NAME_CHARS[:62]),
-    st.text(_NAME_CHARS, max_size=MAX_REPO_NAME - 1),
+    st.text(_NAME_CHARS, max_size=MAX_NAME_LENGTH - 1),
 ).filter(lambda name: ".." not in name)
 refs = st.builds(
     AdapterRef,
@@ -89,7 +90,7 @@ def test_versions_and_checkpoints_parse(text: str, parsed: AdapterRef) -> None:
         "../1",
         "my repo/1",
         "a/b/1",
-        "x" * (MAX_REPO_NAME + 1) + "/1",
+        "x" * (MAX_NAME_LENGTH + 1) + "/1",
         "dates/1234567890",
         "dates/1@1234567890",
     ],
@@ -101,7 +102,7 @@ def test_anything_else_is_refused_with_the_expected_shape(bad: str) -> None:
 
 
 def test_the_longest_name_and_numbers_are_accepted() -> None:
-    longest = "x" * MAX_REPO_NAME + "/999999999@999999999"
+    longest = "x" * MAX_NAME_LENGTH + "/999999999@999999999"
     assert str(AdapterRef.parse(longest)) == longest
 
 
