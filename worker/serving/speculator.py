@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from tuneforge.rules.artifacts import SPECULATOR_CONFIG, SPECULATOR_WEIGHTS
-from tuneforge.rules.speculator import MAX_DRAFT_HEADS, SpeculatorArchitecture
+from tuneforge.rules.speculator import DRAFT_VOCAB_KEY, MAX_DRAFT_HEADS, SpeculatorArchitecture
 
 from worker.serving.errors import AdapterLoadError
 from worker.serving.params import SamplingParams
@@ -61,7 +61,6 @@ class LMHead(Protocol):
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURE = SpeculatorArchitecture.MEDUSA
-DRAFT_VOCAB_KEY = "draft_vocab"
 MAX_CONFIG_BYTES = 1 << 20
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from tuneforge.rules.artifacts import SPECULATOR_WEIGHTS
-from tuneforge.rules.speculator import SPECULATOR_FORMAT, SpeculatorConfig
+from tuneforge.rules.speculator import DRAFT_VOCAB_KEY, SPECULATOR_FORMAT, SpeculatorConfig
 
 from worker.training.data import IGNORE_INDEX
 
@@ -42,7 +42,6 @@ class ResidualBlock(torch.nn.Module):
 # most (FR-Spec's frequency-ranked draft vocabulary): 8192 of smollm2's 49152 rows cost a sixth of the
 # full pass, and a draft outside them only means a rejected draft, never a different output.
 DRAFT_VOCAB_SIZE = 8192
-DRAFT_VOCAB_KEY = "draft_vocab"
 
 
 def frequent_tokens(label_rows: Sequence[Sequence[int]], limit: int = DRAFT_VOCAB_SIZE) -> torch.Tensor:

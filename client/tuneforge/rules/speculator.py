@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tuneforge.rules.artifacts import SPECULATOR_CONFIG
 
 SPECULATOR_FORMAT = 1
+# The tensor in speculator.safetensors holding the draft vocabulary (token ids drafts are chosen among).
+DRAFT_VOCAB_KEY = "draft_vocab"
 # Far above any trained depth (Medusa uses 3-5 heads); a config past it is not a speculator.
 MAX_DRAFT_HEADS = 64
 
