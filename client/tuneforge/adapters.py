@@ -8,50 +8,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneforge._http import HttpTransport, path_segment
+from tuneforge.adapter_ids import AdapterRef, parse_adapter_id
 from tuneforge.config import FinetuningConfig
 from tuneforge.errors import ValidationError
 from tuneforge.models import AdapterVersion, Dataset, FinetuningJob, VersionSummary
 from tuneforge.repos import RepoRef, Repos, repo_name
-from tuneforge.rules import adapter_ref
 from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS
 
 if TYPE_CHECKING:
-    # Only for annotations: finetuning imports this module's parse_adapter_id.
+    # Only for annotations: finetuning builds on this module's calls.
     from tuneforge.finetuning import ConfigLike, FinetuningJobs
-
-AdapterRef = str | AdapterVersion | VersionSummary
-
-
-def parse_adapter_id(adapter: AdapterRef) -> tuple[str, int]:
-    """`"repo/3"` (or an AdapterVersion / VersionSummary) → `("repo", 3)`; refuses anything else."""
-    if isinstance(adapter, AdapterVersion | VersionSummary):
-        adapter = adapter.id
-    if "@" in adapter.partition("/")[2]:
-        raise ValidationError(f"adapter id {adapter!r}: checkpoint ids (repo/tag@N) are not accepted here")
-    try:
-        ref = adapter_ref.AdapterRef.parse(adapter)
-    except adapter_ref.AdapterRefError:
-        raise ValidationError(
-            f"adapter id {adapter!r}: expected '<repo>/<version>', e.g. 'my-repo/3'"
-        ) from None
-    return ref.repo, ref.number
-
-
-def parse_version_ref(ref: AdapterRef) -> tuple[str, int, int | None]:
-    """A version or one of its checkpoints: `"r/3"` → `("r", 3, None)`, `"r/3@40"` → `("r", 3, 40)`.
-
-    What `continue_from_version` takes: a run continues from a finished version or a checkpoint.
-    """
-    if isinstance(ref, str) and "@" in ref:
-        try:
-            parsed = adapter_ref.AdapterRef.parse(ref)
-        except adapter_ref.AdapterRefError:
-            raise ValidationError(
-                f"checkpoint id {ref!r}: expected '<repo>/<version>@<step>', e.g. 'my-repo/3@40'"
-            ) from None
-        return parsed.repo, parsed.number, parsed.step
-    repo, tag = parse_adapter_id(ref)
-    return repo, tag, None
 
 
 class Adapters:
