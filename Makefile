@@ -48,4 +48,4 @@ test: lint browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/pytest
 
 clean:
-	rm -rf $(VENV) .tuneforge .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .tuneforge .pytest_cache .ruff_cache .mypy_cache .import_linter_cache

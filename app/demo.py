@@ -36,10 +36,9 @@ LOG_TAIL_LINES = 25
 PREVIEW_ROWS = 3
 DEMO_REPO = "demo-dates"
 DEFAULT_BASE_MODEL = "smollm2-135m"
-# About 9 s a step on this 2-core CPU with smollm2-135m (demo settings). Exact match on held-out rows
-# (base model: 0%): 88% after 30 steps, 90% after 40 (bench/turbo_speedup.py's LoRA), 98-100% after 60.
-# 40 keeps a fresh-machine `make demo` (install included) well under 15 minutes: 60 steps took 12.3
-# minutes with the venv already installed.
+# Exact match on held-out rows (base model: 0%): 88% after 30 steps, 90% after 40 (bench/turbo_speedup.py's
+# LoRA), 98-100% after 60. 40, not 60: a step of smollm2-135m is slow on a small CPU, and a fresh-machine
+# `make demo` (install included) should end well under 15 minutes (bench/quality.py times the training).
 DEFAULT_TRAIN_STEPS = 40
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from app.services import versions
 from app.settings import Settings
 from app.storage.base import BlobNotFoundError, StorageError
 from worker.serving.adapters import AdapterSource, ResolvedAdapter
+from worker.serving.cpu_kernels import KernelConfig
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError
 
 log = logging.getLogger(__name__)
@@ -168,6 +171,17 @@ def _adapter_files(adapter_id: str, files: dict[str, dict[str, Any]]) -> dict[st
     return {name: files[name] for name in manifest.servable()}
 
 
+def kernel_config(environ: Mapping[str, str]) -> KernelConfig:
+    """The CPU small-step kernel's settings from the process environment: TUNEFORGE_CPU_KERNELS=0 turns
+    it off, TUNEFORGE_KERNEL_CACHE moves its build cache, CC names the C compiler to try first."""
+    cache_dir = environ.get("TUNEFORGE_KERNEL_CACHE")
+    return KernelConfig(
+        enabled=environ.get("TUNEFORGE_CPU_KERNELS", "1") != "0",
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        compiler=environ.get("CC") or None,
+    )
+
+
 def model_cache_dir(settings: Settings) -> Path:
     """Where built base models live: the same cache the training workers use."""
     return settings.model_cache_dir if settings.model_cache_dir is not None else settings.data_dir / "models"
@@ -217,6 +231,7 @@ def run_server(
         speculation_depth=speculation_depth,
         kv_cache_bytes=kv_cache_bytes,
         max_lora_rank=max_lora_rank,
+        kernels=kernel_config(os.environ),
     )
     engine = AsyncEngine(config, source=source, metrics=ServingMetrics())
     # Always verified: the tenant of a request is only ever the one the control plane signed.

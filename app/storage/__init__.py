@@ -9,6 +9,7 @@ from app.settings import Settings
 from app.signing import Signer
 from app.storage.base import (
     CHUNK_BYTES,
+    BlobGrant,
     BlobInfo,
     BlobNotFoundError,
     BlobStore,
@@ -20,7 +21,7 @@ from app.storage.base import (
 )
 from app.storage.local import LocalBlobStore
 from app.storage.s3 import S3BlobStore
-from app.storage.urls import BlobGrant, content_disposition, verify_blob_token
+from app.storage.urls import content_disposition, verify_blob_token
 
 __all__ = [
     "CHUNK_BYTES",

@@ -6,12 +6,9 @@ import abc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 from app.signing import InvalidTokenError
-
-if TYPE_CHECKING:
-    from app.storage.urls import BlobGrant
 
 # Reads and writes move in chunks of this size: a dataset or adapter is never whole in memory.
 CHUNK_BYTES = 1024 * 1024
@@ -37,6 +34,17 @@ class ChecksumMismatchError(StorageError):
     def __init__(self, key: str, expected: str, actual: str) -> None:
         super().__init__(f"sha256 of {key!r} is {actual}, expected {expected}: the stored object is corrupt")
         self.key, self.expected, self.actual = key, expected, actual
+
+
+@dataclass(frozen=True)
+class BlobGrant:
+    """What a signed `/blobs/<token>` URL lets its holder do."""
+
+    key: str
+    method: str  # "PUT" or "GET"
+    filename: str | None = None  # GET: the name the download is saved under
+    sha256: str | None = None  # GET: what the bytes must hash to; a mismatch aborts the download
+    closed_by: str | None = None  # PUT: refused once this key exists (the upload was registered)
 
 
 def raw_chunks(source: Iterable[bytes] | BinaryIO) -> Iterator[bytes]:

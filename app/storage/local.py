@@ -15,6 +15,7 @@ from typing import IO
 from app.signing import Signer
 from app.storage.base import (
     CHUNK_BYTES,
+    BlobGrant,
     BlobInfo,
     BlobNotFoundError,
     BlobStore,
@@ -23,7 +24,7 @@ from app.storage.base import (
     StoredBlob,
 )
 from app.storage.streams import RESERVED_PREFIX, ByteMeter, validate_key, verified_chunks
-from app.storage.urls import BlobGrant, BlobUrls
+from app.storage.urls import BlobUrls
 
 _META_DIR = f"{RESERVED_PREFIX}meta"
 _TEMP_PREFIX = f"{RESERVED_PREFIX}tmp-"

@@ -16,6 +16,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from app.signing import Signer
 from app.storage.base import (
     CHUNK_BYTES,
+    BlobGrant,
     BlobInfo,
     BlobNotFoundError,
     BlobStore,
@@ -24,7 +25,7 @@ from app.storage.base import (
     StoredBlob,
 )
 from app.storage.streams import ByteMeter, validate_key, verified_chunks
-from app.storage.urls import BlobGrant, BlobUrls, content_disposition
+from app.storage.urls import BlobUrls, content_disposition
 
 # S3's own limits: parts (but the last) are at least 5 MiB; one CopyObject moves at most 5 GiB.
 MIN_PART_BYTES = 5 * 1024**2

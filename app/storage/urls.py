@@ -7,26 +7,15 @@ on the bytes themselves (a plain presigned S3 PUT accepts up to 5 GiB).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import quote
 
 from app.signing import InvalidTokenError, Signer
+from app.storage.base import BlobGrant
 from app.storage.streams import validate_key
 
 # A download's file name is a header value: long enough for any real name, short enough for proxies.
 _MAX_FILENAME_CHARS = 150
-
-
-@dataclass(frozen=True)
-class BlobGrant:
-    """What a signed `/blobs/<token>` URL lets its holder do."""
-
-    key: str
-    method: str  # "PUT" or "GET"
-    filename: str | None = None  # GET: the name the download is saved under
-    sha256: str | None = None  # GET: what the bytes must hash to; a mismatch aborts the download
-    closed_by: str | None = None  # PUT: refused once this key exists (the upload was registered)
 
 
 class BlobUrls:

@@ -7,7 +7,9 @@ being served within that time, and weights are cached under what the id resolved
 version's uuid), so a repo deleted and made again never serves the old `repo/1`.
 
 Loads run on a background thread: a request for an adapter not yet in memory waits in the queue
-while the running batch keeps decoding, and joins the batch the step after its adapter is ready.
+while the running batch keeps decoding, and joins the batch the step after its adapter is ready. Each
+load is a future: its end (loaded or failed) wakes whoever subscribed (`on_settled`: the engine
+thread) and whoever waits on it (`wait`, `wait_for_load`), so nobody polls.
 """
 
 from __future__ import annotations
@@ -16,19 +18,17 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-from tuneforge import lora_rules
 from tuneforge.rules.adapter_ref import AdapterRef, AdapterRefError
 from tuneforge.rules.artifacts import ADAPTER_CONFIG
 
-from worker.serving.cpu_kernels import SmallGemm
-from worker.serving.eagle import ModelShape
+from worker.serving.adapter_loader import LoadShape, load_adapter
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError, AdapterSourceError, ServingError
 from worker.serving.lora import AdapterWeights
 from worker.serving.metrics import ServingMetrics
@@ -104,21 +104,6 @@ class LocalDirectorySource:
         return sorted(str(p) for p in found)
 
 
-@dataclass(frozen=True)
-class LoadShape:
-    """What a loaded adapter must fit: the base model's shapes, the serving dtype and the rank limit."""
-
-    num_layers: int
-    dtype: torch.dtype
-    device: torch.device
-    hidden_size: int | None = None
-    model_shape: ModelShape | None = None  # for eagle draft layers
-    kernel: SmallGemm | None = None  # the runner's small-step kernel, for eagle draft layers
-    module_shapes: Mapping[str, tuple[int, int]] | None = None  # module -> (in, out) of the runner
-    max_rank: int = lora_rules.DEFAULT_MAX_LORA_RANK
-    vocab_size: int | None = None
-
-
 class AdapterCache:
     """Loaded adapters keyed by what their ids resolved to, at most `max_adapters` beyond those in use.
 
@@ -149,6 +134,7 @@ class AdapterCache:
         self._resolved: dict[tuple[str, str], tuple[float, ResolvedAdapter | ServingError]] = {}
         self._names: dict[str, tuple[str, str]] = {}  # key -> the (tenant, id) it was last asked by
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-loader")
+        self._listeners: list[Callable[[], None]] = []
 
     # --- resolving (HTTP worker threads) ----------------------------------------------------------
 
@@ -206,7 +192,7 @@ class AdapterCache:
             else:
                 self.metrics.adapter_misses.inc()
                 if key not in self._loading and key not in self._failed:
-                    self._loading[key] = self._pool.submit(self._load, adapter)
+                    self._start_load(adapter)
         return key
 
     def preload(self, adapter_id: str, tenant: str | None) -> None:
@@ -222,8 +208,43 @@ class AdapterCache:
             if key in self._failed:
                 return self._failed[key][1]
             if key not in self._loading:  # evicted before its request took it: load it again
-                self._loading[key] = self._pool.submit(self._load, adapter)
+                self._start_load(adapter)
         return None
+
+    def on_settled(self, callback: Callable[[], None]) -> None:
+        """Have `callback` called (on a loader thread) each time a load ends, loaded or failed."""
+        self._listeners.append(callback)
+
+    def wait(self, adapter: ResolvedAdapter, timeout: float) -> bool:
+        """Blocks until the adapter is loaded or its load failed (True), or `timeout` seconds passed."""
+        deadline = time.monotonic() + timeout
+        while self.state(adapter) is None:  # state() (re)starts its load if it was evicted meanwhile
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with self._lock:
+                future = self._loading.get(adapter.key)
+            if future is not None:
+                futures.wait([future], timeout=left)
+        return True
+
+    def wait_for_load(self, timeout: float) -> None:
+        """Blocks until one of the loads in flight ends, at most `timeout` seconds (none in flight: at
+        once). For a caller with nothing to do before a load ends."""
+        with self._lock:
+            loading = list(self._loading.values())
+        if loading:
+            futures.wait(loading, timeout=timeout, return_when=futures.FIRST_COMPLETED)
+
+    def _start_load(self, adapter: ResolvedAdapter) -> None:
+        """Submits the load (caller holds the lock); its end is announced to the subscribers."""
+        future = self._pool.submit(self._load, adapter)
+        self._loading[adapter.key] = future
+        future.add_done_callback(self._settled)
+
+    def _settled(self, _: Future[None]) -> None:
+        for callback in list(self._listeners):
+            callback()
 
     def mark_failed(self, key: str, error: ServingError) -> None:
         """An adapter that broke a step: dropped, and refused like a failed load for a while."""
@@ -273,19 +294,7 @@ class AdapterCache:
         shape = self.shape
         try:
             directory = self.source.fetch(adapter)
-            return AdapterWeights.load(
-                adapter.key,
-                directory,
-                num_layers=shape.num_layers,
-                dtype=shape.dtype,
-                device=shape.device,
-                hidden_size=shape.hidden_size,
-                model_shape=shape.model_shape,
-                kernel=shape.kernel,
-                module_shapes=shape.module_shapes,
-                max_rank=shape.max_rank,
-                vocab_size=shape.vocab_size,
-            )
+            return load_adapter(adapter.key, directory, shape)
         except AdapterLoadError as exc:
             log.warning("adapter %s (tenant %s) refused: %s", adapter.adapter_id, adapter.tenant, exc.message)
             prefix = f"adapter {adapter.adapter_id}"

@@ -83,6 +83,8 @@ class AsyncEngine:
     def start(self) -> None:
         """Load the model (blocking) and start the engine thread."""
         self._engine = LLMEngine(self.config, self.source, self.metrics)
+        # A request waiting for its adapter joins the batch as soon as the load ends: it wakes the loop.
+        self._engine.adapters.on_settled(self._wake.set)
         self._thread = threading.Thread(target=self._run, name="serving-engine", daemon=True)
         self._thread.start()
 
@@ -208,8 +210,9 @@ class AsyncEngine:
     def _turn(self, engine: LLMEngine) -> None:
         self._drain_inbox(engine)
         if not engine.has_work:
-            # Idle, or only waiting for adapter loads: sleep until a request arrives (polling loads).
-            self._wake.wait(timeout=0.005 if engine.has_unfinished else 1.0)
+            # Idle, or only waiting for adapter loads: sleep until a request or an abort arrives or a load
+            # ends (each sets _wake). The bound only caps how long a missed wake-up could cost.
+            self._wake.wait(timeout=1.0)
             self._wake.clear()
             return
         engine.step()

@@ -13,29 +13,28 @@ last committed pair t gives draft d_1, the pairs (o_t, d_1), (o_{t+1}, d_2), ...
 ... draft d_2, d_3, ... Their K/V go to the cache rows past the committed length, where the next
 commit overwrites them: as in the paged cache, rolling back is not counting them.
 
-Verification and acceptance are the Medusa path's (speculator.accept_greedy / accept_sampled).
+Verification and acceptance are the Medusa path's (acceptance.py).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from tuneforge.rules.artifacts import SPECULATOR_CONFIG
 from tuneforge.rules.speculator import MAX_DRAFT_HEADS, SpeculatorArchitecture
 
 from worker.serving.cpu_kernels import SmallGemm
+from worker.serving.draft_model import LMHead
 from worker.serving.errors import AdapterLoadError
 from worker.serving.linear import Linear
 from worker.serving.params import SamplingParams
+from worker.serving.rope import apply_rope
 from worker.serving.sampling import draw, warped_probs
 from worker.serving.speculator import (
     DRAFT_VOCAB_KEY,
-    LMHead,
     check_finite,
     draft_vocab,
     read_speculator_files,
@@ -113,9 +112,9 @@ Proposal = tuple[list[int], torch.Tensor | None]
 @dataclass(eq=False)
 class EagleDraft:
     """The draft layer's weights, q/k/v and gate/up fused, multiplied as the base model's are (linear.py:
-    few-row passes through the CPU's small-step kernel, which took a chained draft pass's five GEMMs
-    from 444 to 205 us, or else a transposed copy). Shared by every request of an adapter; per-request
-    state is a DraftState."""
+    few-row passes through the CPU's small-step kernel, which roughly halves a chained draft pass's five
+    GEMMs, or else a transposed copy). Shared by every request of an adapter; per-request state is a
+    DraftState."""
 
     fc: Linear  # [D, 2D]
     input_norm: torch.Tensor  # [D]
@@ -225,7 +224,7 @@ class EagleDraft:
         cos = ctx.cos.index_select(0, positions)[:, None, :]  # [N, 1, hd]
         sin = ctx.sin.index_select(0, positions)[:, None, :]
         rotated = heads[:, : hq + hkv]
-        rotated = rotated * cos + _rotate_half(rotated) * sin
+        rotated = apply_rope(rotated, cos, sin)
         q, k, v = rotated[:, :hq], rotated[:, hq:], heads[:, hq + hkv :]
         attended = torch.empty(n, hq * hd, dtype=u.dtype, device=u.device)
         for state, row, rows, start in segments:
@@ -254,7 +253,7 @@ class EagleDraft:
         """Logits `[N, V or Vd]` (float32) of draft outputs `[N, D]`: column j is draft_vocab[j]."""
         if self.draft_vocab is None:
             return ctx.lm_head(outputs).float()
-        if self._draft_rows is None:  # [D, Vd]: [in, out] reads ~1.7x faster than [out, in] for a row
+        if self._draft_rows is None:  # [D, Vd]: [in, out] reads faster than [out, in] for a row
             self._draft_rows = ctx.lm_head.weight.index_select(0, self.draft_vocab).T.contiguous()
         return (outputs @ self._draft_rows).float()
 
@@ -350,15 +349,6 @@ class EagleDraft:
         return full
 
 
-def is_eagle(directory: Path) -> bool:
-    """Whether the adapter's speculator files declare the eagle architecture (unreadable: not eagle)."""
-    try:
-        config = json.loads((directory / SPECULATOR_CONFIG).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("architecture") == EAGLE_ARCHITECTURE
-
-
 def _check_shape(config: dict, shape: ModelShape) -> None:  # type: ignore[type-arg]
     found = {
         "hidden_size": config.get("hidden_size"),
@@ -395,8 +385,3 @@ def _expected_weights(shape: ModelShape, intermediate: int) -> dict[str, tuple[i
         "layer.up_proj.weight": (intermediate, d),
         "layer.down_proj.weight": (d, intermediate),
     }
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

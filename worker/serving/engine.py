@@ -9,27 +9,24 @@ is refused for a while, and the step runs again for the others, who emit what th
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
 
+from worker.serving.adapter_loader import LoadShape
 from worker.serving.adapters import (
     DEFAULT_RESOLVE_TTL_S,
     AdapterCache,
     AdapterSource,
-    LoadShape,
     ResolvedAdapter,
 )
+from worker.serving.cpu_kernels import KernelConfig
 from worker.serving.detokenizer import IncrementalDetokenizer
 from worker.serving.drafting import Drafter
-from worker.serving.eagle import DraftState, ModelShape
+from worker.serving.eagle import ModelShape
 from worker.serving.errors import (
     AdapterLoadError,
     EngineError,
@@ -39,11 +36,11 @@ from worker.serving.errors import (
     ServingError,
 )
 from worker.serving.kv_cache import BlockManager
-from worker.serving.lora import AdapterWeights
 from worker.serving.metrics import ServingMetrics
 from worker.serving.model_runner import ModelRunner
-from worker.serving.outputs import FinishReason, SpeculationStats, TokenOutput
+from worker.serving.outputs import FinishReason, TokenOutput
 from worker.serving.params import SamplingParams
+from worker.serving.request import EngineRequest
 from worker.serving.sampling import make_generator
 from worker.serving.scheduler import Scheduler
 from worker.serving.sequence import Sequence, SequenceStatus
@@ -69,6 +66,8 @@ class EngineConfig:
     # CPU only: steps of a few tokens use the compiled small-step kernel (model_runner.KERNEL_TOKENS), or
     # where it cannot be built, a second transposed copy of the weights (twice the weight memory).
     small_step_weights: bool = True
+    # Whether and where the small-step kernel is built (the entry point reads it from its environment).
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     # Speculate only while a step decodes at most this many sequences (None: 2 on the CPU, where two
     # sequences' 1 + 3 verified tokens fill the 8-row small-step kernel and more turn the step
     # compute-bound; 16 on a GPU). Larger batches decode one token a step, with the same output.
@@ -80,32 +79,6 @@ class EngineConfig:
     max_lora_rank: int = DEFAULT_MAX_LORA_RANK
     # What an adapter id resolved to is reused this long: a deleted version is served at most this long.
     adapter_resolve_ttl_s: float = DEFAULT_RESOLVE_TTL_S
-
-
-@dataclass(eq=False)
-class _Request:
-    """The engine thread's view of one request: its sequence and where its tokens go."""
-
-    seq: Sequence
-    detok: IncrementalDetokenizer
-    deliver: queue.SimpleQueue[TokenOutput | BaseException] | None = None
-    adapter_ref: ResolvedAdapter | None = None  # what the request's adapter id resolved to
-    async_deliver: tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenOutput | BaseException]] | None = None
-    adapter: AdapterWeights | None = None
-    # Proposed by the adapter's speculator and verified at the next step; for sampled requests also
-    # the distributions they were drawn from (the rejection rule needs them).
-    drafts: list[int] = field(default_factory=list)
-    draft_probs: torch.Tensor | None = None
-    speculation: SpeculationStats | None = None  # counted from its first verification step
-    draft_state: DraftState | None = None  # an eagle speculator's draft cache, rebuilt at each prefill
-
-    def send(self, item: TokenOutput | BaseException) -> None:
-        if self.async_deliver is not None:
-            loop, q = self.async_deliver
-            with contextlib.suppress(RuntimeError):  # its event loop is closed: nobody waits for it
-                loop.call_soon_threadsafe(q.put_nowait, item)
-        elif self.deliver is not None:
-            self.deliver.put(item)
 
 
 class LLMEngine:
@@ -123,6 +96,7 @@ class LLMEngine:
             max_model_len=config.max_model_len,
             small_step_weights=config.small_step_weights,
             device=config.device,
+            kernels=config.kernels,
         )
         self.tokenizer = self.runner.tokenizer
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
@@ -152,7 +126,7 @@ class LLMEngine:
             max_prefill_tokens=config.max_prefill_tokens,
             is_ready=self._adapter_ready,
         )
-        self._requests: dict[int, _Request] = {}
+        self._requests: dict[int, EngineRequest] = {}
         self.computer = StepComputer(self.runner, self.drafter, self)
 
     def _adapter_cache(self, source: AdapterSource, config: EngineConfig) -> AdapterCache:
@@ -211,7 +185,7 @@ class LLMEngine:
         *,
         seq_id: int | None = None,
         arrival: float | None = None,
-    ) -> _Request:
+    ) -> EngineRequest:
         """Queue one request. `adapter` is resolved already (what AsyncEngine passes) or an id, which is
         resolved here, blocking (tests and benches drive the engine this way)."""
         self.validate(prompt_token_ids, params)
@@ -223,7 +197,9 @@ class LLMEngine:
             seq.seq_id = seq_id
         if arrival is not None:  # the caller's submit time: waiting in the inbox counts toward TTFT
             seq.arrival = arrival
-        request = _Request(seq, IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop))
+        request = EngineRequest(
+            seq, IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
+        )
         request.adapter_ref = adapter
         self._requests[seq.seq_id] = request
         self.scheduler.add(seq)
@@ -274,10 +250,10 @@ class LLMEngine:
         drafts = [[] for _ in seqs] if is_prefill else [self.drafter.to_verify(r) for r in requests]
         if is_prefill:
             self.metrics.prompt_tokens.inc(sum(len(s) for s in seqs))
-        ran, emitted, prefill_lengths = self.computer.compute(requests, drafts, is_prefill)
+        outcome = self.computer.compute(requests, drafts, is_prefill)
         now = time.monotonic()
         generated = 0
-        for i, tokens in zip(ran, emitted, strict=True):
+        for i, tokens in zip(outcome.ran, outcome.emitted, strict=True):
             try:
                 for token, logprob in tokens:
                     generated += 1
@@ -286,13 +262,13 @@ class LLMEngine:
             except Exception:  # e.g. the detokenizer on a token it cannot decode: this request only
                 log.exception("emitting a token of request %s failed", requests[i].seq.seq_id)
                 self.fail_requests([requests[i]], EngineError("the engine failed while generating; retry"))
-        live = [requests[i] if requests[i].seq.seq_id in self._requests else None for i in ran]
-        self.computer.propose(live, [drafts[i] for i in ran], emitted, prefill_lengths)
+        live = [requests[i] if requests[i].seq.seq_id in self._requests else None for i in outcome.ran]
+        self.computer.propose(live, [drafts[i] for i in outcome.ran], outcome)
         self.metrics.record_step(generated)
         self._update_gauges()
         return generated
 
-    def fail_adapters(self, requests: list[_Request]) -> None:
+    def fail_adapters(self, requests: list[EngineRequest]) -> None:
         """Fail the requests a failure was pinned on: every request of their adapters (which are refused
         for a while, like a failed load), and those of the base model among them."""
         base = [r for r in requests if r.seq.adapter_key is None]
@@ -309,14 +285,14 @@ class LLMEngine:
             self.adapters.mark_failed(key, error)
             self.fail_requests([r for r in self._requests.values() if r.seq.adapter_key == key], error)
 
-    def fail_requests(self, requests: list[_Request], error: ServingError) -> None:
+    def fail_requests(self, requests: list[EngineRequest], error: ServingError) -> None:
         for request in requests:
             if request.seq.seq_id in self._requests:
                 self.metrics.requests.labels(finish_reason="error").inc()
                 request.send(error)
                 self._forget(request)
 
-    def _emit(self, request: _Request, token: int, logprob: float, now: float) -> bool:
+    def _emit(self, request: EngineRequest, token: int, logprob: float, now: float) -> bool:
         """Hands one token to the request; True if that finished it."""
         seq = request.seq
         index = len(seq.output_token_ids)
@@ -357,7 +333,7 @@ class LLMEngine:
             return FinishReason.LENGTH
         return None
 
-    def _finish(self, request: _Request, reason: FinishReason, *, notify: bool = True) -> None:
+    def _finish(self, request: EngineRequest, reason: FinishReason, *, notify: bool = True) -> None:
         seq = request.seq
         if seq.seq_id not in self._requests:
             return
@@ -373,7 +349,7 @@ class LLMEngine:
             )  # fmt: skip
         self._forget(request)
 
-    def _forget(self, request: _Request) -> None:
+    def _forget(self, request: EngineRequest) -> None:
         seq = request.seq
         if seq.status is not SequenceStatus.FINISHED:
             self.scheduler.finish(seq)

@@ -12,11 +12,11 @@ from worker.serving.cpu_kernels import MAX_ROWS, SmallGemm
 # Steps of up to this many tokens (a single stream, or one verifying a few drafts) multiply with the
 # compiled small-step kernel (worker/serving/cpu_kernels): every weight is read once for all rows, and
 # each row's result is bit-identical whatever the row count, so verifying drafts gives exactly the
-# logits decoding one token would. Measured on this 2-core CPU, smollm2-135m fp32 shapes, CPU time per
-# model pass: 1 row ~30 ms and 4 rows ~45 ms with the kernel, against ~33 and ~85 ms with MKL.
+# logits decoding one token would. A few-row pass through the kernel costs little more than a one-row
+# pass, where MKL's cost grows with the rows (bench/ has the figures).
 KERNEL_TOKENS = MAX_ROWS
 # Without the kernel (no compiler, no AVX2): up to this many tokens a step multiplies by a [in, out]
-# copy of each weight, the faster layout for MKL's GEMV (30.7 vs 44.3 ms per pass at 1 token).
+# copy of each weight, the faster layout for MKL's GEMV.
 SMALL_STEP_TOKENS = 4
 
 

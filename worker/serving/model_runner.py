@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from worker.serving.cpu_kernels import SmallGemm, small_gemm
+from worker.serving.cpu_kernels import KernelConfig, SmallGemm, small_gemm
 from worker.serving.kv_cache import BLOCK_SIZE, BlockManager, CacheShape, KVCache
 from worker.serving.linear import KERNEL_TOKENS, SMALL_STEP_TOKENS, Linear
-from worker.serving.lora import AdapterWeights, LoraBatch, LoraStacker
-from worker.serving.sequence import Sequence
+from worker.serving.lora import LoraBatch, LoraStacker
+from worker.serving.rope import apply_rope
+from worker.serving.step_input import StepInput
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,27 +57,25 @@ class LayerWeights:
         )
 
 
-@dataclass
-class StepInput:
-    """One step's tensors. Prefill steps hold whole sequences; decode steps one token per sequence."""
+@dataclass(frozen=True)
+class StepHidden:
+    """Final-norm hidden states of one forward pass: what the drafter reads for the next step's drafts."""
 
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    slot_mapping: torch.Tensor  # [T] where each token's K/V goes in the cache
-    token_adapter: torch.Tensor  # [T] index into `adapters`, -1 = base model
-    adapters: list[AdapterWeights]
-    logits_indices: torch.Tensor  # [B] the token whose next-token logits each sequence needs
-    prefill_lengths: list[int] | None = None  # prefill: tokens of each sequence, in order
-    context_slots: torch.Tensor | None = None  # decode: [B, L] cache slots of each sequence's context
-    context_mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] True where a slot is real
-    context_flat: torch.Tensor | None = None  # decode: context_slots flattened, [B * L]
-    # Decode with drafts (speculation): some sequences feed several tokens. Their queries are padded
-    # to [B, Q]: query_index picks each (b, i) from the flat tokens, query_valid maps back.
-    query_index: torch.Tensor | None = None  # [B, Q] into the T flat tokens (padding → 0)
-    query_valid: torch.Tensor | None = None  # [T] positions of the real queries in the [B * Q] grid
+    rows: torch.Tensor  # [B or T, D] at the rows whose logits came back: what Medusa heads read
+    tokens: torch.Tensor  # [T, D] every fed token: an eagle draft layer commits a prefill's whole prompt
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """One forward pass's logits at the step's `logits_indices`, and its hidden states."""
+
+    logits: torch.Tensor  # [B or T, V] float32
+    hidden: StepHidden
 
 
 class ModelRunner:
+    """The base model's weights as plain fused tensors, the paged KV cache, and one step's forward pass."""
+
     def __init__(
         self,
         model_dir: Path,
@@ -86,6 +85,7 @@ class ModelRunner:
         max_model_len: int | None,
         small_step_weights: bool = True,
         device: str = "auto",
+        kernels: KernelConfig | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
@@ -93,10 +93,22 @@ class ModelRunner:
         self.device = resolve_device(device)
         # The small-step paths only pay off on the CPU; cuBLAS reads either layout as fast.
         small_step_weights = small_step_weights and self.device.type == "cpu"
-        self.kernel = small_gemm() if small_step_weights and self.dtype == torch.float32 else None
+        self.kernel = small_gemm(kernels) if small_step_weights and self.dtype == torch.float32 else None
         self._small_step_tokens = KERNEL_TOKENS if self.kernel is not None else SMALL_STEP_TOKENS
         self._cpu_threads = torch.get_num_threads()
         self._small_step_one_thread = small_step_weights
+        model = self._load_model(model_dir)
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
+        self._read_config(model.config, max_model_len)
+        self.eos_token_ids = _eos_ids(model.config, self.tokenizer)
+        self._take_weights(model, small_step_weights)
+        del model  # the unfused q/k/v and gate/up weights are freed; only the fused copies remain
+        self.cache = self._allocate_cache(kv_cache_bytes)
+        self.stacker = LoraStacker()
+        self.module_shapes = _module_shapes(self.layers[0], self.qkv_slices, self.gate_up_slices)
+
+    def _load_model(self, model_dir: Path) -> Any:
+        """The HF model on this runner's device and dtype, refused unless the engine runs its family."""
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
         model.to(self.device)
         model.eval().requires_grad_(False)
@@ -107,7 +119,10 @@ class ModelRunner:
             )
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"the serving engine runs SiLU-gated MLPs, not {config.hidden_act}")
-        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
+        return model
+
+    def _read_config(self, config: Any, max_model_len: int | None) -> None:
+        """The model's shapes, and where each projection sits in the fused weights' output columns."""
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -132,16 +147,18 @@ class ModelRunner:
         )
         self.vocab_size = config.vocab_size
         self.hidden_size = config.hidden_size
-        self.last_hidden: torch.Tensor | None = None
-        self.step_hidden: torch.Tensor | None = None
-        self.eos_token_ids = _eos_ids(config, self.tokenizer)
+
+    def _take_weights(self, model: Any, small_step_weights: bool) -> None:
+        """The model's weights as plain tensors, each layer's projections fused by shared input."""
         self.embed = model.model.embed_tokens.weight
         self.final_norm = model.model.norm.weight
         small: dict[str, Any] = {"kernel": self.kernel, "transposed_copy": small_step_weights}
         self.lm_head = Linear(model.lm_head.weight, None, **small)
         self.cos, self.sin = _rope_table(model, self.max_model_len, self.dtype)
         self.layers = [LayerWeights.fuse(layer, **small) for layer in model.model.layers]
-        del model  # the unfused q/k/v and gate/up weights are freed; only the fused copies remain
+
+    def _allocate_cache(self, kv_cache_bytes: int) -> KVCache:
+        """The paged KV cache within the byte budget; refused if it holds less than one longest sequence."""
         shape = CacheShape(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
         num_blocks = KVCache.blocks_for_budget(shape, kv_cache_bytes)
         if BlockManager.blocks_needed(self.max_model_len) > num_blocks:
@@ -149,103 +166,13 @@ class ModelRunner:
                 f"kv_cache_bytes={kv_cache_bytes} holds {num_blocks * BLOCK_SIZE} tokens, less than one "
                 f"{self.max_model_len}-token sequence: raise --kv-cache-bytes or lower the context"
             )
-        self.cache = KVCache(shape, num_blocks, self.device)
-        self.stacker = LoraStacker()
-        self.module_shapes = _module_shapes(self.layers[0], self.qkv_slices, self.gate_up_slices)
-
-    # --- building step inputs ----------------------------------------------------------------------
-
-    def prefill_input(
-        self, seqs: list[Sequence], adapters: list[AdapterWeights], owner: list[int]
-    ) -> StepInput:
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        token_adapter: list[int] = []
-        last: list[int] = []
-        lengths: list[int] = []
-        for seq, pos in zip(seqs, owner, strict=True):
-            tokens = seq.all_token_ids
-            ids.extend(tokens)
-            positions.extend(range(len(tokens)))
-            slots.extend(BlockManager.slot(seq, p) for p in range(len(tokens)))
-            token_adapter.extend([pos] * len(tokens))
-            last.append(len(ids) - 1)
-            lengths.append(len(tokens))
-        return StepInput(
-            input_ids=self._on_device(ids),
-            positions=self._on_device(positions),
-            slot_mapping=self._on_device(slots),
-            token_adapter=self._on_device(token_adapter),
-            adapters=adapters,
-            logits_indices=self._on_device(last),
-            prefill_lengths=lengths,
-        )
-
-    def _on_device(self, values: list[int] | torch.Tensor) -> torch.Tensor:
-        tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values)
-        return tensor.to(self.device, non_blocking=True)
-
-    def decode_input(
-        self,
-        seqs: list[Sequence],
-        adapters: list[AdapterWeights],
-        owner: list[int],
-        drafts: list[list[int]] | None = None,
-    ) -> StepInput:
-        """One token per sequence, or with `drafts` its last token plus the drafts to verify.
-
-        Logits come back for every fed token (in order); the caller slices them per sequence.
-        """
-        drafts = drafts or [[] for _ in seqs]
-        fed = [1 + len(d) for d in drafts]
-        totals = [len(seq) + len(d) for seq, d in zip(seqs, drafts, strict=True)]  # context incl. drafts
-        longest = max(totals)
-        lengths = torch.tensor(totals)
-        tables = torch.zeros(len(seqs), max(len(seq.block_table) for seq in seqs), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            tables[row, : len(seq.block_table)] = torch.tensor(seq.block_table)
-        # [B, blocks] → [B, blocks*16] slots, cut to the longest context; padding is masked below.
-        context = (tables[:, :, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).view(len(seqs), -1)[
-            :, :longest
-        ]
-        ids = [t for seq, d in zip(seqs, drafts, strict=True) for t in [seq.all_token_ids[-1], *d]]
-        positions = torch.tensor(
-            [len(seq) - 1 + i for seq, n in zip(seqs, fed, strict=True) for i in range(n)]
-        )
-        rows = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(fed))
-        step = StepInput(
-            input_ids=self._on_device(ids),
-            positions=self._on_device(positions),
-            slot_mapping=self._on_device(context[rows, positions]),
-            token_adapter=self._on_device([o for o, n in zip(owner, fed, strict=True) for _ in range(n)]),
-            adapters=adapters,
-            logits_indices=self._on_device(torch.arange(len(ids))),
-            context_slots=self._on_device(context),
-            context_flat=self._on_device(context.reshape(-1)),
-        )
-        keys = torch.arange(longest)[None, None, :]
-        if max(fed) == 1:
-            step.context_mask = self._on_device((keys < lengths[:, None, None])[:, None])  # [B, 1, 1, L]
-            return step
-        width = max(fed)
-        query = torch.arange(width)[None, :]  # [1, Q]
-        valid = query < torch.tensor(fed)[:, None]  # [B, Q]
-        starts = torch.tensor([0, *torch.tensor(fed).cumsum(0)[:-1].tolist()])
-        step.query_index = self._on_device(torch.where(valid, starts[:, None] + query, 0))
-        step.query_valid = self._on_device(valid.reshape(-1).nonzero().squeeze(1))
-        # Query i of sequence b sits at absolute position (total_b - fed_b + i): causal up to it.
-        last_visible = (lengths - torch.tensor(fed))[:, None] + query  # [B, Q]
-        mask = keys <= last_visible[:, :, None]  # [B, Q, L]
-        mask[:, :, 0] = True  # padded queries see one key (no all-masked rows, no NaN); discarded anyway
-        step.context_mask = self._on_device(mask[:, None])  # [B, 1, Q, L]
-        return step
+        return KVCache(shape, num_blocks, self.device)
 
     # --- the forward pass --------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, step: StepInput) -> torch.Tensor:
-        """Next-token logits `[B, V]` (float32) for each sequence of the step."""
+    def forward(self, step: StepInput) -> ForwardResult:
+        """Next-token logits (float32) at the step's `logits_indices`, with the hidden states."""
         if self._small_step_one_thread:
             self._pick_threads(step.input_ids.shape[0])
         lora = LoraBatch(self.stacker.stacks(step.adapters), step.token_adapter)
@@ -254,11 +181,9 @@ class ModelRunner:
         hidden = F.embedding(step.input_ids, self.embed)  # [T, D]
         for index, weights in enumerate(self.layers):
             hidden = self._layer(index, weights, hidden, cos, sin, step, lora)
-        # Every fed token's final-norm state: an eagle draft layer commits prefill's whole prompt.
-        self.step_hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.final_norm, self.eps)  # [T, D]
-        hidden = self.step_hidden.index_select(0, step.logits_indices)
-        self.last_hidden = hidden  # [B or T, D] final-norm states: what speculator heads read
-        return self.lm_head(hidden).float()
+        step_hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.final_norm, self.eps)  # [T, D]
+        hidden = step_hidden.index_select(0, step.logits_indices)  # [B or T, D]
+        return ForwardResult(self.lm_head(hidden).float(), StepHidden(hidden, step_hidden))
 
     def _pick_threads(self, tokens: int) -> None:
         """One intra-op thread for tiny steps, all of them otherwise.
@@ -266,8 +191,8 @@ class ModelRunner:
         A single stream's GEMVs are memory-bound: a second OpenMP thread adds little bandwidth, and any
         other runnable thread (the HTTP server's event loop, woken for every token) stalls the OpenMP
         barrier it waits on. (The small-step kernel splits its GEMMs with a thread of its own instead,
-        see cpu_kernels/small_gemm.c.) Measured on this 2-core CPU, smollm2-135m fp32 single stream through
-        AsyncEngine: 25.5 tok/s with one thread vs 23-24 with two; 32-row steps need both.
+        see cpu_kernels/small_gemm.c.) On a 2-core CPU a single stream through AsyncEngine measured
+        faster with one thread than with two; steps of many rows need all of them.
         """
         wanted = 1 if tokens <= self._small_step_tokens else self._cpu_threads
         if torch.get_num_threads() != wanted:
@@ -289,7 +214,7 @@ class ModelRunner:
         lora.apply(index, "qkv", x, qkv, self.qkv_slices)
         heads = qkv.view(tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         rotated = heads[:, : self.num_heads + self.num_kv_heads]  # q and k heads, roped together
-        rotated = rotated * cos + _rotate_half(rotated) * sin
+        rotated = apply_rope(rotated, cos, sin)
         q, k = rotated[:, : self.num_heads], rotated[:, self.num_heads :]
         v = heads[:, self.num_heads + self.num_kv_heads :]
         self.cache.keys[index].index_copy_(0, step.slot_mapping, k)
@@ -333,7 +258,7 @@ class ModelRunner:
         assert step.context_slots is not None
         assert step.context_flat is not None
         batch, length = step.context_slots.shape
-        # index_select on the flat slot list is ~5x faster than advanced indexing on CPU.
+        # index_select on the flat slot list is much faster than advanced indexing on CPU.
         keys = self.cache.keys[index].index_select(0, step.context_flat)
         values = self.cache.values[index].index_select(0, step.context_flat)
         keys = keys.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, kvh, L, hd]
@@ -384,11 +309,6 @@ def _rope_table(model: Any, max_len: int, dtype: torch.dtype) -> tuple[torch.Ten
     positions = torch.arange(max_len, device=device)[None, :]
     cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=dtype, device=device), positions)
     return cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _eos_ids(config, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:  # type: ignore[no-untyped-def]

@@ -107,7 +107,7 @@ def warped_probs(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torc
 def _top_k(scores: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     # Like HF's TopKLogitsWarper: keep everything >= the k-th largest value (ties at the cut stay).
     k = torch.tensor(top_k, dtype=torch.long, device=scores.device).unsqueeze(1)  # [S, 1]
-    largest = scores.topk(max(top_k), dim=-1).values  # [S, max k]; a full sort costs ~40x more on CPU
+    largest = scores.topk(max(top_k), dim=-1).values  # [S, max k]; a full sort costs far more on CPU
     kth = largest.gather(1, k - 1)  # [S, 1]
     return scores.masked_fill(scores < kth, float("-inf"))
 
@@ -142,7 +142,7 @@ def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> t
     """One token per row `[S]` by inverting each row's CDF at a uniform draw from the row's own
     generator (the global RNG for unseeded rows). One float per row comes from the generator, so a
     seeded request's tokens do not depend on its companions; the search itself is batched (batched
-    `torch.multinomial` costs ~1 ms a row over a 49k vocabulary on CPU, this ~1 ms in all)."""
+    `torch.multinomial` costs per row over a large vocabulary on CPU what this costs for all rows)."""
     uniform = torch.empty(probs.shape[0], 1)  # on the CPU, where the generators live
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:

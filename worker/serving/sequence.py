@@ -45,7 +45,6 @@ class Sequence:
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.monotonic)
     last_token_time: float | None = None
-    aborted: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -57,10 +56,6 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def num_uncached(self) -> int:
-        return len(self) - self.num_cached
 
     def reset_for_recompute(self) -> None:
         """Preempted: its cache is gone, so prompt and output so far are prefilled again later."""

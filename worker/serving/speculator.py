@@ -1,31 +1,13 @@
-"""Speculative decoding with a Turbo adapter's Medusa heads: propose a chain of draft tokens, verify
-them all in the next forward pass, keep the longest prefix the model itself would have produced.
+"""Speculative decoding with a Turbo adapter's Medusa heads, and the speculator files every draft kind reads.
 
 The heads are the training core's (worker/training/speculator.py): head k reads the final-norm hidden
-state at position t and proposes the token at t + k + 2 through the base model's LM head. One step of
-a speculating sequence feeds its last emitted token plus the K drafts; the logits at those K + 1
-positions say what greedy decoding would emit after each prefix, so
-
-    accepted = longest a such that drafts[:a] == argmax(logits[:a])
-    emitted  = drafts[:a] + [argmax(logits[a])]          # always at least one token
-
-which is token for token what non-speculative greedy decoding produces. Rejected drafts' K/V stay in
-the cache beyond the sequence's length, where nothing attends to them, and are overwritten as the
-sequence grows: rolling back is not counting them.
-
-Sampled requests use speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023), which
-leaves the output distribution exactly that of ordinary sampling. With p_i the request's processed
-(temperature, top-k, top-p) distribution of the model after the prefix ending at draft i - 1, and q_i
-the same processing of head i's logits, from which draft d_i was drawn:
-
-    accept d_i with probability min(1, p_i(d_i) / q_i(d_i)), and go on to the next draft;
-    at the first rejection emit a token drawn from normalise(max(0, p_i - q_i)) and stop;
-    if every draft is accepted, emit one more token drawn from p_K.
+state at position t and proposes the token at t + k + 2 through the base model's LM head. The next step
+verifies the chain (acceptance.py says which drafts it keeps). Rejected drafts' K/V stay in the cache
+beyond the sequence's length, where nothing attends to them, and are overwritten as the sequence grows:
+rolling back is not counting them.
 
 Requests with a repetition penalty do not speculate (their p would change with every accepted token).
 The other kind of Turbo speculator, a one-layer draft model, is eagle.py's; it shares this verification.
-A seeded request stays reproducible, but draws different tokens than without speculation (the
-random stream is consumed differently); the distribution is the same.
 """
 
 from __future__ import annotations
@@ -34,7 +16,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,21 +24,10 @@ from safetensors.torch import load_file
 from tuneforge.rules.artifacts import SPECULATOR_CONFIG, SPECULATOR_WEIGHTS
 from tuneforge.rules.speculator import DRAFT_VOCAB_KEY, MAX_DRAFT_HEADS, SpeculatorArchitecture
 
+from worker.serving.draft_model import LMHead
 from worker.serving.errors import AdapterLoadError
 from worker.serving.params import SamplingParams
 from worker.serving.sampling import draw, warped_probs
-
-if TYPE_CHECKING:
-    from worker.serving.lora import AdapterWeights
-
-
-class LMHead(Protocol):
-    """The runner's LM head: called on hidden states `[N, D]`, weight `[V, D]`."""
-
-    weight: torch.Tensor
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
-
 
 log = logging.getLogger(__name__)
 
@@ -171,37 +142,6 @@ class Speculator:
         return [int(t) for t in vocab[drawn]], full
 
 
-def speculates(params: SamplingParams, adapter: AdapterWeights | None) -> bool:
-    """Requests whose adapter has heads, unless a repetition penalty makes p depend on each draft."""
-    return adapter is not None and adapter.speculator is not None and params.repetition_penalty == 1.0
-
-
-def accept_sampled(
-    drafts: list[int],
-    draft_probs: torch.Tensor | None,
-    logits: torch.Tensor,
-    params: SamplingParams,
-    generator: torch.Generator | None,
-) -> list[int]:
-    """Speculative rejection sampling (module docstring): `draft_probs` q `[>=len(drafts), V]`,
-    `logits` the model's `[len(drafts) + 1, V]` at the fed positions."""
-    p = warped_probs(logits.float(), [params] * logits.shape[0])  # [K + 1, V]
-    emitted: list[int] = []
-    for i, draft in enumerate(drafts):
-        assert draft_probs is not None, "drafts come with the distributions they were drawn from"
-        ratio = p[i, draft] / draft_probs[i, draft].clamp(min=1e-20)
-        if float(torch.rand(1, generator=generator)) < float(ratio.clamp(max=1.0)):
-            emitted.append(draft)
-            continue
-        residual = (p[i] - draft_probs[i]).clamp(min=0)
-        if float(residual.sum()) <= 0:  # p == q up to rounding: p itself is the residual
-            residual = p[i]
-        emitted.append(int(draw((residual / residual.sum())[None], [generator])[0]))
-        return emitted
-    emitted.append(int(draw(p[len(drafts)][None], [generator])[0]))
-    return emitted
-
-
 def read_speculator_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """speculator_config.json and speculator.safetensors of either kind; unreadable ones refuse the load."""
     try:
@@ -242,16 +182,11 @@ def has_speculator(directory: Path) -> bool:
     return (directory / SPECULATOR_WEIGHTS).is_file() and (directory / SPECULATOR_CONFIG).is_file()
 
 
-def accept_greedy(drafts: list[int], verified: list[int]) -> list[int]:
-    """The tokens a speculating step emits: the drafts greedy decoding confirms, then its own next token.
-
-    `verified[i]` is the model's greedy token after the prefix ending at draft i - 1 (len(drafts) + 1
-    of them).
-    """
-    emitted = []
-    for draft, model_choice in zip(drafts, verified, strict=False):
-        if draft != model_choice:
-            break
-        emitted.append(draft)
-    emitted.append(verified[len(emitted)])
-    return emitted
+def speculator_architecture(directory: Path) -> str | None:
+    """The architecture the adapter's speculator files declare (None: unreadable or not named)."""
+    try:
+        config = json.loads((directory / SPECULATOR_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    architecture = config.get("architecture") if isinstance(config, dict) else None
+    return architecture if isinstance(architecture, str) else None

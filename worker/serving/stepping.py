@@ -15,24 +15,33 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from worker.serving import speculator as speculative
-from worker.serving.drafting import Drafter, row_starts
+from worker.serving.drafting import Drafter, row_starts, speculates
 from worker.serving.errors import EngineError, ServingError
 from worker.serving.lora import AdapterWeights
-from worker.serving.model_runner import ModelRunner
+from worker.serving.model_runner import ModelRunner, StepHidden
+from worker.serving.request import EngineRequest
 from worker.serving.sampling import sample_next_tokens
 from worker.serving.sequence import SequenceStatus
-
-if TYPE_CHECKING:
-    from worker.serving.engine import _Request
+from worker.serving.step_input import decode_input, prefill_input
 
 log = logging.getLogger(__name__)
 
 Emitted = list[list[tuple[int, float]]]  # per request, the (token, logprob) pairs a step emits
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What a step computed: which requests ran, what each emits, and what drafting reads next."""
+
+    ran: list[int]  # indices of the requests computed
+    emitted: Emitted  # per request in `ran`
+    prefill_lengths: list[int] | None = None  # a prefill step's tokens per request in `ran`
+    hidden: StepHidden | None = None  # None when no request ran
 
 
 class BadRows(Exception):
@@ -46,9 +55,9 @@ class BadRows(Exception):
 class Failures(Protocol):
     """How the engine fails requests (it owns them): an adapter's, or a given list with an error."""
 
-    def fail_adapters(self, requests: list[_Request]) -> None: ...
+    def fail_adapters(self, requests: list[EngineRequest]) -> None: ...
 
-    def fail_requests(self, requests: list[_Request], error: ServingError) -> None: ...
+    def fail_requests(self, requests: list[EngineRequest], error: ServingError) -> None: ...
 
 
 def check_rows_finite(logits: torch.Tensor, starts: list[int]) -> None:
@@ -61,7 +70,7 @@ def check_rows_finite(logits: torch.Tensor, starts: list[int]) -> None:
     raise BadRows(sorted({bisect.bisect_right(starts, row) - 1 for row in bad}))
 
 
-def adapter_groups(requests: Sequence[_Request | None]) -> list[list[int]]:
+def adapter_groups(requests: Sequence[EngineRequest | None]) -> list[list[int]]:
     """Indices of the requests (None skipped), grouped by adapter; the base model's form one group."""
     groups: dict[str | None, list[int]] = {}
     for i, request in enumerate(requests):
@@ -70,7 +79,7 @@ def adapter_groups(requests: Sequence[_Request | None]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _alive(request: _Request) -> bool:
+def _alive(request: EngineRequest) -> bool:
     return request.seq.status is not SequenceStatus.FINISHED
 
 
@@ -83,16 +92,16 @@ class StepComputer:
         self.failures = failures
 
     def compute(
-        self, requests: list[_Request], drafts: list[list[int]], is_prefill: bool
-    ) -> tuple[list[int], Emitted, list[int] | None]:
-        """(indices of the requests computed, what each emits, their prefill lengths); the requests a
-        failure was pinned on are failed and left out."""
+        self, requests: list[EngineRequest], drafts: list[list[int]], is_prefill: bool
+    ) -> StepOutcome:
+        """What the requests emit; the requests a failure was pinned on are failed and left out."""
         indices = list(range(len(requests)))
         while indices:
             chosen, chosen_drafts = [requests[i] for i in indices], [drafts[i] for i in indices]
             try:
-                logits, prefill_lengths = self._forward(chosen, chosen_drafts, is_prefill)
-                return indices, self._choose_tokens(chosen, logits, chosen_drafts), prefill_lengths
+                logits, hidden, prefill_lengths = self._forward(chosen, chosen_drafts, is_prefill)
+                emitted = self._choose_tokens(chosen, logits, chosen_drafts)
+                return StepOutcome(indices, emitted, prefill_lengths, hidden)
             except BadRows as bad:
                 culprits = {indices[row] for row in bad.rows}
             except Exception:
@@ -100,21 +109,21 @@ class StepComputer:
                 culprits = self._probe(requests, drafts, indices, is_prefill)
             if not culprits:  # every group runs alone: no one adapter's doing, so no result can be trusted
                 self.failures.fail_requests(chosen, EngineError("the engine failed while generating; retry"))
-                return [], [], None
+                return StepOutcome([], [])
             self.failures.fail_adapters([requests[i] for i in culprits])
             indices = [i for i in indices if _alive(requests[i])]
-        return [], [], None
+        return StepOutcome([], [])
 
     def propose(
-        self,
-        live: list[_Request | None],
-        drafts: list[list[int]],
-        emitted: Emitted,
-        prefill_lengths: list[int] | None,
+        self, live: list[EngineRequest | None], drafts: list[list[int]], outcome: StepOutcome
     ) -> None:
-        """Next step's drafts; a speculator that fails does so for its own adapter's requests only."""
+        """Next step's drafts (`live`: the step's requests in `outcome.ran` order, None for a finished
+        one); a speculator that fails does so for its own adapter's requests only."""
+        if outcome.hidden is None:
+            return
+        emitted, hidden, prefill_lengths = outcome.emitted, outcome.hidden, outcome.prefill_lengths
         try:
-            self.drafter.propose(live, drafts, emitted, prefill_lengths)
+            self.drafter.propose(live, drafts, emitted, hidden, prefill_lengths)
             return
         except Exception:
             log.exception("drafting failed; drafting again one adapter at a time")
@@ -122,29 +131,31 @@ class StepComputer:
             if request is not None:  # what the failed pass proposed or committed is not to be trusted
                 request.drafts, request.draft_probs, request.draft_state = [], None, None
         for group in adapter_groups(live):
-            only: list[_Request | None] = [live[i] if i in group else None for i in range(len(live))]
+            only: list[EngineRequest | None] = [live[i] if i in group else None for i in range(len(live))]
             try:
-                self.drafter.propose(only, drafts, emitted, prefill_lengths)
+                self.drafter.propose(only, drafts, emitted, hidden, prefill_lengths)
             except Exception:
                 log.exception("drafting failed for one adapter's requests")
                 self.failures.fail_adapters([r for r in only if r is not None])
 
     def _forward(
-        self, requests: list[_Request], drafts: list[list[int]], is_prefill: bool
-    ) -> tuple[torch.Tensor, list[int] | None]:
-        """Logits of the requests' rows (on the CPU, where sampling runs); BadRows if some are not finite."""
+        self, requests: list[EngineRequest], drafts: list[list[int]], is_prefill: bool
+    ) -> tuple[torch.Tensor, StepHidden, list[int] | None]:
+        """Logits of the requests' rows (on the CPU, where sampling runs) and the pass's hidden states;
+        BadRows if some logits are not finite."""
         seqs = [r.seq for r in requests]
         adapters, owner = _active_adapters(requests)
         if is_prefill:
-            step = self.runner.prefill_input(seqs, adapters, owner)
+            step = prefill_input(seqs, adapters, owner, self.runner.device)
         else:
-            step = self.runner.decode_input(seqs, adapters, owner, drafts if any(drafts) else None)
-        logits = self.runner.forward(step).cpu()
+            step = decode_input(seqs, adapters, owner, self.runner.device, drafts if any(drafts) else None)
+        result = self.runner.forward(step)
+        logits = result.logits.cpu()
         check_rows_finite(logits, row_starts(drafts))
-        return logits, step.prefill_lengths
+        return logits, result.hidden, step.prefill_lengths
 
     def _probe(
-        self, requests: list[_Request], drafts: list[list[int]], indices: list[int], is_prefill: bool
+        self, requests: list[EngineRequest], drafts: list[list[int]], indices: list[int], is_prefill: bool
     ) -> set[int]:
         """The requests of every adapter whose requests fail a forward pass on their own."""
         culprits: set[int] = set()
@@ -157,12 +168,12 @@ class StepComputer:
         return culprits
 
     def _choose_tokens(
-        self, requests: list[_Request], logits: torch.Tensor, drafts: list[list[int]]
+        self, requests: list[EngineRequest], logits: torch.Tensor, drafts: list[list[int]]
     ) -> Emitted:
         """Per request the (token, logprob) pairs this step emits: one sampled, or the verified drafts."""
         starts = row_starts(drafts)
         chosen: Emitted = [[] for _ in requests]
-        plain = [i for i, r in enumerate(requests) if not speculative.speculates(r.seq.params, r.adapter)]
+        plain = [i for i, r in enumerate(requests) if not speculates(r.seq.params, r.adapter)]
         if plain:
             seqs = [requests[i].seq for i in plain]
             needs_history = any(s.params.repetition_penalty != 1.0 for s in seqs)
@@ -182,7 +193,7 @@ class StepComputer:
         return chosen
 
 
-def _active_adapters(requests: list[_Request]) -> tuple[list[AdapterWeights], list[int]]:
+def _active_adapters(requests: list[EngineRequest]) -> tuple[list[AdapterWeights], list[int]]:
     """The step's distinct adapters, and for each request its index among them (-1: the base model)."""
     adapters: list[AdapterWeights] = []
     position: dict[str, int] = {}

@@ -55,22 +55,33 @@ class Collected:
         return self.error is not None or bool(self.outputs and self.outputs[-1].finished)
 
 
+def wait_for_adapters(engine: LLMEngine, collected: list[Collected], timeout_s: float = 60.0) -> None:
+    """Blocks until every request's adapter is loaded or failed to load (each load is a future)."""
+    for c in collected:
+        if c.request.adapter_ref is not None:
+            assert engine.adapters.wait(c.request.adapter_ref, timeout_s), "the adapters did not load"
+
+
+def step(engine: LLMEngine) -> int:
+    """One engine step; when nothing could run, waits for an adapter load in flight to end."""
+    generated = engine.step()
+    if generated == 0:
+        engine.adapters.wait_for_load(timeout=1.0)
+    return generated
+
+
 def run_until_done(engine: LLMEngine, collected: list[Collected], timeout_s: float = 60.0) -> None:
     """Steps until every request finished. Their adapters are loaded (or failed) before the first step,
     so the batches are the same every run: a request whose adapter loads a step late would join later,
     and how many drafts the others get, and whether they speculate at all, would change with it."""
     deadline = time.monotonic() + timeout_s
-    adapters = [c.request.adapter_ref for c in collected if c.request.adapter_ref is not None]
-    while not all(engine.adapters.state(adapter) is not None for adapter in adapters):
-        assert time.monotonic() < deadline, "the adapters did not load"
-        time.sleep(0.002)
+    wait_for_adapters(engine, collected, timeout_s)
     while time.monotonic() < deadline:
         for c in collected:
             c.drain()
         if all(c.done for c in collected):
             return
-        if engine.step() == 0:
-            time.sleep(0.002)  # only waiting for an adapter load (a background thread)
+        step(engine)
     raise AssertionError("the engine did not finish its requests")
 
 

@@ -72,12 +72,22 @@ def test_declines_what_it_does_not_compute(kernel: cpu_kernels.SmallGemm) -> Non
 
 
 def test_builds_into_the_cache_once_and_can_be_switched_off(
-    kernel: cpu_kernels.SmallGemm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kernel: cpu_kernels.SmallGemm, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("TUNEFORGE_KERNEL_CACHE", str(tmp_path))
-    built = cpu_kernels._compiled()
+    config = cpu_kernels.KernelConfig(cache_dir=tmp_path)
+    built = cpu_kernels._compiled(config)
     assert built.parent == tmp_path and built.suffix == ".so"
     stamp = built.stat().st_mtime_ns
-    assert cpu_kernels._compiled() == built and built.stat().st_mtime_ns == stamp  # reused, not rebuilt
-    monkeypatch.setenv("TUNEFORGE_CPU_KERNELS", "0")
-    assert cpu_kernels._unsupported_reason() == "TUNEFORGE_CPU_KERNELS=0"
+    assert cpu_kernels._compiled(config) == built and built.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    off = cpu_kernels.KernelConfig(enabled=False)
+    assert cpu_kernels._unsupported_reason(off) == "switched off (KernelConfig.enabled is False)"
+    assert cpu_kernels.small_gemm(off) is None
+
+
+def test_the_serve_entry_point_reads_the_kernel_settings_from_its_environment(tmp_path: Path) -> None:
+    from worker.serve_main import kernel_config
+
+    assert kernel_config({}) == cpu_kernels.KernelConfig()
+    environ = {"TUNEFORGE_CPU_KERNELS": "0", "TUNEFORGE_KERNEL_CACHE": str(tmp_path), "CC": "clang"}
+    expected = cpu_kernels.KernelConfig(enabled=False, cache_dir=tmp_path, compiler="clang")
+    assert kernel_config(environ) == expected

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_support import Collected, hf_greedy, make_engine, run_until_done
+from engine_support import Collected, hf_greedy, make_engine, run_until_done, step
 from safetensors.torch import load_file, save_file
 from serving_support import make_random_eagle, make_random_heads
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -152,8 +152,7 @@ def test_preempted_eagle_requests_rebuild_their_draft_cache_and_outputs_stay_exa
     steps_before: list[int] = []
     deadline = time.monotonic() + 60
     while not all(r.done for r in requests) and time.monotonic() < deadline:
-        if engine.step() == 0:
-            time.sleep(0.002)
+        step(engine)
         seqs = [r.request.seq for r in requests]
         if not preempted and all(len(s.output_token_ids) >= 6 for s in seqs):
             for seq in (seqs[0], seqs[2]):  # as the scheduler does when the KV cache runs out
@@ -255,8 +254,7 @@ def test_incremental_draft_cache_matches_a_from_scratch_recomputation(
     request = collected.request
     deadline = time.monotonic() + 30
     while not request.seq.output_token_ids and time.monotonic() < deadline:  # the adapter loads first
-        if engine.step() == 0:
-            time.sleep(0.002)
+        step(engine)
     # Forced drafts (the model emits 282 forever): partly accepted, rejected at once, fully accepted,
     # then the layer's own proposals.
     forced: list[list[int] | None] = [[282, 282, 7], [5, 282, 282], [282, 282, 282], None, [282, 9, 9], None]
@@ -432,8 +430,7 @@ def test_sampled_eagle_drafts_come_with_q_zero_outside_the_draft_vocabulary(
     request = collected.request
     deadline = time.monotonic() + 30
     while not request.drafts and time.monotonic() < deadline:
-        if engine.step() == 0:
-            time.sleep(0.002)
+        step(engine)
     speculator = request.adapter.speculator if request.adapter else None
     assert isinstance(speculator, EagleDraft) and speculator.draft_vocab is not None
     q = request.draft_probs

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_support import Collected, make_engine, run_until_done
+from engine_support import Collected, make_engine, run_until_done, step, wait_for_adapters
 
 from worker.serving.adapters import LocalDirectorySource, ResolvedAdapter
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError, PromptTooLongError
@@ -41,8 +41,7 @@ def test_a_tight_kv_budget_queues_and_preempts_instead_of_crashing_and_outputs_s
     peak = 0
     deadline = time.monotonic() + 60
     while not all(r.done for r in requests) and time.monotonic() < deadline:
-        if tight.step() == 0:
-            time.sleep(0.002)  # waiting for adapter loads
+        step(tight)
         peak = max(peak, tight.blocks.num_used)
         for r in requests:
             r.drain()
@@ -94,12 +93,13 @@ def test_prompt_longer_than_the_context_is_refused_naming_the_limit(
 def test_abort_frees_the_sequence_blocks_at_once(tiny_model_dir: Path, adapter_root: Path) -> None:
     engine = make_engine(tiny_model_dir, adapter_root)
     keep, drop = Collected(engine, PROMPT, GREEDY, None), Collected(engine, PROMPT, GREEDY, "acme/2")
-    # The adapter loads on a thread of its own: step until its request holds cache blocks (a fixed
-    # number of steps raced the load on a busy machine, and the abort then had nothing to free).
+    # The adapter loads on a thread of its own: wait for it, then step until its request holds cache
+    # blocks (a fixed number of steps raced the load on a busy machine, and the abort then had nothing
+    # to free).
+    wait_for_adapters(engine, [drop])
     deadline = time.monotonic() + 60
     while not drop.request.seq.block_table and time.monotonic() < deadline:
         engine.step()
-        time.sleep(0.01)
     engine.step()
     used = engine.blocks.num_used
     engine.abort(drop.request.seq.seq_id)
@@ -181,3 +181,29 @@ def test_adapters_in_memory_stay_under_the_lru_bound(tiny_model_dir: Path, adapt
         assert len(engine.adapters.loaded_ids()) <= 2
     assert engine.adapters.loaded_ids() == ["acme/4", "acme/1"]
     assert engine.metrics.adapter_evictions._value.get() == 3
+
+
+def test_a_load_that_ends_wakes_its_subscribers_and_its_waiters(
+    tiny_model_dir: Path, adapter_root: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "bad" / "1").mkdir(parents=True)
+    (tmp_path / "bad" / "1" / "adapter_config.json").write_text('{"peft_type": "LORA"}')  # no weights
+    (tmp_path / "acme").symlink_to(adapter_root / "acme")
+    engine = make_engine(tiny_model_dir, tmp_path)
+    source = _SlowSource(tmp_path)
+    engine.adapters.source = source
+    settled = threading.Event()
+    engine.adapters.on_settled(settled.set)
+    held = Collected(engine, PROMPT, GREEDY, "acme/2")
+    assert held.request.adapter_ref is not None
+    assert not engine.adapters.wait(held.request.adapter_ref, timeout=0.2)  # its fetch is held
+    assert not settled.is_set()
+    source.release.set()
+    assert engine.adapters.wait(held.request.adapter_ref, timeout=30)
+    assert settled.wait(timeout=30)
+    settled.clear()
+    broken = Collected(engine, PROMPT, GREEDY, "bad/1")
+    assert broken.request.adapter_ref is not None
+    assert engine.adapters.wait(broken.request.adapter_ref, timeout=30)  # a failed load ends it too
+    assert isinstance(engine.adapters.state(broken.request.adapter_ref), AdapterLoadError)
+    assert settled.wait(timeout=30)

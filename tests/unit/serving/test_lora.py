@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from tuneforge import lora_rules
 
+from worker.serving.adapter_loader import LoadShape, load_adapter
 from worker.serving.errors import AdapterLoadError
 from worker.serving.lora import AdapterWeights, LoraBatch, LoraStacker
 from worker.serving.model_runner import ModelRunner
@@ -101,10 +102,11 @@ def _load(directory: Path, **overrides: Any) -> AdapterWeights:
     kwargs: dict[str, Any] = {
         "num_layers": 2,
         "dtype": torch.float32,
+        "device": torch.device("cpu"),
         "module_shapes": SHAPES,
         "max_rank": 64,
     } | overrides
-    return AdapterWeights.load("key", directory, **kwargs)
+    return load_adapter("key", directory, LoadShape(**kwargs))
 
 
 def _poisoned(value: float) -> dict[str, torch.Tensor]:

@@ -11,8 +11,9 @@ from engine_support import Collected, hf_greedy, make_engine, run_until_done
 from serving_support import make_random_heads
 from transformers import AutoTokenizer
 
+from worker.serving.acceptance import accept_greedy
 from worker.serving.params import SamplingParams
-from worker.serving.speculator import Speculator, accept_greedy
+from worker.serving.speculator import Speculator
 from worker.training.loop import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
@@ -125,7 +126,7 @@ def test_speculation_stops_exactly_at_max_tokens_and_stop_strings(
 
 def test_rejection_sampling_leaves_the_target_distribution_unchanged() -> None:
     """Two chained drafts from a q far from p: the emitted tokens follow p, position by position."""
-    from worker.serving.speculator import accept_sampled
+    from worker.serving.acceptance import accept_sampled
 
     vocab, trials = 5, 6_000
     params = SamplingParams(temperature=1.0, max_tokens=4)

@@ -1,9 +1,10 @@
 """CPU kernels the serving engine compiles for the machine it runs on (see small_gemm.c for why).
 
 The C source is compiled once per machine with the system C compiler into a cache directory
-(`TUNEFORGE_KERNEL_CACHE`, default `~/.cache/tuneforge/kernels`) and loaded with ctypes: no build step
+(`KernelConfig.cache_dir`, default `~/.cache/tuneforge/kernels`) and loaded with ctypes: no build step
 at install, nothing to ship per CPU. Where there is no compiler, no AVX2/FMA or any other problem,
 `small_gemm()` returns None with the reason logged, and the engine multiplies with torch instead.
+The serving entry point (worker/serve_main.py) fills `KernelConfig` from its environment.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -31,6 +33,15 @@ MAX_ROWS = 8
 _POINTER, _SIZE = ctypes.c_void_p, ctypes.c_ssize_t
 
 
+@dataclass(frozen=True)
+class KernelConfig:
+    """Whether the small-step kernel is used, where its build is cached, and which compiler builds it."""
+
+    enabled: bool = True
+    cache_dir: Path | None = None  # None: ~/.cache/tuneforge/kernels
+    compiler: str | None = None  # tried before cc and gcc
+
+
 class SmallGemm:
     """`x @ weight.T + bias` for 1..MAX_ROWS rows of fp32 x; bit-identical per row whatever the row count."""
 
@@ -39,8 +50,8 @@ class SmallGemm:
         self._fn.argtypes = [
             *(_POINTER, _SIZE, _SIZE, _POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _SIZE, ctypes.c_int)
         ]
-        # 2: a helper thread takes half of each weight (see small_gemm.c). With the spinning hand-off a
-        # smollm2 1-row step went from 25 to 17.5 ms and a 7-row step from 37 to 28 ms (2-core EPYC).
+        # 2: a helper thread takes half of each weight (see small_gemm.c); with the spinning hand-off
+        # that shortens few-row steps markedly on a 2-core CPU.
         self.threads = min(2, os.cpu_count() or 1)
         self._fn.restype = ctypes.c_int
 
@@ -79,13 +90,17 @@ class SmallGemm:
         return y
 
 
-@cache
-def small_gemm() -> SmallGemm | None:
+def small_gemm(config: KernelConfig | None = None) -> SmallGemm | None:
     """The compiled kernel for this machine, or None (reason logged) where it cannot be built."""
-    reason = _unsupported_reason()
+    return _built(config or KernelConfig())
+
+
+@cache
+def _built(config: KernelConfig) -> SmallGemm | None:
+    reason = _unsupported_reason(config)
     if reason is None:
         try:
-            return SmallGemm(ctypes.CDLL(str(_compiled())))
+            return SmallGemm(ctypes.CDLL(str(_compiled(config))))
         except subprocess.CalledProcessError as exc:
             reason = f"compiling {SOURCE.name} failed: {exc.stderr.decode(errors='replace')[-500:]}"
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -94,16 +109,16 @@ def small_gemm() -> SmallGemm | None:
     return None
 
 
-def _unsupported_reason() -> str | None:
-    if os.environ.get("TUNEFORGE_CPU_KERNELS", "1") == "0":
-        return "TUNEFORGE_CPU_KERNELS=0"
+def _unsupported_reason(config: KernelConfig) -> str | None:
+    if not config.enabled:
+        return "switched off (KernelConfig.enabled is False)"
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"{platform.machine()} is not x86-64"
     flags = _cpu_flags()
     missing = {"avx2", "fma"} - flags
     if missing:
         return f"the CPU lacks {', '.join(sorted(missing))}"
-    if _compiler() is None:
+    if _compiler(config) is None:
         return "no C compiler (cc/gcc) on PATH"
     return None
 
@@ -118,22 +133,22 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
+def _compiler(config: KernelConfig) -> str | None:
+    for name in (config.compiler, "cc", "gcc"):
         if name and shutil.which(name):
             return name
     return None
 
 
-def _compiled() -> Path:
+def _compiled(config: KernelConfig) -> Path:
     """The shared library, compiled on first use; keyed by source, flags, compiler and CPU."""
-    compiler = _compiler()
+    compiler = _compiler(config)
     assert compiler is not None
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
     key.update(" ".join((compiler, *FLAGS)).encode())
     key.update(" ".join(sorted(_cpu_flags())).encode())
-    cache_dir = Path(os.environ.get("TUNEFORGE_KERNEL_CACHE") or Path.home() / ".cache/tuneforge/kernels")
+    cache_dir = config.cache_dir or Path.home() / ".cache/tuneforge/kernels"
     target = cache_dir / f"small_gemm-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target

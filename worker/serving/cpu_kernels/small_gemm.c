@@ -20,7 +20,7 @@
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 /* Software prefetch distance in blocks of weight rows: the hardware prefetcher alone left a 4-row step
- * ~30% slower (measured on a 2-core EPYC, smollm2-135m shapes). Prefetching past the end is harmless. */
+ * markedly slower. Prefetching past the end is harmless. */
 #define PREFETCH_BLOCKS 2
 
 ALWAYS_INLINE float hsum(__m256 v) {
@@ -84,7 +84,7 @@ SWEEP(3, 2)
 SWEEP(4, 2)
 /* 5-8 rows: every row of x against one weight row at a time, so the weights stream from memory once
  * while the FMAs run (two 4-row passes over an L2-resident panel left the memory idle during the
- * second: a 7-row smollm2 step cost 1.6x a 1-row step that way, measured). */
+ * second, and a 7-row step cost much more than a 1-row step that way). */
 SWEEP(5, 1)
 SWEEP(6, 1)
 SWEEP(7, 1)
@@ -130,8 +130,8 @@ static void gemm_rows(const float *x, ptrdiff_t M, ptrdiff_t ldx, const float *W
  * large steps that do not use this kernel, it leaves the core to torch's own threads.
  *
  * On a busy machine the helper may not be running when a job is posted; waiting for it would stall
- * the step for a scheduler time slice per GEMM (measured: 6.7 instead of 49 tok/s while other
- * processes used both cores). So the helper must claim a posted job, and a job still unclaimed when
+ * the step for a scheduler time slice per GEMM (a several-fold slowdown while other processes used
+ * both cores). So the helper must claim a posted job, and a job still unclaimed when
  * the caller has finished its own half is taken back and computed by the caller. */
 typedef struct {
     const float *x, *W, *bias;
@@ -139,7 +139,7 @@ typedef struct {
     ptrdiff_t M, ldx, K, first, last, ldy;
 } job_t;
 
-/* ~0.5 ms of _mm_pause() on a Zen 2 core: longer than the gaps between one step's GEMMs. */
+/* Well under a millisecond of _mm_pause() on current cores: longer than the gaps between one step's GEMMs. */
 #define SPIN_LIMIT 20000
 /* The caller, waiting for a claimed half, yields its core after this many pauses (the helper may
  * have been preempted on the same core). */
