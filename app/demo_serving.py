@@ -16,6 +16,7 @@ from tuneforge import (
     Tuneforge,
     TuneforgeError,
 )
+from tuneforge.rules.datasets import SPLIT_COLUMN, Split
 
 from app.services.demo_dataset import exact_match
 
@@ -49,7 +50,7 @@ def held_out_rows(dataset_path: Path, count: int = SERVED_PROMPTS) -> list[dict[
     with dataset_path.open() as lines:
         for line in lines:
             row = json.loads(line)
-            if row.get("split") == "evaluation":
+            if row.get(SPLIT_COLUMN) == Split.EVALUATION:
                 rows.append(row)
                 if len(rows) == count:
                     break

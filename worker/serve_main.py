@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import signal
 import tempfile
@@ -22,27 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
+from tuneforge.rules.adapter_ref import AdapterRef, AdapterRefError
+from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS, ArtifactManifest
 
 from app.context import AppContext
-from app.db import AdapterVersion, Repo, Tenant, VersionStatus
-from app.services import jobs, versions
+from app.db import AdapterVersion, VersionStatus
+from app.services import versions
 from app.settings import Settings
 from app.storage.base import BlobNotFoundError, StorageError
 from worker.serving.adapters import AdapterSource, ResolvedAdapter
 from worker.serving.cpu_kernels import KernelConfig
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError
-from worker.serving.speculator import SPECULATOR_CONFIG, SPECULATOR_WEIGHTS
 
 log = logging.getLogger(__name__)
-
-# What the engine loads; everything else a version stores (tokenizer, training summary) stays put.
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PICKLED_WEIGHTS = "adapter_model.bin"
-_ADAPTER_ID = re.compile(r"(?P<repo>[^/@\s]+)/(?P<tag>\d+)(?:@(?P<step>\d+))?")
 
 
 @dataclass(frozen=True)
@@ -83,51 +76,32 @@ class StorageAdapterSource:
 
     def list_available(self, tenant: str | None) -> list[str]:
         """Completed versions of the served base model with safetensors weights, as `repo/N`."""
-        query = (
-            select(AdapterVersion)
-            .join(Repo, AdapterVersion.repo_id == Repo.id)
-            .join(Tenant, Repo.tenant_id == Tenant.id)
-            .where(
-                Tenant.name == (tenant or self._default_tenant),
-                AdapterVersion.base_model == self._base_model,
-                AdapterVersion.status == VersionStatus.COMPLETED,
-                AdapterVersion.archived.is_(False),
-            )
-            .order_by(Repo.name, AdapterVersion.tag)
-        )
         with self._ctx.sessions() as session:
-            found = session.scalars(query).unique()
-            return [versions.version_id(v) for v in found if ADAPTER_WEIGHTS in (v.artifact_files or {})]
+            return versions.servable_ids(session, tenant or self._default_tenant, self._base_model)
 
     def _artifact(self, session: Session, adapter_id: str, tenant: str) -> _Artifact:
-        match = _ADAPTER_ID.fullmatch(adapter_id.strip())
-        if match is None:
+        try:
+            ref = AdapterRef.parse(adapter_id.strip())
+        except AdapterRefError:
             raise AdapterNotFoundError(
                 f"adapter {adapter_id!r} not found: adapter ids are 'repo/N' or, for a checkpoint, "
                 "'repo/N@step'"
-            )
-        version = session.scalar(
-            select(AdapterVersion)
-            .join(Repo, AdapterVersion.repo_id == Repo.id)
-            .join(Tenant, Repo.tenant_id == Tenant.id)
-            .where(Tenant.name == tenant, Repo.name == match["repo"], AdapterVersion.tag == int(match["tag"]))
-        )
-        if version is None:  # also another tenant's: its existence is not revealed
+            ) from None
+        try:
+            found = versions.resolve(session, tenant, ref)
+        except versions.VersionNotFoundError:  # also another tenant's: its existence is not revealed
+            raise AdapterNotFoundError(f"adapter {ref.version} not found", field="adapter_id") from None
+        except versions.CheckpointNotFoundError as missing:
+            self._check_servable(missing.version, ref)
+            available = ", ".join(str(s) for s in missing.available) or "none"
             raise AdapterNotFoundError(
-                f"adapter {match['repo']}/{match['tag']} not found", field="adapter_id"
-            )
-        if version.archived:
-            raise AdapterNotFoundError(
-                f"adapter {match['repo']}/{match['tag']} is archived; unarchive it to serve it",
-                field="adapter_id",
-            )
-        if version.base_model != self._base_model:
-            raise AdapterLoadError(
-                f"adapter {adapter_id} was trained on {version.base_model!r}; this deployment serves "
-                f"{self._base_model!r}, so it cannot load it (deploy {version.base_model!r} to serve it)"
-            )
-        if match["step"] is not None:
-            return _checkpoint(session, version, int(match["step"]))
+                f"adapter {ref} not found: stored checkpoint steps are {available}"
+            ) from None
+        version = found.version
+        self._check_servable(version, ref)
+        if found.checkpoint is not None:
+            files = _adapter_files(str(ref), versions.model_files(found.checkpoint.files))
+            return _Artifact(f"{version.uuid}/step-{ref.step}", found.checkpoint.prefix, files)
         if (
             version.status != VersionStatus.COMPLETED
             or not version.artifact_files
@@ -140,6 +114,17 @@ class StorageAdapterSource:
         return _Artifact(
             version.uuid, version.artifact_prefix, _adapter_files(adapter_id, version.artifact_files)
         )
+
+    def _check_servable(self, version: AdapterVersion, ref: AdapterRef) -> None:
+        if version.archived:
+            raise AdapterNotFoundError(
+                f"adapter {ref.version} is archived; unarchive it to serve it", field="adapter_id"
+            )
+        if version.base_model != self._base_model:
+            raise AdapterLoadError(
+                f"adapter {ref} was trained on {version.base_model!r}; this deployment serves "
+                f"{self._base_model!r}, so it cannot load it (deploy {version.base_model!r} to serve it)"
+            )
 
     def _download(self, adapter_id: str, artifact: _Artifact, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -164,34 +149,26 @@ class StorageAdapterSource:
         log.info("adapter %s downloaded to %s", adapter_id, target)
 
 
-def _checkpoint(session: Session, version: AdapterVersion, step: int) -> _Artifact:
-    name = versions.version_id(version)
-    checkpoint = jobs.checkpoint_at(session, version.job, step) if version.job is not None else None
-    if checkpoint is None:
-        steps = jobs.checkpoint_steps(session, version.job) if version.job is not None else []
-        available = ", ".join(str(s) for s in steps) or "none"
-        raise AdapterNotFoundError(
-            f"adapter {name}@{step} not found: stored checkpoint steps are {available}"
-        )
-    files = _adapter_files(f"{name}@{step}", versions.model_files(checkpoint.files))
-    return _Artifact(f"{version.uuid}/step-{step}", checkpoint.prefix, files)
-
-
 def _adapter_files(adapter_id: str, files: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The files the engine loads (PEFT pair, plus Turbo heads when stored; a `turbo` trained on the base
     model alone has only the heads); never pickled weights."""
-    heads = {name: files[name] for name in (SPECULATOR_CONFIG, SPECULATOR_WEIGHTS) if name in files}
-    if len(heads) == 2 and ADAPTER_WEIGHTS not in files and PICKLED_WEIGHTS not in files:
-        return heads
-    if ADAPTER_WEIGHTS not in files:
-        why = "only pickled weights (adapter_model.bin)" if PICKLED_WEIGHTS in files else "no adapter weights"
-        raise AdapterLoadError(
-            f"adapter {adapter_id} has {why}; serving loads only {ADAPTER_WEIGHTS} (upload it in safetensors)"
-        )
-    if ADAPTER_CONFIG not in files:
-        raise AdapterLoadError(f"adapter {adapter_id} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter")
-    wanted = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SPECULATOR_CONFIG, SPECULATOR_WEIGHTS)
-    return {name: files[name] for name in wanted if name in files}
+    manifest = ArtifactManifest.of_names(files)
+    if not manifest.is_speculator_only:
+        if not manifest.has_lora_weights:
+            why = (
+                f"only pickled weights ({PICKLED_WEIGHTS})"
+                if manifest.has_pickled_weights
+                else "no adapter weights"
+            )
+            raise AdapterLoadError(
+                f"adapter {adapter_id} has {why}; serving loads only {ADAPTER_WEIGHTS} "
+                "(upload it in safetensors)"
+            )
+        if not manifest.has_lora_config:
+            raise AdapterLoadError(
+                f"adapter {adapter_id} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter"
+            )
+    return {name: files[name] for name in manifest.servable()}
 
 
 def kernel_config(environ: Mapping[str, str]) -> KernelConfig:

@@ -14,11 +14,11 @@ from typing import Any, TypeVar
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
-from sqlalchemy import select
 from sqlalchemy.orm import Session
+from tuneforge.rules.metrics import EVAL_STEP_FIELDS, TRAIN_STEP_FIELDS, step_values
 
 from app.context import AppContext
-from app.db import Dataset, FinetuningJob, JobStatus, Tenant
+from app.db import Dataset, FinetuningJob, JobStatus
 from app.db.jobs import JobEventKind
 from app.errors import ConflictError
 from app.queue import TRAIN_TASK
@@ -147,7 +147,7 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
     config = TrainingConfig.model_validate(job.params)
     dataset = session.get(Dataset, job.dataset_id) if job.dataset_id is not None else None
     rows = download_rows(ctx.store, dataset)
-    tenant_uuid = session.scalars(select(Tenant.uuid).where(Tenant.id == job.tenant_id)).one()
+    tenant_uuid = jobs.tenant_uuid(session, job)
     with tempfile.TemporaryDirectory(prefix=f"tuneforge-job-{job.id}-") as scratch:
         checkpoint = jobs.latest_checkpoint(session, job)
         resume_from = (
@@ -254,10 +254,6 @@ def _summary(result: TrainingResult) -> dict[str, Any]:
     }
 
 
-def _int(value: float | None) -> int | None:
-    return None if value is None else int(value)
-
-
 class _JobCallbacks(NoCallbacks):
     """Writes each step's metrics and each checkpoint as it happens; polls for a cancel."""
 
@@ -297,16 +293,8 @@ class _JobCallbacks(NoCallbacks):
             self._session,
             self._job,
             step,
-            train_loss=metrics.get("train_loss"),
-            learning_rate=metrics.get("learning_rate"),
-            epoch=metrics.get("epoch"),
-            tokens=_int(metrics.get("tokens_seen")),
-            grad_norm=metrics.get("grad_norm"),
-            tokens_per_second=metrics.get("tokens_per_second"),
-            useful_tokens=_int(metrics.get("useful_tokens")),
-            peak_rss_bytes=_int(metrics.get("peak_rss_bytes")),
-            cuda_allocated_bytes=_int(metrics.get("cuda_allocated_bytes")),
-            gpu_utilization=metrics.get("gpu_utilization"),
+            # The training library counts `tokens` as tokens_seen (its summary's name too).
+            **step_values(metrics | {"tokens": metrics.get("tokens_seen")}, TRAIN_STEP_FIELDS),
         )
         self._session.commit()
 
@@ -315,8 +303,7 @@ class _JobCallbacks(NoCallbacks):
             self._session,
             self._job,
             step,
-            eval_loss=metrics.get("eval_loss"),
-            eval_perplexity=metrics.get("eval_perplexity"),
+            **step_values(metrics, EVAL_STEP_FIELDS),
         )
         self._session.commit()
 
@@ -338,18 +325,11 @@ class _JobCallbacks(NoCallbacks):
             self._ctx.store.delete_prefix(old_prefix)
 
     def should_stop(self) -> bool:
-        """Asked before every optimizer step, so a cancel is honoured within one step.
-
-        One indexed primary-key read per step: negligible beside a forward and backward pass.
-        """
+        """Asked before every optimizer step, so a cancel is honoured within one step (one indexed
+        read per step: negligible beside a forward and backward pass)."""
         if self._stop:
             return True
         # A short session of its own: the run's session may hold a snapshot older than the cancel.
         with self._ctx.sessions() as session:
-            status, requested = session.execute(
-                select(FinetuningJob.status, FinetuningJob.cancel_requested_at).where(
-                    FinetuningJob.id == self._job.id
-                )
-            ).one()
-        self._stop = requested is not None or status == JobStatus.STOPPING
+            self._stop = jobs.stop_requested(session, self._job.id)
         return self._stop

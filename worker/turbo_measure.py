@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tuneforge.rules.artifacts import ADAPTER_CONFIG, SPECULATOR_FILES
 
 from worker.serving.adapters import LocalDirectorySource
 from worker.serving.engine import EngineConfig, LLMEngine
@@ -29,7 +30,6 @@ from worker.serving.kv_cache import BLOCK_SIZE, BlockManager
 from worker.serving.metrics import ServingMetrics
 from worker.serving.outputs import TokenOutput
 from worker.serving.params import SamplingParams
-from worker.serving.speculator import SPECULATOR_CONFIG, SPECULATOR_WEIGHTS
 from worker.training.loop import TrainingResult, write_summary
 from worker.training.quality import HELD_OUT_PROMPTS
 
@@ -123,9 +123,9 @@ def _link_adapters(artifact: Path, root: Path) -> str | None:
     """`<root>/speculative/1`: the artifact; `<root>/plain/1`: its LoRA without the heads. Returns the
     plain mode's adapter id: None for heads on the base model, whose plain mode is the base model."""
     _link(artifact, root / _SPECULATIVE_ID, skip=set())
-    if not (artifact / "adapter_config.json").is_file():
+    if not (artifact / ADAPTER_CONFIG).is_file():
         return None
-    _link(artifact, root / _PLAIN_ID, skip={SPECULATOR_WEIGHTS, SPECULATOR_CONFIG})
+    _link(artifact, root / _PLAIN_ID, skip=set(SPECULATOR_FILES))
     return _PLAIN_ID
 
 

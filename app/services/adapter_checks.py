@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 from tuneforge import lora_rules
+from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 from app.errors import InvalidInputError
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 # A LoRA of an 80-layer model has ~1,100 tensors and a header of ~200 KB; far more is not a LoRA.
 MAX_HEADER_BYTES = 8 * 1024 * 1024
 MAX_TENSORS = 16_384
@@ -60,27 +59,28 @@ def parse_config(raw: bytes, *, max_rank: int) -> dict[str, Any]:
         config = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise _refuse(
-            CONFIG_FILE, "not valid JSON (UTF-8, no NaN or Infinity, not nested too deep)"
+            ADAPTER_CONFIG, "not valid JSON (UTF-8, no NaN or Infinity, not nested too deep)"
         ) from None
     if not isinstance(config, dict):
-        raise _refuse(CONFIG_FILE, "must be a JSON object")
+        raise _refuse(ADAPTER_CONFIG, "must be a JSON object")
     _check_storable(config)
     if not config.get("peft_type"):
-        raise _refuse(CONFIG_FILE, "peft_type is missing; is this a PEFT adapter config?")
+        raise _refuse(ADAPTER_CONFIG, "peft_type is missing; is this a PEFT adapter config?")
     base = config.get("base_model_name_or_path")
     if not base:
         raise _refuse(
-            CONFIG_FILE,
+            ADAPTER_CONFIG,
             "base_model_name_or_path is missing; set it to the base model the adapter was trained on",
         )
     if not isinstance(base, str) or len(base) > MAX_BASE_MODEL_NAME:
         raise _refuse(
-            CONFIG_FILE, f"base_model_name_or_path must be a name of at most {MAX_BASE_MODEL_NAME} characters"
+            ADAPTER_CONFIG,
+            f"base_model_name_or_path must be a name of at most {MAX_BASE_MODEL_NAME} characters",
         )
     try:
         lora_rules.check_config(config, max_rank=max_rank)
     except lora_rules.AdapterRuleError as exc:
-        raise _refuse(CONFIG_FILE, str(exc)) from None
+        raise _refuse(ADAPTER_CONFIG, str(exc)) from None
     return config
 
 
@@ -94,13 +94,13 @@ def _check_storable(config: dict[str, Any]) -> None:
     while stack:
         value, depth = stack.pop()
         if depth > MAX_CONFIG_DEPTH:
-            raise _refuse(CONFIG_FILE, f"nested deeper than {MAX_CONFIG_DEPTH} levels; not a PEFT config")
+            raise _refuse(ADAPTER_CONFIG, f"nested deeper than {MAX_CONFIG_DEPTH} levels; not a PEFT config")
         if isinstance(value, dict):
             stack += [(key, depth) for key in value] + [(item, depth + 1) for item in value.values()]
         elif isinstance(value, list):
             stack += [(item, depth + 1) for item in value]
         elif isinstance(value, str) and ("\x00" in value or _has_surrogate(value)):
-            raise _refuse(CONFIG_FILE, "holds a NUL character or an unpaired surrogate")
+            raise _refuse(ADAPTER_CONFIG, "holds a NUL character or an unpaired surrogate")
 
 
 def _has_surrogate(text: str) -> bool:
@@ -169,7 +169,7 @@ class _SafetensorsReader:
             (length,) = struct.unpack("<Q", bytes(self._head))
             if length < 2 or length > MAX_HEADER_BYTES or length + 8 > self._size:
                 raise _refuse(
-                    WEIGHTS_FILE,
+                    ADAPTER_WEIGHTS,
                     f"not a safetensors file (header length {length} of a {self._size}-byte file)",
                 )
             self._need = 8 + length
@@ -181,16 +181,16 @@ class _SafetensorsReader:
 
     def finish(self) -> None:
         if self._scan is None or not self._scan.complete:
-            raise _refuse(WEIGHTS_FILE, f"truncated file ({self._size} bytes stated)")
+            raise _refuse(ADAPTER_WEIGHTS, f"truncated file ({self._size} bytes stated)")
 
 
 def _parse_header(raw: bytes) -> dict[str, Any]:
     try:
         table = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except (ValueError, RecursionError):
-        raise _refuse(WEIGHTS_FILE, "not a safetensors file (its header is not a JSON object)") from None
+        raise _refuse(ADAPTER_WEIGHTS, "not a safetensors file (its header is not a JSON object)") from None
     if not isinstance(table, dict):
-        raise _refuse(WEIGHTS_FILE, "not a safetensors file (its header is not a JSON object)")
+        raise _refuse(ADAPTER_WEIGHTS, "not a safetensors file (its header is not a JSON object)")
     return table
 
 
@@ -211,11 +211,11 @@ def _segments(
     """The header's tensors, checked against the LoRA rules and tiling the data section exactly."""
     metadata = table.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _refuse(WEIGHTS_FILE, "__metadata__ must map names to strings")
+        raise _refuse(ADAPTER_WEIGHTS, "__metadata__ must map names to strings")
     if not table:
-        raise _refuse(WEIGHTS_FILE, "contains no tensors")
+        raise _refuse(ADAPTER_WEIGHTS, "contains no tensors")
     if len(table) > MAX_TENSORS:
-        raise _refuse(WEIGHTS_FILE, f"{len(table)} tensors; a LoRA has at most {MAX_TENSORS}")
+        raise _refuse(ADAPTER_WEIGHTS, f"{len(table)} tensors; a LoRA has at most {MAX_TENSORS}")
     specs = {name: _tensor_spec(name, spec, data_bytes) for name, spec in table.items()}
     try:
         lora_rules.check_tensors(
@@ -225,7 +225,7 @@ def _segments(
             max_rank=max_rank,
         )
     except lora_rules.AdapterRuleError as exc:
-        raise _refuse(WEIGHTS_FILE, str(exc)) from None
+        raise _refuse(ADAPTER_WEIGHTS, str(exc)) from None
     segments = sorted(
         (_Segment(begin, end, name, dtype) for name, (dtype, _, (begin, end)) in specs.items()),
         key=lambda s: (s.begin, s.end),
@@ -233,11 +233,12 @@ def _segments(
     cursor = 0
     for segment in segments:
         if segment.begin != cursor:
-            raise _refuse(WEIGHTS_FILE, f"tensor {segment.name[:120]!r} overlaps another or leaves a gap")
+            raise _refuse(ADAPTER_WEIGHTS, f"tensor {segment.name[:120]!r} overlaps another or leaves a gap")
         cursor = segment.end
     if cursor != data_bytes:
         raise _refuse(
-            WEIGHTS_FILE, f"the header describes {cursor} bytes of tensor data but the file has {data_bytes}"
+            ADAPTER_WEIGHTS,
+            f"the header describes {cursor} bytes of tensor data but the file has {data_bytes}",
         )
     return segments
 
@@ -245,25 +246,25 @@ def _segments(
 def _tensor_spec(name: str, spec: Any, data_bytes: int) -> tuple[str, list[int], tuple[int, int]]:
     label = f"tensor {name[:120]!r}"
     if not isinstance(spec, dict):
-        raise _refuse(WEIGHTS_FILE, f"{label} is not described by an object")
+        raise _refuse(ADAPTER_WEIGHTS, f"{label} is not described by an object")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _FLOATS:
         raise _refuse(
-            WEIGHTS_FILE, f"{label} has dtype {str(dtype)[:20]!r}; LoRA weights are F16, BF16, F32 or F64"
+            ADAPTER_WEIGHTS, f"{label} has dtype {str(dtype)[:20]!r}; LoRA weights are F16, BF16, F32 or F64"
         )
     if not isinstance(shape, list) or len(shape) > 8 or not all(_is_count(d, MAX_DIMENSION) for d in shape):
-        raise _refuse(WEIGHTS_FILE, f"{label} has no valid shape")
+        raise _refuse(ADAPTER_WEIGHTS, f"{label} has no valid shape")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_count(o, data_bytes) for o in offsets)
     ):
-        raise _refuse(WEIGHTS_FILE, f"{label} has data_offsets outside the data section")
+        raise _refuse(ADAPTER_WEIGHTS, f"{label} has data_offsets outside the data section")
     begin, end = offsets
     itemsize = np.dtype(_FLOATS[dtype][0]).itemsize
     if end - begin != math.prod(shape) * itemsize:
         raise _refuse(
-            WEIGHTS_FILE, f"{label}: its data_offsets do not hold a {dtype} tensor of shape {shape}"
+            ADAPTER_WEIGHTS, f"{label}: its data_offsets do not hold a {dtype} tensor of shape {shape}"
         )
     return dtype, shape, (begin, end)
 
@@ -287,7 +288,7 @@ class _FiniteScan:
     def feed(self, view: memoryview) -> None:
         while view:
             if self._index >= len(self._segments):
-                raise _refuse(WEIGHTS_FILE, "the file is longer than its header says")
+                raise _refuse(ADAPTER_WEIGHTS, "the file is longer than its header says")
             segment = self._segments[self._index]
             take = min(len(view), segment.end - self._position)
             words, mask = _FLOATS[segment.dtype]
@@ -296,7 +297,7 @@ class _FiniteScan:
             values = np.frombuffer(piece, dtype=words, count=whole // np.dtype(words).itemsize)
             if np.any((values & mask) == mask):
                 raise _refuse(
-                    WEIGHTS_FILE,
+                    ADAPTER_WEIGHTS,
                     f"tensor {segment.name[:120]!r} holds NaN or infinite values; a served adapter must be "
                     "finite (retrain it, or fix the run that produced it)",
                 )

@@ -10,19 +10,18 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS
 
 from app.context import AppContext
 from app.db import AdapterVersion, Repo, User, VersionSource, VersionStatus
 from app.errors import InvalidInputError, PayloadTooLargeError
 from app.services import adapter_checks, base_models, repos, upload_tokens
-from app.services.adapter_checks import CONFIG_FILE, WEIGHTS_FILE
 from app.storage import BlobNotFoundError, BlobStore
 
 log = logging.getLogger(__name__)
 
-PICKLE_FILE = "adapter_model.bin"
 # The SDK insists on a URL for each of these, even for files it will not send.
-UPLOAD_FILES = (CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE)
+UPLOAD_FILES = (ADAPTER_CONFIG, PICKLED_WEIGHTS, ADAPTER_WEIGHTS)
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
@@ -53,8 +52,8 @@ def finish(ctx: AppContext, session: Session, user: User, upload_token: str) -> 
         return done
     try:
         config = _read_config(store, staging, ctx.settings.max_lora_rank)
-        files = {CONFIG_FILE: _digest(store, f"{staging}{CONFIG_FILE}")}
-        files[WEIGHTS_FILE] = _check_weights(ctx, staging, config)
+        files = {ADAPTER_CONFIG: _digest(store, f"{staging}{ADAPTER_CONFIG}")}
+        files[ADAPTER_WEIGHTS] = _check_weights(ctx, staging, config)
         return _publish(ctx, session, user, repo, config, staging, prefix, files)
     finally:
         # The pickle file (if any) is never read; staging goes whether the upload was accepted or not.
@@ -69,27 +68,29 @@ def _version_prefix(user: User, repo: Repo, staging: str) -> str:
 
 def _read_config(store: BlobStore, staging: str, max_rank: int) -> dict[str, Any]:
     try:
-        size = store.stat(f"{staging}{CONFIG_FILE}").size
+        size = store.stat(f"{staging}{ADAPTER_CONFIG}").size
     except BlobNotFoundError:
-        raise InvalidInputError(f"{CONFIG_FILE}: missing; upload what save_pretrained wrote") from None
+        raise InvalidInputError(f"{ADAPTER_CONFIG}: missing; upload what save_pretrained wrote") from None
     if size > MAX_CONFIG_BYTES:
-        raise InvalidInputError(f"{CONFIG_FILE}: {size} bytes is too large for an adapter config")
-    return adapter_checks.parse_config(store.read_bytes(f"{staging}{CONFIG_FILE}"), max_rank=max_rank)
+        raise InvalidInputError(f"{ADAPTER_CONFIG}: {size} bytes is too large for an adapter config")
+    return adapter_checks.parse_config(store.read_bytes(f"{staging}{ADAPTER_CONFIG}"), max_rank=max_rank)
 
 
 def _check_weights(ctx: AppContext, staging: str, config: dict[str, Any]) -> dict[str, Any]:
-    store, key = ctx.store, f"{staging}{WEIGHTS_FILE}"
+    store, key = ctx.store, f"{staging}{ADAPTER_WEIGHTS}"
     if not store.exists(key):
-        if store.exists(f"{staging}{PICKLE_FILE}"):
+        if store.exists(f"{staging}{PICKLED_WEIGHTS}"):
             raise InvalidInputError(
-                f"{PICKLE_FILE} is a pickle file, which tuneforge never loads (unpickling can run arbitrary "
-                "code). Convert it with `PeftModel.from_pretrained(...).save_pretrained(dir, "
-                f"safe_serialization=True)` and upload {WEIGHTS_FILE}"
+                f"{PICKLED_WEIGHTS} is a pickle file, which tuneforge never loads (unpickling can run "
+                "arbitrary code). Convert it with `PeftModel.from_pretrained(...).save_pretrained(dir, "
+                f"safe_serialization=True)` and upload {ADAPTER_WEIGHTS}"
             )
-        raise InvalidInputError(f"{WEIGHTS_FILE}: missing; upload the adapter weights in safetensors format")
+        raise InvalidInputError(
+            f"{ADAPTER_WEIGHTS}: missing; upload the adapter weights in safetensors format"
+        )
     size, max_bytes = store.stat(key).size, ctx.settings.max_upload_bytes
     if size > max_bytes:
-        raise PayloadTooLargeError(f"{WEIGHTS_FILE}: {size} bytes exceeds the limit of {max_bytes}")
+        raise PayloadTooLargeError(f"{ADAPTER_WEIGHTS}: {size} bytes exceeds the limit of {max_bytes}")
     base_model = str(config["base_model_name_or_path"])
     model_config = base_models.model_config(ctx.settings, base_model)
     if model_config is None:

@@ -9,18 +9,16 @@ adapter `turbo`, which trains speculator heads on top of a parent's frozen LoRA 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session
 from tuneforge.config import TRAINED_ADAPTERS, FinetuningConfig
+from tuneforge.rules.adapter_ref import AdapterRef, AdapterRefError
 
 from app.db import AdapterVersion, User, VersionSource, VersionStatus
 from app.errors import InvalidInputError, NotFoundError
-from app.services import jobs, versions
-
-_REF = re.compile(r"(?P<repo>[^/@\s]+)/(?P<tag>\d+)(?:@(?P<step>\d+))?")
+from app.services import versions
 
 # A parent's value of the key is not inherited when the request sets one of these fields: they
 # determine it, and the parent's value would contradict the request's (its batch size, its alpha).
@@ -50,25 +48,24 @@ class Parent:
 
 def resolve(session: Session, user: User, ref: str) -> Parent:
     """`repo/N` (a completed version) or `repo/N@step` (a stored checkpoint of its job), or a 4xx."""
-    match = _REF.fullmatch(ref.strip())
-    if match is None or int(match["tag"]) < 1:
+    try:
+        parsed = AdapterRef.parse(ref.strip())
+    except AdapterRefError:
         raise InvalidInputError(
             f"continueFromVersion: {ref!r} is not an adapter version; use 'repo/N' or, for a checkpoint, "
             "'repo/N@step'"
-        )
-    try:
-        version = versions.get(session, user, match["repo"], match["tag"])
-    except NotFoundError:
-        raise NotFoundError(
-            f"continueFromVersion: adapter version {match['repo']}/{match['tag']} not found"
         ) from None
-    if version.adapter_type not in TRAINED_ADAPTERS:
-        raise InvalidInputError(
-            f"continueFromVersion: {versions.version_id(version)} is a {version.adapter_type!r} adapter; "
-            f"this release continues training only {', '.join(TRAINED_ADAPTERS)} versions"
-        )
-    if match["step"] is not None:
-        return Parent(version, _checkpoint_step(session, version, int(match["step"])))
+    try:
+        found = versions.resolve(session, user.tenant.name, parsed)
+    except versions.VersionNotFoundError:
+        raise NotFoundError(f"continueFromVersion: adapter version {parsed.version} not found") from None
+    except versions.CheckpointNotFoundError as missing:
+        _check_trained(missing.version)
+        raise _no_checkpoint(missing) from None
+    version = found.version
+    _check_trained(version)
+    if found.checkpoint is not None:
+        return Parent(version, found.checkpoint.step)
     if version.status != VersionStatus.COMPLETED or not version.artifact_files:
         raise InvalidInputError(
             f"continueFromVersion: {versions.version_id(version)} is {version.status}, not completed, so it "
@@ -78,19 +75,24 @@ def resolve(session: Session, user: User, ref: str) -> Parent:
     return Parent(version, None)
 
 
-def _checkpoint_step(session: Session, version: AdapterVersion, step: int) -> int:
-    name = versions.version_id(version)
-    if version.job is None:
-        raise NotFoundError(
+def _check_trained(version: AdapterVersion) -> None:
+    if version.adapter_type not in TRAINED_ADAPTERS:
+        raise InvalidInputError(
+            f"continueFromVersion: {versions.version_id(version)} is a {version.adapter_type!r} adapter; "
+            f"this release continues training only {', '.join(TRAINED_ADAPTERS)} versions"
+        )
+
+
+def _no_checkpoint(missing: versions.CheckpointNotFoundError) -> NotFoundError:
+    name = versions.version_id(missing.version)
+    if missing.uploaded:
+        return NotFoundError(
             f"continueFromVersion: {name} was uploaded, not trained, so it has no checkpoints; use '{name}'"
         )
-    available = jobs.checkpoint_steps(session, version.job)
-    if step not in available:
-        steps = ", ".join(str(s) for s in available) or "none (it has not stored one yet)"
-        raise NotFoundError(
-            f"continueFromVersion: {name} has no checkpoint at step {step}; available steps: {steps}"
-        )
-    return step
+    steps = ", ".join(str(s) for s in missing.available) or "none (it has not stored one yet)"
+    return NotFoundError(
+        f"continueFromVersion: {name} has no checkpoint at step {missing.step}; available steps: {steps}"
+    )
 
 
 def params(parent: Parent, requested: dict[str, Any]) -> dict[str, Any]:

@@ -8,17 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tuneforge.rules.datasets import SPLIT_COLUMN, DatasetKind, Split, kind_of_columns, split_of
+
 FileFormat = Literal["csv", "jsonl", "json", "parquet"]
-DatasetKind = Literal["prompt_completion", "messages", "text"]
 
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
-_SPLIT_NAMES = {
-    "train": "train",
-    "evaluation": "evaluation",
-    "eval": "evaluation",
-    "validation": "evaluation",
-    "test": "evaluation",
-}
 _EXPECTED_COLUMNS = (
     "expected 'prompt' and 'completion' (instruction tuning), 'messages' (chat), "
     "or 'text' (continued pretraining)"
@@ -146,20 +140,20 @@ class RowChecker:
         self.has_split = False
         self.columns: dict[str, None] = {}  # ordered union of keys seen
         self.row_count = 0
-        self.split_counts = {"train": 0, "evaluation": 0}
+        self.split_counts = {Split.TRAIN.value: 0, Split.EVALUATION.value: 0}
         self.preview: list[dict[str, Any]] = []
         self.offenders: dict[_Problem, _Offenders] = {}
 
     def add(self, where: str, values: dict[str, Any]) -> None:
         if self.kind is None:
             self.kind = _detect_kind(list(values))
-            self.has_split = "split" in values
+            self.has_split = SPLIT_COLUMN in values
         self._add_columns(where, values)
         self.row_count += 1
         problem = _ROW_CHECKS[self.kind](where, values)
         if problem:
             self.offenders.setdefault(problem, _Offenders()).add(where)
-        self.split_counts[_split_of(where, values.get("split")) if self.has_split else "train"] += 1
+        self.split_counts[_split_of(where, values.get(SPLIT_COLUMN)) if self.has_split else Split.TRAIN] += 1
         if len(self.preview) < self._preview_rows:
             self.preview.append({str(key): previewable(value) for key, value in values.items()})
 
@@ -193,13 +187,10 @@ class RowChecker:
 
 
 def _detect_kind(columns: list[str]) -> DatasetKind:
+    kind = kind_of_columns(columns)
+    if kind is not None:
+        return kind
     present = set(columns)
-    if {"prompt", "completion"} <= present:
-        return "prompt_completion"
-    if "messages" in present:
-        return "messages"
-    if "text" in present:
-        return "text"
     for have, lacking in (("prompt", "completion"), ("completion", "prompt")):
         if have in present:
             raise DatasetFormatError(
@@ -288,7 +279,7 @@ def _check_message(where: str, turn: int, message: object) -> None:
 
 
 def _split_of(where: str, value: object) -> str:
-    split = _SPLIT_NAMES.get(value.strip().lower()) if isinstance(value, str) else None
+    split = split_of(value)
     if split is None:
         raise DatasetFormatError(
             f"{where}: split is {quoted(value)}; use 'train' or 'evaluation' "

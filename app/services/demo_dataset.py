@@ -15,6 +15,8 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Literal
 
+from tuneforge.rules.datasets import SPLIT_COLUMN, Split
+
 # Spelled out here rather than taken from `calendar`, whose names follow the process locale.
 MONTHS = (
     "January", "February", "March", "April", "May", "June",
@@ -66,7 +68,9 @@ def demo_rows(rows: int = 600, seed: int = 0) -> list[dict[str, str]]:
         {
             "prompt": PROMPT_TEMPLATE.format(phrase=rng.choice(PHRASINGS)(day)),
             "completion": day.isoformat(),
-            "split": "evaluation" if index % EVALUATION_EVERY == EVALUATION_EVERY - 1 else "train",
+            SPLIT_COLUMN: (
+                Split.EVALUATION if index % EVALUATION_EVERY == EVALUATION_EVERY - 1 else Split.TRAIN
+            ).value,
         }
         for index, day in enumerate(days)
     ]
@@ -82,7 +86,9 @@ def write_demo_dataset(
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="") as out:
         if file_format == "csv":
-            writer = csv.DictWriter(out, fieldnames=["prompt", "completion", "split"], lineterminator="\n")
+            writer = csv.DictWriter(
+                out, fieldnames=["prompt", "completion", SPLIT_COLUMN], lineterminator="\n"
+            )
             writer.writeheader()
             writer.writerows(records)
         else:

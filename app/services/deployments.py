@@ -7,7 +7,6 @@ model that exists without being created and cannot be changed or deleted.
 
 from __future__ import annotations
 
-import re
 import uuid as uuid_lib
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,6 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from tuneforge.rules.adapter_ref import AdapterRef, AdapterRefError
 
 from app.db import Deployment, Tenant, User
 from app.errors import ConflictError, InvalidInputError, NotFoundError
@@ -27,7 +27,6 @@ from app.settings import Settings
 DEFAULT_DEPLOYMENT = "smollm2-135m"
 DEFAULT_BASE_MODEL = "smollm2-135m"
 DEFAULT_CONTEXT_LENGTH = 2048
-_ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[0-9]+(@[0-9]+)?$")
 
 
 @dataclass(frozen=True)
@@ -86,13 +85,21 @@ def validate_config(settings: Settings, config: dict[str, Any]) -> dict[str, Any
     if replicas["minReplicas"] > replicas["maxReplicas"]:
         raise InvalidInputError("config.minReplicas: must not exceed config.maxReplicas")
     preloaded = cleaned.get("preloadedAdapters", [])
-    if not isinstance(preloaded, list) or not all(
-        isinstance(a, str) and _ADAPTER_ID.match(a) for a in preloaded
-    ):
+    if not isinstance(preloaded, list) or not all(_is_adapter_ref(a) for a in preloaded):
         raise InvalidInputError(
             f"config.preloadedAdapters: a list of adapter ids 'repo/N' or 'repo/N@step' (got {preloaded!r})"
         )
     return cleaned
+
+
+def _is_adapter_ref(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        AdapterRef.parse(value)
+    except AdapterRefError:
+        return False
+    return True
 
 
 def create(

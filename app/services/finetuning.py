@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from tuneforge.config import FinetuningConfig
 from tuneforge.config_errors import config_errors
+from tuneforge.rules.datasets import Split
 
 from app.context import AppContext
 from app.db import AdapterVersion, Dataset, DatasetStatus, FinetuningJob, User, VersionSource
@@ -139,8 +140,8 @@ def _planned_steps(config: FinetuningConfig, dataset: Dataset) -> int | None:
     if config.train_steps is not None:
         return config.train_steps
     counts = dataset.split_counts or {}
-    train_rows = counts.get("train", dataset.row_count or 0)
-    if not counts.get("evaluation") and config.eval_fraction:
+    train_rows = counts.get(Split.TRAIN, dataset.row_count or 0)
+    if not counts.get(Split.EVALUATION) and config.eval_fraction:
         # No held-out rows in the file: the worker holds out eval_fraction of them (seeded).
         train_rows -= max(1, round(train_rows * config.eval_fraction))
     if train_rows < 1:

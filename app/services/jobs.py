@@ -34,8 +34,9 @@ from sqlalchemy import CursorResult, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
+from tuneforge.rules.metrics import STEP_METRIC_FIELDS
 
-from app.db import FinetuningJob, JobCheckpoint, JobEvent, JobMetric
+from app.db import FinetuningJob, JobCheckpoint, JobEvent, JobMetric, Tenant
 from app.db.base import utcnow
 from app.db.jobs import JobEventKind, JobStatus
 from app.errors import ConflictError
@@ -53,23 +54,7 @@ FINAL_STATUSES = frozenset(s for s, targets in TRANSITIONS.items() if not target
 Row = TypeVar("Row", JobMetric, JobCheckpoint)
 
 # Metric fields a worker may report for a step; anything else is a programming error.
-METRIC_FIELDS = frozenset(
-    {
-        "epoch",
-        "train_loss",
-        "eval_loss",
-        "learning_rate",
-        "tokens",
-        "checkpoint_number",
-        "grad_norm",
-        "eval_perplexity",
-        "tokens_per_second",
-        "useful_tokens",
-        "peak_rss_bytes",
-        "cuda_allocated_bytes",
-        "gpu_utilization",
-    }
-)
+METRIC_FIELDS = frozenset(STEP_METRIC_FIELDS)
 
 
 def transition(
@@ -220,6 +205,21 @@ def request_cancel(session: Session, job: FinetuningJob) -> None:
         return  # already being honoured; a repeated click is not an error
     else:
         raise ConflictError(f"job already {job.status}")
+
+
+def stop_requested(session: Session, job_id: int) -> bool:
+    """Whether the training job has been asked to stop (a cancel, or a stop already under way).
+
+    One indexed primary-key read: cheap enough to ask before every optimizer step.
+    """
+    status, requested = session.execute(
+        select(FinetuningJob.status, FinetuningJob.cancel_requested_at).where(FinetuningJob.id == job_id)
+    ).one()
+    return requested is not None or status == JobStatus.STOPPING
+
+
+def tenant_uuid(session: Session, job: FinetuningJob) -> str:
+    return session.scalars(select(Tenant.uuid).where(Tenant.id == job.tenant_id)).one()
 
 
 def mark_enqueued(session: Session, job: FinetuningJob) -> None:

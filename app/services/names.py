@@ -1,13 +1,12 @@
-"""The one rule for user-chosen names (datasets, repos): safe in URLs, storage keys and shells."""
+"""Checks user-chosen names (datasets, repos) by the shared name rule, saying which part a name breaks."""
 
 from __future__ import annotations
 
 import re
 
-from app.errors import InvalidInputError
+from tuneforge.rules.names import MAX_NAME_LENGTH, is_valid_name
 
-MAX_NAME_LENGTH = 64
-_ALLOWED = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+from app.errors import InvalidInputError
 
 
 def validate_name(value: str | None, field: str) -> str:
@@ -23,7 +22,7 @@ def validate_name(value: str | None, field: str) -> str:
     if any(ch.isspace() for ch in value):
         suggestion = re.sub(r"\s+", "-", value.strip())
         raise InvalidInputError(f"{field}: must not contain spaces; try {suggestion!r}")
-    if not _ALLOWED.match(value):
+    if not is_valid_name(value):
         raise InvalidInputError(
             f"{field}: {value!r} may contain only letters, digits, '.', '_' and '-', "
             "and must start with a letter or digit"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, object_session
+from tuneforge.rules.adapter_ref import AdapterRef
+from tuneforge.rules.artifacts import ADAPTER_WEIGHTS
 
 from app.context import AppContext
-from app.db import AdapterVersion, JobCheckpoint, User, VersionStatus
+from app.db import AdapterVersion, JobCheckpoint, Repo, Tenant, User, VersionStatus
 from app.errors import ConflictError, InvalidInputError, NotFoundError
 from app.services import blob_keys, jobs, repos
 from app.services.zip_stream import zip_chunks
@@ -28,8 +31,78 @@ def get(session: Session, user: User, repo_ref: str, tag: str) -> AdapterVersion
         select(AdapterVersion).where(AdapterVersion.repo_id == repo.id, AdapterVersion.tag == number)
     )
     if version is None:
-        raise NotFoundError(f"adapter version {repo.name}/{number} not found")
+        raise VersionNotFoundError(f"adapter version {repo.name}/{number} not found")
     return version
+
+
+class VersionNotFoundError(NotFoundError):
+    """No such version in the tenant (or no such repo): another tenant's is not revealed either."""
+
+
+class CheckpointNotFoundError(NotFoundError):
+    """The version exists, but its job stored no checkpoint at the step the reference names."""
+
+    def __init__(self, version: AdapterVersion, step: int, available: list[int]) -> None:
+        self.version, self.step, self.available = version, step, available
+        self.uploaded = version.job is None  # an uploaded version has no job, so no checkpoints
+        steps = ", ".join(str(s) for s in available) or "none"
+        super().__init__(
+            f"adapter version {version_id(version)} has no checkpoint at step {step}; "
+            f"available steps: {steps}"
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedVersion:
+    """What `repo/N[@step]` names: a version, and its job's checkpoint when a step is named."""
+
+    version: AdapterVersion
+    checkpoint: JobCheckpoint | None = None
+
+
+def resolve(session: Session, tenant: str, ref: AdapterRef) -> ResolvedVersion:
+    """The version `ref` names in tenant `tenant` (its repo by name or uuid), with the checkpoint at
+    `ref.step` when it names one. Archived and unfinished versions resolve too: callers decide whether
+    they can use them. Raises VersionNotFoundError or CheckpointNotFoundError.
+    """
+    version = session.scalar(
+        select(AdapterVersion)
+        .join(Repo, AdapterVersion.repo_id == Repo.id)
+        .join(Tenant, Repo.tenant_id == Tenant.id)
+        .where(
+            Tenant.name == tenant,
+            or_(Repo.name == ref.repo, Repo.uuid == ref.repo),
+            AdapterVersion.tag == ref.number,
+        )
+    )
+    if version is None:
+        raise VersionNotFoundError(f"adapter version {ref.version} not found")
+    if ref.step is None:
+        return ResolvedVersion(version)
+    checkpoint = jobs.checkpoint_at(session, version.job, ref.step) if version.job is not None else None
+    if checkpoint is None:
+        available = jobs.checkpoint_steps(session, version.job) if version.job is not None else []
+        raise CheckpointNotFoundError(version, ref.step, available)
+    return ResolvedVersion(version, checkpoint)
+
+
+def servable_ids(session: Session, tenant: str, base_model: str) -> list[str]:
+    """Completed, unarchived versions of `base_model` in the tenant with safetensors LoRA weights, as
+    `repo/N`, by repo name and number."""
+    query = (
+        select(AdapterVersion)
+        .join(Repo, AdapterVersion.repo_id == Repo.id)
+        .join(Tenant, Repo.tenant_id == Tenant.id)
+        .where(
+            Tenant.name == tenant,
+            AdapterVersion.base_model == base_model,
+            AdapterVersion.status == VersionStatus.COMPLETED,
+            AdapterVersion.archived.is_(False),
+        )
+        .order_by(Repo.name, AdapterVersion.tag)
+    )
+    found = session.scalars(query).unique()
+    return [version_id(v) for v in found if ADAPTER_WEIGHTS in (v.artifact_files or {})]
 
 
 def adapter_path(version: AdapterVersion) -> str | None:

@@ -8,52 +8,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneforge._http import HttpTransport, path_segment
+from tuneforge.adapter_ids import AdapterRef, parse_adapter_id
 from tuneforge.config import FinetuningConfig
 from tuneforge.errors import ValidationError
 from tuneforge.models import AdapterVersion, Dataset, FinetuningJob, VersionSummary
 from tuneforge.repos import RepoRef, Repos, repo_name
+from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS
 
 if TYPE_CHECKING:
-    # Only for annotations: finetuning imports this module's parse_adapter_id.
+    # Only for annotations: finetuning builds on this module's calls.
     from tuneforge.finetuning import ConfigLike, FinetuningJobs
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_FILE = "adapter_model.bin"
-
-AdapterRef = str | AdapterVersion | VersionSummary
-
-
-def parse_adapter_id(adapter: AdapterRef) -> tuple[str, int]:
-    """`"repo/3"` (or an AdapterVersion / VersionSummary) → `("repo", 3)`; refuses anything else."""
-    if isinstance(adapter, AdapterVersion | VersionSummary):
-        adapter = adapter.id
-    repo, slash, tag = adapter.partition("/")
-    if "@" in tag:
-        raise ValidationError(f"adapter id {adapter!r}: checkpoint ids (repo/tag@N) are not accepted here")
-    if not slash or not repo or not tag.isdigit() or int(tag) < 1:
-        raise ValidationError(f"adapter id {adapter!r}: expected '<repo>/<version>', e.g. 'my-repo/3'")
-    return repo, int(tag)
-
-
-def parse_version_ref(ref: AdapterRef) -> tuple[str, int, int | None]:
-    """A version or one of its checkpoints: `"r/3"` → `("r", 3, None)`, `"r/3@40"` → `("r", 3, 40)`.
-
-    What `continue_from_version` takes: a run continues from a finished version or a checkpoint.
-    """
-    if isinstance(ref, str) and "@" in ref:
-        version, _, step = ref.rpartition("@")
-        try:
-            repo, tag = parse_adapter_id(version)
-        except ValidationError:
-            repo, tag = "", 0
-        if not repo or not step.isdigit():
-            raise ValidationError(
-                f"checkpoint id {ref!r}: expected '<repo>/<version>@<step>', e.g. 'my-repo/3@40'"
-            )
-        return repo, tag, int(step)
-    repo, tag = parse_adapter_id(ref)
-    return repo, tag, None
 
 
 class Adapters:
@@ -186,18 +150,20 @@ def _adapter_files(directory: Path) -> dict[str, Path]:
     """The files to send, checked the way the server will check them, so a bad upload fails fast."""
     if not directory.is_dir():
         raise ValidationError(f"{directory} does not exist or is not a directory")
-    config, weights, pickle = (directory / n for n in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE))
+    config, weights, pickle = (directory / n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS))
     if not config.is_file():
-        raise ValidationError(f"{CONFIG_FILE}: missing from {directory}; upload what save_pretrained wrote")
+        raise ValidationError(
+            f"{ADAPTER_CONFIG}: missing from {directory}; upload what save_pretrained wrote"
+        )
     if not weights.is_file():
         if pickle.is_file():
             raise ValidationError(
-                f"{PICKLE_FILE} is a pickle file, which tuneforge never loads (unpickling can run arbitrary "
-                "code). Convert it with `PeftModel.from_pretrained(...).save_pretrained(dir, "
-                f"safe_serialization=True)` and upload {WEIGHTS_FILE}"
+                f"{PICKLED_WEIGHTS} is a pickle file, which tuneforge never loads (unpickling can run "
+                "arbitrary code). Convert it with `PeftModel.from_pretrained(...).save_pretrained(dir, "
+                f"safe_serialization=True)` and upload {ADAPTER_WEIGHTS}"
             )
         raise ValidationError(
-            f"{WEIGHTS_FILE}: missing from {directory}; save the adapter in safetensors format"
+            f"{ADAPTER_WEIGHTS}: missing from {directory}; save the adapter in safetensors format"
         )
     # The pickle file, if present next to the safetensors, is deliberately not sent.
-    return {CONFIG_FILE: config, WEIGHTS_FILE: weights}
+    return {ADAPTER_CONFIG: config, ADAPTER_WEIGHTS: weights}

@@ -10,7 +10,7 @@ from typing import Any
 import pydantic
 
 from tuneforge._http import HttpTransport, path_segment
-from tuneforge.adapters import parse_version_ref
+from tuneforge.adapter_ids import parse_version_ref
 from tuneforge.config import FinetuningConfig
 from tuneforge.config_errors import config_errors
 from tuneforge.errors import ValidationError

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from tuneforge import lora_rules
+from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 from worker.serving.cpu_kernels import SmallGemm
 from worker.serving.draft_model import DraftModel
@@ -60,7 +61,7 @@ def load_adapter(key: str, directory: Path, shape: LoadShape) -> AdapterWeights:
     speculator = None
     if has_speculator(directory) and (shape.hidden_size is not None or shape.model_shape is not None):
         speculator = load_draft_model(directory, shape)
-        if not (directory / "adapter_config.json").is_file():  # `turbo` on the base model: heads only
+        if not (directory / ADAPTER_CONFIG).is_file():  # `turbo` on the base model: heads only
             return AdapterWeights(
                 key=key, modules={}, base_model=None, nbytes=speculator.nbytes, speculator=speculator
             )
@@ -130,7 +131,7 @@ def _read_lora(
     directory: Path, config: Mapping[str, Any], shape: LoadShape
 ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     """`(layer, module) → (A, B·scaling)` from adapter_model.safetensors, as the engine multiplies."""
-    weights = directory / "adapter_model.safetensors"
+    weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise AdapterLoadError(
             "it has no adapter_model.safetensors; only safetensors weights are served "
@@ -146,7 +147,7 @@ def _read_lora(
 
 
 def _read_config(directory: Path, max_rank: int) -> dict[str, Any]:
-    path = directory / "adapter_config.json"
+    path = directory / ADAPTER_CONFIG
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise AdapterLoadError(f"adapter_config.json is over {MAX_CONFIG_BYTES} bytes")

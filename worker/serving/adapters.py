@@ -15,7 +15,6 @@ thread) and whoever waits on it (`wait`, `wait_for_load`), so nobody polls.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -25,6 +24,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from tuneforge.rules.adapter_ref import AdapterRef, AdapterRefError
+from tuneforge.rules.artifacts import ADAPTER_CONFIG
 
 from worker.serving.adapter_loader import LoadShape, load_adapter
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError, AdapterSourceError, ServingError
@@ -40,7 +42,6 @@ FAILED_LOAD_MEMORY_S = 10.0
 DEFAULT_RESOLVE_TTL_S = 2.0
 # Resolutions remembered at once (tenant x id); older ones are dropped first.
 MAX_REMEMBERED_RESOLUTIONS = 4096
-ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}/[0-9]{1,9}(@[0-9]{1,9})?$")
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,13 @@ class AdapterSource(Protocol):
 
 
 def check_adapter_id(adapter_id: str) -> None:
-    if not ADAPTER_ID.match(adapter_id):
+    try:
+        AdapterRef.parse(adapter_id)
+    except AdapterRefError:
         raise AdapterNotFoundError(
             f"adapter id {adapter_id[:80]!r} is not of the form repo/N or repo/N@step (e.g. 'my-repo/1')",
             field="adapter_id",
-        )
+        ) from None
 
 
 class LocalDirectorySource:
@@ -88,7 +91,7 @@ class LocalDirectorySource:
     def resolve(self, adapter_id: str, tenant: str | None) -> ResolvedAdapter:
         check_adapter_id(adapter_id)
         path = self.root / adapter_id
-        if not (path / "adapter_config.json").is_file() and not has_speculator(path):
+        if not (path / ADAPTER_CONFIG).is_file() and not has_speculator(path):
             raise AdapterNotFoundError(f"adapter {adapter_id} not found", field="adapter_id")
         # A directory has no identity of its own: each tenant's name for it is cached apart.
         return ResolvedAdapter(adapter_id, tenant, f"{tenant or ''}::{adapter_id}", path)
@@ -97,7 +100,7 @@ class LocalDirectorySource:
         return Path(adapter.location)
 
     def list_available(self, tenant: str | None) -> list[str]:
-        found = (p.parent.relative_to(self.root) for p in self.root.glob("*/*/adapter_config.json"))
+        found = (p.parent.relative_to(self.root) for p in self.root.glob(f"*/*/{ADAPTER_CONFIG}"))
         return sorted(str(p) for p in found)
 
 

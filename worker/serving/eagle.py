@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from tuneforge.rules.speculator import MAX_DRAFT_HEADS, SpeculatorArchitecture
 
 from worker.serving.cpu_kernels import SmallGemm
 from worker.serving.draft_model import LMHead
@@ -34,7 +35,6 @@ from worker.serving.rope import apply_rope
 from worker.serving.sampling import draw, warped_probs
 from worker.serving.speculator import (
     DRAFT_VOCAB_KEY,
-    MAX_DRAFT_HEADS,
     check_finite,
     draft_vocab,
     read_speculator_files,
@@ -43,7 +43,7 @@ from worker.serving.speculator import (
 # Far above any decoder's MLP width: a config past it is not a draft layer (and would size huge tensors).
 MAX_INTERMEDIATE = 1 << 20
 
-EAGLE_ARCHITECTURE = "eagle_layer"
+EAGLE_ARCHITECTURE = SpeculatorArchitecture.EAGLE
 # The draft cache grows by this many positions at a time (a request rarely needs more than a few).
 CACHE_CHUNK = 256
 

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tuneforge.rules.artifacts import SPECULATOR_CONFIG, SPECULATOR_WEIGHTS
+from tuneforge.rules.speculator import DRAFT_VOCAB_KEY, MAX_DRAFT_HEADS, SpeculatorArchitecture
 
 from worker.serving.draft_model import LMHead
 from worker.serving.errors import AdapterLoadError
@@ -29,12 +31,7 @@ from worker.serving.sampling import draw, warped_probs
 
 log = logging.getLogger(__name__)
 
-SPECULATOR_WEIGHTS = "speculator.safetensors"
-SPECULATOR_CONFIG = "speculator_config.json"
-SUPPORTED_ARCHITECTURE = "medusa_residual_silu"
-DRAFT_VOCAB_KEY = "draft_vocab"
-# Far above any trained depth (Medusa uses 3-5 heads); a config past it is not a speculator.
-MAX_DRAFT_HEADS = 64
+SUPPORTED_ARCHITECTURE = SpeculatorArchitecture.MEDUSA
 MAX_CONFIG_BYTES = 1 << 20
 
 

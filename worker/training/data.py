@@ -6,7 +6,9 @@ import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
+
+from tuneforge.rules.datasets import SPLIT_COLUMN, DatasetKind, Split, kind_of_columns, split_of
 
 from worker.training.config import TrainingConfig
 
@@ -14,9 +16,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # the label cross-entropy skips: prompt, non-assistant and padding tokens
-DatasetKind = Literal["prompt_completion", "messages", "text"]
-# The dataset service accepts these spellings of the `split` column; worker/ cannot import app/.
-_SPLIT_NAMES = {"train": "train", "evaluation": "eval", "eval": "eval", "validation": "eval", "test": "eval"}
 
 
 class TrainingDataError(ValueError):
@@ -94,12 +93,9 @@ def _max_length(config: TrainingConfig) -> int:
 
 def detect_kind(row: Mapping[str, Any]) -> DatasetKind:
     """The first row decides the format, with the dataset service's precedence."""
-    if "prompt" in row and "completion" in row:
-        return "prompt_completion"
-    if "messages" in row:
-        return "messages"
-    if "text" in row:
-        return "text"
+    kind = kind_of_columns(row)
+    if kind is not None:
+        return kind
     raise TrainingDataError(
         f"rows have columns {sorted(row)}; expected 'prompt' and 'completion', 'messages', or 'text'"
     )
@@ -110,10 +106,10 @@ def split_rows(
 ) -> tuple[list[tuple[int, Mapping[str, Any]]], list[tuple[int, Mapping[str, Any]]]]:
     """(index, row) pairs for train and eval: the `split` column if any, else a seeded holdout."""
     indexed = list(enumerate(rows))
-    if "split" in rows[0]:
-        split = {i: _split_name(i, row.get("split")) for i, row in indexed}
-        train = [(i, row) for i, row in indexed if split[i] == "train"]
-        held_out = [(i, row) for i, row in indexed if split[i] == "eval"]
+    if SPLIT_COLUMN in rows[0]:
+        split = {i: _split_name(i, row.get(SPLIT_COLUMN)) for i, row in indexed}
+        train = [(i, row) for i, row in indexed if split[i] == Split.TRAIN]
+        held_out = [(i, row) for i, row in indexed if split[i] == Split.EVALUATION]
     else:
         # A private Random: the split must not depend on, or disturb, anyone else's RNG.
         random.Random(config.seed).shuffle(indexed)
@@ -129,8 +125,8 @@ def _index(pair: tuple[int, Mapping[str, Any]]) -> int:
     return pair[0]
 
 
-def _split_name(index: int, value: object) -> str:
-    name = _SPLIT_NAMES.get(value.strip().lower()) if isinstance(value, str) else None
+def _split_name(index: int, value: object) -> Split:
+    name = split_of(value)
     if name is None:
         raise TrainingDataError(f"row {index + 1}: split is {value!r}; use 'train' or 'evaluation'")
     return name

@@ -28,11 +28,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tuneforge.rules.speculator import SpeculatorArchitecture
 
 from worker.training.data import IGNORE_INDEX
 from worker.training.speculator import HeadStats, SpeculatorConfig, SpeculatorFiles
 
-ARCHITECTURE = "eagle_layer"
+ARCHITECTURE = SpeculatorArchitecture.EAGLE
 
 
 class EagleDraft(SpeculatorFiles):

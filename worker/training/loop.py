@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from tuneforge.rules.artifacts import TRAINING_SUMMARY
 
 from worker.training import checkpoints, evaluation, feature_cache, objective
 from worker.training.base_models import resolve_base_model
@@ -24,7 +25,6 @@ from worker.training.quality import held_out_prompts
 from worker.training.runtime import memory_metrics
 from worker.training.token_cache import DataCache
 
-SUMMARY_FILE = "training_summary.json"
 SUMMARY_FORMAT = 1
 
 
@@ -369,7 +369,7 @@ def _publish(run: Run, directory: Path, summary: dict[str, Any]) -> None:
 
 def write_summary(directory: Path, summary: dict[str, Any]) -> None:
     """The artifact's training_summary.json; the worker rewrites it when it adds what it measured."""
-    (directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (directory / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
 # --- checkpoints -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,13 @@ from tuneforge.config import (
     TURBO_ADAPTERS,
     FinetuningConfig,
 )
+from tuneforge.rules.artifacts import ADAPTER_WEIGHTS, SPECULATOR_WEIGHTS
+from tuneforge.rules.speculator import SpeculatorArchitecture, SpeculatorConfig
 
 from worker.training import eagle
 from worker.training.attention import register_varlen_attention
 from worker.training.runtime import Runtime, TrainingConfigError
-from worker.training.speculator import SPECULATOR_WEIGHTS, MedusaHeads, SpeculatorConfig, SpeculatorFiles
+from worker.training.speculator import MedusaHeads, SpeculatorFiles
 
 
 class NonFiniteWeightsError(ValueError):
@@ -41,7 +43,6 @@ class NonFiniteWeightsError(ValueError):
 
 # How many final transformer blocks `last_layer` trains (with the final norm and the LM head).
 LAST_LAYER_BLOCKS = 1
-PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass
@@ -148,7 +149,7 @@ class TrainableModel:
             return
         if isinstance(self.model, PeftModel):
             device = str(self.runtime.device)
-            set_peft_model_state_dict(self.model, load_file(directory / PEFT_WEIGHTS, device=device))
+            set_peft_model_state_dict(self.model, load_file(directory / ADAPTER_WEIGHTS, device=device))
             return
         params = dict(self.named_trainable())
         for shard in sorted(directory.glob("*.safetensors")):
@@ -279,17 +280,18 @@ def _speculator(
         base_model=config.base_model,
     )
     heads: SpeculatorFiles
-    if config.speculator_architecture == "eagle":
+    if SpeculatorArchitecture.of_choice(config.speculator_architecture) == SpeculatorArchitecture.EAGLE:
         shape = base.config
         heads_count = int(shape.num_attention_heads)
-        spec = replace(
-            spec,
-            architecture=eagle.ARCHITECTURE,
-            num_attention_heads=heads_count,
-            num_key_value_heads=int(getattr(shape, "num_key_value_heads", None) or heads_count),
-            head_dim=int(getattr(shape, "head_dim", None) or shape.hidden_size // heads_count),
-            intermediate_size=int(shape.intermediate_size),
-            rms_norm_eps=float(getattr(shape, "rms_norm_eps", 1e-5)),
+        spec = spec.model_copy(
+            update={
+                "architecture": SpeculatorArchitecture.EAGLE,
+                "num_attention_heads": heads_count,
+                "num_key_value_heads": int(getattr(shape, "num_key_value_heads", None) or heads_count),
+                "head_dim": int(getattr(shape, "head_dim", None) or shape.hidden_size // heads_count),
+                "intermediate_size": int(shape.intermediate_size),
+                "rms_norm_eps": float(getattr(shape, "rms_norm_eps", 1e-5)),
+            }
         )
         with torch.random.fork_rng(devices=[]):  # its random init is the run's seed's, not the RNG's state
             torch.manual_seed(config.seed)

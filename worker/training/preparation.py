@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from tuneforge.config import LOW_RANK_ADAPTERS, TURBO_ADAPTERS
+from tuneforge.rules.artifacts import ADAPTER_CONFIG, SPECULATOR_WEIGHTS
 
 from worker.training import autoconfig, methods, optim, token_cache
 from worker.training.config import TrainingConfig
@@ -21,7 +22,6 @@ from worker.training.data import Example, PreparedData, prepare_data
 from worker.training.feature_cache import FeatureCache
 from worker.training.methods import TrainableModel
 from worker.training.runtime import Runtime, TrainingConfigError, resolve_runtime
-from worker.training.speculator import SPECULATOR_WEIGHTS
 
 # Longer contexts than this rarely help fine-tuning and cost memory quadratically in attention.
 DEFAULT_MAX_SEQ_LENGTH = 2048
@@ -183,7 +183,7 @@ def _parent(config: TrainingConfig, inputs: Inputs) -> tuple[Path | None, Path]:
     if config.adapter == "turbo":
         # Heads on a frozen parent LoRA (its files are carried into the artifact), or further training
         # of a parent speculator.
-        has_adapter = (inputs.init_from / "adapter_config.json").is_file()
+        has_adapter = (inputs.init_from / ADAPTER_CONFIG).is_file()
         if not has_adapter and not (inputs.init_from / SPECULATOR_WEIGHTS).is_file():
             raise TrainingConfigError(
                 "continue_from_version: the parent version holds neither a PEFT adapter nor a speculator "
@@ -191,7 +191,7 @@ def _parent(config: TrainingConfig, inputs: Inputs) -> tuple[Path | None, Path]:
             )
         return (inputs.init_from if has_adapter else None), inputs.model_dir
     if config.adapter in LOW_RANK_ADAPTERS:
-        if not (inputs.init_from / "adapter_config.json").is_file():
+        if not (inputs.init_from / ADAPTER_CONFIG).is_file():
             raise TrainingConfigError("continue_from_version: the parent version holds no PEFT adapter")
         return inputs.init_from, inputs.model_dir
     if not (inputs.init_from / "config.json").is_file():

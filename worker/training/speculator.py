@@ -11,56 +11,18 @@ position whose next token it is) lies in the same example as t.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from tuneforge.rules.artifacts import SPECULATOR_WEIGHTS
+from tuneforge.rules.speculator import DRAFT_VOCAB_KEY, SPECULATOR_FORMAT, SpeculatorConfig
 
 from worker.training.data import IGNORE_INDEX
-
-SPECULATOR_WEIGHTS = "speculator.safetensors"
-SPECULATOR_CONFIG = "speculator_config.json"
-SPECULATOR_FORMAT = 1
-MEDUSA = "medusa_residual_silu"
-
-
-@dataclass(frozen=True)
-class SpeculatorConfig:
-    """What a serving engine needs to rebuild the heads; stamped with a format version on disk."""
-
-    hidden_size: int
-    num_heads: int = 3
-    loss_weight_decay: float = 0.8  # head k's loss weighs decay**k
-    distill: bool = False  # heads trained on the model's own greedy tokens
-    architecture: str = MEDUSA
-    shares_lm_head: bool = True  # logits = base LM head(...); no speculator has a vocabulary matrix
-    base_model: str | None = None
-    format: int = SPECULATOR_FORMAT
-    # eagle_layer only: the base model's layer shape, which the draft layer copies (eagle.py).
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
-    intermediate_size: int | None = None
-    rms_norm_eps: float | None = None
-
-    @property
-    def loss_weights(self) -> list[float]:
-        return [self.loss_weight_decay**k for k in range(self.num_heads)]
-
-    def save(self, directory: Path) -> None:
-        (directory / SPECULATOR_CONFIG).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, directory: Path) -> SpeculatorConfig:
-        """Keys this release does not know (from a newer writer) are ignored."""
-        raw = json.loads((directory / SPECULATOR_CONFIG).read_text())
-        known = {name for name in cls.__dataclass_fields__}
-        return cls(**{key: value for key, value in raw.items() if key in known})
 
 
 class ResidualBlock(torch.nn.Module):
@@ -80,7 +42,6 @@ class ResidualBlock(torch.nn.Module):
 # most (FR-Spec's frequency-ranked draft vocabulary): 8192 of smollm2's 49152 rows cost a sixth of the
 # full pass, and a draft outside them only means a rejected draft, never a different output.
 DRAFT_VOCAB_SIZE = 8192
-DRAFT_VOCAB_KEY = "draft_vocab"
 
 
 def frequent_tokens(label_rows: Sequence[Sequence[int]], limit: int = DRAFT_VOCAB_SIZE) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from tuneforge import FinetuningCanceledError, FinetuningError, FinetuningJob, TuneforgeError, ValidationError
-from tuneforge.adapters import parse_adapter_id, parse_version_ref
+from tuneforge.adapter_ids import parse_adapter_id, parse_version_ref
 from tuneforge.models import AdapterVersion
 
 
