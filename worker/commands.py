@@ -146,7 +146,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from worker.serve_main import run_server
+        from worker.serve_main import EngineOptions, run_server
     except ImportError as exc:
         raise ValueError(
             f"serving needs the data-plane packages ({exc.name} is missing): pip install 'tuneforge[worker]'"
@@ -154,11 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = server_settings(args.data_dir)
     _refuse_public_dev_secret(settings, args.host)
-    return run_server(
-        settings,
-        base_model=args.base_model,
-        host=args.host,
-        port=args.port,
+    options = EngineOptions(
         max_adapters=args.max_adapters,
         max_batch_size=args.max_batch_size,
         kv_cache_bytes=args.kv_cache_bytes,
@@ -167,6 +163,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_lora_rank=args.max_lora_rank or settings.max_lora_rank,
         dtype=args.dtype,
         device=args.device,
+    )
+    return run_server(
+        settings,
+        base_model=args.base_model,
+        host=args.host,
+        port=args.port,
+        options=options,
         preload=args.preload,
         adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
         tenant=args.tenant,

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
@@ -34,6 +34,9 @@ from app.storage.base import BlobNotFoundError, StorageError
 from worker.serving.adapters import AdapterSource, ResolvedAdapter
 from worker.serving.cpu_kernels import KernelConfig
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError
+
+if TYPE_CHECKING:
+    from worker.serving.engine import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -187,21 +190,28 @@ def model_cache_dir(settings: Settings) -> Path:
     return settings.model_cache_dir if settings.model_cache_dir is not None else settings.data_dir / "models"
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """What `tuneforge serve` lets an operator choose about the engine (see its --help)."""
+
+    max_adapters: int
+    max_batch_size: int
+    kv_cache_bytes: int | None
+    speculation_max_batch: int | None = None
+    speculation_depth: int | None = None
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
+    dtype: str = "fp32"
+    device: str = "auto"
+
+
 def run_server(
     settings: Settings,
     *,
     base_model: str,
     host: str,
     port: int,
-    max_adapters: int,
-    max_batch_size: int,
-    kv_cache_bytes: int | None,
-    speculation_max_batch: int | None = None,
-    speculation_depth: int | None = None,
-    max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
-    dtype: str,
+    options: EngineOptions,
     preload: list[str],
-    device: str = "auto",
     adapter_dir: Path | None,
     tenant: str | None,
     log_level: str = "info",
@@ -210,30 +220,16 @@ def run_server(
     """Load the model, start the engine, and serve HTTP until stopped; returns the exit code (non-zero
     when the engine died or the parent went away, so that a supervisor restarts it)."""
     from worker.serving.async_engine import AsyncEngine
-    from worker.serving.engine import EngineConfig
     from worker.serving.lifetime import process_server
     from worker.serving.metrics import ServingMetrics
     from worker.serving.server import build_app
     from worker.serving.tenant_auth import SignedTenants
-    from worker.training.base_models import resolve_base_model
 
     tenant = tenant or settings.dev_tenant
-    model_path = resolve_base_model(base_model, model_cache_dir(settings))
     source, ctx = _adapter_source(settings, adapter_dir, tenant, base_model)
-    config = EngineConfig(
-        model_path=model_path,
-        model_name=base_model,
-        dtype=dtype,
-        device=device,
-        max_batch_size=max_batch_size,
-        max_adapters=max_adapters,
-        speculation_max_batch=speculation_max_batch,
-        speculation_depth=speculation_depth,
-        kv_cache_bytes=kv_cache_bytes,
-        max_lora_rank=max_lora_rank,
-        kernels=kernel_config(os.environ),
+    engine = AsyncEngine(
+        _engine_config(settings, base_model, options), source=source, metrics=ServingMetrics()
     )
-    engine = AsyncEngine(config, source=source, metrics=ServingMetrics())
     # Always verified: the tenant of a request is only ever the one the control plane signed.
     app = build_app(engine, tenants=SignedTenants.from_secret(settings.secret_key))
     server = process_server(app, engine, host=host, port=port, log_level=log_level, parent_pid=parent_pid)
@@ -252,6 +248,26 @@ def run_server(
         if ctx is not None:
             ctx.close()
     return server.exit_code
+
+
+def _engine_config(settings: Settings, base_model: str, options: EngineOptions) -> EngineConfig:
+    """The engine's configuration: the base model resolved in the shared model cache, plus the options."""
+    from worker.serving.engine import EngineConfig
+    from worker.training.base_models import resolve_base_model
+
+    return EngineConfig(
+        model_path=resolve_base_model(base_model, model_cache_dir(settings)),
+        model_name=base_model,
+        dtype=options.dtype,
+        device=options.device,
+        max_batch_size=options.max_batch_size,
+        max_adapters=options.max_adapters,
+        speculation_max_batch=options.speculation_max_batch,
+        speculation_depth=options.speculation_depth,
+        kv_cache_bytes=options.kv_cache_bytes,
+        max_lora_rank=options.max_lora_rank,
+        kernels=kernel_config(os.environ),
+    )
 
 
 def _adapter_source(

@@ -18,6 +18,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from tuneforge.rules.artifacts import ADAPTER_CONFIG
+
 # The projections of a Llama-style decoder layer a served LoRA may target, and the block each sits in.
 PROJECTION_PARENTS: dict[str, str] = {
     "q_proj": "self_attn",
@@ -278,7 +280,7 @@ def _pair_rank(layer: int, module: str, side: Mapping[str, int], config: Mapping
     expected = pattern_value(config.get("rank_pattern") or {}, path, config.get("r", 8))
     if side["A"] != expected:
         raise AdapterRuleError(
-            path, f"its weights have rank {side['A']}, but adapter_config.json gives it rank {expected:g} "
+            path, f"its weights have rank {side['A']}, but {ADAPTER_CONFIG} gives it rank {expected:g} "
             "(r, or its rank_pattern entry)"
         )  # fmt: skip
     return side["A"]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from tuneforge import lora_rules
-from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS
 
 from worker.serving.cpu_kernels import SmallGemm
 from worker.serving.draft_model import DraftModel
@@ -134,8 +134,8 @@ def _read_lora(
     weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise AdapterLoadError(
-            "it has no adapter_model.safetensors; only safetensors weights are served "
-            "(convert a pickle adapter_model.bin with safetensors.torch.save_file)"
+            f"it has no {ADAPTER_WEIGHTS}; only safetensors weights are served "
+            f"(convert a pickle {PICKLED_WEIGHTS} with safetensors.torch.save_file)"
         )
     pairs = _read_pairs(
         weights, num_layers=shape.num_layers, shapes=shape.module_shapes, max_rank=shape.max_rank
@@ -150,12 +150,12 @@ def _read_config(directory: Path, max_rank: int) -> dict[str, Any]:
     path = directory / ADAPTER_CONFIG
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise AdapterLoadError(f"adapter_config.json is over {MAX_CONFIG_BYTES} bytes")
+            raise AdapterLoadError(f"{ADAPTER_CONFIG} is over {MAX_CONFIG_BYTES} bytes")
         config = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):
-        raise AdapterLoadError("adapter_config.json is missing or not JSON") from None
+        raise AdapterLoadError(f"{ADAPTER_CONFIG} is missing or not JSON") from None
     if not isinstance(config, dict):
-        raise AdapterLoadError("adapter_config.json is not a JSON object")
+        raise AdapterLoadError(f"{ADAPTER_CONFIG} is not a JSON object")
     if config.get("use_dora"):
         raise AdapterLoadError("DoRA adapters are not served yet: train with adapter='lora' to serve it here")
     if config.get("modules_to_save"):
@@ -163,7 +163,7 @@ def _read_config(directory: Path, max_rank: int) -> dict[str, Any]:
     try:
         lora_rules.check_config(config, max_rank=max_rank)
     except lora_rules.AdapterRuleError as exc:
-        raise AdapterLoadError(f"adapter_config.json: {exc}") from None
+        raise AdapterLoadError(f"{ADAPTER_CONFIG}: {exc}") from None
     return config
 
 
@@ -231,8 +231,8 @@ def _read_pairs(
     except lora_rules.AdapterRuleError as exc:
         raise AdapterLoadError(str(exc)) from None
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # corrupt or truncated file
-        log.warning("adapter_model.safetensors at %s cannot be read: %s", weights, exc)
-        raise AdapterLoadError("adapter_model.safetensors is not a readable safetensors file") from None
+        log.warning(f"{ADAPTER_WEIGHTS} at %s cannot be read: %s", weights, exc)
+        raise AdapterLoadError(f"{ADAPTER_WEIGHTS} is not a readable safetensors file") from None
     return pairs
 
 

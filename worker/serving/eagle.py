@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from tuneforge.rules.artifacts import SPECULATOR_CONFIG, SPECULATOR_WEIGHTS
 from tuneforge.rules.speculator import MAX_DRAFT_HEADS, SpeculatorArchitecture
 
 from worker.serving.cpu_kernels import SmallGemm
@@ -146,29 +147,8 @@ class EagleDraft:
     ) -> EagleDraft:
         config, state = read_speculator_files(directory)
         _check_shape(config, shape)
-        try:
-            depth = int(config["num_heads"])
-            eps = float(config["rms_norm_eps"])
-            intermediate = int(config["intermediate_size"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise AdapterLoadError(f"speculator_config.json lacks a valid {exc}") from exc
-        if not 1 <= depth <= MAX_DRAFT_HEADS:
-            raise AdapterLoadError(
-                f"speculator_config.json: num_heads must be in 1..{MAX_DRAFT_HEADS}, not {depth}"
-            )
-        if not 0 < eps < 1 or not 0 < intermediate <= MAX_INTERMEDIATE:
-            raise AdapterLoadError(
-                "speculator_config.json: rms_norm_eps or intermediate_size is out of range"
-            )
-        weights = _expected_weights(shape, intermediate)
-        for name, expected in weights.items():
-            if name not in state:
-                raise AdapterLoadError(f"speculator.safetensors lacks {name}")
-            if tuple(state[name].shape) != expected:
-                raise AdapterLoadError(
-                    f"speculator.safetensors: {name} is {tuple(state[name].shape)}, expected {expected} "
-                    "for this base model"
-                )
+        depth, eps, intermediate = _draft_layer_numbers(config)
+        _check_weights(state, _expected_weights(shape, intermediate))
 
         def put(t: torch.Tensor) -> torch.Tensor:
             return check_finite(
@@ -347,6 +327,33 @@ class EagleDraft:
         full = torch.zeros(q.shape[0], vocab_size)
         full[:, self.draft_vocab.cpu()] = q
         return full
+
+
+def _draft_layer_numbers(config: dict[str, Any]) -> tuple[int, float, int]:
+    """(depth, rms_norm_eps, intermediate_size) of a stored draft layer, each within its bounds."""
+    try:
+        depth = int(config["num_heads"])
+        eps = float(config["rms_norm_eps"])
+        intermediate = int(config["intermediate_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AdapterLoadError(f"{SPECULATOR_CONFIG} lacks a valid {exc}") from exc
+    if not 1 <= depth <= MAX_DRAFT_HEADS:
+        raise AdapterLoadError(f"{SPECULATOR_CONFIG}: num_heads must be in 1..{MAX_DRAFT_HEADS}, not {depth}")
+    if not 0 < eps < 1 or not 0 < intermediate <= MAX_INTERMEDIATE:
+        raise AdapterLoadError(f"{SPECULATOR_CONFIG}: rms_norm_eps or intermediate_size is out of range")
+    return depth, eps, intermediate
+
+
+def _check_weights(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor the draft layer needs is stored, in this base model's shape."""
+    for name, shape in expected.items():
+        if name not in state:
+            raise AdapterLoadError(f"{SPECULATOR_WEIGHTS} lacks {name}")
+        if tuple(state[name].shape) != shape:
+            raise AdapterLoadError(
+                f"{SPECULATOR_WEIGHTS}: {name} is {tuple(state[name].shape)}, expected {shape} "
+                "for this base model"
+            )
 
 
 def _check_shape(config: dict, shape: ModelShape) -> None:  # type: ignore[type-arg]

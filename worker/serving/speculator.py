@@ -78,7 +78,7 @@ class Speculator:
             )
         heads = config.get("num_heads")
         if isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= MAX_DRAFT_HEADS:
-            raise AdapterLoadError(f"speculator_config.json: num_heads must be in 1..{MAX_DRAFT_HEADS}")
+            raise AdapterLoadError(f"{SPECULATOR_CONFIG}: num_heads must be in 1..{MAX_DRAFT_HEADS}")
         expected = {"weight": (hidden_size, hidden_size), "bias": (hidden_size,)}
         stacked = {}
         for part, shape in expected.items():
@@ -88,7 +88,7 @@ class Speculator:
                 if tensor is None or tuple(tensor.shape) != shape:
                     found = "missing" if tensor is None else f"{tuple(tensor.shape)}"
                     raise AdapterLoadError(
-                        f"speculator.safetensors: heads.{k}.linear.{part} is {found}, not {shape}"
+                        f"{SPECULATOR_WEIGHTS}: heads.{k}.linear.{part} is {found}, not {shape}"
                     )
                 tensors.append(tensor)
             stacked[part] = check_finite(
@@ -146,14 +146,14 @@ def read_speculator_files(directory: Path) -> tuple[dict[str, Any], dict[str, to
     """speculator_config.json and speculator.safetensors of either kind; unreadable ones refuse the load."""
     try:
         if (directory / SPECULATOR_CONFIG).stat().st_size > MAX_CONFIG_BYTES:
-            raise AdapterLoadError(f"speculator_config.json is over {MAX_CONFIG_BYTES} bytes")
+            raise AdapterLoadError(f"{SPECULATOR_CONFIG} is over {MAX_CONFIG_BYTES} bytes")
         config = json.loads((directory / SPECULATOR_CONFIG).read_text())
         state = load_file(directory / SPECULATOR_WEIGHTS)
     except (OSError, ValueError, RecursionError) as exc:
         log.warning("speculator files in %s cannot be read: %s", directory, exc)
         raise AdapterLoadError("the speculator files cannot be read (not JSON / safetensors)") from None
     if not isinstance(config, dict):
-        raise AdapterLoadError("speculator_config.json is not a JSON object")
+        raise AdapterLoadError(f"{SPECULATOR_CONFIG} is not a JSON object")
     return config, state
 
 
@@ -171,10 +171,10 @@ def draft_vocab(
     if ids is None:
         return None
     if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
-        raise AdapterLoadError(f"speculator.safetensors: {DRAFT_VOCAB_KEY} must be a 1-d list of token ids")
+        raise AdapterLoadError(f"{SPECULATOR_WEIGHTS}: {DRAFT_VOCAB_KEY} must be a 1-d list of token ids")
     limit = vocab_size if vocab_size is not None else torch.iinfo(torch.long).max
     if int(ids.min()) < 0 or int(ids.max()) >= limit:
-        raise AdapterLoadError(f"speculator.safetensors: {DRAFT_VOCAB_KEY} holds ids outside [0, {limit})")
+        raise AdapterLoadError(f"{SPECULATOR_WEIGHTS}: {DRAFT_VOCAB_KEY} holds ids outside [0, {limit})")
     return ids.to(device=device, dtype=torch.long)
 
 
