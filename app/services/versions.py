@@ -25,14 +25,9 @@ def parse_tag(tag: str) -> int:
 
 
 def get(session: Session, user: User, repo_ref: str, tag: str) -> AdapterVersion:
+    """The version a route's `{repo}/{tag}` names; a missing repo is its own 404 (repos.get)."""
     repo = repos.get(session, user, repo_ref)
-    number = parse_tag(tag)
-    version = session.scalar(
-        select(AdapterVersion).where(AdapterVersion.repo_id == repo.id, AdapterVersion.tag == number)
-    )
-    if version is None:
-        raise VersionNotFoundError(f"adapter version {repo.name}/{number} not found")
-    return version
+    return resolve(session, user.tenant.name, AdapterRef(repo.name, parse_tag(tag))).version
 
 
 class VersionNotFoundError(NotFoundError):
