@@ -31,7 +31,7 @@ from worker.serving.speculator import (
     SUPPORTED_ARCHITECTURE,
     Speculator,
     has_speculator,
-    speculator_architecture,
+    read_speculator_config,
 )
 
 log = logging.getLogger(__name__)
@@ -116,11 +116,9 @@ DRAFT_KINDS: dict[str, DraftLoader] = {
 
 
 def load_draft_model(directory: Path, shape: LoadShape) -> DraftModel:
-    """The adapter's speculator, loaded by the kind its config names. An unknown or unreadable
-    architecture goes to the Medusa loader, whose checks say what is wrong (the files cannot be read,
-    or which architecture and width this engine serves)."""
-    architecture = speculator_architecture(directory)
-    loader = DRAFT_KINDS.get(architecture or "", _load_medusa)
+    """The adapter's speculator, loaded by the kind its config names: the schema admits only the kinds
+    this release knows, and a config that does not validate refuses the load, naming the field."""
+    loader = DRAFT_KINDS[read_speculator_config(directory).architecture]
     return loader(directory, shape)
 
 

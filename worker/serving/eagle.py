@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from tuneforge.rules.artifacts import SPECULATOR_CONFIG, SPECULATOR_WEIGHTS
-from tuneforge.rules.speculator import MAX_DRAFT_HEADS, SpeculatorArchitecture
+from tuneforge.rules.speculator import SpeculatorArchitecture, SpeculatorConfig
 
 from worker.serving.cpu_kernels import SmallGemm
 from worker.serving.draft_model import LMHead
@@ -329,19 +329,15 @@ class EagleDraft:
         return full
 
 
-def _draft_layer_numbers(config: dict[str, Any]) -> tuple[int, float, int]:
+def _draft_layer_numbers(config: SpeculatorConfig) -> tuple[int, float, int]:
     """(depth, rms_norm_eps, intermediate_size) of a stored draft layer, each within its bounds."""
-    try:
-        depth = int(config["num_heads"])
-        eps = float(config["rms_norm_eps"])
-        intermediate = int(config["intermediate_size"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AdapterLoadError(f"{SPECULATOR_CONFIG} lacks a valid {exc}") from exc
-    if not 1 <= depth <= MAX_DRAFT_HEADS:
-        raise AdapterLoadError(f"{SPECULATOR_CONFIG}: num_heads must be in 1..{MAX_DRAFT_HEADS}, not {depth}")
+    eps, intermediate = config.rms_norm_eps, config.intermediate_size
+    if eps is None or intermediate is None:
+        missing = "rms_norm_eps" if eps is None else "intermediate_size"
+        raise AdapterLoadError(f"{SPECULATOR_CONFIG} lacks a valid {missing!r}")
     if not 0 < eps < 1 or not 0 < intermediate <= MAX_INTERMEDIATE:
         raise AdapterLoadError(f"{SPECULATOR_CONFIG}: rms_norm_eps or intermediate_size is out of range")
-    return depth, eps, intermediate
+    return config.num_heads, eps, intermediate
 
 
 def _check_weights(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
@@ -356,12 +352,12 @@ def _check_weights(state: dict[str, torch.Tensor], expected: dict[str, tuple[int
             )
 
 
-def _check_shape(config: dict, shape: ModelShape) -> None:  # type: ignore[type-arg]
+def _check_shape(config: SpeculatorConfig, shape: ModelShape) -> None:
     found = {
-        "hidden_size": config.get("hidden_size"),
-        "num_attention_heads": config.get("num_attention_heads"),
-        "num_key_value_heads": config.get("num_key_value_heads"),
-        "head_dim": config.get("head_dim"),
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
     }
     wanted = {
         "hidden_size": shape.hidden_size,

@@ -16,13 +16,17 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from tuneforge.rules.artifacts import SPECULATOR_CONFIG, SPECULATOR_WEIGHTS
-from tuneforge.rules.speculator import DRAFT_VOCAB_KEY, MAX_DRAFT_HEADS, SpeculatorArchitecture
+from tuneforge.rules.speculator import (
+    DRAFT_VOCAB_KEY,
+    SpeculatorArchitecture,
+    SpeculatorConfig,
+    SpeculatorConfigError,
+)
 
 from worker.serving.draft_model import LMHead
 from worker.serving.errors import AdapterLoadError
@@ -70,15 +74,12 @@ class Speculator:
         vocab_size: int | None = None,
     ) -> Speculator:
         config, state = read_speculator_files(directory)
-        if config.get("architecture") != SUPPORTED_ARCHITECTURE or config.get("hidden_size") != hidden_size:
+        if config.architecture != SUPPORTED_ARCHITECTURE or config.hidden_size != hidden_size:
             raise AdapterLoadError(
-                f"speculator {str(config.get('architecture'))[:80]!r} of hidden size "
-                f"{str(config.get('hidden_size'))[:20]} does not fit this engine "
-                f"({SUPPORTED_ARCHITECTURE}, hidden size {hidden_size})"
+                f"speculator {config.architecture.value!r} of hidden size {config.hidden_size} does not fit "
+                f"this engine ({SUPPORTED_ARCHITECTURE}, hidden size {hidden_size})"
             )
-        heads = config.get("num_heads")
-        if isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= MAX_DRAFT_HEADS:
-            raise AdapterLoadError(f"{SPECULATOR_CONFIG}: num_heads must be in 1..{MAX_DRAFT_HEADS}")
+        heads = config.num_heads  # bounded by the schema
         expected = {"weight": (hidden_size, hidden_size), "bias": (hidden_size,)}
         stacked = {}
         for part, shape in expected.items():
@@ -142,18 +143,30 @@ class Speculator:
         return [int(t) for t in vocab[drawn]], full
 
 
-def read_speculator_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """speculator_config.json and speculator.safetensors of either kind; unreadable ones refuse the load."""
+def read_speculator_config(directory: Path) -> SpeculatorConfig:
+    """The adapter's speculator config, by the schema training writes it with; a missing, oversized or
+    invalid one refuses the load, naming the field."""
     try:
         if (directory / SPECULATOR_CONFIG).stat().st_size > MAX_CONFIG_BYTES:
             raise AdapterLoadError(f"{SPECULATOR_CONFIG} is over {MAX_CONFIG_BYTES} bytes")
-        config = json.loads((directory / SPECULATOR_CONFIG).read_text())
-        state = load_file(directory / SPECULATOR_WEIGHTS)
+        raw = json.loads((directory / SPECULATOR_CONFIG).read_text())
     except (OSError, ValueError, RecursionError) as exc:
-        log.warning("speculator files in %s cannot be read: %s", directory, exc)
+        log.warning("speculator config in %s cannot be read: %s", directory, exc)
         raise AdapterLoadError("the speculator files cannot be read (not JSON / safetensors)") from None
-    if not isinstance(config, dict):
-        raise AdapterLoadError(f"{SPECULATOR_CONFIG} is not a JSON object")
+    try:
+        return SpeculatorConfig.parse(raw)
+    except SpeculatorConfigError as exc:
+        raise AdapterLoadError(str(exc)) from None
+
+
+def read_speculator_files(directory: Path) -> tuple[SpeculatorConfig, dict[str, torch.Tensor]]:
+    """The speculator's config and its tensors (speculator.safetensors), of either kind."""
+    config = read_speculator_config(directory)
+    try:
+        state = load_file(directory / SPECULATOR_WEIGHTS)
+    except (OSError, ValueError) as exc:
+        log.warning("speculator weights in %s cannot be read: %s", directory, exc)
+        raise AdapterLoadError("the speculator files cannot be read (not JSON / safetensors)") from None
     return config, state
 
 
@@ -180,13 +193,3 @@ def draft_vocab(
 
 def has_speculator(directory: Path) -> bool:
     return (directory / SPECULATOR_WEIGHTS).is_file() and (directory / SPECULATOR_CONFIG).is_file()
-
-
-def speculator_architecture(directory: Path) -> str | None:
-    """The architecture the adapter's speculator files declare (None: unreadable or not named)."""
-    try:
-        config = json.loads((directory / SPECULATOR_CONFIG).read_text())
-    except (OSError, ValueError):
-        return None
-    architecture = config.get("architecture") if isinstance(config, dict) else None
-    return architecture if isinstance(architecture, str) else None
