@@ -18,8 +18,8 @@ from app.errors import install_error_handlers
 from app.observability import MetricsMiddleware, RequestMetrics
 from app.services.job_sweeper import JobSweeper
 from app.services.quotas import ServingLimits
-from app.services.serving_processes import ServingSupervisor
 from app.settings import Settings
+from app.supervision.serving_processes import ServingSupervisor
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from app.services.dataset_formats import profile_dataset
+from app.services.dataset_files.formats import profile_dataset
 from app.storage.base import CHUNK_BYTES
 
 

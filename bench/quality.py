@@ -20,8 +20,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: the base model is built locally
 
-from app.demo import demo_config
-from app.services.demo_dataset import demo_rows
+from app.demo.dataset import demo_rows
+from app.demo.job import demo_config
 from worker.training.loop import train
 
 

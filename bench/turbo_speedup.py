@@ -3,7 +3,7 @@
 Run: .venv/bin/python bench/turbo_speedup.py [--lora-steps 60] [--turbo-steps 60] [--turbo-lora-steps 60]
      [--architecture eagle|medusa] [--depth 6] [--serve-depth K] [--compare-medusa STEPS]
      [--dtype fp32|bf16] [--keep DIR] [--skip-training DIR] [--repeats 5] [--quick] [--json PATH]
-Base model smollm2-135m, the demo task (dates in words -> YYYY-MM-DD, app/services/demo_dataset.py),
+Base model smollm2-135m, the demo task (dates in words -> YYYY-MM-DD, app/demo/dataset.py),
 the demo's LoRA settings. Trains, timing each:
   (a) `lora`: a plain LoRA (the peer);
   (b) `turbo`: a speculator only (default: the EAGLE-style draft layer, --depth drafts a step) on top
@@ -88,8 +88,8 @@ def train_all(args: argparse.Namespace, root: Path, scratch: Path) -> dict[str, 
 
     Each artifact is also copied to --keep as soon as it exists, so an interrupted run can go on.
     """
-    from app.demo import demo_config
-    from app.services.demo_dataset import demo_rows
+    from app.demo.dataset import demo_rows
+    from app.demo.job import demo_config
     from worker.training.loop import train
 
     base = demo_config().model_dump(exclude_unset=True) | {"base_model": BASE_MODEL, "dtype": args.dtype}
@@ -161,7 +161,7 @@ def strip_heads(root: Path) -> None:
 
 def held_out_prompts(tokenizer: Any, count: int) -> list[list[int]]:
     """The first `count` evaluation rows, rendered as training renders prompt/completion rows."""
-    from app.services.demo_dataset import demo_rows
+    from app.demo.dataset import demo_rows
 
     rows = [row for row in demo_rows() if row["split"] == "evaluation"][:count]
     if not getattr(tokenizer, "chat_template", None):

@@ -24,7 +24,7 @@ import redis
 from live_server import LiveServer
 from tests_support import POSTGRES_ADMIN_DSN
 
-from app.services.serving_processes import settings_environment
+from app.supervision.serving_processes import settings_environment
 
 REDIS_URL = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 WORKER_START_TIMEOUT_S = 120.0

@@ -63,7 +63,7 @@ VALIDATE_CHILD_MAX_RSS_KIB = 512 * 1024
 
 def make_validate_celery(settings: Settings) -> Celery:
     """The validate node's app; register its task with `worker.validate_task.register_validate_task`."""
-    from app.services.dataset_validation import hard_time_limit
+    from app.services.dataset_files.validation import hard_time_limit
 
     celery = Celery("tuneforge-validate", broker=settings.broker_url, set_as_current=False)
     celery.conf.update(

@@ -9,7 +9,7 @@ from typing import Any
 
 from app.db import Dataset, DatasetStatus, JobCheckpoint
 from app.services import blob_keys
-from app.services.dataset_formats import DatasetFormatError, read_rows
+from app.services.dataset_files.formats import DatasetFormatError, read_rows
 from app.storage import BlobStore
 from app.storage.base import BlobNotFoundError
 from worker.training.data import TrainingDataError

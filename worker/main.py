@@ -19,9 +19,9 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init
 
-from app.child_processes import dies_with_parent
 from app.context import AppContext
 from app.settings import Settings
+from app.supervision.child_processes import dies_with_parent
 from worker.celery_app import make_celery, make_validate_celery
 from worker.validate_task import limit_memory, register_validate_task
 

@@ -15,7 +15,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from app.context import AppContext
 from app.queue import VALIDATE_TASK
-from app.services import dataset_validation
+from app.services.dataset_files import validation as dataset_validation
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ from fastapi.responses import StreamingResponse
 
 from app.api import presenters, schemas
 from app.api.deps import BaseUrlDep, CtxDep, CurrentUser, SessionDep, StorageRoom
-from app.services import adapter_uploads, versions
+from app.services import versions
+from app.services.adapter_files import uploads as adapter_uploads
 
 router = APIRouter(tags=["adapters"])
 VERSION_PATH = "/v2/repos/{repo}/version/{tag}"

@@ -7,7 +7,8 @@ from fastapi import APIRouter, Query
 
 from app.api import presenters, schemas
 from app.api.deps import BaseUrlDep, CtxDep, CurrentUser, SessionDep, StorageRoom
-from app.services import dataset_lengths, datasets
+from app.services import datasets
+from app.services.dataset_files import lengths as dataset_lengths
 
 router = APIRouter(tags=["datasets"])
 

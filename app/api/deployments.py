@@ -10,8 +10,8 @@ from app.api import deployment_schemas as schemas
 from app.api.deps import CtxDep, CurrentUser, SessionDep
 from app.services import deployment_metrics, deployments
 from app.services.deployments import DeploymentView
-from app.services.serving_processes import ServingStatus, ServingSupervisor
 from app.settings import Settings
+from app.supervision.serving_processes import ServingStatus, ServingSupervisor
 
 router = APIRouter(tags=["deployments"])
 

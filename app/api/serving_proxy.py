@@ -23,7 +23,7 @@ from app.api.serving_admission import SlotResponse, admit
 from app.context import AppContext
 from app.errors import NotFoundError
 from app.services import auth, deployments
-from app.services.serving_processes import ServingSupervisor, ServingUnavailableError
+from app.supervision.serving_processes import ServingSupervisor, ServingUnavailableError
 
 router = APIRouter(tags=["serving"])
 log = logging.getLogger(__name__)

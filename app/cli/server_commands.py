@@ -14,12 +14,12 @@ from pathlib import Path
 
 from tuneforge.cli.tables import table
 
-from app.child_processes import dies_with_parent
 from app.context import AppContext
 from app.db import migrate
 from app.db.session import make_engine, make_session_factory, transaction
 from app.services import auth, gc
 from app.settings import Settings
+from app.supervision.child_processes import dies_with_parent
 
 # The worker nodes `tuneforge worker` can run: training jobs, and dataset validation beside them.
 WORKER_QUEUES = ("train", "validate")

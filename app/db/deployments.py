@@ -2,7 +2,7 @@
 
 A deployment owns no process: every deployment of one base model shares the serving process the
 control plane supervises (or the serving Deployment an operator runs), so its live status comes from
-`app.services.serving_processes`, not from this row.
+`app.supervision.serving_processes`, not from this row.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 An upload is immutable once registered: the client PUTs to an upload key, and `finish_upload`
 copies those bytes to the dataset's own key, which no URL can write to, recording their sha256.
 The upload token names that dataset key, which is unique, so a token registers one dataset.
-Validation runs on a worker (`app.services.dataset_validation`), sent after the commit.
+Validation runs on a worker (`app.services.dataset_files.validation`), sent after the commit.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from sqlalchemy.orm import Session
 from app.context import AppContext
 from app.db import Dataset, DatasetStatus, User
 from app.errors import ConflictError, InvalidInputError, NotFoundError, PayloadTooLargeError
-from app.services import blob_keys, dataset_validation, upload_tokens
-from app.services.dataset_formats import SUPPORTED_EXTENSIONS
+from app.services import blob_keys, upload_tokens
+from app.services.dataset_files import validation as dataset_validation
+from app.services.dataset_files.formats import SUPPORTED_EXTENSIONS
 from app.services.names import validate_name
 from app.storage import BlobInfo, BlobNotFoundError, StorageError
 

@@ -14,7 +14,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.services.deployments import DeploymentView
-from app.services.serving_processes import ServingStatus, ServingSupervisor
+from app.supervision.serving_processes import ServingStatus, ServingSupervisor
 
 SCRAPE_TIMEOUT_S = 5.0
 _PREFIX = "tuneforge_serving_"

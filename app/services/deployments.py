@@ -21,8 +21,8 @@ from app.db import Deployment, Tenant, User
 from app.errors import ConflictError, InvalidInputError, NotFoundError
 from app.services import base_models
 from app.services.names import validate_name
-from app.services.serving_processes import ServingEvent, ServingStatus, ServingSupervisor
 from app.settings import Settings
+from app.supervision.serving_processes import ServingEvent, ServingStatus, ServingSupervisor
 
 DEFAULT_DEPLOYMENT = "smollm2-135m"
 DEFAULT_BASE_MODEL = "smollm2-135m"

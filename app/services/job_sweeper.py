@@ -24,7 +24,8 @@ from sqlalchemy.orm import Session
 from app.context import AppContext
 from app.db import FinetuningJob, JobStatus
 from app.db.base import utcnow
-from app.services import dataset_validation, finetuning, jobs
+from app.services import finetuning, jobs
+from app.services.dataset_files import validation as dataset_validation
 
 log = logging.getLogger(__name__)
 

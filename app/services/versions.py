@@ -15,7 +15,7 @@ from app.context import AppContext
 from app.db import AdapterVersion, JobCheckpoint, Repo, Tenant, User, VersionStatus
 from app.errors import ConflictError, InvalidInputError, NotFoundError
 from app.services import blob_keys, jobs, repos
-from app.services.zip_stream import zip_chunks
+from app.services.adapter_files.zip_stream import zip_chunks
 
 
 def parse_tag(tag: str) -> int:

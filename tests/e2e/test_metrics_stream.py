@@ -26,7 +26,7 @@ from sqlalchemy import event, select
 from websockets.sync.client import connect
 
 from app.db import FinetuningJob
-from app.services.serving_processes import settings_environment
+from app.supervision.serving_processes import settings_environment
 
 pytestmark = pytest.mark.e2e
 

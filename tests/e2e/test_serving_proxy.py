@@ -329,7 +329,7 @@ def test_a_wedged_serving_process_is_killed_and_the_next_request_starts_a_new_on
 
 
 def _start_operator_serve(settings: Any, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    from app.services.serving_processes import settings_environment
+    from app.supervision.serving_processes import settings_environment
 
     with log_path.open("ab") as log:
         return subprocess.Popen(

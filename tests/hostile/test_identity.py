@@ -25,8 +25,8 @@ from tuneforge.serving_auth import ASSERTION_HEADER, TenantAssertions
 
 from app.db import ApiToken
 from app.db.base import utcnow
-from app.services.serving_processes import settings_environment
 from app.settings import DEVELOPMENT_SECRET_KEY
+from app.supervision.serving_processes import settings_environment
 
 TINY = "tiny-random-llama"
 

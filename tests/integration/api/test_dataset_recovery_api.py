@@ -24,7 +24,8 @@ from app.db import Dataset, DatasetStatus
 from app.db.base import utcnow
 from app.db.session import transaction
 from app.main import create_app
-from app.services import auth, dataset_validation
+from app.services import auth
+from app.services.dataset_files import validation as dataset_validation
 from app.storage import LocalBlobStore
 
 STACKS = ["embedded", "postgres_s3"]

@@ -8,8 +8,8 @@ from prometheus_client import generate_latest
 
 from app.services.deployment_metrics import from_samples, parse_samples, read
 from app.services.deployments import DeploymentView
-from app.services.serving_processes import ServingSupervisor
 from app.settings import Settings
+from app.supervision.serving_processes import ServingSupervisor
 from worker.serving.metrics import ServingMetrics
 
 

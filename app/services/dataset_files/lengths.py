@@ -16,7 +16,7 @@ from typing import Any
 from app.context import AppContext
 from app.db import Dataset, DatasetStatus
 from app.errors import ConflictError
-from app.services.dataset_formats import iter_rows
+from app.services.dataset_files.formats import iter_rows
 from app.storage import ChecksumMismatchError
 
 TOKENIZER = "approximate: words and punctuation marks"

@@ -1,4 +1,4 @@
-"""Uploading an existing PEFT adapter as a new version: presigned staging, checks (`adapter_checks`), then
+"""Uploading an existing PEFT adapter as a new version: presigned staging, checks (`checks`), then
 an atomic publish."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_W
 from app.context import AppContext
 from app.db import AdapterVersion, Repo, User, VersionSource, VersionStatus
 from app.errors import InvalidInputError, PayloadTooLargeError
-from app.services import adapter_checks, base_models, repos, upload_tokens
+from app.services import base_models, repos, upload_tokens
+from app.services.adapter_files import checks as adapter_checks
 from app.storage import BlobNotFoundError, BlobStore
 
 log = logging.getLogger(__name__)

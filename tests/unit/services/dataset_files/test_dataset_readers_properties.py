@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from app.services.dataset_formats import (
+from app.services.dataset_files.formats import (
     MAX_NESTING,
     DatasetFormatError,
     DatasetProfile,

@@ -18,7 +18,7 @@ import ijson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from app.services.dataset_rows import (
+from app.services.dataset_files.rows import (
     MAX_COLUMNS,
     MAX_NESTING,
     MAX_ROW_BYTES,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from app.services.dataset_lengths import approximate_tokens, row_text, summarise
+from app.services.dataset_files.lengths import approximate_tokens, row_text, summarise
 
 
 def test_row_text_takes_what_each_dataset_kind_trains_on() -> None:

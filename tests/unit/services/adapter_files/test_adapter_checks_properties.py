@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import numpy as np
-from adapter_files import (
+from adapter_file_builders import (
     TINY_CONFIG,
     as_dtype,
     chunked,
@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.errors import InvalidInputError
-from app.services.adapter_checks import check_weights, parse_config
+from app.services.adapter_files.checks import check_weights, parse_config
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -23,8 +23,8 @@ from typing import IO
 import httpx
 from tuneforge import AdapterVersion, Dataset, FinetuningConfig, NotFoundError, Tuneforge, TuneforgeError
 
-from app import demo_serving
-from app.services.demo_dataset import write_demo_dataset
+from app.demo import serving as demo_serving
+from app.demo.dataset import write_demo_dataset
 from app.settings import Settings
 
 DEFAULT_PORT = 8000

@@ -18,7 +18,7 @@ from tuneforge import (
 )
 from tuneforge.rules.datasets import SPLIT_COLUMN, Split
 
-from app.services.demo_dataset import exact_match
+from app.demo.dataset import exact_match
 
 # Every tenant has this deployment without creating it; other base models get one made by the demo.
 DEFAULT_DEPLOYMENT = "smollm2-135m"

@@ -1,7 +1,7 @@
 """Owns what a training dataset file may contain: detects its format and validates it from a byte stream.
 
-The readers (`dataset_readers`) turn the file into rows with bounded memory; the row checks
-(`dataset_rows`) decide the dataset kind and what is wrong with which rows. Everything a file can
+The readers (`readers`) turn the file into rows with bounded memory; the row checks
+(`rows`) decide the dataset kind and what is wrong with which rows. Everything a file can
 do wrong ends in a DatasetFormatError whose message names the row and the fix; only the
 validator's own resource limits (MemoryError) and storage errors pass through.
 """
@@ -14,8 +14,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import PurePosixPath
 from typing import IO, Any
 
-from app.services.dataset_readers import READERS, UTF8_BOM, first_line_is_object, refuse_foreign_encoding
-from app.services.dataset_rows import (
+from app.services.dataset_files.readers import (
+    READERS,
+    UTF8_BOM,
+    first_line_is_object,
+    refuse_foreign_encoding,
+)
+from app.services.dataset_files.rows import (
     MAX_COLUMNS,
     MAX_NESTING,
     MAX_ROW_BYTES,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from app.services.serving_processes import settings_environment
 from app.settings import Settings
+from app.supervision.serving_processes import settings_environment
 
 
 def test_a_serving_process_builds_the_same_settings_from_its_environment(

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from app.services.dataset_formats import (
+from app.services.dataset_files.formats import (
     MAX_COLUMNS,
     MAX_NESTING,
     MAX_ROW_BYTES,
@@ -420,7 +420,7 @@ def test_split_without_any_training_rows_is_rejected() -> None:
 
 
 def test_read_rows_reads_what_the_profiler_accepted_with_the_same_detection() -> None:
-    from app.services.dataset_formats import read_rows
+    from app.services.dataset_files.formats import read_rows
 
     # Named .csv but starting like JSON: the extension decides, for validation and reading alike.
     data = b'prompt,completion\n"{not json",x\n'

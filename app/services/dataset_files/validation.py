@@ -22,7 +22,12 @@ from app.context import AppContext
 from app.db import Dataset, DatasetStatus
 from app.db.base import utcnow
 from app.queue import EnqueueError
-from app.services.dataset_formats import MAX_NESTING, DatasetFormatError, DatasetProfile, profile_dataset
+from app.services.dataset_files.formats import (
+    MAX_NESTING,
+    DatasetFormatError,
+    DatasetProfile,
+    profile_dataset,
+)
 from app.settings import Settings
 from app.storage import BlobNotFoundError, ChecksumMismatchError
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.services.dataset_formats import profile_dataset
-from app.services.demo_dataset import (
+from app.demo.dataset import (
     MONTHS,
     demo_rows,
     exact_match,
@@ -19,6 +18,7 @@ from app.services.demo_dataset import (
     ordinal_word,
     write_demo_dataset,
 )
+from app.services.dataset_files.formats import profile_dataset
 
 
 def read_jsonl(path: Path) -> list[dict[str, str]]:

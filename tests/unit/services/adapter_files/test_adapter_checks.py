@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from adapter_files import (
+from adapter_file_builders import (
     TINY_CONFIG,
     as_dtype,
     chunked,
@@ -20,7 +20,7 @@ from adapter_files import (
 )
 
 from app.errors import InvalidInputError
-from app.services.adapter_checks import MAX_CONFIG_DEPTH, check_weights, parse_config
+from app.services.adapter_files.checks import MAX_CONFIG_DEPTH, check_weights, parse_config
 
 MAX_RANK = 64
 
