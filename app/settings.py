@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     # The largest LoRA rank an uploaded adapter may have (tuneforge.lora_rules' default: 512, far above
     # what anyone trains); higher ranks cost every tenant of the serving process memory and time.
     max_lora_rank: int = Field(default=DEFAULT_MAX_LORA_RANK, ge=1, le=MAX_LORA_RANK_LIMIT)
+    # Serving on the CPU: steps of a few rows run a small-GEMM kernel compiled once per machine
+    # (TUNEFORGE_CPU_KERNELS=false falls back to torch); its build cache, empty for the user cache dir.
+    cpu_kernels: bool = True
+    kernel_cache: Path | None = None
     # A serving process this control plane runs that stops answering /health for this long (wedged:
     # a stuck step, a stopped process) is stopped and restarted by the next request. Long enough that
     # a busy engine on a small CPU is never taken for a wedged one.

@@ -174,14 +174,11 @@ def _adapter_files(adapter_id: str, files: dict[str, dict[str, Any]]) -> dict[st
     return {name: files[name] for name in manifest.servable()}
 
 
-def kernel_config(environ: Mapping[str, str]) -> KernelConfig:
-    """The CPU small-step kernel's settings from the process environment: TUNEFORGE_CPU_KERNELS=0 turns
-    it off, TUNEFORGE_KERNEL_CACHE moves its build cache, CC names the C compiler to try first."""
-    cache_dir = environ.get("TUNEFORGE_KERNEL_CACHE")
+def kernel_config(settings: Settings, environ: Mapping[str, str]) -> KernelConfig:
+    """The CPU small-step kernel's settings: on or off and its build cache from Settings, the C compiler
+    to try first from the conventional CC."""
     return KernelConfig(
-        enabled=environ.get("TUNEFORGE_CPU_KERNELS", "1") != "0",
-        cache_dir=Path(cache_dir) if cache_dir else None,
-        compiler=environ.get("CC") or None,
+        enabled=settings.cpu_kernels, cache_dir=settings.kernel_cache, compiler=environ.get("CC") or None
     )
 
 
@@ -266,7 +263,7 @@ def _engine_config(settings: Settings, base_model: str, options: EngineOptions) 
         speculation_depth=options.speculation_depth,
         kv_cache_bytes=options.kv_cache_bytes,
         max_lora_rank=options.max_lora_rank,
-        kernels=kernel_config(os.environ),
+        kernels=kernel_config(settings, os.environ),
     )
 
 

@@ -26,6 +26,7 @@ from app.services import jobs, versions
 from worker import turbo_measure
 from worker.db_retry import RetryingCallbacks, retrying
 from worker.job_io import download_checkpoint, download_files, download_rows, token_cache_for, upload_dir
+from worker.serve_main import kernel_config
 from worker.training.base_models import BaseModelSourceMissingError, UnknownBaseModelError
 from worker.training.config import TrainingConfig
 from worker.training.data import DataStats, TrainingDataError
@@ -179,7 +180,7 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
             _retry(ctx, session, lambda: _end(session, job, JobStatus.CANCELED), f"job {job.id}: canceling")
             return
         # Turbo types: the serving engine times the heads before the artifact and its summary are stored.
-        turbo_measure.add_to_summary(result)
+        turbo_measure.add_to_summary(result, kernels=kernel_config(ctx.settings, os.environ))
         versions_prefix = f"tenants/{tenant_uuid}/repos/{job.version.repo.uuid}/versions/"
 
         def publish() -> None:  # whole: a failed commit's rollback drops the version's new fields too

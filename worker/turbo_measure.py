@@ -25,6 +25,7 @@ import torch
 from tuneforge.rules.artifacts import ADAPTER_CONFIG, SPECULATOR_FILES
 
 from worker.serving.adapters import LocalDirectorySource
+from worker.serving.cpu_kernels import KernelConfig
 from worker.serving.engine import EngineConfig, LLMEngine
 from worker.serving.kv_cache import BLOCK_SIZE, BlockManager
 from worker.serving.metrics import ServingMetrics
@@ -56,9 +57,10 @@ class _Pass:
     spec_accepted: float
 
 
-def add_to_summary(result: TrainingResult) -> None:
+def add_to_summary(result: TrainingResult, kernels: KernelConfig | None = None) -> None:
     """Turbo types: time the published artifact and record it as the summary's `speculator.measured`, in
     result.summary and in the artifact's training_summary.json alike (the version's metrics read both).
+    `kernels`: the CPU kernel settings serving runs with (default: on, default cache).
     """
     speculator = result.summary.get("speculator")
     if speculator is None or result.adapter_dir is None or not result.held_out_prompts:
@@ -70,12 +72,19 @@ def add_to_summary(result: TrainingResult) -> None:
         result.held_out_prompts,
         dtype=runtime["dtype"],
         device=runtime["device"],
+        kernels=kernels,
     )
     write_summary(result.adapter_dir, result.summary)
 
 
 def measure(
-    artifact: Path, model_dir: Path, prompts: Sequence[list[int]], *, dtype: str, device: str
+    artifact: Path,
+    model_dir: Path,
+    prompts: Sequence[list[int]],
+    *,
+    dtype: str,
+    device: str,
+    kernels: KernelConfig | None = None,
 ) -> dict[str, Any]:
     """The `measured` entry of the speculator summary; `{"error": ...}` when the engine cannot do it.
 
@@ -83,7 +92,8 @@ def measure(
     """
     threads = torch.get_num_threads()  # the engine's small steps set one thread; the worker must get all back
     try:
-        return _measure(artifact, model_dir, list(prompts[:MAX_PROMPTS]), dtype=dtype, device=device)
+        chosen = list(prompts[:MAX_PROMPTS])
+        return _measure(artifact, model_dir, chosen, dtype=dtype, device=device, kernels=kernels)
     except Exception as exc:
         log.exception("measuring the speculator's speedup failed")
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -92,7 +102,13 @@ def measure(
 
 
 def _measure(
-    artifact: Path, model_dir: Path, prompts: list[list[int]], *, dtype: str, device: str
+    artifact: Path,
+    model_dir: Path,
+    prompts: list[list[int]],
+    *,
+    dtype: str,
+    device: str,
+    kernels: KernelConfig | None,
 ) -> dict[str, Any]:
     if not prompts:
         raise ValueError("no held-out prompt to decode")
@@ -109,6 +125,7 @@ def _measure(
             max_adapters=2,
             kv_cache_bytes=_kv_cache_bytes(model_dir, dtype, max_len),
             max_model_len=max_len,
+            kernels=kernels or KernelConfig(),
         )
         engine = LLMEngine(config, LocalDirectorySource(root), ServingMetrics())
         try:

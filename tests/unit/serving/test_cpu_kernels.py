@@ -84,10 +84,14 @@ def test_builds_into_the_cache_once_and_can_be_switched_off(
     assert cpu_kernels.small_gemm(off) is None
 
 
-def test_the_serve_entry_point_reads_the_kernel_settings_from_its_environment(tmp_path: Path) -> None:
+def test_the_serve_entry_point_takes_the_kernel_settings_from_settings_and_cc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.settings import Settings
     from worker.serve_main import kernel_config
 
-    assert kernel_config({}) == cpu_kernels.KernelConfig()
-    environ = {"TUNEFORGE_CPU_KERNELS": "0", "TUNEFORGE_KERNEL_CACHE": str(tmp_path), "CC": "clang"}
+    assert kernel_config(Settings(data_dir=tmp_path), {}) == cpu_kernels.KernelConfig()
+    monkeypatch.setenv("TUNEFORGE_CPU_KERNELS", "0")
+    monkeypatch.setenv("TUNEFORGE_KERNEL_CACHE", str(tmp_path))
     expected = cpu_kernels.KernelConfig(enabled=False, cache_dir=tmp_path, compiler="clang")
-    assert kernel_config(environ) == expected
+    assert kernel_config(Settings(data_dir=tmp_path), {"CC": "clang"}) == expected
