@@ -57,7 +57,7 @@ class _Pass:
     spec_accepted: float
 
 
-def add_to_summary(result: TrainingResult, kernels: KernelConfig | None = None) -> None:
+def add_to_summary(result: TrainingResult, kernels: KernelConfig = KernelConfig()) -> None:
     """Turbo types: time the published artifact and record it as the summary's `speculator.measured`, in
     result.summary and in the artifact's training_summary.json alike (the version's metrics read both).
     `kernels`: the CPU kernel settings serving runs with (default: on, default cache).
@@ -84,7 +84,7 @@ def measure(
     *,
     dtype: str,
     device: str,
-    kernels: KernelConfig | None = None,
+    kernels: KernelConfig = KernelConfig(),
 ) -> dict[str, Any]:
     """The `measured` entry of the speculator summary; `{"error": ...}` when the engine cannot do it.
 
@@ -108,7 +108,7 @@ def _measure(
     *,
     dtype: str,
     device: str,
-    kernels: KernelConfig | None,
+    kernels: KernelConfig,
 ) -> dict[str, Any]:
     if not prompts:
         raise ValueError("no held-out prompt to decode")
@@ -125,7 +125,7 @@ def _measure(
             max_adapters=2,
             kv_cache_bytes=_kv_cache_bytes(model_dir, dtype, max_len),
             max_model_len=max_len,
-            kernels=kernels or KernelConfig(),
+            kernels=kernels,
         )
         engine = LLMEngine(config, LocalDirectorySource(root), ServingMetrics())
         try:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from tuneforge import lora_rules
-from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS
+from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS, ArtifactManifest
+from tuneforge.rules.speculator import SpeculatorConfig
 
 from worker.serving.cpu_kernels import SmallGemm
 from worker.serving.draft_model import DraftModel
@@ -28,16 +29,14 @@ from worker.serving.eagle import EAGLE_ARCHITECTURE, EagleDraft, ModelShape
 from worker.serving.errors import AdapterLoadError
 from worker.serving.lora import AdapterWeights
 from worker.serving.speculator import (
+    MAX_CONFIG_BYTES,
     SUPPORTED_ARCHITECTURE,
     Speculator,
-    has_speculator,
-    read_speculator_config,
+    read_speculator_files,
 )
 
 log = logging.getLogger(__name__)
 
-# adapter_config.json is a few hundred bytes; anything this big is not one.
-MAX_CONFIG_BYTES = 1 << 20
 _FLOAT_DTYPES = sorted(lora_rules.FLOAT_DTYPES)
 
 
@@ -59,9 +58,10 @@ class LoadShape:
 def load_adapter(key: str, directory: Path, shape: LoadShape) -> AdapterWeights:
     """Reads and checks one adapter directory; AdapterLoadError says which rule it breaks."""
     speculator = None
-    if has_speculator(directory) and (shape.hidden_size is not None or shape.model_shape is not None):
+    files = ArtifactManifest.of_directory(directory)
+    if files.has_speculator and (shape.hidden_size is not None or shape.model_shape is not None):
         speculator = load_draft_model(directory, shape)
-        if not (directory / ADAPTER_CONFIG).is_file():  # `turbo` on the base model: heads only
+        if not files.has_lora_config:  # `turbo` on the base model: heads only
             return AdapterWeights(
                 key=key, modules={}, base_model=None, nbytes=speculator.nbytes, speculator=speculator
             )
@@ -82,24 +82,25 @@ def load_adapter(key: str, directory: Path, shape: LoadShape) -> AdapterWeights:
 
 # --- speculators ------------------------------------------------------------------------------------
 
-DraftLoader = Callable[[Path, LoadShape], DraftModel]
+DraftLoader = Callable[[SpeculatorConfig, dict[str, torch.Tensor], LoadShape], DraftModel]
 
 
-def _load_medusa(directory: Path, shape: LoadShape) -> DraftModel:
+def _load_medusa(config: SpeculatorConfig, state: dict[str, torch.Tensor], shape: LoadShape) -> DraftModel:
     model = shape.model_shape
     width = (
         shape.hidden_size if shape.hidden_size is not None else model.hidden_size if model is not None else 0
     )
-    return Speculator.load(
-        directory, hidden_size=width, device=shape.device, dtype=shape.dtype, vocab_size=shape.vocab_size
+    return Speculator.from_files(
+        config, state, hidden_size=width, device=shape.device, dtype=shape.dtype, vocab_size=shape.vocab_size
     )
 
 
-def _load_eagle(directory: Path, shape: LoadShape) -> DraftModel:
+def _load_eagle(config: SpeculatorConfig, state: dict[str, torch.Tensor], shape: LoadShape) -> DraftModel:
     if shape.model_shape is None:
         raise AdapterLoadError("this engine cannot serve eagle speculators (no model shape to check)")
-    return EagleDraft.load(
-        directory,
+    return EagleDraft.from_files(
+        config,
+        state,
         shape=shape.model_shape,
         device=shape.device,
         dtype=shape.dtype,
@@ -118,8 +119,8 @@ DRAFT_KINDS: dict[str, DraftLoader] = {
 def load_draft_model(directory: Path, shape: LoadShape) -> DraftModel:
     """The adapter's speculator, loaded by the kind its config names: the schema admits only the kinds
     this release knows, and a config that does not validate refuses the load, naming the field."""
-    loader = DRAFT_KINDS[read_speculator_config(directory).architecture]
-    return loader(directory, shape)
+    config, state = read_speculator_files(directory)
+    return DRAFT_KINDS[config.architecture](config, state, shape)
 
 
 # --- LoRA ------------------------------------------------------------------------------------------

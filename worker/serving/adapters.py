@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tuneforge.rules.adapter_ref import AdapterRef, AdapterRefError
-from tuneforge.rules.artifacts import ADAPTER_CONFIG
+from tuneforge.rules.artifacts import ADAPTER_CONFIG, ArtifactManifest
 
 from worker.serving.adapter_loader import LoadShape, load_adapter
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError, AdapterSourceError, ServingError
 from worker.serving.lora import AdapterWeights
 from worker.serving.metrics import ServingMetrics
-from worker.serving.speculator import has_speculator
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,8 @@ class LocalDirectorySource:
     def resolve(self, adapter_id: str, tenant: str | None) -> ResolvedAdapter:
         check_adapter_id(adapter_id)
         path = self.root / adapter_id
-        if not (path / ADAPTER_CONFIG).is_file() and not has_speculator(path):
+        files = ArtifactManifest.of_directory(path)
+        if not files.has_lora_config and not files.has_speculator:
             raise AdapterNotFoundError(f"adapter {adapter_id} not found", field="adapter_id")
         # A directory has no identity of its own: each tenant's name for it is cached apart.
         return ResolvedAdapter(adapter_id, tenant, f"{tenant or ''}::{adapter_id}", path)

@@ -146,6 +146,23 @@ class EagleDraft:
         vocab_size: int | None = None,
     ) -> EagleDraft:
         config, state = read_speculator_files(directory)
+        return cls.from_files(
+            config, state, shape=shape, device=device, dtype=dtype, kernel=kernel, vocab_size=vocab_size
+        )
+
+    @classmethod
+    def from_files(
+        cls,
+        config: SpeculatorConfig,
+        state: dict[str, torch.Tensor],
+        *,
+        shape: ModelShape,
+        device: torch.device,
+        dtype: torch.dtype,
+        kernel: SmallGemm | None = None,
+        vocab_size: int | None = None,
+    ) -> EagleDraft:
+        """A draft layer from a read config and its tensors, checked against the base model's shape."""
         _check_shape(config, shape)
         depth, eps, intermediate = _draft_layer_numbers(config)
         _check_weights(state, _expected_weights(shape, intermediate))

@@ -66,7 +66,7 @@ class EngineConfig:
     # CPU only: steps of a few tokens use the compiled small-step kernel (model_runner.KERNEL_TOKENS), or
     # where it cannot be built, a second transposed copy of the weights (twice the weight memory).
     small_step_weights: bool = True
-    # Whether and where the small-step kernel is built (the entry point reads it from its environment).
+    # Whether and where the small-step kernel is built (entry points take it from Settings).
     kernels: KernelConfig = field(default_factory=KernelConfig)
     # Speculate only while a step decodes at most this many sequences (None: 2 on the CPU, where two
     # sequences' 1 + 3 verified tokens fill the 8-row small-step kernel and more turn the step

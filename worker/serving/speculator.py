@@ -36,6 +36,7 @@ from worker.serving.sampling import draw, warped_probs
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURE = SpeculatorArchitecture.MEDUSA
+# A config file is a few hundred bytes; anything this big is not one.
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -74,6 +75,22 @@ class Speculator:
         vocab_size: int | None = None,
     ) -> Speculator:
         config, state = read_speculator_files(directory)
+        return cls.from_files(
+            config, state, hidden_size=hidden_size, device=device, dtype=dtype, vocab_size=vocab_size
+        )
+
+    @classmethod
+    def from_files(
+        cls,
+        config: SpeculatorConfig,
+        state: dict[str, torch.Tensor],
+        *,
+        hidden_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        vocab_size: int | None = None,
+    ) -> Speculator:
+        """Heads from a read config and its tensors, checked against this engine's width."""
         if config.architecture != SUPPORTED_ARCHITECTURE or config.hidden_size != hidden_size:
             raise AdapterLoadError(
                 f"speculator {config.architecture.value!r} of hidden size {config.hidden_size} does not fit "
@@ -189,7 +206,3 @@ def draft_vocab(
     if int(ids.min()) < 0 or int(ids.max()) >= limit:
         raise AdapterLoadError(f"{SPECULATOR_WEIGHTS}: {DRAFT_VOCAB_KEY} holds ids outside [0, {limit})")
     return ids.to(device=device, dtype=torch.long)
-
-
-def has_speculator(directory: Path) -> bool:
-    return (directory / SPECULATOR_WEIGHTS).is_file() and (directory / SPECULATOR_CONFIG).is_file()

@@ -11,8 +11,6 @@ DatasetKind = Literal["prompt_completion", "messages", "text"]
 PROMPT_COLUMN, COMPLETION_COLUMN = "prompt", "completion"
 MESSAGES_COLUMN, TEXT_COLUMN = "messages", "text"
 SPLIT_COLUMN = "split"
-# Every column that decides a kind, as kind_of_columns looks for them.
-KIND_COLUMNS = (PROMPT_COLUMN, COMPLETION_COLUMN, MESSAGES_COLUMN, TEXT_COLUMN)
 
 
 def kind_of_columns(columns: Iterable[str]) -> DatasetKind | None:
