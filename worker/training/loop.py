@@ -21,7 +21,7 @@ from worker.training.config import TrainingConfig
 from worker.training.data import DataStats
 from worker.training.evaluation import EvalTracker
 from worker.training.preparation import Inputs, Run, build_run
-from worker.training.quality import held_out_prompts
+from worker.training.quality import held_out_answers, held_out_prompts
 from worker.training.runtime import memory_metrics
 from worker.training.token_cache import DataCache
 
@@ -71,6 +71,8 @@ class TrainingResult:
     model_dir: Path  # the base model's local directory
     # The prompt part of the first few answerable eval rows, for measuring the artifact where it serves.
     held_out_prompts: list[list[int]]
+    # (prompt, reference) of the held-out rows the quality report judges (answerable, max_eval_samples).
+    held_out_answers: list[tuple[list[int], list[int]]]
     summary: dict[str, Any] = field(default_factory=dict)  # also written as adapter/training_summary.json
 
 
@@ -188,6 +190,7 @@ def _result(
         data=run.data.stats,
         model_dir=inputs.model_dir,
         held_out_prompts=held_out_prompts(run.data.eval),
+        held_out_answers=held_out_answers(run.data.eval, run.config.max_eval_samples),
         summary=summary,
     )
 

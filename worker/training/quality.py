@@ -66,6 +66,13 @@ def held_out_prompts(examples: Sequence[Example], limit: int = HELD_OUT_PROMPTS)
     return list(islice((split[0] for split in splits if split is not None), limit))
 
 
+def held_out_answers(examples: Sequence[Example], limit: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt, reference) token ids of the first `limit` answerable examples: the rows the quality
+    report judges, in the order it judges them."""
+    pairs = (split_target(example) for example in answerable(examples))
+    return [split for split in islice(pairs, limit) if split is not None]
+
+
 def answerable(
     examples: Sequence[Example], max_completion_tokens: int = MAX_COMPLETION_TOKENS
 ) -> list[Example]:
