@@ -1,16 +1,20 @@
 """Turbo speedup: speculative decoding with a trained speculator against plain decoding, in one run.
 
-Run: .venv/bin/python bench/turbo_speedup.py [--lora-steps 60] [--turbo-steps 60] [--turbo-lora-steps 60]
-     [--architecture eagle|medusa] [--depth 6] [--serve-depth K] [--compare-medusa STEPS]
-     [--dtype fp32|bf16] [--keep DIR] [--skip-training DIR] [--repeats 5] [--quick] [--json PATH]
-Base model smollm2-135m, the demo task (dates in words -> YYYY-MM-DD, app/demo/dataset.py),
-the demo's LoRA settings. Trains, timing each:
+Run: .venv/bin/python bench/turbo_speedup.py [--lora-steps N] [--speculator-steps N]
+     [--architecture eagle|medusa] [--depth K] [--serve-depth K] [--compare-medusa STEPS]
+     [--dtype fp32|bf16] [--serve-dtype fp32|bf16] [--keep DIR] [--skip-training DIR] [--repeats 5]
+     [--quick] [--json PATH]
+Base model smollm2-135m, the demo task (dates in words -> YYYY-MM-DD, app/demo/dataset.py). With no
+options every job is the demo's config with only `adapter` changed, so it trains what a default job
+trains: the demo's steps for the model, then for turbo types the speculator phase until the held-out
+accepted length stops improving (worker/training/speculator_phase.py). Trains, timing each:
   (a) `lora`: a plain LoRA (the peer);
-  (b) `turbo`: a speculator only (default: the EAGLE-style draft layer, --depth drafts a step) on top
-      of (a) (init_from its artifact, LoRA frozen, self-distilled: it learns what the adapted model
-      says, which is what speculation must guess);
-  (c) `turbo_lora`: LoRA and speculator trained jointly;
+  (b) `turbo`: a speculator only (default: the EAGLE-style draft layer) on top of (a) (init_from its
+      artifact, LoRA frozen);
+  (c) `turbo_lora`: LoRA and speculator trained jointly, then the speculator phase on the LoRA;
   (d) with --compare-medusa: Medusa heads on (a), the other architecture, timed single stream.
+Each turbo artifact's training-time estimate of the accepted length is printed beside the engine's
+measurement of it.
 Then one engine serves (a), (b), (c) and (c) copied without its speculator files, and on the held-out
 demo prompts (chat template, as training formats them; greedy, stopping at EOS) measures
   - single stream, one prompt after another: decode rate, each request's first token excluded
@@ -49,6 +53,8 @@ LORA, LORA_TURBO, TURBO_LORA, TURBO_LORA_BARE = "turbo/1", "turbo/2", "turbo/3",
 LORA_MEDUSA = "turbo/5"  # --compare-medusa: Medusa heads (the other architecture) on the same LoRA
 SPECULATOR_FILES = ("speculator.safetensors", "speculator_config.json")
 QUICK_STEPS = 3
+# The training-time estimate of each artifact's accepted length, printed beside the engine's measurement.
+ESTIMATES: dict[str, float | None] = {}
 
 
 @dataclass
@@ -87,27 +93,32 @@ def train_all(args: argparse.Namespace, root: Path, scratch: Path) -> dict[str, 
     """Trains those of (a), (b), (c) missing from `<root>/turbo/1..3`; returns each one's training seconds.
 
     Each artifact is also copied to --keep as soon as it exists, so an interrupted run can go on.
+    Without options each is what a job with the demo's config and only `adapter` changed trains.
     """
     from app.demo.dataset import demo_rows
     from app.demo.job import demo_config
     from worker.training.loop import train
 
-    base = demo_config().model_dump(exclude_unset=True) | {"base_model": BASE_MODEL, "dtype": args.dtype}
+    base = demo_config().model_dump(exclude_unset=True) | {"base_model": BASE_MODEL}
+    base |= {"dtype": args.dtype} if args.dtype else {}
+    base |= {"train_steps": args.lora_steps} if args.lora_steps else {}
     if args.eval_samples:  # the end-of-run exact-match report generates on every held-out row otherwise
         base["max_eval_samples"] = args.eval_samples
-    heads = {"speculator_architecture": args.architecture, "speculator_heads": args.depth}
+    heads: dict[str, Any] = {"speculator_architecture": args.architecture}
+    heads |= {"speculator_heads": args.depth} if args.depth else {}
+    if args.speculator_steps is not None:
+        heads["speculator_train_steps"] = args.speculator_steps
     plans = [
-        ("lora", LORA, {"adapter": "lora", "train_steps": args.lora_steps}, None),
-        ("turbo on the lora", LORA_TURBO,
-         {"adapter": "turbo", "train_steps": args.turbo_steps, "speculator_distill": True} | heads, LORA),
-        ("turbo_lora", TURBO_LORA,
-         {"adapter": "turbo_lora", "train_steps": args.turbo_lora_steps} | heads, None),
-    ]  # fmt: skip
+        ("lora", LORA, {"adapter": "lora"}, None),
+        ("turbo on the lora", LORA_TURBO, {"adapter": "turbo"} | heads, LORA),
+        ("turbo_lora", TURBO_LORA, {"adapter": "turbo_lora"} | heads, None),
+    ]
     if args.compare_medusa:
         plans.append(("medusa heads on the lora", LORA_MEDUSA,
-                      {"adapter": "turbo", "train_steps": args.compare_medusa, "speculator_distill": True,
-                       "speculator_architecture": "medusa", "speculator_heads": 3}, LORA))  # fmt: skip
+                      {"adapter": "turbo", "speculator_train_steps": args.compare_medusa,
+                       "speculator_architecture": "medusa", "speculator_heads": None}, LORA))  # fmt: skip
     rows, seconds = demo_rows(), {}
+    estimates = ESTIMATES
     for name, adapter_id, overrides, parent in plans:
         if (root / adapter_id).is_dir():
             print(f"reusing {name} from --skip-training", flush=True)
@@ -130,23 +141,27 @@ def train_all(args: argparse.Namespace, root: Path, scratch: Path) -> dict[str, 
         if args.keep:
             shutil.copytree(result.adapter_dir, args.keep / adapter_id, dirs_exist_ok=True)
         seconds[name] = result.train_seconds
-        heads = result.summary.get("speculator") or {}
+        spec = result.summary.get("speculator") or {}
         print(
             f"  {name}: {result.train_seconds:.0f} s of training ({time.monotonic() - started:.0f} s wall "
             f"with loading and evaluation), eval loss {result.eval_loss_after:.3f}"
-            + (f", heads {_head_accuracy(heads)}" if heads else ""),
+            + (f"\n    {_phases(result.steps, spec)}" if spec else ""),
             flush=True,
         )
+        estimates[adapter_id] = (spec.get("estimate") or {}).get("mean_accepted_length")
     return seconds
 
 
-def _head_accuracy(summary: dict[str, Any]) -> str:
-    """Per-head top-1 on the eval split against the dataset and against the model's own greedy tokens."""
-    rounded = {
-        k: [round(v, 2) for v in summary.get(k) or []] for k in ("head_top1_accuracy", "head_top1_agreement")
-    }
-    estimate = summary.get("estimated_accepted_length")
-    return json.dumps(rounded) + (f", estimated accepted length {estimate:.2f}" if estimate else "")
+def _phases(steps: int, spec: dict[str, Any]) -> str:
+    """How many steps each phase took and why the speculator's stopped."""
+    phase = spec.get("phase") or {}
+    heads_steps = phase.get("steps", 0)
+    history = ", ".join(f"{v:.2f}@{int(s)}" for s, v in phase.get("history", []))
+    return (
+        f"model phase {steps - heads_steps} steps; speculator phase {heads_steps} steps "
+        f"({phase.get('seconds', 0):.0f} s; {phase.get('stop_reason')}); held-out accepted length by "
+        f"step: {history}; estimated accepted length {spec.get('estimated_accepted_length')}"
+    )
 
 
 def strip_heads(root: Path) -> None:
@@ -282,6 +297,18 @@ async def run_all(
     return results
 
 
+def _calibration(adapter_id: str, measured: Measured) -> str:
+    """The training-time estimate of the accepted length against the engine's count, same prompts."""
+    estimate = ESTIMATES.get(adapter_id)
+    if estimate is None:
+        return f"  {adapter_id}: no training-time estimate (trained in an earlier run)"
+    error = estimate / measured.mean_accepted_length - 1
+    return (
+        f"  {adapter_id}: accepted length estimated in training {estimate:.2f}, engine "
+        f"{measured.mean_accepted_length:.2f} ({error:+.1%})"
+    )
+
+
 def report(
     results: dict[str, Measured], batches: list[int], train_seconds: dict[str, float], limit: int
 ) -> dict[str, Any]:
@@ -294,6 +321,8 @@ def report(
             what += f" (over speculation_max_batch={limit}: decodes one token a step)"
         lines.append(compare(what, spec, plain) + "  [lora + turbo heads vs lora]")
         lines.append(compare(what, joint, bare) + "  [turbo_lora with vs without heads]")
+        if batch == 1:
+            lines += [_calibration(LORA_TURBO, spec), _calibration(TURBO_LORA, joint)]
         measured = {"lora_turbo": spec, "lora": plain, "turbo_lora": joint, "turbo_lora_bare": bare}
         for name, m in measured.items():
             summary[f"{name}_{batch}"] = {
@@ -332,14 +361,20 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--lora-steps", type=int, default=60)
-    parser.add_argument("--turbo-steps", type=int, default=60)
-    parser.add_argument("--turbo-lora-steps", type=int, default=60)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--lora-steps", type=int, help="train_steps of every job (default: the demo's)")
+    parser.add_argument(
+        "--speculator-steps", type=int,
+        help="speculator_train_steps (default: until the held-out accepted length stops improving)",
+    )  # fmt: skip
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], help="training dtype (default: auto)")
+    parser.add_argument(
+        "--serve-dtype", choices=["fp32", "bf16"], default="fp32",
+        help="the engine's dtype (default fp32: a deployment's default)",
+    )  # fmt: skip
     parser.add_argument(
         "--architecture", choices=["eagle", "medusa"], default="eagle", help="speculator_architecture"
     )
-    parser.add_argument("--depth", type=int, default=6, help="speculator_heads: the depth trained")
+    parser.add_argument("--depth", type=int, help="speculator_heads (default: the architecture's)")
     parser.add_argument(
         "--serve-depth", type=int, help="the engine's speculation_depth (default: the trained depth)"
     )
@@ -373,7 +408,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.quick:
-        args.lora_steps = args.turbo_steps = args.turbo_lora_steps = QUICK_STEPS
+        args.lora_steps = args.speculator_steps = QUICK_STEPS
         args.eval_samples = args.eval_samples or QUICK_STEPS
     return args
 
@@ -388,7 +423,8 @@ def main() -> None:
     model_dir = resolve_base_model(BASE_MODEL, args.cache_dir)
     prompts = held_out_prompts(AutoTokenizer.from_pretrained(model_dir), args.prompts)
     print(
-        f"{BASE_MODEL} {args.dtype}, demo task; torch threads {torch.get_num_threads()}, "
+        f"{BASE_MODEL} training {args.dtype or 'auto'}, serving {args.serve_dtype}, demo task; "
+        f"torch threads {torch.get_num_threads()}, "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
         flush=True,
     )
@@ -401,7 +437,7 @@ def main() -> None:
         if args.keep:
             shutil.copytree(root, args.keep, dirs_exist_ok=True)
         batches = [int(b) for b in args.batches.split(",")]
-        engine = start_engine(model_dir, root, args.dtype, max(batches), args.serve_depth)
+        engine = start_engine(model_dir, root, args.serve_dtype, max(batches), args.serve_depth)
         kernel = engine.engine.runner.kernel
         if args.kernel_threads and kernel is not None:
             kernel.threads = args.kernel_threads

@@ -32,6 +32,15 @@ TURBO_ADAPTERS = ("turbo_lora", "turbo")
 # Adapters whose base weights stay frozen (so may be quantised, and take the LoRA-only options).
 FROZEN_BASE_ADAPTERS = (*LOW_RANK_ADAPTERS, "turbo")
 MAX_SPECULATOR_HEADS = 8
+# Drafts per step by speculator_architecture. An eagle draft conditions each draft on the ones before,
+# so a deeper chain keeps paying (bench/turbo_speedup.py measured 6 above 3 on the demo task); a Medusa
+# head guesses blind to the others, and its fourth guess is rarely right.
+DEFAULT_SPECULATOR_HEADS = {"eagle": 6, "medusa": 3}
+# The speculator phase's defaults (see FinetuningConfig.speculator_train_steps): on the demo task the
+# accepted length still grew past 300 heads-only steps (bench/turbo_speedup.py), so the cap leaves room.
+DEFAULT_SPECULATOR_MAX_STEPS = 500
+DEFAULT_SPECULATOR_PATIENCE = 3
+DEFAULT_SPECULATOR_EVAL_EVERY = 25
 
 # The projections LoRA targets by default: every linear map of attention and MLP in Llama-style models.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -260,15 +269,44 @@ class FinetuningConfig(BaseModel):
         "residual heads on the last hidden state.",
     )
     speculator_heads: int = Field(
-        default=3,
+        default=None,  # type: ignore[assignment]  # filled by _heads_for_the_architecture
+        validate_default=True,
         description="Drafts proposed per step: Medusa heads (head k predicts k+1 tokens past the next) or "
-        f"the eagle draft's depth (1..{MAX_SPECULATOR_HEADS}).",
+        f"the eagle draft's depth (1..{MAX_SPECULATOR_HEADS}). Default by architecture: eagle "
+        f"{DEFAULT_SPECULATOR_HEADS['eagle']}, medusa {DEFAULT_SPECULATOR_HEADS['medusa']}.",
     )
     speculator_loss_weight_decay: float = Field(
         default=0.8, gt=0, le=1, description="Head k's loss weighs decay**k (k from 0)."
     )
     speculator_distill: bool = Field(
         default=False, description="Heads learn the model's own greedy tokens instead of the dataset's."
+    )
+    # The speculator phase: after the model's steps, the heads alone train on the frozen (published)
+    # model's own greedy tokens, judged by the accepted length serving would get on held-out prompts.
+    speculator_train_steps: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_STEPS,
+        description="Steps of the speculator phase (0: none). Default: until the held-out accepted length "
+        "stops improving (speculator_patience evaluations, at most speculator_max_steps).",
+    )
+    speculator_max_steps: int = Field(
+        default=DEFAULT_SPECULATOR_MAX_STEPS,
+        ge=1,
+        le=MAX_STEPS,
+        description="The speculator phase's cap when it stops by itself.",
+    )
+    speculator_patience: int = Field(
+        default=DEFAULT_SPECULATOR_PATIENCE,
+        ge=1,
+        le=MAX_EARLY_STOPPING_PATIENCE,
+        description="Speculator evaluations without a better accepted length before the phase stops.",
+    )
+    speculator_eval_every: int = Field(
+        default=DEFAULT_SPECULATOR_EVAL_EVERY,
+        ge=1,
+        le=MAX_STEPS,
+        description="Speculator-phase steps between measurements of the held-out accepted length.",
     )
 
     @model_validator(mode="before")
@@ -296,6 +334,13 @@ class FinetuningConfig(BaseModel):
         if value == "qlora":
             raise ValueError("use adapter 'lora' (or 'dora') with quantization_bits 4 for QLoRA")
         raise ValueError(f"unknown adapter {value!r}: use one of {', '.join(TRAINED_ADAPTERS)}")
+
+    @field_validator("speculator_heads", mode="before")
+    @classmethod
+    def _heads_for_the_architecture(cls, value: object, info: ValidationInfo) -> object:
+        if value is None:
+            return DEFAULT_SPECULATOR_HEADS[info.data.get("speculator_architecture", "eagle")]
+        return value
 
     @field_validator("speculator_heads")
     @classmethod

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 from tuneforge.rules.artifacts import TRAINING_SUMMARY
 
-from worker.training import checkpoints, evaluation, feature_cache, objective
+from worker.training import checkpoints, evaluation, feature_cache, objective, speculator_phase
 from worker.training.base_models import resolve_base_model
 from worker.training.batches import make_batch
 from worker.training.config import TrainingConfig
@@ -23,9 +23,12 @@ from worker.training.evaluation import EvalTracker
 from worker.training.preparation import Inputs, Run, build_run
 from worker.training.quality import held_out_answers, held_out_prompts
 from worker.training.runtime import memory_metrics
+from worker.training.speculator_phase import AcceptanceTracker, Budget
 from worker.training.token_cache import DataCache
 
 SUMMARY_FORMAT = 1
+# The phases of a run (_Progress.phase): the model's steps, then for turbo types the heads' alone.
+MODEL_PHASE, SPECULATOR_PHASE = "model", "speculator"
 
 
 class TrainingCallbacks(Protocol):
@@ -35,6 +38,7 @@ class TrainingCallbacks(Protocol):
     def on_step(self, step: int, total_steps: int, metrics: dict[str, float]) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
     def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_phase(self, step: int, phase: str, detail: str) -> None: ...
     def should_stop(self) -> bool: ...
 
 
@@ -45,6 +49,7 @@ class NoCallbacks:
     def on_step(self, step: int, total_steps: int, metrics: dict[str, float]) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
     def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_phase(self, step: int, phase: str, detail: str) -> None: ...
 
     def should_stop(self) -> bool:
         return False
@@ -91,6 +96,9 @@ class _Progress:
     early_stopped: bool = False
     base_exact_match: dict[str, Any] | None = None
     tracker: EvalTracker = field(default_factory=EvalTracker)
+    phase: str = MODEL_PHASE
+    published_step: int | None = None  # the model's step whose weights are published (set as it ends)
+    speculator: AcceptanceTracker = field(default_factory=AcceptanceTracker)
 
 
 @dataclass
@@ -135,10 +143,17 @@ def train(
     run = build_run(config, rows, inputs)
     callbacks.on_data(run.data.stats)
     progress = _restore(run, resume, saved[0]) if saved is not None and resume else _fresh_progress(run)
-    stopped, last = _run_steps(run, progress, callbacks, output_dir, resume)
+    stopped, last = False, resume
+    if progress.phase == MODEL_PHASE:
+        stopped, last = _run_steps(run, progress, callbacks, output_dir, last)
+        if not stopped:
+            _settle_model(run, progress, callbacks)
+    budget = _budget(run)
+    if not stopped and run.trainable.speculator is not None and budget.steps:
+        stopped, last = _run_speculator_phase(run, progress, callbacks, output_dir, last, budget)
     if stopped:
         return _result(run, progress, inputs, started, stopped=True, last_checkpoint=last)
-    summary = _finish(run, progress, callbacks)
+    summary = _finish(run, progress, budget)
     adapter_dir = output_dir / "adapter"
     checkpoints.write_atomically(adapter_dir, lambda tmp: _publish(run, tmp, summary))
     return _result(
@@ -207,16 +222,15 @@ def _fresh_progress(run: Run) -> _Progress:
 def _run_steps(
     run: Run, progress: _Progress, callbacks: TrainingCallbacks, output_dir: Path, last: Path | None
 ) -> tuple[bool, Path | None]:
-    """Optimiser steps until done, out of patience, or asked to stop: (stopped, last checkpoint)."""
+    """The model's optimiser steps until done, out of patience, or asked to stop: (stopped, last
+    checkpoint)."""
     config, clock = run.config, _Clock()
     saved_at = progress.step if last is not None else None
     while progress.step < run.total_steps and not progress.early_stopped:
-        if callbacks.should_stop():
-            if progress.step > 0 and saved_at != progress.step:
-                # No evaluation here: a cancel must be honoured promptly, not after a pass over eval.
-                last = _save_checkpoint(run, progress, output_dir, callbacks)
-            return True, last
-        _train_step(run, progress, callbacks)
+        stop, written = _cancel(run, progress, callbacks, output_dir, saved_at)
+        if stop:
+            return True, written or last
+        _train_step(run, progress, callbacks, run.total_steps)
         now = time.monotonic()
         eval_due = progress.step % (config.eval_every_n_steps or config.checkpoint_every_n_steps) == 0 or (
             config.eval_every_n_minutes is not None
@@ -225,18 +239,99 @@ def _run_steps(
         if eval_due:
             _record_eval(run, progress, callbacks)
             clock.last_eval = time.monotonic()
-        checkpoint_due = progress.step % config.checkpoint_every_n_steps == 0 or (
-            config.checkpoint_every_n_minutes is not None
-            and now - clock.last_checkpoint >= 60 * config.checkpoint_every_n_minutes
-        )
-        if checkpoint_due and not progress.early_stopped:
+        if _checkpoint_due(config, progress, clock, now) and not progress.early_stopped:
             last, saved_at = _save_checkpoint(run, progress, output_dir, callbacks), progress.step
             clock.last_checkpoint = time.monotonic()
     return False, last
 
 
-def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> None:
-    """One optimiser step over effective_batch_size rows, accumulated over micro-batches."""
+def _run_speculator_phase(
+    run: Run,
+    progress: _Progress,
+    callbacks: TrainingCallbacks,
+    output_dir: Path,
+    last: Path | None,
+    budget: Budget,
+) -> tuple[bool, Path | None]:
+    """The heads alone, on the frozen published model, until the stopping rule or the budget ends the
+    phase (worker/training/speculator_phase.py): (stopped, last checkpoint)."""
+    config, clock, tracker = run.config, _Clock(), progress.speculator
+    total = progress.step - tracker.steps + budget.steps  # as the progress bar counts: both phases
+    if progress.phase == MODEL_PHASE:
+        speculator_phase.begin(run)
+        progress.phase = SPECULATOR_PHASE
+        run.phase_steps = budget.steps
+        until = "until the held-out accepted length stops improving, " if budget.stops_itself else ""
+        callbacks.on_phase(
+            progress.step,
+            SPECULATOR_PHASE,
+            f"the speculator trains alone on the frozen model {until}at most {budget.steps} steps",
+        )
+        _observe_acceptance(run, progress)  # the heads as the model's steps left them
+    saved_at = progress.step if last is not None else None
+    while tracker.steps < budget.steps and tracker.stop_reason is None:
+        stop, written = _cancel(run, progress, callbacks, output_dir, saved_at)
+        if stop:
+            return True, written or last
+        before = progress.train_seconds
+        _train_step(run, progress, callbacks, total)
+        tracker.steps, tracker.seconds = tracker.steps + 1, tracker.seconds + progress.train_seconds - before
+        if tracker.steps % config.speculator_eval_every == 0 or tracker.steps == budget.steps:
+            _observe_acceptance(run, progress)
+            if budget.stops_itself and tracker.evals_without_improvement >= config.speculator_patience:
+                tracker.stop_reason = (
+                    f"no gain in accepted length over {config.speculator_patience} evaluations"
+                )
+        if _checkpoint_due(config, progress, clock, time.monotonic()) and tracker.stop_reason is None:
+            last, saved_at = _save_checkpoint(run, progress, output_dir, callbacks), progress.step
+            clock.last_checkpoint = time.monotonic()
+    if tracker.stop_reason is None:
+        setting = "speculator_max_steps" if budget.stops_itself else "speculator_train_steps"
+        tracker.stop_reason = f"reached {setting} ({budget.steps})"
+    if run.best_state is not None and tracker.best_step not in (None, progress.step):
+        run.trainable.load_trainable_state(run.best_state)
+    callbacks.on_phase(
+        progress.step,
+        SPECULATOR_PHASE,
+        f"the speculator phase ended after {tracker.steps} steps ({tracker.stop_reason}); "
+        f"published the heads of step {tracker.best_step}, accepted length {tracker.best or 1.0:.2f}",
+    )
+    return False, last
+
+
+def _budget(run: Run) -> Budget:
+    return Budget.of(run.config, bool(held_out_prompts(run.data.eval, 1)))
+
+
+def _observe_acceptance(run: Run, progress: _Progress) -> None:
+    """Measure the heads' held-out accepted length; keep them if they are the best so far."""
+    counts = speculator_phase.total(speculator_phase.measure(run))
+    if progress.speculator.observe(progress.step, counts.mean_accepted_length):
+        run.best_state = run.trainable.trainable_state()
+
+
+def _cancel(
+    run: Run, progress: _Progress, callbacks: TrainingCallbacks, output_dir: Path, saved_at: int | None
+) -> tuple[bool, Path | None]:
+    """(whether the caller asked to stop, the checkpoint written for it): a stopped run is checkpointed
+    where it is, without evaluating (a cancel must be honoured promptly, not after a pass over eval)."""
+    if not callbacks.should_stop():
+        return False, None
+    if progress.step > 0 and saved_at != progress.step:
+        return True, _save_checkpoint(run, progress, output_dir, callbacks)
+    return True, None
+
+
+def _checkpoint_due(config: TrainingConfig, progress: _Progress, clock: _Clock, now: float) -> bool:
+    return progress.step % config.checkpoint_every_n_steps == 0 or (
+        config.checkpoint_every_n_minutes is not None
+        and now - clock.last_checkpoint >= 60 * config.checkpoint_every_n_minutes
+    )
+
+
+def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks, total_steps: int) -> None:
+    """One optimiser step over effective_batch_size rows, accumulated over micro-batches; `total_steps`:
+    what the progress report counts towards."""
     started = time.perf_counter()
     trainable, config = run.trainable, run.config
     if not run.features_built:
@@ -282,13 +377,13 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> 
         "grad_norm": float(grad_norm),
         **memory_metrics(run.device),
     }
-    callbacks.on_step(progress.step, run.total_steps, metrics)
+    callbacks.on_step(progress.step, total_steps, metrics)
 
 
 def _build_features(run: Run) -> None:
     """The speculator's cached base-model features, when its method uses them (once per run)."""
     run.features_built = True
-    visits = run.total_steps * run.config.batch_size
+    visits = run.phase_steps * run.config.batch_size
     run.features = feature_cache.build(run.trainable, run.data.train, run.pad_token_id, visits=visits)
     if run.features is not None:
         run.trainable.details["speculator_feature_cache"] = run.features.details()
@@ -319,17 +414,25 @@ def _record_eval(run: Run, progress: _Progress, callbacks: TrainingCallbacks) ->
         progress.early_stopped = True
 
 
-def _finish(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> dict[str, Any]:
-    """Final evaluation, best weights restored if asked, quality report: the training summary."""
+def _settle_model(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> None:
+    """The model's steps are over: final evaluation, and its best weights restored if asked. These are
+    the weights published (a speculator phase trains only the heads on top of them)."""
     _record_eval(run, progress, callbacks)
-    tracker, published_step = progress.tracker, progress.step
+    tracker = progress.tracker
+    progress.published_step = progress.step
     if (
         run.config.load_best_at_end
         and run.best_state is not None
         and tracker.best_step not in (None, progress.step)
     ):
         run.trainable.load_trainable_state(run.best_state)
-        published_step, progress.eval_loss = tracker.best_step or progress.step, tracker.best_loss
+        progress.published_step, progress.eval_loss = tracker.best_step or progress.step, tracker.best_loss
+    run.best_state = None  # a speculator phase keeps its own best (the heads alone)
+
+
+def _finish(run: Run, progress: _Progress, budget: Budget) -> dict[str, Any]:
+    """Quality report and the speculator's judgement of the published weights: the training summary."""
+    published_step = progress.published_step
     adapter_match = evaluation.exact_match(run.trainable, run.data.eval, base=False)
     quality = evaluation.report(
         progress.base_exact_match,
@@ -360,9 +463,21 @@ def _finish(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> dict
             "useful_tokens_per_second": progress.useful_tokens / max(progress.train_seconds, 1e-9),
         },
         "quality_report": quality,
-        # turbo types: per-head top-1 accuracy on the eval split (None without a speculator or eval rows).
-        "speculator": objective.evaluate_heads(trainable, run.data.eval, run.pad_token_id),
+        "speculator": _speculator_summary(run, progress, budget),
     }
+
+
+def _speculator_summary(run: Run, progress: _Progress, budget: Budget) -> dict[str, Any] | None:
+    """turbo types: per-head top-1 accuracy on the eval split, the accepted length serving would get on
+    held-out prompts (replayed), and what the speculator phase did. None without a speculator or eval rows."""
+    heads = objective.evaluate_heads(run.trainable, run.data.eval, run.pad_token_id)
+    if heads is None:
+        return None
+    estimate = speculator_phase.estimate(run)
+    heads["estimate"] = estimate
+    heads["estimated_accepted_length"] = estimate["mean_accepted_length"] if estimate else None
+    heads["phase"] = speculator_phase.summary(progress.speculator, budget)
+    return heads
 
 
 def _publish(run: Run, directory: Path, summary: dict[str, Any]) -> None:
@@ -380,8 +495,9 @@ def write_summary(directory: Path, summary: dict[str, Any]) -> None:
 
 def _save_checkpoint(run: Run, progress: _Progress, output_dir: Path, callbacks: TrainingCallbacks) -> Path:
     """checkpoints/step-N/: loadable weights plus everything an exact resume needs; old ones pruned."""
-    tracker = progress.tracker
-    best = run.best_state if tracker.best_step not in (None, progress.step) else None
+    speculating = progress.phase == SPECULATOR_PHASE
+    best_step = progress.speculator.best_step if speculating else progress.tracker.best_step
+    best = run.best_state if best_step not in (None, progress.step) else None
     state = checkpoints.TrainerState(
         progress=asdict(progress),
         optimizer=run.optimizer.state_dict(),
@@ -418,14 +534,20 @@ def _check_same_trajectory(config: TrainingConfig, saved: dict[str, Any], path: 
 
 def _restore(run: Run, path: Path, state: checkpoints.TrainerState) -> _Progress:
     run.trainable.load_saved(path)
+    raw = dict(state.progress)
+    tracker = EvalTracker(**raw.pop("tracker"))
+    # A checkpoint written before the speculator phase existed has no tracker for it.
+    heads = AcceptanceTracker(**raw.pop("speculator", {}))
+    progress = _Progress(**raw, tracker=tracker, speculator=heads)
+    if progress.phase == SPECULATOR_PHASE:  # its optimiser is the heads' own: made before loading into it
+        speculator_phase.begin(run)
+        run.phase_steps = _budget(run).steps
     run.optimizer.load_state_dict(state.optimizer)
     run.scheduler.load_state_dict(state.scheduler)
     if state.scaler is not None:
         run.scaler.load_state_dict(state.scaler)
     checkpoints.restore_rng(state.rng, run.device)
-    raw = dict(state.progress)
-    tracker = EvalTracker(**raw.pop("tracker"))
-    progress = _Progress(**raw, tracker=tracker)
-    if run.config.load_best_at_end and tracker.best_step is not None:
+    best_step = heads.best_step if progress.phase == SPECULATOR_PHASE else tracker.best_step
+    if best_step is not None and (run.config.load_best_at_end or progress.phase == SPECULATOR_PHASE):
         run.best_state = state.best if state.best is not None else run.trainable.trainable_state()
     return progress

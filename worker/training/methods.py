@@ -56,6 +56,7 @@ class TrainableModel:
     details: dict[str, Any] = field(default_factory=dict)  # recorded in the training summary
     speculator: SpeculatorFiles | None = None  # turbo types: trained heads beside (or instead of) the model's
     frozen_adapter: dict[str, bytes] = field(default_factory=dict)  # turbo on a parent LoRA: its files
+    model_frozen: bool = False  # the speculator phase: the model's weights are final (freeze_model)
 
     @property
     def is_peft(self) -> bool:
@@ -64,7 +65,12 @@ class TrainableModel:
     @property
     def trains_model(self) -> bool:
         """Whether any weight of the model itself (not the speculator) trains."""
-        return self.config.adapter != "turbo"
+        return self.config.adapter != "turbo" and not self.model_frozen
+
+    def freeze_model(self) -> None:
+        """From now on only the speculator trains; the model's weights stay as they are (and are saved)."""
+        self.model.requires_grad_(False)
+        self.model_frozen = True
 
     def causal_lm(self) -> PreTrainedModel:
         """The causal LM (with LoRA layers injected, for a PEFT model)."""

@@ -19,6 +19,7 @@ from tuneforge.rules.artifacts import ADAPTER_CONFIG, SPECULATOR_WEIGHTS
 from worker.training import autoconfig, methods, optim, token_cache
 from worker.training.config import TrainingConfig
 from worker.training.data import Example, PreparedData, prepare_data
+from worker.training.draft_replay import HeldOutText
 from worker.training.feature_cache import FeatureCache
 from worker.training.methods import TrainableModel
 from worker.training.runtime import Runtime, TrainingConfigError, resolve_runtime
@@ -46,6 +47,9 @@ class Run:
     # turbo: the frozen model's features of the training examples, built by the first step this process runs
     features: FeatureCache | None = None
     features_built: bool = False
+    phase_steps: int = 0  # the steps the current phase plans (the model's: total_steps)
+    # The speculator phase's held-out texts (worker/training/draft_replay.py), computed once per process.
+    replay_texts: list[HeldOutText] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -168,6 +172,7 @@ def build_run(config: TrainingConfig, rows: Sequence[Mapping[str, Any]], inputs:
         total_steps,
         autoconfig=decisions,
         requested_trajectory=requested,
+        phase_steps=total_steps,
     )
 
 

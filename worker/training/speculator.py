@@ -186,21 +186,12 @@ def weighted_sum(stats: HeadStats, weights: Sequence[float]) -> torch.Tensor:
     return sum((w * loss for w, loss in zip(weights, stats.loss_sums, strict=True)), torch.zeros(()))
 
 
-def estimated_accepted_length(accuracies: Sequence[float]) -> float:
-    """Tokens per verification step of a single-chain draft, if head k is right with probability a_k
-    independently of the others: 1 (the verified token) + a_0 + a_0 a_1 + ...
-    """
-    total, chain = 1.0, 1.0
-    for accuracy in accuracies:
-        chain *= accuracy
-        total += chain
-    return total
-
-
 def summary(
     config: SpeculatorConfig, correct: list[int], agree: list[int], counts: list[int], loss: float | None
 ) -> dict[str, Any]:
-    """The training summary's `speculator` section: per-head top-1 accuracy on the eval split."""
+    """The training summary's `speculator` section: per-head top-1 accuracy on the eval split. (Its
+    accepted-length estimate is a replay of serving, worker/training/draft_replay.py: the product of
+    per-head agreements, which assumes independent heads and ignores where answers end, overstated it.)"""
     accuracy = [c / n if n else 0.0 for c, n in zip(correct, counts, strict=True)]
     agreement = [c / n if n else 0.0 for c, n in zip(agree, counts, strict=True)]
     return {
@@ -210,6 +201,5 @@ def summary(
         "eval_positions": counts,
         "head_top1_accuracy": accuracy,  # against the dataset's tokens
         "head_top1_agreement": agreement,  # against the model's own greedy tokens (what verification accepts)
-        "estimated_accepted_length": estimated_accepted_length(agreement),
         "eval_head_loss": loss,
     }
