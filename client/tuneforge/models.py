@@ -207,9 +207,11 @@ class FinetuningJob(WireModel):
 
 
 class JobPhase(WireModel):
-    """When a job entered one status, as `finetuning.jobs.timeline()` reports it."""
+    """When a job entered one status (or a restart, or a phase such as `speculator-phase`), as
+    `finetuning.jobs.timeline()` reports it, with what the server said about it."""
 
     started_at: datetime | None = None
+    detail: str | None = None
 
 
 class JobMetric(WireModel):

@@ -213,10 +213,92 @@ def test_a_completed_version_draws_its_loss_chart_from_the_jobs_metrics(dashboar
     assert "completed" in page.inner_text("#timeline")
     assert page.is_hidden("#cancel")
     assert "exact match" in page.inner_text("#quality-summary")
+    # The page leads with the measured speedup and exact match; the answers are a table, not JSON.
+    assert page.locator("#headline #speedup-tile .big").inner_text().endswith("x")
+    assert "measured by the serving engine" in page.inner_text("#speedup-tile")
+    assert "exact match, adapter" in page.inner_text("#exact-match-tile")
+    version = dashboard.api.get("/v2/repos/numbers/version/1").json()
+    samples = version["qualityReport"]["exact_match"]["adapter"]["samples"]
+    expected = page.eval_on_selector_all(
+        "#answers tbody tr td:nth-child(2)", "cells => cells.map(c => c.innerText)"
+    )
+    assert expected == [sample["reference"] for sample in samples]
+    assert "exact_match" not in page.inner_text("#version")  # no JSON dump of the report
     with page.expect_download() as download:
         page.click("#download")
     assert download.value.suggested_filename == "numbers-1.zip"
     shoot(page, "version-completed")
+    dashboard.close(page)
+
+
+HOSTILE = "<img src=x onerror=window.pwned=1>"
+
+
+def _hostile_version(route: Any) -> None:
+    """The real version, its quality report replaced by answers that are markup and a measured speedup."""
+    version = route.fetch().json()
+    version["qualityReport"] = {
+        "exact_match": {
+            "base": {"rows": 2, "correct": 0, "accuracy": 0.0, "samples": []},
+            "adapter": {"rows": 2, "correct": 1, "accuracy": 0.5, "samples": []},
+        },
+        "answers": [
+            {"prompt": f"Say {HOSTILE}", "expected": "<b>bold</b>", "base": "</td></tr><tr><td>row",
+             "adapter": HOSTILE, "base_correct": False, "adapter_correct": True},
+            {"prompt": "p2", "expected": "e2", "base": None, "adapter": "", "base_correct": None,
+             "adapter_correct": False},
+        ],
+        "answered_by": {"engine": "serving", "dtype": "float32", "device": "cpu", "rows": 2},
+        "summary": f"exact match: {HOSTILE}",
+    }  # fmt: skip
+    measured = {"prompts": 8, "max_new_tokens": 32, "plain_tokens_per_s": 40.2,
+                "speculative_tokens_per_s": 112.0, "speedup": 2.786, "mean_accepted_length": 3.1,
+                "acceptance_rate": 0.6, "identical_outputs": 8}  # fmt: skip
+    phase = {"steps": 300, "stop_reason": "plateau", "best_step": 250, "history": [[250, 3.1]]}
+    version["metricsSummary"]["speculator"] = {"measured": measured, "phase": phase}
+    route.fulfill(json=version)
+
+
+def _timeline_with_a_phase(route: Any) -> None:
+    events = route.fetch().json()
+    detail = f"speculator step 120 of at most 1000 {HOSTILE}"
+    events["speculator-phase"] = {"startedAt": events["completed"]["startedAt"], "detail": detail}
+    route.fulfill(json=events)
+
+
+def test_the_quality_report_is_a_table_of_answers_shown_as_text(dashboard: Dashboard) -> None:
+    page = dashboard.open("repos")
+    page.wait_for_selector("#new-job")
+    page.route("**/v2/repos/numbers/version/1", _hostile_version)
+    page.route("**/v2/finetuning/jobs/*/timeline", _timeline_with_a_phase)
+    page.evaluate("() => { location.hash = '#/repos/numbers/1'; }")
+    page.wait_for_selector("#answers")
+    assert page.inner_text("#speedup-tile .big") == "2.79x"
+    speedup = page.inner_text("#speedup-tile")
+    assert (
+        "measured by the serving engine on 8 held-out prompts" in speedup
+        and "8 of 8 outputs identical" in speedup
+    )
+    assert "Speculator trained 300 steps (plateau)" in speedup
+    assert page.inner_text("#exact-match-tile .big") == "50%"
+    assert "vs base 0% (0/2). Answered by the serving engine (float32 on cpu)" in page.inner_text(
+        "#exact-match-tile"
+    )
+    rows = page.eval_on_selector_all(
+        "#answers tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.innerText.trim()))"
+    )
+    assert rows == [
+        [f"Say {HOSTILE}", "<b>bold</b>", "✗ wrong\n</td></tr><tr><td>row", f"✓ right\n{HOSTILE}"],
+        ["p2", "e2", "—", "✗ wrong\n(empty answer)"],  # no base score; an empty answer
+    ]
+    assert page.locator("#version img, #version b, #timeline img").count() == 0  # text, never markup
+    assert page.evaluate("() => window.pwned") is None
+    assert HOSTILE in page.inner_text("#quality-summary")
+    phase = page.locator("#timeline li[data-status=speculator-phase]").inner_text()
+    assert phase.startswith("speculator phase: ") and phase.endswith(
+        f"speculator step 120 of at most 1000 {HOSTILE}"
+    )
+    shoot(page, "version-quality-report")
     dashboard.close(page)
 
 

@@ -36,7 +36,7 @@ export async function jobPanel(uuid, signal, { onStatus, onFinished } = {}) {
   async function refresh() {
     const [current, events] = await Promise.all([get(path, { signal }), get(`${path}/timeline`, { signal })]);
     showJob(current);
-    timeline.replaceChildren(...Object.entries(events).map(([name, e]) => h("li", { "data-status": name }, `${name}: ${when(e.startedAt)}`)));
+    timeline.replaceChildren(...timelineItems(events));
     return current;
   }
 
@@ -105,4 +105,11 @@ export async function jobPanel(uuid, signal, { onStatus, onFinished } = {}) {
     h("h3", {}, "Timeline"),
     timeline,
   );
+}
+
+// Statuses, restarts and phases (`speculator-phase`) in the order they began, each with what the
+// server said about it (a restart's resumed step, a phase's progress).
+function timelineItems(events) {
+  const ordered = Object.entries(events).sort(([, a], [, b]) => Date.parse(a.startedAt) - Date.parse(b.startedAt));
+  return ordered.map(([name, e]) => h("li", { "data-status": name }, `${name.replaceAll("-", " ")}: ${when(e.startedAt)}`, e.detail ? ` — ${e.detail}` : null));
 }

@@ -1,9 +1,10 @@
 // Repos and their adapter versions: lineage, the config a version really trained with, autoconfig
-// decisions, quality report, download; a form to start a fine-tuning job.
+// decisions, measured speedup and quality report (quality.js), download; a form to start a fine-tuning job.
 
 import { download, get, post } from "./api.js";
 import { errorBox, facts, h, json, statusBadge, table, when } from "./dom.js";
 import { jobPanel } from "./jobs.js";
+import { headline, qualityReport } from "./quality.js";
 
 export async function repoList(_args, signal) {
   const { data } = await get("/v2/repos?limit=1000", { signal });
@@ -117,6 +118,7 @@ export async function versionPage([repo, tag], signal) {
     "section",
     { id: "version" },
     h("h1", {}, `Adapter ${id}`),
+    headline(v),
     facts([
       ["Status", versionStatus],
       ["Adapter type", v.adapterType],
@@ -140,8 +142,7 @@ export async function versionPage([repo, tag], signal) {
     h("h2", {}, "Autoconfig decisions"),
     Object.keys(v.autoconfig).length ? json(v.autoconfig) : h("p", { class: "muted" }, "none recorded"),
     h("h2", {}, "Quality report"),
-    v.qualityReport.summary ? h("p", { id: "quality-summary" }, v.qualityReport.summary) : null,
-    Object.keys(v.qualityReport).length ? json(v.qualityReport) : h("p", { class: "muted" }, "none yet"),
+    ...qualityReport(v.qualityReport),
     h("h2", {}, "Metrics summary"),
     json(v.metricsSummary),
   );

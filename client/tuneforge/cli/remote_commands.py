@@ -11,10 +11,10 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from tuneforge import AdapterVersion, Dataset, Deployment, FinetuningJob, Repo, Tuneforge
+from tuneforge import Dataset, Deployment, FinetuningJob, Repo, Tuneforge
 from tuneforge.adapters import parse_adapter_id
+from tuneforge.cli.adapter_report import adapter_details
 from tuneforge.cli.config_args import build_config
 from tuneforge.cli.connection import connect
 from tuneforge.cli.tables import emit, fields, table
@@ -167,49 +167,6 @@ def adapters_download(client: Tuneforge, args: argparse.Namespace) -> int:
 def adapters_cancel(client: Tuneforge, args: argparse.Namespace) -> int:
     job = client.adapters.cancel(args.adapter_id)
     return emit(args.json, job, lambda: f"{job.adapter_id}: job {job.uuid} is {job.status}")
-
-
-def adapter_details(version: AdapterVersion) -> str:
-    summary, quality = version.metrics_summary, version.quality_report
-    before, after = summary.get("eval_loss_before"), summary.get("eval_loss_after")
-    return fields(
-        [
-            ("adapter", version.id),
-            ("status", version.status),
-            ("type", version.adapter_type),
-            ("base model", version.base_model),
-            ("job", version.finetuning_job.uuid),
-            ("error", version.finetuning_job.error),
-            ("continued from", version.parent_version),
-            ("steps", summary.get("steps")),
-            (
-                "eval loss",
-                f"base {before:.4f}, adapter {after:.4f}"
-                if before is not None and after is not None
-                else None,
-            ),
-            ("quality", quality.get("summary")),
-            ("speculation", speculation(summary)),
-            ("archived", version.archived or None),
-            ("description", version.description),
-            ("created", version.created_at),
-        ]
-    )
-
-
-def speculation(metrics_summary: dict[str, Any]) -> str | None:
-    """Turbo types: the heads' decode speedup measured in the serving engine, or why there is none."""
-    measured = (metrics_summary.get("speculator") or {}).get("measured")
-    if not measured:
-        return None
-    if "error" in measured:
-        return f"speedup not measured: {measured['error']}"
-    return (
-        f"{measured['speedup']:.2f}x decode tokens/s with the heads "
-        f"({measured['plain_tokens_per_s']:.0f} → {measured['speculative_tokens_per_s']:.0f}), "
-        f"mean accepted length {measured['mean_accepted_length']:.2f}, "
-        f"on {measured['prompts']} held-out prompts"
-    )
 
 
 def jobs_watch(client: Tuneforge, args: argparse.Namespace) -> int:

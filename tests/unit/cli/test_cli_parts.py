@@ -6,10 +6,9 @@ import argparse
 from pathlib import Path
 
 import pytest
-from tuneforge import AdapterVersion, AuthenticationError, ValidationError
+from tuneforge import AuthenticationError, ValidationError
 from tuneforge.cli.config_args import build_config, parse_value
 from tuneforge.cli.connection import api_token, server_url
-from tuneforge.cli.remote_commands import adapter_details, speculation
 from tuneforge.cli.tables import fields, table
 
 
@@ -74,20 +73,6 @@ def test_tables_align_columns_and_show_dashes_for_nothing() -> None:
     long = "x" * 100
     assert table(("text",), [(long,)]).splitlines()[1] == "x" * 59 + "…"  # tables cut long cells
     assert fields([("text", long)]) == f"text  {long}"  # a field block keeps them whole
-
-
-def test_adapter_details_show_the_measured_speedup_of_a_turbo_version() -> None:
-    measured = {"prompts": 8, "max_new_tokens": 32, "plain_tokens_per_s": 40.2,
-                "speculative_tokens_per_s": 81.0, "speedup": 2.015, "mean_accepted_length": 2.6,
-                "acceptance_rate": 0.53, "identical_outputs": 8}  # fmt: skip
-    version = AdapterVersion(uuid="u", repo="numbers", tag=2, status="completed",
-                             metrics_summary={"speculator": {"measured": measured}})  # fmt: skip
-    [line] = [line for line in adapter_details(version).splitlines() if line.startswith("speculation")]
-    assert line.endswith("2.02x decode tokens/s with the heads (40 → 81), mean accepted length 2.60, "
-                         "on 8 held-out prompts")  # fmt: skip
-    failed = {"speculator": {"measured": {"error": "ValueError: the engine runs llama models"}}}
-    assert speculation(failed) == "speedup not measured: ValueError: the engine runs llama models"
-    assert speculation({"speculator": None}) is None and speculation({}) is None  # not a turbo version
 
 
 def _args(tmp_path: Path, url: str | None = None, token: str | None = None) -> argparse.Namespace:
