@@ -92,6 +92,9 @@ class RetryingCallbacks(NoCallbacks):
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self._retry(lambda: self._inner.on_eval(step, metrics), f"recording the eval of step {step}")
 
+    def on_phase(self, step: int, phase: str, detail: str) -> None:
+        self._retry(lambda: self._inner.on_phase(step, phase, detail), f"recording the {phase} phase")
+
     def should_stop(self) -> bool:
         return self._retry(self._inner.should_stop, "checking for a cancel")
 

@@ -325,6 +325,10 @@ class _JobCallbacks(NoCallbacks):
         for old_prefix in pruned:
             self._ctx.store.delete_prefix(old_prefix)
 
+    def on_phase(self, step: int, phase: str, detail: str) -> None:
+        jobs.add_event(self._session, self._job, JobEventKind.PHASE, detail, phase=phase, step=step)
+        self._session.commit()
+
     def should_stop(self) -> bool:
         """Asked before every optimizer step, so a cancel is honoured within one step (one indexed
         read per step: negligible beside a forward and backward pass)."""

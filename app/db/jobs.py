@@ -34,6 +34,7 @@ class JobEventKind(enum.StrEnum):
     RESTART = "restart"  # redelivered after a worker was lost; training resumes from a checkpoint
     WARNING = "warning"
     TRUNCATION = "truncation"  # examples cut to the context length
+    PHASE = "phase"  # a training phase began or ended (turbo types: the speculator's); in the timeline
 
 
 class FinetuningJob(Timestamped, Base):

@@ -357,11 +357,13 @@ def latest_checkpoint(session: Session, job: FinetuningJob) -> JobCheckpoint | N
 def timeline(session: Session, job: FinetuningJob) -> dict[str, dict[str, str]]:
     """Predibase's `{<status>: {"startedAt": iso}}`: when each status was first entered.
 
-    Restarts after a lost worker appear too, as `restart-<attempt>` with what was resumed.
+    Restarts after a lost worker appear too, as `restart-<attempt>` with what was resumed, and training
+    phases (turbo types' speculator phase) as `<phase>-phase`: when it began, and its latest news.
     """
+    kinds = [JobEventKind.STATUS, JobEventKind.RESTART, JobEventKind.PHASE]
     events = session.scalars(
         select(JobEvent)
-        .where(JobEvent.job_id == job.id, JobEvent.kind.in_([JobEventKind.STATUS, JobEventKind.RESTART]))
+        .where(JobEvent.job_id == job.id, JobEvent.kind.in_(kinds))
         .order_by(JobEvent.created_at, JobEvent.id)
     )
     # A job is queued from its creation; no event records entering the first status.
@@ -370,6 +372,9 @@ def timeline(session: Session, job: FinetuningJob) -> dict[str, dict[str, str]]:
         if event.kind == JobEventKind.RESTART:
             entry = {"startedAt": _iso(event.created_at), "detail": event.message}
             result[f"restart-{event.data.get('attempt')}"] = entry
+        elif event.kind == JobEventKind.PHASE:
+            began = {"startedAt": _iso(event.created_at)}
+            result.setdefault(f"{event.data.get('phase')}-phase", began)["detail"] = event.message
         else:
             result.setdefault(str(event.data.get("status")), {"startedAt": _iso(event.created_at)})
     return result
