@@ -21,9 +21,12 @@ from app.settings import DEVELOPMENT_SECRET_KEY, MAX_LORA_RANK_LIMIT, Settings
 if TYPE_CHECKING:
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
-__all__ = ["SUMMARY", "add_commands", "failure"]
+__all__ = ["SERVE_DTYPE", "SUMMARY", "add_commands", "failure"]
 
 SUMMARY = "run its data plane here (worker, serve)"
+# What `tuneforge serve` computes in unless told otherwise, and so every deployment the control plane
+# starts (it passes no --dtype); the worker's checks of a published artifact use it too.
+SERVE_DTYPE = "fp32"
 
 
 def add_commands(commands: Commands) -> None:
@@ -71,7 +74,7 @@ def _serve(commands: Commands) -> None:
         help="stop when process PID ends (the control plane passes its own, so that its serving processes "
         "never outlive it)",
     )
-    serve.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    serve.add_argument("--dtype", choices=("fp32", "bf16"), default=SERVE_DTYPE)
     serve.add_argument(
         "--device",
         default="auto",

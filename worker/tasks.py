@@ -23,7 +23,7 @@ from app.db.jobs import JobEventKind
 from app.errors import ConflictError
 from app.queue import TRAIN_TASK
 from app.services import jobs, versions
-from worker import turbo_measure
+from worker import artifact_checks
 from worker.db_retry import RetryingCallbacks, retrying
 from worker.job_io import download_checkpoint, download_files, download_rows, token_cache_for, upload_dir
 from worker.serve_main import kernel_config
@@ -179,8 +179,9 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
         if result.stopped or result.adapter_dir is None:
             _retry(ctx, session, lambda: _end(session, job, JobStatus.CANCELED), f"job {job.id}: canceling")
             return
-        # Turbo types: the serving engine times the heads before the artifact and its summary are stored.
-        turbo_measure.add_to_summary(result, kernels=kernel_config(ctx.settings, os.environ))
+        # The serving engine answers the quality report's rows (and times turbo heads) as a deployment
+        # would, before the artifact and its summary are stored.
+        artifact_checks.add_to_summary(result, kernels=kernel_config(ctx.settings, os.environ))
         versions_prefix = f"tenants/{tenant_uuid}/repos/{job.version.repo.uuid}/versions/"
 
         def publish() -> None:  # whole: a failed commit's rollback drops the version's new fields too

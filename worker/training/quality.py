@@ -20,7 +20,7 @@ STOP_MARGIN = 8  # tokens generated past a reference's length: the same text may
 MAX_NEW_TOKENS = 128
 MAX_SAMPLES = 5
 PROMPT_TAIL_CHARS = 200
-HELD_OUT_PROMPTS = 8  # the prompts a run hands back for timing its artifact (worker.turbo_measure)
+HELD_OUT_PROMPTS = 8  # the prompts a run hands back for timing its artifact (worker.artifact_checks)
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,14 @@ def answerable(
     return [example for example, split in splits if split and len(split[1]) <= max_completion_tokens]
 
 
-def stop_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Tokens that end an answer: the tokenizer's EOS, the chat template's end of turn, the model's EOS."""
+def answer_tokens(target: Sequence[int]) -> int:
+    """The tokens a greedy answer may take for a reference of these tokens (each row its own budget)."""
+    return min(len(target) + STOP_MARGIN, MAX_NEW_TOKENS)
+
+
+def stop_ids(model: torch.nn.Module | None, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens that end an answer: the tokenizer's EOS, the chat template's end of turn, the model's EOS
+    (its generation config's; none without a model)."""
     found = [tokenizer.eos_token_id, _end_of_turn_id(tokenizer)]
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     found += configured if isinstance(configured, list) else [configured]
@@ -160,9 +166,9 @@ def greedy_completions(
     return [_until_stop(row[:limit], stops) for row, limit in zip(rows, max_new_tokens, strict=True)]
 
 
-def _until_stop(tokens: list[int], stops: Sequence[int]) -> list[int]:
+def _until_stop(tokens: Sequence[int], stops: Sequence[int]) -> list[int]:
     cut = next((i for i, token in enumerate(tokens) if token in stops), len(tokens))
-    return tokens[:cut]
+    return list(tokens[:cut])
 
 
 def exact_match(
@@ -197,26 +203,31 @@ def exact_match(
                 model,
                 [pairs[i][0] for i in chunk],
                 pad_token_id=pad_id,
-                max_new_tokens=[min(len(pairs[i][1]) + STOP_MARGIN, MAX_NEW_TOKENS) for i in chunk],
+                max_new_tokens=[answer_tokens(pairs[i][1]) for i in chunk],
                 stops=stops,
             )
             predictions.update(zip(chunk, outputs, strict=True))
     finally:
         model.train(was_training)
     samples = [
-        _judge(tokenizer, prompt, target, predictions[i], stops) for i, (prompt, target) in enumerate(pairs)
+        judge(tokenizer, prompt, target, predictions[i], stops) for i, (prompt, target) in enumerate(pairs)
     ]
     correct = sum(sample.correct for sample in samples)
     return ExactMatch(len(samples), correct, correct / len(samples), tuple(samples[:MAX_SAMPLES]))
 
 
-def _judge(
+def judge(
     tokenizer: PreTrainedTokenizerBase,
-    prompt: list[int],
-    target: list[int],
-    predicted: list[int],
-    stops: list[int],
+    prompt: Sequence[int],
+    target: Sequence[int],
+    predicted: Sequence[int],
+    stops: Sequence[int],
 ) -> Sample:
+    """One row's verdict: the answer's text against the reference's (cut at its first stop token).
+
+    `predicted` is decoded whole, special tokens skipped, as the serving engine streams it: an answer
+    that runs past a stop token the deployment does not stop at is judged with what follows it.
+    """
     # Texts, not token ids, are compared: one string has several tokenisations (the reference was
     # tokenised apart from its prompt, " 42" may be one token or two), and a model that writes the
     # right answer through another segmentation has still answered right.

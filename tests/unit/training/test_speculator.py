@@ -158,7 +158,7 @@ def test_turbo_lora_artifact_loads_and_the_summary_reports_the_heads(
 def test_training_alone_measures_nothing_and_hands_back_held_out_prompts(
     turbo_lora_run: tuple[TrainingResult, Recorder],
 ) -> None:
-    # Timing the heads in the serving engine is the worker's job (worker.turbo_measure), not the library's.
+    # Timing the heads in the serving engine is the worker's job (worker.artifact_checks), not the library's.
     result, _ = turbo_lora_run
     assert result.adapter_dir is not None
     summary = json.loads((result.adapter_dir / "training_summary.json").read_text())
