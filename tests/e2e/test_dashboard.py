@@ -126,6 +126,7 @@ def dashboard(worker_stack_factory: Callable[..., WorkerStack], chromium_path: P
         "base_model": TINY,
         "adapter": "turbo_lora",
         "train_steps": COMPLETED_STEPS,
+        "speculator_train_steps": 2,
         "learning_rate": 0.005,
     }
     job = api.post("/v2/finetuning/jobs", json={"params": params, "dataset": "numbers", "repo": "numbers"})

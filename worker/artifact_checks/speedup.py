@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.artifact_checks.served_engine import ServedArtifact, generate
+from worker.training import speculator_phase
 from worker.training.quality import HELD_OUT_PROMPTS
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPTS = HELD_OUT_PROMPTS  # a run hands back at most this many
-MAX_NEW_TOKENS = 32
+# The training-time estimate replays exactly these requests (worker/training/speculator_phase.py).
+MAX_NEW_TOKENS = speculator_phase.MAX_NEW_TOKENS
 WARMUP_TOKENS = 8  # first-request costs (thread pools, LoRA stacks) are not what a deployment pays per token
 
 

@@ -30,9 +30,9 @@ from worker.training.quality import HELD_OUT_PROMPTS, held_out_prompts
 # from running on for noise-level changes.
 MIN_GAIN = 0.01
 # Held-out prompts the stopping rule replays (a few dozen steps of each kind per evaluation); the first
-# HELD_OUT_PROMPTS of them are the ones the serving engine then times (worker/turbo_measure.py).
+# HELD_OUT_PROMPTS of them are the ones the serving engine then times (worker/artifact_checks/speedup.py).
 RULE_PROMPTS = 32
-# As the engine's measurement decodes them (worker/turbo_measure.py MAX_NEW_TOKENS).
+# Tokens per request, as the engine's measurement decodes them (worker/artifact_checks/speedup.py).
 MAX_NEW_TOKENS = 32
 
 

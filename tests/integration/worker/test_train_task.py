@@ -252,7 +252,10 @@ def test_a_turbo_job_on_a_lora_version_stores_heads_beside_the_unchanged_lora(
     ctx: AppContext, celery: Celery
 ) -> None:
     parent = _run_to_completion(ctx, celery, _queued_job(ctx, dtype="fp32"))
-    child_id = _child_job(ctx, parent.id, adapter="turbo", learning_rate=1e-3, train_steps=2)
+    child_id = _child_job(
+        ctx, parent.id, adapter="turbo", learning_rate=1e-3, train_steps=2, speculator_heads=3,
+        speculator_train_steps=2,
+    )  # fmt: skip
     child = _run_to_completion(ctx, celery, child_id)
     with ctx.sessions() as session:
         parent_version = session.get(AdapterVersion, parent.version_id)
@@ -273,6 +276,12 @@ def test_a_turbo_job_on_a_lora_version_stores_heads_beside_the_unchanged_lora(
         measured = summary["speculator"]["measured"]
         assert measured["prompts"] >= 1 and measured["speedup"] > 0
         assert measured["identical_outputs"] == measured["prompts"]
+        # The speculator phase shows in the job's timeline: when it began, and how it ended.
+        assert summary["speculator"]["phase"]["steps"] == 2
+        job = session.get(FinetuningJob, child_id)
+        assert job is not None
+        phase = jobs.timeline(session, job)["speculator-phase"]
+        assert phase["startedAt"] and "ended after 2 steps (reached speculator_train_steps (2))" in phase["detail"]
 
 
 def test_automatic_layers_and_ranks_are_recorded_on_the_version(ctx: AppContext, celery: Celery) -> None:

@@ -11,8 +11,9 @@ TINY = "tiny-random-llama"
 
 
 def make_config(**overrides: Any) -> TrainingConfig:
-    """A few steps on the tiny model; no early stopping unless a test asks."""
+    """A few steps on the tiny model; no early stopping and no speculator phase unless a test asks."""
     small = {
+        "speculator_train_steps": 0,
         "base_model": TINY,
         "train_steps": 4,
         "learning_rate": 1e-2,

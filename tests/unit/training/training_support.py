@@ -16,8 +16,10 @@ TINY = "tiny-random-llama"
 
 
 def make_config(**overrides: Any) -> TrainingConfig:
-    """fp32 so that exactness tests compare like with like; no early stopping unless a test asks."""
+    """fp32 so that exactness tests compare like with like; no early stopping and no speculator phase
+    (test_speculator_phase.py has it) unless a test asks."""
     small = {
+        "speculator_train_steps": 0,
         "base_model": TINY,
         "train_steps": 6,
         "learning_rate": 1e-2,
