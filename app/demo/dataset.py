@@ -97,6 +97,6 @@ def write_demo_dataset(
 
 
 def exact_match(prediction: str, reference: str) -> bool:
-    """Score one generation; only its first line counts, as decoding may run past the answer."""
-    lines = prediction.strip().splitlines()
-    return bool(lines) and lines[0].strip() == reference.strip()
+    """Score one generation as the quality report does: the whole answer, trimmed, is the reference (an
+    answer that runs on past the date is not the date)."""
+    return bool(prediction.strip()) and prediction.strip() == reference.strip()

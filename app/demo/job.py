@@ -22,6 +22,7 @@ from typing import IO
 
 import httpx
 from tuneforge import AdapterVersion, Dataset, FinetuningConfig, NotFoundError, Tuneforge, TuneforgeError
+from tuneforge.cli.adapter_report import answer_rows
 
 from app.demo import serving as demo_serving
 from app.demo.dataset import write_demo_dataset
@@ -223,10 +224,16 @@ def format_training(version: AdapterVersion, reused: bool) -> str:
     quality = version.quality_report
     if quality.get("summary"):
         lines.append(f"  quality report: {quality['summary']}")
-    for sample in ((quality.get("exact_match") or {}).get("adapter") or {}).get("samples", [])[:3]:
-        verdict = "right" if sample.get("correct") else "wrong"
-        said = sample.get("prediction")
-        lines.append(f"    expected {sample.get('reference')!r}, adapter said {said!r} ({verdict})")
+    for row in answer_rows(quality)[:3]:
+        said = [
+            f"{who} said {answer!r} ({'right' if correct else 'wrong'})"
+            for who, answer, correct in (
+                ("base", row.base, row.base_correct),
+                ("adapter", row.adapter, row.adapter_correct),
+            )
+            if answer is not None
+        ]
+        lines.append(f"    expected {row.expected!r}: " + ", ".join(said))
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from app.demo.dataset import exact_match
 DEFAULT_DEPLOYMENT = "smollm2-135m"
 SERVED_PROMPTS = 3
 MAX_ANSWER_TOKENS = 16
+SHOWN_ANSWER_CHARS = 40
 # The first request starts the serving process; the control plane answers 503 while it loads.
 SERVING_START_TIMEOUT_S = 600.0
 
@@ -79,9 +80,10 @@ def compare(client: Tuneforge, version: AdapterVersion, dataset_path: Path) -> s
 
 
 def _judged(answer: str, reference: str) -> str:
-    """The answer's first line (what the quality report scores) and whether it is right."""
-    first = (answer.strip().splitlines() or [""])[0].strip()
-    return f"{first!r} ({'right' if exact_match(answer, reference) else 'wrong'})"
+    """The answer (its start, when long) and whether it is right by the quality report's rule."""
+    text = answer.strip()
+    shown = text if len(text) <= SHOWN_ANSWER_CHARS else text[:SHOWN_ANSWER_CHARS] + "…"
+    return f"{shown!r} ({'right' if exact_match(answer, reference) else 'wrong'})"
 
 
 def _answer(

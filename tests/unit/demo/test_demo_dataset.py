@@ -86,8 +86,9 @@ def test_evaluation_dates_never_appear_in_training() -> None:
     assert not train & evaluation
 
 
-def test_exact_match_scores_the_first_line_only() -> None:
-    assert exact_match(" 2021-03-03\nDate: something else", "2021-03-03")
+def test_exact_match_scores_the_whole_answer_as_the_quality_report_does() -> None:
+    assert exact_match(" 2021-03-03\n", "2021-03-03")
+    assert not exact_match(" 2021-03-03\nDate: something else", "2021-03-03")
     assert not exact_match("2021-3-3", "2021-03-03")
     assert not exact_match("March 3rd, 2021", "2021-03-03")
     assert not exact_match("", "2021-03-03")
