@@ -54,7 +54,9 @@ def measure(served: ServedArtifact, prompts: Sequence[list[int]]) -> dict[str, A
             raise ValueError("no held-out prompt to decode")
         plain = _decode(served, chosen, served.lora_only_id)
         speculative = _decode(served, chosen, served.artifact_id)
-        return _result(chosen, plain, speculative)
+        # How it was measured, so the headline number can be read for what it is.
+        settings = {"dtype": served.dtype, "device": served.device, "batch_size": 1, "temperature": 0.0}
+        return _result(chosen, plain, speculative) | {"engine": settings}
     except Exception as exc:
         log.exception("measuring the speculator's speedup failed")
         return {"error": f"{type(exc).__name__}: {exc}"}

@@ -21,9 +21,11 @@ function speedupTile(metricsSummary) {
   const trained = phase ? ` Speculator trained ${phase.steps} steps${phase.stop_reason ? ` (${phase.stop_reason})` : ""}.` : "";
   if (measured.error) return tile("speedup-tile", "—", `Speedup not measured: ${measured.error}.${trained}`);
   const estimated = typeof estimate === "number" ? ` (training estimate ${estimate.toFixed(2)})` : "";
+  const engine = measured.engine || {};
+  const where = engine.dtype && engine.device ? `, ${engine.dtype} on ${engine.device}` : "";
   const how =
     `faster decoding, measured by the serving engine on ${measured.prompts} held-out prompts, greedy, ` +
-    `up to ${measured.max_new_tokens} tokens each; ${measured.identical_outputs} of ${measured.prompts} outputs identical. ` +
+    `one at a time, up to ${measured.max_new_tokens} tokens each${where}; ${measured.identical_outputs} of ${measured.prompts} outputs identical. ` +
     `${measured.plain_tokens_per_s.toFixed(0)} → ${measured.speculative_tokens_per_s.toFixed(0)} tokens/s, ` +
     `mean accepted length ${measured.mean_accepted_length.toFixed(2)}${estimated}.${trained}`;
   return tile("speedup-tile", `${measured.speedup.toFixed(2)}x`, how);

@@ -74,10 +74,11 @@ def speedup_headline(metrics_summary: dict[str, Any]) -> str | None:
         return None
     if "error" in measured:
         return f"speedup not measured: {measured['error']}"
-    prompts = measured["prompts"]
+    prompts, engine = measured["prompts"], measured.get("engine") or {}
+    where = f", {engine['dtype']} on {engine['device']}" if {"dtype", "device"} <= engine.keys() else ""
     return (
         f"{measured['speedup']:.2f}x faster decoding (measured by the serving engine on {prompts} "
-        f"held-out prompts, greedy, up to {measured['max_new_tokens']} tokens each; "
+        f"held-out prompts, greedy, one at a time, up to {measured['max_new_tokens']} tokens each{where}; "
         f"{measured['identical_outputs']} of {prompts} outputs identical)"
     )
 

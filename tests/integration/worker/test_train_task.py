@@ -281,7 +281,8 @@ def test_a_turbo_job_on_a_lora_version_stores_heads_beside_the_unchanged_lora(
         job = session.get(FinetuningJob, child_id)
         assert job is not None
         phase = jobs.timeline(session, job)["speculator-phase"]
-        assert phase["startedAt"] and "ended after 2 steps (reached speculator_train_steps (2))" in phase["detail"]
+        assert phase["startedAt"]
+        assert "ended after 2 steps (reached speculator_train_steps (2))" in phase["detail"]
 
 
 def test_automatic_layers_and_ranks_are_recorded_on_the_version(ctx: AppContext, celery: Celery) -> None:

@@ -18,7 +18,7 @@ from worker.artifact_checks import speedup
 from worker.training.loop import TrainingResult, train
 
 MEASURED_KEYS = {"prompts", "max_new_tokens", "plain_tokens_per_s", "speculative_tokens_per_s", "speedup",
-                 "mean_accepted_length", "acceptance_rate", "identical_outputs"}  # fmt: skip
+                 "mean_accepted_length", "acceptance_rate", "identical_outputs", "engine"}  # fmt: skip
 
 
 def check_measured(measured: dict[str, Any], eval_rows: int) -> None:
@@ -27,6 +27,7 @@ def check_measured(measured: dict[str, Any], eval_rows: int) -> None:
     assert measured["prompts"] == min(eval_rows, speedup.MAX_PROMPTS) and measured["max_new_tokens"] == 32
     assert measured["plain_tokens_per_s"] > 0 and measured["speculative_tokens_per_s"] > 0
     assert measured["speedup"] > 0
+    assert measured["engine"] == {"dtype": "fp32", "device": "cpu", "batch_size": 1, "temperature": 0.0}
     # Greedy speculation emits exactly what plain greedy decoding does.
     assert measured["identical_outputs"] == measured["prompts"]
     # Drafts were proposed and some kept: the speculative pass really ran with the heads.

@@ -20,6 +20,7 @@ from tuneforge.cli.tables import emit
 
 MEASURED = {"prompts": 8, "max_new_tokens": 32, "plain_tokens_per_s": 40.2,
             "speculative_tokens_per_s": 81.0, "speedup": 2.015, "mean_accepted_length": 2.6,
+            "engine": {"dtype": "fp32", "device": "cpu", "batch_size": 1, "temperature": 0.0},
             "acceptance_rate": 0.53, "identical_outputs": 8}  # fmt: skip
 
 
@@ -53,8 +54,8 @@ def test_the_speedup_and_exact_match_lead_then_the_fields_then_the_answers() -> 
     }
     out = adapter_details(_version({"speculator": speculator, "steps": 40}, quality)).splitlines()
     assert out[0] == (
-        "2.02x faster decoding (measured by the serving engine on 8 held-out prompts, greedy, "
-        "up to 32 tokens each; 8 of 8 outputs identical)"
+        "2.02x faster decoding (measured by the serving engine on 8 held-out prompts, greedy, one at a "
+        "time, up to 32 tokens each, fp32 on cpu; 8 of 8 outputs identical)"
     )
     assert out[1] == (
         "exact match: adapter 80% (16/20) vs base 20% (4/20), answered by the serving engine (float32 on cpu)"
