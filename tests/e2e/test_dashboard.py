@@ -36,6 +36,8 @@ ROWS = [
     {"prompt": f"Repeat the word number {n}.", "completion": f" number {n} number {n}"} for n in range(16)
 ]
 COMPLETED_STEPS = 4
+SPECULATOR_STEPS = 2  # turbo_lora's speculator phase, after the model's steps
+ALL_STEPS = COMPLETED_STEPS + SPECULATOR_STEPS
 UI_TIMEOUT_MS = 60_000
 
 
@@ -126,7 +128,7 @@ def dashboard(worker_stack_factory: Callable[..., WorkerStack], chromium_path: P
         "base_model": TINY,
         "adapter": "turbo_lora",
         "train_steps": COMPLETED_STEPS,
-        "speculator_train_steps": 2,
+        "speculator_train_steps": SPECULATOR_STEPS,
         "learning_rate": 0.005,
     }
     job = api.post("/v2/finetuning/jobs", json={"params": params, "dataset": "numbers", "repo": "numbers"})
@@ -203,15 +205,16 @@ def test_a_completed_version_draws_its_loss_chart_from_the_jobs_metrics(dashboar
     page.click("#repo a:text('numbers/1')")
     page.wait_for_selector("#job-status [data-status=completed]")
     train_dots = "#loss-chart circle[data-series=train]"
-    page.wait_for_function(f"() => document.querySelectorAll('{train_dots}').length === {COMPLETED_STEPS}")
+    page.wait_for_function(f"() => document.querySelectorAll('{train_dots}').length === {ALL_STEPS}")
     drawn = page.eval_on_selector_all(train_dots, "dots => dots.map(d => [+d.dataset.x, +d.dataset.y])")
     job_uuid = page.get_attribute("#job", "data-job")
     stored = dashboard.api.get(f"/v2/finetuning/jobs/{job_uuid}/metrics").json()["data"]
     assert drawn == [[m["step"], pytest.approx(m["trainLoss"])] for m in stored]
     assert page.locator("#loss-chart circle[data-series=eval]").count() >= 1  # the final evaluation
-    assert page.locator("#lr-chart circle").count() == COMPLETED_STEPS
-    assert page.inner_text("#step-counter") == f"step {COMPLETED_STEPS} / {COMPLETED_STEPS}"
+    assert page.locator("#lr-chart circle").count() == ALL_STEPS
+    assert page.inner_text("#step-counter") == f"step {ALL_STEPS} / {ALL_STEPS}"
     assert "completed" in page.inner_text("#timeline")
+    assert "speculator phase" in page.inner_text("#timeline")
     assert page.is_hidden("#cancel")
     assert "exact match" in page.inner_text("#quality-summary")
     # The page leads with the measured speedup and exact match; the answers are a table, not JSON.
