@@ -276,7 +276,10 @@ def test_speculator_config_errors_name_the_field(overrides: dict[str, Any], fiel
 
 def test_turbo_types_are_accepted_with_their_defaults() -> None:
     turbo_lora = TrainingConfig(base_model=TINY, adapter="turbo_lora")
-    assert turbo_lora.speculator_heads == 3 and turbo_lora.learning_rate == 2e-4
+    assert turbo_lora.speculator_heads == 6 and turbo_lora.learning_rate == 2e-4
     assert turbo_lora.speculator_architecture == "eagle"
+    assert turbo_lora.speculator_train_steps is None  # the speculator phase stops by itself
+    medusa = TrainingConfig(base_model=TINY, adapter="turbo_lora", speculator_architecture="medusa")
+    assert medusa.speculator_heads == 3
     turbo = TrainingConfig(base_model=TINY, adapter="turbo", quantization_bits=4)
     assert turbo.learning_rate == 1e-3 and turbo.speculator_loss_weight_decay == 0.8
