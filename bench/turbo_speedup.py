@@ -53,8 +53,6 @@ LORA, LORA_TURBO, TURBO_LORA, TURBO_LORA_BARE = "turbo/1", "turbo/2", "turbo/3",
 LORA_MEDUSA = "turbo/5"  # --compare-medusa: Medusa heads (the other architecture) on the same LoRA
 SPECULATOR_FILES = ("speculator.safetensors", "speculator_config.json")
 QUICK_STEPS = 3
-# The training-time estimate of each artifact's accepted length, printed beside the engine's measurement.
-ESTIMATES: dict[str, float | None] = {}
 
 
 @dataclass
@@ -89,8 +87,11 @@ class Measured:
 # --- training ---------------------------------------------------------------------------------------
 
 
-def train_all(args: argparse.Namespace, root: Path, scratch: Path) -> dict[str, float]:
-    """Trains those of (a), (b), (c) missing from `<root>/turbo/1..3`; returns each one's training seconds.
+def train_all(
+    args: argparse.Namespace, root: Path, scratch: Path
+) -> tuple[dict[str, float], dict[str, float | None]]:
+    """Trains those of (a), (b), (c) missing from `<root>/turbo/1..3`; returns each one's training seconds
+    and, by adapter id, its training-time estimate of the accepted length (printed beside the engine's).
 
     Each artifact is also copied to --keep as soon as it exists, so an interrupted run can go on.
     Without options each is what a job with the demo's config and only `adapter` changed trains.
@@ -118,7 +119,7 @@ def train_all(args: argparse.Namespace, root: Path, scratch: Path) -> dict[str, 
                       {"adapter": "turbo", "speculator_train_steps": args.compare_medusa,
                        "speculator_architecture": "medusa", "speculator_heads": None}, LORA))  # fmt: skip
     rows, seconds = demo_rows(), {}
-    estimates = ESTIMATES
+    estimates: dict[str, float | None] = {}
     for name, adapter_id, overrides, parent in plans:
         if (root / adapter_id).is_dir():
             print(f"reusing {name} from --skip-training", flush=True)
@@ -149,7 +150,7 @@ def train_all(args: argparse.Namespace, root: Path, scratch: Path) -> dict[str, 
             flush=True,
         )
         estimates[adapter_id] = (spec.get("estimate") or {}).get("mean_accepted_length")
-    return seconds
+    return seconds, estimates
 
 
 def _phases(steps: int, spec: dict[str, Any]) -> str:
@@ -297,9 +298,9 @@ async def run_all(
     return results
 
 
-def _calibration(adapter_id: str, measured: Measured) -> str:
+def _calibration(adapter_id: str, measured: Measured, estimates: dict[str, float | None]) -> str:
     """The training-time estimate of the accepted length against the engine's count, same prompts."""
-    estimate = ESTIMATES.get(adapter_id)
+    estimate = estimates.get(adapter_id)
     if estimate is None:
         return f"  {adapter_id}: no training-time estimate (trained in an earlier run)"
     error = estimate / measured.mean_accepted_length - 1
@@ -310,8 +311,12 @@ def _calibration(adapter_id: str, measured: Measured) -> str:
 
 
 def report(
-    results: dict[str, Measured], batches: list[int], train_seconds: dict[str, float], limit: int
+    results: dict[str, Measured],
+    batches: list[int],
+    trained: tuple[dict[str, float], dict[str, float | None]],
+    limit: int,
 ) -> dict[str, Any]:
+    train_seconds, estimates = trained
     lines, summary = [], {}
     for batch in batches:
         plain, spec = results[f"{LORA} {batch}"], results[f"{LORA_TURBO} {batch}"]
@@ -322,7 +327,7 @@ def report(
         lines.append(compare(what, spec, plain) + "  [lora + turbo heads vs lora]")
         lines.append(compare(what, joint, bare) + "  [turbo_lora with vs without heads]")
         if batch == 1:
-            lines += [_calibration(LORA_TURBO, spec), _calibration(TURBO_LORA, joint)]
+            lines += [_calibration(LORA_TURBO, spec, estimates), _calibration(TURBO_LORA, joint, estimates)]
         measured = {"lora_turbo": spec, "lora": plain, "turbo_lora": joint, "turbo_lora_bare": bare}
         for name, m in measured.items():
             summary[f"{name}_{batch}"] = {
@@ -432,7 +437,7 @@ def main() -> None:
         root = Path(tmp) / "adapters"
         if args.skip_training:
             shutil.copytree(args.skip_training, root)
-        train_seconds = train_all(args, root, Path(tmp) / "runs")
+        trained = train_all(args, root, Path(tmp) / "runs")
         strip_heads(root)
         if args.keep:
             shutil.copytree(root, args.keep, dirs_exist_ok=True)
@@ -452,7 +457,7 @@ def main() -> None:
             limit = engine.engine.drafter.max_batch
         finally:
             engine.shutdown()
-    summary = report(results, batches, train_seconds, limit)
+    summary = report(results, batches, trained, limit)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
 

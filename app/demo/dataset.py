@@ -99,4 +99,5 @@ def write_demo_dataset(
 def exact_match(prediction: str, reference: str) -> bool:
     """Score one generation as the quality report does: the whole answer, trimmed, is the reference (an
     answer that runs on past the date is not the date)."""
-    return bool(prediction.strip()) and prediction.strip() == reference.strip()
+    answer = prediction.strip()
+    return bool(answer) and answer == reference.strip()

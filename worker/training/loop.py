@@ -258,9 +258,8 @@ def _run_speculator_phase(
     config, clock, tracker = run.config, _Clock(), progress.speculator
     total = progress.step - tracker.steps + budget.steps  # as the progress bar counts: both phases
     if progress.phase == MODEL_PHASE:
-        speculator_phase.begin(run)
+        speculator_phase.begin(run, budget.steps)
         progress.phase = SPECULATOR_PHASE
-        run.phase_steps = budget.steps
         until = "until the held-out accepted length stops improving, " if budget.stops_itself else ""
         callbacks.on_phase(
             progress.step,
@@ -540,8 +539,7 @@ def _restore(run: Run, path: Path, state: checkpoints.TrainerState) -> _Progress
     heads = AcceptanceTracker(**raw.pop("speculator", {}))
     progress = _Progress(**raw, tracker=tracker, speculator=heads)
     if progress.phase == SPECULATOR_PHASE:  # its optimiser is the heads' own: made before loading into it
-        speculator_phase.begin(run)
-        run.phase_steps = _budget(run).steps
+        speculator_phase.begin(run, _budget(run).steps)
     run.optimizer.load_state_dict(state.optimizer)
     run.scheduler.load_state_dict(state.scheduler)
     if state.scaler is not None:

@@ -76,8 +76,9 @@ class AcceptanceTracker:
         return False
 
 
-def begin(run: Run) -> None:
-    """Freeze the model (its published weights), and give the heads an optimiser of their own."""
+def begin(run: Run, steps: int) -> None:
+    """Freeze the model (its published weights), and give the heads an optimiser of their own for a
+    phase of at most `steps` steps."""
     trainable = run.trainable
     heads = trainable.speculator
     assert heads is not None
@@ -90,7 +91,7 @@ def begin(run: Run) -> None:
     run.optimizer = optim.build_optimizer(config.optimizer, trainable.named_trainable(), rate, run.device)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda _: 1.0)  # constant
     # The cache (turbo) held the run's features without distillation's greedy tokens; turbo_lora had none.
-    run.features, run.features_built = None, False
+    run.features, run.features_built, run.phase_steps = None, False, steps
 
 
 def texts(run: Run) -> list[HeldOutText]:
@@ -113,11 +114,13 @@ def estimate(run: Run) -> dict[str, Any] | None:
     """The training summary's estimate: the replayed counts on the prompts the engine then times."""
     if run.trainable.speculator is None or not held_out_prompts(run.data.eval, 1):
         return None
-    counts = total(measure(run)[:HELD_OUT_PROMPTS])
+    # The prompts the engine times are the first of the rule's: only those are replayed.
+    measured = texts(run)[:HELD_OUT_PROMPTS]
+    counts = total(draft_replay.measure(run.trainable, measured, max_new_tokens=MAX_NEW_TOKENS))
     return {
         "mean_accepted_length": round(counts.mean_accepted_length, 3),
         "acceptance_rate": round(counts.acceptance_rate, 3),
-        "prompts": min(HELD_OUT_PROMPTS, len(texts(run))),
+        "prompts": len(measured),
         "max_new_tokens": MAX_NEW_TOKENS,
         "depth": run.trainable.speculator.config.num_heads,
         "method": "greedy speculative decoding replayed as the serving engine verifies",
