@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
@@ -80,8 +81,16 @@ class Settings(BaseSettings):
     # Where workers keep built base-model checkpoints; empty means `<data_dir>/models`. Point several
     # workers (or test runs) at one shared directory to build each model once.
     model_cache_dir: Path | None = None
-    # Base models beyond the built-in ones that workers can load (HF ids in their cache, local paths).
+    # Local model directories (absolute paths) beyond the built-ins and the model store that workers
+    # and serving processes can load as they are.
     extra_base_models: list[str] = Field(default_factory=list)
+    # A Hugging Face hub cache (`HF_HUB_CACHE`, `HF_HOME/hub`) that workers read models from directly,
+    # by repo id; empty means the one those variables name, if they are set (never the user's default
+    # cache by accident: a service should not depend on whoever last ran `huggingface-cli`).
+    hf_hub_cache: Path | None = None
+    # Models (HF repo ids or imported names) whose own Python code (`auto_map` in config.json) may run
+    # on workers and serving processes; every other model loads with trust_remote_code off.
+    trust_remote_code_models: list[str] = Field(default_factory=list, max_length=1000)
     # Serving: base model -> URL of an already-running `tuneforge serve` (a serving Deployment in
     # production), as JSON in TUNEFORGE_SERVING_URLS. A base model not named here gets a serving
     # process of its own, started by the control plane on first use.
@@ -141,6 +150,8 @@ class Settings(BaseSettings):
             self.storage_url = f"file://{data_dir / 'blobs'}"
         if self.model_cache_dir is None:
             self.model_cache_dir = data_dir / "models"
+        if self.hf_hub_cache is None:
+            self.hf_hub_cache = _hf_hub_cache_from_environment()
         if not self.broker_url:
             # kombu's SQLAlchemy transport: a real Celery broker that needs no server.
             self.broker_url = f"sqla+sqlite:///{data_dir / 'broker.db'}"
@@ -179,3 +190,12 @@ class Settings(BaseSettings):
     def dev_token_file(self) -> Path:
         """The embedded default's token, kept readable by its owner only; the DB stores only a hash."""
         return self.data_dir / DEV_TOKEN_FILE
+
+
+def _hf_hub_cache_from_environment() -> Path | None:
+    """The HF hub cache that `HF_HUB_CACHE` or `HF_HOME` names, as huggingface_hub reads them."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return None
