@@ -30,7 +30,9 @@ from app.context import AppContext
 from app.db import AdapterVersion, VersionStatus
 from app.services import versions
 from app.settings import Settings
+from app.storage import open_blob_store
 from app.storage.base import BlobNotFoundError, StorageError
+from worker.model_store import resolve_model_dir
 from worker.serving.adapters import AdapterSource, ResolvedAdapter
 from worker.serving.cpu_kernels import KernelConfig
 from worker.serving.errors import AdapterLoadError, AdapterNotFoundError
@@ -182,11 +184,6 @@ def kernel_config(settings: Settings, environ: Mapping[str, str]) -> KernelConfi
     )
 
 
-def model_cache_dir(settings: Settings) -> Path:
-    """Where built base models live: the same cache the training workers use."""
-    return settings.model_cache_dir if settings.model_cache_dir is not None else settings.data_dir / "models"
-
-
 @dataclass(frozen=True)
 class EngineOptions:
     """What `tuneforge serve` lets an operator choose about the engine (see its --help)."""
@@ -248,12 +245,14 @@ def run_server(
 
 
 def _engine_config(settings: Settings, base_model: str, options: EngineOptions) -> EngineConfig:
-    """The engine's configuration: the base model resolved in the shared model cache, plus the options."""
+    """The engine's configuration: the base model resolved (built, or fetched from the model store) in
+    the shared model cache, plus the options. The engine runs its own implementation of each served
+    architecture, so a model's own code (auto_map) never runs here; such a model is refused unless
+    the operator allowed it (TUNEFORGE_TRUST_REMOTE_CODE_MODELS)."""
     from worker.serving.engine import EngineConfig
-    from worker.training.base_models import resolve_base_model
 
     return EngineConfig(
-        model_path=resolve_base_model(base_model, model_cache_dir(settings)),
+        model_path=resolve_model_dir(settings, open_blob_store(settings), base_model),
         model_name=base_model,
         dtype=options.dtype,
         device=options.device,

@@ -26,6 +26,14 @@ from app.services import jobs, versions
 from worker import artifact_checks
 from worker.db_retry import RetryingCallbacks, retrying
 from worker.job_io import download_checkpoint, download_files, download_rows, token_cache_for, upload_dir
+from worker.model_store import (
+    BaseModelUnavailableError,
+    RemoteCodeRefusedError,
+    StoredModelError,
+    model_cache_dir,
+    resolve_model_dir,
+    trusts_remote_code,
+)
 from worker.serve_main import kernel_config
 from worker.training.base_models import BaseModelSourceMissingError, UnknownBaseModelError
 from worker.training.config import TrainingConfig
@@ -43,6 +51,9 @@ USER_ERRORS = (
     ValidationError,
     UnknownBaseModelError,
     BaseModelSourceMissingError,
+    BaseModelUnavailableError,
+    RemoteCodeRefusedError,
+    StoredModelError,
     TrainingDataError,
     TrainingConfigError,
     NonFiniteWeightsError,
@@ -149,6 +160,7 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
     dataset = session.get(Dataset, job.dataset_id) if job.dataset_id is not None else None
     rows = download_rows(ctx.store, dataset)
     tenant_uuid = jobs.tenant_uuid(session, job)
+    model_dir, trust_remote_code = _base_model(ctx, config)
     with tempfile.TemporaryDirectory(prefix=f"tuneforge-job-{job.id}-") as scratch:
         checkpoint = jobs.latest_checkpoint(session, job)
         resume_from = (
@@ -169,7 +181,9 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
             config,
             rows,
             output_dir=Path(scratch) / "run",
-            cache_dir=_model_cache_dir(ctx),
+            cache_dir=model_cache_dir(ctx.settings),
+            model_dir=model_dir,
+            trust_remote_code=trust_remote_code,
             callbacks=retried,
             resume_from=resume_from,
             init_from=init_from,
@@ -219,9 +233,13 @@ def _publish(ctx: AppContext, job: FinetuningJob, result: TrainingResult, versio
     version.quality_report = result.summary.get("quality_report") or {}
 
 
-def _model_cache_dir(ctx: AppContext) -> Path:
-    cache = ctx.settings.model_cache_dir
-    return cache if cache is not None else ctx.settings.data_dir / "models"
+def _base_model(ctx: AppContext, config: TrainingConfig) -> tuple[Path | None, bool]:
+    """The base model's local directory (built or fetched here on first use), and whether its own code
+    may run; a config without a base model is refused by `train`."""
+    if config.base_model is None:
+        return None, False
+    model_dir = resolve_model_dir(ctx.settings, ctx.store, config.base_model)
+    return model_dir, trusts_remote_code(ctx.settings, config.base_model)
 
 
 def _end(session: Session, job: FinetuningJob, status: JobStatus, *, error: str | None = None) -> None:

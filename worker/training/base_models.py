@@ -9,18 +9,16 @@ source or a new transformers release triggers a rebuild instead of serving a sta
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import importlib.metadata
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from worker.training.model_dirs import exclusive_lock, replace_atomically
+from worker.training.model_dirs import sha256_file as _sha256
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -102,7 +100,7 @@ def _ensure_built(spec: BuiltinModel, cache_dir: Path) -> Path:
     if _cache_is_current(target, spec, source):
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(cache_dir / f"{spec.name}.lock"):
+    with exclusive_lock(cache_dir / f"{spec.name}.lock"):
         # Another process may have finished the same build while we waited for the lock.
         if not _cache_is_current(target, spec, source):
             _build_atomically(spec, target, source)
@@ -134,15 +132,9 @@ def _cache_is_current(target: Path, spec: BuiltinModel, source: Path) -> bool:
 
 
 def _build_atomically(spec: BuiltinModel, target: Path, source: Path) -> None:
-    """Build into a scratch directory beside ``target``, then rename it into place.
+    """Build into a scratch directory beside ``target``, then rename it into place (caller holds the lock)."""
 
-    Caller holds the model's lock. A build killed half-way leaves only a scratch directory,
-    which the next build under the lock removes.
-    """
-    _remove_leftovers(target)
-    scratch = target.with_name(f".{spec.name}.building-{uuid.uuid4().hex}")
-    scratch.mkdir()
-    try:
+    def build(scratch: Path) -> None:
         spec.build(scratch, source)
         manifest = _expected_manifest(spec) | {
             "source_file": source.name,
@@ -151,56 +143,13 @@ def _build_atomically(spec: BuiltinModel, target: Path, source: Path) -> None:
         }
         # Written last: a directory with a manifest is a complete build.
         (scratch / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _finalise_files(scratch)
-        if target.exists():
-            stale = target.with_name(f".{spec.name}.stale-{uuid.uuid4().hex}")
-            target.rename(stale)
-            scratch.rename(target)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            scratch.rename(target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
-
-def _remove_leftovers(target: Path) -> None:
-    for pattern in (f".{target.name}.building-*", f".{target.name}.stale-*"):
-        for leftover in target.parent.glob(pattern):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _finalise_files(directory: Path) -> None:
-    for path in directory.iterdir():
-        if path.is_file():
-            # safetensors writes 0600; serving and training may run as other users of the cache.
-            path.chmod(0o644)
-            # A rename is only atomic across a power cut if the renamed files' data reached disk.
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-
-
-@contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    # flock is released by the kernel when the holder dies, so a crashed build never wedges it.
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    replace_atomically(target, build)
 
 
 def _stat_key(path: Path) -> list[Any]:
     stat = path.stat()
     return [str(path), stat.st_size, stat.st_mtime_ns]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- sources and builders ------------------------------------------------------------------------

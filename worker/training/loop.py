@@ -114,7 +114,9 @@ def train(
     rows: Sequence[Mapping[str, Any]],
     *,
     output_dir: Path,
-    cache_dir: Path,
+    cache_dir: Path | None = None,
+    model_dir: Path | None = None,
+    trust_remote_code: bool = False,
     callbacks: TrainingCallbacks | None = None,
     resume_from: Path | None = None,
     init_from: Path | None = None,
@@ -123,6 +125,9 @@ def train(
 ) -> TrainingResult:
     """Train on rows; resume_from continues a checkpoint of this same config exactly.
 
+    model_dir: the base model's local directory, resolved by the caller; without it a built-in model
+    (or a local directory) named by config.base_model is resolved in cache_dir.
+    trust_remote_code: run the model's own code (auto_map); only for models the operator allowed.
     init_from: a parent version's artifact directory to start from (continue_from_version).
     data_cache + dataset_fingerprint: reuse the tokenisation of an earlier run on the same data.
     """
@@ -133,8 +138,13 @@ def train(
         raise ValueError("base_model: required (a continued run inherits its parent's before training)")
     resume = Path(resume_from) if resume_from is not None else None
     saved = _load_checkpoint(config, resume)
+    if model_dir is None:
+        if cache_dir is None:
+            raise ValueError("train: pass model_dir (the resolved base model) or cache_dir (to build a built-in)")
+        model_dir = resolve_base_model(config.base_model, Path(cache_dir))
     inputs = Inputs(
-        model_dir=resolve_base_model(config.base_model, Path(cache_dir)),
+        model_dir=Path(model_dir),
+        trust_remote_code=trust_remote_code,
         init_from=init_from,
         data_cache=data_cache,
         dataset_fingerprint=dataset_fingerprint,

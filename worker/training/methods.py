@@ -164,9 +164,13 @@ class TrainableModel:
                     params[name].copy_(value.to(params[name].device))
 
 
-def load_base(weights_dir: Path, config: FinetuningConfig, runtime: Runtime) -> PreTrainedModel:
+def load_base(
+    weights_dir: Path, config: FinetuningConfig, runtime: Runtime, *, trust_remote_code: bool = False
+) -> PreTrainedModel:
     """The base causal LM on the run's device, frozen, with packed-row attention available."""
     kwargs: dict[str, Any] = {"attn_implementation": register_varlen_attention()}
+    if trust_remote_code:  # only ever passed for a model the operator allowed (worker.model_store)
+        kwargs["trust_remote_code"] = True
     if config.quantization_bits is not None:
         kwargs["quantization_config"] = _quantization(config.quantization_bits, runtime)
         kwargs["device_map"] = {"": runtime.device}

@@ -73,6 +73,7 @@ class Inputs:
     """What the caller hands the run besides the config and rows."""
 
     model_dir: Path  # the base model's local checkpoint
+    trust_remote_code: bool = False  # run the model's own code (auto_map): only for allowed models
     init_from: Path | None = None  # a parent version's artifact (continue_from_version)
     data_cache: token_cache.DataCache | None = None
     dataset_fingerprint: str | None = None  # e.g. the dataset file's sha256; enables the cache
@@ -127,11 +128,11 @@ def build_run(config: TrainingConfig, rows: Sequence[Mapping[str, Any]], inputs:
     runtime = resolve_runtime(config.dtype)
     requested = config.trajectory_fields()
     config = resolve_config(config, inputs.model_dir, runtime)
-    tokenizer = AutoTokenizer.from_pretrained(inputs.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(inputs.model_dir, trust_remote_code=inputs.trust_remote_code)
     data = load_data(rows, tokenizer, config, inputs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     init_adapter, weights_dir = _parent(config, inputs)
-    base = methods.load_base(weights_dir, config, runtime)
+    base = methods.load_base(weights_dir, config, runtime, trust_remote_code=inputs.trust_remote_code)
     targets = list(config.target_modules) if config.target_modules else methods.default_targets(base)
     methods.check_targets(base, targets)
     config = config.model_copy(update={"target_modules": tuple(targets)})

@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from worker.training import base_models
+from worker.training import base_models, model_dirs
 from worker.training.base_models import (
     BUILTIN_MODELS,
     MANIFEST_NAME,
@@ -218,7 +218,7 @@ def test_resolve_waits_for_a_build_in_progress_and_does_not_rebuild(
     waiter = threading.Thread(target=lambda: resolved.append(resolve_base_model("fake", cache)))
 
     # This test plays the other process: it holds the lock while it builds.
-    with base_models._exclusive_lock(cache / "fake.lock"):
+    with model_dirs.exclusive_lock(cache / "fake.lock"):
         waiter.start()
         waiter.join(timeout=0.5)
         assert waiter.is_alive() and not builds
