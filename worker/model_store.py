@@ -159,7 +159,9 @@ def _fetched(settings: Settings, store: BlobStore, parsed: ModelName) -> Path | 
     with exclusive_lock(parent / f"{slug}.lock"):
         # Another process may have fetched the same manifest while this one waited for the lock.
         if not _is_current(target, manifest):
-            log.info("base model %s: fetching %d bytes from the model store", parsed.given, manifest.total_bytes)
+            log.info(
+                "base model %s: fetching %d bytes from the model store", parsed.given, manifest.total_bytes
+            )
             replace_atomically(target, lambda scratch: _download(store, parsed, manifest, scratch))
     return target
 

@@ -140,7 +140,9 @@ def train(
     saved = _load_checkpoint(config, resume)
     if model_dir is None:
         if cache_dir is None:
-            raise ValueError("train: pass model_dir (the resolved base model) or cache_dir (to build a built-in)")
+            raise ValueError(
+                "train: pass model_dir (the resolved base model) or cache_dir (to build a built-in)"
+            )
         model_dir = resolve_base_model(config.base_model, Path(cache_dir))
     inputs = Inputs(
         model_dir=Path(model_dir),

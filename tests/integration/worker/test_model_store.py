@@ -189,7 +189,7 @@ def test_a_missing_blob_fails_clearly_and_leaves_no_directory(
     put_in_store(store, "my-model", source_model)
     store.delete(parse("my-model").store_prefix + "files/tokenizer.json")
 
-    with pytest.raises(StoredModelError, match="tokenizer.json, listed in its manifest, is missing"):
+    with pytest.raises(StoredModelError, match=r"tokenizer\.json, listed in its manifest, is missing"):
         resolve_model_dir(settings, store, "my-model")
 
     assert [p.name for p in (tmp_path / "models" / "store").iterdir()] == ["my-model.lock"]
