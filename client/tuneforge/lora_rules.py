@@ -267,7 +267,10 @@ def check_tensors(
         parsed = parse_weight_name(name)
         if parsed is None:
             raise AdapterRuleError(
-                name, "is not the lora_A or lora_B weight of a projection we serve (" + ", ".join(LORA_PROJECTIONS) + ")"
+                name,
+                "is not the lora_A or lora_B weight of a projection we serve ("
+                + ", ".join(LORA_PROJECTIONS)
+                + ")",
             )
         layer, module, which = parsed
         if dtype not in FLOAT_DTYPES:

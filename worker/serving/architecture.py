@@ -61,8 +61,14 @@ class Architecture:
     rope_keys: tuple[str | None, ...]  # per layer: which RoPE table (Gemma3 layer types), None = one
 
     @property
-    def serves_eagle(self) -> bool:
-        return self.model_type in EAGLE_FAMILIES
+    def eagle_refusal(self) -> str | None:
+        """Why an eagle draft layer is refused on this model, or None where it is served."""
+        if self.model_type in EAGLE_FAMILIES:
+            return None
+        return (
+            f"eagle speculators are served on {', '.join(sorted(EAGLE_FAMILIES))} models, not "
+            f"{self.model_type}: train a Medusa speculator (speculator_architecture='medusa') instead"
+        )
 
 
 def read_architecture(config: Any) -> Architecture:

@@ -51,9 +51,7 @@ def prefill_attention(
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def window_mask(
-    mask: torch.Tensor, query_positions: torch.Tensor, window: int
-) -> torch.Tensor:
+def window_mask(mask: torch.Tensor, query_positions: torch.Tensor, window: int) -> torch.Tensor:
     """A decode step's context mask `[B, 1, Q, L]` narrowed to each query's window; `query_positions`
     `[B, Q]`. Context column j holds position j (the cache holds a sequence's positions in order)."""
     keys = torch.arange(mask.shape[-1], device=mask.device)

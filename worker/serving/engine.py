@@ -17,7 +17,6 @@ from pathlib import Path
 from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
 
 from worker.serving.adapter_loader import LoadShape
-from worker.serving.architecture import EAGLE_FAMILIES
 from worker.serving.adapters import (
     DEFAULT_RESOLVE_TTL_S,
     AdapterCache,
@@ -151,12 +150,7 @@ class LLMEngine:
                 module_shapes=runner.module_shapes,
                 max_rank=config.max_lora_rank,
                 vocab_size=runner.vocab_size,
-                eagle_refusal=None
-                if runner.arch.serves_eagle
-                else (
-                    f"eagle speculators are served on {', '.join(sorted(EAGLE_FAMILIES))} models, not "
-                    f"{runner.arch.model_type}: train a Medusa speculator (speculator_architecture='medusa') instead"
-                ),
+                eagle_refusal=runner.arch.eagle_refusal,
             ),
             metrics=self.metrics,
             resolve_ttl_s=config.adapter_resolve_ttl_s,

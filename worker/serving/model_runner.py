@@ -61,8 +61,7 @@ class LayerWeights:
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
 
         def norm(module: Any) -> torch.Tensor:
-            # Gemma multiplies by 1 + w: folded in once here, so every norm is a plain F.rms_norm.
-            return module.weight + arch.norm_offset if arch.norm_offset else module.weight
+            return _norm_weight(module.weight, arch.norm_offset)
 
         sandwich = arch.sandwich_norms
         return cls(
@@ -145,7 +144,8 @@ class ModelRunner:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.attention = [
-            AttentionSpec(self.arch.query_scale, self.arch.attn_softcap, window) for window in self.arch.windows
+            AttentionSpec(self.arch.query_scale, self.arch.attn_softcap, window)
+            for window in self.arch.windows
         ]
         self.eps = config.rms_norm_eps
         q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -175,9 +175,7 @@ class ModelRunner:
     def _take_weights(self, model: Any, small_step_weights: bool) -> None:
         """The model's weights as plain tensors, each layer's projections fused by shared input."""
         self.embed = model.model.embed_tokens.weight
-        self.final_norm = model.model.norm.weight
-        if self.arch.norm_offset:  # Gemma multiplies by 1 + w, see LayerWeights.fuse
-            self.final_norm = self.final_norm + self.arch.norm_offset
+        self.final_norm = _norm_weight(model.model.norm.weight, self.arch.norm_offset)
         small: dict[str, Any] = {"kernel": self.kernel, "transposed_copy": small_step_weights}
         self.lm_head = Linear(model.lm_head.weight, None, **small)
         self.rope = {
@@ -343,6 +341,12 @@ def _module_shapes(
     shapes["o_proj"] = (layer.o.weight.shape[1], layer.o.weight.shape[0])
     shapes["down_proj"] = (layer.down.weight.shape[1], layer.down.weight.shape[0])
     return {name: (int(inp), int(out)) for name, (inp, out) in shapes.items()}
+
+
+def _norm_weight(weight: torch.Tensor, offset: float) -> torch.Tensor:
+    """The weight F.rms_norm multiplies by. Gemma multiplies by 1 + w: folded in once here (in float32,
+    as Gemma's norm adds it, then one rounding to the serving dtype), so every norm is a plain one."""
+    return (weight.float() + offset).to(weight.dtype) if offset else weight
 
 
 def resolve_device(device: str) -> torch.device:

@@ -86,7 +86,9 @@ def hf_greedy_eager(
     model_dir: Path, adapter_dir: Path | None, prompts: list[list[int]], new_tokens: int
 ) -> list[list[int]]:
     """HF (with PEFT for an adapter) greedy generation of each prompt alone, EOS ignored."""
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    )
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
