@@ -45,7 +45,7 @@ def adapter_id(family: str, kind: str) -> str:
 @pytest.fixture(scope="module")
 def family_root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`<root>/<family>`: a tiny model of each family, with a LoRA on it (all targets); Medusa heads on
-    Gemma2 and Phi3, an eagle layer on Gemma2 (their ids: `adapter_id`)."""
+    Gemma2 and Phi3, eagle layers on Gemma2 and Qwen3 (their ids: `adapter_id`)."""
     root = tmp_path_factory.mktemp("families")
     for seed, family in enumerate(FAMILIES):
         model_dir = build_family_model(family, tiny_model_dir, root / family, seed=seed)
@@ -60,7 +60,8 @@ def family_root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         )
     for family in ("gemma2", "phi3"):
         make_random_heads(root / adapter_id(family, "heads"), hidden_size=64, num_heads=3)
-    make_random_eagle(root / adapter_id("gemma2", "eagle"), root / "gemma2")
+    for family in ("gemma2", "qwen3"):
+        make_random_eagle(root / adapter_id(family, "eagle"), root / family, depth=3, seed=3)
     return root
 
 
@@ -92,12 +93,23 @@ def test_medusa_speculation_through_sliding_windows_keeps_greedy_output(
     assert engine.metrics.spec_drafted._value.get() > 0  # type: ignore[attr-defined]
 
 
+def test_an_eagle_draft_layer_on_qwen3_keeps_greedy_output(family_root: Path) -> None:
+    expected = hf_greedy_eager(family_root / "qwen3", None, PROMPTS[:2], NEW_TOKENS)
+    engine = make_engine(family_root / "qwen3", family_root, speculation_max_batch=2)
+    requests = [Collected(engine, prompt, GREEDY, adapter_id("qwen3", "eagle")) for prompt in PROMPTS[:2]]
+    run_until_done(engine, requests)
+    assert [r.token_ids for r in requests] == expected
+    assert engine.metrics.spec_drafted._value.get() > 0  # type: ignore[attr-defined]
+
+
 def test_an_eagle_draft_layer_on_gemma2_is_refused_naming_what_is_served(family_root: Path) -> None:
     engine = make_engine(family_root / "gemma2", family_root)
     request = Collected(engine, PROMPTS[0], GREEDY, adapter_id("gemma2", "eagle"))
     run_until_done(engine, [request])
     assert isinstance(request.error, AdapterLoadError)
-    assert "eagle speculators are served on llama, mistral, qwen2 models, not gemma2" in str(request.error)
+    assert "eagle speculators are served on llama, mistral, qwen2, qwen3 models, not gemma2" in str(
+        request.error
+    )
 
 
 def test_a_model_of_an_unserved_type_is_refused_before_its_weights_load(tmp_path: Path) -> None:
