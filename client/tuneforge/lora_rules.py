@@ -20,16 +20,21 @@ from typing import Any
 
 from tuneforge.rules.artifacts import ADAPTER_CONFIG
 
-# The projections of a Llama-style decoder layer a served LoRA may target, and the block each sits in.
+# The projections of a decoder layer a served LoRA may target, and the block each sits in. Phi3 keeps
+# q/k/v and gate/up fused (`qkv_proj`, `gate_up_proj`); the other served families keep them apart.
 PROJECTION_PARENTS: dict[str, str] = {
     "q_proj": "self_attn",
     "k_proj": "self_attn",
     "v_proj": "self_attn",
+    "qkv_proj": "self_attn",
     "o_proj": "self_attn",
     "gate_proj": "mlp",
     "up_proj": "mlp",
+    "gate_up_proj": "mlp",
     "down_proj": "mlp",
 }
+# Model types (HF config.json `model_type`) whose checkpoints hold the fused projections.
+FUSED_PROJECTION_MODEL_TYPES = frozenset({"phi3"})
 LORA_PROJECTIONS = tuple(PROJECTION_PARENTS)
 
 # A rank far above what anyone trains (Predibase caps at 128, LLaMA-Factory's examples use <= 64); an
@@ -43,7 +48,8 @@ FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 
 # peft's tensor names: `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` (prefixes vary).
 _WEIGHT_NAME = re.compile(
-    r"(?:^|\.)layers\.(\d{1,6})\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    r"(?:^|\.)layers\.(\d{1,6})\.(self_attn|mlp)\."
+    r"(q_proj|k_proj|v_proj|qkv_proj|o_proj|gate_proj|up_proj|gate_up_proj|down_proj)"
     r"\.lora_([AB])(?:\.default)?\.weight$"
 )
 # Characters that have a meaning in a regex; in a literal key they must be escaped with a backslash.
@@ -171,12 +177,20 @@ def check_config(config: Mapping[str, Any], *, max_rank: int = DEFAULT_MAX_LORA_
 
 
 def projection_shapes(model_config: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
-    """`module -> (in_features, out_features)` of a Llama-style HF config.json (the base model's)."""
+    """`module -> (in_features, out_features)` of the projections an HF config.json's decoder layers
+    have: Llama-style separate ones, or Phi3's fused `qkv_proj` / `gate_up_proj`."""
     hidden = int(model_config["hidden_size"])
     heads = int(model_config["num_attention_heads"])
     kv_heads = int(model_config.get("num_key_value_heads") or heads)
     head_dim = int(model_config.get("head_dim") or hidden // heads)
     intermediate = int(model_config["intermediate_size"])
+    if model_config.get("model_type") in FUSED_PROJECTION_MODEL_TYPES:
+        return {
+            "qkv_proj": (hidden, (heads + 2 * kv_heads) * head_dim),
+            "o_proj": (heads * head_dim, hidden),
+            "gate_up_proj": (hidden, 2 * intermediate),
+            "down_proj": (intermediate, hidden),
+        }
     return {
         "q_proj": (hidden, heads * head_dim),
         "k_proj": (hidden, kv_heads * head_dim),
@@ -208,6 +222,10 @@ def check_tensor_shape(
     if rank > max_rank:
         raise AdapterRuleError(name, f"rank {rank} is over the limit of {max_rank}")
     if shapes is not None:
+        if module not in shapes:
+            raise AdapterRuleError(
+                name, f"the base model has no {module}; its layers' projections are {', '.join(shapes)}"
+            )
         in_features, out_features = shapes[module]
         wide = shape[1] if which == "A" else shape[0]
         expected = in_features if which == "A" else out_features
@@ -249,7 +267,10 @@ def check_tensors(
         parsed = parse_weight_name(name)
         if parsed is None:
             raise AdapterRuleError(
-                name, "is not the lora_A or lora_B weight of a projection we serve (q_proj ... down_proj)"
+                name,
+                "is not the lora_A or lora_B weight of a projection we serve ("
+                + ", ".join(LORA_PROJECTIONS)
+                + ")",
             )
         layer, module, which = parsed
         if dtype not in FLOAT_DTYPES:

@@ -53,6 +53,8 @@ class LoadShape:
     module_shapes: Mapping[str, tuple[int, int]] | None = None  # module -> (in, out) of the runner
     max_rank: int = lora_rules.DEFAULT_MAX_LORA_RANK
     vocab_size: int | None = None
+    # Why this base model takes no eagle draft layer (a Llama layer fed raw token embeddings), if not.
+    eagle_refusal: str | None = None
 
 
 def load_adapter(key: str, directory: Path, shape: LoadShape) -> AdapterWeights:
@@ -98,6 +100,8 @@ def _load_medusa(config: SpeculatorConfig, state: dict[str, torch.Tensor], shape
 def _load_eagle(config: SpeculatorConfig, state: dict[str, torch.Tensor], shape: LoadShape) -> DraftModel:
     if shape.model_shape is None:
         raise AdapterLoadError("this engine cannot serve eagle speculators (no model shape to check)")
+    if shape.eagle_refusal is not None:
+        raise AdapterLoadError(shape.eagle_refusal)
     return EagleDraft.from_files(
         config,
         state,

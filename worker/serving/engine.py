@@ -150,6 +150,7 @@ class LLMEngine:
                 module_shapes=runner.module_shapes,
                 max_rank=config.max_lora_rank,
                 vocab_size=runner.vocab_size,
+                eagle_refusal=runner.arch.eagle_refusal,
             ),
             metrics=self.metrics,
             resolve_ttl_s=config.adapter_resolve_ttl_s,

@@ -42,10 +42,11 @@ class AdapterWeights:
 
 # The runner fuses projections that share an input into one GEMM; LoRA follows the same groups so a
 # group's adapters need one shrink GEMM, then one expand per module into its slice of the output.
+# Phi3's checkpoint is fused already: its LoRAs target `qkv_proj` / `gate_up_proj` whole.
 GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "qkv": ("q_proj", "k_proj", "v_proj", "qkv_proj"),
     "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
+    "gate_up": ("gate_proj", "up_proj", "gate_up_proj"),
     "down": ("down_proj",),
 }
 

@@ -1,5 +1,6 @@
-"""The forward pass of one engine step: a Llama-family model over a flat batch of tokens from many
-sequences, with the paged KV cache and per-token LoRA deltas.
+"""The forward pass of one engine step: a decoder-only model (the families in `SERVED_MODEL_TYPES`,
+their differences in architecture.py) over a flat batch of tokens from many sequences, with the
+paged KV cache and per-token LoRA deltas.
 
 HF's `generate` pays for a dense `[batch, max_len]` layout, a cache object and mask building on every
 token; here the weights of the HF model are reused as plain tensors and one step is: embed all tokens
@@ -15,8 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from worker.serving.architecture import Architecture, read_architecture
+from worker.serving.attention import AttentionSpec, attend, prefill_attention, window_mask
 from worker.serving.cpu_kernels import KernelConfig, SmallGemm, small_gemm
 from worker.serving.kv_cache import BLOCK_SIZE, BlockManager, CacheShape, KVCache
 from worker.serving.linear import KERNEL_TOKENS, SMALL_STEP_TOKENS, Linear
@@ -24,7 +27,6 @@ from worker.serving.lora import LoraBatch, LoraStacker
 from worker.serving.rope import apply_rope
 from worker.serving.step_input import StepInput
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -33,27 +35,46 @@ class LayerWeights:
     """One decoder layer with the projections that share an input fused into one weight."""
 
     input_norm: torch.Tensor
-    post_norm: torch.Tensor
+    post_norm: torch.Tensor  # the MLP's input norm (Gemma's pre_feedforward_layernorm)
     qkv: Linear  # [q_out + 2 * kv_out, D]; Qwen2 has q/k/v biases
     o: Linear
     gate_up: Linear  # [2 * intermediate, D]
     down: Linear
+    q_norm: torch.Tensor | None = None  # [hd] per-head norms before RoPE (Qwen3, Gemma3)
+    k_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None  # Gemma: norms of the attention and MLP outputs
+    mlp_out_norm: torch.Tensor | None = None
 
     @classmethod
-    def fuse(cls, layer: Any, *, kernel: SmallGemm | None, transposed_copy: bool) -> LayerWeights:
+    def fuse(
+        cls, layer: Any, arch: Architecture, *, kernel: SmallGemm | None, transposed_copy: bool
+    ) -> LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
-        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
-        qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
         both: dict[str, Any] = {"kernel": kernel, "transposed_copy": transposed_copy}
+        if arch.fused_checkpoint:  # Phi3 stores the engine's layout already
+            qkv, qkv_bias = attn.qkv_proj.weight, attn.qkv_proj.bias
+            gate_up = mlp.gate_up_proj.weight
+        else:
+            biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+            qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
+            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+
+        def norm(module: Any) -> torch.Tensor:
+            return _norm_weight(module.weight, arch.norm_offset)
+
+        sandwich = arch.sandwich_norms
         return cls(
-            input_norm=layer.input_layernorm.weight,
-            post_norm=layer.post_attention_layernorm.weight,
-            qkv=Linear(
-                torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), qkv_bias, **both
-            ),
+            input_norm=norm(layer.input_layernorm),
+            post_norm=norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm),
+            qkv=Linear(qkv, qkv_bias, **both),
             o=Linear(attn.o_proj.weight, None, **both),
-            gate_up=Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None, **both),
+            gate_up=Linear(gate_up, None, **both),
             down=Linear(mlp.down_proj.weight, None, **both),
+            q_norm=norm(attn.q_norm) if arch.qk_norm else None,
+            k_norm=norm(attn.k_norm) if arch.qk_norm else None,
+            attn_out_norm=norm(layer.post_attention_layernorm) if sandwich else None,
+            mlp_out_norm=norm(layer.post_feedforward_layernorm) if sandwich else None,
         )
 
 
@@ -108,17 +129,12 @@ class ModelRunner:
         self.module_shapes = _module_shapes(self.layers[0], self.qkv_slices, self.gate_up_slices)
 
     def _load_model(self, model_dir: Path) -> Any:
-        """The HF model on this runner's device and dtype, refused unless the engine runs its family."""
+        """The HF model on this runner's device and dtype, refused (before its weights are read) unless
+        the engine runs its family and every feature of its config."""
+        self.arch = read_architecture(AutoConfig.from_pretrained(model_dir))
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
         model.to(self.device)
         model.eval().requires_grad_(False)
-        config = model.config
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"the serving engine runs {', '.join(SUPPORTED_MODEL_TYPES)} models, not {config.model_type}"
-            )
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise ValueError(f"the serving engine runs SiLU-gated MLPs, not {config.hidden_act}")
         return model
 
     def _read_config(self, config: Any, max_model_len: int | None) -> None:
@@ -127,19 +143,27 @@ class ModelRunner:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.scale = self.head_dim**-0.5
+        self.attention = [
+            AttentionSpec(self.arch.query_scale, self.arch.attn_softcap, window)
+            for window in self.arch.windows
+        ]
         self.eps = config.rms_norm_eps
         q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_slices = {
-            "q_proj": slice(0, q_out),
-            "k_proj": slice(q_out, q_out + kv_out),
-            "v_proj": slice(q_out + kv_out, q_out + 2 * kv_out),
-        }
         intermediate = config.intermediate_size
-        self.gate_up_slices = {
-            "gate_proj": slice(0, intermediate),
-            "up_proj": slice(intermediate, 2 * intermediate),
-        }
+        # Where each LoRA target writes in the fused outputs; Phi3's targets are the fused weights.
+        if self.arch.fused_checkpoint:
+            self.qkv_slices = {"qkv_proj": slice(0, q_out + 2 * kv_out)}
+            self.gate_up_slices = {"gate_up_proj": slice(0, 2 * intermediate)}
+        else:
+            self.qkv_slices = {
+                "q_proj": slice(0, q_out),
+                "k_proj": slice(q_out, q_out + kv_out),
+                "v_proj": slice(q_out + kv_out, q_out + 2 * kv_out),
+            }
+            self.gate_up_slices = {
+                "gate_proj": slice(0, intermediate),
+                "up_proj": slice(intermediate, 2 * intermediate),
+            }
         self.o_slices = {"o_proj": slice(None)}
         self.down_slices = {"down_proj": slice(None)}
         self.max_model_len = min(
@@ -151,11 +175,18 @@ class ModelRunner:
     def _take_weights(self, model: Any, small_step_weights: bool) -> None:
         """The model's weights as plain tensors, each layer's projections fused by shared input."""
         self.embed = model.model.embed_tokens.weight
-        self.final_norm = model.model.norm.weight
+        self.final_norm = _norm_weight(model.model.norm.weight, self.arch.norm_offset)
         small: dict[str, Any] = {"kernel": self.kernel, "transposed_copy": small_step_weights}
         self.lm_head = Linear(model.lm_head.weight, None, **small)
-        self.cos, self.sin = _rope_table(model, self.max_model_len, self.dtype)
-        self.layers = [LayerWeights.fuse(layer, **small) for layer in model.model.layers]
+        self.rope = {
+            key: _rope_table(model, self.max_model_len, self.dtype, key) for key in set(self.arch.rope_keys)
+        }
+        # The table eagle draft layers rotate with (they are refused on families with several).
+        self.cos, self.sin = self.rope[self.arch.rope_keys[0]]
+        self.embed_scale = (
+            torch.tensor(self.arch.embed_scale).to(self.dtype) if self.arch.embed_scale is not None else None
+        )
+        self.layers = [LayerWeights.fuse(layer, self.arch, **small) for layer in model.model.layers]
 
     def _allocate_cache(self, kv_cache_bytes: int) -> KVCache:
         """The paged KV cache within the byte budget; refused if it holds less than one longest sequence."""
@@ -176,14 +207,39 @@ class ModelRunner:
         if self._small_step_one_thread:
             self._pick_threads(step.input_ids.shape[0])
         lora = LoraBatch(self.stacker.stacks(step.adapters), step.token_adapter)
-        cos = self.cos.index_select(0, step.positions)[:, None, :]  # [T, 1, hd]
-        sin = self.sin.index_select(0, step.positions)[:, None, :]
+        rope = {
+            key: (  # [T, 1, rd]
+                cos.index_select(0, step.positions)[:, None, :],
+                sin.index_select(0, step.positions)[:, None, :],
+            )
+            for key, (cos, sin) in self.rope.items()
+        }
+        masks = self._decode_masks(step)
         hidden = F.embedding(step.input_ids, self.embed)  # [T, D]
+        if self.embed_scale is not None:
+            hidden = hidden * self.embed_scale
         for index, weights in enumerate(self.layers):
-            hidden = self._layer(index, weights, hidden, cos, sin, step, lora)
+            cos, sin = rope[self.arch.rope_keys[index]]
+            context = _LayerStep(cos, sin, masks.get(self.attention[index].window, step.context_mask))
+            hidden = self._layer(index, weights, hidden, context, step, lora)
         step_hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.final_norm, self.eps)  # [T, D]
         hidden = step_hidden.index_select(0, step.logits_indices)  # [B or T, D]
-        return ForwardResult(self.lm_head(hidden).float(), StepHidden(hidden, step_hidden))
+        logits = self.lm_head(hidden).float()
+        if self.arch.final_softcap is not None:
+            cap = self.arch.final_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return ForwardResult(logits, StepHidden(hidden, step_hidden))
+
+    def _decode_masks(self, step: StepInput) -> dict[int | None, torch.Tensor]:
+        """A decode step's context mask narrowed to each sliding window its layers use, built once."""
+        windows = {spec.window for spec in self.attention if spec.window is not None}
+        if step.prefill_lengths is not None or step.context_mask is None or not windows:
+            return {}
+        if step.query_index is None:
+            query_positions = step.positions[:, None]  # [B, 1]
+        else:
+            query_positions = step.positions[step.query_index]  # [B, Q]
+        return {w: window_mask(step.context_mask, query_positions, w) for w in windows}
 
     def _pick_threads(self, tokens: int) -> None:
         """One intra-op thread for tiny steps, all of them otherwise.
@@ -203,8 +259,7 @@ class ModelRunner:
         index: int,
         w: LayerWeights,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        context: _LayerStep,
         step: StepInput,
         lora: LoraBatch,
     ) -> torch.Tensor:
@@ -214,46 +269,42 @@ class ModelRunner:
         lora.apply(index, "qkv", x, qkv, self.qkv_slices)
         heads = qkv.view(tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         rotated = heads[:, : self.num_heads + self.num_kv_heads]  # q and k heads, roped together
-        rotated = apply_rope(rotated, cos, sin)
+        if w.q_norm is not None and w.k_norm is not None:
+            rotated = torch.cat(
+                [
+                    F.rms_norm(rotated[:, : self.num_heads], (self.head_dim,), w.q_norm, self.eps),
+                    F.rms_norm(rotated[:, self.num_heads :], (self.head_dim,), w.k_norm, self.eps),
+                ],
+                dim=1,
+            )
+        rotated = apply_rope(rotated, context.cos, context.sin)
         q, k = rotated[:, : self.num_heads], rotated[:, self.num_heads :]
         v = heads[:, self.num_heads + self.num_kv_heads :]
         self.cache.keys[index].index_copy_(0, step.slot_mapping, k)
         self.cache.values[index].index_copy_(0, step.slot_mapping, v)
         if step.prefill_lengths is not None:
-            out = self._prefill_attention(q, k, v, step.prefill_lengths)
+            out = prefill_attention(q, k, v, step.prefill_lengths, self.attention[index])
         else:
-            out = self._decode_attention(index, q, step)
+            out = self._decode_attention(index, q, step, context.mask)
         o = w.o(out)
         lora.apply(index, "o", out, o, self.o_slices)
+        if w.attn_out_norm is not None:
+            o = F.rms_norm(o, (width,), w.attn_out_norm, self.eps)
         hidden = hidden + o
         x = F.rms_norm(hidden, (width,), w.post_norm, self.eps)
         gate_up = w.gate_up(x)  # [T, 2 * I]
         lora.apply(index, "gate_up", x, gate_up, self.gate_up_slices)
         gate, up = gate_up.chunk(2, dim=-1)
-        act = F.silu(gate).mul_(up)
+        act = self.arch.activation(gate).mul_(up)
         down = w.down(act)
         lora.apply(index, "down", act, down, self.down_slices)
+        if w.mlp_out_norm is not None:
+            down = F.rms_norm(down, (width,), w.mlp_out_norm, self.eps)
         return hidden + down
 
-    def _prefill_attention(self, q, k, v, lengths: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        """Causal attention of each sequence over its own tokens (no prefix is cached before prefill)."""
-        outs = []
-        start = 0
-        for length in lengths:
-            sl = slice(start, start + length)
-            out = F.scaled_dot_product_attention(
-                q[sl].transpose(0, 1)[None],  # [1, H, L, hd]
-                k[sl].transpose(0, 1)[None],
-                v[sl].transpose(0, 1)[None],
-                is_causal=True,
-                scale=self.scale,
-                enable_gqa=True,
-            )
-            outs.append(out[0].transpose(0, 1).reshape(length, -1))
-            start += length
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
-
-    def _decode_attention(self, index: int, q: torch.Tensor, step: StepInput) -> torch.Tensor:
+    def _decode_attention(
+        self, index: int, q: torch.Tensor, step: StepInput, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """One query per sequence against its cached context, gathered from the paged cache."""
         assert step.context_slots is not None
         assert step.context_flat is not None
@@ -265,9 +316,7 @@ class ModelRunner:
         values = values.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         # One query per sequence [B, H, 1, hd], or its padded queries [B, Q, H, hd] → [B, H, Q, hd].
         queries = q[:, :, None, :] if step.query_index is None else q[step.query_index].transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=step.context_mask, scale=self.scale, enable_gqa=True
-        )
+        out = attend(queries, keys, values, mask, self.attention[index])
         if step.query_index is None:
             return out.reshape(q.shape[0], -1)
         assert step.query_valid is not None
@@ -294,6 +343,12 @@ def _module_shapes(
     return {name: (int(inp), int(out)) for name, (inp, out) in shapes.items()}
 
 
+def _norm_weight(weight: torch.Tensor, offset: float) -> torch.Tensor:
+    """The weight F.rms_norm multiplies by. Gemma multiplies by 1 + w: folded in once here (in float32,
+    as Gemma's norm adds it, then one rounding to the serving dtype), so every norm is a plain one."""
+    return (weight.float() + offset).to(weight.dtype) if offset else weight
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -303,11 +358,25 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def _rope_table(model: Any, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of every position, from the model's own rotary module (so RoPE scaling variants match)."""
+@dataclass(frozen=True)
+class _LayerStep:
+    """What a layer of this step reads that depends on the layer's kind: its RoPE rows and decode mask."""
+
+    cos: torch.Tensor  # [T, 1, rd]
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # decode: [B, 1, Q, L], narrowed to the layer's window
+
+
+def _rope_table(
+    model: Any, max_len: int, dtype: torch.dtype, layer_type: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of every position, from the model's own rotary module (so RoPE scaling variants match);
+    Gemma3's takes the layer type whose base it rotates with."""
     device = model.lm_head.weight.device
     positions = torch.arange(max_len, device=device)[None, :]
-    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=dtype, device=device), positions)
+    probe = torch.zeros(1, dtype=dtype, device=device)
+    rotary = model.model.rotary_emb
+    cos, sin = rotary(probe, positions) if layer_type is None else rotary(probe, positions, layer_type)
     return cos[0].contiguous(), sin[0].contiguous()  # [max_len, head_dim]
 
 

@@ -26,7 +26,7 @@ BUILTIN_MODELS = ("smollm2-135m", "tiny-random-llama")
 
 # Model families (HF `model_type`) tuneforge's serving engine runs; any other model can be trained
 # (PEFT supports it) but a deployment of it is refused with this list.
-SERVED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+SERVED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 
 # Predibase's catalogue names (docs.predibase.com, "Well-supported LLMs") and the HF repo each names.
 PREDIBASE_CATALOGUE: Mapping[str, str] = {
