@@ -1,5 +1,5 @@
-"""The control plane's part of the `tuneforge` command: `up`, `token`, `migrate` and `gc`, run against a
-server on this machine (the data plane's `worker` and `serve` are `worker/commands.py`'s).
+"""The control plane's part of the `tuneforge` command: `up`, `token`, `migrate`, `gc` and `models`, run
+against a server on this machine (the data plane's `worker` and `serve` are `worker/commands.py`'s).
 
 The command itself is the client distribution's (`tuneforge.cli`); this package is its
 `tuneforge.commands` entry point (see `tuneforge.cli.plugins`), so one `tuneforge` runs these beside
@@ -17,7 +17,7 @@ from app.storage import StorageError
 
 __all__ = ["SUMMARY", "add_commands", "failure"]
 
-SUMMARY = "run a tuneforge server on this machine (up, token, migrate, gc)"
+SUMMARY = "run a tuneforge server on this machine (up, token, migrate, gc, models)"
 
 
 def failure(exc: Exception) -> tuple[str, int] | None:
