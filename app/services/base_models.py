@@ -54,6 +54,8 @@ BUILTIN_MODELS: tuple[dict[str, Any], ...] = (
 BUILTIN_MODEL_TYPE = "llama"
 # A listing reads each cached repo's snapshots' configs and safetensors headers: bounded, like any list.
 MAX_CACHED_REPOS = 500
+# An unavailable name's error lists this many of the available ones.
+MAX_NAMES_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,11 @@ def require_available(
     except BaseModelNameError as exc:
         raise InvalidInputError(f"{field}: {exc}") from None
     if found is None:
+        names = [model.name for model in catalogue(settings, session, count_parameters=False)]
+        shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (", ..." if len(names) > MAX_NAMES_SHOWN else "")
         raise InvalidInputError(
             f"{field}: {name} is not available on this cluster; an operator makes it available with "
-            f"`{parse(name).pull_command}` (GET /v2/base-models lists the available ones)"
+            f"`{parse(name).pull_command}`. Available: {shown} (GET /v2/base-models lists them)"
         )
     return found
 
@@ -136,12 +140,15 @@ def require_servable(found: AvailableModel, field: str = "config.baseModel") -> 
         )
 
 
-def catalogue(settings: Settings, session: Session) -> list[AvailableModel]:
-    """Every available model: built-ins, the model store, the HF hub cache, the operator's directories."""
+def catalogue(settings: Settings, session: Session, *, count_parameters: bool = True) -> list[AvailableModel]:
+    """Every available model: built-ins, the model store, the HF hub cache, the operator's directories.
+
+    `count_parameters`: read the HF-cache snapshots' safetensors headers (the store has its counts).
+    """
     models = [_builtin(settings, model["name"]) for model in BUILTIN_MODELS]
     models += [stored(row) for row in session.scalars(select(StoredModel).order_by(StoredModel.name))]
     if settings.hf_hub_cache is not None:
-        models += scan_hf_cache(settings.hf_hub_cache)
+        models += scan_hf_cache(settings.hf_hub_cache, count_parameters=count_parameters)
     models += [_local(name) for name in settings.extra_base_models]
     listed: set[str] = set()
     unique = []
@@ -188,7 +195,7 @@ def stored(row: StoredModel, name: str | None = None) -> AvailableModel:
     )
 
 
-def scan_hf_cache(hub_cache: Path) -> list[AvailableModel]:
+def scan_hf_cache(hub_cache: Path, *, count_parameters: bool = True) -> list[AvailableModel]:
     """The models an HF hub cache holds: each repo's default snapshot by repo id, others pinned by commit."""
     try:
         repo_dirs = sorted(hub_cache.glob("models--*"))[:MAX_CACHED_REPOS]
@@ -208,9 +215,11 @@ def scan_hf_cache(hub_cache: Path) -> list[AvailableModel]:
             if default is None or snapshot.name != default.name:
                 if hf_cache_snapshot(hub_cache, repo_id, snapshot.name) is None:
                     continue
-                found.append(_cached(f"{repo_id}@{snapshot.name}", snapshot, count_parameters=True))
+                found.append(
+                    _cached(f"{repo_id}@{snapshot.name}", snapshot, count_parameters=count_parameters)
+                )
             else:
-                found.append(_cached(repo_id, snapshot, count_parameters=True))
+                found.append(_cached(repo_id, snapshot, count_parameters=count_parameters))
     return found
 
 
