@@ -5,7 +5,7 @@ the model store (`app.services.model_store`), a snapshot in the operator's Huggi
 (`settings.hf_hub_cache`), or one of the operator's local directories (`settings.extra_base_models`).
 
 The control plane cannot import the data plane (no torch here), so it keeps its own copy of the
-built-in catalogue; `tests/unit/training/test_base_models.py` holds it equal to the worker's
+built-in catalogue; `tests/unit/services/test_base_model_catalogue.py` holds it equal to the worker's
 `list_builtin_models()`, so the two cannot drift apart unnoticed.
 """
 
