@@ -10,7 +10,18 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from app import dashboard
-from app.api import adapters, blobs, datasets, deployments, health, jobs, repos, serving_proxy, users
+from app.api import (
+    adapters,
+    base_models,
+    blobs,
+    datasets,
+    deployments,
+    health,
+    jobs,
+    repos,
+    serving_proxy,
+    users,
+)
 from app.api.blob_transfers import BlobTransfers
 from app.api.request_guards import RefuseNulMiddleware
 from app.context import AppContext
@@ -52,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RefuseNulMiddleware)
     install_error_handlers(app)
-    for module in (health, users, datasets, repos, adapters, jobs, blobs, deployments):
+    for module in (health, users, datasets, repos, adapters, jobs, base_models, blobs, deployments):
         app.include_router(module.router)
     dashboard.mount(app)
     # Last: its `/{tenant}/...` paths must not shadow any fixed route.

@@ -45,8 +45,9 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "tuneforge-ci"))
 
 # The S3-compatible server (moto's, over HTTP) is needed by integration and end-to-end tests alike;
-# real training workers (subprocesses) by the end-to-end tests that train.
-pytest_plugins = ["s3_fixtures", "worker_fixtures"]
+# real training workers (subprocesses) by the end-to-end tests that train; small model directories by
+# the model store's tests.
+pytest_plugins = ["s3_fixtures", "worker_fixtures", "model_dirs"]
 
 
 @pytest.fixture(scope="session")

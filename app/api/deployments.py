@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
+from sqlalchemy.orm import Session
 
 from app.api import deployment_schemas as schemas
 from app.api.deps import CtxDep, CurrentUser, SessionDep
@@ -24,7 +25,9 @@ def get_serving(request: Request) -> ServingSupervisor:
 ServingDep = Annotated[ServingSupervisor, Depends(get_serving)]
 
 
-def present(settings: Settings, serving: ServingSupervisor, view: DeploymentView) -> schemas.DeploymentPublic:
+def present(
+    settings: Settings, session: Session, serving: ServingSupervisor, view: DeploymentView
+) -> schemas.DeploymentPublic:
     status = deployments.status(serving, view)
     return schemas.DeploymentPublic(
         name=view.name,
@@ -33,7 +36,8 @@ def present(settings: Settings, serving: ServingSupervisor, view: DeploymentView
         type="shared" if view.is_default else "dedicated",
         status=status,
         model=schemas.DeploymentModel(
-            name=view.base_model, max_input_length=deployments.context_length(settings, view.base_model)
+            name=view.base_model,
+            max_input_length=deployments.context_length(settings, session, view.base_model),
         ),
         accelerator=schemas.Accelerator(id="any"),
         current_replicas=1 if status is ServingStatus.READY else 0,
@@ -48,7 +52,7 @@ def create_deployment(
 ) -> schemas.DeploymentPublic:
     args = (ctx.settings, serving, session, user)
     view = deployments.create(*args, body.name, body.config, body.description)
-    return present(ctx.settings, serving, view)
+    return present(ctx.settings, session, serving, view)
 
 
 @router.get("/v2/deployments", response_model=dict[str, list[schemas.DeploymentPublic]])
@@ -56,14 +60,14 @@ def list_deployments(
     ctx: CtxDep, serving: ServingDep, session: SessionDep, user: CurrentUser
 ) -> dict[str, list[schemas.DeploymentPublic]]:
     views = deployments.list_deployments(session, user)
-    return {"data": [present(ctx.settings, serving, view) for view in views]}
+    return {"data": [present(ctx.settings, session, serving, view) for view in views]}
 
 
 @router.get("/v2/deployments/{name}", response_model=dict[str, schemas.DeploymentPublic])
 def get_deployment(
     name: str, ctx: CtxDep, serving: ServingDep, session: SessionDep, user: CurrentUser
 ) -> dict[str, schemas.DeploymentPublic]:
-    return {"data": present(ctx.settings, serving, deployments.get(session, user, name))}
+    return {"data": present(ctx.settings, session, serving, deployments.get(session, user, name))}
 
 
 @router.put("/v2/deployments/{name}", response_model=dict[str, schemas.DeploymentPublic])
@@ -77,7 +81,7 @@ def update_deployment(
 ) -> dict[str, schemas.DeploymentPublic]:
     args = (ctx.settings, serving, session, user)
     view = deployments.update(*args, name, body.config, body.description)
-    return {"data": present(ctx.settings, serving, view)}
+    return {"data": present(ctx.settings, session, serving, view)}
 
 
 @router.delete("/v2/deployments/{name}")

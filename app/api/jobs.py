@@ -16,7 +16,7 @@ from app.api import presenters, schemas
 from app.api.deps import CtxDep, CurrentUser, SessionDep
 from app.context import AppContext
 from app.errors import ServiceError
-from app.services import auth, base_models, finetuning, job_stream, jobs
+from app.services import auth, finetuning, job_stream, jobs
 
 router = APIRouter(tags=["finetuning"])
 JOB_PATH = "/v2/finetuning/jobs/{job_uuid}"
@@ -161,9 +161,3 @@ def _authorized_job_id(ctx: AppContext, authorization: str | None, job_uuid: str
         user = auth.authenticate_header(session, authorization)
         session.commit()
         return finetuning.get(session, user, job_uuid).id
-
-
-@router.get("/v2/base-models", response_model=schemas.ListEnvelope[schemas.BaseModelPublic])
-def list_base_models(ctx: CtxDep, user: CurrentUser) -> schemas.ListEnvelope[schemas.BaseModelPublic]:
-    models = [schemas.BaseModelPublic.model_validate(m) for m in base_models.available(ctx.settings)]
-    return schemas.ListEnvelope(data=models, count=len(models))

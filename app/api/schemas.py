@@ -250,11 +250,16 @@ class CostEstimate(WireModel):
 
 
 class BaseModelPublic(WireModel):
+    """A base model this cluster has: what a job's `base_model` or a deployment's `baseModel` may name."""
+
     name: str
     description: str
     builtin: bool
+    source: str  # builtin | store | hf-cache | local
+    architecture: str | None = None  # config.json's model_type; None where the control plane cannot read it
     parameter_count: int | None = None
     context_length: int | None = None
+    servable: bool  # whether tuneforge's serving engine runs this architecture (any model can be trained)
     chat_template: bool | None = None
 
 

@@ -1,5 +1,5 @@
-"""The control plane's commands' arguments: `up`, `token create|list|revoke`, `migrate`, `gc` (the data
-plane adds `worker` and `serve`: `worker/commands.py`)."""
+"""The control plane's commands' arguments: `up`, `token create|list|revoke`, `migrate`, `gc`, `models
+pull|import|list|show|rm` (the data plane adds `worker` and `serve`: `worker/commands.py`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from app.cli import model_commands as mc
 from app.cli import server_commands as sc
 from app.services import auth
 
@@ -19,7 +20,7 @@ DATA_DIR_HELP = "overrides TUNEFORGE_DATA_DIR"
 
 def add_server_commands(commands: Commands) -> None:
     """Register the commands that run or administer a server on this machine."""
-    for add in (_up, _token, _migrate, _gc):
+    for add in (_up, _token, _migrate, _gc, _models):
         add(commands)
 
 
@@ -88,6 +89,45 @@ def _gc(commands: Commands) -> None:
     )
     data_dir_option(gc_cmd)
     gc_cmd.set_defaults(func=sc.cmd_gc)
+
+
+def _models(commands: Commands) -> None:
+    models = commands.add_parser(
+        "models",
+        help="the model store: base models pulled from the Hugging Face hub or imported from a directory, "
+        "which workers and serving processes load",
+    ).add_subparsers(dest="action", required=True)
+    pull = models.add_parser(
+        "pull",
+        help="download a hub model (safetensors, config, tokenizer; HF_TOKEN for gated repos) into the store",
+    )
+    pull.add_argument("name", metavar="ORG/NAME[@REV]", help="a hub repo id, or a Predibase catalogue name")
+    pull.add_argument("--replace", action="store_true", help="overwrite the model if it is already stored")
+    pull.set_defaults(func=mc.cmd_pull)
+    imp = models.add_parser(
+        "import", help="copy a Hugging Face-format model directory (safetensors weights) into the store"
+    )
+    imp.add_argument(
+        "directory", metavar="DIR", help="what save_pretrained wrote: config.json, *.safetensors"
+    )
+    imp.add_argument("--name", required=True, help="the name jobs and deployments will use (a-z, 0-9, . _ -)")
+    imp.add_argument("--replace", action="store_true", help="overwrite the model if it is already stored")
+    imp.set_defaults(func=mc.cmd_import)
+    listing = models.add_parser(
+        "list", help="every base model available here: built-ins, the store, the HF cache, local directories"
+    )
+    listing.set_defaults(func=mc.cmd_list)
+    show = models.add_parser("show", help="one available base model in detail")
+    show.add_argument("name", metavar="NAME")
+    show.set_defaults(func=mc.cmd_show)
+    rm = models.add_parser("rm", help="delete a stored model's files and entry")
+    rm.add_argument("name", metavar="NAME")
+    rm.add_argument(
+        "--force", action="store_true", help="remove it even while an active job or a deployment names it"
+    )
+    rm.set_defaults(func=mc.cmd_rm)
+    for parser in (pull, imp, listing, show, rm):
+        data_dir_option(parser)
 
 
 # --- argument types -------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """SQLAlchemy models (one module per aggregate) and the session factory."""
 
 from app.db.base import Base
+from app.db.base_models import StoredModel
 from app.db.datasets import Dataset, DatasetStatus
 from app.db.deployments import Deployment
 from app.db.jobs import FinetuningJob, JobCheckpoint, JobEvent, JobEventKind, JobMetric, JobStatus
@@ -21,6 +22,7 @@ __all__ = [
     "JobMetric",
     "JobStatus",
     "Repo",
+    "StoredModel",
     "Tenant",
     "User",
     "VersionSource",

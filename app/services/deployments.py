@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from tuneforge.rules.adapter_ref import AdapterRef, AdapterRefError
+from tuneforge.rules.base_models import BaseModelNameError
 
 from app.db import Deployment, Tenant, User
 from app.errors import ConflictError, InvalidInputError, NotFoundError
@@ -67,17 +68,14 @@ class DeploymentView:
         )
 
 
-def validate_config(settings: Settings, config: dict[str, Any]) -> dict[str, Any]:
+def validate_config(settings: Settings, session: Session, config: dict[str, Any]) -> dict[str, Any]:
     """The config as stored: None values dropped (the SDK sends every field), each known field checked."""
     cleaned = {key: value for key, value in config.items() if value is not None}
     base_model = cleaned.get("baseModel")
     if not isinstance(base_model, str) or not base_model:
         raise InvalidInputError("config.baseModel: required; name the base model to serve")
-    names = [model["name"] for model in base_models.available(settings)]
-    if base_model not in names:
-        raise InvalidInputError(
-            f"config.baseModel: unknown base model {base_model!r}; available: {', '.join(names)}"
-        )
+    found = base_models.require_available(settings, session, base_model, field="config.baseModel")
+    base_models.require_servable(found, "config.baseModel")
     replicas = {key: cleaned.get(key, default) for key, default in (("minReplicas", 0), ("maxReplicas", 1))}
     for key, value in replicas.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -112,7 +110,7 @@ def create(
     description: str | None,
 ) -> DeploymentView:
     validate_name(name, "name")
-    cleaned = validate_config(settings, config)
+    cleaned = validate_config(settings, session, config)
     if name == DEFAULT_DEPLOYMENT or _find(session, user, name) is not None:
         raise ConflictError(f"name: deployment {name!r} already exists; pick another name or update it")
     row = Deployment(
@@ -170,7 +168,7 @@ def update(
     if config is not None:
         # The SDK sends every field, unset ones as null: only the fields given change.
         changes = {key: value for key, value in config.items() if value is not None}
-        cleaned = validate_config(settings, {**row.config, **changes})
+        cleaned = validate_config(settings, session, {**row.config, **changes})
         row.config, row.base_model = cleaned, cleaned["baseModel"]
     if description is not None:
         row.description = description
@@ -208,11 +206,12 @@ def events(serving: ServingSupervisor, view: DeploymentView) -> list[ServingEven
     return since
 
 
-def context_length(settings: Settings, base_model: str) -> int:
-    for model in base_models.available(settings):
-        if model["name"] == base_model:
-            return int(model.get("context_length") or DEFAULT_CONTEXT_LENGTH)
-    return DEFAULT_CONTEXT_LENGTH
+def context_length(settings: Settings, session: Session, base_model: str) -> int:
+    try:
+        found = base_models.locate(settings, session, base_model)
+    except BaseModelNameError:  # stored before the naming rules: shown, never served
+        found = None
+    return (found.context_length if found is not None else None) or DEFAULT_CONTEXT_LENGTH
 
 
 def _find(session: Session, user: User, name: str) -> Deployment | None:

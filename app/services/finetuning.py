@@ -54,7 +54,7 @@ def create_job(
 ) -> FinetuningJob:
     parent = continuation.resolve(session, user, continue_from_version) if continue_from_version else None
     config = validate_params(continuation.params(parent, params) if parent is not None else params)
-    base_model = _base_model(ctx, config)
+    base_model = _base_model(ctx, session, config)
     dataset = _connected_dataset(session, user, dataset_ref)
     repo = repos.get(session, user, repo_ref)
     _require_quotas(ctx, session, user)
@@ -111,14 +111,14 @@ def enqueue(ctx: AppContext, session: Session, job: FinetuningJob) -> bool:
     return True
 
 
-def _base_model(ctx: AppContext, config: FinetuningConfig) -> str:
+def _base_model(ctx: AppContext, session: Session, config: FinetuningConfig) -> str:
     """The run's base model, which must be one the workers can load; inherited when continuing."""
     if config.base_model is None:
         raise InvalidInputError(
             "params.base_model: required; name a base model (GET /v2/base-models lists them), or continue "
             "from an adapter version (continueFromVersion) to train on its base model"
         )
-    base_models.require_available(ctx.settings, config.base_model)
+    base_models.require_available(ctx.settings, session, config.base_model)
     return config.base_model
 
 

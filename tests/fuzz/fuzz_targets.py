@@ -215,7 +215,8 @@ def _seed(app: Any, token: str, scratch: Path) -> dict[str, list[str]]:
         dataset_uuid = _ok(client.get("/v1/datasets/name/rows")).get("uuid", "rows")
     return {
         "ref": ["rows", "fuzzrepo", str(dataset_uuid)],
-        "name": ["rows", "fuzzdep", TINY],
+        # Dataset and deployment names; base-model names (GET /v2/base-models/{name}), with a slash too.
+        "name": ["rows", "fuzzdep", TINY, "llama-3-1-8b-instruct", "HuggingFaceTB/SmolLM2-135M@main"],
         "repo": ["fuzzrepo"],
         "tag": ["1", "2"],
         "job_uuid": [job["uuid"]],

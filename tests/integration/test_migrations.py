@@ -13,6 +13,7 @@ TABLES = {
     "tenants",
     "users",
     "api_tokens",
+    "base_models",
     "datasets",
     "repos",
     "adapter_versions",

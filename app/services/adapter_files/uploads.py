@@ -54,7 +54,7 @@ def finish(ctx: AppContext, session: Session, user: User, upload_token: str) -> 
     try:
         config = _read_config(store, staging, ctx.settings.max_lora_rank)
         files = {ADAPTER_CONFIG: _digest(store, f"{staging}{ADAPTER_CONFIG}")}
-        files[ADAPTER_WEIGHTS] = _check_weights(ctx, staging, config)
+        files[ADAPTER_WEIGHTS] = _check_weights(ctx, session, staging, config)
         return _publish(ctx, session, user, repo, config, staging, prefix, files)
     finally:
         # The pickle file (if any) is never read; staging goes whether the upload was accepted or not.
@@ -77,7 +77,7 @@ def _read_config(store: BlobStore, staging: str, max_rank: int) -> dict[str, Any
     return adapter_checks.parse_config(store.read_bytes(f"{staging}{ADAPTER_CONFIG}"), max_rank=max_rank)
 
 
-def _check_weights(ctx: AppContext, staging: str, config: dict[str, Any]) -> dict[str, Any]:
+def _check_weights(ctx: AppContext, session: Session, staging: str, config: dict[str, Any]) -> dict[str, Any]:
     store, key = ctx.store, f"{staging}{ADAPTER_WEIGHTS}"
     if not store.exists(key):
         if store.exists(f"{staging}{PICKLED_WEIGHTS}"):
@@ -93,7 +93,7 @@ def _check_weights(ctx: AppContext, staging: str, config: dict[str, Any]) -> dic
     if size > max_bytes:
         raise PayloadTooLargeError(f"{ADAPTER_WEIGHTS}: {size} bytes exceeds the limit of {max_bytes}")
     base_model = str(config["base_model_name_or_path"])
-    model_config = base_models.model_config(ctx.settings, base_model)
+    model_config = base_models.model_config(ctx.settings, session, base_model)
     if model_config is None:
         log.info("upload of an adapter of %s: shapes not checked here (base model config unknown); "
                  "the serving process checks them at load", base_model)  # fmt: skip
