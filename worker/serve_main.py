@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
+from tuneforge.rules import base_models as base_model_rules
 from tuneforge.rules.adapter_ref import AdapterRef, AdapterRefError
 from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS, ArtifactManifest
 
@@ -125,7 +126,7 @@ class StorageAdapterSource:
             raise AdapterNotFoundError(
                 f"adapter {ref.version} is archived; unarchive it to serve it", field="adapter_id"
             )
-        if version.base_model != self._base_model:
+        if version.base_model not in base_model_rules.aliases(self._base_model):
             raise AdapterLoadError(
                 f"adapter {ref} was trained on {version.base_model!r}; this deployment serves "
                 f"{self._base_model!r}, so it cannot load it (deploy {version.base_model!r} to serve it)"

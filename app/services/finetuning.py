@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from tuneforge.config import FinetuningConfig
 from tuneforge.config_errors import config_errors
+from tuneforge.rules.base_models import EAGLE_MODEL_TYPES
 from tuneforge.rules.datasets import Split
 
 from app.context import AppContext
@@ -118,8 +119,20 @@ def _base_model(ctx: AppContext, session: Session, config: FinetuningConfig) -> 
             "params.base_model: required; name a base model (GET /v2/base-models lists them), or continue "
             "from an adapter version (continueFromVersion) to train on its base model"
         )
-    base_models.require_available(ctx.settings, session, config.base_model)
+    found = base_models.require_available(ctx.settings, session, config.base_model)
+    _require_servable_speculator(config, found)
     return config.base_model
+
+
+def _require_servable_speculator(config: FinetuningConfig, found: base_models.AvailableModel) -> None:
+    """An eagle draft layer the serving engine would refuse for this family is refused before training."""
+    eagle = config.adapter in ("turbo", "turbo_lora") and config.speculator_architecture == "eagle"
+    if eagle and found.model_type is not None and found.model_type not in EAGLE_MODEL_TYPES:
+        raise InvalidInputError(
+            "params.speculator_architecture: eagle speculators are served on "
+            f"{', '.join(EAGLE_MODEL_TYPES)} models and {found.name} is a {found.model_type!r} model; "
+            "set speculator_architecture to 'medusa' for Turbo on it"
+        )
 
 
 def _connected_dataset(session: Session, user: User, ref: str) -> Dataset:

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, object_session
+from tuneforge.rules import base_models as base_model_rules
 from tuneforge.rules.adapter_ref import AdapterRef
 from tuneforge.rules.artifacts import ADAPTER_WEIGHTS
 
@@ -82,15 +83,15 @@ def resolve(session: Session, tenant: str, ref: AdapterRef) -> ResolvedVersion:
 
 
 def servable_ids(session: Session, tenant: str, base_model: str) -> list[str]:
-    """Completed, unarchived versions of `base_model` in the tenant with safetensors LoRA weights, as
-    `repo/N`, by repo name and number."""
+    """Completed, unarchived versions of `base_model` (under any of its names) in the tenant with
+    safetensors LoRA weights, as `repo/N`, by repo name and number."""
     query = (
         select(AdapterVersion)
         .join(Repo, AdapterVersion.repo_id == Repo.id)
         .join(Tenant, Repo.tenant_id == Tenant.id)
         .where(
             Tenant.name == tenant,
-            AdapterVersion.base_model == base_model,
+            AdapterVersion.base_model.in_(sorted(base_model_rules.aliases(base_model))),
             AdapterVersion.status == VersionStatus.COMPLETED,
             AdapterVersion.archived.is_(False),
         )

@@ -17,15 +17,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tuneforge.rules.base_models import SERVED_MODEL_TYPES
+from tuneforge.rules.base_models import EAGLE_MODEL_TYPES, SERVED_MODEL_TYPES
 
 GEMMA_FAMILIES = frozenset({"gemma2", "gemma3_text"})
 # Families whose checkpoint stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`.
 FUSED_CHECKPOINT_FAMILIES = frozenset({"phi3"})
-# Families an eagle draft layer serves on: it is fed the raw embedding rows and the one RoPE table,
-# which is what training fed it only where the model has no embedding scale (Gemma), a single RoPE
-# base (Gemma3) and full-width rotary (Phi3's partial rotary is not what training rotates).
-EAGLE_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Families an eagle draft layer serves on (why only these: see the rule).
+EAGLE_FAMILIES = frozenset(EAGLE_MODEL_TYPES)
 
 # HF activation names (ACT2FN) → the function the gated MLP applies to its gate.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -27,6 +27,10 @@ BUILTIN_MODELS = ("smollm2-135m", "tiny-random-llama")
 # Model families (HF `model_type`) tuneforge's serving engine runs; any other model can be trained
 # (PEFT supports it) but a deployment of it is refused with this list.
 SERVED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+# Of those, the families an eagle draft layer is served on: training feeds it the raw embedding rows and
+# one full-width RoPE table, which is what serving feeds it only where the model has no embedding scale
+# (Gemma), a single RoPE base (Gemma3) and full-width rotary (Phi3). Elsewhere Turbo uses Medusa heads.
+EAGLE_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 
 # Predibase's catalogue names (docs.predibase.com, "Well-supported LLMs") and the HF repo each names.
 PREDIBASE_CATALOGUE: Mapping[str, str] = {
@@ -164,6 +168,20 @@ def parse(name: str) -> ModelName:
         "Hugging Face repo id ('org/name', optionally pinned 'org/name@revision'), a Predibase catalogue "
         "name (e.g. 'llama-3-1-8b-instruct') or the name a model was imported under"
     )
+
+
+def aliases(name: str) -> frozenset[str]:
+    """Every name that means the same weights as `name`: a catalogue name and the hub id it stands for
+    are one model, so an adapter trained on `llama-3-1-8b-instruct` serves on a deployment of
+    `meta-llama/Llama-3.1-8B-Instruct`. A name no rule accepts (an operator's directory) is only itself."""
+    try:
+        parsed = parse(name)
+    except BaseModelNameError:
+        return frozenset({name})
+    if parsed.kind != "hub" or parsed.revision is not None:
+        return frozenset({name, parsed.canonical})
+    short = {alias for alias, repo_id in PREDIBASE_CATALOGUE.items() if repo_id == parsed.canonical}
+    return frozenset({name, parsed.canonical} | short)
 
 
 def check_import_name(name: str) -> str:

@@ -155,3 +155,14 @@ def test_a_deployment_of_an_architecture_the_engine_does_not_serve_is_refused_li
         "/v2/deployments", json={"name": "big", "config": {"baseModel": "llama-3-1-8b-instruct"}}
     )
     assert_error(missing, 422, "config.baseModel: llama-3-1-8b-instruct is not available on this cluster")
+
+
+def test_a_turbo_job_asking_for_an_eagle_draft_the_engine_cannot_serve_on_its_family_is_refused(
+    cluster: Cluster,
+) -> None:
+    body = {"params": {"base_model": cluster.unserved, "adapter": "turbo", "train_steps": 3}}
+    refused = cluster.client.post("/v2/finetuning/jobs", json=body | {"dataset": "rows", "repo": "r"})
+    assert_error(refused, 422, "params.speculator_architecture: eagle speculators are served on llama")
+    body["params"]["speculator_architecture"] = "medusa"
+    accepted = cluster.client.post("/v2/finetuning/jobs", json=body | {"dataset": "rows", "repo": "r"})
+    assert accepted.status_code == 200, accepted.text

@@ -64,3 +64,13 @@ def test_a_manifest_refuses_paths_outside_the_model_directory() -> None:
     for path in ("../x", "/etc/passwd", "a/../../b", "a\\b"):
         with pytest.raises(ValueError, match="relative path"):
             rules.StoredFile(path=path, sha256="0" * 64, size=1)
+
+
+def test_a_catalogue_name_and_its_hub_id_are_aliases_of_one_model() -> None:
+    names = rules.aliases("llama-3-1-8b-instruct")
+    assert {"llama-3-1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct"} <= names
+    assert rules.aliases("meta-llama/Llama-3.1-8B-Instruct") == names
+    # A pinned revision is other weights; a directory is only itself.
+    assert rules.aliases("meta-llama/Llama-3.1-8B-Instruct@abc") == {"meta-llama/Llama-3.1-8B-Instruct@abc"}
+    assert rules.aliases("/models/llama") == {"/models/llama"}
+    assert rules.aliases("tiny-random-llama") == {"tiny-random-llama"}
