@@ -56,10 +56,12 @@ def lay_out_hf_cache(
     snapshot = repo_dir / "snapshots" / commit
     (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
     snapshot.mkdir(parents=True, exist_ok=True)
-    for path in model_dir.iterdir():
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         blob = repo_dir / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
         shutil.copyfile(path, blob)
-        os.symlink(os.path.relpath(blob, snapshot), snapshot / path.name)
+        link = snapshot / path.relative_to(model_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
     (repo_dir / "refs").mkdir(exist_ok=True)
     (repo_dir / "refs" / ref).write_text(commit)
     return snapshot

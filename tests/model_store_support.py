@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from tuneforge.rules.base_models import MANIFEST_NAME, ModelManifest, StoredFile, parse
@@ -48,24 +47,6 @@ def build_tiny_llama(out_dir: Path, tokenizer_dir: Path, *, seed: int = 1) -> Pa
 def model_files(model_dir: Path) -> dict[str, Path]:
     """Every file of a model directory, by its '/'-separated path inside it."""
     return {p.relative_to(model_dir).as_posix(): p for p in sorted(model_dir.rglob("*")) if p.is_file()}
-
-
-def lay_out_hub_cache(hub_cache: Path, repo_id: str, model_dir: Path, commit: str = COMMIT) -> Path:
-    """`models--org--name/{blobs,refs/main,snapshots/<commit>}` as huggingface_hub writes it: the
-    snapshot's files are relative symlinks to content-addressed blobs. Returns the snapshot."""
-    repo_dir = hub_cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo_dir / "snapshots" / commit
-    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
-    for rel, path in model_files(model_dir).items():
-        data = path.read_bytes()
-        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        link = snapshot / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo_dir / "refs").mkdir(exist_ok=True)
-    (repo_dir / "refs" / "main").write_text(commit)
-    return snapshot
 
 
 def put_in_store(store: BlobStore, name: str, model_dir: Path) -> ModelManifest:

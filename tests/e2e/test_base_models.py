@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from model_store_support import HUB_ID, build_tiny_llama, lay_out_hub_cache
+from model_dirs import lay_out_hf_cache
+from model_store_support import COMMIT, HUB_ID, build_tiny_llama
 from peft import PeftModel
 from predibase import FinetuningConfig, Predibase
 from predibase.config import DeploymentConfig
@@ -86,7 +87,7 @@ def test_a_hub_id_in_the_hf_cache_trains_and_serves_through_the_predibase_sdk(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     hub_cache = tmp_path / "hf-hub"
-    snapshot = lay_out_hub_cache(hub_cache, HUB_ID, tiny_model)
+    snapshot = lay_out_hf_cache(hub_cache, HUB_ID, tiny_model, COMMIT)
     stack = worker_stack_factory("embedded", hf_hub_cache=hub_cache)
     stack.new_worker().start()
     pb, token = _sdk(stack, tmp_path, monkeypatch)

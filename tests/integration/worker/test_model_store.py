@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 import torch
-from model_store_support import COMMIT, HUB_ID, build_tiny_llama, lay_out_hub_cache, put_in_store
+from model_dirs import lay_out_hf_cache
+from model_store_support import COMMIT, HUB_ID, build_tiny_llama, put_in_store
 from transformers import AutoModelForCausalLM
 from tuneforge.rules.base_models import parse
 
@@ -42,7 +43,7 @@ def source_model(shared_model_cache: Path, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="module")
 def hub_cache(source_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     hub = tmp_path_factory.mktemp("hf-home") / "hub"
-    lay_out_hub_cache(hub, HUB_ID, source_model)
+    lay_out_hf_cache(hub, HUB_ID, source_model, COMMIT)
     return hub
 
 
@@ -94,7 +95,7 @@ def test_a_hub_id_resolves_to_its_snapshot_by_branch_and_by_commit(
 def test_a_catalogue_name_resolves_through_its_hub_id(
     make_settings: Callable[..., Settings], source_model: Path, tmp_path: Path
 ) -> None:
-    snapshot = lay_out_hub_cache(tmp_path / "hub", "meta-llama/Llama-3.2-1B", source_model)
+    snapshot = lay_out_hf_cache(tmp_path / "hub", "meta-llama/Llama-3.2-1B", source_model, COMMIT)
     settings = make_settings(hf_hub_cache=tmp_path / "hub")
 
     assert resolve_model_dir(settings, open_blob_store(settings), "llama-3-2-1b") == snapshot
@@ -211,7 +212,7 @@ def test_a_model_with_its_own_code_is_refused_unless_the_operator_allows_it(
     make_settings: Callable[..., Settings], source_model: Path, tmp_path: Path
 ) -> None:
     odd = _with_auto_map(source_model, tmp_path / "odd")
-    snapshot = lay_out_hub_cache(tmp_path / "hub", "odd-org/odd-model", odd)
+    snapshot = lay_out_hf_cache(tmp_path / "hub", "odd-org/odd-model", odd, COMMIT)
     refusing = make_settings(hf_hub_cache=tmp_path / "hub")
     allowing = make_settings(hf_hub_cache=tmp_path / "hub", trust_remote_code_models=["odd-org/odd-model"])
     store = open_blob_store(refusing)

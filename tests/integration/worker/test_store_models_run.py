@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 import torch
-from model_store_support import HUB_ID, build_tiny_llama, lay_out_hub_cache, put_in_store
+from model_dirs import lay_out_hf_cache
+from model_store_support import COMMIT, HUB_ID, build_tiny_llama, put_in_store
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -45,7 +46,7 @@ def ctx(
     stack_settings_factory: Any, source_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[AppContext]:
     hub = tmp_path_factory.mktemp("hf-home") / "hub"
-    lay_out_hub_cache(hub, HUB_ID, source_model)
+    lay_out_hf_cache(hub, HUB_ID, source_model, COMMIT)
     models = tmp_path_factory.mktemp("models")
     context = AppContext.from_settings(
         stack_settings_factory("embedded", hf_hub_cache=hub, model_cache_dir=models)
