@@ -88,6 +88,15 @@ def _adapters(b: _Builder) -> None:
     download = b.action(adapters, "download", rc.adapters_download, "download an adapter's files as a zip")
     download.add_argument("adapter_id", metavar="REPO/N")
     download.add_argument("--dest", help="file or directory (default: ./<repo>-<N>.zip)")
+    export = b.action(
+        adapters, "export", rc.adapters_export, "export an adapter merged into its base, as a HF model zip"
+    )
+    export.add_argument("adapter_id", metavar="REPO/N")
+    export.add_argument(
+        "--merged", action="store_true", required=True, help="merge into the base model (the only format)"
+    )
+    export.add_argument("--dest", help="file or directory (default: ./<repo>-<N>-merged.zip)")
+    export.add_argument("--no-wait", action="store_true", help="start the export and print its status")
     cancel = b.action(adapters, "cancel", rc.adapters_cancel, "cancel the job training an adapter")
     cancel.add_argument("adapter_id", metavar="REPO/N")
 
