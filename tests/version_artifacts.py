@@ -61,7 +61,13 @@ def whole_model(base_dir: Path, out: Path, *, seed: int = 5) -> Path:
 
 
 def publish(
-    ctx: AppContext, tenant: str, repo_name: str, adapter_type: str, artifact: Path, *, status: str = "completed"
+    ctx: AppContext,
+    tenant: str,
+    repo_name: str,
+    adapter_type: str,
+    artifact: Path,
+    *,
+    status: str = "completed",
 ) -> StoredVersion:
     """The repo's next version, of `adapter_type`, with `artifact` stored as its published files."""
     with transaction(ctx.sessions) as session:

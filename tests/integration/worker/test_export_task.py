@@ -77,7 +77,9 @@ def _unzip(client: TestClient, path: str, dest: Path) -> Path:
     return dest
 
 
-def test_a_lora_version_exports_as_a_plain_model_generating_as_the_adapter(stack: Stack, tmp_path: Path) -> None:
+def test_a_lora_version_exports_as_a_plain_model_generating_as_the_adapter(
+    stack: Stack, tmp_path: Path
+) -> None:
     tenant, client = stack.tenant()
     artifact = peft_adapter(stack.base_dir, tmp_path / "lora")
     publish(stack.ctx, tenant, "acme", "lora", artifact)
@@ -89,7 +91,9 @@ def test_a_lora_version_exports_as_a_plain_model_generating_as_the_adapter(stack
     assert started.json()["status"] in ("queued", "running", "completed")
     record = _wait_for_export(client, export)
     assert record["status"] == "completed", record
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(record["files"])
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(
+        record["files"]
+    )
 
     merged = AutoModelForCausalLM.from_pretrained(_unzip(client, export + "/download", tmp_path / "merged"))
     adapter = PeftModel.from_pretrained(
@@ -114,7 +118,9 @@ def test_a_full_version_exports_its_own_model_at_once(stack: Stack, tmp_path: Pa
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
 
 
-def test_exports_of_unknown_unfinished_or_other_tenants_versions_are_refused(stack: Stack, tmp_path: Path) -> None:
+def test_exports_of_unknown_unfinished_or_other_tenants_versions_are_refused(
+    stack: Stack, tmp_path: Path
+) -> None:
     tenant, client = stack.tenant()
     other, other_client = stack.tenant()
     publish(stack.ctx, tenant, "acme", "lora", peft_adapter(stack.base_dir, tmp_path / "lora"))

@@ -57,7 +57,9 @@ def test_a_merged_adapter_reloads_as_a_plain_model_that_generates_as_the_adapter
 ) -> None:
     base_dir = _base(tiny_cache)
     artifact = _adapter(base_dir, tmp_path / "artifact", dora=dora)
-    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), artifact)
+    adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), artifact
+    )
     base_tokens = _greedy(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), base_dir)
 
     merged_dir = model_directory(base_dir, artifact, tmp_path / "merged")
@@ -75,7 +77,9 @@ def test_a_merged_adapter_reloads_as_a_plain_model_that_generates_as_the_adapter
         torch.testing.assert_close(merged(ids).logits, adapter(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_a_whole_model_is_taken_as_it_is_without_its_summary_or_heads(tiny_cache: Path, tmp_path: Path) -> None:
+def test_a_whole_model_is_taken_as_it_is_without_its_summary_or_heads(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
     base_dir = _base(tiny_cache)
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     torch.manual_seed(5)
