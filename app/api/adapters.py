@@ -53,7 +53,12 @@ def download_version(
     )
 
 
-@router.post(VERSION_PATH + "/export", dependencies=[StorageRoom], status_code=202)
+@router.post(
+    VERSION_PATH + "/export",
+    dependencies=[StorageRoom],
+    status_code=202,
+    responses={200: {"description": "the export is completed already (a whole model's: at once)"}},
+)
 def export_version(repo: str, tag: str, ctx: CtxDep, session: SessionDep, user: CurrentUser) -> JSONResponse:
     """Start the merged-model export (202), or answer the one asked for before (200 once completed)."""
     version = exports.request(ctx, session, versions.get(session, user, repo, tag))

@@ -1,76 +1,74 @@
-"""Merged-model exports end to end on Postgres, S3 and Redis: `POST .../export` over the API, the
-`tuneforge.export` task on a real Celery worker, the zip downloaded and loaded with plain transformers."""
+"""Merged-model exports end to end on Postgres, S3 and Redis: `POST .../export` over HTTP (and through
+`tuneforge adapters export --merged`), the `tuneforge.export` task on a real Celery worker, the zip
+downloaded and loaded with plain transformers."""
 
 from __future__ import annotations
 
 import io
 import secrets
-import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from celery.contrib.testing.worker import start_worker
-from fastapi.testclient import TestClient
+from live_server import LiveServer
 from peft import PeftModel
 from tests_support import assert_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from tuneforge.cli import main
 from version_artifacts import TINY, greedy, peft_adapter, publish, whole_model
 
 from app.context import AppContext
-from app.db.session import transaction
-from app.main import create_app
-from app.services import auth
 from worker.celery_app import make_celery
 from worker.tasks import register_tasks
 from worker.training.base_models import resolve_base_model
 
 pytestmark = pytest.mark.integration
 
-EXPORT_TIMEOUT_S = 120
 PROMPT = "The quick brown fox"
 
 
 @dataclass
+class Tenant:
+    name: str
+    token: str
+    client: httpx.Client
+
+
+@dataclass
 class Stack:
-    api: TestClient
+    server: LiveServer
     base_dir: Path
 
     @property
     def ctx(self) -> AppContext:
-        return self.api.app.state.ctx  # type: ignore[attr-defined,no-any-return]
+        return self.server.app.state.ctx  # type: ignore[no-any-return]
 
-    def tenant(self) -> tuple[str, TestClient]:
+    def tenant(self) -> Tenant:
         name = f"t-{secrets.token_hex(4)}"
-        with transaction(self.ctx.sessions) as session:
-            token = auth.create_token(session, auth.get_or_create_user(session, name, "alice"))
-        return name, TestClient(self.api.app, headers={"Authorization": f"Bearer {token}"})
+        token = self.server.mint_token(name)
+        client = httpx.Client(
+            base_url=self.server.url, headers={"Authorization": f"Bearer {token}"}, timeout=60
+        )
+        return Tenant(name, token, client)
 
 
 @pytest.fixture(scope="module")
 def stack(stack_settings_factory: Callable[..., Any], shared_model_cache: Path) -> Iterator[Stack]:
     settings = stack_settings_factory("postgres_s3", model_cache_dir=shared_model_cache)
-    with TestClient(create_app(settings)) as api:
+    with LiveServer(settings) as server:
         celery = make_celery(settings)  # the train queue: this stack's own (stack_settings_factory)
-        register_tasks(celery, api.app.state.ctx)  # type: ignore[attr-defined]
+        register_tasks(celery, server.app.state.ctx)
         with start_worker(celery, pool="solo", perform_ping_check=False, shutdown_timeout=30):
-            yield Stack(api, resolve_base_model(TINY, shared_model_cache))
+            yield Stack(server, resolve_base_model(TINY, shared_model_cache))
 
 
-def _wait_for_export(client: TestClient, path: str) -> dict[str, Any]:
-    deadline = time.monotonic() + EXPORT_TIMEOUT_S
-    while True:
-        record: dict[str, Any] = client.get(path).json()
-        if record["status"] not in ("queued", "running") or time.monotonic() > deadline:
-            return record
-        time.sleep(0.1)
-
-
-def _unzip(client: TestClient, path: str, dest: Path) -> Path:
+def _unzip(client: httpx.Client, path: str, dest: Path) -> Path:
     response = client.get(path)
     assert response.status_code == 200, response.text
     zipfile.ZipFile(io.BytesIO(response.content)).extractall(dest)
@@ -78,24 +76,31 @@ def _unzip(client: TestClient, path: str, dest: Path) -> Path:
 
 
 def test_a_lora_version_exports_as_a_plain_model_generating_as_the_adapter(
-    stack: Stack, tmp_path: Path
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    tenant, client = stack.tenant()
+    tenant = stack.tenant()
+    client = tenant.client
     artifact = peft_adapter(stack.base_dir, tmp_path / "lora")
-    publish(stack.ctx, tenant, "acme", "lora", artifact)
+    publish(stack.ctx, tenant.name, "acme", "lora", artifact)
     export = "/v2/repos/acme/version/1/export"
     assert_error(client.get(export + "/download"), 409, "ask for it with POST")
 
     started = client.post(export)
     assert started.status_code == 202, started.text
-    assert started.json()["status"] in ("queued", "running", "completed")
-    record = _wait_for_export(client, export)
+    assert started.json()["status"] in ("queued", "running")
+    # The CLI asks again (the same export), waits for it and downloads the zip.
+    argv = ["adapters", "export", "acme/1", "--merged", "--dest", str(tmp_path)]
+    assert main([*argv, "--url", stack.server.url, "--token", tenant.token]) == 0, capsys.readouterr().err
+    zipped = tmp_path / "acme-1-merged.zip"
+    assert str(zipped) in capsys.readouterr().out
+    record = client.get(export).json()
     assert record["status"] == "completed", record
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(
         record["files"]
     )
 
-    merged = AutoModelForCausalLM.from_pretrained(_unzip(client, export + "/download", tmp_path / "merged"))
+    zipfile.ZipFile(zipped).extractall(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     adapter = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(stack.base_dir, dtype=torch.float32), artifact
     )
@@ -109,8 +114,9 @@ def test_a_lora_version_exports_as_a_plain_model_generating_as_the_adapter(
 
 
 def test_a_full_version_exports_its_own_model_at_once(stack: Stack, tmp_path: Path) -> None:
-    tenant, client = stack.tenant()
-    publish(stack.ctx, tenant, "whole", "full", whole_model(stack.base_dir, tmp_path / "full"))
+    tenant = stack.tenant()
+    client = tenant.client
+    publish(stack.ctx, tenant.name, "whole", "full", whole_model(stack.base_dir, tmp_path / "full"))
     response = client.post("/v2/repos/whole/version/1/export")
     assert response.status_code == 200 and response.json()["status"] == "completed", response.text
     out = _unzip(client, "/v2/repos/whole/version/1/export/download", tmp_path / "out")
@@ -121,10 +127,10 @@ def test_a_full_version_exports_its_own_model_at_once(stack: Stack, tmp_path: Pa
 def test_exports_of_unknown_unfinished_or_other_tenants_versions_are_refused(
     stack: Stack, tmp_path: Path
 ) -> None:
-    tenant, client = stack.tenant()
-    other, other_client = stack.tenant()
-    publish(stack.ctx, tenant, "acme", "lora", peft_adapter(stack.base_dir, tmp_path / "lora"))
-    publish(stack.ctx, tenant, "acme", "lora", tmp_path, status="training")
+    tenant, other = stack.tenant(), stack.tenant()
+    client, other_client = tenant.client, other.client
+    publish(stack.ctx, tenant.name, "acme", "lora", peft_adapter(stack.base_dir, tmp_path / "lora"))
+    publish(stack.ctx, tenant.name, "acme", "lora", tmp_path, status="training")
     assert_error(client.post("/v2/repos/acme/version/9/export"), 404, "acme/9 not found")
     assert_error(client.get("/v2/repos/nope/version/1/export"), 404, "not found")
     assert_error(client.post("/v2/repos/acme/version/2/export"), 409, "not completed")
