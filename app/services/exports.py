@@ -6,13 +6,15 @@ or Turbo LoRA version is merged into its base by the `tuneforge.export` task on 
 stores the directory under the version's own artifact directory (`.../versions/<id>/merged/`), so it
 goes with the version and gc counts it as the version's. A full or last_layer version already is a whole
 model: its export is its artifact, complete at once. States are `ExportStatus`; an export is asked for
-once and kept, and only an errored one is started again.
+once and kept; an errored one, or one pending past the train queue's time limit (its message was
+lost), is started again when asked for.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from datetime import UTC
 from typing import Any
 
 from sqlalchemy import update
@@ -31,6 +33,8 @@ from app.services.versions import version_id
 log = logging.getLogger(__name__)
 
 MERGED_DIR = "merged/"
+# Beyond the train queue's soft time limit: its hard limit's grace (worker.celery_app), and a margin.
+LOST_EXPORT_GRACE_SECONDS = 600
 _NOT_MODEL_FILES = frozenset((TRAINING_SUMMARY, *SPECULATOR_FILES))
 
 
@@ -67,7 +71,8 @@ def check_servable_as_model(version: AdapterVersion) -> None:
 def request(ctx: AppContext, session: Session, version: AdapterVersion) -> AdapterVersion:
     """Start the version's export unless one is under way or done; returns the version (its export state)."""
     check_servable_as_model(version)
-    if version.export_status in (ExportStatus.QUEUED, ExportStatus.RUNNING, ExportStatus.COMPLETED):
+    pending = version.export_status in (ExportStatus.QUEUED, ExportStatus.RUNNING)
+    if version.export_status == ExportStatus.COMPLETED or (pending and not _lost(ctx, version)):
         return version
     version.export_error, version.export_updated_at = None, utcnow()
     if version.adapter_type in WHOLE_MODEL_TYPES:
@@ -92,6 +97,17 @@ def request(ctx: AppContext, session: Session, version: AdapterVersion) -> Adapt
             "started; ask for it again shortly"
         ) from None
     return version
+
+
+def _lost(ctx: AppContext, version: AdapterVersion) -> bool:
+    """A pending export older than the train queue's hard time limit can no longer be running: its
+    message was lost (a broker restart), so asking again sends it again."""
+    since = version.export_updated_at
+    if since is None:
+        return True
+    since = since if since.tzinfo else since.replace(tzinfo=UTC)  # SQLite drops the zone
+    limit = ctx.settings.job_time_limit_seconds + LOST_EXPORT_GRACE_SECONDS
+    return (utcnow() - since).total_seconds() > limit
 
 
 def record(version: AdapterVersion) -> dict[str, Any]:

@@ -99,6 +99,13 @@ def test_a_dora_version_deployed_as_a_model_answers_as_the_adapter_does(stack: S
     # Per-request adapters of the base model are refused there, saying why.
     refused = stack.generate("dora-model", {"adapter_id": stack.full.id})
     assert_error(refused, 422, "merged into its base model")
+    # A deployed version (or its repo) cannot be deleted from under its deployment.
+    headers = {"Authorization": f"Bearer {stack.token}"}
+    tag = stack.dora.id.split("/")[1]
+    assert_error(
+        httpx.delete(f"{stack.server.url}/v2/repos/acme/version/{tag}", headers=headers), 409, "dora-model"
+    )
+    assert_error(httpx.delete(f"{stack.server.url}/v2/repos/acme", headers=headers), 409, "dora-model")
 
 
 def test_a_full_version_deployed_as_a_model_answers_as_its_own_model(stack: Stack) -> None:
