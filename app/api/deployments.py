@@ -33,7 +33,7 @@ def present(settings: Settings, serving: ServingSupervisor, view: DeploymentView
         type="shared" if view.is_default else "dedicated",
         status=status,
         model=schemas.DeploymentModel(
-            name=view.model_name, max_input_length=deployments.context_length(settings, view.base_model)
+            name=view.model_name, max_input_length=deployments.context_length(settings, view.context_model)
         ),
         accelerator=schemas.Accelerator(id="any"),
         current_replicas=1 if status is ServingStatus.READY else 0,

@@ -18,11 +18,11 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 from tuneforge.rules.adapter_ref import AdapterRef, AdapterRefError
 from tuneforge.rules.served_models import version_model_key, version_uuid_of
 
-from app.db import Deployment, Tenant, User
+from app.db import AdapterVersion, Deployment, Tenant, User
 from app.errors import ConflictError, InvalidInputError, NotFoundError
 from app.services import base_models, exports, versions
 from app.services.names import validate_name
@@ -45,6 +45,8 @@ class DeploymentView:
     config: dict[str, Any]
     created_at: datetime
     is_default: bool
+    # The base model whose context the served model has: the base itself, or a served version's base.
+    context_model: str = ""
 
     @property
     def model_name(self) -> str:
@@ -63,6 +65,7 @@ class DeploymentView:
             config=dict(row.config),
             created_at=_aware(row.created_at),
             is_default=False,
+            context_model=_context_model(row),
         )
 
     @classmethod
@@ -76,6 +79,7 @@ class DeploymentView:
             config={"baseModel": DEFAULT_BASE_MODEL, "minReplicas": 0, "maxReplicas": 1},
             created_at=_aware(tenant.created_at),
             is_default=True,
+            context_model=DEFAULT_BASE_MODEL,
         )
 
 
@@ -269,6 +273,15 @@ def context_length(settings: Settings, base_model: str) -> int:
         if model["name"] == base_model:
             return int(model.get("context_length") or DEFAULT_CONTEXT_LENGTH)
     return DEFAULT_CONTEXT_LENGTH
+
+
+def _context_model(row: Deployment) -> str:
+    version_uuid = version_uuid_of(row.base_model)
+    session = object_session(row)
+    if version_uuid is None or session is None:
+        return row.base_model
+    base = session.scalar(select(AdapterVersion.base_model).where(AdapterVersion.uuid == version_uuid))
+    return base or row.base_model
 
 
 def _find(session: Session, user: User, name: str) -> Deployment | None:

@@ -114,7 +114,11 @@ def _deployments(b: _Builder) -> None:
     deployments = b.group("deployments", "serving deployments of base models")
     deploy = b.action(deployments, "create", rc.deployments_create, "deploy a base model, wait until ready")
     deploy.add_argument("name")
-    deploy.add_argument("--base-model", required=True)
+    deploy.add_argument(
+        "--base-model",
+        required=True,
+        help="a base model, or one of your adapter versions REPO/N (served merged into its base)",
+    )
     deploy.add_argument("--preload", nargs="+", metavar="REPO/N", help="adapters to load at start")
     deploy.add_argument("--description")
     deploy.add_argument("--no-wait", action="store_true", help="return without waiting until it is ready")
