@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from datetime import UTC
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from tuneforge.rules.artifacts import SPECULATOR_FILES, TRAINING_SUMMARY, ArtifactManifest
 from tuneforge.rules.served_models import MERGEABLE_TYPES, SERVABLE_AS_MODEL_TYPES, WHOLE_MODEL_TYPES
@@ -71,6 +71,9 @@ def check_servable_as_model(version: AdapterVersion) -> None:
 def request(ctx: AppContext, session: Session, version: AdapterVersion) -> AdapterVersion:
     """Start the version's export unless one is under way or done; returns the version (its export state)."""
     check_servable_as_model(version)
+    # Row-locked until the commit below: two requests at once start one export, not two.
+    session.execute(select(AdapterVersion.id).where(AdapterVersion.id == version.id).with_for_update())
+    session.refresh(version, ["export_status", "export_updated_at"])
     pending = version.export_status in (ExportStatus.QUEUED, ExportStatus.RUNNING)
     if version.export_status == ExportStatus.COMPLETED or (pending and not _lost(ctx, version)):
         return version

@@ -1,4 +1,4 @@
-"""Merged-model exports end to end on Postgres, S3 and Redis: `POST .../export` over HTTP (and through
+"""Merged-model exports end to end on both stacks: `POST .../export` over HTTP (and through
 `tuneforge adapters export --merged`), the `tuneforge.export` task on a real Celery worker, the zip
 downloaded and loaded with plain transformers."""
 
@@ -58,11 +58,21 @@ class Stack:
         return Tenant(name, token, client)
 
 
-@pytest.fixture(scope="module")
-def stack(stack_settings_factory: Callable[..., Any], shared_model_cache: Path) -> Iterator[Stack]:
-    settings = stack_settings_factory("postgres_s3", model_cache_dir=shared_model_cache)
+@pytest.fixture(scope="module", params=["embedded", "postgres_s3"])
+def stack(
+    request: pytest.FixtureRequest,
+    stack_settings_factory: Callable[..., Any],
+    shared_model_cache: Path,
+    redis_url: str,
+) -> Iterator[Stack]:
+    # Embedded too on Redis (a worker thread needs a broker it can consume), with a queue of its own.
+    broker = {} if request.param == "postgres_s3" else {"broker_url": redis_url}
+    queue = f"tuneforge.train.test-{secrets.token_hex(4)}"
+    settings = stack_settings_factory(
+        request.param, model_cache_dir=shared_model_cache, train_queue=queue, **broker
+    )
     with LiveServer(settings) as server:
-        celery = make_celery(settings)  # the train queue: this stack's own (stack_settings_factory)
+        celery = make_celery(settings)  # consumes the train queue the API sends exports to
         register_tasks(celery, server.app.state.ctx)
         with start_worker(celery, pool="solo", perform_ping_check=False, shutdown_timeout=30):
             yield Stack(server, resolve_base_model(TINY, shared_model_cache))
