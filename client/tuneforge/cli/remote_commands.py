@@ -165,7 +165,10 @@ def adapters_download(client: Tuneforge, args: argparse.Namespace) -> int:
 
 
 def adapters_export(client: Tuneforge, args: argparse.Namespace) -> int:
-    record = client.adapters.export(args.adapter_id, args.dest, merged=args.merged, wait=not args.no_wait)
+    wait = not args.no_wait
+    record = client.adapters.export(
+        args.adapter_id, args.dest, merged=args.merged, wait=wait, timeout=args.timeout
+    )
     done = f"{args.adapter_id}: merged model written to {record.get('path')}"
     pending = f"{args.adapter_id}: export {record['status']}; run this again to wait for it and download it"
     return emit(args.json, record, lambda: done if "path" in record else pending)

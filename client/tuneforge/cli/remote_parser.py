@@ -97,6 +97,13 @@ def _adapters(b: _Builder) -> None:
     )
     export.add_argument("--dest", help="file or directory (default: ./<repo>-<N>-merged.zip)")
     export.add_argument("--no-wait", action="store_true", help="start the export and print its status")
+    export.add_argument(
+        "--timeout",
+        type=_wait_seconds,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long to wait for the export (default 3600, at most 86400)",
+    )
     cancel = b.action(adapters, "cancel", rc.adapters_cancel, "cancel the job training an adapter")
     cancel.add_argument("adapter_id", metavar="REPO/N")
 
@@ -158,3 +165,14 @@ def _add_adapters_create(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--description")
     parser.add_argument("--continue-from", metavar="REPO/N[@STEP]", help="train on from this adapter")
     parser.add_argument("--no-wait", action="store_true", help="return once the job is queued")
+
+
+def _wait_seconds(value: str) -> float:
+    """A wait in seconds: more than 0, at most a day."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 < seconds <= 86400:
+        raise argparse.ArgumentTypeError(f"{value}: must be more than 0 and at most 86400 seconds")
+    return seconds

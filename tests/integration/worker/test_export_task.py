@@ -1,13 +1,12 @@
 """Merged-model exports end to end on both stacks: `POST .../export` over HTTP (and through
-`tuneforge adapters export --merged`), the `tuneforge.export` task on a real Celery worker, the zip
-downloaded and loaded with plain transformers."""
+`tuneforge adapters export --merged`), the `tuneforge.export` task on a real `tuneforge worker`
+process, the zip downloaded and loaded with plain transformers."""
 
 from __future__ import annotations
 
 import io
 import secrets
 import zipfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from celery.contrib.testing.worker import start_worker
 from live_server import LiveServer
 from peft import PeftModel
 from tests_support import assert_error
@@ -24,8 +22,6 @@ from tuneforge.cli import main
 from version_artifacts import TINY, greedy, peft_adapter, publish, whole_model
 
 from app.context import AppContext
-from worker.celery_app import make_celery
-from worker.tasks import register_tasks
 from worker.training.base_models import resolve_base_model
 
 pytestmark = pytest.mark.integration
@@ -58,24 +54,10 @@ class Stack:
         return Tenant(name, token, client)
 
 
-@pytest.fixture(scope="module", params=["embedded", "postgres_s3"])
-def stack(
-    request: pytest.FixtureRequest,
-    stack_settings_factory: Callable[..., Any],
-    shared_model_cache: Path,
-    redis_url: str,
-) -> Iterator[Stack]:
-    # Embedded too on Redis (a worker thread needs a broker it can consume), with a queue of its own.
-    broker = {} if request.param == "postgres_s3" else {"broker_url": redis_url}
-    queue = f"tuneforge.train.test-{secrets.token_hex(4)}"
-    settings = stack_settings_factory(
-        request.param, model_cache_dir=shared_model_cache, train_queue=queue, **broker
-    )
-    with LiveServer(settings) as server:
-        celery = make_celery(settings)  # consumes the train queue the API sends exports to
-        register_tasks(celery, server.app.state.ctx)
-        with start_worker(celery, pool="solo", perform_ping_check=False, shutdown_timeout=30):
-            yield Stack(server, resolve_base_model(TINY, shared_model_cache))
+@pytest.fixture
+def stack(live_server_with_worker: Any, shared_model_cache: Path) -> Stack:
+    """A live server and a real `tuneforge worker` process (which runs exports too), per stack."""
+    return Stack(live_server_with_worker.server, resolve_base_model(TINY, shared_model_cache))
 
 
 def _unzip(client: httpx.Client, path: str, dest: Path) -> Path:
@@ -99,7 +81,7 @@ def test_a_lora_version_exports_as_a_plain_model_generating_as_the_adapter(
     assert started.status_code == 202, started.text
     assert started.json()["status"] in ("queued", "running")
     # The CLI asks again (the same export), waits for it and downloads the zip.
-    argv = ["adapters", "export", "acme/1", "--merged", "--dest", str(tmp_path)]
+    argv = ["adapters", "export", "acme/1", "--merged", "--dest", str(tmp_path), "--timeout", "120"]
     assert main([*argv, "--url", stack.server.url, "--token", tenant.token]) == 0, capsys.readouterr().err
     zipped = tmp_path / "acme-1-merged.zip"
     assert str(zipped) in capsys.readouterr().out
