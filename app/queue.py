@@ -1,7 +1,8 @@
 """The control plane's side of the job queue: hands job and dataset ids to Celery workers by task name.
 
 The API never imports `worker/` (no torch in the API image): it sends `tuneforge.train` (a job
-id) and `tuneforge.validate` (a dataset id) by name, each to its own queue, with a JSON payload.
+id), `tuneforge.export` (a version id) and `tuneforge.validate` (a dataset id) by name,
+to the train queue or the validate queue, with a JSON payload.
 The database, not the broker, is the record of what was accepted; a failed send leaves the job
 `queued` (the dataset `validating`) for the sweeper to send again.
 """
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_TASK = "tuneforge.train"
 VALIDATE_TASK = "tuneforge.validate"
+EXPORT_TASK = "tuneforge.export"
 # Connecting to a broker that is down must fail the send quickly, not hold the request open.
 SEND_TIMEOUT_SECONDS = 3.0
 
@@ -54,6 +56,11 @@ class JobQueue:
     def send_validate(self, dataset_id: int) -> None:
         """Publish one dataset id to the validate queue; raises EnqueueError if the broker is unreachable."""
         self._send(VALIDATE_TASK, dataset_id, self._validate_queue)
+
+    def send_export(self, version_id: int) -> None:
+        """Publish one version id to the train queue (merging needs the base model in memory, as training
+        does; the validate queue's children are capped far below that); raises EnqueueError."""
+        self._send(EXPORT_TASK, version_id, self._queue)
 
     def _send(self, task: str, row_id: int, queue: str) -> None:
         try:

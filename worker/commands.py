@@ -61,7 +61,10 @@ def _serve(commands: Commands) -> None:
         help="serve one base model and its adapters over HTTP (OpenAI and LoRAX APIs; `worker` extra)",
     )
     serve.add_argument(
-        "--base-model", required=True, help="a built-in name, HF id in the cache, or local dir"
+        "--base-model",
+        required=True,
+        help="a built-in name, HF id in the cache, local dir, or version:<uuid> (an adapter version merged "
+        "into its base: what a deployment of repo/N runs)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, required=True)

@@ -5,6 +5,10 @@ settings, finds adapter versions and checkpoints in the control plane's database
 PEFT files from the blob store, and hands the engine an `AdapterSource` that knows nothing of either.
 An id is resolved to its version's uuid on every request (the engine remembers it for a couple of
 seconds), so a deleted, archived or replaced version stops being served within that time.
+
+A process started for `version:<uuid>` (a deployment whose model is an adapter version) serves that
+version as its model instead: merged into its base (`worker.training.merge`) into a directory cached by
+the version's uuid (versions are immutable), and no per-request adapters besides.
 """
 
 from __future__ import annotations
@@ -21,15 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
 from tuneforge.rules import base_models as base_model_rules
 from tuneforge.rules.adapter_ref import AdapterRef, AdapterRefError
 from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS, ArtifactManifest
+from tuneforge.rules.served_models import version_uuid_of
 
 from app.context import AppContext
 from app.db import AdapterVersion, VersionStatus
-from app.services import versions
+from app.errors import ServiceError
+from app.services import exports, versions
 from app.settings import Settings
 from app.storage import open_blob_store
 from app.storage.base import BlobNotFoundError, StorageError
@@ -221,10 +228,8 @@ def run_server(
     from worker.serving.tenant_auth import SignedTenants
 
     tenant = tenant or settings.dev_tenant
-    source, ctx = _adapter_source(settings, adapter_dir, tenant, base_model)
-    engine = AsyncEngine(
-        _engine_config(settings, base_model, options), source=source, metrics=ServingMetrics()
-    )
+    config, source, ctx = _served(settings, base_model, options, adapter_dir, tenant)
+    engine = AsyncEngine(config, source=source, metrics=ServingMetrics())
     # Always verified: the tenant of a request is only ever the one the control plane signed.
     app = build_app(engine, tenants=SignedTenants.from_secret(settings.secret_key))
     server = process_server(app, engine, host=host, port=port, log_level=log_level, parent_pid=parent_pid)
@@ -245,16 +250,45 @@ def run_server(
     return server.exit_code
 
 
-def _engine_config(settings: Settings, base_model: str, options: EngineOptions) -> EngineConfig:
-    """The engine's configuration: the base model resolved (built, or fetched from the model store) in
-    the shared model cache, plus the options. The engine runs its own implementation of each served
-    architecture, so a model's own code (auto_map) never runs here; such a model is refused unless
-    the operator allowed it (TUNEFORGE_TRUST_REMOTE_CODE_MODELS)."""
+def _served(
+    settings: Settings, base_model: str, options: EngineOptions, adapter_dir: Path | None, tenant: str
+) -> tuple[EngineConfig, AdapterSource, AppContext | None]:
+    """The engine's config and adapter source for `--base-model` (a base model, or `version:<uuid>`),
+    with the context to close at exit."""
+    version_uuid = version_uuid_of(base_model)
+    if version_uuid is None:
+        source, ctx = _adapter_source(settings, adapter_dir, tenant, base_model)
+        return (
+            _engine_config(_base_model_dir(settings, base_model), base_model, options, settings),
+            source,
+            ctx,
+        )
+    ctx = AppContext.from_settings(settings)
+    try:
+        model = version_model(ctx, version_uuid, settings.data_dir / "serving" / "models")
+    except BaseException:
+        ctx.close()
+        raise
+    return _engine_config(model.path, model.name, options, settings), VersionModelSource(model), ctx
+
+
+def _base_model_dir(settings: Settings, base_model: str) -> Path:
+    """The base model resolved (built, or fetched from the model store) in the shared model cache. The
+    engine runs its own implementation of each served architecture, so a model's own code (auto_map)
+    never runs here; such a model is refused unless the operator allowed it
+    (TUNEFORGE_TRUST_REMOTE_CODE_MODELS)."""
+    return resolve_model_dir(settings, open_blob_store(settings), base_model)
+
+
+def _engine_config(
+    model_path: Path, model_name: str, options: EngineOptions, settings: Settings
+) -> EngineConfig:
+    """The engine's configuration: the model directory and the name requests use for it, plus the options."""
     from worker.serving.engine import EngineConfig
 
     return EngineConfig(
-        model_path=resolve_model_dir(settings, open_blob_store(settings), base_model),
-        model_name=base_model,
+        model_path=model_path,
+        model_name=model_name,
         dtype=options.dtype,
         device=options.device,
         max_batch_size=options.max_batch_size,
@@ -278,6 +312,65 @@ def _adapter_source(
     ctx = AppContext.from_settings(settings)
     cache = settings.data_dir / "serving" / "adapters"
     return StorageAdapterSource(ctx, cache, tenant, base_model=base_model), ctx
+
+
+@dataclass(frozen=True)
+class VersionModel:
+    """An adapter version made a model of its own: its directory, and the names it goes by."""
+
+    path: Path
+    name: str  # `repo/N`: what requests name it by (as does "")
+    base_model: str  # what it was trained on
+
+
+def version_model(ctx: AppContext, version_uuid: str, cache_dir: Path) -> VersionModel:
+    """The version's merged (or whole) model directory under `cache_dir/<uuid>`, made on first use.
+
+    Raises ValueError, naming the version, when it is gone or cannot be made a model: the process then
+    exits and the deployment shows failed.
+    """
+    from worker.job_io import download_files
+    from worker.training.merge import model_directory
+
+    with ctx.sessions() as session:
+        version = session.scalar(select(AdapterVersion).where(AdapterVersion.uuid == version_uuid))
+        if version is None:
+            raise ValueError(f"adapter version {version_uuid} no longer exists; delete its deployment")
+        try:
+            exports.check_servable_as_model(version)
+        except ServiceError as exc:
+            raise ValueError(exc.message) from None
+        name, base_model = versions.version_id(version), version.base_model
+        prefix, files = version.artifact_prefix or "", dict(version.artifact_files)
+    target = cache_dir / version_uuid
+    if not (target / "config.json").is_file():
+        base_dir = _base_model_dir(ctx.settings, base_model)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".artifact-", dir=cache_dir) as scratch:
+            artifact = download_files(ctx.store, prefix, files, Path(scratch) / "artifact")
+            model_directory(base_dir, artifact, target)
+        log.info("adapter version %s: made a model at %s", name, target)
+    return VersionModel(target, name, base_model)
+
+
+class VersionModelSource:
+    """The adapter source of a process serving one version as its model: it serves no other adapters."""
+
+    def __init__(self, model: VersionModel) -> None:
+        self._model = model
+
+    def resolve(self, adapter_id: str, tenant: str | None) -> ResolvedAdapter:
+        raise AdapterLoadError(
+            f"adapter {adapter_id[:80]!r}: this deployment serves adapter version {self._model.name} merged "
+            f"into its base model and loads no adapters per request; name the model as '' or "
+            f"{self._model.name!r}, or deploy {self._model.base_model!r} to serve adapters of it"
+        )
+
+    def fetch(self, adapter: ResolvedAdapter) -> Path:
+        raise AdapterLoadError(f"adapter {adapter.adapter_id}: this deployment loads no adapters")
+
+    def list_available(self, tenant: str | None) -> list[str]:
+        return []
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

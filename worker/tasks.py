@@ -25,6 +25,7 @@ from app.queue import TRAIN_TASK
 from app.services import jobs, versions
 from worker import artifact_checks
 from worker.db_retry import RetryingCallbacks, retrying
+from worker.export_task import register_export_task
 from worker.job_io import download_checkpoint, download_files, download_rows, token_cache_for, upload_dir
 from worker.model_store import (
     BaseModelUnavailableError,
@@ -63,6 +64,8 @@ USER_ERRORS = (
 
 def register_tasks(celery: Celery, ctx: AppContext) -> None:
     """Bind the tasks to `celery`, each closing over the worker's long-lived context."""
+
+    register_export_task(celery, ctx)
 
     @celery.task(name=TRAIN_TASK, bind=True)
     def train_job(self: Any, job_id: int) -> None:

@@ -3,11 +3,11 @@
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.api import presenters, schemas
 from app.api.deps import BaseUrlDep, CtxDep, CurrentUser, SessionDep, StorageRoom
-from app.services import versions
+from app.services import exports, versions
 from app.services.adapter_files import uploads as adapter_uploads
 
 router = APIRouter(tags=["adapters"])
@@ -48,6 +48,37 @@ def download_version(
     filename = f"{version.repo.name}-{version.tag}.zip"
     return StreamingResponse(
         versions.download_chunks(ctx, version),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.post(
+    VERSION_PATH + "/export",
+    dependencies=[StorageRoom],
+    status_code=202,
+    responses={200: {"description": "the export is completed already (a whole model's: at once)"}},
+)
+def export_version(repo: str, tag: str, ctx: CtxDep, session: SessionDep, user: CurrentUser) -> JSONResponse:
+    """Start the merged-model export (202), or answer the one asked for before (200 once completed)."""
+    version = exports.request(ctx, session, versions.get(session, user, repo, tag))
+    record = exports.record(version)
+    return JSONResponse(record, status_code=200 if record["status"] == "completed" else 202)
+
+
+@router.get(VERSION_PATH + "/export")
+def get_export(repo: str, tag: str, session: SessionDep, user: CurrentUser) -> dict[str, Any]:
+    return exports.record(versions.get(session, user, repo, tag))
+
+
+@router.get(VERSION_PATH + "/export/download")
+def download_export(
+    repo: str, tag: str, ctx: CtxDep, session: SessionDep, user: CurrentUser
+) -> StreamingResponse:
+    version = versions.get(session, user, repo, tag)
+    filename = f"{version.repo.name}-{version.tag}-merged.zip"
+    return StreamingResponse(
+        exports.download_chunks(ctx, version),
         media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )

@@ -36,8 +36,8 @@ def present(
         type="shared" if view.is_default else "dedicated",
         status=status,
         model=schemas.DeploymentModel(
-            name=view.base_model,
-            max_input_length=deployments.context_length(settings, session, view.base_model),
+            name=view.model_name,
+            max_input_length=deployments.context_length(settings, session, view.context_model),
         ),
         accelerator=schemas.Accelerator(id="any"),
         current_replicas=1 if status is ServingStatus.READY else 0,

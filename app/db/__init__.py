@@ -5,7 +5,7 @@ from app.db.base_models import StoredModel
 from app.db.datasets import Dataset, DatasetStatus
 from app.db.deployments import Deployment
 from app.db.jobs import FinetuningJob, JobCheckpoint, JobEvent, JobEventKind, JobMetric, JobStatus
-from app.db.repos import AdapterVersion, Repo, VersionSource, VersionStatus
+from app.db.repos import AdapterVersion, ExportStatus, Repo, VersionSource, VersionStatus
 from app.db.tenants import ApiToken, Tenant, User
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "Dataset",
     "DatasetStatus",
     "Deployment",
+    "ExportStatus",
     "FinetuningJob",
     "JobCheckpoint",
     "JobEvent",

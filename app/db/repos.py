@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import enum
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db.base import Base, Timestamped
@@ -20,6 +21,17 @@ class VersionStatus(enum.StrEnum):
     COMPLETED = "completed"
     ERRORED = "errored"
     CANCELED = "canceled"
+
+
+class ExportStatus(enum.StrEnum):
+    """A version's merged-model export: none yet (NULL) → `queued` → `running` → `completed` | `errored`;
+    an errored export may be asked for again. A whole-model version (full / last_layer) is `completed`
+    at once: its artifact already is the model."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    ERRORED = "errored"
 
 
 class VersionSource(enum.StrEnum):
@@ -77,6 +89,13 @@ class AdapterVersion(Timestamped, Base):
     autoconfig: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     quality_report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     archived: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The merged model export (`ExportStatus`): where its files lie (under the artifact's own directory,
+    # or the artifact itself for a whole model), each file's size and sha256, and why it failed.
+    export_status: Mapped[str | None] = mapped_column(String(16))
+    export_prefix: Mapped[str | None] = mapped_column(String(512))
+    export_files: Mapped[dict[str, dict[str, Any]]] = mapped_column(JSON, default=dict, server_default="{}")
+    export_error: Mapped[str | None] = mapped_column(Text)
+    export_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     description: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
 

@@ -1,8 +1,12 @@
 """Deployments per tenant (Predibase protocol): create, get, list, update, delete, status and events.
 
 A deployment names a base model; serving it is the supervisor's job (`serving_processes`), shared by
-every deployment of that base model. Each tenant also has a default deployment of the default base
-model that exists without being created and cannot be changed or deleted.
+every deployment of that base model. A deployment may instead name one of the tenant's own completed
+adapter versions (`config.baseModel: "repo/N"`): that version, merged into its base (or, for full /
+last_layer, its whole model), is served by a process of its own, keyed by the version's uuid
+(`tuneforge.rules.served_models`), so no two tenants' `repo/N` ever share one. Each tenant also has a
+default deployment of the default base model that exists without being created and cannot be changed
+or deleted.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 from tuneforge.rules.adapter_ref import AdapterRef, AdapterRefError
 from tuneforge.rules.base_models import BaseModelNameError
+from tuneforge.rules.served_models import version_model_key, version_uuid_of
 
-from app.db import Deployment, Tenant, User
+from app.db import AdapterVersion, Deployment, Tenant, User
 from app.errors import ConflictError, InvalidInputError, NotFoundError
-from app.services import base_models
+from app.services import base_models, exports, versions
 from app.services.names import validate_name
 from app.settings import Settings
 from app.supervision.serving_processes import ServingEvent, ServingStatus, ServingSupervisor
@@ -41,6 +46,15 @@ class DeploymentView:
     config: dict[str, Any]
     created_at: datetime
     is_default: bool
+    # The base model whose context the served model has: the base itself, or a served version's base.
+    context_model: str = ""
+
+    @property
+    def model_name(self) -> str:
+        """What the deployment serves, as its config names it: a base model, or `repo/N`."""
+        if version_uuid_of(self.base_model) is not None:
+            return str(self.config.get("baseModel", self.base_model))
+        return self.base_model
 
     @classmethod
     def of(cls, row: Deployment) -> DeploymentView:
@@ -52,6 +66,7 @@ class DeploymentView:
             config=dict(row.config),
             created_at=_aware(row.created_at),
             is_default=False,
+            context_model=_context_model(row),
         )
 
     @classmethod
@@ -65,17 +80,21 @@ class DeploymentView:
             config={"baseModel": DEFAULT_BASE_MODEL, "minReplicas": 0, "maxReplicas": 1},
             created_at=_aware(tenant.created_at),
             is_default=True,
+            context_model=DEFAULT_BASE_MODEL,
         )
 
 
 def validate_config(settings: Settings, session: Session, config: dict[str, Any]) -> dict[str, Any]:
-    """The config as stored: None values dropped (the SDK sends every field), each known field checked."""
+    """The config as stored: None values dropped (the SDK sends every field), each known field checked.
+    A `baseModel` of the form `repo/N` names an adapter version; `serving_key` checks that one."""
     cleaned = {key: value for key, value in config.items() if value is not None}
     base_model = cleaned.get("baseModel")
     if not isinstance(base_model, str) or not base_model:
         raise InvalidInputError("config.baseModel: required; name the base model to serve")
-    found = base_models.require_available(settings, session, base_model, field="config.baseModel")
-    base_models.require_servable(found, "config.baseModel")
+    version_ref = _version_ref(base_model)
+    if version_ref is None:
+        found = base_models.require_available(settings, session, base_model, field="config.baseModel")
+        base_models.require_servable(found, "config.baseModel")
     replicas = {key: cleaned.get(key, default) for key, default in (("minReplicas", 0), ("maxReplicas", 1))}
     for key, value in replicas.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -87,7 +106,42 @@ def validate_config(settings: Settings, session: Session, config: dict[str, Any]
         raise InvalidInputError(
             f"config.preloadedAdapters: a list of adapter ids 'repo/N' or 'repo/N@step' (got {preloaded!r})"
         )
+    if version_ref is not None and preloaded:
+        raise InvalidInputError(
+            f"config.preloadedAdapters: a deployment of adapter version {base_model} serves that version "
+            "merged into its base, and no adapters besides; deploy its base model to serve adapters"
+        )
     return cleaned
+
+
+def serving_key(settings: Settings, session: Session, user: User, base_model: str) -> str:
+    """What serves a validated `config.baseModel`: the base model's name, or `version:<uuid>` for one of
+    the tenant's own completed versions whose base model is available here (422 otherwise: another
+    tenant's version is as unknown as a missing one)."""
+    ref = _version_ref(base_model)
+    if ref is None:
+        return base_model
+    try:
+        version = versions.resolve(session, user.tenant.name, ref).version
+    except versions.VersionNotFoundError:
+        raise InvalidInputError(
+            f"config.baseModel: adapter version {base_model} not found; name one of your own versions"
+        ) from None
+    if version.archived:
+        raise InvalidInputError(f"config.baseModel: adapter version {base_model} is archived; unarchive it")
+    exports.check_servable_as_model(version)
+    found = base_models.require_available(settings, session, version.base_model, field="config.baseModel")
+    base_models.require_servable(found, "config.baseModel")
+    return version_model_key(version.uuid)
+
+
+def _version_ref(text: str) -> AdapterRef | None:
+    """`repo/N` (no checkpoint step): an adapter version named as a deployment's model."""
+    try:
+        ref = AdapterRef.parse(text)
+    except AdapterRefError:
+        return None
+    return ref if ref.step is None else None
 
 
 def _is_adapter_ref(value: object) -> bool:
@@ -111,6 +165,7 @@ def create(
 ) -> DeploymentView:
     validate_name(name, "name")
     cleaned = validate_config(settings, session, config)
+    key = serving_key(settings, session, user, cleaned["baseModel"])
     if name == DEFAULT_DEPLOYMENT or _find(session, user, name) is not None:
         raise ConflictError(f"name: deployment {name!r} already exists; pick another name or update it")
     row = Deployment(
@@ -118,7 +173,7 @@ def create(
         created_by_id=user.id,
         name=name,
         description=description,
-        base_model=cleaned["baseModel"],
+        base_model=key,
         config=cleaned,
     )
     session.add(row)
@@ -169,7 +224,8 @@ def update(
         # The SDK sends every field, unset ones as null: only the fields given change.
         changes = {key: value for key, value in config.items() if value is not None}
         cleaned = validate_config(settings, session, {**row.config, **changes})
-        row.config, row.base_model = cleaned, cleaned["baseModel"]
+        key = serving_key(settings, session, user, cleaned["baseModel"])
+        row.config, row.base_model = cleaned, key
     if description is not None:
         row.description = description
     session.commit()
@@ -212,6 +268,15 @@ def context_length(settings: Settings, session: Session, base_model: str) -> int
     except BaseModelNameError:  # stored before the naming rules: shown, never served
         found = None
     return (found.context_length if found is not None else None) or DEFAULT_CONTEXT_LENGTH
+
+
+def _context_model(row: Deployment) -> str:
+    version_uuid = version_uuid_of(row.base_model)
+    session = object_session(row)
+    if version_uuid is None or session is None:
+        return row.base_model
+    base = session.scalar(select(AdapterVersion.base_model).where(AdapterVersion.uuid == version_uuid))
+    return base or row.base_model
 
 
 def _find(session: Session, user: User, name: str) -> Deployment | None:

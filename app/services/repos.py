@@ -5,9 +5,10 @@ from __future__ import annotations
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from tuneforge.rules.served_models import version_model_key
 
 from app.context import AppContext
-from app.db import AdapterVersion, Repo, User, VersionStatus
+from app.db import AdapterVersion, Deployment, Repo, User, VersionStatus
 from app.errors import ConflictError, NotFoundError
 from app.services import blob_keys
 from app.services.names import validate_name
@@ -89,9 +90,22 @@ def delete(ctx: AppContext, session: Session, repo: Repo) -> None:
             f"repo {repo.name!r} holds the parent of {child.repo.name}/{child.tag}, which is still "
             f"{child.status}; cancel that job first"
         )
+    serving = deployment_serving(session, [v.uuid for v in repo.versions])
+    if serving is not None:
+        raise ConflictError(
+            f"repo {repo.name!r} holds the model of deployment {serving!r}; delete that first"
+        )
     # Every version's artifact and its jobs' checkpoints; rows first, so a crash leaves orphans for `gc`.
     prefixes = blob_keys.repo_prefixes(session, repo)
     session.delete(repo)
     session.commit()
     for prefix in prefixes:
         ctx.store.delete_prefix(prefix)
+
+
+def deployment_serving(session: Session, version_uuids: list[str]) -> str | None:
+    """The name of a deployment (of any of the tenant's) whose model is one of these versions, if any."""
+    if not version_uuids:
+        return None
+    keys = [version_model_key(uuid) for uuid in version_uuids]
+    return session.scalar(select(Deployment.name).where(Deployment.base_model.in_(keys)).limit(1))

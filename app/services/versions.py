@@ -127,6 +127,12 @@ def delete(ctx: AppContext, session: Session, version: AdapterVersion) -> None:
             f"adapter version {version_id(version)} is the parent of {version_id(child)}, which is still "
             f"{child.status}; cancel that job first"
         )
+    serving = repos.deployment_serving(session, [version.uuid])
+    if serving is not None:
+        raise ConflictError(
+            f"adapter version {version_id(version)} is the model of deployment {serving!r}; delete that "
+            "deployment first"
+        )
     # Its artifact and its job's checkpoints; rows first, so a crash leaves orphans for `gc`.
     prefixes = blob_keys.version_prefixes(session, version)
     session.delete(version)

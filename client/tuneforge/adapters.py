@@ -1,16 +1,18 @@
-"""`client.adapters`: adapter versions `repo/tag`: train, get, list, upload, download, archive, delete."""
+"""`client.adapters`: adapter versions `repo/tag`: train, get, list, upload, download, export, archive,
+delete."""
 
 from __future__ import annotations
 
 import builtins
+import time
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tuneforge._http import HttpTransport, path_segment
 from tuneforge.adapter_ids import AdapterRef, parse_adapter_id
 from tuneforge.config import FinetuningConfig
-from tuneforge.errors import ValidationError
+from tuneforge.errors import TuneforgeError, ValidationError
 from tuneforge.models import AdapterVersion, Dataset, FinetuningJob, VersionSummary
 from tuneforge.repos import RepoRef, Repos, repo_name
 from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS
@@ -20,14 +22,21 @@ if TYPE_CHECKING:
     from tuneforge.finetuning import ConfigLike, FinetuningJobs
 
 
+# A merge loads the base model on a worker that may be training: allow it time.
+DEFAULT_EXPORT_WAIT_SECONDS = 3600.0
+
+
 class Adapters:
     """Adapter calls with the Predibase SDK's shapes: `create`, `get`, `get_config`, `list`, `upload`,
     `download`, `archive`, `unarchive`, `delete`, `cancel`."""
 
-    def __init__(self, http: HttpTransport, repos: Repos, jobs: FinetuningJobs) -> None:
+    def __init__(
+        self, http: HttpTransport, repos: Repos, jobs: FinetuningJobs, *, poll_interval: float = 1.0
+    ) -> None:
         self._http = http
         self._repos = repos
         self._jobs = jobs
+        self._poll_interval = poll_interval
 
     def create(
         self,
@@ -123,6 +132,61 @@ class Adapters:
         if target.is_dir():
             target = target / f"{repo}-{tag}.zip"
         return self._http.download_api(self._path(adapter_id) + "/download", target)
+
+    def export(
+        self,
+        adapter_id: AdapterRef,
+        dest: str | PathLike[str] | None = None,
+        *,
+        merged: bool = True,
+        wait: bool = True,
+        timeout: float = DEFAULT_EXPORT_WAIT_SECONDS,
+    ) -> dict[str, Any]:
+        """Export the version as a standard Hugging Face model directory (zip), its adapter merged into its
+        base model (a full / last_layer version: its own whole model); loads with
+        `AutoModelForCausalLM.from_pretrained` and needs no PEFT.
+
+        The export runs on a training worker and is kept: asking again returns it. With `wait=True` this
+        waits for it (up to `timeout` seconds) and downloads the zip to `dest` (default
+        `<repo>-<tag>-merged.zip` here; a directory gets that name inside it), returning the export record
+        with `path` added; with `wait=False` it returns the record (`status`: queued, running, completed,
+        errored) at once. An errored export raises TuneforgeError with its error.
+        """
+        if not merged:
+            raise ValidationError("merged: only merged exports exist (a standard HF model); pass merged=True")
+        record: dict[str, Any] = self._http.api("POST", self._path(adapter_id) + "/export")
+        if not wait:
+            return record
+        record = self._wait_for_export(adapter_id, record, timeout)
+        repo, tag = parse_adapter_id(adapter_id)
+        target = Path(dest) if dest is not None else Path.cwd()
+        if target.is_dir():
+            target = target / f"{repo}-{tag}-merged.zip"
+        path = self._http.download_api(self._path(adapter_id) + "/export/download", target)
+        return {**record, "path": str(path)}
+
+    def export_status(self, adapter_id: AdapterRef) -> dict[str, Any]:
+        """The version's export record (`status` is `none` until one is asked for)."""
+        record: dict[str, Any] = self._http.api("GET", self._path(adapter_id) + "/export")
+        return record
+
+    def _wait_for_export(
+        self, adapter_id: AdapterRef, record: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        interval = min(0.2, self._poll_interval)
+        while record["status"] in ("queued", "running"):
+            if time.monotonic() >= deadline:
+                raise TuneforgeError(
+                    f"the export of {adapter_id} is still {record['status']} after {timeout:.0f}s; check it "
+                    "later with adapters.export_status()"
+                )
+            time.sleep(interval)
+            interval = min(interval * 1.5, self._poll_interval)
+            record = self.export_status(adapter_id)
+        if record["status"] != "completed":
+            raise TuneforgeError(f"the export of {adapter_id} {record['status']}: {record.get('error')}")
+        return record
 
     def archive(self, adapter_id: AdapterRef) -> AdapterVersion:
         """Mark the version archived (hidden from default views, still downloadable)."""

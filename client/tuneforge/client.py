@@ -68,7 +68,7 @@ class Tuneforge:
         self.datasets = Datasets(self._http, poll_interval=poll_interval)
         self.repos = Repos(self._http)
         self.finetuning = Finetuning(self._http, poll_interval=poll_interval)
-        self.adapters = Adapters(self._http, self.repos, self.finetuning.jobs)
+        self.adapters = Adapters(self._http, self.repos, self.finetuning.jobs, poll_interval=poll_interval)
         self.deployments = Deployments(self._http, token, poll_interval=poll_interval)
 
     def close(self) -> None:

@@ -164,6 +164,16 @@ def adapters_download(client: Tuneforge, args: argparse.Namespace) -> int:
     return emit(args.json, {"adapter": args.adapter_id, "path": str(path)}, lambda: str(path))
 
 
+def adapters_export(client: Tuneforge, args: argparse.Namespace) -> int:
+    wait = not args.no_wait
+    record = client.adapters.export(
+        args.adapter_id, args.dest, merged=args.merged, wait=wait, timeout=args.timeout
+    )
+    done = f"{args.adapter_id}: merged model written to {record.get('path')}"
+    pending = f"{args.adapter_id}: export {record['status']}; run this again to wait for it and download it"
+    return emit(args.json, record, lambda: done if "path" in record else pending)
+
+
 def adapters_cancel(client: Tuneforge, args: argparse.Namespace) -> int:
     job = client.adapters.cancel(args.adapter_id)
     return emit(args.json, job, lambda: f"{job.adapter_id}: job {job.uuid} is {job.status}")

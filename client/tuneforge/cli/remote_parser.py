@@ -88,6 +88,22 @@ def _adapters(b: _Builder) -> None:
     download = b.action(adapters, "download", rc.adapters_download, "download an adapter's files as a zip")
     download.add_argument("adapter_id", metavar="REPO/N")
     download.add_argument("--dest", help="file or directory (default: ./<repo>-<N>.zip)")
+    export = b.action(
+        adapters, "export", rc.adapters_export, "export an adapter merged into its base, as a HF model zip"
+    )
+    export.add_argument("adapter_id", metavar="REPO/N")
+    export.add_argument(
+        "--merged", action="store_true", required=True, help="merge into the base model (the only format)"
+    )
+    export.add_argument("--dest", help="file or directory (default: ./<repo>-<N>-merged.zip)")
+    export.add_argument("--no-wait", action="store_true", help="start the export and print its status")
+    export.add_argument(
+        "--timeout",
+        type=_wait_seconds,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long to wait for the export (default 3600, at most 86400)",
+    )
     cancel = b.action(adapters, "cancel", rc.adapters_cancel, "cancel the job training an adapter")
     cancel.add_argument("adapter_id", metavar="REPO/N")
 
@@ -105,7 +121,11 @@ def _deployments(b: _Builder) -> None:
     deployments = b.group("deployments", "serving deployments of base models")
     deploy = b.action(deployments, "create", rc.deployments_create, "deploy a base model, wait until ready")
     deploy.add_argument("name")
-    deploy.add_argument("--base-model", required=True)
+    deploy.add_argument(
+        "--base-model",
+        required=True,
+        help="a base model, or one of your adapter versions REPO/N (served merged into its base)",
+    )
     deploy.add_argument("--preload", nargs="+", metavar="REPO/N", help="adapters to load at start")
     deploy.add_argument("--description")
     deploy.add_argument("--no-wait", action="store_true", help="return without waiting until it is ready")
@@ -145,3 +165,14 @@ def _add_adapters_create(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--description")
     parser.add_argument("--continue-from", metavar="REPO/N[@STEP]", help="train on from this adapter")
     parser.add_argument("--no-wait", action="store_true", help="return once the job is queued")
+
+
+def _wait_seconds(value: str) -> float:
+    """A wait in seconds: more than 0, at most a day."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 < seconds <= 86400:
+        raise argparse.ArgumentTypeError(f"{value}: must be more than 0 and at most 86400 seconds")
+    return seconds
