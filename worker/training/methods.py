@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 from tuneforge.config import (
     DEFAULT_TARGET_MODULES,
     FROZEN_BASE_ADAPTERS,
@@ -40,6 +42,9 @@ from worker.training.speculator import MedusaHeads, SpeculatorFiles
 class NonFiniteWeightsError(ValueError):
     """Training left NaN or infinite values in the weights: nothing is saved, checkpointed or published."""
 
+
+# Phi-3 stores q/k/v and gate/up as one projection each; LoRA on them is LoRA on all of attention / MLP.
+FUSED_TARGET_MODULES = ("qkv_proj", "gate_up_proj")
 
 # How many final transformer blocks `last_layer` trains (with the final norm and the LM head).
 LAST_LAYER_BLOCKS = 1
@@ -212,20 +217,24 @@ def _keep_4bit_weights_differentiable(model: torch.nn.Module) -> None:
 
 
 def default_targets(model: torch.nn.Module) -> list[str]:
-    """Every attention and MLP projection the model has, by the names Llama-family models use."""
+    """Every attention and MLP projection the model has: by the names Llama-family models use (with
+    Phi-3's fused `qkv_proj` / `gate_up_proj`), else the modules PEFT targets for the model's family."""
     present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m)}
-    targets = [name for name in DEFAULT_TARGET_MODULES if name in present]
+    targets = [name for name in (*DEFAULT_TARGET_MODULES, *FUSED_TARGET_MODULES) if name in present]
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not targets:
+        targets = [t for t in PEFT_TARGETS.get(str(model_type), ()) if t in present]
     if not targets:
         raise TrainingConfigError(
-            f"target_modules: this model has none of {', '.join(DEFAULT_TARGET_MODULES)}; "
+            f"target_modules: this {model_type or 'model'} has none of {', '.join(DEFAULT_TARGET_MODULES)}; "
             f"name its linear layers explicitly (it has {', '.join(sorted(present))})"
         )
     return targets
 
 
 def _is_linear(module: torch.nn.Module) -> bool:
-    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear too.
-    return isinstance(module, torch.nn.Linear)
+    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear too; GPT-2-style models use Conv1D.
+    return isinstance(module, torch.nn.Linear | Conv1D)
 
 
 def check_targets(model: torch.nn.Module, targets: list[str]) -> None:
