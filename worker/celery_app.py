@@ -1,5 +1,7 @@
 """Builds the Celery apps of the two worker nodes: training (one acked-late job at a time) and validation.
 
+A training node consumes one train queue: its worker class's (`settings.worker_class`), else the default.
+
 Both speak JSON only and take ids, never pickled objects. They are separate nodes (processes) on
 separate queues, so a validation never waits behind an hours-long training job.
 """
@@ -10,7 +12,7 @@ from typing import Any
 
 from celery import Celery
 
-from app.queue import redis_transport_options
+from app.queue import class_queue, redis_transport_options
 from app.settings import Settings
 
 HARD_LIMIT_GRACE_SECONDS = 300
@@ -52,9 +54,17 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=redis_transport_options(
             settings.broker_url, visibility_timeout=settings.job_time_limit_seconds + 3600
         ),
-        task_default_queue=settings.train_queue,
+        task_default_queue=train_queue(settings),
     )
     return celery
+
+
+def train_queue(settings: Settings) -> str:
+    """The one train queue this worker consumes: its class's (`tuneforge.train.<class>`) when it has
+    one, else the default queue that unplaced jobs go to (no classes configured, or no estimate)."""
+    if settings.worker_class is None:
+        return settings.train_queue
+    return class_queue(settings.train_queue, settings.worker_class)
 
 
 # Resident memory (KiB, Celery's unit) past which a validate child is replaced after its task.
