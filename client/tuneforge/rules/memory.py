@@ -216,9 +216,9 @@ def estimate(
         "gradients": 4 * trainable,
         "optimizer_state": _optimizer_bytes_per_param(config) * trainable,
         "half_weight_copies": _autocast_copies(shape, config, half),
-        "activations": _activation_bytes(shape, config, half, tokens, checkpointing),
+        "activations": _activation_bytes(shape, config, half, tokens, checkpointing, device),
         "logits": _logit_bytes(shape, config, half, tokens),
-        "speculator": _speculator_bytes(shape, config, tokens),
+        "speculator": _speculator_bytes(shape, config, tokens, device),
         "runtime_overhead": int(CUDA_RUNTIME_BYTES if device == "cuda" else CPU_RUNTIME_BYTES),
     }
     return MemoryEstimate({name: int(value) for name, value in parts.items()}, checkpointing, dtype)
@@ -319,28 +319,32 @@ def _autocast_copies(shape: ModelShape, config: FinetuningConfig, half: int) -> 
     return half * (shape.layers * shape.layer_linear_params() + head)
 
 
-def _layer_activation_bytes(shape: ModelShape, config: FinetuningConfig, half: int) -> int:
+def _layer_activation_bytes(shape: ModelShape, config: FinetuningConfig, half: int, device: Device) -> int:
     """Bytes one decoder layer keeps for the backward, per token (the formula the estimate rests on).
 
-    h = hidden, q = heads * head_dim, i = intermediate, b = compute dtype bytes:
+    h = hidden, q = heads * head_dim, k = kv_heads * head_dim, i = intermediate, b = compute bytes:
       2 RMSNorms: each keeps its input upcast to fp32 ......................... 2 * 4h
         (+ the fp32 normalised value when the gain trains ..................... 2 * 4h)
-      attention: q, k and v (k/v repeated to all heads for GQA in SDPA) and its output .. 4q * b
+      attention (SDPA / flash): q, k, v (GQA k/v not repeated) and the output .. (2q + 2k) * b
       MLP: gate (for SiLU), SiLU(gate) and up (for their product) .............. 3i * b
       trainable base weights keep their inputs: the normed x for q/k/v and gate/up, and down's input
         (o_proj's input is the attention output, already kept) .............. (2h + i) * b
-      LoRA, per adapted projection with input n and rank r: the input upcast to fp32 and dropped out
-        (fp32 copy + a byte of mask), and A's fp32 output ....................... 5n + 4r
+      LoRA, per adapted projection with input n and rank r: the input upcast to fp32 and dropped out,
+        dropout's mask (a byte on CUDA; the CPU kernel keeps an fp32 one), and A's fp32 output
+        ............................................................ (4 + mask) * n + 4r
         DoRA also keeps the base output for the magnitude's gradient ............ + 4 * out
+    Checked against what torch's autograd keeps (saved-tensor hooks) and against measured CPU runs
+    (tests/unit/training/test_memory_estimate.py).
     """
     h, q, i = shape.hidden, shape.heads * shape.head_dim, shape.intermediate
+    kv = shape.kv_heads * shape.head_dim
     trains_base = config.adapter in ("full", "last_layer")
-    total = 2 * 4 * h + 4 * q * half + 3 * i * half
+    total = 2 * 4 * h + (2 * q + 2 * kv) * half + 3 * i * half
     if trains_base:
         total += 2 * 4 * h + (2 * h + i) * half
     if config.adapter in LOW_RANK_ADAPTERS:
         shapes, rank = shape.projections(), _rank(config)
-        mask = 1 if config.lora_dropout > 0 else 0
+        mask = 0 if config.lora_dropout == 0 else (1 if device == "cuda" else 4)
         for name in _targets(config):
             if name in shapes:
                 n_in, n_out = shapes[name]
@@ -349,7 +353,7 @@ def _layer_activation_bytes(shape: ModelShape, config: FinetuningConfig, half: i
 
 
 def _activation_bytes(
-    shape: ModelShape, config: FinetuningConfig, half: int, tokens: int, checkpointing: bool
+    shape: ModelShape, config: FinetuningConfig, half: int, tokens: int, checkpointing: bool, device: Device
 ) -> int:
     """All layers' kept activations; with checkpointing, each layer's input plus one layer recomputed.
 
@@ -359,7 +363,7 @@ def _activation_bytes(
     """
     if config.adapter == "turbo":
         return 0
-    per_layer = _layer_activation_bytes(shape, config, half)
+    per_layer = _layer_activation_bytes(shape, config, half, device)
     layers = 1 if config.adapter == "last_layer" else shape.layers
     if checkpointing:
         return tokens * (layers * shape.hidden * half + per_layer)
@@ -375,7 +379,7 @@ def _logit_bytes(shape: ModelShape, config: FinetuningConfig, half: int, tokens:
     return tokens * shape.vocab * per_entry
 
 
-def _speculator_bytes(shape: ModelShape, config: FinetuningConfig, tokens: int) -> int:
+def _speculator_bytes(shape: ModelShape, config: FinetuningConfig, tokens: int, device: Device) -> int:
     """Activations of the heads: per draft step an fp32 pass over every token and its fp32 logits
     (logits, log-softmax and gradient); eagle's step is a full decoder layer, Medusa's a residual block.
     The heads' weights and optimiser state are counted with the other trainable parameters."""
@@ -384,7 +388,8 @@ def _speculator_bytes(shape: ModelShape, config: FinetuningConfig, tokens: int) 
     h = shape.hidden
     if config.speculator_architecture == "eagle":
         # The draft layer's weights train in fp32 (like a full fine-tune's block) and fc's input is [2H].
-        step = _layer_activation_bytes(shape, config.model_copy(update={"adapter": "full"}), 4) + 4 * 3 * h
+        draft = config.model_copy(update={"adapter": "full"})
+        step = _layer_activation_bytes(shape, draft, 4, device) + 4 * 3 * h
     else:
         step = 4 * 2 * h
     features = tokens * 4 * 2 * h  # the frozen last hidden state, upcast, and the next tokens' embeddings
