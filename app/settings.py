@@ -90,7 +90,8 @@ class Settings(BaseSettings):
     # default): every job goes to `train_queue`, and its estimate is still recorded.
     worker_classes: list[WorkerClass] = Field(default_factory=list, max_length=MAX_WORKER_CLASSES)
     # A training worker's own class (TUNEFORGE_WORKER_CLASS, or `tuneforge worker --worker-class`): it
-    # consumes `<train_queue>.<worker_class>`; unset, it consumes `train_queue` (unplaced jobs).
+    # consumes `<train_queue>.<worker_class>`, plus `train_queue` (jobs nothing could estimate) when no
+    # class is larger; unset, it consumes `train_queue` alone.
     worker_class: str | None = Field(default=None, min_length=1, max_length=40)
 
     @field_validator("worker_class", mode="before")

@@ -42,7 +42,7 @@ from deploy_support import (
 )
 
 from app.settings import Settings
-from worker.celery_app import train_queue
+from worker.celery_app import train_queues
 
 # --- settings names ---------------------------------------------------------------------------
 
@@ -370,8 +370,12 @@ def test_compose_worker_class_is_unset_by_default_and_names_a_shared_class_when_
 
     host = {"TUNEFORGE_SECRET_KEY": STRONG_SECRET}
     worker = settings_of("worker", host)
-    assert (worker.worker_classes, worker.worker_class, train_queue(worker)) == ([], None, "tuneforge.train")
+    assert (worker.worker_classes, worker.worker_class, train_queues(worker)) == (
+        [],
+        None,
+        ["tuneforge.train"],
+    )
     classes = '[{"name": "gpu-24", "device": "cuda", "memory_gib": 24}]'
     host |= {"TUNEFORGE_WORKER_CLASSES": classes, "TUNEFORGE_WORKER_CLASS": "gpu-24"}
     api, worker = settings_of("api", host), settings_of("worker", host)
-    assert api.worker_classes == worker.worker_classes and train_queue(worker) == "tuneforge.train.gpu-24"
+    assert api.worker_classes == worker.worker_classes and train_queues(worker)[0] == "tuneforge.train.gpu-24"

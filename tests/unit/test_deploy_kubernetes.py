@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from app.services import placement
 from app.settings import Settings
-from worker.celery_app import train_queue
+from worker.celery_app import train_queues
 
 # --- Kubernetes -------------------------------------------------------------------------------
 
@@ -278,5 +278,9 @@ def test_k8s_worker_consumes_the_train_queue_of_a_class_the_api_places_jobs_on(
     api, worker = settings_of("tuneforge-api"), settings_of("tuneforge-worker")
     assert worker.worker_class is not None and api.worker_class is None
     assert worker.worker_classes == api.worker_classes
-    assert train_queue(worker) == placement.queue_for(api, worker.worker_class)
-    assert train_queue(worker) == f"tuneforge.train.{worker.worker_class}"
+    # Its class's queue, and (the largest class) the default one that unestimated jobs go to.
+    assert train_queues(worker) == [
+        placement.queue_for(api, worker.worker_class),
+        placement.queue_for(api, None),
+    ]
+    assert train_queues(worker)[0] == f"tuneforge.train.{worker.worker_class}"

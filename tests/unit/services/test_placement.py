@@ -15,7 +15,7 @@ from tuneforge.rules import memory
 from app.errors import InvalidInputError
 from app.services import placement
 from app.settings import Settings
-from worker.celery_app import make_celery, train_queue
+from worker.celery_app import make_celery, train_queues
 
 TINY = "tiny-random-llama"
 # A Llama-3-8B-shaped config.json (GQA, untied head).
@@ -132,12 +132,14 @@ def test_a_model_whose_config_is_unknown_goes_to_the_default_queue_unestimated(
 
 
 def test_a_worker_of_a_class_consumes_that_classs_train_queue(tmp_path: Path, model_dir: Path) -> None:
-    settings = _settings(tmp_path, model_dir, [{"name": "a100-80", "memory_gib": 80}], worker_class="a100-80")
-    celery = make_celery(settings)
-    assert train_queue(settings) == celery.conf.task_default_queue == "tuneforge.train.a100-80"
-    assert placement.queue_for(settings, "a100-80") == "tuneforge.train.a100-80"
-    unplaced = make_celery(_settings(tmp_path, model_dir, [{"name": "a100-80", "memory_gib": 80}]))
-    assert unplaced.conf.task_default_queue == "tuneforge.train"
+    classes = [{"name": "a100-80", "memory_gib": 80}, {"name": "l4", "memory_gib": 22}]
+    small = _settings(tmp_path, model_dir, classes, worker_class="l4")
+    assert train_queues(small) == [make_celery(small).conf.task_default_queue] == ["tuneforge.train.l4"]
+    assert placement.queue_for(small, "l4") == "tuneforge.train.l4"
+    # The largest class also takes the jobs nothing could estimate (the default queue).
+    large = _settings(tmp_path, model_dir, classes, worker_class="a100-80")
+    assert train_queues(large) == ["tuneforge.train.a100-80", "tuneforge.train"]
+    assert train_queues(_settings(tmp_path, model_dir, classes)) == ["tuneforge.train"]
 
 
 @pytest.mark.parametrize(
@@ -174,6 +176,6 @@ def test_worker_classes_come_from_json_in_the_environment(
     assert [(c.name, c.device, c.memory_gib, c.device_count) for c in settings.worker_classes] == [
         ("cpu-64", "cpu", 64, 1)
     ]
-    assert train_queue(settings) == "tuneforge.train.cpu-64"
+    assert train_queues(settings) == ["tuneforge.train.cpu-64", "tuneforge.train"]
     monkeypatch.setenv("TUNEFORGE_WORKER_CLASS", "")
     assert Settings(data_dir=tmp_path).worker_class is None
