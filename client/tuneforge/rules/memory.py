@@ -6,7 +6,8 @@ pure arithmetic over the HF config (stdlib + pydantic). It follows what `worker/
 - lora / dora / turbo_lora / turbo: a frozen base in the compute dtype (or 4/8-bit, bitsandbytes),
   fp32 adapter weights (PEFT upcasts them) and fp32 speculator heads;
 - full / last_layer: fp32 master weights computing under autocast in the half dtype, which keeps a
-  half copy of every linear weight a forward used until the backward has read it;
+  half copy of every trainable linear weight a forward used until the backward has read it (DoRA
+  keeps an fp32 copy of each adapted weight);
 - AdamW keeps two fp32 moments per trainable parameter (adamw_8bit: one byte each), every trainable
   parameter has an fp32 gradient;
 - only positions that take a loss reach the LM head, whose logits are cast to fp32 for the loss.
@@ -35,6 +36,8 @@ GIB = 1024**3
 DEFAULT_MAX_SEQ_LENGTH = 2048
 # A rank 'auto' run picks each module's rank in 4..64 (worker/training/autoconfig.py); plan for the top.
 AUTO_RANK_CEILING = 64
+# An eagle draft chooses among at most this many tokens (worker/training/speculator.py's DRAFT_VOCAB_SIZE).
+DRAFT_VOCAB_SIZE = 8192
 # CUDA context, cuBLAS/cuDNN workspaces and allocator slack a process holds beyond its tensors.
 CUDA_RUNTIME_BYTES = 1.5 * GIB
 # On a CPU worker the interpreter and libraries are loaded before a run starts; tensors are all that grows.
@@ -215,7 +218,7 @@ def estimate(
         "trainable_weights": 4 * trainable if config.adapter in FROZEN_BASE_ADAPTERS else 0,
         "gradients": 4 * trainable,
         "optimizer_state": _optimizer_bytes_per_param(config) * trainable,
-        "half_weight_copies": _autocast_copies(shape, config, half),
+        "weight_copies": _weight_copies(shape, config, half),
         "activations": _activation_bytes(shape, config, half, tokens, checkpointing, device),
         "logits": _logit_bytes(shape, config, half, tokens),
         "speculator": _speculator_bytes(shape, config, tokens, device),
@@ -310,13 +313,22 @@ def _optimizer_bytes_per_param(config: FinetuningConfig) -> int:
     return 8  # adamw_torch, paged_adamw_32bit: two fp32 moments
 
 
-def _autocast_copies(shape: ModelShape, config: FinetuningConfig, half: int) -> int:
-    """full / last_layer compute under autocast: each linear weight a forward cast to the half dtype is
-    kept for the backward (the input gradient needs it), so all of them are alive at the peak."""
+def _weight_copies(shape: ModelShape, config: FinetuningConfig, half: int) -> int:
+    """Copies of weights a forward makes and keeps for the backward.
+
+    full / last_layer compute under autocast: each trainable linear weight cast to the half dtype is
+    cached and kept for the input gradient (a frozen weight's cast is not cached, and no gradient flows
+    back through last_layer's frozen blocks). DoRA (PEFT) with dropout recomputes the base output from
+    the dropped-out fp32 input against an fp32 copy of the base weight, which that matmul keeps.
+    """
+    if config.adapter == "dora" and config.lora_dropout > 0:
+        shapes = shape.projections()
+        adapted = sum(shapes[name][0] * shapes[name][1] for name in _targets(config) if name in shapes)
+        return 4 * adapted * _adapted_layers(shape, config)
     if config.adapter in FROZEN_BASE_ADAPTERS or half == 4:
         return 0
-    head = shape.vocab * shape.hidden
-    return half * (shape.layers * shape.layer_linear_params() + head)
+    layers = shape.layers if config.adapter == "full" else 1
+    return half * (layers * shape.layer_linear_params() + shape.vocab * shape.hidden)
 
 
 def _layer_activation_bytes(shape: ModelShape, config: FinetuningConfig, half: int, device: Device) -> int:
@@ -380,17 +392,21 @@ def _logit_bytes(shape: ModelShape, config: FinetuningConfig, half: int, tokens:
 
 
 def _speculator_bytes(shape: ModelShape, config: FinetuningConfig, tokens: int, device: Device) -> int:
-    """Activations of the heads: per draft step an fp32 pass over every token and its fp32 logits
-    (logits, log-softmax and gradient); eagle's step is a full decoder layer, Medusa's a residual block.
-    The heads' weights and optimiser state are counted with the other trainable parameters."""
+    """Activations of the heads, all kept until the one backward: per draft step an fp32 pass over every
+    token (eagle: a decoder layer and fc over [2H]; Medusa: a residual block) and its log-softmax over the
+    draft vocabulary (eagle: the run's DRAFT_VOCAB_SIZE most frequent target tokens, whose LM-head rows
+    it copies to fp32; Medusa: the whole vocabulary); plus one step's logits and their gradient while
+    the backward passes it. The heads' weights and optimiser state count as trainable parameters."""
     if config.adapter not in TURBO_ADAPTERS:
         return 0
     h = shape.hidden
     if config.speculator_architecture == "eagle":
-        # The draft layer's weights train in fp32 (like a full fine-tune's block) and fc's input is [2H].
-        draft = config.model_copy(update={"adapter": "full"})
+        vocab = min(shape.vocab, DRAFT_VOCAB_SIZE)
+        draft = config.model_copy(update={"adapter": "full"})  # its weights train in fp32, like a block's
         step = _layer_activation_bytes(shape, draft, 4, device) + 4 * 3 * h
+        rows = 4 * vocab * h
     else:
-        step = 4 * 2 * h
+        vocab, step, rows = shape.vocab, 4 * 2 * h, 0
     features = tokens * 4 * 2 * h  # the frozen last hidden state, upcast, and the next tokens' embeddings
-    return features + config.speculator_heads * tokens * (step + 12 * shape.vocab)
+    kept = config.speculator_heads * tokens * (step + 4 * vocab)
+    return features + rows + kept + tokens * 12 * vocab

@@ -61,6 +61,9 @@ def main(weights_dir: Path, config: TrainingConfig, steps: int) -> dict[str, obj
     targets = list(config.target_modules or methods.default_targets(base))
     trainable = methods.build(config, base, tokenizer, runtime, targets=targets)
     trainable.model.train()
+    if trainable.speculator is not None:
+        # As preparation does from the data; a corpus using every token: the largest draft vocabulary.
+        trainable.speculator.set_draft_vocab([list(range(int(base.config.vocab_size)))])
     optimizer = optim.build_optimizer(
         config.optimizer, trainable.named_trainable(), float(config.learning_rate or 1e-4), runtime.device
     )

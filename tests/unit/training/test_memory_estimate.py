@@ -1,9 +1,9 @@
 """The training-memory estimate (tuneforge.rules.memory) against real models: parameter counts against
 `numel`, and the estimated peak against what a few training steps take on this CPU (within 30%).
 
-`make test` measures tiny-random-llama in LoRA, QLoRA and full mode, and smollm2-135m in LoRA (about
-two minutes on a loaded 2-core machine); TUNEFORGE_MEMORY_CHECK_ALL=1 adds smollm2-135m's full, QLoRA
-and gradient-checkpointed LoRA runs.
+`make test` measures tiny-random-llama in LoRA, QLoRA, full and Turbo LoRA mode, and smollm2-135m in
+LoRA (about two minutes on a loaded 2-core machine); TUNEFORGE_MEMORY_CHECK_ALL=1 adds smollm2-135m's
+full, QLoRA, checkpointed LoRA, DoRA, last-layer, Turbo LoRA (eagle, Medusa) and Turbo runs.
 """
 
 from __future__ import annotations
@@ -151,6 +151,11 @@ MODES: dict[str, dict[str, Any]] = {
     "qlora": {"adapter": "lora", "quantization_bits": 4},
     "full": {"adapter": "full"},
     "lora-checkpointed": {"adapter": "lora", "gradient_checkpointing": True},
+    "dora": {"adapter": "dora"},
+    "last_layer": {"adapter": "last_layer"},
+    "turbo_lora-eagle": {"adapter": "turbo_lora"},
+    "turbo_lora-medusa": {"adapter": "turbo_lora", "speculator_architecture": "medusa"},
+    "turbo-eagle": {"adapter": "turbo"},
 }
 
 
@@ -160,10 +165,16 @@ MODES: dict[str, dict[str, Any]] = {
         (TINY, "lora", 256, 4),
         (TINY, "qlora", 256, 4),
         (TINY, "full", 256, 4),
+        (TINY, "turbo_lora-eagle", 128, 2),
         (SMOLLM2, "lora", 64, 2),
         pytest.param(SMOLLM2, "full", 64, 2, marks=only_with_all),
         pytest.param(SMOLLM2, "qlora", 128, 2, marks=only_with_all),
         pytest.param(SMOLLM2, "lora-checkpointed", 128, 2, marks=only_with_all),
+        pytest.param(SMOLLM2, "dora", 64, 2, marks=only_with_all),
+        pytest.param(SMOLLM2, "last_layer", 64, 2, marks=only_with_all),
+        pytest.param(SMOLLM2, "turbo_lora-eagle", 64, 2, marks=only_with_all),
+        pytest.param(SMOLLM2, "turbo_lora-medusa", 64, 2, marks=only_with_all),
+        pytest.param(SMOLLM2, "turbo-eagle", 64, 2, marks=only_with_all),
     ],
 )
 def test_estimate_is_within_30_percent_of_measured_training_memory(
