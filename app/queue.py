@@ -30,6 +30,11 @@ def redis_transport_options(broker_url: str, **options: float) -> dict[str, floa
     return options if broker_url.startswith(("redis://", "rediss://")) else {}
 
 
+def class_queue(train_queue: str, worker_class: str) -> str:
+    """The train queue of one worker class: `tuneforge.train.<class>` with the default train queue."""
+    return f"{train_queue}.{worker_class}"
+
+
 class EnqueueError(Exception):
     """The broker did not take the message; the job stays queued and the sweeper retries."""
 
@@ -49,9 +54,9 @@ class JobQueue:
             ),
         )
 
-    def send_train(self, job_id: int) -> None:
-        """Publish one job id; raises EnqueueError if the broker is unreachable."""
-        self._send(TRAIN_TASK, job_id, self._queue)
+    def send_train(self, job_id: int, queue: str | None = None) -> None:
+        """Publish one job id to `queue` (default: the train queue); EnqueueError if the broker is down."""
+        self._send(TRAIN_TASK, job_id, queue or self._queue)
 
     def send_validate(self, dataset_id: int) -> None:
         """Publish one dataset id to the validate queue; raises EnqueueError if the broker is unreachable."""

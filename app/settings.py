@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tuneforge.client import DEFAULT_DATA_DIR, DEV_TOKEN_FILE
 from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
@@ -16,6 +16,22 @@ from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
 DEVELOPMENT_SECRET_KEY = "tuneforge-development-secret-change-me"
 # The most any deployment may allow for `max_lora_rank` (serving memory grows with it).
 MAX_LORA_RANK_LIMIT = 4096
+# Worker classes a cluster may name; far more GPU kinds x memory sizes than any cluster has.
+MAX_WORKER_CLASSES = 32
+
+
+class WorkerClass(BaseModel):
+    """A kind of training worker: its device and memory per device. Its workers consume
+    `<train_queue>.<name>`; the control plane sends each job to the smallest class it fits."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Part of a queue name and of the job's API response: short, lower-case, no dots.
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
+    device: Literal["cuda", "cpu"] = "cuda"
+    # Memory one training process may use on one device (a GPU's, or the host's for "cpu").
+    memory_gib: float = Field(gt=0, le=16_384)
+    device_count: int = Field(default=1, ge=1, le=64)
 
 
 class Settings(BaseSettings):
@@ -67,6 +83,39 @@ class Settings(BaseSettings):
     blob_idle_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     # Fine-tuning jobs: the Celery queue the API enqueues to and workers consume.
     train_queue: str = "tuneforge.train"
+    # --- placement by memory (app/services/placement.py) -------------------------------------------
+    # The cluster's training worker classes, as JSON in TUNEFORGE_WORKER_CLASSES, e.g.
+    # [{"name": "a100-80", "device": "cuda", "memory_gib": 80, "device_count": 1}]. Each job goes to
+    # `<train_queue>.<name>` of the smallest class its memory estimate fits; empty (the embedded
+    # default): every job goes to `train_queue`, and its estimate is still recorded.
+    worker_classes: list[WorkerClass] = Field(default_factory=list, max_length=MAX_WORKER_CLASSES)
+    # A training worker's own class (TUNEFORGE_WORKER_CLASS, or `tuneforge worker --worker-class`): it
+    # consumes `<train_queue>.<worker_class>`, plus `train_queue` (jobs nothing could estimate) when no
+    # class is larger; unset, it consumes `train_queue` alone.
+    worker_class: str | None = Field(default=None, min_length=1, max_length=40)
+
+    @field_validator("worker_class", mode="before")
+    @classmethod
+    def _empty_worker_class_is_none(cls, value: object) -> object:
+        # `TUNEFORGE_WORKER_CLASS=` (compose's `${TUNEFORGE_WORKER_CLASS:-}`) means no class.
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _known_worker_classes(self) -> Settings:
+        names = [spec.name for spec in self.worker_classes]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(
+                f"worker_classes: the name {duplicates[0]!r} is given twice; names must be unique"
+            )
+        if self.worker_class is not None and self.worker_class not in names:
+            known = ", ".join(names) or "none are configured"
+            raise ValueError(
+                f"worker_class: {self.worker_class!r} is not one of worker_classes ({known}); name one "
+                "of them, or set TUNEFORGE_WORKER_CLASSES to the same list the control plane has"
+            )
+        return self
+
     # A hard ceiling on one delivery of a job, so a hung run cannot hold a GPU forever.
     job_time_limit_seconds: int = Field(default=24 * 3600, gt=0)
     # A worker refreshes its job's heartbeat every third of this; a job whose heartbeat is older is

@@ -1,5 +1,8 @@
 """Builds the Celery apps of the two worker nodes: training (one acked-late job at a time) and validation.
 
+A training node consumes its worker class's train queue (`settings.worker_class`), and the default one
+when no class is larger (see `train_queues`).
+
 Both speak JSON only and take ids, never pickled objects. They are separate nodes (processes) on
 separate queues, so a validation never waits behind an hours-long training job.
 """
@@ -10,7 +13,7 @@ from typing import Any
 
 from celery import Celery
 
-from app.queue import redis_transport_options
+from app.queue import class_queue, redis_transport_options
 from app.settings import Settings
 
 HARD_LIMIT_GRACE_SECONDS = 300
@@ -52,9 +55,22 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=redis_transport_options(
             settings.broker_url, visibility_timeout=settings.job_time_limit_seconds + 3600
         ),
-        task_default_queue=settings.train_queue,
+        task_default_queue=train_queues(settings)[0],
     )
     return celery
+
+
+def train_queues(settings: Settings) -> list[str]:
+    """The train queues this worker consumes: its class's (`tuneforge.train.<class>`) first, when it has
+    one; and the default queue unless a larger class exists. The default queue holds the jobs nothing
+    could estimate (their base model's config.json is unknown to the control plane): the largest
+    machines take those, as every worker took every job before classes existed."""
+    if settings.worker_class is None:
+        return [settings.train_queue]
+    own = class_queue(settings.train_queue, settings.worker_class)
+    largest = max(spec.memory_gib for spec in settings.worker_classes)
+    mine = next(spec for spec in settings.worker_classes if spec.name == settings.worker_class)
+    return [own, settings.train_queue] if mine.memory_gib >= largest else [own]
 
 
 # Resident memory (KiB, Celery's unit) past which a validate child is replaced after its task.

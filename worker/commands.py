@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,12 @@ def _worker(commands: Commands) -> None:
         type=_queues,
         default=WORKER_QUEUES,
         help="train, validate or both (default): `validate` alone needs no torch, e.g. in the API image",
+    )
+    worker.add_argument(
+        "--worker-class",
+        default=None,
+        help="the worker class (one of TUNEFORGE_WORKER_CLASSES) whose train queue this worker consumes; "
+        "default: TUNEFORGE_WORKER_CLASS, else the default train queue",
     )
     data_dir_option(worker)
     worker.add_argument("--log-level", default="info")
@@ -144,6 +151,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "the training worker needs the data-plane packages (torch is missing): pip install "
             "'tuneforge[worker]', or run only dataset validation with `tuneforge worker --queues validate`"
         )
+    if args.worker_class:
+        os.environ["TUNEFORGE_WORKER_CLASS"] = args.worker_class  # Settings validates it against the classes
     settings = server_settings(args.data_dir)
     migrate.upgrade(settings.database_url)
     run_worker(settings, queues=args.queues, loglevel=args.log_level)

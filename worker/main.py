@@ -22,7 +22,7 @@ from celery.signals import worker_process_init
 from app.context import AppContext
 from app.settings import Settings
 from app.supervision.child_processes import dies_with_parent
-from worker.celery_app import make_celery, make_validate_celery
+from worker.celery_app import make_celery, make_validate_celery, train_queues
 from worker.validate_task import limit_memory, register_validate_task
 
 QUEUES = ("train", "validate")
@@ -56,7 +56,8 @@ def _run_train_node(settings: Settings, loglevel: str, name: str | None) -> None
     celery = make_celery(settings)
     register_tasks(celery, ctx)
     # Unique per process, so a job's timeline can tell a restarted worker from the lost one.
-    _run_node(celery, ctx, loglevel, name or f"tuneforge-{os.getpid()}@{socket.gethostname()}", [])
+    hostname = name or f"tuneforge-{os.getpid()}@{socket.gethostname()}"
+    _run_node(celery, ctx, loglevel, hostname, ["-Q", ",".join(train_queues(settings))])
 
 
 def _run_validate_node(settings: Settings, loglevel: str, name: str | None) -> None:

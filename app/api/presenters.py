@@ -93,8 +93,8 @@ def job(row: FinetuningJob) -> schemas.FinetuningJobPublic:
         dataset_name=row.dataset_name,
         target_repo_name=row.version.repo.name,
         target_version_tag=row.version.tag,
-        # Workers take jobs from the queue; which accelerator ran it is the worker's to say.
-        accelerator=schemas.AcceleratorPublic(id="any"),
+        # The worker class a job was placed on; unplaced jobs go to whichever worker takes the queue.
+        accelerator=schemas.AcceleratorPublic(id=row.worker_class or "any"),
         status=row.status,
         params=row.params,
         description=row.description,
@@ -107,6 +107,8 @@ def job(row: FinetuningJob) -> schemas.FinetuningJobPublic:
         total_steps=row.total_steps,
         worker_id=row.worker_id,
         continue_from_version=versions.parent_ref(row.version),
+        placement=row.placement,
+        worker_class=row.worker_class,
     )
 
 

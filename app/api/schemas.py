@@ -221,6 +221,9 @@ class FinetuningJobPublic(WireModel):
     total_steps: int | None
     worker_id: str | None
     continue_from_version: str | None = None
+    # Placement by memory: the estimate (totalBytes, parts...) and the worker class chosen, if any.
+    placement: dict[str, Any] | None = None
+    worker_class: str | None = None
 
 
 class JobMetricPublic(WireModel):

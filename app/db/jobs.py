@@ -35,6 +35,7 @@ class JobEventKind(enum.StrEnum):
     WARNING = "warning"
     TRUNCATION = "truncation"  # examples cut to the context length
     PHASE = "phase"  # a training phase began or ended (turbo types: the speculator's); in the timeline
+    PLACEMENT = "placement"  # the worker class chosen at submission, and a config change it needed
 
 
 class FinetuningJob(Timestamped, Base):
@@ -69,6 +70,10 @@ class FinetuningJob(Timestamped, Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     description: Mapped[str | None] = mapped_column(Text)
     total_steps: Mapped[int | None] = mapped_column(Integer)
+    # Placement by memory (app/services/placement.py): the worker class whose queue the job is sent to
+    # (None: the default train queue), and the memory estimate behind the choice.
+    worker_class: Mapped[str | None] = mapped_column(String(64))
+    placement: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     steps_done: Mapped[int] = mapped_column(Integer, default=0)
 
     version: Mapped[AdapterVersion] = relationship(lazy="joined")

@@ -21,10 +21,10 @@ from tuneforge.rules.base_models import EAGLE_MODEL_TYPES
 from tuneforge.rules.datasets import Split
 
 from app.context import AppContext
-from app.db import AdapterVersion, Dataset, DatasetStatus, FinetuningJob, User, VersionSource
+from app.db import AdapterVersion, Dataset, DatasetStatus, FinetuningJob, JobEventKind, User, VersionSource
 from app.errors import InvalidInputError, NotFoundError
 from app.queue import EnqueueError
-from app.services import base_models, continuation, datasets, jobs, quotas, repos
+from app.services import base_models, continuation, datasets, jobs, placement, quotas, repos
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ def create_job(
     dataset = _connected_dataset(session, user, dataset_ref)
     repo = repos.get(session, user, repo_ref)
     _require_quotas(ctx, session, user)
+    placed = placement.place(ctx.settings, config, base_model)
+    config = placed.config  # gradient checkpointing on, when that is what made the job fit
     stored = config.model_dump(mode="json")
     version = AdapterVersion(
         repo_id=repo.id,
@@ -86,8 +88,12 @@ def create_job(
         params=stored,
         description=description,
         total_steps=_planned_steps(config, dataset),
+        worker_class=placed.worker_class,
+        placement=placed.record,
     )
     session.add(job)
+    session.flush()
+    _record_placement(session, job, placed)
     session.commit()
     enqueue(ctx, session, job)
     return job
@@ -100,10 +106,24 @@ def _require_quotas(ctx: AppContext, session: Session, user: User) -> None:
     quotas.require_job_slot(session, user.tenant_id, settings.tenant_max_active_jobs)
 
 
+def _record_placement(session: Session, job: FinetuningJob, placed: placement.Placement) -> None:
+    """The placement in the job's events, so its timeline says where it went and what was changed."""
+    estimate = placed.record.get("estimate")
+    if estimate is None:
+        message = f"sent to the default train queue ({placed.record.get('reason')})"
+    else:
+        where = f"worker class {placed.worker_class}" if placed.worker_class else "the default train queue"
+        message = f"estimated peak training memory ~{estimate['total_gib']} GiB per device; sent to {where}"
+    if placed.turned_on_checkpointing:
+        message += "; gradient_checkpointing was turned on because the job fits this class only with it"
+    jobs.add_event(session, job, JobEventKind.PLACEMENT, message, worker_class=placed.worker_class)
+
+
 def enqueue(ctx: AppContext, session: Session, job: FinetuningJob) -> bool:
-    """Send the committed job's id to the workers; False (job left for the sweeper) if the broker is down."""
+    """Send the committed job's id to the queue of its recorded worker class; False (job left for the
+    sweeper, which sends it the same way) if the broker is down."""
     try:
-        ctx.queue.send_train(job.id)
+        ctx.queue.send_train(job.id, placement.queue_for(ctx.settings, job.worker_class))
     except EnqueueError as exc:
         log.warning("job %s stays queued until the broker is back: %s", job.uuid, exc)
         return False

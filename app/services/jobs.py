@@ -358,9 +358,10 @@ def timeline(session: Session, job: FinetuningJob) -> dict[str, dict[str, str]]:
     """Predibase's `{<status>: {"startedAt": iso}}`: when each status was first entered.
 
     Restarts after a lost worker appear too, as `restart-<attempt>` with what was resumed, and training
-    phases (turbo types' speculator phase) as `<phase>-phase`: when it began, and its latest news.
+    phases (turbo types' speculator phase) as `<phase>-phase`: when it began, and its latest news; the
+    placement at submission as `placement` (the worker class, the memory estimate, a config change).
     """
-    kinds = [JobEventKind.STATUS, JobEventKind.RESTART, JobEventKind.PHASE]
+    kinds = [JobEventKind.STATUS, JobEventKind.RESTART, JobEventKind.PHASE, JobEventKind.PLACEMENT]
     events = session.scalars(
         select(JobEvent)
         .where(JobEvent.job_id == job.id, JobEvent.kind.in_(kinds))
@@ -372,6 +373,8 @@ def timeline(session: Session, job: FinetuningJob) -> dict[str, dict[str, str]]:
         if event.kind == JobEventKind.RESTART:
             entry = {"startedAt": _iso(event.created_at), "detail": event.message}
             result[f"restart-{event.data.get('attempt')}"] = entry
+        elif event.kind == JobEventKind.PLACEMENT:
+            result["placement"] = {"startedAt": _iso(event.created_at), "detail": event.message}
         elif event.kind == JobEventKind.PHASE:
             began = {"startedAt": _iso(event.created_at)}
             result.setdefault(f"{event.data.get('phase')}-phase", began)["detail"] = event.message

@@ -374,12 +374,13 @@ class ServingSupervisor:
 def settings_environment(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process build these same Settings (database, blob store)."""
     env = dict(os.environ)
+    as_json = settings.model_dump(mode="json")  # lists of models (worker_classes) as plain JSON
     for name in type(settings).model_fields:
         value = getattr(settings, name)
         if value is None:
             continue
         key = f"TUNEFORGE_{name.upper()}"
-        env[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+        env[key] = json.dumps(as_json[name]) if isinstance(value, list | dict) else str(value)
     return env | {"PYTHONUNBUFFERED": "1"}
 
 

@@ -166,6 +166,10 @@ class FinetuningJob(WireModel):
     total_steps: int | None = None
     # The version (`repo/tag`) or checkpoint (`repo/tag@step`) the job continues from, if any.
     continue_from_version: str | None = None
+    # Placement by memory: the worker class it was sent to (None: the default queue), and the peak
+    # training memory estimate behind the choice (`estimate.total_gib`, `estimate.parts`, ...).
+    worker_class: str | None = None
+    placement: dict[str, Any] | None = None
 
     @field_validator("accelerator", mode="before")
     @classmethod

@@ -286,3 +286,23 @@ def test_deleting_a_version_a_dataset_and_a_repo_deletes_their_blobs_checkpoints
     assert api.delete("/v2/repos/numbers").status_code == 200
 
     assert store.list_keys(owned) == markers
+
+
+def test_a_worker_of_a_class_trains_the_jobs_placed_on_that_class(
+    worker_stack_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    classes = [
+        {"name": "big", "device": "cpu", "memory_gib": 64},
+        {"name": "small", "device": "cpu", "memory_gib": 4},
+    ]
+    # Both the control plane and the worker read these settings; only the worker acts on worker_class.
+    stack = worker_stack_factory("embedded", worker_classes=classes, worker_class="small")
+    stack.new_worker().start()
+    _, token = _prepare(stack, tmp_path, monkeypatch)
+    api = _api(stack, token)
+    job = _start_job(api, train_steps=3, max_seq_length=128)
+    assert job["workerClass"] == "small" and job["placement"]["estimate"]["total_gib"] < 4
+    final = _wait(api, job["uuid"], lambda j: j["status"] in FINAL, what="a final status")
+    assert final["status"] == "completed", final["error"]
+    log = stack.workers[0].log_path.read_text()
+    assert f"{stack.settings.train_queue}.small" in log  # the queue the training node consumed

@@ -41,6 +41,9 @@ from deploy_support import (
     worker_queues,
 )
 
+from app.settings import Settings
+from worker.celery_app import train_queues
+
 # --- settings names ---------------------------------------------------------------------------
 
 
@@ -354,3 +357,25 @@ def test_compose_serving_is_not_published_and_shares_the_apis_secret() -> None:
     assert interpolate(secret["serving"], {"TUNEFORGE_SECRET_KEY": STRONG_SECRET}) == interpolate(
         secret["api"], {"TUNEFORGE_SECRET_KEY": STRONG_SECRET}
     )
+
+
+def test_compose_worker_class_is_unset_by_default_and_names_a_shared_class_when_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    services = compose()["services"]
+
+    def settings_of(name: str, host: dict[str, str]) -> Settings:
+        env = {k: interpolate(v, host) for k, v in service_env(services[name]).items()}
+        return settings_from({k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}, monkeypatch)
+
+    host = {"TUNEFORGE_SECRET_KEY": STRONG_SECRET}
+    worker = settings_of("worker", host)
+    assert (worker.worker_classes, worker.worker_class, train_queues(worker)) == (
+        [],
+        None,
+        ["tuneforge.train"],
+    )
+    classes = '[{"name": "gpu-24", "device": "cuda", "memory_gib": 24}]'
+    host |= {"TUNEFORGE_WORKER_CLASSES": classes, "TUNEFORGE_WORKER_CLASS": "gpu-24"}
+    api, worker = settings_of("api", host), settings_of("worker", host)
+    assert api.worker_classes == worker.worker_classes and train_queues(worker)[0] == "tuneforge.train.gpu-24"

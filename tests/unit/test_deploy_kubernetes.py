@@ -31,6 +31,10 @@ from deploy_support import (
 )
 from pydantic import ValidationError
 
+from app.services import placement
+from app.settings import Settings
+from worker.celery_app import train_queues
+
 # --- Kubernetes -------------------------------------------------------------------------------
 
 
@@ -260,3 +264,23 @@ def test_k8s_api_and_serving_sign_and_verify_with_the_same_secret() -> None:
     assert k8s_env(serving)[key] and k8s_env(serving)[key] == k8s_env(api)[key]
     secret_refs = [s["secretRef"]["name"] for s in serving["envFrom"] if "secretRef" in s]
     assert secret_refs == [s["secretRef"]["name"] for s in api["envFrom"] if "secretRef" in s]
+
+
+def test_k8s_worker_consumes_the_train_queue_of_a_class_the_api_places_jobs_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    strong = {f"{ENV_PREFIX}SECRET_KEY": STRONG_SECRET}
+
+    def settings_of(name: str) -> Settings:
+        env = {k: v for k, v in k8s_env(only_container(name)).items() if k.startswith(ENV_PREFIX)}
+        return settings_from(env | strong, monkeypatch)
+
+    api, worker = settings_of("tuneforge-api"), settings_of("tuneforge-worker")
+    assert worker.worker_class is not None and api.worker_class is None
+    assert worker.worker_classes == api.worker_classes
+    # Its class's queue, and (the largest class) the default one that unestimated jobs go to.
+    assert train_queues(worker) == [
+        placement.queue_for(api, worker.worker_class),
+        placement.queue_for(api, None),
+    ]
+    assert train_queues(worker)[0] == f"tuneforge.train.{worker.worker_class}"

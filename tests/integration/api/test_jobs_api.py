@@ -39,7 +39,13 @@ def test_create_commits_a_queued_job_and_version_and_shows_them(tenant) -> None:
     assert tenant.client.get(f"/v2/finetuning/jobs/{job['uuid']}").json()["uuid"] == job["uuid"]
     listed = tenant.client.get("/v2/finetuning/jobs").json()
     assert listed["count"] == 1 and listed["data"][0]["uuid"] == job["uuid"]
-    assert list(tenant.client.get(f"/v2/finetuning/jobs/{job['uuid']}/timeline").json()) == ["queued"]
+    timeline = tenant.client.get(f"/v2/finetuning/jobs/{job['uuid']}/timeline").json()
+    # No worker classes here, and no worker has built the model: the default queue, unestimated.
+    assert (
+        list(timeline) == ["queued", "placement"]
+        and "estimate unavailable" in timeline["placement"]["detail"]
+    )
+    assert (job["workerClass"], job["placement"]["estimate"]) == (None, None)
     version = tenant.client.get("/v2/repos/numbers/version/1").json()
     assert (version["status"], version["adapterPath"]) == ("queued", None)
     assert version["finetuningJob"] == {"uuid": job["uuid"], "error": None}

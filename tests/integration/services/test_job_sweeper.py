@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from kombu import Connection
 
 from app.context import AppContext
 from app.db import AdapterVersion, FinetuningJob, JobStatus
@@ -27,7 +28,7 @@ def ctx(stack_settings_factory: Callable[..., Any]) -> Iterator[AppContext]:
     context.close()
 
 
-def _orphan(ctx: AppContext, attempts: int) -> int:
+def _orphan(ctx: AppContext, attempts: int, worker_class: str | None = None) -> int:
     """A training job whose worker was lost on its `attempts`-th delivery (lease expired, not re-sent)."""
     with ctx.sessions() as session:
         user = auth.get_or_create_user(session, f"t-{secrets.token_hex(4)}", "alice")
@@ -41,6 +42,7 @@ def _orphan(ctx: AppContext, attempts: int) -> int:
             version_id=version.id,
             base_model="tiny",
             adapter_type="lora",
+            worker_class=worker_class,
         )
         session.add(job)
         session.flush()
@@ -76,3 +78,27 @@ def test_leases_are_not_judged_until_the_database_has_been_reachable_for_a_lease
     assert _job(ctx, orphan).enqueued_at is None
     sweep(ctx)
     assert _job(ctx, orphan).enqueued_at is not None
+
+
+def test_a_job_is_re_sent_to_the_queue_of_its_recorded_worker_class(
+    stack_settings_factory: Callable[..., Any],
+) -> None:
+    classes = [{"name": "small", "memory_gib": 8}, {"name": "big", "memory_gib": 80}]
+    settings = stack_settings_factory("embedded", job_lease_seconds=LEASE, worker_classes=classes)
+    context = AppContext.from_settings(settings)
+    try:
+        orphan = _orphan(context, attempts=1, worker_class="big")
+        sweep(context)
+        assert _job(context, orphan).enqueued_at is not None
+        with Connection(settings.broker_url) as connection:
+            for queue, expected in ((settings.train_queue, None), (f"{settings.train_queue}.big", orphan)):
+                with connection.SimpleQueue(queue) as messages:
+                    try:
+                        message = messages.get(timeout=2)
+                    except messages.Empty:
+                        assert expected is None, f"nothing on {queue}"
+                        continue
+                    message.ack()
+                    assert message.headers["task"] == "tuneforge.train" and message.payload[0] == [expected]
+    finally:
+        context.close()

@@ -75,3 +75,13 @@ def test_serve_refuses_a_public_address_with_the_development_secret(
 def test_serve_binds_loopback_unless_told_otherwise() -> None:
     args = build_parser().parse_args(["serve", "--base-model", "tiny-random-llama", "--port", "8080"])
     assert args.host == "127.0.0.1"
+
+
+def test_worker_class_of_the_worker_command_must_be_a_configured_class(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TUNEFORGE_WORKER_CLASSES", '[{"name": "a100-80", "memory_gib": 80}]')
+    monkeypatch.setenv("TUNEFORGE_WORKER_CLASS", "")  # the command sets it: undone after the test
+    # Refused before anything starts: a worker of an unknown class would wait on a queue nobody sends to.
+    assert main(["worker", "--worker-class", "h100"]) != 0
+    assert "worker_class: 'h100' is not one of worker_classes (a100-80)" in capsys.readouterr().err
