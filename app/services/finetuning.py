@@ -55,11 +55,11 @@ def create_job(
 ) -> FinetuningJob:
     parent = continuation.resolve(session, user, continue_from_version) if continue_from_version else None
     config = validate_params(continuation.params(parent, params) if parent is not None else params)
-    base_model = _base_model(ctx, session, config)
+    base_model, found = _base_model(ctx, session, config)
     dataset = _connected_dataset(session, user, dataset_ref)
     repo = repos.get(session, user, repo_ref)
     _require_quotas(ctx, session, user)
-    placed = placement.place(ctx.settings, config, base_model)
+    placed = placement.place(ctx.settings, config, base_model, found.config)
     config = placed.config  # gradient checkpointing on, when that is what made the job fit
     stored = config.model_dump(mode="json")
     version = AdapterVersion(
@@ -132,7 +132,9 @@ def enqueue(ctx: AppContext, session: Session, job: FinetuningJob) -> bool:
     return True
 
 
-def _base_model(ctx: AppContext, session: Session, config: FinetuningConfig) -> str:
+def _base_model(
+    ctx: AppContext, session: Session, config: FinetuningConfig
+) -> tuple[str, base_models.AvailableModel]:
     """The run's base model, which must be one the workers can load; inherited when continuing."""
     if config.base_model is None:
         raise InvalidInputError(
@@ -141,7 +143,7 @@ def _base_model(ctx: AppContext, session: Session, config: FinetuningConfig) -> 
         )
     found = base_models.require_available(ctx.settings, session, config.base_model)
     _require_servable_speculator(config, found)
-    return config.base_model
+    return config.base_model, found
 
 
 def _require_servable_speculator(config: FinetuningConfig, found: base_models.AvailableModel) -> None:

@@ -17,7 +17,6 @@ from tuneforge.rules import memory
 
 from app.errors import InvalidInputError
 from app.queue import class_queue
-from app.services import base_models
 from app.settings import Settings, WorkerClass
 
 
@@ -44,9 +43,11 @@ def by_size(classes: list[WorkerClass]) -> list[WorkerClass]:
     return sorted(classes, key=lambda spec: (spec.memory_gib, spec.device_count, spec.name))
 
 
-def place(settings: Settings, config: FinetuningConfig, base_model: str) -> Placement:
-    """The job's class and the estimate behind it; InvalidInputError (422) when no class holds it."""
-    model_config = base_models.model_config(settings, base_model)
+def place(
+    settings: Settings, config: FinetuningConfig, base_model: str, model_config: dict[str, Any] | None
+) -> Placement:
+    """The job's class and the estimate behind it, from the base model's config.json where the control
+    plane can read it (`AvailableModel.config`); InvalidInputError (422) when no class holds it."""
     if model_config is None:
         reason = f"estimate unavailable: {base_model}'s config.json is not known to the control plane"
         return Placement(None, config, {"estimate": None, "reason": reason})

@@ -51,6 +51,10 @@ def _config(model_dir: Path, **params: Any) -> FinetuningConfig:
     return FinetuningConfig(base_model=str(model_dir), max_seq_length=2048, micro_batch_size=4, **params)
 
 
+def _config_json(model_dir: Path) -> dict[str, Any]:
+    return dict(json.loads((model_dir / "config.json").read_text()))
+
+
 def _gib(n_bytes: int, scale: float) -> float:
     return n_bytes * scale / memory.GIB
 
@@ -64,7 +68,9 @@ def test_the_smallest_class_that_holds_the_job_gets_it(tmp_path: Path, model_dir
         {"name": "snug", "memory_gib": _gib(needed, 1.1), "device_count": 2},
         {"name": "snug-one", "memory_gib": _gib(needed, 1.1)},
     ]
-    placed = placement.place(_settings(tmp_path, model_dir, classes), config, str(model_dir))
+    placed = placement.place(
+        _settings(tmp_path, model_dir, classes), config, str(model_dir), _config_json(model_dir)
+    )
     # Equal memory per device: the class with fewer devices.
     assert placed.worker_class == "snug-one" and not placed.turned_on_checkpointing
     assert placed.config == config
@@ -84,7 +90,7 @@ def test_gradient_checkpointing_is_turned_on_when_that_is_what_makes_the_job_fit
     assert checkpointed < plain / 2
     between = (checkpointed + plain) / 2 / memory.GIB
     settings = _settings(tmp_path, model_dir, [{"name": "mid", "memory_gib": between}])
-    placed = placement.place(settings, config, str(model_dir))
+    placed = placement.place(settings, config, str(model_dir), _config_json(model_dir))
     assert placed.worker_class == "mid" and placed.turned_on_checkpointing
     assert placed.config.gradient_checkpointing and not config.gradient_checkpointing
     assert placed.record["estimate"]["total_bytes"] == checkpointed
@@ -98,7 +104,7 @@ def test_a_job_no_class_holds_is_refused_with_the_numbers_and_what_to_change(
         tmp_path, model_dir, [{"name": "a10", "memory_gib": 24}, {"name": "l4", "memory_gib": 22}]
     )
     with pytest.raises(InvalidInputError) as refused:
-        placement.place(settings, config, str(model_dir))
+        placement.place(settings, config, str(model_dir), _config_json(model_dir))
     message = str(refused.value)
     needed = memory.estimate(LLAMA_8B, config).total / memory.GIB
     assert f"needs ~{needed:.1f} GiB per device" in message
@@ -109,14 +115,17 @@ def test_a_job_no_class_holds_is_refused_with_the_numbers_and_what_to_change(
     advised = config.model_copy(
         update={"quantization_bits": 4, "gradient_checkpointing": True, "micro_batch_size": 1}
     )
-    assert placement.place(settings, advised, str(model_dir)).worker_class in ("a10", "l4")
+    assert placement.place(settings, advised, str(model_dir), _config_json(model_dir)).worker_class in (
+        "a10",
+        "l4",
+    )
 
 
 def test_without_classes_every_job_stays_on_the_train_queue_with_its_estimate_recorded(
     tmp_path: Path, model_dir: Path
 ) -> None:
     settings = _settings(tmp_path, model_dir, [])
-    placed = placement.place(settings, _config(model_dir), str(model_dir))
+    placed = placement.place(settings, _config(model_dir), str(model_dir), _config_json(model_dir))
     assert placed.worker_class is None and placed.record["estimate"]["total_bytes"] > 0
     assert placement.queue_for(settings, placed.worker_class) == settings.train_queue == "tuneforge.train"
 
@@ -126,7 +135,7 @@ def test_a_model_whose_config_is_unknown_goes_to_the_default_queue_unestimated(
 ) -> None:
     settings = _settings(tmp_path, model_dir, [{"name": "small", "memory_gib": 1}])
     # The built-in is not in this control plane's model cache yet: its config is unknown.
-    placed = placement.place(settings, FinetuningConfig(base_model=TINY), TINY)
+    placed = placement.place(settings, FinetuningConfig(base_model=TINY), TINY, None)
     assert placed.worker_class is None and placed.record["estimate"] is None
     assert placed.record["reason"].startswith("estimate unavailable")
 

@@ -1,7 +1,7 @@
 """Jobs: the worker class a job was placed on and the memory estimate behind it.
 
-Revision ID: 0009
-Revises: 0007_datasets
+Revision ID: 0010_job_placement
+Revises: 0009_version_exports
 Create Date: 2026-12-06
 """
 
@@ -10,9 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0009"
-# The coordinator re-chains this after 0008 at merge.
-down_revision: str | None = "0007_datasets"
+revision: str = "0010_job_placement"
+down_revision: str | None = "0009_version_exports"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
