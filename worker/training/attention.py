@@ -32,16 +32,27 @@ def varlen_sdpa_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Causal attention within each [cu[i], cu[i+1]) segment of a packed row; SDPA otherwise."""
+    """Causal attention within each [cu[i], cu[i+1]) segment of a packed row; SDPA otherwise.
+
+    Gemma-2's soft-capped scores (`softcap`) are not something SDPA computes: those layers take the
+    written-out path, with their sliding window, packed or not.
+    """
     boundaries = kwargs.pop("cu_seq_lens_q", None)
+    softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
     if boundaries is None or query.shape[2] != key.shape[2]:
         # Not a packed training row (or decoding against a cache): transformers' own SDPA path.
+        if softcap is not None:
+            return capped_attention(query, key, value, attention_mask, scaling, softcap, window), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one packed row per batch, got {query.shape[0]}")
     edges = boundaries.tolist() if isinstance(boundaries, torch.Tensor) else list(boundaries)
     segments = []
     for start, end in itertools.pairwise(edges):
+        if softcap is not None or (window is not None and end - start > window):
+            segment = [t[:, :, start:end] for t in (query, key, value)]
+            segments.append(capped_attention(*segment, None, scaling, softcap, window))
+            continue
         out, _ = sdpa_attention_forward(
             module,
             query[:, :, start:end],
@@ -54,6 +65,37 @@ def varlen_sdpa_attention(
         )
         segments.append(out)  # [1, end - start, H, D]
     return torch.cat(segments, dim=1), None  # [1, T, H, D]
+
+
+def capped_attention(
+    query: torch.Tensor,  # [B, H, T, D]
+    key: torch.Tensor,  # [B, Hkv, S, D]
+    value: torch.Tensor,  # [B, Hkv, S, D]
+    mask: torch.Tensor | None,  # [B, 1, T, S]: bool (True = attend) or additive; None = causal
+    scaling: float | None,
+    softcap: float | None,
+    window: int | None,
+) -> torch.Tensor:
+    """Attention written out: scores · scaling, soft-capped as cap·tanh(s / cap), masked (causal and
+    within `window` positions when no mask is given), softmax in fp32. Returns [B, T, H, D]."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = (query @ key.transpose(2, 3)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is None:
+        rows = torch.arange(query.shape[2], device=query.device)[:, None] + (key.shape[2] - query.shape[2])
+        cols = torch.arange(key.shape[2], device=query.device)[None, :]
+        keep = cols <= rows
+        if window is not None:
+            keep &= rows - cols < window
+        scores = scores.masked_fill(~keep, float("-inf"))
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return (probs @ value).transpose(1, 2).contiguous()
 
 
 def register_varlen_attention() -> str:
