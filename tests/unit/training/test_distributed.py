@@ -1,0 +1,123 @@
+"""Multi-device training on CPU: two gloo processes (this one is rank 0) must follow the one-process run's
+trajectory, stop together on a cancel, fail promptly when a rank is killed, and resume on any count.
+
+Tolerance: per-step losses within 1e-5 relative (fp32). Both runs forward the very same micro-batches
+with the same dropout masks; only the order of float summation differs (per rank, then across ranks).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from training_support import Recorder, make_config, number_rows
+
+from worker.training.config import TrainingConfig
+from worker.training.distributed import DistributedTrainingError, train_on_devices
+from worker.training.loop import train
+
+REL = 1e-5
+STEPS = 4
+
+
+def config() -> TrainingConfig:
+    # Two micro-batches per step (one per rank); LoRA dropout stays on (the default 0.05).
+    return make_config(
+        train_steps=STEPS,
+        micro_batch_size=4,
+        effective_batch_size=8,
+        checkpoint_every_n_steps=2,
+        num_devices=2,
+    )
+
+
+class KillRankOne(Recorder):
+    """SIGKILLs the other rank once step `at` is reported, as an OOM killer would."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def on_step(self, step: int, total_steps: int, metrics: dict[str, float]) -> None:
+        super().on_step(step, total_steps, metrics)
+        if step == self.at:
+            for child in multiprocessing.active_children():
+                os.kill(child.pid or 0, signal.SIGKILL)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    # Each rank computes on one thread: two ranks on this small machine must not oversubscribe it.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def single(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Recorder:
+    """The one-process reference run."""
+    recorder = Recorder()
+    out = tmp_path_factory.mktemp("single")
+    train(config(), number_rows(), output_dir=out, cache_dir=tiny_cache, callbacks=recorder)
+    return recorder
+
+
+def test_two_ranks_follow_one_and_resume_after_a_rank_is_killed(
+    single: Recorder, tiny_cache: Path, tmp_path: Path
+) -> None:
+    killed = KillRankOne(at=3)
+    started = time.monotonic()
+    with pytest.raises(DistributedTrainingError, match="tuneforge-rank-1 was killed by signal 9"):
+        train_on_devices(
+            2, config(), number_rows(), output_dir=tmp_path, cache_dir=tiny_cache, callbacks=killed
+        )
+    assert time.monotonic() - started < 120  # failed, not hung until the collective timeout
+    assert not multiprocessing.active_children()
+    # Steps 1-3 ran on two ranks before the kill: the one-process losses, step by step.
+    assert killed.losses() == pytest.approx(single.losses()[:3], rel=REL)
+    assert [step for step, _ in killed.checkpoints] == [2]
+
+    resumed = Recorder()
+    result = train_on_devices(
+        2,
+        config(),
+        number_rows(),
+        output_dir=tmp_path,
+        cache_dir=tiny_cache,
+        callbacks=resumed,
+        resume_from=tmp_path / "checkpoints" / "step-2",
+    )
+    assert [step for step, _ in resumed.steps] == [3, 4]
+    assert resumed.losses() == pytest.approx(single.losses()[2:], rel=REL)
+    assert [loss for _, loss in resumed.evals] == pytest.approx(
+        [loss for _, loss in single.evals[1:]], rel=REL
+    )
+    assert result.adapter_dir is not None and (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+    # The two-rank checkpoint holds global state: one process continues it on the same trajectory.
+    alone = Recorder()
+    train(
+        config().model_copy(update={"num_devices": 1}),
+        number_rows(),
+        output_dir=tmp_path / "alone",
+        cache_dir=tiny_cache,
+        callbacks=alone,
+        resume_from=tmp_path / "checkpoints" / "step-2",
+    )
+    assert alone.losses() == pytest.approx(single.losses()[2:], rel=REL)
+
+
+def test_a_cancel_seen_by_rank_zero_stops_both_ranks(tiny_cache: Path, tmp_path: Path) -> None:
+    canceled = Recorder(stop_after=1)
+    result = train_on_devices(
+        2, config(), number_rows(), output_dir=tmp_path, cache_dir=tiny_cache, callbacks=canceled
+    )
+    assert result.stopped and result.steps == 1 and result.adapter_dir is None
+    assert [step for step, _ in canceled.checkpoints] == [1]  # checkpointed where it stopped
+    assert not multiprocessing.active_children()  # rank 1 stopped too, and exited
