@@ -441,7 +441,8 @@ class FinetuningConfig(BaseModel):
             return []
         if self.adapter in TURBO_ADAPTERS:
             return [
-                f"num_devices: adapter '{self.adapter}' trains its speculator on one device; set num_devices to 1"
+                f"num_devices: adapter '{self.adapter}' trains its speculator on one device; "
+                "set num_devices to 1"
             ]
         if self.accumulation_steps < self.num_devices:
             return [

@@ -145,6 +145,11 @@ def train_on_devices(
     return result
 
 
+def available_devices() -> int:
+    """Devices this host can give one job: its CUDA devices, or 1 (CPU processes would share cores)."""
+    return max(1, torch.cuda.device_count())
+
+
 def _rank_main(job: _RankJob, rank: int, ready: Any) -> None:
     """A spawned rank: join, and run the same training with no callbacks."""
     threading.Thread(target=_exit_with_parent, args=(job.parent_pid,), daemon=True).start()

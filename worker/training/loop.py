@@ -7,8 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -249,10 +248,10 @@ def _fresh_progress(run: Run) -> _Progress:
 def _eval_loss(run: Run) -> float | None:
     """The held-out loss; with several ranks each evaluates its share of the eval micro-batches."""
     world = run.world
-    total, count = evaluation.loss_sums(
+    share = evaluation.loss_sums(
         run.trainable, run.data.eval, run.pad_token_id, part=world.rank, parts=world.size
     )
-    total, count = world.sum([total, count])
+    total, count = world.sum(share)
     return total / count if count else None
 
 
@@ -496,7 +495,11 @@ def _finish(run: Run, progress: _Progress, budget: Budget) -> dict[str, Any]:
         "config_used": run.config.model_dump(mode="json"),
         "autoconfig": {k: v for k, v in run.autoconfig.items() if k != "lora_kwargs"},
         "method": trainable.details,
-        "runtime": {"device": run.device.type, "dtype": trainable.runtime.dtype_name},
+        "runtime": {
+            "device": run.device.type,
+            "dtype": trainable.runtime.dtype_name,
+            "devices": run.world.size,
+        },
         "data": asdict(run.data.stats),
         "result": {
             "steps": progress.step,

@@ -348,3 +348,24 @@ def test_a_run_whose_weights_turn_non_finite_errors_and_publishes_nothing(
         assert version is not None and version.status == JobStatus.ERRORED
         assert not version.artifact_files and version.artifact_prefix is None
         assert session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == child_id)).all() == []
+
+
+def test_a_two_device_job_reports_each_step_once_from_rank_zero(
+    ctx: AppContext, celery: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This worker lends a job two devices: two gloo processes on CPU, the task's process as rank 0.
+    monkeypatch.setattr(ctx.settings, "worker_devices", 2)
+    job_id = _queued_job(ctx, num_devices=2, micro_batch_size=1)
+
+    celery.send_task(TRAIN_TASK, args=[job_id])
+    job = _wait_until_final(ctx, job_id)
+
+    assert job.status == JobStatus.COMPLETED, job.error
+    with ctx.sessions() as session:
+        version = session.get(AdapterVersion, job.version_id)
+        assert version is not None and "adapter_model.safetensors" in version.artifact_files
+        assert version.metrics_summary["runtime"]["devices"] == 2
+        metrics = session.scalars(select(JobMetric).where(JobMetric.job_id == job_id)).all()
+        assert sorted(m.step for m in metrics) == [1, 2, 3, 4]  # one writer: rank 0
+        checkpoints = session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)).all()
+        assert sorted(c.step for c in checkpoints) == [2, 4]
