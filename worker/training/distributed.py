@@ -1,11 +1,13 @@
 """Owns starting a multi-device run: one process per device, the calling process as rank 0.
 
-Why the caller is rank 0 (torch.multiprocessing "spawn" children for ranks 1..N-1) rather than torchrun
-or elastic_launch, which make every rank a child: the callbacks (metrics and checkpoint rows written
-through the caller's database session, checkpoint uploads through its storage client, the cancel
-poll) then stay in ONE process, the caller's, exactly as in a one-device run. Nothing of the job has
-to be re-opened in or relayed from a child, and the Celery task keeps its lease thread, time limit and
-error handling. The children run the same `train` with their `World` and no callbacks.
+Why the caller is rank 0, with ranks 1..N-1 as child processes, rather than torchrun or elastic_launch,
+which make every rank a child: the callbacks (metrics and checkpoint rows written through the
+caller's database session, checkpoint uploads through its storage client, the cancel poll) then stay
+in ONE process, the caller's, exactly as in a one-device run. Nothing of the job has to be re-opened
+in or relayed from a child, and the Celery task keeps its lease thread, time limit and error
+handling. The children are plain `python -m worker.training.distributed` subprocesses, not
+torch.multiprocessing ones: a Celery prefork child is a daemonic process to multiprocessing, which
+may not start children. Each runs the same `train` with its `World` and no callbacks.
 
 How the run divides work (worker/training/loop.py): every rank builds the same global batch and
 forwards every N-th micro-batch of it; gradients (and loss sums) are then summed across ranks once
@@ -24,10 +26,15 @@ The job then resumes from its last checkpoint on its next delivery, as after any
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import multiprocessing.connection
 import os
+import pickle
+import select
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -37,7 +44,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from worker.training import world as worlds
 from worker.training.config import TrainingConfig
@@ -48,7 +54,7 @@ log = logging.getLogger(__name__)
 
 # Bounds each collective; rank 0 alone generates for the quality report while the others wait.
 DEFAULT_COLLECTIVE_TIMEOUT_SECONDS = 600.0
-# Spawned ranks import torch and transformers before they can join.
+# Child ranks import torch and transformers before they can join.
 STARTUP_TIMEOUT_SECONDS = 300.0
 # How long a failed rank 0 waits to see which child died first, and how long a child gets to exit.
 _DEATH_NOTICE_SECONDS, _GRACE_SECONDS = 2.0, 10.0
@@ -60,7 +66,7 @@ class DistributedTrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class _RankJob:
-    """What a spawned rank needs to run its part (pickled to it)."""
+    """What a child rank needs to run its part (pickled to its stdin by its parent, rank 0)."""
 
     config: TrainingConfig
     rows: Sequence[Mapping[str, Any]]
@@ -73,6 +79,21 @@ class _RankJob:
     timeout_seconds: float
     threads: int  # torch intra-op threads per rank (the host's cores shared among the ranks)
     parent_pid: int
+
+
+@dataclass
+class _Child:
+    rank: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def name(self) -> str:
+        return f"rank {self.rank}"
+
+
+def available_devices() -> int:
+    """Devices this host can give one job: its CUDA devices, or 1 (CPU processes would share cores)."""
+    return max(1, torch.cuda.device_count())
 
 
 def train_on_devices(
@@ -92,8 +113,9 @@ def train_on_devices(
     """`train` on `num_devices` devices of this host (this process is rank 0); rank 0's result."""
     kwargs: dict[str, Any] = {"output_dir": output_dir, "cache_dir": cache_dir, "resume_from": resume_from}
     kwargs |= {"init_from": init_from, "callbacks": callbacks}
+    kwargs |= {"data_cache": data_cache, "dataset_fingerprint": dataset_fingerprint}
     if num_devices == 1:
-        return train(config, rows, data_cache=data_cache, dataset_fingerprint=dataset_fingerprint, **kwargs)
+        return train(config, rows, **kwargs)
     previous_threads = torch.get_num_threads()
     threads = max(1, previous_threads // num_devices)
     job = _RankJob(
@@ -109,27 +131,19 @@ def train_on_devices(
         threads,
         os.getpid(),
     )
-    context = mp.get_context("spawn")
-    ready: Any = context.SimpleQueue()
-    children = [
-        context.Process(target=_rank_main, args=(job, rank, ready), name=f"tuneforge-rank-{rank}")
-        for rank in range(1, num_devices)
-    ]
-    for child in children:
-        child.start()
+    ready_read, ready_write = os.pipe()  # each child writes a byte here once it is about to join
+    children: list[_Child] = []
     torch.set_num_threads(threads)
     try:
-        _await_children(children, ready)
+        try:
+            # The children tokenise for themselves: the data cache is the caller's (a storage client).
+            for rank in range(1, num_devices):
+                children.append(_start(job, rank, ready_write))
+        finally:
+            os.close(ready_write)  # the children hold their own copies
+        _await_children(children, ready_read)
         world = worlds.join(0, num_devices, job.address, collective_timeout_seconds)
-        # The children tokenise for themselves: the data cache is the caller's (a storage client).
-        result = train(
-            config,
-            rows,
-            world=world,
-            data_cache=data_cache,
-            dataset_fingerprint=dataset_fingerprint,
-            **kwargs,
-        )
+        result = train(config, rows, world=world, **kwargs)
     except BaseException as exc:
         failed = _failed_children(children, exc)
         _stop(children)
@@ -141,20 +155,34 @@ def train_on_devices(
     finally:
         worlds.leave()
         torch.set_num_threads(previous_threads)
+        os.close(ready_read)
     _finish(children)
     return result
 
 
-def available_devices() -> int:
-    """Devices this host can give one job: its CUDA devices, or 1 (CPU processes would share cores)."""
-    return max(1, torch.cuda.device_count())
+def _start(job: _RankJob, rank: int, ready_write: int) -> _Child:
+    """A child rank: this module run as a program, its job pickled to its stdin."""
+    # The parent's import path, so the child finds this package however the parent found it.
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker.training.distributed", str(rank), str(ready_write)],
+        stdin=subprocess.PIPE,
+        pass_fds=(ready_write,),
+        env=env,
+    )
+    assert process.stdin is not None
+    with process.stdin:
+        process.stdin.write(pickle.dumps(job))
+    return _Child(rank, process)
 
 
-def _rank_main(job: _RankJob, rank: int, ready: Any) -> None:
-    """A spawned rank: join, and run the same training with no callbacks."""
+def _rank_main(rank: int, ready_write: int) -> None:
+    """A child rank: tell rank 0 it is about to join, join, and run the same training, no callbacks."""
+    job: _RankJob = pickle.loads(sys.stdin.buffer.read())  # written by our own parent (_start)
     threading.Thread(target=_exit_with_parent, args=(job.parent_pid,), daemon=True).start()
     torch.set_num_threads(job.threads)
-    ready.put(rank)
+    os.write(ready_write, b"r")
+    os.close(ready_write)
     try:
         world = worlds.join(rank, job.size, job.address, job.timeout_seconds)
         train(
@@ -177,55 +205,62 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
-def _await_children(children: list[Any], ready: Any) -> None:
+def _await_children(children: list[_Child], ready_read: int) -> None:
     """Wait until each child is about to join (it has imported torch), failing at once if one dies."""
     waiting, deadline = len(children), time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while waiting:
-        if not ready.empty():
-            ready.get()
-            waiting -= 1
+        readable, _, _ = select.select([ready_read], [], [], 0.05)
+        if readable:
+            waiting -= len(os.read(ready_read, waiting))
             continue
-        dead = [child for child in children if child.exitcode is not None]
+        dead = [child for child in children if child.process.poll() is not None]
         if dead:
-            raise DistributedTrainingError(f"{dead[0].name} exited ({_how(dead[0].exitcode)}) while starting")
+            raise DistributedTrainingError(
+                f"{dead[0].name} {_how(dead[0].process.returncode)} while starting"
+            )
         if time.monotonic() > deadline:
             raise DistributedTrainingError(f"ranks did not start within {STARTUP_TIMEOUT_SECONDS:.0f} s")
-        time.sleep(0.05)
 
 
-def _failed_children(children: list[Any], exc: BaseException) -> str:
+def _failed_children(children: list[_Child], exc: BaseException) -> str:
     """Which children died on their own: rank 0's failure is then theirs (a collective found them gone)."""
     if isinstance(exc, dist.DistError):
-        # A peer's death reaches rank 0 as a failed collective, maybe a moment before its exit code.
-        multiprocessing.connection.wait([child.sentinel for child in children], timeout=_DEATH_NOTICE_SECONDS)
+        # A peer's death reaches rank 0 as a failed collective, maybe a moment before its exit status.
+        deadline = time.monotonic() + _DEATH_NOTICE_SECONDS
+        while time.monotonic() < deadline and all(child.process.poll() is None for child in children):
+            time.sleep(0.02)
     return ", ".join(
-        f"{child.name} {_how(child.exitcode)}" for child in children if child.exitcode not in (None, 0)
+        f"{child.name} {_how(child.process.poll())}"
+        for child in children
+        if child.process.poll() not in (None, 0)
     )
 
 
-def _how(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        return f"was killed by signal {-exitcode}"
-    return f"exited with status {exitcode}"
+def _how(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
 
 
-def _stop(children: list[Any]) -> None:
+def _stop(children: list[_Child]) -> None:
     for child in children:
-        if child.is_alive():
-            child.terminate()
+        if child.process.poll() is None:
+            child.process.terminate()
     for child in children:
-        child.join(_GRACE_SECONDS)
-        if child.is_alive():
-            child.kill()
-            child.join()
+        try:
+            child.process.wait(_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
 
 
-def _finish(children: list[Any]) -> None:
+def _finish(children: list[_Child]) -> None:
     """The children end once the last collective is done; rank 0 has its result by then."""
     for child in children:
-        child.join(_GRACE_SECONDS)
-        if child.exitcode != 0:
-            log.warning("%s %s after the run completed", child.name, _how(child.exitcode))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.process.wait(_GRACE_SECONDS)
+        if child.process.poll() != 0:
+            log.warning("%s %s after the run completed", child.name, _how(child.process.poll()))
     _stop(children)
 
 
@@ -233,3 +268,7 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+if __name__ == "__main__":
+    _rank_main(int(sys.argv[1]), int(sys.argv[2]))

@@ -13,8 +13,17 @@ from worker.training.batches import make_batch
 from worker.training.data import Example
 from worker.training.methods import TrainableModel
 from worker.training.quality import perplexity
+from worker.training.world import World
 
-__all__ = ["EvalTracker", "eval_loss", "exact_match", "loss_sums", "perplexity", "report"]
+__all__ = [
+    "EvalTracker",
+    "eval_loss",
+    "exact_match",
+    "loss_sums",
+    "perplexity",
+    "report",
+    "sharded_eval_loss",
+]
 
 
 @dataclass
@@ -42,6 +51,15 @@ def eval_loss(trainable: TrainableModel, examples: Sequence[Example], pad_token_
     losses for turbo types); None without any.
     """
     total, count = loss_sums(trainable, examples, pad_token_id)
+    return total / count if count else None
+
+
+def sharded_eval_loss(
+    trainable: TrainableModel, examples: Sequence[Example], pad_token_id: int, world: World
+) -> float | None:
+    """eval_loss with each rank of `world` evaluating its share of the eval micro-batches."""
+    share = loss_sums(trainable, examples, pad_token_id, part=world.rank, parts=world.size)
+    total, count = world.sum(share)
     return total / count if count else None
 
 

@@ -4,10 +4,9 @@ exact resume, cancel, and the published artifact with its training summary.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +25,7 @@ from worker.training.quality import held_out_answers, held_out_prompts
 from worker.training.runtime import TrainingConfigError, memory_metrics
 from worker.training.speculator_phase import AcceptanceTracker, Budget
 from worker.training.token_cache import DataCache
-from worker.training.world import World
+from worker.training.world import World, micro_batch_rng
 
 SUMMARY_FORMAT = 1
 # The phases of a run (_Progress.phase): the model's steps, then for turbo types the heads' alone.
@@ -239,20 +238,12 @@ def _fresh_progress(run: Run) -> _Progress:
     """A run from step 0, with the eval loss and exact match the quality report compares to measured
     before the first step."""
     progress = _Progress()
-    progress.eval_loss_before = _eval_loss(run)
+    progress.eval_loss_before = evaluation.sharded_eval_loss(
+        run.trainable, run.data.eval, run.pad_token_id, run.world
+    )
     if run.world.is_main:  # generation, for the quality report that only rank 0 writes
         progress.base_exact_match = evaluation.exact_match(run.trainable, run.data.eval, base=True)
     return progress
-
-
-def _eval_loss(run: Run) -> float | None:
-    """The held-out loss; with several ranks each evaluates its share of the eval micro-batches."""
-    world = run.world
-    share = evaluation.loss_sums(
-        run.trainable, run.data.eval, run.pad_token_id, part=world.rank, parts=world.size
-    )
-    total, count = world.sum(share)
-    return total / count if count else None
 
 
 def _run_steps(
@@ -386,7 +377,7 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks, tot
     for index in run.world.share(batches):  # this rank's micro-batches; all of them on one device
         batch = batches[index]
         features = run.features.features(batch, run.device) if run.features is not None else None
-        with _micro_batch_rng(run, progress.step, index), trainable.autocast():
+        with micro_batch_rng(run.device, config.seed, progress.step, index), trainable.autocast():
             loss = objective.loss_sum(trainable, batch.to(run.device), features)
             run.scaler.scale(loss / n_targets).backward()
         loss_total += loss.item()
@@ -420,17 +411,6 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks, tot
     callbacks.on_step(progress.step, total_steps, metrics)
 
 
-@contextlib.contextmanager
-def _micro_batch_rng(run: Run, step: int, index: int) -> Iterator[None]:
-    """Dropout draws from a stream seeded by (seed, step, micro-batch): the same masks whichever rank
-    runs the micro-batch, so a run's trajectory (and an exact resume) does not depend on the device
-    count. The run's own RNG stream is left as it was."""
-    devices = [run.device] if run.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(hash((run.config.seed, step, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-        yield
-
-
 def _build_features(run: Run) -> None:
     """The speculator's cached base-model features, when its method uses them (once per run)."""
     run.features_built = True
@@ -444,7 +424,10 @@ def _record_eval(run: Run, progress: _Progress, callbacks: TrainingCallbacks) ->
     """Evaluate at this step (once), track the best weights, and decide about early stopping."""
     if progress.eval_step == progress.step:
         return
-    progress.eval_step, progress.eval_loss = progress.step, _eval_loss(run)
+    progress.eval_step, progress.eval_loss = (
+        progress.step,
+        evaluation.sharded_eval_loss(run.trainable, run.data.eval, run.pad_token_id, run.world),
+    )
     if progress.eval_loss is None:
         return
     callbacks.on_eval(

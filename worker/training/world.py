@@ -7,7 +7,8 @@ path whatever the device count. The processes themselves are started by worker/t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -95,6 +96,17 @@ class World:
                 f"multi-device training: rank(s) {differing} built a different {what} than rank 0; "
                 "every rank must resolve the same model (see the worker log of each rank)"
             )
+
+
+@contextlib.contextmanager
+def micro_batch_rng(device: torch.device, seed: int, step: int, index: int) -> Iterator[None]:
+    """Dropout draws from a stream seeded by (seed, step, micro-batch): the same masks whichever rank
+    runs the micro-batch, so a run's trajectory (and an exact resume) does not depend on the device
+    count. The process's own RNG stream is left as it was."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(hash((seed, step, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        yield
 
 
 def backend() -> str:

@@ -7,12 +7,12 @@ with the same dropout masks; only the order of float summation differs (per rank
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from training_support import Recorder, make_config, number_rows
@@ -36,6 +36,15 @@ def config() -> TrainingConfig:
     )
 
 
+def ranks() -> list[psutil.Process]:
+    """This process's child ranks (the other rank of a two-device run)."""
+    return [
+        child
+        for child in psutil.Process().children()
+        if "worker.training.distributed" in " ".join(child.cmdline())
+    ]
+
+
 class KillRankOne(Recorder):
     """SIGKILLs the other rank once step `at` is reported, as an OOM killer would."""
 
@@ -46,8 +55,8 @@ class KillRankOne(Recorder):
     def on_step(self, step: int, total_steps: int, metrics: dict[str, float]) -> None:
         super().on_step(step, total_steps, metrics)
         if step == self.at:
-            for child in multiprocessing.active_children():
-                os.kill(child.pid or 0, signal.SIGKILL)
+            for child in ranks():
+                os.kill(child.pid, signal.SIGKILL)
 
 
 @pytest.fixture(autouse=True)
@@ -73,12 +82,12 @@ def test_two_ranks_follow_one_and_resume_after_a_rank_is_killed(
 ) -> None:
     killed = KillRankOne(at=3)
     started = time.monotonic()
-    with pytest.raises(DistributedTrainingError, match="tuneforge-rank-1 was killed by signal 9"):
+    with pytest.raises(DistributedTrainingError, match="rank 1 was killed by SIGKILL"):
         train_on_devices(
             2, config(), number_rows(), output_dir=tmp_path, cache_dir=tiny_cache, callbacks=killed
         )
     assert time.monotonic() - started < 120  # failed, not hung until the collective timeout
-    assert not multiprocessing.active_children()
+    assert not ranks()
     # Steps 1-3 ran on two ranks before the kill: the one-process losses, step by step.
     assert killed.losses() == pytest.approx(single.losses()[:3], rel=REL)
     assert [step for step, _ in killed.checkpoints] == [2]
@@ -120,4 +129,23 @@ def test_a_cancel_seen_by_rank_zero_stops_both_ranks(tiny_cache: Path, tmp_path:
     )
     assert result.stopped and result.steps == 1 and result.adapter_dir is None
     assert [step for step, _ in canceled.checkpoints] == [1]  # checkpointed where it stopped
-    assert not multiprocessing.active_children()  # rank 1 stopped too, and exited
+    assert not ranks()  # rank 1 stopped too, and exited
+
+
+def test_full_fine_tuning_on_two_ranks_follows_one(tiny_cache: Path, tmp_path: Path) -> None:
+    # Every weight trains: the gradients summed across ranks are the whole model's.
+    full = make_config(
+        adapter="full", learning_rate=1e-4, train_steps=2, micro_batch_size=2, effective_batch_size=4
+    )
+    alone, two = Recorder(), Recorder()
+    train(full, number_rows(), output_dir=tmp_path / "one", cache_dir=tiny_cache, callbacks=alone)
+    train_on_devices(
+        2,
+        full.model_copy(update={"num_devices": 2}),
+        number_rows(),
+        output_dir=tmp_path / "two",
+        cache_dir=tiny_cache,
+        callbacks=two,
+    )
+    assert two.losses() == pytest.approx(alone.losses(), rel=REL)
+    assert [loss for _, loss in two.evals] == pytest.approx([loss for _, loss in alone.evals], rel=REL)
