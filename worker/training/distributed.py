@@ -223,12 +223,16 @@ def _await_children(children: list[_Child], ready_read: int) -> None:
 
 
 def _failed_children(children: list[_Child], exc: BaseException) -> str:
-    """Which children died on their own: rank 0's failure is then theirs (a collective found them gone)."""
-    if isinstance(exc, dist.DistError):
-        # A peer's death reaches rank 0 as a failed collective, maybe a moment before its exit status.
-        deadline = time.monotonic() + _DEATH_NOTICE_SECONDS
-        while time.monotonic() < deadline and all(child.process.poll() is None for child in children):
-            time.sleep(0.02)
+    """Which children died on their own, when rank 0 failed in a collective: the failure is then theirs.
+    Any other error is rank 0's own (a config the children refused too, say), raised as it is."""
+    # gloo reports a lost peer as a bare RuntimeError, nccl as a DistError; errors of our own (a config
+    # or data error, a missing base model) are subclasses with a message for the user.
+    if not (isinstance(exc, dist.DistError) or type(exc) is RuntimeError):
+        return ""
+    # A peer's death reaches rank 0 as a failed collective, maybe a moment before its exit status.
+    deadline = time.monotonic() + _DEATH_NOTICE_SECONDS
+    while time.monotonic() < deadline and all(child.process.poll() is None for child in children):
+        time.sleep(0.02)
     return ", ".join(
         f"{child.name} {_how(child.process.poll())}"
         for child in children

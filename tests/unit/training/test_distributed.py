@@ -20,6 +20,7 @@ from training_support import Recorder, make_config, number_rows
 from worker.training.config import TrainingConfig
 from worker.training.distributed import DistributedTrainingError, train_on_devices
 from worker.training.loop import train
+from worker.training.runtime import TrainingConfigError
 
 REL = 1e-5
 STEPS = 4
@@ -150,3 +151,11 @@ def test_full_fine_tuning_on_two_ranks_follows_one(tiny_cache: Path, tmp_path: P
     )
     assert two.losses() == pytest.approx(alone.losses(), rel=REL)
     assert [loss for _, loss in two.evals] == pytest.approx([loss for _, loss in alone.evals], rel=REL)
+
+
+def test_an_error_of_rank_zero_reaches_the_caller_as_it_is(tiny_cache: Path, tmp_path: Path) -> None:
+    # Every rank refuses this config; the caller sees the error that names the field, not a rank's death.
+    too_long = config().model_copy(update={"max_seq_length": 100_000})
+    with pytest.raises(TrainingConfigError, match="max_seq_length"):
+        train_on_devices(2, too_long, number_rows(), output_dir=tmp_path, cache_dir=tiny_cache)
+    assert not ranks()
