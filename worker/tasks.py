@@ -30,7 +30,7 @@ from worker.serve_main import kernel_config
 from worker.training.base_models import BaseModelSourceMissingError, UnknownBaseModelError
 from worker.training.config import TrainingConfig
 from worker.training.data import DataStats, TrainingDataError
-from worker.training.distributed import available_devices, train_on_devices
+from worker.training.distributed import DistributedTrainingError, available_devices, train_on_devices
 from worker.training.loop import NoCallbacks, TrainingResult
 from worker.training.methods import NonFiniteWeightsError
 from worker.training.runtime import TrainingConfigError
@@ -81,6 +81,12 @@ def run_job(ctx: AppContext, job_id: int, *, worker_id: str) -> None:
                 _train_and_publish(ctx, session, job)
         except USER_ERRORS as exc:
             _end(session, job, JobStatus.ERRORED, error=str(exc))
+        except DistributedTrainingError:
+            # A rank died (OOM-killed, a lost GPU): handled as a lost worker. The job stays `training`,
+            # its lease lapses, and the sweeper redelivers it to resume from its last checkpoint
+            # (TUNEFORGE_JOB_MAX_ATTEMPTS bounds how often).
+            session.rollback()
+            log.exception("job %s: a training rank died; the job resumes from its last checkpoint", job_id)
         except SoftTimeLimitExceeded:
             limit = ctx.settings.job_time_limit_seconds
             error = (

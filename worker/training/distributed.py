@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from worker.training import world as worlds
+from worker.training.base_models import resolve_base_model
 from worker.training.config import TrainingConfig
 from worker.training.loop import TrainingCallbacks, TrainingResult, train
 from worker.training.token_cache import DataCache
@@ -116,6 +117,10 @@ def train_on_devices(
     kwargs |= {"data_cache": data_cache, "dataset_fingerprint": dataset_fingerprint}
     if num_devices == 1:
         return train(config, rows, **kwargs)
+    if config.base_model is not None:
+        # Built before any process group exists: transformers' save_pretrained writes no weights on a
+        # rank other than 0, so a built-in model built by a child rank would lack them.
+        resolve_base_model(config.base_model, Path(cache_dir))
     previous_threads = torch.get_num_threads()
     threads = max(1, previous_threads // num_devices)
     job = _RankJob(
