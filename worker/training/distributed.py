@@ -122,7 +122,6 @@ def train_on_devices(
         # rank other than 0, so a built-in model built by a child rank would lack them.
         resolve_base_model(config.base_model, Path(cache_dir))
     previous_threads = torch.get_num_threads()
-    threads = max(1, previous_threads // num_devices)
     job = _RankJob(
         config,
         list(rows),
@@ -133,22 +132,33 @@ def train_on_devices(
         f"127.0.0.1:{_free_port()}",
         num_devices,
         collective_timeout_seconds,
-        threads,
+        max(1, previous_threads // num_devices),
         os.getpid(),
     )
+    try:
+        result = _run_as_rank_zero(job, rows, kwargs)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return result
+
+
+def _run_as_rank_zero(
+    job: _RankJob, rows: Sequence[Mapping[str, Any]], kwargs: dict[str, Any]
+) -> TrainingResult:
+    """Start the child ranks, train as rank 0, and see every child out (killed, if the run failed)."""
     ready_read, ready_write = os.pipe()  # each child writes a byte here once it is about to join
     children: list[_Child] = []
-    torch.set_num_threads(threads)
+    torch.set_num_threads(job.threads)
     try:
         try:
             # The children tokenise for themselves: the data cache is the caller's (a storage client).
-            for rank in range(1, num_devices):
+            for rank in range(1, job.size):
                 children.append(_start(job, rank, ready_write))
         finally:
             os.close(ready_write)  # the children hold their own copies
         _await_children(children, ready_read)
-        world = worlds.join(0, num_devices, job.address, collective_timeout_seconds)
-        result = train(config, rows, world=world, **kwargs)
+        world = worlds.join(0, job.size, job.address, job.timeout_seconds)
+        result = train(job.config, rows, world=world, **kwargs)
     except BaseException as exc:
         failed = _failed_children(children, exc)
         _stop(children)
@@ -159,7 +169,6 @@ def train_on_devices(
         raise
     finally:
         worlds.leave()
-        torch.set_num_threads(previous_threads)
         os.close(ready_read)
     _finish(children)
     return result
