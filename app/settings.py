@@ -182,6 +182,13 @@ class Settings(BaseSettings):
     # status) through a database outage before it gives the job up to the sweeper; a PostgreSQL
     # restart or failover takes well under this.
     worker_db_retry_seconds: float = Field(default=300.0, ge=0, le=24 * 3600)
+    # Devices (GPUs) of this worker one job may train on, one process each; a job's num_devices is
+    # capped at it. Unset: every CUDA device the worker sees (1 without CUDA, where more processes
+    # only share the same cores; set it to run the multi-device path on CPU, over gloo).
+    worker_devices: int | None = Field(default=None, ge=1, le=16)
+    # A multi-device job's ranks fail (and the job resumes from its last checkpoint) when one of them
+    # stops answering a collective for this long; rank 0's quality-report generation must fit in it.
+    worker_collective_timeout_seconds: float = Field(default=600.0, ge=10, le=24 * 3600)
     # A connection attempt to the database gives up after this, so requests answer 503 during an
     # outage instead of hanging on a dead host.
     database_connect_timeout_seconds: int = Field(default=5, ge=1, le=300)

@@ -39,7 +39,8 @@ from worker.serve_main import kernel_config
 from worker.training.base_models import BaseModelSourceMissingError, UnknownBaseModelError
 from worker.training.config import TrainingConfig
 from worker.training.data import DataStats, TrainingDataError
-from worker.training.loop import NoCallbacks, TrainingResult, train
+from worker.training.distributed import DistributedTrainingError, available_devices, train_on_devices
+from worker.training.loop import NoCallbacks, TrainingResult
 from worker.training.methods import NonFiniteWeightsError
 from worker.training.runtime import TrainingConfigError
 
@@ -94,6 +95,12 @@ def run_job(ctx: AppContext, job_id: int, *, worker_id: str) -> None:
                 _train_and_publish(ctx, session, job)
         except USER_ERRORS as exc:
             _end(session, job, JobStatus.ERRORED, error=str(exc))
+        except DistributedTrainingError:
+            # A rank died (OOM-killed, a lost GPU): handled as a lost worker. The job stays `training`,
+            # its lease lapses, and the sweeper redelivers it to resume from its last checkpoint
+            # (TUNEFORGE_JOB_MAX_ATTEMPTS bounds how often).
+            session.rollback()
+            log.exception("job %s: a training rank died; the job resumes from its last checkpoint", job_id)
         except SoftTimeLimitExceeded:
             limit = ctx.settings.job_time_limit_seconds
             error = (
@@ -180,7 +187,8 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
         retried = RetryingCallbacks(
             callbacks, session, budget_seconds=ctx.settings.worker_db_retry_seconds, job_id=job.id
         )
-        result = train(
+        result = train_on_devices(
+            _devices(ctx, config),
             config,
             rows,
             output_dir=Path(scratch) / "run",
@@ -192,6 +200,7 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
             init_from=init_from,
             data_cache=token_cache_for(ctx.store, dataset),
             dataset_fingerprint=dataset.sha256 if dataset is not None else None,
+            collective_timeout_seconds=ctx.settings.worker_collective_timeout_seconds,
         )
         if result.stopped or result.adapter_dir is None:
             _retry(ctx, session, lambda: _end(session, job, JobStatus.CANCELED), f"job {job.id}: canceling")
@@ -206,6 +215,15 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
             _end(session, job, JobStatus.COMPLETED)
 
         _retry(ctx, session, publish, f"job {job.id}: publishing")
+
+
+def _devices(ctx: AppContext, config: TrainingConfig) -> int:
+    """The job's num_devices, capped at what this worker lends one job (the trajectory is the same on
+    fewer devices, only slower)."""
+    devices = min(config.num_devices, ctx.settings.worker_devices or available_devices())
+    if devices < config.num_devices:
+        log.info("job asks for %s devices; this worker lends %s", config.num_devices, devices)
+    return devices
 
 
 def _starting_weights(

@@ -32,6 +32,8 @@ TURBO_ADAPTERS = ("turbo_lora", "turbo")
 # Adapters whose base weights stay frozen (so may be quantised, and take the LoRA-only options).
 FROZEN_BASE_ADAPTERS = (*LOW_RANK_ADAPTERS, "turbo")
 MAX_SPECULATOR_HEADS = 8
+# Devices one job may train on (all on one worker).
+MAX_DEVICES = 16
 # Drafts per step by speculator_architecture. An eagle draft conditions each draft on the ones before,
 # so a deeper chain keeps paying (bench/turbo_speedup.py measured 6 above 3 on the demo task); a Medusa
 # head guesses blind to the others, and its fourth guess is rarely right.
@@ -239,6 +241,13 @@ class FinetuningConfig(BaseModel):
         default=False, description="Recompute activations in the backward pass: less memory, slower steps."
     )
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradients are clipped to this global norm.")
+    num_devices: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_DEVICES,
+        description="Devices (GPUs) of one worker the job trains on, one process each; the global batch, "
+        "and so the trajectory, is the same on any count (the worker may cap it at what it has).",
+    )
     checkpoint_every_n_steps: int = Field(
         default=50,
         ge=1,
@@ -425,7 +434,23 @@ class FinetuningConfig(BaseModel):
             problems.append("lora_alpha 'auto' follows rank 'auto'; give an integer alpha for a fixed rank")
         if self.dtype == "fp16" and self.quantization_bits == 8:
             problems.append("dtype fp16 with quantization_bits 8 is not supported; use dtype auto or bf16")
-        return problems
+        return problems + self._device_problems()
+
+    def _device_problems(self) -> list[str]:
+        if self.num_devices == 1:
+            return []
+        if self.adapter in TURBO_ADAPTERS:
+            return [
+                f"num_devices: adapter '{self.adapter}' trains its speculator on one device; "
+                "set num_devices to 1"
+            ]
+        if self.accumulation_steps < self.num_devices:
+            return [
+                f"num_devices: {self.num_devices} devices need at least {self.num_devices} micro-batches per "
+                f"step, and effective_batch_size ({self.batch_size}) / micro_batch_size "
+                f"({self.micro_batch_size}) gives {self.accumulation_steps}; lower micro_batch_size"
+            ]
+        return []
 
     # --- derived values --------------------------------------------------------------------------
 
@@ -459,5 +484,6 @@ class FinetuningConfig(BaseModel):
                 "max_eval_samples",
                 "eval_batch_size",
                 "eval_every_n_minutes",
+                "num_devices",  # the trajectory is the same on any device count
             },
         )

@@ -7,10 +7,15 @@ every cross-example score and throw it away. This module registers an attention 
 that instead runs causal SDPA per example segment, given the segment boundaries `cu_seq_lens_q`
 that the training batch passes through the model's forward kwargs. Without those kwargs (eval of
 padded batches, generation) it is exactly transformers' SDPA, masks included.
+
+On a CUDA device computing in fp16/bf16 with the `flash-attn` package installed, the model is loaded
+with transformers' "flash_attention_2" instead, whose varlen kernel reads the same boundaries (on the
+GPU) and skips the cross-example blocks entirely.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 from typing import Any
 
@@ -20,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 VARLEN_ATTENTION = "tuneforge_varlen"
+FLASH_ATTENTION = "flash_attention_2"
 
 
 def varlen_sdpa_attention(
@@ -104,3 +110,21 @@ def register_varlen_attention() -> str:
     # Masks for unpacked calls are SDPA's; a packed row's mask is built but ignored (cheap beside the pass).
     ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, sdpa_mask)
     return VARLEN_ATTENTION
+
+
+def choose_implementation(device_type: str, half: bool, flash_installed: bool | None = None) -> str:
+    """The attention a training model is loaded with: flash-attention's varlen kernel where it runs (a
+    CUDA device, fp16/bf16 compute, `flash-attn` installed), tuneforge's per-segment SDPA otherwise.
+    `flash_installed`: None probes for the package."""
+    if flash_installed is None:
+        flash_installed = importlib.util.find_spec("flash_attn") is not None
+    if device_type == "cuda" and half and flash_installed:
+        return FLASH_ATTENTION
+    return register_varlen_attention()
+
+
+def reads_boundaries_on_device(model: torch.nn.Module) -> bool:
+    """Whether `model`'s attention wants a packed row's boundaries on its device (flash-attention's
+    kernel does; the SDPA fallback reads them on the host, where reading them costs no sync)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == FLASH_ATTENTION

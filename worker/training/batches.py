@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.training.attention import reads_boundaries_on_device
 from worker.training.data import IGNORE_INDEX, Example
 
 
@@ -41,15 +42,18 @@ class Batch:
             self.target_count,
         )
 
-    def model_inputs(self) -> dict[str, object]:
-        """Keyword arguments for a causal LM's forward."""
+    def model_inputs(self, *, boundaries_on_device: bool = False) -> dict[str, object]:
+        """Keyword arguments for a causal LM's forward; `boundaries_on_device`: for flash-attention."""
         if self.cu_seq_lens is None:
             return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        boundaries = self.cu_seq_lens
+        if boundaries_on_device:
+            boundaries = boundaries.to(self.input_ids.device, non_blocking=True)
         return {
             "input_ids": self.input_ids,
             "position_ids": self.position_ids,
-            "cu_seq_lens_q": self.cu_seq_lens,
-            "cu_seq_lens_k": self.cu_seq_lens,
+            "cu_seq_lens_q": boundaries,
+            "cu_seq_lens_k": boundaries,
             "max_length_q": self.max_length,
             "max_length_k": self.max_length,
         }
@@ -118,7 +122,8 @@ def token_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     keep = has_target.any(dim=0).nonzero().squeeze(1)  # [K]: positions some row takes loss at
     if keep.numel() == 0:
         return torch.zeros((), device=batch.input_ids.device, requires_grad=True)
-    logits = model(**batch.model_inputs(), logits_to_keep=keep).logits  # [B, K, V]
+    inputs = batch.model_inputs(boundaries_on_device=reads_boundaries_on_device(model))
+    logits = model(**inputs, logits_to_keep=keep).logits  # [B, K, V]
     targets = batch.targets[:, keep]  # [B, K]
     return torch.nn.functional.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"

@@ -13,8 +13,17 @@ from worker.training.batches import make_batch
 from worker.training.data import Example
 from worker.training.methods import TrainableModel
 from worker.training.quality import perplexity
+from worker.training.world import World
 
-__all__ = ["EvalTracker", "eval_loss", "exact_match", "perplexity", "report"]
+__all__ = [
+    "EvalTracker",
+    "eval_loss",
+    "exact_match",
+    "loss_sums",
+    "perplexity",
+    "report",
+    "sharded_eval_loss",
+]
 
 
 @dataclass
@@ -37,27 +46,48 @@ class EvalTracker:
         return self.evals_without_improvement >= patience
 
 
-@torch.no_grad()
 def eval_loss(trainable: TrainableModel, examples: Sequence[Example], pad_token_id: int) -> float | None:
     """Mean loss per target token (the run's objective: next-token loss, plus the weighted head
     losses for turbo types); None without any.
     """
-    if not examples:
-        return None
+    total, count = loss_sums(trainable, examples, pad_token_id)
+    return total / count if count else None
+
+
+def sharded_eval_loss(
+    trainable: TrainableModel, examples: Sequence[Example], pad_token_id: int, world: World
+) -> float | None:
+    """eval_loss with each rank of `world` evaluating its share of the eval micro-batches."""
+    share = loss_sums(trainable, examples, pad_token_id, part=world.rank, parts=world.size)
+    total, count = world.sum(share)
+    return total / count if count else None
+
+
+@torch.no_grad()
+def loss_sums(
+    trainable: TrainableModel,
+    examples: Sequence[Example],
+    pad_token_id: int,
+    *,
+    part: int = 0,
+    parts: int = 1,
+) -> tuple[float, int]:
+    """(summed loss, target count) over the eval micro-batches numbered part, part + parts, ...: one
+    rank's share of a sharded evaluation (the caller sums the shares)."""
     model, config = trainable.model, trainable.config
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     size = config.eval_micro_batch_size
     try:
-        for start in range(0, len(examples), size):
+        for start in range(part * size, len(examples), parts * size):
             batch = make_batch(examples[start : start + size], pad_token_id, packed=config.packing)
             with trainable.autocast():
                 total += float(objective.loss_sum(trainable, batch.to(trainable.runtime.device)))
             count += batch.target_count
     finally:
         model.train(was_training)
-    return total / count if count else None
+    return total, count
 
 
 def exact_match(

@@ -22,9 +22,10 @@ from worker.training.data import DataStats
 from worker.training.evaluation import EvalTracker
 from worker.training.preparation import Inputs, Run, build_run
 from worker.training.quality import held_out_answers, held_out_prompts
-from worker.training.runtime import memory_metrics
+from worker.training.runtime import TrainingConfigError, memory_metrics
 from worker.training.speculator_phase import AcceptanceTracker, Budget
 from worker.training.token_cache import DataCache
+from worker.training.world import World, micro_batch_rng
 
 SUMMARY_FORMAT = 1
 # The phases of a run (_Progress.phase): the model's steps, then for turbo types the heads' alone.
@@ -122,6 +123,7 @@ def train(
     init_from: Path | None = None,
     data_cache: DataCache | None = None,
     dataset_fingerprint: str | None = None,
+    world: World | None = None,
 ) -> TrainingResult:
     """Train on rows; resume_from continues a checkpoint of this same config exactly.
 
@@ -130,9 +132,12 @@ def train(
     trust_remote_code: run the model's own code (auto_map); only for models the operator allowed.
     init_from: a parent version's artifact directory to start from (continue_from_version).
     data_cache + dataset_fingerprint: reuse the tokenisation of an earlier run on the same data.
+    world: this process's rank in a multi-device run (worker/training/distributed.py starts them);
+    callbacks fire on rank 0 only, and only rank 0 writes checkpoints and the artifact.
     """
     started = time.monotonic()
-    callbacks = callbacks or NoCallbacks()
+    world = world or World()
+    callbacks = (callbacks or NoCallbacks()) if world.is_main else NoCallbacks()
     output_dir = Path(output_dir)
     if config.base_model is None:
         raise ValueError("base_model: required (a continued run inherits its parent's before training)")
@@ -153,6 +158,7 @@ def train(
         saved_autoconfig=saved[1].get("autoconfig") if saved is not None else None,
     )
     run = build_run(config, rows, inputs)
+    _join(run, world)
     callbacks.on_data(run.data.stats)
     progress = _restore(run, resume, saved[0]) if saved is not None and resume else _fresh_progress(run)
     stopped, last = False, resume
@@ -160,6 +166,8 @@ def train(
         stopped, last = _run_steps(run, progress, callbacks, output_dir, last)
         if not stopped:
             _settle_model(run, progress, callbacks)
+    if not world.is_main:  # the other ranks publish nothing: rank 0's result is the run's
+        return _result(run, progress, inputs, started, stopped=stopped, last_checkpoint=None)
     budget = _budget(run)
     if not stopped and run.trainable.speculator is not None and budget.steps:
         stopped, last = _run_speculator_phase(run, progress, callbacks, output_dir, last, budget)
@@ -171,6 +179,22 @@ def train(
     return _result(
         run, progress, inputs, started, adapter_dir=adapter_dir, summary=summary, last_checkpoint=last
     )
+
+
+def _join(run: Run, world: World) -> None:
+    """Make `run` one rank of `world`: every rank built the same trainable weights, and starts from rank
+    0's values of them (as DDP does)."""
+    run.world = world
+    if not world.distributed:
+        return
+    if run.trainable.speculator is not None:
+        raise TrainingConfigError(
+            f"num_devices: adapter '{run.config.adapter}' trains its speculator on one device; "
+            "set num_devices to 1"
+        )
+    shapes = [(name, tuple(p.shape)) for name, p in run.trainable.named_trainable()]
+    world.check_same("set of trainable weights and data", (shapes, run.total_steps, len(run.data.train)))
+    world.broadcast([p.data for _, p in run.trainable.named_trainable()])
 
 
 def _load_checkpoint(
@@ -226,8 +250,11 @@ def _fresh_progress(run: Run) -> _Progress:
     """A run from step 0, with the eval loss and exact match the quality report compares to measured
     before the first step."""
     progress = _Progress()
-    progress.eval_loss_before = evaluation.eval_loss(run.trainable, run.data.eval, run.pad_token_id)
-    progress.base_exact_match = evaluation.exact_match(run.trainable, run.data.eval, base=True)
+    progress.eval_loss_before = evaluation.sharded_eval_loss(
+        run.trainable, run.data.eval, run.pad_token_id, run.world
+    )
+    if run.world.is_main:  # generation, for the quality report that only rank 0 writes
+        progress.base_exact_match = evaluation.exact_match(run.trainable, run.data.eval, base=True)
     return progress
 
 
@@ -244,10 +271,10 @@ def _run_steps(
             return True, written or last
         _train_step(run, progress, callbacks, run.total_steps)
         now = time.monotonic()
-        eval_due = progress.step % (config.eval_every_n_steps or config.checkpoint_every_n_steps) == 0 or (
-            config.eval_every_n_minutes is not None
-            and now - clock.last_eval >= 60 * config.eval_every_n_minutes
-        )
+        eval_due = progress.step % (config.eval_every_n_steps or config.checkpoint_every_n_steps) == 0
+        if not eval_due and config.eval_every_n_minutes is not None:
+            # Rank 0's clock decides: evaluation is a collective every rank must enter together.
+            eval_due = run.world.agree(now - clock.last_eval >= 60 * config.eval_every_n_minutes)
         if eval_due:
             _record_eval(run, progress, callbacks)
             clock.last_eval = time.monotonic()
@@ -325,8 +352,9 @@ def _cancel(
     run: Run, progress: _Progress, callbacks: TrainingCallbacks, output_dir: Path, saved_at: int | None
 ) -> tuple[bool, Path | None]:
     """(whether the caller asked to stop, the checkpoint written for it): a stopped run is checkpointed
-    where it is, without evaluating (a cancel must be honoured promptly, not after a pass over eval)."""
-    if not callbacks.should_stop():
+    where it is, without evaluating (a cancel must be honoured promptly, not after a pass over eval).
+    Rank 0 asks; every rank stops at the same step."""
+    if not run.world.agree(callbacks.should_stop()):
         return False, None
     if progress.step > 0 and saved_at != progress.step:
         return True, _save_checkpoint(run, progress, output_dir, callbacks)
@@ -348,6 +376,7 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks, tot
     if not run.features_built:
         # Inside the step, so its one-off cost counts in train_seconds (this step's tokens/s is low).
         _build_features(run)
+    # Every rank builds every micro-batch (host tensors, cheap): the counts below are the global batch's.
     batches = [
         make_batch(micro, run.pad_token_id, packed=config.packing)
         for micro in run.micro_batches(run.examples_for_step(progress.step))
@@ -357,14 +386,17 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks, tot
     # turbo trains no weight of the model: it stays in eval mode (no LoRA dropout), as it will serve.
     trainable.model.train(trainable.trains_model)
     loss_total = 0.0
-    for batch in batches:
+    for index in run.world.share(batches):  # this rank's micro-batches; all of them on one device
+        batch = batches[index]
         features = run.features.features(batch, run.device) if run.features is not None else None
-        with trainable.autocast():
+        with micro_batch_rng(run.device, config.seed, progress.step, index), trainable.autocast():
             loss = objective.loss_sum(trainable, batch.to(run.device), features)
-        run.scaler.scale(loss / n_targets).backward()
+            run.scaler.scale(loss / n_targets).backward()
         loss_total += loss.item()
-    run.scaler.unscale_(run.optimizer)
     params = [p for _, p in trainable.named_trainable()]
+    run.world.sum_gradients(params)  # the global batch's gradient on every rank, before any clipping
+    (loss_total,) = run.world.sum([loss_total])
+    run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
     learning_rate = run.scheduler.get_last_lr()[0]
     run.scaler.step(run.optimizer)
@@ -406,7 +438,7 @@ def _record_eval(run: Run, progress: _Progress, callbacks: TrainingCallbacks) ->
         return
     progress.eval_step, progress.eval_loss = (
         progress.step,
-        evaluation.eval_loss(run.trainable, run.data.eval, run.pad_token_id),
+        evaluation.sharded_eval_loss(run.trainable, run.data.eval, run.pad_token_id, run.world),
     )
     if progress.eval_loss is None:
         return
@@ -458,7 +490,11 @@ def _finish(run: Run, progress: _Progress, budget: Budget) -> dict[str, Any]:
         "config_used": run.config.model_dump(mode="json"),
         "autoconfig": {k: v for k, v in run.autoconfig.items() if k != "lora_kwargs"},
         "method": trainable.details,
-        "runtime": {"device": run.device.type, "dtype": trainable.runtime.dtype_name},
+        "runtime": {
+            "device": run.device.type,
+            "dtype": trainable.runtime.dtype_name,
+            "devices": run.world.size,
+        },
         "data": asdict(run.data.stats),
         "result": {
             "steps": progress.step,
@@ -506,6 +542,9 @@ def write_summary(directory: Path, summary: dict[str, Any]) -> None:
 
 def _save_checkpoint(run: Run, progress: _Progress, output_dir: Path, callbacks: TrainingCallbacks) -> Path:
     """checkpoints/step-N/: loadable weights plus everything an exact resume needs; old ones pruned."""
+    path = output_dir / "checkpoints" / f"step-{progress.step}"
+    if not run.world.is_main:  # one writer; every rank holds the same (unsharded, global) state
+        return path
     speculating = progress.phase == SPECULATOR_PHASE
     best_step = progress.speculator.best_step if speculating else progress.tracker.best_step
     best = run.best_state if best_step not in (None, progress.step) else None
@@ -525,7 +564,6 @@ def _save_checkpoint(run: Run, progress: _Progress, output_dir: Path, callbacks:
         "requested_config": run.requested_trajectory,
         "autoconfig": run.autoconfig,
     }
-    path = output_dir / "checkpoints" / f"step-{progress.step}"
     checkpoints.save(path, run.trainable.save, state, extra)
     checkpoints.prune(output_dir / "checkpoints", run.config.keep_n_checkpoints)
     callbacks.on_checkpoint(progress.step, path)

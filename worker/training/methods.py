@@ -34,7 +34,7 @@ from tuneforge.rules.artifacts import ADAPTER_WEIGHTS, SPECULATOR_WEIGHTS
 from tuneforge.rules.speculator import SpeculatorArchitecture, SpeculatorConfig
 
 from worker.training import eagle
-from worker.training.attention import register_varlen_attention
+from worker.training.attention import choose_implementation
 from worker.training.runtime import Runtime, TrainingConfigError
 from worker.training.speculator import MedusaHeads, SpeculatorFiles
 
@@ -173,7 +173,9 @@ def load_base(
     weights_dir: Path, config: FinetuningConfig, runtime: Runtime, *, trust_remote_code: bool = False
 ) -> PreTrainedModel:
     """The base causal LM on the run's device, frozen, with packed-row attention available."""
-    kwargs: dict[str, Any] = {"attn_implementation": register_varlen_attention()}
+    # flash-attention computes in fp16/bf16 only: an fp32 run keeps the SDPA path.
+    attention = choose_implementation(runtime.device.type, runtime.half)
+    kwargs: dict[str, Any] = {"attn_implementation": attention}
     if trust_remote_code:  # only ever passed for a model the operator allowed (worker.model_store)
         kwargs["trust_remote_code"] = True
     if config.quantization_bits is not None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from worker.training import eagle, speculator
+from worker.training.attention import reads_boundaries_on_device
 from worker.training.batches import Batch, make_batch, token_loss_sum
 from worker.training.data import IGNORE_INDEX, Example
 from worker.training.feature_cache import Features
@@ -72,7 +73,8 @@ def _forward(
     """
     causal_lm = trainable.causal_lm()
     with torch.set_grad_enabled(torch.is_grad_enabled() and trainable.trains_model):
-        hidden = causal_lm.get_decoder()(**batch.model_inputs()).last_hidden_state  # [B, S, H]
+        inputs = batch.model_inputs(boundaries_on_device=reads_boundaries_on_device(causal_lm))
+        hidden = causal_lm.get_decoder()(**inputs).last_hidden_state  # [B, S, H]
     has_target = batch.targets != IGNORE_INDEX  # [B, S]
     if not lm:
         has_target = torch.zeros_like(has_target)

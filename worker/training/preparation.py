@@ -23,6 +23,7 @@ from worker.training.draft_replay import HeldOutText
 from worker.training.feature_cache import FeatureCache
 from worker.training.methods import TrainableModel
 from worker.training.runtime import Runtime, TrainingConfigError, resolve_runtime
+from worker.training.world import World
 
 # Longer contexts than this rarely help fine-tuning and cost memory quadratically in attention.
 DEFAULT_MAX_SEQ_LENGTH = 2048
@@ -50,6 +51,7 @@ class Run:
     phase_steps: int = 0  # the steps the current phase plans (the model's: total_steps)
     # The speculator phase's held-out texts (worker/training/draft_replay.py), computed once per process.
     replay_texts: list[HeldOutText] | None = None
+    world: World = field(default_factory=World)  # this process among the run's (one device: World())
 
     @property
     def device(self) -> torch.device:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
+import signal
+import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
+import psutil
 import pytest
 import redis
 from celery import Celery
@@ -32,7 +37,7 @@ from app.db.jobs import JobEventKind
 from app.db.session import transaction
 from app.services import auth, jobs, repos
 from worker.celery_app import make_celery
-from worker.tasks import TRAIN_TASK, register_tasks
+from worker.tasks import TRAIN_TASK, register_tasks, run_job
 
 pytestmark = pytest.mark.integration
 
@@ -348,3 +353,69 @@ def test_a_run_whose_weights_turn_non_finite_errors_and_publishes_nothing(
         assert version is not None and version.status == JobStatus.ERRORED
         assert not version.artifact_files and version.artifact_prefix is None
         assert session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == child_id)).all() == []
+
+
+def test_a_two_device_job_reports_each_step_once_from_rank_zero(
+    ctx: AppContext, celery: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This worker lends a job two devices: two gloo processes on CPU, the task's process as rank 0.
+    monkeypatch.setattr(ctx.settings, "worker_devices", 2)
+    job_id = _queued_job(ctx, num_devices=2, micro_batch_size=1)
+
+    celery.send_task(TRAIN_TASK, args=[job_id])
+    job = _wait_until_final(ctx, job_id)
+
+    assert job.status == JobStatus.COMPLETED, job.error
+    with ctx.sessions() as session:
+        version = session.get(AdapterVersion, job.version_id)
+        assert version is not None and "adapter_model.safetensors" in version.artifact_files
+        assert version.metrics_summary["runtime"]["devices"] == 2
+        metrics = session.scalars(select(JobMetric).where(JobMetric.job_id == job_id)).all()
+        assert sorted(m.step for m in metrics) == [1, 2, 3, 4]  # one writer: rank 0
+        checkpoints = session.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)).all()
+        assert sorted(c.step for c in checkpoints) == [2, 4]
+
+
+def test_a_job_whose_rank_dies_is_left_to_resume_from_its_checkpoint_like_a_lost_worker(
+    ctx: AppContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ctx.settings, "worker_devices", 2)
+    job_id = _queued_job(ctx, num_devices=2, micro_batch_size=1, train_steps=30)
+
+    def kill_rank_one_after_a_checkpoint() -> None:
+        # As the OOM killer would: the other rank dies once the job has a checkpoint to resume from.
+        deadline = time.monotonic() + JOB_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            with ctx.sessions() as session:
+                checkpointed = session.scalars(
+                    select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
+                ).first()
+            ranks = [
+                child
+                for child in psutil.Process().children()
+                if "worker.training.distributed" in " ".join(child.cmdline())
+            ]
+            if checkpointed is not None and ranks:
+                for rank in ranks:
+                    os.kill(rank.pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_rank_one_after_a_checkpoint)
+    killer.start()
+    run_job(ctx, job_id, worker_id="worker-a/1")
+    killer.join()
+    with transaction(ctx.sessions) as session:
+        job = session.get(FinetuningJob, job_id)
+        assert job is not None and job.status == JobStatus.TRAINING and job.error is None
+        job.heartbeat_at = job.heartbeat_at - timedelta(hours=1)  # its lease lapses, as the sweeper sees it
+
+    run_job(ctx, job_id, worker_id="worker-b/1")  # the redelivery
+
+    with ctx.sessions() as session:
+        job = session.get(FinetuningJob, job_id)
+        assert job is not None and job.status == JobStatus.COMPLETED, job.error
+        events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)).all()
+        assert any(event.kind == JobEventKind.RESTART for event in events)
+        metrics = session.scalars(select(JobMetric).where(JobMetric.job_id == job_id)).all()
+        assert sorted(m.step for m in metrics) == list(range(1, 31))

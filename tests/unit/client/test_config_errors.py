@@ -39,3 +39,15 @@ def test_a_check_across_fields_has_no_field_and_its_message_names_one() -> None:
 def test_a_list_item_is_named_by_its_index() -> None:
     [(field, _)] = _errors({"target_modules": ["q_proj", 3]})
     assert field == "target_modules.1"
+
+
+def test_num_devices_is_bounded_and_refuses_what_cannot_spread_over_devices() -> None:
+    assert _errors({"num_devices": 0})[0][0] == "num_devices"
+    assert _errors({"num_devices": 17})[0][0] == "num_devices"
+    [(_, message)] = _errors({"adapter": "turbo_lora", "num_devices": 2})
+    assert message.startswith("num_devices: adapter 'turbo_lora' trains its speculator on one device")
+    # 8 rows in micro-batches of 4: two micro-batches cannot keep four devices busy.
+    [(_, message)] = _errors({"num_devices": 4, "effective_batch_size": 8, "micro_batch_size": 4})
+    assert message.startswith("num_devices: 4 devices need at least 4 micro-batches per step")
+    config = FinetuningConfig(num_devices=4, effective_batch_size=8, micro_batch_size=2)
+    assert "num_devices" not in config.trajectory_fields()  # a checkpoint resumes on any count
