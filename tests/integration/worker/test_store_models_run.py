@@ -24,7 +24,7 @@ from app.db.session import transaction
 from app.services import auth, repos
 from app.settings import Settings
 from app.storage import open_blob_store
-from worker.serve_main import EngineOptions, _engine_config
+from worker.serve_main import EngineOptions, _served
 from worker.serving.adapters import LocalDirectorySource
 from worker.serving.engine import LLMEngine
 from worker.serving.params import SamplingParams
@@ -179,9 +179,10 @@ def test_a_serving_process_fetches_a_stored_model_and_answers_as_hf_does(
     put_in_store(open_blob_store(settings), "my-model", source_model)
     options = EngineOptions(max_adapters=2, max_batch_size=4, kv_cache_bytes=16 << 20)
 
-    config = _engine_config(settings, "my-model", options)
+    config, source, ctx = _served(settings, "my-model", options, tmp_path / "adapters", "t")
 
     assert config.model_path == tmp_path / "models" / "store" / "my-model"
-    engine = LLMEngine(config, LocalDirectorySource(tmp_path / "adapters"))
+    assert isinstance(source, LocalDirectorySource) and ctx is None
+    engine = LLMEngine(config, source)
     prompt = AutoTokenizer.from_pretrained(config.model_path)("Say the number 3.")["input_ids"]
     assert _engine_greedy(engine, prompt, 8) == _hf_greedy(source_model, prompt, 8)
