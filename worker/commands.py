@@ -70,8 +70,9 @@ def _serve(commands: Commands) -> None:
     serve.add_argument(
         "--base-model",
         required=True,
-        help="a built-in name, HF id in the cache, local dir, or version:<uuid> (an adapter version merged "
-        "into its base: what a deployment of repo/N runs)",
+        help="a built-in name, an HF id (org/name[@rev]) or Predibase catalogue name found in the HF cache "
+        "or the model store (`tuneforge models pull|import`), an operator's local dir, or version:<uuid> "
+        "(an adapter version merged into its base: what a deployment of repo/N runs)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, required=True)

@@ -134,7 +134,8 @@ class FinetuningConfig(BaseModel):
         default=None,
         min_length=1,
         max_length=MAX_NAME_LENGTH,
-        description="Built-in model name, HF id or local path.",
+        description="A built-in model, a Hugging Face id (org/name[@revision]), a Predibase catalogue name "
+        "(llama-3-1-8b-instruct) or an imported model's name; GET /v2/base-models lists what is available.",
     )
     adapter: str = Field(default="lora", description="lora | dora | full | last_layer | turbo_lora | turbo.")
     task: Literal["sft", "continued_pretraining"] = Field(
