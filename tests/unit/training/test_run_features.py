@@ -54,18 +54,26 @@ def test_evaluation_runs_at_its_own_cadence_and_at_the_end(tiny_cache: Path, tmp
 def test_early_stopping_ends_the_run_and_the_best_weights_are_published(
     tiny_cache: Path, tmp_path: Path
 ) -> None:
-    # A learning rate this large (the most FinetuningConfig allows) makes the eval loss stall and climb
-    # within the first few steps (0.5 kept improving for all 40 on some hosts).
+    # The held-out rows contradict the training rows (another number for the same prompt): once the
+    # shared "The number is" is learnt, fitting the training rows can only make the eval loss climb.
+    # (A huge learning rate on agreeing rows stalled on some hosts and thread counts, and not on others.)
     config = make_config(
         train_steps=40,
-        learning_rate=1.0,
         eval_every_n_steps=1,
         enable_early_stopping=True,
         early_stopping_patience=2,
         load_best_at_end=True,
     )
+    rows = [row | {"split": "train"} for row in number_rows()] + [
+        {
+            "prompt": f"Say the number {n}.",
+            "completion": f"The number is {(n + 2) % 4}.",
+            "split": "evaluation",
+        }
+        for n in range(4)
+    ]
     recorder = Recorder()
-    result = train(config, number_rows(), output_dir=tmp_path, cache_dir=tiny_cache, callbacks=recorder)
+    result = train(config, rows, output_dir=tmp_path, cache_dir=tiny_cache, callbacks=recorder)
     assert result.early_stopped and not result.stopped and result.steps < 40
     losses = dict(recorder.evals)
     best_step = min(losses, key=lambda step: losses[step])
