@@ -27,10 +27,9 @@ SMOLLM2 = "smollm2-135m"
 PROBE = Path(__file__).with_name("memory_probe.py")
 ROOT = Path(__file__).parents[3]
 TOLERANCE = 0.30
+# The smollm2 modes beyond LoRA take minutes on this machine: `make test` measures the cheap cases,
+# TUNEFORGE_MEMORY_CHECK_ALL=1 adds the rest (collected only then, so nothing shows as skipped).
 ALL = os.environ.get("TUNEFORGE_MEMORY_CHECK_ALL") == "1"
-only_with_all = pytest.mark.skipif(
-    not ALL, reason="set TUNEFORGE_MEMORY_CHECK_ALL=1 to measure this mode too"
-)
 
 
 @pytest.fixture(scope="module")
@@ -159,24 +158,26 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.parametrize(
-    ("model", "mode", "seq", "rows"),
-    [
-        (TINY, "lora", 256, 4),
-        (TINY, "qlora", 256, 4),
-        (TINY, "full", 256, 4),
-        (TINY, "turbo_lora-eagle", 128, 2),
-        (SMOLLM2, "lora", 64, 2),
-        pytest.param(SMOLLM2, "full", 64, 2, marks=only_with_all),
-        pytest.param(SMOLLM2, "qlora", 128, 2, marks=only_with_all),
-        pytest.param(SMOLLM2, "lora-checkpointed", 128, 2, marks=only_with_all),
-        pytest.param(SMOLLM2, "dora", 64, 2, marks=only_with_all),
-        pytest.param(SMOLLM2, "last_layer", 64, 2, marks=only_with_all),
-        pytest.param(SMOLLM2, "turbo_lora-eagle", 64, 2, marks=only_with_all),
-        pytest.param(SMOLLM2, "turbo_lora-medusa", 64, 2, marks=only_with_all),
-        pytest.param(SMOLLM2, "turbo-eagle", 64, 2, marks=only_with_all),
-    ],
-)
+EVERY_RUN = [
+    (TINY, "lora", 256, 4),
+    (TINY, "qlora", 256, 4),
+    (TINY, "full", 256, 4),
+    (TINY, "turbo_lora-eagle", 128, 2),
+    (SMOLLM2, "lora", 64, 2),
+]
+WITH_ALL = [
+    (SMOLLM2, "full", 64, 2),
+    (SMOLLM2, "qlora", 128, 2),
+    (SMOLLM2, "lora-checkpointed", 128, 2),
+    (SMOLLM2, "dora", 64, 2),
+    (SMOLLM2, "last_layer", 64, 2),
+    (SMOLLM2, "turbo_lora-eagle", 64, 2),
+    (SMOLLM2, "turbo_lora-medusa", 64, 2),
+    (SMOLLM2, "turbo-eagle", 64, 2),
+]
+
+
+@pytest.mark.parametrize(("model", "mode", "seq", "rows"), EVERY_RUN + (WITH_ALL if ALL else []))
 def test_estimate_is_within_30_percent_of_measured_training_memory(
     model: str, mode: str, seq: int, rows: int, tiny_cache: Path, smollm2_cache: Path
 ) -> None:
