@@ -19,25 +19,13 @@ from app.queue import EXPORT_TASK
 from app.services import exports
 from app.storage.base import StorageError
 from worker.job_io import download_files, upload_dir
-from worker.model_store import (
-    BaseModelUnavailableError,
-    RemoteCodeRefusedError,
-    StoredModelError,
-    resolve_model_dir,
-)
-from worker.training.base_models import BaseModelSourceMissingError
+from worker.model_store import MODEL_ERRORS, resolve_model_dir
 from worker.training.merge import MergeError, model_directory
 
 log = logging.getLogger(__name__)
 
 # Failures whose message tells the user what is wrong; anything else is recorded as internal and re-raised.
-USER_ERRORS = (
-    BaseModelUnavailableError,
-    RemoteCodeRefusedError,
-    StoredModelError,
-    BaseModelSourceMissingError,
-    MergeError,
-)
+USER_ERRORS = (*MODEL_ERRORS, MergeError)
 
 
 def register_export_task(celery: Celery, ctx: AppContext) -> None:

@@ -30,7 +30,7 @@ from tuneforge.rules.base_models import (
 
 from app.settings import Settings
 from app.storage.base import BlobNotFoundError, BlobStore, ChecksumMismatchError
-from worker.training.base_models import resolve_base_model
+from worker.training.base_models import BaseModelSourceMissingError, UnknownBaseModelError, resolve_base_model
 from worker.training.model_dirs import exclusive_lock, replace_atomically
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,16 @@ class RemoteCodeRefusedError(ValueError):
 
 class StoredModelError(ValueError):
     """The model store's copy of a model is incomplete or corrupt; nothing of it was kept."""
+
+
+# What resolving a base model may raise that tells the user (or operator) what to do.
+MODEL_ERRORS: tuple[type[Exception], ...] = (
+    UnknownBaseModelError,
+    BaseModelSourceMissingError,
+    BaseModelUnavailableError,
+    RemoteCodeRefusedError,
+    StoredModelError,
+)
 
 
 def model_cache_dir(settings: Settings) -> Path:

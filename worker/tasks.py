@@ -28,15 +28,12 @@ from worker.db_retry import RetryingCallbacks, retrying
 from worker.export_task import register_export_task
 from worker.job_io import download_checkpoint, download_files, download_rows, token_cache_for, upload_dir
 from worker.model_store import (
-    BaseModelUnavailableError,
-    RemoteCodeRefusedError,
-    StoredModelError,
+    MODEL_ERRORS,
     model_cache_dir,
     resolve_model_dir,
     trusts_remote_code,
 )
 from worker.serve_main import kernel_config
-from worker.training.base_models import BaseModelSourceMissingError, UnknownBaseModelError
 from worker.training.config import TrainingConfig
 from worker.training.data import DataStats, TrainingDataError
 from worker.training.distributed import DistributedTrainingError, available_devices, train_on_devices
@@ -51,11 +48,7 @@ T = TypeVar("T")
 # Failures whose message tells the user what to change; anything else is our bug and is re-raised.
 USER_ERRORS = (
     ValidationError,
-    UnknownBaseModelError,
-    BaseModelSourceMissingError,
-    BaseModelUnavailableError,
-    RemoteCodeRefusedError,
-    StoredModelError,
+    *MODEL_ERRORS,
     TrainingDataError,
     TrainingConfigError,
     NonFiniteWeightsError,

@@ -91,6 +91,16 @@ def resolve_base_model(name_or_path: str | os.PathLike[str], cache_dir: Path) ->
     )
 
 
+def local_model_dir(name: str, model_dir: Path | None, cache_dir: Path | None) -> Path:
+    """`model_dir` where the caller resolved the base model (the worker glue does, through the model
+    store); else the built-in model (or local directory) `name`, built in `cache_dir` on first use."""
+    if model_dir is not None:
+        return Path(model_dir)
+    if cache_dir is None:
+        raise ValueError("train: pass model_dir (the resolved base model) or cache_dir (to build a built-in)")
+    return resolve_base_model(name, Path(cache_dir))
+
+
 # --- the cache ---------------------------------------------------------------------------------
 
 

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from worker.training import world as worlds
-from worker.training.base_models import resolve_base_model
+from worker.training.base_models import local_model_dir
 from worker.training.config import TrainingConfig
 from worker.training.loop import TrainingCallbacks, TrainingResult, train
 from worker.training.token_cache import DataCache
@@ -73,7 +73,7 @@ class _RankJob:
     rows: Sequence[Mapping[str, Any]]
     output_dir: Path
     cache_dir: Path
-    model_dir: Path | None  # the base model resolved by the caller (None: a built-in in cache_dir)
+    model_dir: Path | None  # the base model, resolved before the ranks start
     trust_remote_code: bool
     resume_from: Path | None
     init_from: Path | None
@@ -116,16 +116,16 @@ def train_on_devices(
     collective_timeout_seconds: float = DEFAULT_COLLECTIVE_TIMEOUT_SECONDS,
 ) -> TrainingResult:
     """`train` on `num_devices` devices of this host (this process is rank 0); rank 0's result."""
+    if num_devices > 1 and config.base_model is not None:
+        # Resolved (a built-in built) once, before any process group exists: transformers'
+        # save_pretrained writes no weights on a rank other than 0, so a child could not build it.
+        model_dir = local_model_dir(config.base_model, model_dir, cache_dir)
     kwargs: dict[str, Any] = {"output_dir": output_dir, "cache_dir": cache_dir, "resume_from": resume_from}
     kwargs |= {"model_dir": model_dir, "trust_remote_code": trust_remote_code}
     kwargs |= {"init_from": init_from, "callbacks": callbacks}
     kwargs |= {"data_cache": data_cache, "dataset_fingerprint": dataset_fingerprint}
     if num_devices == 1:
         return train(config, rows, **kwargs)
-    if model_dir is None and config.base_model is not None:
-        # Built before any process group exists: transformers' save_pretrained writes no weights on a
-        # rank other than 0, so a built-in model built by a child rank would lack them.
-        resolve_base_model(config.base_model, Path(cache_dir))
     previous_threads = torch.get_num_threads()
     job = _RankJob(
         config,

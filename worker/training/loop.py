@@ -15,7 +15,7 @@ import torch
 from tuneforge.rules.artifacts import TRAINING_SUMMARY
 
 from worker.training import checkpoints, evaluation, feature_cache, objective, speculator_phase
-from worker.training.base_models import resolve_base_model
+from worker.training.base_models import local_model_dir
 from worker.training.batches import make_batch
 from worker.training.config import TrainingConfig
 from worker.training.data import DataStats
@@ -143,14 +143,8 @@ def train(
         raise ValueError("base_model: required (a continued run inherits its parent's before training)")
     resume = Path(resume_from) if resume_from is not None else None
     saved = _load_checkpoint(config, resume)
-    if model_dir is None:
-        if cache_dir is None:
-            raise ValueError(
-                "train: pass model_dir (the resolved base model) or cache_dir (to build a built-in)"
-            )
-        model_dir = resolve_base_model(config.base_model, Path(cache_dir))
     inputs = Inputs(
-        model_dir=Path(model_dir),
+        model_dir=local_model_dir(config.base_model, model_dir, cache_dir),
         trust_remote_code=trust_remote_code,
         init_from=init_from,
         data_cache=data_cache,

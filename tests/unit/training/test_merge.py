@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from tuneforge.rules.artifacts import SPECULATOR_CONFIG, SPECULATOR_WEIGHTS, TRAINING_SUMMARY
+from version_artifacts import peft_adapter
 
 from worker.training.merge import MergeError, is_whole_model, model_directory
 
@@ -31,22 +32,7 @@ def _greedy(model: torch.nn.Module, tokenizer_dir: Path) -> list[int]:
 
 
 def _adapter(base_dir: Path, out: Path, *, dora: bool) -> Path:
-    """A PEFT adapter with random (not PEFT's zero) B matrices, so that it changes what is generated."""
-    torch.manual_seed(3)
-    config = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj", "up_proj"],
-        use_dora=dora,
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn_like(param) * 0.3)
-    model.save_pretrained(out, safe_serialization=True)
+    peft_adapter(base_dir, out, dora=dora)
     (out / TRAINING_SUMMARY).write_text("{}")  # what a published artifact also holds
     return out
 
