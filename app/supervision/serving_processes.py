@@ -237,7 +237,8 @@ class ServingSupervisor:
     def _start(self, base_model: str, previous: ServingBackend | None) -> ServingBackend:
         events = previous.events if previous is not None else []
         warmups = previous.warmups if previous is not None else set()
-        url = self.settings.serving_urls.get(base_model)
+        urls = self.settings.serving_urls.get(base_model)
+        url = urls[0] if urls else None
         if url:
             backend = ServingBackend(
                 base_model=base_model, url=url.rstrip("/"), events=events, warmups=warmups

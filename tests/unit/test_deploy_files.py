@@ -340,7 +340,7 @@ def test_compose_api_serving_urls_name_the_serving_services_and_their_ports(
     assert isinstance(json.loads(raw), dict), raw
     urls = settings_from({k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}, monkeypatch).serving_urls
     assert "smollm2-135m" in urls, urls
-    for base_model, url in urls.items():
+    for base_model, url in ((key, url) for key, replicas in urls.items() for url in replicas):
         target = urlparse(url)
         assert target.scheme == "http" and target.hostname in services, url
         args = serve_args(command_words(services[target.hostname]))

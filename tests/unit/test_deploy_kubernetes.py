@@ -142,7 +142,7 @@ def test_k8s_serving_urls_name_the_serving_services_and_their_ports(monkeypatch:
     urls = settings_from(tuneforge_env | {f"{ENV_PREFIX}SECRET_KEY": STRONG_SECRET}, monkeypatch).serving_urls
     assert "smollm2-135m" in urls, urls
     objects = k8s_objects()
-    for base_model, url in urls.items():
+    for base_model, url in ((key, url) for key, replicas in urls.items() for url in replicas):
         target = urlparse(url)
         host = target.hostname or ""
         assert target.scheme == "http" and ("Service", host) in objects, url
