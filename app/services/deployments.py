@@ -4,8 +4,10 @@ A deployment names a base model; serving it is the supervisor's job (`serving_pr
 every deployment of that base model. A deployment may instead name one of the tenant's own completed
 adapter versions (`config.baseModel: "repo/N"`): that version, merged into its base (or, for full /
 last_layer, its whole model), is served by a process of its own, keyed by the version's uuid
-(`tuneforge.rules.served_models`), so no two tenants' `repo/N` ever share one. Each tenant also has a
-default deployment of the default base model that exists without being created and cannot be changed
+(`tuneforge.rules.served_models`), so no two tenants' `repo/N` ever share one. `config.engine` picks the
+engine (tuneforge's or vLLM; settings.serving_engine when unnamed), which is part of the serving key: the
+same base model on both engines is two sets of processes. Each tenant also has a
+default deployment, served by tuneforge's engine, of the default base model that exists without being created and cannot be changed
 or deleted.
 """
 
@@ -21,7 +23,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session
 from tuneforge.rules.adapter_ref import AdapterRef, AdapterRefError
 from tuneforge.rules.base_models import BaseModelNameError
-from tuneforge.rules.served_models import version_model_key, version_uuid_of
+from tuneforge.rules.served_models import (
+    ENGINES,
+    TUNEFORGE_ENGINE,
+    VLLM_ENGINE,
+    engine_key,
+    engine_of,
+    model_key_of,
+    version_model_key,
+    version_uuid_of,
+)
 
 from app.db import AdapterVersion, Deployment, Tenant, User
 from app.errors import ConflictError, InvalidInputError, NotFoundError
@@ -54,7 +65,11 @@ class DeploymentView:
         """What the deployment serves, as its config names it: a base model, or `repo/N`."""
         if version_uuid_of(self.base_model) is not None:
             return str(self.config.get("baseModel", self.base_model))
-        return self.base_model
+        return model_key_of(self.base_model)
+
+    @property
+    def engine(self) -> str:
+        return engine_of(self.base_model)
 
     @classmethod
     def of(cls, row: Deployment) -> DeploymentView:
@@ -77,7 +92,12 @@ class DeploymentView:
             uuid=str(uuid_lib.uuid5(uuid_lib.UUID(tenant.uuid), DEFAULT_DEPLOYMENT)),
             description=f"the default {DEFAULT_BASE_MODEL} deployment; serves any adapter of that base model",
             base_model=DEFAULT_BASE_MODEL,
-            config={"baseModel": DEFAULT_BASE_MODEL, "minReplicas": 0, "maxReplicas": 1},
+            config={
+                "baseModel": DEFAULT_BASE_MODEL,
+                "minReplicas": 0,
+                "maxReplicas": 1,
+                "engine": TUNEFORGE_ENGINE,
+            },
             created_at=_aware(tenant.created_at),
             is_default=True,
             context_model=DEFAULT_BASE_MODEL,
@@ -91,6 +111,7 @@ def validate_config(settings: Settings, session: Session, config: dict[str, Any]
     base_model = cleaned.get("baseModel")
     if not isinstance(base_model, str) or not base_model:
         raise InvalidInputError("config.baseModel: required; name the base model to serve")
+    cleaned["engine"] = _engine(settings, cleaned.get("engine", settings.serving_engine))
     version_ref = _version_ref(base_model)
     if version_ref is None:
         found = base_models.require_available(settings, session, base_model, field="config.baseModel")
@@ -114,10 +135,30 @@ def validate_config(settings: Settings, session: Session, config: dict[str, Any]
     return cleaned
 
 
-def serving_key(settings: Settings, session: Session, user: User, base_model: str) -> str:
-    """What serves a validated `config.baseModel`: the base model's name, or `version:<uuid>` for one of
-    the tenant's own completed versions whose base model is available here (422 otherwise: another
-    tenant's version is as unknown as a missing one)."""
+def _engine(settings: Settings, engine: object) -> str:
+    """`config.engine`, checked: one of the engines, and vLLM only where this cluster runs it."""
+    if engine not in ENGINES:
+        raise InvalidInputError(f"config.engine: one of {', '.join(ENGINES)} (got {engine!r})")
+    runs_vllm = settings.vllm_python is not None or any(
+        engine_of(key) == VLLM_ENGINE for key in settings.serving_urls
+    )
+    if engine == VLLM_ENGINE and not runs_vllm:
+        raise InvalidInputError(
+            "config.engine: this cluster does not run vLLM (its operator sets TUNEFORGE_VLLM_PYTHON to a "
+            "vLLM environment, e.g. one `make vllm` builds, or names vLLM replicas in "
+            "TUNEFORGE_SERVING_URLS); leave config.engine out to use tuneforge's engine"
+        )
+    return str(engine)
+
+
+def serving_key(settings: Settings, session: Session, user: User, config: dict[str, Any]) -> str:
+    """What serves a validated config (`validate_config`): its engine and `config.baseModel`, the base
+    model's name or `version:<uuid>` for one of the tenant's own completed versions whose base model is
+    available here (422 otherwise: another tenant's version is as unknown as a missing one)."""
+    return engine_key(_model_key(settings, session, user, config["baseModel"]), config["engine"])
+
+
+def _model_key(settings: Settings, session: Session, user: User, base_model: str) -> str:
     ref = _version_ref(base_model)
     if ref is None:
         return base_model
@@ -165,7 +206,7 @@ def create(
 ) -> DeploymentView:
     validate_name(name, "name")
     cleaned = validate_config(settings, session, config)
-    key = serving_key(settings, session, user, cleaned["baseModel"])
+    key = serving_key(settings, session, user, cleaned)
     if name == DEFAULT_DEPLOYMENT or _find(session, user, name) is not None:
         raise ConflictError(f"name: deployment {name!r} already exists; pick another name or update it")
     row = Deployment(
@@ -223,8 +264,10 @@ def update(
     if config is not None:
         # The SDK sends every field, unset ones as null: only the fields given change.
         changes = {key: value for key, value in config.items() if value is not None}
-        cleaned = validate_config(settings, session, {**row.config, **changes})
-        key = serving_key(settings, session, user, cleaned["baseModel"])
+        # A deployment stored before engines were named keeps the engine its key says.
+        stored = {"engine": engine_of(row.base_model)} | row.config
+        cleaned = validate_config(settings, session, {**stored, **changes})
+        key = serving_key(settings, session, user, cleaned)
         row.config, row.base_model = cleaned, key
     if description is not None:
         row.description = description
@@ -274,9 +317,9 @@ def _context_model(row: Deployment) -> str:
     version_uuid = version_uuid_of(row.base_model)
     session = object_session(row)
     if version_uuid is None or session is None:
-        return row.base_model
+        return model_key_of(row.base_model)
     base = session.scalar(select(AdapterVersion.base_model).where(AdapterVersion.uuid == version_uuid))
-    return base or row.base_model
+    return base or model_key_of(row.base_model)
 
 
 def _find(session: Session, user: User, name: str) -> Deployment | None:

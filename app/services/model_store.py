@@ -30,6 +30,7 @@ from tuneforge.rules.base_models import (
     check_import_name,
     parse,
 )
+from tuneforge.rules.served_models import model_key_of
 
 from app.db import Deployment, FinetuningJob, StoredModel
 from app.errors import ConflictError, InvalidInputError, NotFoundError, ServiceError
@@ -235,7 +236,7 @@ def users_of(session: Session, canonical: str) -> list[str]:
     )
     deployments = session.execute(select(Deployment.name, Deployment.base_model))
     users = [f"job {uuid}" for uuid, base in jobs if _means(base, canonical)]
-    return users + [f"deployment {name}" for name, base in deployments if _means(base, canonical)]
+    return users + [f"deployment {name}" for name, key in deployments if _means(model_key_of(key), canonical)]
 
 
 def _means(name: str, canonical: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from tuneforge.rules.served_models import version_model_key
+from tuneforge.rules.served_models import ENGINES, engine_key, version_model_key
 
 from app.context import AppContext
 from app.db import AdapterVersion, Deployment, Repo, User, VersionStatus
@@ -107,5 +107,5 @@ def deployment_serving(session: Session, version_uuids: list[str]) -> str | None
     """The name of a deployment (of any of the tenant's) whose model is one of these versions, if any."""
     if not version_uuids:
         return None
-    keys = [version_model_key(uuid) for uuid in version_uuids]
+    keys = [engine_key(version_model_key(uuid), engine) for uuid in version_uuids for engine in ENGINES]
     return session.scalar(select(Deployment.name).where(Deployment.base_model.in_(keys)).limit(1))

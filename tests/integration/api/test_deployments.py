@@ -55,7 +55,13 @@ def test_create_get_list_update_delete_in_predibase_shapes(tenant: TenantSession
     assert body["name"] == "my-llm" and body["description"] == "for tests" and body["type"] == "dedicated"
     assert body["status"] in ("initializing", "ready", "failed")
     assert body["model"] == {"name": TINY, "maxInputLength": 2048}
-    assert body["config"] == {"baseModel": TINY, "minReplicas": 0, "maxReplicas": 1, "preloadedAdapters": []}
+    assert body["config"] == {
+        "baseModel": TINY,
+        "minReplicas": 0,
+        "maxReplicas": 1,
+        "preloadedAdapters": [],
+        "engine": "tuneforge",
+    }
 
     got = tenant.client.get("/v2/deployments/my-llm").json()["data"]
     sdk_view = SdkDeployment.model_validate(got)  # the SDK's own model accepts it
@@ -85,11 +91,11 @@ def test_sdk_configs_with_every_unset_field_null_create_and_update(tenant: Tenan
     config = DeploymentConfig(base_model=TINY).model_dump(mode="json", by_alias=True)
     response = tenant.client.post("/v2/deployments", json={"name": "sdk-shaped", "config": config})
     assert response.status_code == 200, response.text
-    assert response.json()["config"] == {"baseModel": TINY}
+    assert response.json()["config"] == {"baseModel": TINY, "engine": "tuneforge"}
     change = UpdateDeploymentConfig(max_replicas=3).model_dump(mode="json", by_alias=True)
     updated = tenant.client.put("/v2/deployments/sdk-shaped", json={"config": change})
     assert updated.status_code == 200, updated.text
-    assert updated.json()["data"]["config"] == {"baseModel": TINY, "maxReplicas": 3}
+    assert updated.json()["data"]["config"] == {"baseModel": TINY, "maxReplicas": 3, "engine": "tuneforge"}
 
 
 @pytest.mark.parametrize("name", ["has space", "a/b", "", "-leading", "x" * 65, "a..b"])
