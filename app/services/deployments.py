@@ -6,8 +6,8 @@ adapter versions (`config.baseModel: "repo/N"`): that version, merged into its b
 last_layer, its whole model), is served by a process of its own, keyed by the version's uuid
 (`tuneforge.rules.served_models`), so no two tenants' `repo/N` ever share one. `config.engine` picks the
 engine (tuneforge's or vLLM; settings.serving_engine when unnamed), which is part of the serving key: the
-same base model on both engines is two sets of processes. Each tenant also has a
-default deployment, served by tuneforge's engine, of the default base model that exists without being created and cannot be changed
+same base model on both engines is two sets of processes. Each tenant also has a default deployment of
+the default base model, on tuneforge's engine, that exists without being created and cannot be changed
 or deleted.
 """
 
