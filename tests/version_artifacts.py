@@ -27,7 +27,9 @@ class StoredVersion:
     row_id: int
 
 
-def peft_adapter(base_dir: Path, out: Path, *, dora: bool = False, seed: int = 3) -> Path:
+def peft_adapter(
+    base_dir: Path, out: Path, *, dora: bool = False, seed: int = 3, base_model: str = TINY
+) -> Path:
     """A LoRA (or DoRA) with random B matrices (not PEFT's zeros), so that it changes what is generated."""
     torch.manual_seed(seed)
     config = LoraConfig(
@@ -43,7 +45,7 @@ def peft_adapter(base_dir: Path, out: Path, *, dora: bool = False, seed: int = 3
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn_like(param) * 0.3)
-    model.peft_config["default"].base_model_name_or_path = TINY
+    model.peft_config["default"].base_model_name_or_path = base_model
     model.save_pretrained(out, safe_serialization=True)
     (out / "README.md").unlink(missing_ok=True)
     return out
