@@ -7,6 +7,10 @@ last_layer, its whole model), is served by a process of its own, keyed by the ve
 (`tuneforge.rules.served_models`), so no two tenants' `repo/N` ever share one. Each tenant also has a
 default deployment of the default base model that exists without being created and cannot be changed
 or deleted.
+
+`config.maxReplicas` is how many replicas of its serving key the control plane runs (the largest
+among the key's deployments); where an operator runs them (`TUNEFORGE_SERVING_URLS`), it may not ask
+for more than are listed.
 """
 
 from __future__ import annotations
@@ -101,6 +105,11 @@ def validate_config(settings: Settings, session: Session, config: dict[str, Any]
             raise InvalidInputError(f"config.{key}: must be a whole number >= 0 (got {value!r})")
     if replicas["minReplicas"] > replicas["maxReplicas"]:
         raise InvalidInputError("config.minReplicas: must not exceed config.maxReplicas")
+    if replicas["maxReplicas"] > settings.serving_max_replicas:
+        raise InvalidInputError(
+            f"config.maxReplicas: at most {settings.serving_max_replicas} here (the operator's "
+            f"TUNEFORGE_SERVING_MAX_REPLICAS; got {replicas['maxReplicas']})"
+        )
     preloaded = cleaned.get("preloadedAdapters", [])
     if not isinstance(preloaded, list) or not all(_is_adapter_ref(a) for a in preloaded):
         raise InvalidInputError(
@@ -112,6 +121,20 @@ def validate_config(settings: Settings, session: Session, config: dict[str, Any]
             "merged into its base, and no adapters besides; deploy its base model to serve adapters"
         )
     return cleaned
+
+
+def check_operator_replicas(settings: Settings, key: str, config: dict[str, Any]) -> None:
+    """Where the operator runs `key`'s replicas, a deployment cannot ask for more than are listed."""
+    listed = settings.serving_urls.get(key)
+    if not listed:
+        return
+    for field_name in ("minReplicas", "maxReplicas"):
+        asked = config.get(field_name, 0)
+        if isinstance(asked, int) and asked > len(listed):
+            raise InvalidInputError(
+                f"config.{field_name}: the operator runs {len(listed)} replica(s) of {config['baseModel']}"
+                f" here (got {asked}); ask for at most {len(listed)}"
+            )
 
 
 def serving_key(settings: Settings, session: Session, user: User, base_model: str) -> str:
@@ -166,6 +189,7 @@ def create(
     validate_name(name, "name")
     cleaned = validate_config(settings, session, config)
     key = serving_key(settings, session, user, cleaned["baseModel"])
+    check_operator_replicas(settings, key, cleaned)
     if name == DEFAULT_DEPLOYMENT or _find(session, user, name) is not None:
         raise ConflictError(f"name: deployment {name!r} already exists; pick another name or update it")
     row = Deployment(
@@ -183,14 +207,21 @@ def create(
         session.rollback()
         raise ConflictError(f"name: deployment {name!r} already exists") from None
     view = DeploymentView.of(row)
-    start(serving, user, view)
+    start(serving, session, user, view)
     return view
 
 
-def start(serving: ServingSupervisor, user: User, view: DeploymentView) -> None:
+def start(serving: ServingSupervisor, session: Session, user: User, view: DeploymentView) -> None:
     """Make sure the deployment's base model is being served, with its adapters preloaded."""
     warmups = [(user.tenant.name, adapter) for adapter in view.config.get("preloadedAdapters", [])]
-    serving.ensure_started(view.base_model, warmups)
+    serving.ensure_started(view.base_model, warmups, replicas=wanted_replicas(session, view.base_model))
+
+
+def wanted_replicas(session: Session, key: str) -> int:
+    """The largest maxReplicas among the key's deployments (the default one asks for one)."""
+    configs = session.scalars(select(Deployment.config).where(Deployment.base_model == key))
+    asked = [config.get("maxReplicas", 1) for config in configs]
+    return max([1, *(n for n in asked if isinstance(n, int))])
 
 
 def get(session: Session, user: User, name: str) -> DeploymentView:
@@ -225,12 +256,13 @@ def update(
         changes = {key: value for key, value in config.items() if value is not None}
         cleaned = validate_config(settings, session, {**row.config, **changes})
         key = serving_key(settings, session, user, cleaned["baseModel"])
+        check_operator_replicas(settings, key, cleaned)
         row.config, row.base_model = cleaned, key
     if description is not None:
         row.description = description
     session.commit()
     view = DeploymentView.of(row)
-    start(serving, user, view)
+    start(serving, session, user, view)
     if previous_base != row.base_model:
         _stop_if_unused(serving, session, previous_base)
     return view
@@ -297,12 +329,15 @@ def _require_own(session: Session, user: User, name: str, verb: str) -> Deployme
 def _stop_if_unused(serving: ServingSupervisor, session: Session, base_model: str) -> None:
     """Every tenant's default deployment keeps the default base model in use."""
     if base_model == DEFAULT_BASE_MODEL:
+        serving.resize(base_model, wanted_replicas(session, base_model))
         return
     count = session.scalar(
         select(func.count()).select_from(Deployment).where(Deployment.base_model == base_model)
     )
     if not count:
         serving.stop(base_model)
+    else:
+        serving.resize(base_model, wanted_replicas(session, base_model))
 
 
 def _aware(moment: datetime) -> datetime:
