@@ -105,7 +105,10 @@ def validate_config(settings: Settings, session: Session, config: dict[str, Any]
             raise InvalidInputError(f"config.{key}: must be a whole number >= 0 (got {value!r})")
     if replicas["minReplicas"] > replicas["maxReplicas"]:
         raise InvalidInputError("config.minReplicas: must not exceed config.maxReplicas")
-    if replicas["maxReplicas"] > settings.serving_max_replicas:
+    # Replicas the control plane runs itself; the operator's are checked against their list once the
+    # serving key is known (check_operator_replicas).
+    operated = base_model in settings.serving_urls
+    if replicas["maxReplicas"] > settings.serving_max_replicas and not operated:
         raise InvalidInputError(
             f"config.maxReplicas: at most {settings.serving_max_replicas} here (the operator's "
             f"TUNEFORGE_SERVING_MAX_REPLICAS; got {replicas['maxReplicas']})"

@@ -205,16 +205,6 @@ class ServingSupervisor:
             group = self._groups.get(key)
             return list(group.events) if group is not None else []
 
-    def route(self, key: str, tenant: str, adapter: str) -> int | None:
-        """The index of the ready replica a request of `tenant` for `adapter` goes to now (no load)."""
-        with self._lock:
-            group = self._groups.get(key)
-            ready = group.ready() if group is not None else []
-            order = routing.choose(
-                routing.route_key(tenant, adapter), [r.name for r in ready], [0] * len(ready)
-            )
-            return ready[order[0]].index if order else None
-
     async def acquire(
         self, key: str, route_key: str, timeout: float, avoid: frozenset[int] = frozenset()
     ) -> ReplicaLease:
