@@ -12,7 +12,7 @@ from app.api.deps import CtxDep, CurrentUser, SessionDep
 from app.services import deployment_metrics, deployments
 from app.services.deployments import DeploymentView
 from app.settings import Settings
-from app.supervision.serving_processes import ServingStatus, ServingSupervisor
+from app.supervision.serving_processes import ServingSupervisor
 
 router = APIRouter(tags=["deployments"])
 
@@ -40,7 +40,7 @@ def present(
             max_input_length=deployments.context_length(settings, session, view.context_model),
         ),
         accelerator=schemas.Accelerator(id="any"),
-        current_replicas=1 if status is ServingStatus.READY else 0,
+        current_replicas=len(serving.ready_urls(view.base_model)),
         config=view.config,
         created_at=view.created_at.isoformat(),
     )

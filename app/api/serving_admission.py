@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -20,24 +21,34 @@ def admit(request: Request, tenant: str) -> ServingSlot:
 
 
 class SlotResponse(StreamingResponse):
-    """Gives the slot back, and closes the upstream response, however the response ends: streamed to
-    the end, failed, or left by the client.
+    """Gives the slot (and the replica's in-flight count) back, and closes the upstream response,
+    however the response ends: streamed to the end, failed, or left by the client.
 
     Done here rather than in the body generator's `finally`: a client that leaves before the first
     byte makes Starlette give up before the generator ever starts, and its `finally` never runs; the
     upstream stream left open would hold the serving process's slot until garbage collection.
     """
 
-    def __init__(self, slot: ServingSlot, upstream: httpx.Response | None, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        slot: ServingSlot,
+        upstream: httpx.Response | None,
+        *args: Any,
+        on_close: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._slot = slot
         self._upstream = upstream
+        self._on_close = on_close  # the replica's in-flight count (serving_processes.ReplicaLease)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self._slot.release()
+            if self._on_close is not None:
+                self._on_close()
             if self._upstream is not None:
                 with anyio.CancelScope(shield=True):
                     await self._upstream.aclose()

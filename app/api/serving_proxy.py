@@ -5,10 +5,15 @@ or its short code, which is what the Predibase SDK puts there), and the tenant t
 resolves adapters in travels in an assertion signed here (`tuneforge.serving_auth`), never taken
 from the caller. Responses stream through as they arrive (Server-Sent Events included), without
 buffering.
+
+A serving key may have several replicas: each request goes to the one `supervision.routing` picks for
+its tenant and adapter (the OpenAI `model`, LoRAX's `parameters.adapter_id`), so an adapter's requests
+meet the replica that has it loaded; one that cannot be reached is retried once on the next replica.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,7 +28,8 @@ from app.api.serving_admission import SlotResponse, admit
 from app.context import AppContext
 from app.errors import NotFoundError
 from app.services import auth, deployments
-from app.supervision.serving_processes import ServingSupervisor, ServingUnavailableError
+from app.supervision import routing
+from app.supervision.serving_processes import ReplicaLease, ServingSupervisor, ServingUnavailableError
 
 router = APIRouter(tags=["serving"])
 log = logging.getLogger(__name__)
@@ -51,7 +57,8 @@ UPSTREAM_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 @dataclass(frozen=True)
 class Target:
     tenant: str
-    base_model: str
+    base_model: str  # the serving key
+    name: str  # the deployment's
 
 
 @router.post(PREFIX)
@@ -77,49 +84,79 @@ async def forward(request: Request, tenant: str, name: str, upstream_path: str) 
     target = await run_in_threadpool(_resolve, ctx, serving, authorization, tenant, name)
     slot = admit(request, target.tenant)
     try:
-        response = await _open_upstream(request, ctx, serving, target, name, upstream_path)
+        response, lease = await _open_upstream(request, ctx, serving, target, upstream_path)
     except BaseException:
         slot.release()
         raise
     kept = {k: v for k, v in response.headers.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
     kept["X-Accel-Buffering"] = "no"  # and no proxy in front should buffer Server-Sent Events either
-    return SlotResponse(slot, response, _relay(response), status_code=response.status_code, headers=kept)
+    return SlotResponse(
+        slot,
+        response,
+        _relay(response),
+        status_code=response.status_code,
+        headers=kept,
+        on_close=lease.release,
+    )
 
 
 async def _open_upstream(
-    request: Request,
-    ctx: AppContext,
-    serving: ServingSupervisor,
-    target: Target,
-    name: str,
-    upstream_path: str,
-) -> httpx.Response:
-    """The serving process's streaming response, after one restart if it cannot be reached."""
+    request: Request, ctx: AppContext, serving: ServingSupervisor, target: Target, upstream_path: str
+) -> tuple[httpx.Response, ReplicaLease]:
+    """The streaming response of the replica routing picks, and its lease; a replica that cannot be
+    reached is reported and the request sent once more, to another replica where there is one."""
     # Read whole (generation requests are small) so that a request can be sent again after a restart.
     body = await request.body()
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED_REQUEST_HEADERS}
+    route = routing.route_key(target.tenant, adapter_of(body, target))
     timeout = ctx.settings.serving_start_timeout_seconds
     client = _http_client(request.app)
+    avoid: set[int] = set()
     for attempt in range(2):
-        url = await serving.wait_until_ready(target.base_model, timeout) + upstream_path
-        # Signed per attempt, just before sending: assertions live seconds, a start can take longer.
-        signed = headers | serving.signed_headers(target.tenant, request.method, url, body)
-        upstream = client.build_request(
-            request.method, url, content=body, headers=signed, params=request.query_params
-        )
+        lease = await serving.acquire(target.base_model, route, timeout, frozenset(avoid))
+        url = lease.url + upstream_path
         try:
-            response = await client.send(upstream, stream=True)
-            break
+            # Signed per attempt, just before sending: assertions live seconds, a start can take longer.
+            signed = headers | serving.signed_headers(target.tenant, request.method, url, body)
+            upstream = client.build_request(
+                request.method, url, content=body, headers=signed, params=request.query_params
+            )
+            return await client.send(upstream, stream=True), lease
         except httpx.TransportError as exc:
-            # Died since its last health check: the next wait starts it again (once).
-            await run_in_threadpool(serving.report_unreachable, target.base_model)
-            log.warning("serving %s unreachable at %s: %r", target.base_model, url, exc)
+            lease.release()
+            # Died since its last health check: look now; the next acquire starts ours again.
+            await run_in_threadpool(serving.report_unreachable, target.base_model, lease.index)
+            log.warning(
+                "serving %s replica %d unreachable at %s: %r", target.base_model, lease.index, url, exc
+            )
+            if serving.replica_count(target.base_model) > 1:
+                avoid.add(lease.index)  # the retry goes to the next replica, never the same one
             if attempt == 1:
                 # The transport error names the shared process's address: the log has it, not the caller.
                 raise ServingUnavailableError(
-                    f"deployment {name!r}: its serving process cannot be reached; retry shortly"
+                    f"deployment {target.name!r}: its serving process cannot be reached; retry shortly"
                 ) from exc
-    return response
+        except BaseException:
+            lease.release()
+            raise
+    raise AssertionError("unreachable: the second attempt returns or raises")
+
+
+def adapter_of(body: bytes, target: Target) -> str:
+    """The adapter a request names ("" for the base model), for routing only: a body that is not the
+    JSON expected routes as the base model, and the serving process answers it with the 400."""
+    try:
+        data = json.loads(body)
+    except ValueError:  # UnicodeDecodeError included
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    model = data.get("model")
+    if isinstance(model, str):  # OpenAI: the deployment or base model's own name is the base model
+        return "" if model in (target.name, target.base_model) else model
+    parameters = data.get("parameters")
+    adapter = parameters.get("adapter_id") if isinstance(parameters, dict) else None
+    return adapter if isinstance(adapter, str) else ""
 
 
 async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
@@ -143,8 +180,8 @@ def _resolve(
             # Another tenant's URL answers like a missing deployment: its existence is not revealed.
             raise NotFoundError(f"deployment {name!r} not found")
         view = deployments.get(session, user, name)
-        deployments.start(serving, user, view)
-        return Target(tenant=user.tenant.name, base_model=view.base_model)
+        deployments.start(serving, session, user, view)
+        return Target(tenant=user.tenant.name, base_model=view.base_model, name=name)
 
 
 async def close_http_client(app: FastAPI) -> None:

@@ -1,9 +1,9 @@
 """What a deployment's serving process reports: throughput, queue, speculative acceptance, loaded adapters.
 
-Read from the process's own `/metrics` (Prometheus text) and `/v1/models` only while it is ready;
-a deployment in standby is not started just to be looked at. Throughput and speculative counters
-belong to the process, which every deployment of the same base model shares; the loaded-adapter
-list is the caller's tenant's only.
+Read from each ready replica's own `/metrics` (Prometheus text) and `/v1/models`; a deployment in
+standby is not started just to be looked at. The replicas' numbers are summed and their loaded
+adapters joined. Throughput and speculative counters belong to the processes, which every deployment
+of the same base model shares; the loaded-adapter list is the caller's tenant's only.
 """
 
 from __future__ import annotations
@@ -75,9 +75,24 @@ def from_samples(status: str, values: dict[str, float], loaded: list[str]) -> De
 
 
 def read(serving: ServingSupervisor, view: DeploymentView, tenant: str) -> DeploymentMetrics:
-    url = serving.ready_url(view.base_model)
-    if url is None:
+    urls = serving.ready_urls(view.base_model)
+    if not urls:
         return DeploymentMetrics(status=serving.status(view.base_model))
+    totals: dict[str, float] = {}
+    loaded: set[str] = set()
+    answered = [scraped for url in urls if (scraped := _scrape(serving, url, tenant)) is not None]
+    for values, adapters in answered:
+        for name, value in values.items():
+            totals[name] = totals.get(name, 0.0) + value
+        loaded.update(adapters)
+    if not answered:
+        # Died or restarting since the last health check: say what the supervisor will soon say.
+        return DeploymentMetrics(status=ServingStatus.INITIALIZING)
+    return from_samples(ServingStatus.READY, totals, sorted(loaded))
+
+
+def _scrape(serving: ServingSupervisor, url: str, tenant: str) -> tuple[dict[str, float], list[str]] | None:
+    """One replica's samples and the tenant's adapters loaded there; None if it does not answer."""
     try:
         scraped = httpx.get(f"{url}/metrics", timeout=SCRAPE_TIMEOUT_S)
         models_url = f"{url}/v1/models"
@@ -86,7 +101,6 @@ def read(serving: ServingSupervisor, view: DeploymentView, tenant: str) -> Deplo
         scraped.raise_for_status()
         models.raise_for_status()
     except httpx.HTTPError:
-        # Died or restarting since the last health check: say what the supervisor will soon say.
-        return DeploymentMetrics(status=ServingStatus.INITIALIZING)
+        return None
     loaded = [m["id"] for m in models.json()["data"] if m.get("parent") and m.get("loaded")]
-    return from_samples(ServingStatus.READY, parse_samples(scraped.text), loaded)
+    return parse_samples(scraped.text), loaded

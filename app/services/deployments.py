@@ -9,6 +9,10 @@ engine (tuneforge's or vLLM; settings.serving_engine when unnamed), which is par
 same base model on both engines is two sets of processes. Each tenant also has a default deployment of
 the default base model, on tuneforge's engine, that exists without being created and cannot be changed
 or deleted.
+
+`config.maxReplicas` is how many replicas of its serving key the control plane runs (the largest
+among the key's deployments); where an operator runs them (`TUNEFORGE_SERVING_URLS`), it may not ask
+for more than are listed.
 """
 
 from __future__ import annotations
@@ -122,6 +126,14 @@ def validate_config(settings: Settings, session: Session, config: dict[str, Any]
             raise InvalidInputError(f"config.{key}: must be a whole number >= 0 (got {value!r})")
     if replicas["minReplicas"] > replicas["maxReplicas"]:
         raise InvalidInputError("config.minReplicas: must not exceed config.maxReplicas")
+    # Replicas the control plane runs itself; the operator's are checked against their list once the
+    # serving key is known (check_operator_replicas).
+    operated = base_model in settings.serving_urls
+    if replicas["maxReplicas"] > settings.serving_max_replicas and not operated:
+        raise InvalidInputError(
+            f"config.maxReplicas: at most {settings.serving_max_replicas} here (the operator's "
+            f"TUNEFORGE_SERVING_MAX_REPLICAS; got {replicas['maxReplicas']})"
+        )
     preloaded = cleaned.get("preloadedAdapters", [])
     if not isinstance(preloaded, list) or not all(_is_adapter_ref(a) for a in preloaded):
         raise InvalidInputError(
@@ -133,6 +145,20 @@ def validate_config(settings: Settings, session: Session, config: dict[str, Any]
             "merged into its base, and no adapters besides; deploy its base model to serve adapters"
         )
     return cleaned
+
+
+def check_operator_replicas(settings: Settings, key: str, config: dict[str, Any]) -> None:
+    """Where the operator runs `key`'s replicas, a deployment cannot ask for more than are listed."""
+    listed = settings.serving_urls.get(key)
+    if not listed:
+        return
+    for field_name in ("minReplicas", "maxReplicas"):
+        asked = config.get(field_name, 0)
+        if isinstance(asked, int) and asked > len(listed):
+            raise InvalidInputError(
+                f"config.{field_name}: the operator runs {len(listed)} replica(s) of {config['baseModel']}"
+                f" here (got {asked}); ask for at most {len(listed)}"
+            )
 
 
 def _engine(settings: Settings, engine: object) -> str:
@@ -207,6 +233,7 @@ def create(
     validate_name(name, "name")
     cleaned = validate_config(settings, session, config)
     key = serving_key(settings, session, user, cleaned)
+    check_operator_replicas(settings, key, cleaned)
     if name == DEFAULT_DEPLOYMENT or _find(session, user, name) is not None:
         raise ConflictError(f"name: deployment {name!r} already exists; pick another name or update it")
     row = Deployment(
@@ -224,14 +251,21 @@ def create(
         session.rollback()
         raise ConflictError(f"name: deployment {name!r} already exists") from None
     view = DeploymentView.of(row)
-    start(serving, user, view)
+    start(serving, session, user, view)
     return view
 
 
-def start(serving: ServingSupervisor, user: User, view: DeploymentView) -> None:
+def start(serving: ServingSupervisor, session: Session, user: User, view: DeploymentView) -> None:
     """Make sure the deployment's base model is being served, with its adapters preloaded."""
     warmups = [(user.tenant.name, adapter) for adapter in view.config.get("preloadedAdapters", [])]
-    serving.ensure_started(view.base_model, warmups)
+    serving.ensure_started(view.base_model, warmups, replicas=wanted_replicas(session, view.base_model))
+
+
+def wanted_replicas(session: Session, key: str) -> int:
+    """The largest maxReplicas among the key's deployments (the default one asks for one)."""
+    configs = session.scalars(select(Deployment.config).where(Deployment.base_model == key))
+    asked = [config.get("maxReplicas", 1) for config in configs]
+    return max([1, *(n for n in asked if isinstance(n, int))])
 
 
 def get(session: Session, user: User, name: str) -> DeploymentView:
@@ -268,12 +302,13 @@ def update(
         stored = {"engine": engine_of(row.base_model)} | row.config
         cleaned = validate_config(settings, session, {**stored, **changes})
         key = serving_key(settings, session, user, cleaned)
+        check_operator_replicas(settings, key, cleaned)
         row.config, row.base_model = cleaned, key
     if description is not None:
         row.description = description
     session.commit()
     view = DeploymentView.of(row)
-    start(serving, user, view)
+    start(serving, session, user, view)
     if previous_base != row.base_model:
         _stop_if_unused(serving, session, previous_base)
     return view
@@ -340,12 +375,15 @@ def _require_own(session: Session, user: User, name: str, verb: str) -> Deployme
 def _stop_if_unused(serving: ServingSupervisor, session: Session, base_model: str) -> None:
     """Every tenant's default deployment keeps the default base model in use."""
     if base_model == DEFAULT_BASE_MODEL:
+        serving.resize(base_model, wanted_replicas(session, base_model))
         return
     count = session.scalar(
         select(func.count()).select_from(Deployment).where(Deployment.base_model == base_model)
     )
     if not count:
         serving.stop(base_model)
+    else:
+        serving.resize(base_model, wanted_replicas(session, base_model))
 
 
 def _aware(moment: datetime) -> datetime:

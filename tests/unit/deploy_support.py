@@ -229,8 +229,19 @@ def kustomization() -> dict[str, Any]:
     return yaml.safe_load((K8S / "kustomization.yaml").read_text())
 
 
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+
+
+def workload(name: str) -> dict[str, Any]:
+    """The Deployment or StatefulSet of that name (serving replicas run as a StatefulSet)."""
+    objects = k8s_objects()
+    (found,) = [objects[(kind, name)] for kind in WORKLOAD_KINDS if (kind, name) in objects]
+    return found
+
+
 def pod_spec(name: str) -> dict[str, Any]:
-    return k8s_objects()[("Deployment", name)]["spec"]["template"]["spec"]
+    spec: dict[str, Any] = workload(name)["spec"]["template"]["spec"]
+    return spec
 
 
 def only_container(name: str) -> dict[str, Any]:

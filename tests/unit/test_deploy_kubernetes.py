@@ -28,6 +28,7 @@ from deploy_support import (
     uvicorn_port,
     words,
     worker_queues,
+    workload,
 )
 from pydantic import ValidationError
 
@@ -122,7 +123,7 @@ def test_k8s_serving_probes_and_service_reach_the_port_it_listens_on() -> None:
         assert container_port(serving, serving[probe]["httpGet"]["port"]) == port, probe
     objects = k8s_objects()
     service = objects[("Service", SERVING)]["spec"]
-    labels = objects[("Deployment", SERVING)]["spec"]["template"]["metadata"]["labels"]
+    labels = workload(SERVING)["spec"]["template"]["metadata"]["labels"]
     assert service["selector"].items() <= labels.items()
     # The selector must not also match other components' pods (api, worker).
     for other in ("tuneforge-api", "tuneforge-worker"):
@@ -134,7 +135,9 @@ def test_k8s_serving_probes_and_service_reach_the_port_it_listens_on() -> None:
     assert int(last(dockerfile("Dockerfile.worker"), "EXPOSE")) == port
 
 
-def test_k8s_serving_urls_name_the_serving_services_and_their_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_k8s_serving_urls_name_every_replica_pod_of_the_serving_statefulsets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     env = k8s_env(only_container("tuneforge-api"))
     raw = env[f"{ENV_PREFIX}SERVING_URLS"]
     assert isinstance(json.loads(raw), dict), raw
@@ -142,24 +145,28 @@ def test_k8s_serving_urls_name_the_serving_services_and_their_ports(monkeypatch:
     urls = settings_from(tuneforge_env | {f"{ENV_PREFIX}SECRET_KEY": STRONG_SECRET}, monkeypatch).serving_urls
     assert "smollm2-135m" in urls, urls
     objects = k8s_objects()
-    for base_model, url in ((key, url) for key, replicas in urls.items() for url in replicas):
-        target = urlparse(url)
-        host = target.hostname or ""
-        assert target.scheme == "http" and ("Service", host) in objects, url
-        service = objects[("Service", host)]["spec"]
-        assert target.port in {p["port"] for p in service["ports"]}, (url, service["ports"])
-        backends = [
-            c
-            for (kind, _), obj in objects.items()
-            if kind == "Deployment"
-            and service["selector"].items() <= obj["spec"]["template"]["metadata"]["labels"].items()
-            for c in obj["spec"]["template"]["spec"]["containers"]
-        ]
-        assert backends, f"{host} selects no Deployment"
-        for container in backends:
+    for base_model, replicas in urls.items():
+        pods = []
+        for url in replicas:
+            # Adapter-affine routing needs each replica's own address: pod N of a StatefulSet through
+            # its headless Service (`<statefulset>-<N>.<service>`), never a Service's virtual IP.
+            target = urlparse(url)
+            pod, _, service_name = (target.hostname or "").partition(".")
+            assert target.scheme == "http" and ("Service", service_name) in objects, url
+            service = objects[("Service", service_name)]["spec"]
+            assert service.get("clusterIP") == "None", f"{service_name} is not headless"
+            assert target.port in {p["port"] for p in service["ports"]}, (url, service["ports"])
+            statefulset_name, _, ordinal = pod.rpartition("-")
+            statefulset = objects[("StatefulSet", statefulset_name)]["spec"]
+            assert statefulset["serviceName"] == service_name, url
+            assert service["selector"].items() <= statefulset["template"]["metadata"]["labels"].items()
+            (container,) = statefulset["template"]["spec"]["containers"]
             assert (
                 serve_args(container.get("command", []) + container.get("args", [])).base_model == base_model
             )
+            pods.append((statefulset_name, int(ordinal), statefulset["replicas"]))
+        (name, _, count), *_ = pods
+        assert sorted(pods) == [(name, n, count) for n in range(count)], "one URL per pod, every pod listed"
 
 
 def test_k8s_config_and_secret_keys_are_settings_fields() -> None:
@@ -207,7 +214,7 @@ def test_k8s_and_compose_name_the_same_two_images() -> None:
 
 
 def _pod_labels(name: str) -> dict[str, str]:
-    labels: dict[str, str] = k8s_objects()[("Deployment", name)]["spec"]["template"]["metadata"]["labels"]
+    labels: dict[str, str] = workload(name)["spec"]["template"]["metadata"]["labels"]
     return labels
 
 
@@ -221,7 +228,7 @@ def _serving_deployments() -> list[str]:
     return [
         name
         for (kind, name), obj in k8s_objects().items()
-        if kind == "Deployment"
+        if kind in ("Deployment", "StatefulSet")
         and any(
             c.get("command", [])[:2] == ["tuneforge", "serve"]
             for c in obj["spec"]["template"]["spec"]["containers"]
