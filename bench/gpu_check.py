@@ -11,6 +11,9 @@ About 3-5 minutes on one H100; `--device cpu --quick` proves it end to end on a 
     allocator's peak does not see the CUDA context).
 (2) serving: the engine's greedy tokens (fp32, the base model) equal HF `generate`'s on 8 prompts.
 (3) decode tok/s of the engine (bf16 on CUDA, fp32 on a CPU): one stream, and 32 at once.
+(4) CUDA, and only where `vllm` imports in this environment (`pip install 'tuneforge[vllm]'`): tuneforge
+    against vLLM, both as HTTP servers in bf16 on the same workload as `serve_throughput.py --peer vllm`
+    (32 requests over 8 LoRAs at once, and one stream; 64 greedy tokens each); otherwise it says why not.
 Never a pass/fail exit code but for a crash; the table says what held.
 """
 
@@ -21,9 +24,11 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import importlib.util
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -243,6 +248,50 @@ async def _decode_rates(engine: Any, prompts: list[list[int]], count: int, batch
     return single, batched
 
 
+def vllm_check(model_dir: Path, device: str, quick: bool) -> dict[str, Any]:
+    """tuneforge's server against vLLM's on CUDA (bench/serving_peers.py), or why it did not run."""
+    if device != "cuda":
+        return {"skipped": "not on CUDA (on a CPU: bench/serve_throughput.py --peer vllm)"}
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": f"vllm is not importable by {sys.executable} (pip install 'tuneforge[vllm]')"}
+    import torch
+
+    torch.cuda.empty_cache()  # each server takes its own share of the GPU
+    return versus_vllm(model_dir, "cuda", "bf16", quick, Path(sys.executable))
+
+
+def versus_vllm(model_dir: Path, device: str, dtype: str, quick: bool, vllm_python: Path) -> dict[str, Any]:
+    """serve_throughput.py --peer vllm's comparison (32 requests over 8 LoRAs at once, one stream)."""
+    import serve_throughput as bench
+    import serving_peers as peers
+    from transformers import AutoTokenizer
+
+    count, tokens, single = (8, 16, 2) if quick else (32, 64, 8)
+    requests = bench.build_requests(AutoTokenizer.from_pretrained(model_dir), count + single + 8, 8)
+    workload = peers.Workload.split([(r.prompt_ids, r.adapter_id) for r in requests], count, single, tokens)
+    with tempfile.TemporaryDirectory(prefix="tuneforge-gpu-vllm-") as tmp:
+        root = Path(tmp)
+        bench.make_adapters(model_dir, root / "adapters", 8)
+        measured, theirs = peers.run_both(
+            workload,
+            model_dir=model_dir,
+            base_model=BASE_MODEL,
+            adapter_dir=root / "adapters",
+            lora_rank=int(bench.LORA["r"]),
+            dtype=dtype,
+            device=device,
+            vllm_python=vllm_python,
+            eager_modes=[False] if quick else [False, True],  # compiled: CUDA graphs on a GPU
+            work_dir=root,
+        )
+    return {
+        "workload": workload,
+        "ours": measured,
+        "theirs": theirs,
+        "summary": peers.compare(measured, theirs),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -266,9 +315,13 @@ def main() -> None:
     print(f"{BASE_MODEL} on {name}, torch {torch.__version__}{' (quick)' if args.quick else ''}", flush=True)
     training = [train_check(model_dir, args.device, args.quick, quantized) for quantized in (False, True)]
     serving = serve_check(model_dir, args.device, args.quick)
+    vllm = vllm_check(model_dir, args.device, args.quick)
     report(training, serving)
+    report_vllm(vllm)
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "training": training, "serving": serving}, indent=2))
+        versus = vllm if "skipped" in vllm else vllm["summary"]
+        document = {"device": name, "training": training, "serving": serving, "vllm": versus}
+        args.json.write_text(json.dumps(document, indent=2))
 
 
 def report(training: list[dict[str, Any]], serving: dict[str, Any]) -> None:
@@ -292,6 +345,16 @@ def report(training: list[dict[str, Any]], serving: dict[str, Any]) -> None:
         f"decode ({serving['decode_dtype']}): batch 1 {serving['decode_tok_s_batch1']:.1f} tok/s, "
         f"batch 32 {serving['decode_tok_s_batch32']:.1f} tok/s"
     )
+
+
+def report_vllm(vllm: dict[str, Any]) -> None:
+    if "skipped" in vllm:
+        print(f"\ntuneforge vs vLLM: skipped, {vllm['skipped']}")
+        return
+    import serving_peers as peers
+
+    print("\ntuneforge vs vLLM, both as HTTP servers (bf16 on CUDA; vLLM compiled = with CUDA graphs):")
+    peers.print_table(vllm["workload"], vllm["ours"], vllm["theirs"], vllm["summary"])
 
 
 if __name__ == "__main__":

@@ -17,6 +17,20 @@ tokens greedily (EOS does not stop it).
      (the engine's own `TokenOutput.elapsed` beside it).
 Greedy agreement: the fraction of requests whose engine tokens equal HF's (1.0 expected in fp32).
 Both sides are warmed up with one short request first. Never a pass/fail.
+
+--peer vllm: tuneforge against vLLM instead, both as HTTP servers (`tuneforge serve`, vLLM's OpenAI
+server, each a subprocess started and stopped here) driven by the same client (bench/serving_peers.py):
+the same prompts as token ids, adapters and greedy `ignore_eos` completions of --new-tokens tokens
+(both servers count exactly that many; the table shows the count), in --dtype on both.
+Each server is warmed up first (one short request per adapter at once, then one alone); no timed
+prompt repeats a warm-up's or another's, so vLLM's prefix cache saves nothing a real workload would not.
+(a) every request at once: tok/s = completion tokens / wall time of the batch;
+(b) one stream: --single-requests requests one after another, tok/s = tokens / their wall time
+    (prefill included). vLLM runs from --vllm-python (`make vllm` builds .venv-vllm), compiled and
+    with --enforce-eager (--vllm-mode); each ratio is against vLLM's faster mode on that scenario.
+"LoRA acts": of one request per adapter, how many texts differ from the base model's (untimed).
+Full run (32 requests, 8 LoRAs, 64 tokens, 8 single; about 6-10 minutes on a quiet 2-core CPU):
+    .venv/bin/python bench/serve_throughput.py --peer vllm
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: the base model is built locally
 
 BASE_MODEL = "smollm2-135m"
+REPO = Path(__file__).resolve().parents[1]
 SEED = 1234
 LORA: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 # Scale of the random LoRA factors: large enough that every adapter changes the generated text.
@@ -260,7 +275,20 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch threads for both sides (1 is steadier on a CPU others share)"
     )
+    parser.add_argument(
+        "--peer", choices=["hf", "vllm"], default="hf", help="what tuneforge is compared with"
+    )
+    parser.add_argument("--single-requests", type=int, default=8, help="--peer vllm: requests of (b)")
+    parser.add_argument(
+        "--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python", help="vLLM's interpreter"
+    )
+    parser.add_argument(
+        "--vllm-mode", choices=["both", "compiled", "eager"], default="both", help="--enforce-eager or not"
+    )
     args = parser.parse_args()
+    if args.peer == "vllm":
+        vllm_peer(args)
+        return
 
     import torch
 
@@ -312,6 +340,51 @@ def main() -> None:
     report(args, results, run, hf_tokens)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def vllm_peer(args: argparse.Namespace) -> None:
+    """tuneforge's server and vLLM's on the same workload, one after the other (see the docstring)."""
+    import serving_peers as peers
+    from transformers import AutoTokenizer
+
+    from worker.training.base_models import resolve_base_model
+
+    if not args.vllm_python.exists():
+        raise SystemExit(
+            f"--vllm-python {args.vllm_python} does not exist: run `make vllm`, or point it at one"
+        )
+    model_dir = resolve_base_model(BASE_MODEL, args.cache_dir)
+    total = args.requests + args.single_requests + args.adapters  # no prompt used twice
+    requests = build_requests(AutoTokenizer.from_pretrained(model_dir), total, args.adapters)
+    workload = peers.Workload.split(
+        [(r.prompt_ids, r.adapter_id) for r in requests], args.requests, args.single_requests, args.new_tokens
+    )
+    modes = {"both": [False, True], "compiled": [False], "eager": [True]}[args.vllm_mode]
+    print(
+        f"{BASE_MODEL} {args.dtype} on both, CPU; {args.requests} requests over {args.adapters} LoRAs "
+        f"r={LORA['r']} {'/'.join(LORA['target_modules'])}, {args.new_tokens} greedy tokens each "
+        f"(ignore_eos); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="tuneforge-vllm-bench-") as tmp:
+        root = Path(tmp)
+        make_adapters(model_dir, root / "adapters", args.adapters)
+        ours, theirs = peers.run_both(
+            workload,
+            model_dir=model_dir,
+            base_model=BASE_MODEL,
+            adapter_dir=root / "adapters",
+            lora_rank=int(LORA["r"]),
+            dtype=args.dtype,
+            device="cpu",
+            vllm_python=args.vllm_python,
+            eager_modes=modes,
+            work_dir=root,
+        )
+    summary = peers.compare(ours, theirs)
+    peers.print_table(workload, ours, theirs, summary)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def report(
