@@ -252,7 +252,8 @@ def run_server(
 
     tenant = tenant or settings.dev_tenant
     engine: ServingEngine
-    if engine_of(base_model) == VLLM_ENGINE or options.engine == VLLM_ENGINE:
+    vllm = engine_of(base_model) == VLLM_ENGINE or options.engine == VLLM_ENGINE
+    if vllm:
         vllm_config, source, ctx = _served_by_vllm(
             settings, model_key_of(base_model), options, adapter_dir, tenant
         )
@@ -271,7 +272,8 @@ def run_server(
         engine.start()
         if preload:
             engine.preload(preload, tenant=tenant)
-        print(f"tuneforge serving {base_model} on http://{host}:{port}", flush=True)
+        note = " (engine vllm: Turbo adapters run without their speculators)" if vllm else ""
+        print(f"tuneforge serving {base_model} on http://{host}:{port}{note}", flush=True)
         # uvicorn re-raises a Ctrl-C it has handled already; uvicorn.run swallows it, so do we.
         with contextlib.suppress(KeyboardInterrupt):
             server.run()

@@ -11,31 +11,26 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from tuneforge.serving_auth import TenantAssertions
+from vllm_support import MODEL, assert_group_gone, free_port, lora, vllm_group, vllm_python, wait_healthy
 
-REPO = Path(__file__).resolve().parents[3]
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-MODEL = "smollm2-135m"
 SECRET = "vllm-engine-test-" + "k" * 32
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, there was a")
 NEW_TOKENS = 8
 MAX_LORA_RANK = 16
-LAUNCH = REPO / "worker" / "serving" / "vllm_engine" / "launch.py"
+LAUNCH = Path(__file__).resolve().parents[3] / "worker" / "serving" / "vllm_engine" / "launch.py"
 
 
 @dataclass
@@ -58,47 +53,24 @@ class Served:
         return httpx.get(f"{self.url}{path}", headers=headers, timeout=30)
 
 
-def _lora(model_dir: Path, out: Path, *, rank: int, seed: int) -> Path:
-    """A PEFT LoRA with random B matrices, so that it changes what is generated."""
-    torch.manual_seed(seed)
-    config = LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )  # fmt: skip
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn_like(param) * 0.05)
-    model.save_pretrained(out, safe_serialization=True)
-    return out
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    if not VLLM_PYTHON.is_file():
-        pytest.fail(f"{VLLM_PYTHON} is missing: run `make vllm` (these tests run the real vLLM)")
+    python = vllm_python()
     from worker.training.base_models import resolve_base_model
 
     root = tmp_path_factory.mktemp("vllm-engine")
     model_dir = resolve_base_model(MODEL, root / "models")
     adapters = root / "adapters"
-    _lora(model_dir, adapters / "acme" / "1", rank=8, seed=3)
-    _lora(model_dir, adapters / "wide" / "1", rank=2 * MAX_LORA_RANK, seed=4)
+    lora(model_dir, adapters / "acme" / "1", rank=8, seed=3)
+    lora(model_dir, adapters / "wide" / "1", rank=2 * MAX_LORA_RANK, seed=4)
     # A turbo_lora artifact: its LoRA and its speculator heads (which vLLM never reads, so any bytes do).
     turbo = shutil.copytree(adapters / "acme" / "1", adapters / "turbo" / "1")
     (turbo / "speculator_config.json").write_text("{}")
     (turbo / "speculator.safetensors").write_bytes(b"")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
     env |= {"TUNEFORGE_MODEL_CACHE_DIR": str(root / "models"), "TUNEFORGE_SECRET_KEY": SECRET}
-    env |= {"TUNEFORGE_VLLM_PYTHON": str(VLLM_PYTHON), "PYTHONUNBUFFERED": "1"}
+    env |= {"TUNEFORGE_VLLM_PYTHON": str(python), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "tuneforge.cli", "serve", "--engine", "vllm", "--base-model", MODEL]
     command += ["--port", str(port), "--adapter-dir", str(adapters), "--data-dir", str(root / "data")]
     command += ["--dtype", "fp32", "--max-lora-rank", str(MAX_LORA_RANK), "--parent-pid", str(os.getpid())]
@@ -107,25 +79,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, process, log)
+        wait_healthy(url, process, log)
         yield Served(url, process, log, model_dir, adapters, TenantAssertions(SECRET))
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
-
-
-def _wait_healthy(url: str, process: subprocess.Popen[str], log: Path) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()[-5000:]
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)  # vLLM's startup has no event to await from here
-    raise AssertionError(f"tuneforge serve --engine vllm did not become healthy:\n{log.read_text()[-5000:]}")
 
 
 def _greedy_reference(model: Any, tokenizer: Any, prompt: str) -> list[int]:
@@ -240,21 +199,9 @@ def test_the_resolver_accepts_only_its_own_names_with_an_adapter_linked(tmp_path
 
 def test_killing_vllm_fails_health_and_ends_the_process(served: Served) -> None:
     """Last in the module: it ends the shared process."""
-    children = psutil.Process(served.process.pid).children()
-    launcher = next(c for c in children if "launch.py" in " ".join(c.cmdline()))
-    group = os.getpgid(launcher.pid)
-    os.kill(launcher.pid, signal.SIGKILL)
+    group = vllm_group(served.process.pid)
+    os.kill(group, signal.SIGKILL)  # the launcher alone (it leads its group): its workers are orphaned
     assert served.process.wait(timeout=60) == 3, served.log.read_text()[-3000:]  # lifetime.EXIT_ENGINE_DIED
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{served.url}/health", timeout=2)
-    # No vLLM process outlives its tuneforge serve: the group was sent SIGKILL as the process ended.
-    group_members = [p for p in psutil.process_iter() if _group_of(p.pid) == group]
-    _, alive = psutil.wait_procs(group_members, timeout=10)
-    assert [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
-
-
-def _group_of(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
+    assert_group_gone(group)  # no vLLM process outlives its tuneforge serve

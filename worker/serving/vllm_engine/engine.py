@@ -25,7 +25,7 @@ import httpx
 from transformers import AutoConfig, AutoTokenizer
 from tuneforge.rules.artifacts import ADAPTER_CONFIG, ArtifactManifest
 
-from worker.serving.adapters import AdapterSource, ResolvedAdapter
+from worker.serving.adapters import AdapterSource, Resolutions, ResolvedAdapter
 from worker.serving.detokenizer import IncrementalDetokenizer
 from worker.serving.errors import (
     AdapterLoadError,
@@ -60,6 +60,7 @@ class VllmEngine:
     ) -> None:
         self.config = config
         self.source = source
+        self._resolutions = Resolutions(source)
         self.model_name = config.model_name
         self.on_death = on_death
         self._resolver_dir = Path(tempfile.mkdtemp(prefix="tuneforge-vllm-adapters-"))
@@ -129,8 +130,9 @@ class VllmEngine:
             self._link(self.resolve_adapter(adapter_id, tenant))
 
     def resolve_adapter(self, adapter_id: str, tenant: str | None) -> ResolvedAdapter:
-        """What the id names for the tenant now. Blocking (a database read): call it from a worker thread."""
-        return self.source.resolve(adapter_id, tenant)
+        """What the id names for the tenant now (remembered briefly, as tuneforge's engine does). Blocking
+        (a database read): call it from a worker thread."""
+        return self._resolutions.resolve(adapter_id, tenant)
 
     def loaded_adapters(self, tenant: str | None = None) -> list[str]:
         """Adapters this process has handed to vLLM for the tenant (vLLM keeps them in its CPU cache)."""

@@ -81,6 +81,12 @@ class _VllmCollector(Collector):
             total("vllm:kv_cache_usage_perc"),
         )
         yield _gauge("adapters_loaded", "Adapters in running or waiting requests", _adapters_in_use(samples))
+        info = GaugeMetricFamily(
+            _PREFIX + "engine_info", "The serving engine; speculation off: no tuneforge speculators run",
+            labels=["engine", "speculation"],
+        )  # fmt: skip
+        info.add_metric(["vllm", "off"], 1.0)
+        yield info
         yield _gauge(
             "tokens_per_second",
             "Generated tokens per second over the last 10 s",
