@@ -29,12 +29,14 @@ def vllm_python() -> Path:
     return VLLM_PYTHON
 
 
-def lora(model_dir: Path, out: Path, *, rank: int, seed: int, base_model: str = MODEL) -> Path:
-    """A PEFT LoRA of the model with random B matrices, so that it changes what is generated."""
+def lora(
+    model_dir: Path, out: Path, *, rank: int, seed: int, base_model: str = MODEL, dora: bool = False
+) -> Path:
+    """A PEFT LoRA (or DoRA) of the model with random B matrices, so that it changes what is generated."""
     torch.manual_seed(seed)
     config = LoraConfig(
         r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-        task_type="CAUSAL_LM",
+        use_dora=dora, task_type="CAUSAL_LM",
     )  # fmt: skip
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), config)
     with torch.no_grad():

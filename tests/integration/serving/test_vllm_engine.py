@@ -63,6 +63,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     adapters = root / "adapters"
     lora(model_dir, adapters / "acme" / "1", rank=8, seed=3)
     lora(model_dir, adapters / "wide" / "1", rank=2 * MAX_LORA_RANK, seed=4)
+    lora(model_dir, adapters / "dora" / "1", rank=8, seed=5, dora=True)
     # A turbo_lora artifact: its LoRA and its speculator heads (which vLLM never reads, so any bytes do).
     turbo = shutil.copytree(adapters / "acme" / "1", adapters / "turbo" / "1")
     (turbo / "speculator_config.json").write_text("{}")
@@ -145,7 +146,7 @@ def test_streamed_text_equals_the_whole_response_and_stop_strings_cut_it(served:
     assert cut["finish_reason"] == "stop" and cut["text"] == whole["text"][: whole["text"].find(stop)]
 
 
-def test_unknown_adapters_are_404_and_a_rank_over_the_limit_is_a_clear_422(served: Served) -> None:
+def test_unknown_adapters_are_404_and_what_vllm_cannot_load_a_clear_422(served: Served) -> None:
     body = {"prompt": "Hello", "max_tokens": 2}
     for name in ("acme/9", "nobody/1", "not an id"):
         reply = served.post("/v1/completions", body | {"model": name})
@@ -154,6 +155,8 @@ def test_unknown_adapters_are_404_and_a_rank_over_the_limit_is_a_clear_422(serve
     assert wide.status_code == 422
     assert f"LoRA rank {2 * MAX_LORA_RANK}" in wide.json()["error"]["message"]
     assert f"up to {MAX_LORA_RANK}" in wide.json()["error"]["message"]
+    dora = served.post("/generate", {"inputs": "Hello", "parameters": {"adapter_id": "dora/1"}})
+    assert dora.status_code == 422 and "DoRA adapter" in dora.json()["error"], dora.text
 
 
 def test_a_turbo_adapter_is_served_as_its_lora_and_says_speculation_is_off(served: Served) -> None:

@@ -28,7 +28,6 @@ from tuneforge.rules.artifacts import ADAPTER_CONFIG, ArtifactManifest
 from worker.serving.adapters import AdapterSource, Resolutions, ResolvedAdapter
 from worker.serving.detokenizer import IncrementalDetokenizer
 from worker.serving.errors import (
-    AdapterLoadError,
     EngineError,
     InvalidParameterError,
     PromptTooLongError,
@@ -39,7 +38,7 @@ from worker.serving.outputs import FinishReason, TokenOutput
 from worker.serving.params import SamplingParams
 from worker.serving.vllm_engine.metrics import VllmMetrics
 from worker.serving.vllm_engine.process import VllmConfig, VllmProcess
-from worker.serving.vllm_engine.streaming import VllmStream, adapter_rank
+from worker.serving.vllm_engine.streaming import VllmStream, check_adapter_config
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +151,7 @@ class VllmEngine:
                 self._served.popitem(last=False)
         if manifest.is_speculator_only:
             return None, True  # a Turbo speculator alone adapts nothing: the base model answers
-        rank = adapter_rank(path / ADAPTER_CONFIG)
-        if rank > self.config.max_lora_rank:
-            raise AdapterLoadError(
-                f"adapter {adapter.adapter_id} has LoRA rank {rank}; this vLLM deployment serves ranks "
-                f"up to {self.config.max_lora_rank} (raise it with --max-lora-rank or "
-                "TUNEFORGE_VLLM_MAX_LORA_RANK)",
-                field="adapter_id",
-            )
+        check_adapter_config(adapter.adapter_id, path / ADAPTER_CONFIG, self.config.max_lora_rank)
         name = "tf-" + hashlib.sha1(adapter.key.encode()).hexdigest()
         link = self._resolver_dir / name
         if not link.exists():

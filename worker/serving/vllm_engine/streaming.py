@@ -67,9 +67,10 @@ def error_from_vllm(status: int, body: str, adapter: ResolvedAdapter | None) -> 
     if status == 404 and name is not None:
         return AdapterNotFoundError(f"adapter {name} not found", field="adapter_id")
     if name is not None and status in (400, 422, 500) and "lora" in message.lower():
+        # vLLM's message names only its own name for the adapter (tf-<sha>); its log has the reason.
         return AdapterLoadError(
-            f"adapter {name} cannot be served by vLLM: {message[:300]} (vLLM serves PEFT LoRA adapters of "
-            "its supported target modules; retrain the adapter or serve it with engine 'tuneforge')",
+            f"adapter {name} could not be loaded by vLLM (it serves PEFT LoRA adapters of the modules it "
+            "supports; the server log has vLLM's reason); serve it from a deployment with engine 'tuneforge'",
             field="adapter_id",
         )
     if status == 503:
@@ -90,11 +91,28 @@ def _message(body: str) -> str:
     return str(error)
 
 
-def adapter_rank(config_path: Path) -> int:
-    """The largest LoRA rank an adapter_config.json names (its `r` and any per-module `rank_pattern`)."""
+def check_adapter_config(adapter_id: str, config_path: Path, max_rank: int) -> None:
+    """Refuses, with a reason a user can act on, what vLLM would fail to load with only a generic
+    "could not be loaded": not a LoRA, DoRA, or a rank above the deployment's --max-lora-rank."""
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError):
-        raise AdapterLoadError(f"{config_path.name} is missing or not JSON", field="adapter_id") from None
+        raise AdapterLoadError(
+            f"adapter {adapter_id}: its {config_path.name} is missing or not JSON", field="adapter_id"
+        ) from None
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA" or config.get("use_dora"):
+        kind = "a DoRA adapter" if peft_type == "LORA" else f"a {peft_type} adapter"
+        raise AdapterLoadError(
+            f"adapter {adapter_id} is {kind}; engine vllm serves plain LoRA adapters only (serve it from a "
+            "deployment with engine 'tuneforge')",
+            field="adapter_id",
+        )
     ranks = [config.get("r") or 0, *(config.get("rank_pattern") or {}).values()]
-    return max(int(r) for r in ranks if isinstance(r, int | float))
+    rank = max(int(r) for r in ranks if isinstance(r, int | float))
+    if rank > max_rank:
+        raise AdapterLoadError(
+            f"adapter {adapter_id} has LoRA rank {rank}; this vLLM deployment serves ranks up to {max_rank} "
+            "(raise it with --max-lora-rank or TUNEFORGE_VLLM_MAX_LORA_RANK)",
+            field="adapter_id",
+        )
