@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,34 @@ def test_a_turbo_adapter_is_served_as_its_lora_and_says_speculation_is_off(serve
     assert listed["turbo/1"]["loaded"] is True
 
 
+def _metric(served: Served, name: str) -> float:
+    text = httpx.get(f"{served.url}/metrics", timeout=30).text
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_a_client_that_leaves_a_stream_aborts_the_request_in_vllm(served: Served) -> None:
+    aborted = 'tuneforge_serving_requests_total{finish_reason="aborted"}'
+    before = _metric(served, aborted)
+    body = {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 1500, "ignore_eos_token": True}}
+    content = json.dumps(body).encode()
+    headers = served.assertions.headers(tenant="dev", method="POST", path="/generate_stream", body=content)
+    with httpx.stream(
+        "POST", f"{served.url}/generate_stream", content=content, timeout=60,
+        headers=headers | {"Content-Type": "application/json"},
+    ) as stream:  # fmt: skip
+        events = (line for line in stream.iter_lines() if line.startswith("data:"))
+        for _ in range(20):  # vLLM sets its gauges just after it hands out a step's tokens: read a few
+            next(events)
+        assert _metric(served, "vllm:num_requests_running") == 1
+    # Left after one token: vLLM drops the request (run to its end, 1500 tokens would keep it running far
+    # longer than this wait on this CPU). vLLM's gauge is all there is to watch from outside.
+    deadline = time.monotonic() + 15
+    while _metric(served, "vllm:num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _metric(served, "vllm:num_requests_running") == 0
+    assert _metric(served, aborted) == before + 1
+
+
 def test_metrics_translate_vllms_counters_and_pass_its_own_through(served: Served) -> None:
     served.post("/v1/completions", {"prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
     text = httpx.get(f"{served.url}/metrics", timeout=30).text
@@ -182,7 +211,8 @@ def test_metrics_translate_vllms_counters_and_pass_its_own_through(served: Serve
     assert values["tuneforge_serving_generated_tokens_total"] >= 3
     assert values["tuneforge_serving_prompt_tokens_total"] >= 1
     assert values["tuneforge_serving_running_sequences"] == 0  # nothing in flight between requests
-    assert sum(v for k, v in values.items() if k.startswith("tuneforge_serving_requests_total")) >= 1
+    assert values['tuneforge_serving_requests_total{finish_reason="length"}'] >= 1
+    assert values['tuneforge_serving_requests_total{finish_reason="stop_sequence"}'] >= 1  # the stop test
     assert any(k.startswith("vllm:generation_tokens_total") for k in values)
 
 

@@ -205,6 +205,8 @@ class VllmEngine:
                 reason = self._finish_reason(token, index, params, stop_hit, vllm_reason)
                 if reason is not None and reason is not FinishReason.STOP_SEQUENCE:
                     text += detok.flush()
+                if reason is not None:
+                    self.metrics.requests.labels(finish_reason=reason.value).inc()
                 yield TokenOutput(
                     token_id=token, text=text, logprob=logprob, special=token in self.special_ids,
                     index=index, finish_reason=reason, prompt_tokens=len(prompt_token_ids),
@@ -213,6 +215,9 @@ class VllmEngine:
                 if reason is not None:
                     return  # a stop string: closing the stream aborts the request in vLLM
                 index += 1
+        except (GeneratorExit, asyncio.CancelledError):  # the client left: the request is aborted
+            self.metrics.requests.labels(finish_reason=FinishReason.ABORTED.value).inc()
+            raise
         except httpx.HTTPError as exc:
             if self._closed is not None:
                 raise type(self._closed)(self._closed.message) from None

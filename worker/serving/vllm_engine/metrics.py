@@ -1,5 +1,10 @@
 """The serving process's /metrics for the vLLM engine: vLLM's own samples, plus the `tuneforge_serving_*`
-series the control plane reads (app/services/deployment_metrics.py) computed from them at each scrape."""
+series the control plane reads (app/services/deployment_metrics.py) computed from them at each scrape.
+
+Finished requests are counted here, by tuneforge's finish reasons, not taken from vLLM: vLLM leaves out
+requests whose client closed the stream, which is how every request cut by a stop string ends (tuneforge
+matches stop strings on its own text) and how a client that leaves ends its request.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 
 import httpx
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -21,9 +26,6 @@ SCRAPE_TIMEOUT_S = 5.0
 # tokens_per_second spans the last 10 s of scrapes, as tuneforge's engine counts its last 10 s of steps.
 RATE_WINDOW_S = 10.0
 _PREFIX = "tuneforge_serving_"
-# vLLM's finished_reason label → tuneforge's finish_reason (vLLM sees a stop string, matched by tuneforge,
-# as the client closing the stream: an abort).
-_FINISH_REASONS = {"stop": "eos_token", "length": "length", "abort": "aborted"}
 
 
 class VllmMetrics:
@@ -32,6 +34,12 @@ class VllmMetrics:
     def __init__(self, vllm_url: str) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_VllmCollector(f"{vllm_url}/metrics"))
+        self.requests = Counter(
+            "tuneforge_serving_requests",
+            "Finished requests by outcome",
+            ["finish_reason"],
+            registry=self.registry,
+        )
 
 
 class _VllmCollector(Collector):
@@ -64,17 +72,6 @@ class _VllmCollector(Collector):
             "generated_tokens", "Tokens generated, all requests", total("vllm:generation_tokens_total")
         )
         yield _counter("prompt_tokens", "Prompt tokens prefilled", total("vllm:prompt_tokens_total"))
-        requests = CounterMetricFamily(
-            _PREFIX + "requests", "Finished requests by outcome", labels=["finish_reason"]
-        )
-        by_reason: dict[str, float] = {}
-        for (name, labels), value in samples.items():
-            if name == "vllm:request_success_total":
-                reason = _FINISH_REASONS.get(dict(labels).get("finished_reason", ""), "other")
-                by_reason[reason] = by_reason.get(reason, 0.0) + value
-        for reason, value in sorted(by_reason.items()):
-            requests.add_metric([reason], value)
-        yield requests
         yield _gauge(
             "kv_cache_usage",
             "KV-cache use, 0..1 (vLLM's kv_cache_usage_perc)",
