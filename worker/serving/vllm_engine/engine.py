@@ -201,6 +201,8 @@ class VllmEngine:
         index = 0
         try:
             async for token, logprob, vllm_reason in stream.tokens(adapter):
+                if self._closed is not None:  # shutting down: end now, not at the stream's last token
+                    raise type(self._closed)(self._closed.message)
                 text, stop_hit = detok.add(token)
                 reason = self._finish_reason(token, index, params, stop_hit, vllm_reason)
                 if reason is not None and reason is not FinishReason.STOP_SEQUENCE:

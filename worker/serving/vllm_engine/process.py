@@ -23,6 +23,8 @@ LAUNCH_SCRIPT = Path(__file__).with_name("launch.py")
 HEALTH_POLL_S = 0.5
 DEFAULT_STARTUP_TIMEOUT_S = 900.0
 STOP_GRACE_S = 10.0
+# The ranks vLLM accepts for --max-lora-rank (vllm.config.lora.MaxLoRARanks).
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ class VllmConfig:
             "--served-model-name", self.model_name,
             # tuneforge's engine samples with what the request says, not the model's generation_config.json
             "--generation-config", "vllm",
-            "--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank),
+            "--enable-lora", "--max-loras", str(self.max_loras),
+            "--max-lora-rank", str(vllm_lora_rank(self.max_lora_rank)),
             "--tensor-parallel-size", str(self.tensor_parallel_size),
             "--dtype", self.dtype,
             "--gpu-memory-utilization", str(self.gpu_memory_utilization),
@@ -78,6 +81,11 @@ class VllmConfig:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.cpu_kv_cache_gib:g}")
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         return env
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that holds `rank` (tuneforge refuses adapters over `rank` itself)."""
+    return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), VLLM_MAX_LORA_RANKS[-1])
 
 
 class VllmProcess:
