@@ -85,16 +85,48 @@ def _serve(commands: Commands) -> None:
         help="stop when process PID ends (the control plane passes its own, so that its serving processes "
         "never outlive it)",
     )
-    serve.add_argument("--dtype", choices=("fp32", "bf16"), default=SERVE_DTYPE)
+    serve.add_argument(
+        "--dtype",
+        choices=tuple(_VLLM_DTYPES),
+        default=None,
+        help=f"weights and compute (default: {SERVE_DTYPE}; with --engine vllm: TUNEFORGE_VLLM_DTYPE, auto)",
+    )
     serve.add_argument(
         "--device",
         default="auto",
         help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N",
     )
     _adapter_options(serve)
+    _vllm_options(serve)
     data_dir_option(serve)
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
+
+
+def _vllm_options(serve: argparse.ArgumentParser) -> None:
+    """Which engine serves, and vLLM's knobs (each defaults to its TUNEFORGE_VLLM_* setting)."""
+    serve.add_argument(
+        "--engine",
+        choices=("tuneforge", "vllm"),
+        default="tuneforge",
+        help="the serving engine (a --base-model of the form vllm:<model> picks vllm too); vllm runs with "
+        "TUNEFORGE_VLLM_PYTHON (`make vllm`) and serves Turbo adapters without their speculators",
+    )
+    serve.add_argument("--max-loras", type=int, default=None, help="vllm: adapters on the device at once")
+    serve.add_argument("--max-cpu-loras", type=int, default=None, help="vllm: adapters kept in host memory")
+    serve.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm: GPUs per replica")
+    serve.add_argument(
+        "--gpu-memory-utilization", type=float, default=None, help="vllm: share of GPU memory it takes"
+    )
+    serve.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="vllm: reuse the KV cache of shared prompt prefixes",
+    )
+    serve.add_argument(
+        "--max-model-len", type=int, default=None, help="vllm: context length (default: the model's)"
+    )
 
 
 def _engine_options(serve: argparse.ArgumentParser) -> None:
@@ -162,7 +194,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from worker.serve_main import EngineOptions, run_server
+        from worker.serve_main import EngineOptions, VllmOverrides, run_server
     except ImportError as exc:
         raise ValueError(
             f"serving needs the data-plane packages ({exc.name} is missing): pip install 'tuneforge[worker]'"
@@ -177,8 +209,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         speculation_max_batch=args.speculation_max_batch,
         speculation_depth=args.speculation_depth,
         max_lora_rank=args.max_lora_rank or settings.max_lora_rank,
-        dtype=args.dtype,
+        dtype=_tuneforge_dtype(args.dtype),
         device=args.device,
+        engine=args.engine,
+        vllm=VllmOverrides(
+            max_loras=args.max_loras,
+            max_cpu_loras=args.max_cpu_loras,
+            max_lora_rank=args.max_lora_rank,
+            tensor_parallel_size=args.tensor_parallel_size,
+            dtype=_VLLM_DTYPES[args.dtype] if args.dtype else None,
+            enable_prefix_caching=args.enable_prefix_caching,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_model_len=args.max_model_len,
+        ),
     )
     return run_server(
         settings,
@@ -217,6 +260,14 @@ def _queues(value: str) -> tuple[str, ...]:
             f"{value!r}: name one or both of {', '.join(WORKER_QUEUES)}, separated by a comma"
         )
     return chosen
+
+
+# --dtype's names → vLLM's.
+_VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def _tuneforge_dtype(value: str | None) -> str:
+    return value or SERVE_DTYPE
 
 
 def _lora_rank(value: str) -> int:  # argparse names a type by its function: "invalid _lora_rank value"

@@ -9,15 +9,20 @@ seconds), so a deleted, archived or replaced version stops being served within t
 A process started for `version:<uuid>` (a deployment whose model is an adapter version) serves that
 version as its model instead: merged into its base (`worker.training.merge`) into a directory cached by
 the version's uuid (versions are immutable), and no per-request adapters besides.
+
+The engine is tuneforge's, or vLLM (`--engine vllm`, or a key `vllm:<model>`): a vLLM child process run
+with vLLM's own interpreter behind the same HTTP app, with adapters from the same source.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -31,7 +36,7 @@ from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
 from tuneforge.rules import base_models as base_model_rules
 from tuneforge.rules.adapter_ref import AdapterRef, AdapterRefError
 from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS, ArtifactManifest
-from tuneforge.rules.served_models import version_uuid_of
+from tuneforge.rules.served_models import VLLM_ENGINE, engine_of, model_key_of, version_uuid_of
 
 from app.context import AppContext
 from app.db import AdapterVersion, VersionStatus
@@ -47,6 +52,8 @@ from worker.serving.errors import AdapterLoadError, AdapterNotFoundError
 
 if TYPE_CHECKING:
     from worker.serving.engine import EngineConfig
+    from worker.serving.engine_api import ServingEngine
+    from worker.serving.vllm_engine.process import VllmConfig
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +211,22 @@ class EngineOptions:
     max_lora_rank: int = DEFAULT_MAX_LORA_RANK
     dtype: str = "fp32"
     device: str = "auto"
+    engine: str = "tuneforge"  # or "vllm" (a `vllm:` key says so too)
+    vllm: VllmOverrides | None = None
+
+
+@dataclass(frozen=True)
+class VllmOverrides:
+    """`tuneforge serve` flags for vLLM; each None leaves the TUNEFORGE_VLLM_* setting in force."""
+
+    max_loras: int | None = None
+    max_cpu_loras: int | None = None
+    max_lora_rank: int | None = None
+    tensor_parallel_size: int | None = None
+    dtype: str | None = None  # vLLM's name (float32, bfloat16, ...)
+    enable_prefix_caching: bool | None = None
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
 
 
 def run_server(
@@ -228,8 +251,18 @@ def run_server(
     from worker.serving.tenant_auth import SignedTenants
 
     tenant = tenant or settings.dev_tenant
-    config, source, ctx = _served(settings, base_model, options, adapter_dir, tenant)
-    engine = AsyncEngine(config, source=source, metrics=ServingMetrics())
+    engine: ServingEngine
+    vllm = engine_of(base_model) == VLLM_ENGINE or options.engine == VLLM_ENGINE
+    if vllm:
+        vllm_config, source, ctx = _served_by_vllm(
+            settings, model_key_of(base_model), options, adapter_dir, tenant
+        )
+        from worker.serving.vllm_engine.engine import VllmEngine
+
+        engine = VllmEngine(vllm_config, source)
+    else:
+        config, source, ctx = _served(settings, base_model, options, adapter_dir, tenant)
+        engine = AsyncEngine(config, source=source, metrics=ServingMetrics())
     # Always verified: the tenant of a request is only ever the one the control plane signed.
     app = build_app(engine, tenants=SignedTenants.from_secret(settings.secret_key))
     server = process_server(app, engine, host=host, port=port, log_level=log_level, parent_pid=parent_pid)
@@ -239,7 +272,8 @@ def run_server(
         engine.start()
         if preload:
             engine.preload(preload, tenant=tenant)
-        print(f"tuneforge serving {base_model} on http://{host}:{port}", flush=True)
+        note = " (engine vllm: Turbo adapters run without their speculators)" if vllm else ""
+        print(f"tuneforge serving {base_model} on http://{host}:{port}{note}", flush=True)
         # uvicorn re-raises a Ctrl-C it has handled already; uvicorn.run swallows it, so do we.
         with contextlib.suppress(KeyboardInterrupt):
             server.run()
@@ -270,6 +304,77 @@ def _served(
         ctx.close()
         raise
     return _engine_config(model.path, model.name, options, settings), VersionModelSource(model), ctx
+
+
+def _served_by_vllm(
+    settings: Settings, model_key: str, options: EngineOptions, adapter_dir: Path | None, tenant: str
+) -> tuple[VllmConfig, AdapterSource, AppContext | None]:
+    """vLLM's config and the adapter source for a base model or `version:<uuid>` (its merged directory is
+    a model directory like any other), with the context to close at exit."""
+    python = vllm_python(settings)
+    version_uuid = version_uuid_of(model_key)
+    if version_uuid is None:
+        source, ctx = _adapter_source(settings, adapter_dir, tenant, model_key)
+        return (
+            _vllm_config(python, _base_model_dir(settings, model_key), model_key, options, settings),
+            source,
+            ctx,
+        )
+    ctx = AppContext.from_settings(settings)
+    try:
+        model = version_model(ctx, version_uuid, settings.data_dir / "serving" / "models")
+    except BaseException:
+        ctx.close()
+        raise
+    return _vllm_config(python, model.path, model.name, options, settings), VersionModelSource(model), ctx
+
+
+def vllm_python(settings: Settings) -> Path:
+    """vLLM's interpreter: TUNEFORGE_VLLM_PYTHON, else this one where vLLM is installed here."""
+    if settings.vllm_python is not None:
+        if not Path(settings.vllm_python).is_file():
+            raise ValueError(f"TUNEFORGE_VLLM_PYTHON={settings.vllm_python} does not exist; run `make vllm`")
+        return Path(settings.vllm_python)
+    if importlib.util.find_spec("vllm") is not None:
+        return Path(sys.executable)
+    raise ValueError(
+        "the vLLM engine needs vLLM: run `make vllm` and set TUNEFORGE_VLLM_PYTHON=.venv-vllm/bin/python, "
+        "or pip install 'tuneforge[vllm]' into this environment"
+    )
+
+
+def _vllm_config(
+    python: Path, model_path: Path, model_name: str, options: EngineOptions, settings: Settings
+) -> VllmConfig:
+    from worker.serving.vllm_engine.process import VllmConfig
+
+    o = options.vllm or VllmOverrides()
+
+    def pick(flag: Any, setting: Any) -> Any:
+        return setting if flag is None else flag
+
+    return VllmConfig(
+        python=python,
+        model_path=model_path,
+        model_name=model_name,
+        max_loras=pick(o.max_loras, settings.vllm_max_loras),
+        max_cpu_loras=pick(o.max_cpu_loras, settings.vllm_max_cpu_loras),
+        max_lora_rank=pick(o.max_lora_rank, settings.vllm_max_lora_rank),
+        tensor_parallel_size=pick(o.tensor_parallel_size, settings.vllm_tensor_parallel_size),
+        dtype=pick(o.dtype, settings.vllm_dtype),
+        enable_prefix_caching=pick(o.enable_prefix_caching, settings.vllm_enable_prefix_caching),
+        gpu_memory_utilization=pick(o.gpu_memory_utilization, settings.vllm_gpu_memory_utilization),
+        max_model_len=pick(o.max_model_len, settings.vllm_max_model_len),
+        cpu_kv_cache_gib=settings.vllm_cpu_kv_cache_gib,
+        # CUDA graphs pay off on a GPU; on the CPU their warm-up only slows startup (~85 s against ~26 s).
+        enforce_eager=options.device == "cpu" or (options.device == "auto" and not _has_cuda()),
+    )
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _base_model_dir(settings: Settings, base_model: str) -> Path:

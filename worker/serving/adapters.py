@@ -104,50 +104,27 @@ class LocalDirectorySource:
         return sorted(str(p) for p in found)
 
 
-class AdapterCache:
-    """Loaded adapters keyed by what their ids resolved to, at most `max_adapters` beyond those in use.
+class Resolutions:
+    """Adapter ids resolved through a source, each remembered for `ttl_s` (failures too): a deleted
+    version stops being served within that time, and a busy adapter costs one lookup per `ttl_s`."""
 
-    An adapter used by a running sequence is pinned; eviction takes the least recently used unpinned
-    one. Failed loads are remembered briefly so a broken adapter fails fast, not once per request.
-    """
-
-    def __init__(
-        self,
-        source: AdapterSource,
-        *,
-        max_adapters: int,
-        shape: LoadShape,
-        metrics: ServingMetrics,
-        resolve_ttl_s: float = DEFAULT_RESOLVE_TTL_S,
-    ) -> None:
+    def __init__(self, source: AdapterSource, ttl_s: float = DEFAULT_RESOLVE_TTL_S) -> None:
         self.source = source
-        self.max_adapters = max_adapters
-        self.shape = shape
-        self.metrics = metrics
-        self.resolve_ttl_s = resolve_ttl_s
+        self.ttl_s = ttl_s
         self._lock = threading.Lock()
-        self._loaded: OrderedDict[str, AdapterWeights] = OrderedDict()
-        self._loading: dict[str, Future[None]] = {}
-        self._pins: dict[str, int] = {}
-        self._failed: dict[str, tuple[float, ServingError]] = {}
         # (tenant, id) -> (when it expires, what it resolved to or why it did not)
         self._resolved: dict[tuple[str, str], tuple[float, ResolvedAdapter | ServingError]] = {}
-        self._names: dict[str, tuple[str, str]] = {}  # key -> the (tenant, id) it was last asked by
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-loader")
-        self._listeners: list[Callable[[], None]] = []
-
-    # --- resolving (HTTP worker threads) ----------------------------------------------------------
 
     def resolve(self, adapter_id: str, tenant: str | None) -> ResolvedAdapter:
-        """What `adapter_id` names for `tenant` now, remembered for `resolve_ttl_s`. Blocking: call it
-        from a worker thread, never from the event loop or the engine thread."""
+        """What `adapter_id` names for `tenant` now. Blocking: call it from a worker thread, never from
+        the event loop or the engine thread."""
         check_adapter_id(adapter_id)
         name = (tenant or "", adapter_id)
         now = time.monotonic()
         with self._lock:
             remembered = self._resolved.get(name)
         if remembered is None or remembered[0] <= now:
-            remembered = (now + self.resolve_ttl_s, self._resolve_now(adapter_id, tenant))
+            remembered = (now + self.ttl_s, self._resolve_now(adapter_id, tenant))
             with self._lock:
                 self._remember(name, remembered, now)
         result = remembered[1]
@@ -175,6 +152,44 @@ class AdapterCache:
                 del self._resolved[old]
             while len(self._resolved) > MAX_REMEMBERED_RESOLUTIONS:
                 del self._resolved[next(iter(self._resolved))]
+
+
+class AdapterCache:
+    """Loaded adapters keyed by what their ids resolved to, at most `max_adapters` beyond those in use.
+
+    An adapter used by a running sequence is pinned; eviction takes the least recently used unpinned
+    one. Failed loads are remembered briefly so a broken adapter fails fast, not once per request.
+    """
+
+    def __init__(
+        self,
+        source: AdapterSource,
+        *,
+        max_adapters: int,
+        shape: LoadShape,
+        metrics: ServingMetrics,
+        resolve_ttl_s: float = DEFAULT_RESOLVE_TTL_S,
+    ) -> None:
+        self.source = source
+        self.max_adapters = max_adapters
+        self.shape = shape
+        self.metrics = metrics
+        self.resolve_ttl_s = resolve_ttl_s
+        self._lock = threading.Lock()
+        self._loaded: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._loading: dict[str, Future[None]] = {}
+        self._pins: dict[str, int] = {}
+        self._failed: dict[str, tuple[float, ServingError]] = {}
+        self._resolutions = Resolutions(source, resolve_ttl_s)
+        self._names: dict[str, tuple[str, str]] = {}  # key -> the (tenant, id) it was last asked by
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-loader")
+        self._listeners: list[Callable[[], None]] = []
+
+    # --- resolving (HTTP worker threads) ----------------------------------------------------------
+
+    def resolve(self, adapter_id: str, tenant: str | None) -> ResolvedAdapter:
+        """What `adapter_id` names for `tenant` now, remembered for `resolve_ttl_s` (see `Resolutions`)."""
+        return self._resolutions.resolve(adapter_id, tenant)
 
     # --- loading (the engine thread asks, loader threads load) -----------------------------------
 

@@ -18,23 +18,30 @@ from worker.serving.outputs import FinishReason, TokenOutput
 from worker.serving.params import SamplingParams
 
 if TYPE_CHECKING:
-    from worker.serving.async_engine import AsyncEngine
+    from worker.serving.engine_api import ServingEngine
 
 # Where `tenant_auth`'s middleware leaves the tenant it verified (the request scope's state).
 TENANT_STATE = "tuneforge_tenant"
+# Where a route leaves headers for its response (server.py's ResponseHeaders sends them): the response
+# of a streamed request starts later, in the streaming response, out of the route's hands.
+RESPONSE_HEADERS_STATE = "tuneforge_response_headers"
+SPECULATION_HEADER = "X-Tuneforge-Speculation"
 
 
 @dataclass(frozen=True)
 class RequestContext:
     """Who asks, of which engine: what every route needs before it can generate."""
 
-    engine: AsyncEngine
+    engine: ServingEngine
     tenant: str | None
+    response_headers: dict[str, str]
 
     @classmethod
     def of(cls, request: Request) -> RequestContext:
-        tenant: str | None = request.scope.get("state", {}).get(TENANT_STATE)
-        return cls(engine=request.app.state.engine, tenant=tenant)
+        state = request.scope.setdefault("state", {})
+        tenant: str | None = state.get(TENANT_STATE)
+        headers: dict[str, str] = state.setdefault(RESPONSE_HEADERS_STATE, {})
+        return cls(engine=request.app.state.engine, tenant=tenant, response_headers=headers)
 
     def adapter_for(self, model: str | None) -> str | None:
         """`""`, None or the base model's name mean the base model; anything else is an adapter id."""
@@ -76,7 +83,10 @@ class RequestContext:
             else None
         )
         stream = self.engine.generate(prompt_ids, params, adapter)
-        return await Generation.start(stream)  # closing the generator aborts the request
+        generation = await Generation.start(stream)  # closing the generator aborts the request
+        if generation.first.speculation_note:
+            self.response_headers[SPECULATION_HEADER] = generation.first.speculation_note
+        return generation
 
 
 class Generation:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from starlette.types import ASGIApp
 
-    from worker.serving.async_engine import AsyncEngine
+    from worker.serving.engine_api import ServingEngine
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class ServingServer(uvicorn.Server):
     not when their last token would have come), and is bounded in time."""
 
     def __init__(
-        self, config: uvicorn.Config, engine: AsyncEngine, *, hard_exit_after_s: float | None = None
+        self, config: uvicorn.Config, engine: ServingEngine, *, hard_exit_after_s: float | None = None
     ) -> None:
         super().__init__(config)
         self.engine = engine
@@ -82,7 +82,7 @@ class ServingServer(uvicorn.Server):
 
 
 def process_server(
-    app: ASGIApp, engine: AsyncEngine, *, host: str, port: int, log_level: str, parent_pid: int | None
+    app: ASGIApp, engine: ServingEngine, *, host: str, port: int, log_level: str, parent_pid: int | None
 ) -> ServingServer:
     """The server of a `tuneforge serve` process: graceful shutdown bounded, a hard exit should stopping
     hang, and (with `parent_pid`) a stop once the process that started it is gone."""

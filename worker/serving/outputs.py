@@ -55,6 +55,9 @@ class TokenOutput:
     # Time from submission to this token (seconds); the first one is the time to first token.
     elapsed: float = 0.0
     speculation: SpeculationStats | None = None  # so far, for requests whose adapter has a speculator
+    # Why the adapter's speculator does not run (an engine without tuneforge's speculators); the routes
+    # send it as the X-Tuneforge-Speculation response header.
+    speculation_note: str | None = None
 
     @property
     def finished(self) -> bool:

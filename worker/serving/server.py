@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,18 +16,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.serving import lorax_routes, openai_routes
 from worker.serving.errors import ServingError
-from worker.serving.http_common import error_body, error_code, is_openai_path
+from worker.serving.http_common import RESPONSE_HEADERS_STATE, error_body, error_code, is_openai_path
 from worker.serving.params import DEFAULT_MAX_BODY_BYTES
 from worker.serving.tenant_auth import TenantAuth, TenantAuthMiddleware
 
 if TYPE_CHECKING:
-    from worker.serving.async_engine import AsyncEngine
+    from worker.serving.engine_api import ServingEngine
 
 log = logging.getLogger(__name__)
 
 
 def build_app(
-    engine: AsyncEngine, *, tenants: TenantAuth, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    engine: ServingEngine, *, tenants: TenantAuth, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 ) -> FastAPI:
     """The app over a started engine; `tenants` says who a request is from: `SignedTenants` verifies
     the control plane's assertion, `TrustedTenant` (tests, benchmarks) trusts one fixed tenant.
@@ -42,9 +43,32 @@ def build_app(
     app.add_exception_handler(ServingError, _serving_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(ResponseHeaders)
     # Added last, so outermost: no body over the limit is buffered, not even to check its signature.
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     return app
+
+
+class ResponseHeaders:
+    """Adds the headers a route left in the request's state (`RESPONSE_HEADERS_STATE`) to its response,
+    whether the route returned it or a streaming response starts it later."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers: dict[str, str] = scope.setdefault("state", {}).setdefault(RESPONSE_HEADERS_STATE, {})
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start" and headers:
+                extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class BodyLimit:
@@ -101,7 +125,7 @@ async def _no_body() -> Message:
 
 async def health(request: Request) -> Response:
     """200 once the model is loaded and the engine loop runs; 503 otherwise (a load balancer's cue)."""
-    engine: AsyncEngine = request.app.state.engine
+    engine: ServingEngine = request.app.state.engine
     ready = engine.ready
     body = {"status": "ok" if ready else "unavailable", "model": engine.model_name}
     return JSONResponse(body, status_code=200 if ready else 503)
@@ -109,7 +133,8 @@ async def health(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     registry = request.app.state.engine.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    # A collection may read another process (vLLM's /metrics): off the event loop.
+    return Response(await run_in_threadpool(generate_latest, registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _serving_error(request: Request, exc: ServingError) -> JSONResponse:
