@@ -73,3 +73,21 @@ def ctrl_c_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def children_running(fragment: str, pid: int | None = None, *, recursive: bool = False) -> list[Any]:
+    """Live child processes of `pid` (this process by default) whose command line holds `fragment`.
+
+    Zombies and processes that exit while being looked at are skipped: a child another test killed and
+    never waited for is still this process's child, with no command line to read.
+    """
+    import psutil
+
+    found = []
+    for child in psutil.Process(pid).children(recursive=recursive):
+        try:
+            if fragment in " ".join(child.cmdline()):
+                found.append(child)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return found

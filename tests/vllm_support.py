@@ -15,6 +15,7 @@ import psutil
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tests_support import children_running
 from transformers import AutoModelForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,8 +74,7 @@ def wait_healthy(url: str, process: subprocess.Popen[str], log: Path) -> None:
 
 def vllm_group(serve_pid: int) -> int:
     """The process group of the vLLM child of a `tuneforge serve` process."""
-    children = psutil.Process(serve_pid).children()
-    launcher = next(c for c in children if "launch.py" in " ".join(c.cmdline()))
+    launcher = children_running("launch.py", serve_pid)[0]
     return os.getpgid(launcher.pid)
 
 

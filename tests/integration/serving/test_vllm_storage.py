@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import psutil
 from fastapi.testclient import TestClient
+from tests_support import children_running
 from tuneforge.serving_auth import TenantAssertions
 from vllm_support import MODEL, assert_group_gone, free_port, lora, vllm_group, vllm_python, wait_healthy
 
@@ -104,6 +105,6 @@ def test_storage_adapters_are_served_per_tenant_and_the_process_follows_its_pare
         assert_group_gone(group)
     finally:
         parent.kill()
-        for orphan in psutil.Process(os.getpid()).children(recursive=True):
-            if orphan.pid != parent.pid and "tuneforge.cli" in " ".join(orphan.cmdline()):
-                orphan.kill()
+        parent.wait()  # reaped: a zombie child would trip later tests that look at this process's children
+        for orphan in children_running("tuneforge.cli", recursive=True):
+            orphan.kill()

@@ -13,13 +13,13 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-import psutil
 import pytest
 import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from tests_support import children_running
 
 from app.context import AppContext
 from app.db import (
@@ -390,11 +390,7 @@ def test_a_job_whose_rank_dies_is_left_to_resume_from_its_checkpoint_like_a_lost
                 checkpointed = session.scalars(
                     select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
                 ).first()
-            ranks = [
-                child
-                for child in psutil.Process().children()
-                if "worker.training.distributed" in " ".join(child.cmdline())
-            ]
+            ranks = children_running("worker.training.distributed")
             if checkpointed is not None and ranks:
                 for rank in ranks:
                     os.kill(rank.pid, signal.SIGKILL)

@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from tests_support import children_running
 from training_support import Recorder, make_config, number_rows
 
 from worker.training.config import TrainingConfig
@@ -39,11 +40,7 @@ def config() -> TrainingConfig:
 
 def ranks() -> list[psutil.Process]:
     """This process's child ranks (the other rank of a two-device run)."""
-    return [
-        child
-        for child in psutil.Process().children()
-        if "worker.training.distributed" in " ".join(child.cmdline())
-    ]
+    return children_running("worker.training.distributed")
 
 
 class KillRankOne(Recorder):
