@@ -80,6 +80,11 @@ class VllmConfig:
         # vLLM-CPU otherwise takes a fixed 20+ GiB for its KV cache.
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.cpu_kv_cache_gib:g}")
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        # vLLM-CPU's first step has torch inductor probe the CPU's vector ISA by importing torch in a child
+        # Python; that child inherits vLLM's pinning to one core, and on a loaded 2-core machine it hung
+        # past the probe's 60 s three times over (avx512_vnni, avx512, avx2) until vLLM's engine core gave
+        # up. The ISA the CPU reports is trusted instead; an operator can still set the variable.
+        env.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
         return env
 
 
