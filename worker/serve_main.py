@@ -289,21 +289,8 @@ def _served(
 ) -> tuple[EngineConfig, AdapterSource, AppContext | None]:
     """The engine's config and adapter source for `--base-model` (a base model, or `version:<uuid>`),
     with the context to close at exit."""
-    version_uuid = version_uuid_of(base_model)
-    if version_uuid is None:
-        source, ctx = _adapter_source(settings, adapter_dir, tenant, base_model)
-        return (
-            _engine_config(_base_model_dir(settings, base_model), base_model, options, settings),
-            source,
-            ctx,
-        )
-    ctx = AppContext.from_settings(settings)
-    try:
-        model = version_model(ctx, version_uuid, settings.data_dir / "serving" / "models")
-    except BaseException:
-        ctx.close()
-        raise
-    return _engine_config(model.path, model.name, options, settings), VersionModelSource(model), ctx
+    (path, name), source, ctx = _served_model(settings, base_model, adapter_dir, tenant)
+    return _engine_config(path, name, options, settings), source, ctx
 
 
 def _served_by_vllm(
@@ -312,21 +299,26 @@ def _served_by_vllm(
     """vLLM's config and the adapter source for a base model or `version:<uuid>` (its merged directory is
     a model directory like any other), with the context to close at exit."""
     python = vllm_python(settings)
+    (path, name), source, ctx = _served_model(settings, model_key, adapter_dir, tenant)
+    return _vllm_config(python, path, name, options, settings), source, ctx
+
+
+def _served_model(
+    settings: Settings, model_key: str, adapter_dir: Path | None, tenant: str
+) -> tuple[tuple[Path, str], AdapterSource, AppContext | None]:
+    """The model directory and name for `model_key` (a base model, or `version:<uuid>` merged), the
+    adapter source that goes with it, and the context to close at exit: what either engine serves."""
     version_uuid = version_uuid_of(model_key)
     if version_uuid is None:
         source, ctx = _adapter_source(settings, adapter_dir, tenant, model_key)
-        return (
-            _vllm_config(python, _base_model_dir(settings, model_key), model_key, options, settings),
-            source,
-            ctx,
-        )
+        return (_base_model_dir(settings, model_key), model_key), source, ctx
     ctx = AppContext.from_settings(settings)
     try:
         model = version_model(ctx, version_uuid, settings.data_dir / "serving" / "models")
     except BaseException:
         ctx.close()
         raise
-    return _vllm_config(python, model.path, model.name, options, settings), VersionModelSource(model), ctx
+    return (model.path, model.name), VersionModelSource(model), ctx
 
 
 def vllm_python(settings: Settings) -> Path:
