@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import torch
 from live_server import LiveServer
-from tests_support import assert_error
+from tests_support import assert_error, children_running
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from tuneforge import Tuneforge
 from version_artifacts import peft_adapter
@@ -74,6 +75,7 @@ def stack(
         "embedded", model_cache_dir=shared_model_cache, **_engine_settings(engine)
     )
     base_dir = resolve_base_model(BASE, shared_model_cache)
+    before = {p.pid for p in children_running("tuneforge.cli", recursive=True)}
     with LiveServer(settings) as server:
         tenant, other = f"t-{secrets.token_hex(4)}", f"t-{secrets.token_hex(4)}"
         token, other_token = server.mint_token(tenant), server.mint_token(other)
@@ -88,6 +90,11 @@ def stack(
         assert made.status == "ready", client.deployments.events(DEPLOYMENT)
         yield EngineStack(engine, server, tenant, token, other_token, client, adapters)
         client.close()
+        ours = [p for p in children_running("tuneforge.cli", recursive=True) if p.pid not in before]
+        ours += [c for p in ours for c in p.children(recursive=True)]  # vLLM's processes, for that engine
+    # The control plane stopped: no serving process it started (nor vLLM under one) outlives it.
+    _, alive = psutil.wait_procs(ours, timeout=60)
+    assert [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
 
 
 @pytest.fixture(scope="module")
