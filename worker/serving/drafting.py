@@ -27,8 +27,14 @@ from worker.serving.speculator import Speculator
 
 
 def speculates(params: SamplingParams, adapter: AdapterWeights | None) -> bool:
-    """Requests whose adapter has heads, unless a repetition penalty makes p depend on each draft."""
-    return adapter is not None and adapter.speculator is not None and params.repetition_penalty == 1.0
+    """Requests whose adapter has heads, unless a repetition penalty makes p depend on each draft or a
+    grammar constrains the output (constrained requests decode one masked token a step)."""
+    return (
+        adapter is not None
+        and adapter.speculator is not None
+        and params.repetition_penalty == 1.0
+        and params.constraint is None
+    )
 
 
 class Drafter:

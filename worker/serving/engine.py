@@ -35,6 +35,7 @@ from worker.serving.errors import (
     PromptTooLongError,
     ServingError,
 )
+from worker.serving.guided import GrammarCompiler
 from worker.serving.kv_cache import BlockManager
 from worker.serving.metrics import ServingMetrics
 from worker.serving.model_runner import ModelRunner
@@ -106,6 +107,9 @@ class LLMEngine:
         if config.speculation_depth is not None and config.speculation_depth < 1:
             raise ValueError(f"speculation_depth must be at least 1, not {config.speculation_depth}")
         self.blocks = BlockManager(self.runner.cache.num_blocks)
+        # Output constraints compile against this tokenizer and the logits' width (the routes compile
+        # them before a request is queued; add_request finds them in its cache).
+        self.grammars = GrammarCompiler(self.tokenizer, self.runner.vocab_size, self.runner.eos_token_ids)
         self.drafter = Drafter(
             self.runner,
             self.blocks,
@@ -202,6 +206,8 @@ class LLMEngine:
             seq, IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
         )
         request.adapter_ref = adapter
+        if params.constraint is not None:
+            request.guide = self.grammars.start(params.constraint)
         self._requests[seq.seq_id] = request
         self.scheduler.add(seq)
         return request
@@ -305,7 +311,11 @@ class LLMEngine:
             self.metrics.itl.observe(now - seq.last_token_time)
         seq.last_token_time = now
         text, stop_hit = request.detok.add(token)
+        # A complete grammar admits nothing but the end: the request ends now, not one step later.
+        grammar_done = request.guide is not None and request.guide.advance(token)
         reason = self._finish_reason(seq, token, stop_hit)
+        if reason is None and grammar_done:
+            reason = FinishReason.EOS
         if reason is not None and reason is not FinishReason.STOP_SEQUENCE:
             text += request.detok.flush()
         request.send(

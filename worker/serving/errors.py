@@ -57,3 +57,10 @@ class AdapterSourceError(ServingError):
     """The adapter store (database, blob store) cannot be reached for now; retry shortly."""
 
     status_code = 503
+
+
+class GrammarError(ServingError):
+    """A request's output constraint (response_format, guided_regex, tools) cannot be compiled or cannot
+    be satisfied; `field` names the request field that carried it."""
+
+    status_code = 400

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from worker.serving.errors import InvalidParameterError
+
+if TYPE_CHECKING:  # constraints.py reads this module's bounds
+    from worker.serving.constraints import Constraint
 
 # torch.Generator seeds are 64-bit; vLLM bounds them by torch.iinfo(torch.long) too.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -42,6 +46,13 @@ MAX_CHOICES = 128
 MAX_LOGPROBS = 20
 # Names (models, adapter ids, roles) and other short strings.
 MAX_NAME_LENGTH = 256
+# Constrained decoding (response_format, guided_regex, tools): a schema's size as compact JSON and its
+# nesting, a regex's length, and the tools a chat request may declare. Grammars of this size compile in
+# milliseconds; llguidance's own limits (guided.py) bound what a small text could still blow up.
+MAX_SCHEMA_BYTES = 64 << 10
+MAX_SCHEMA_DEPTH = 32
+MAX_REGEX_CHARS = 4096
+MAX_TOOLS = 64
 # The whole request body; a bigger one is answered 413 before it is parsed.
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 
@@ -59,6 +70,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     do_sample: bool = True  # LoRAX's switch; False forces greedy whatever the temperature
+    constraint: Constraint | None = None  # a grammar the output must match (constraints.py)
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_tokens <= MAX_TOKENS_LIMIT, "max_tokens", f"must be in 1..{MAX_TOKENS_LIMIT}")

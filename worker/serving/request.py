@@ -12,6 +12,7 @@ import torch
 from worker.serving.adapters import ResolvedAdapter
 from worker.serving.detokenizer import IncrementalDetokenizer
 from worker.serving.eagle import DraftState
+from worker.serving.guided import GuideState
 from worker.serving.lora import AdapterWeights
 from worker.serving.outputs import SpeculationStats, TokenOutput
 from worker.serving.sequence import Sequence
@@ -33,6 +34,7 @@ class EngineRequest:
     draft_probs: torch.Tensor | None = None
     speculation: SpeculationStats | None = None  # counted from its first verification step
     draft_state: DraftState | None = None  # an eagle speculator's draft cache, rebuilt at each prefill
+    guide: GuideState | None = None  # where the output stands in its grammar, for a constrained request
 
     def send(self, item: TokenOutput | BaseException) -> None:
         if self.async_deliver is not None:

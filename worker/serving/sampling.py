@@ -27,8 +27,12 @@ def sample_next_tokens(
     params: Sequence[SamplingParams],
     histories: Sequence[torch.Tensor | list[int]],
     generators: Sequence[torch.Generator | None],
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids `[B]` (long) and their logprobs `[B]` (float32) for logits `[B, V]`.
+
+    `allowed` (bool `[B, V]`), if given, limits each row to its grammar's tokens (guided.py); every row
+    must allow at least one.
 
     `histories[i]` is row i's prompt + generated ids (for the repetition penalty). The logprob is
     that of the raw model distribution at the chosen token, before any penalty or warper, as vLLM
@@ -45,6 +49,8 @@ def sample_next_tokens(
 
     penalised = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
     scores = apply_repetition_penalty(raw, penalised, params, histories) if penalised else raw
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
 
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:

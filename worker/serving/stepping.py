@@ -22,6 +22,7 @@ import torch
 
 from worker.serving.drafting import Drafter, row_starts, speculates
 from worker.serving.errors import EngineError, ServingError
+from worker.serving.guided import allowed_tokens
 from worker.serving.lora import AdapterWeights
 from worker.serving.model_runner import ModelRunner, StepHidden
 from worker.serving.request import EngineRequest
@@ -174,6 +175,14 @@ class StepComputer:
         starts = row_starts(drafts)
         chosen: Emitted = [[] for _ in requests]
         plain = [i for i, r in enumerate(requests) if not speculates(r.seq.params, r.adapter)]
+        allowed = None
+        if any(requests[i].guide is not None for i in plain):
+            allowed, failed = allowed_tokens([requests[i].guide for i in plain], logits.shape[-1])
+            for row, error in failed.items():  # a grammar at a dead end ends its own request only
+                self.failures.fail_requests([requests[plain[row]]], error)
+            if failed:
+                keep = [row for row in range(len(plain)) if row not in failed]
+                plain, allowed = [plain[row] for row in keep], allowed[keep]
         if plain:
             seqs = [requests[i].seq for i in plain]
             needs_history = any(s.params.repetition_penalty != 1.0 for s in seqs)
@@ -182,12 +191,12 @@ class StepComputer:
             )
             rows = logits[torch.tensor([starts[i] for i in plain])]
             tokens, logprobs = sample_next_tokens(
-                rows, [s.params for s in seqs], histories, [s.generator for s in seqs]
+                rows, [s.params for s in seqs], histories, [s.generator for s in seqs], allowed
             )
             for i, token, logprob in zip(plain, tokens.tolist(), logprobs.tolist(), strict=True):
                 chosen[i] = [(token, logprob)]
         for i in range(len(requests)):
-            if chosen[i]:
+            if chosen[i] or not speculates(requests[i].seq.params, requests[i].adapter):
                 continue
             chosen[i] = self.drafter.verify(requests[i], drafts[i], logits[starts[i] : starts[i + 1]])
         return chosen
