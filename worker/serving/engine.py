@@ -266,6 +266,8 @@ class LLMEngine:
                     generated += 1
                     if self._emit(requests[i], token, logprob, now):
                         break
+            except ServingError as exc:  # its grammar failed on this token: this request only
+                self.fail_requests([requests[i]], exc)
             except Exception:  # e.g. the detokenizer on a token it cannot decode: this request only
                 log.exception("emitting a token of request %s failed", requests[i].seq.seq_id)
                 self.fail_requests([requests[i]], EngineError("the engine failed while generating; retry"))

@@ -99,10 +99,9 @@ class GrammarCompiler:
             raise GrammarError(
                 f"{field} is not a usable grammar: {_short(matcher.get_error())}", field=field
             ) from None
-        allowed = _allowed(matcher, self.vocab_size)
-        if not matcher.is_accepting() and not bool(
-            allowed[_not_eos(self.vocab_size, self.eos_token_ids)].any()
-        ):
+        # A grammar whose first step admits only the end (or nothing) can never produce its output.
+        first = _allowed(matcher, self.vocab_size) & _not_eos(self.vocab_size, self.eos_token_ids)
+        if not matcher.is_accepting() and not bool(first.any()):
             raise GrammarError(
                 f"{field} cannot be satisfied by this model's tokens (or is too complex to start)",
                 field=field,
