@@ -16,6 +16,7 @@ import torch
 from worker.serving.adapters import AdapterSource, ResolvedAdapter
 from worker.serving.engine import EngineConfig, LLMEngine
 from worker.serving.errors import EngineError, ServingError, ShuttingDownError
+from worker.serving.guided import GrammarCompiler
 from worker.serving.metrics import ServingMetrics
 from worker.serving.outputs import TokenOutput
 from worker.serving.params import SamplingParams
@@ -101,6 +102,10 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        return self.engine.grammars
 
     @property
     def ready(self) -> bool:

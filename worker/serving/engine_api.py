@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 
 from worker.serving.adapters import AdapterSource, ResolvedAdapter
+from worker.serving.guided import GrammarCompiler
 from worker.serving.outputs import TokenOutput
 from worker.serving.params import SamplingParams
 
@@ -31,6 +32,9 @@ class ServingEngine(Protocol):
 
     @property
     def max_model_len(self) -> int: ...
+
+    @property
+    def grammars(self) -> GrammarCompiler: ...
 
     @property
     def ready(self) -> bool: ...

@@ -82,6 +82,8 @@ class RequestContext:
             if adapter_id
             else None
         )
+        if params.constraint is not None:  # compiled here (cached): a bad grammar never reaches the engine
+            await run_in_threadpool(self.engine.grammars.compile, params.constraint)
         stream = self.engine.generate(prompt_ids, params, adapter)
         generation = await Generation.start(stream)  # closing the generator aborts the request
         if generation.first.speculation_note:

@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from worker.serving.constraints import lorax_constraint
 from worker.serving.errors import InvalidParameterError, ServingError
 from worker.serving.http_common import (
     EventStreamResponse,
@@ -97,6 +98,7 @@ class Parameters(BaseModel):
             stop=tuple(self.stop),
             ignore_eos=self.ignore_eos_token,
             do_sample=sampling,
+            constraint=lorax_constraint(self.response_format),
         )
 
     def _refuse_unsupported(self) -> None:
@@ -110,7 +112,6 @@ class Parameters(BaseModel):
         _refuse(self.typical_p is not None, "typical_p", "is not supported; use top_p or top_k")
         _refuse(self.watermark, "watermark", "is not supported")
         _refuse(self.return_k_alternatives is not None, "return_k_alternatives", "is not supported")
-        _refuse(self.response_format is not None, "response_format", "is not supported")
         _refuse(self.top_k is not None and self.top_k < 1, "top_k", "must be >= 1")
 
 

@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from worker.serving.constraints import openai_constraint
 from worker.serving.errors import InvalidParameterError, ServingError
 from worker.serving.http_common import (
     EventStreamResponse,
@@ -33,6 +34,7 @@ from worker.serving.params import (
     MAX_NAME_LENGTH,
     MAX_PROMPT_CHARS,
     MAX_PROMPT_TOKEN_IDS,
+    MAX_REGEX_CHARS,
     MAX_REPETITION_PENALTY,
     MAX_STOP_LENGTH,
     MAX_STOP_SEQUENCES,
@@ -93,9 +95,14 @@ class _GenerationRequest(BaseModel):
     )
     ignore_eos: bool = False
     min_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS_LIMIT)
+    # Output constraints (constraints.py bounds the schemas): OpenAI's, and vLLM's guided_* extras.
+    response_format: dict[str, Any] | None = None
+    guided_regex: str | None = Field(default=None, max_length=MAX_REGEX_CHARS)
+    guided_json: dict[str, Any] | None = None
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         self._refuse_unsupported()
+        constraint = openai_constraint(self.response_format, self.guided_regex, self.guided_json)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=max_tokens,
@@ -106,6 +113,7 @@ class _GenerationRequest(BaseModel):
             seed=self.seed,
             stop=stop,
             ignore_eos=self.ignore_eos,
+            constraint=constraint,
         )
 
     def _refuse_unsupported(self) -> None:
@@ -154,17 +162,11 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_CHOICES)] | None = None
-    response_format: dict[str, Any] | None = None
 
     def _refuse_unsupported(self) -> None:
         super()._refuse_unsupported()
         _refuse(bool(self.logprobs) or self.top_logprobs is not None, "logprobs", "is not supported")
         _refuse(bool(self.tools), "tools", "tool calling is not supported")
-        _refuse(
-            self.response_format is not None and self.response_format.get("type") != "text",
-            "response_format",
-            "only {'type': 'text'} is supported",
-        )
 
 
 def _refuse(condition: bool, field: str, message: str) -> None:

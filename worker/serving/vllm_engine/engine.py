@@ -34,6 +34,7 @@ from worker.serving.errors import (
     ServingError,
     ShuttingDownError,
 )
+from worker.serving.guided import GrammarCompiler
 from worker.serving.outputs import FinishReason, TokenOutput
 from worker.serving.params import SamplingParams
 from worker.serving.vllm_engine.metrics import VllmMetrics
@@ -75,6 +76,7 @@ class VllmEngine:
         self.eos_token_ids: frozenset[int] = frozenset()
         self.special_ids: frozenset[int] = frozenset()
         self.vocab_size = 0
+        self._grammars: GrammarCompiler | None = None
 
     # --- lifetime --------------------------------------------------------------------------------------
 
@@ -161,6 +163,14 @@ class VllmEngine:
             tmp.replace(link)
         return name, manifest.has_speculator
 
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Checks a request's constraint before it is sent (a bad schema is the same 400 as with
+        tuneforge's engine); vLLM then enforces it with its own structured-output backend."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._grammars
+
     # --- requests --------------------------------------------------------------------------------------
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -244,6 +254,17 @@ class VllmEngine:
         return None
 
     def _body(self, model: str, prompt_token_ids: list[int], params: SamplingParams) -> dict[str, Any]:
+        body = self._sampling_body(model, prompt_token_ids, params)
+        constraint = params.constraint
+        if constraint is not None:  # vLLM >= 0.12 names its guided decoding `structured_outputs`
+            body["structured_outputs"] = (
+                {"json": constraint.schema} if constraint.kind == "json" else {"regex": constraint.spec}
+            )
+        return body
+
+    def _sampling_body(
+        self, model: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> dict[str, Any]:
         return {
             "model": model,
             "prompt": list(prompt_token_ids),
