@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
@@ -12,6 +13,8 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from worker.serving.chat_prompt import ChatMessage, chat_prompt_ids
+from worker.serving.chat_tools import ChatTools
 from worker.serving.constraints import openai_constraint
 from worker.serving.errors import InvalidParameterError, ServingError
 from worker.serving.http_common import (
@@ -28,7 +31,6 @@ from worker.serving.outputs import FinishReason, SpeculationStats, TokenOutput
 from worker.serving.params import (
     MAX_ABS_PENALTY,
     MAX_CHOICES,
-    MAX_CONTENT_PARTS,
     MAX_LOGPROBS,
     MAX_MESSAGES,
     MAX_NAME_LENGTH,
@@ -41,6 +43,7 @@ from worker.serving.params import (
     MAX_TEMPERATURE,
     MAX_TOKEN_ID,
     MAX_TOKENS_LIMIT,
+    MAX_TOOLS,
     MAX_TOP_K,
     MIN_REPETITION_PENALTY,
     SEED_MAX,
@@ -149,24 +152,31 @@ class CompletionRequest(_GenerationRequest):
         _refuse(self.suffix is not None, "suffix", "is not supported")
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-
-    role: str = Field(max_length=MAX_NAME_LENGTH)
-    content: PromptText | Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)] | None = None
-
-
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: Tokens | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_CHOICES)] | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def _refuse_unsupported(self) -> None:
         super()._refuse_unsupported()
         _refuse(bool(self.logprobs) or self.top_logprobs is not None, "logprobs", "is not supported")
-        _refuse(bool(self.tools), "tools", "tool calling is not supported")
+
+    def chat_sampling(self, max_tokens: int, tools: ChatTools) -> SamplingParams:
+        """The sampling parameters, constrained to a tool call's JSON when one is forced."""
+        params = self.sampling(max_tokens)
+        forced = tools.constraint()
+        if forced is None:
+            return params
+        _refuse(
+            params.constraint is not None,
+            "tool_choice",
+            "forcing a call cannot be combined with response_format",
+        )
+        return replace(params, constraint=forced)
 
 
 def _refuse(condition: bool, field: str, message: str) -> None:
@@ -195,13 +205,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 @router.post("/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response | dict[str, Any]:
     ctx = RequestContext.of(request)
-    prompt_ids = await run_in_threadpool(_chat_prompt_ids, ctx, body.messages)
+    tools = ChatTools.of(body.tools, body.tool_choice, body.parallel_tool_calls)
+    prompt_ids = await run_in_threadpool(chat_prompt_ids, ctx, body.messages, tools)
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens or body.max_tokens
-    params = body.sampling(ctx.max_tokens(len(prompt_ids), requested, None, field))
+    params = body.chat_sampling(ctx.max_tokens(len(prompt_ids), requested, None, field), tools)
     generation = await ctx.generate(prompt_ids, params, body.model)
     model = body.model or ctx.engine.model_name
-    reply = _Reply("chatcmpl", "chat.completion", model, len(prompt_ids), chat=True)
+    reply = _Reply("chatcmpl", "chat.completion", model, len(prompt_ids), chat=True, tools=tools)
     if body.stream:
         return EventStreamResponse(reply.stream(generation, body.usage_options))
     return reply.whole(await generation.collect(request))
@@ -253,36 +264,6 @@ def _prompt_ids(ctx: RequestContext, prompt: str | list[str] | list[int] | list[
     return ids
 
 
-def _chat_prompt_ids(ctx: RequestContext, messages: list[ChatMessage]) -> list[int]:
-    """The base model's chat template over the messages, ending in the assistant's turn."""
-    conversation = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(messages)]
-    characters = sum(len(turn["content"]) for turn in conversation)
-    _refuse(
-        characters > MAX_PROMPT_CHARS,
-        "messages",
-        f"hold {characters} characters; at most {MAX_PROMPT_CHARS} are accepted",
-    )
-    tokenizer = ctx.engine.tokenizer
-    _refuse(tokenizer.chat_template is None, "messages", f"{ctx.engine.model_name} has no chat template")
-    try:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    except Exception as exc:  # jinja's TemplateError: the template refused these messages
-        raise InvalidParameterError(
-            f"messages: the chat template refused them: {exc}", field="messages"
-        ) from None
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _message_text(message: ChatMessage, index: int) -> str:
-    if message.content is None or isinstance(message.content, str):
-        return message.content or ""
-    parts = []
-    for part in message.content:
-        _refuse(part.get("type") != "text", f"messages[{index}].content", "only text parts are supported")
-        parts.append(str(part.get("text", "")))
-    return "".join(parts)
-
-
 # --- responses ------------------------------------------------------------------------------------
 
 
@@ -295,8 +276,19 @@ def openai_finish_reason(reason: FinishReason) -> str:
 class _Reply:
     """Renders one generation as OpenAI's whole response or as its stream of chunks."""
 
-    def __init__(self, id_prefix: str, kind: str, model: str, prompt_tokens: int, *, chat: bool) -> None:
+    def __init__(
+        self,
+        id_prefix: str,
+        kind: str,
+        model: str,
+        prompt_tokens: int,
+        *,
+        chat: bool,
+        tools: ChatTools | None = None,
+    ) -> None:
         self.id = f"{id_prefix}-{uuid.uuid4().hex}"
+        # With tools in play, a chat reply's text is read for tool calls once it is complete.
+        self.tools = tools if tools is not None and tools.active else None
         self.kind, self.model, self.prompt_tokens, self.chat = kind, model, prompt_tokens, chat
         self.created = int(time.time())
 
@@ -322,6 +314,11 @@ class _Reply:
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
+            if self.tools is not None:
+                content, calls = self.tools.calls(text)
+                if calls:
+                    choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+                    choice["finish_reason"] = "tool_calls" if reason == "stop" else reason
         else:
             choice["text"] = text
         usage = self.usage(outputs[-1].index + 1, outputs[-1].speculation)
@@ -343,8 +340,14 @@ class _Reply:
         try:
             if self.chat:
                 yield chunk([self._chunk_choice({"role": "assistant", "content": ""})])
+            held: list[TokenOutput] = []
             async for output in generation.outputs():
                 generated, speculation = output.index + 1, output.speculation
+                if self.tools is not None:  # tool calls are known only at the end: sent whole then
+                    held.append(output)
+                    if output.finished:
+                        yield chunk([self._tool_choice(held)])
+                    continue
                 for choice in self._chunk_choices(output):
                     yield chunk([choice])
         except ServingError as exc:
@@ -352,6 +355,16 @@ class _Reply:
         if options.include_usage:
             yield sse(self._envelope(kind, []) | {"usage": self.usage(generated, speculation)})
         yield sse("[DONE]")
+
+    def _tool_choice(self, outputs: list[TokenOutput]) -> dict[str, Any]:
+        """The held-back reply as one delta: tool calls (each with its index) or the content."""
+        assert self.tools is not None
+        whole = self.whole(outputs)["choices"][0]
+        message, reason = whole["message"], whole["finish_reason"]
+        delta: dict[str, Any] = {"content": message["content"]}
+        if "tool_calls" in message:
+            delta["tool_calls"] = [call | {"index": i} for i, call in enumerate(message["tool_calls"])]
+        return self._chunk_choice(delta, reason)
 
     def _chunk_choices(self, output: TokenOutput) -> list[dict[str, Any]]:
         reason = openai_finish_reason(output.finish_reason) if output.finish_reason else None
