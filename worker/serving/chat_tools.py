@@ -17,8 +17,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from worker.serving.constraints import Constraint, json_constraint
+from worker.serving.constraints import json_constraint
 from worker.serving.errors import GrammarError
+from worker.serving.output_constraint import Constraint
 from worker.serving.params import MAX_CHOICES, MAX_TOOLS
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -9,33 +9,13 @@ compiles it for tuneforge's engine, and the vLLM engine passes it on as vLLM's `
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from worker.serving.errors import GrammarError
+from worker.serving.output_constraint import Constraint
 from worker.serving.params import MAX_REGEX_CHARS, MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH
 
-ConstraintKind = Literal["json", "regex"]
 ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """A JSON schema (as compact, key-sorted JSON text) or a regex; `field` names the request field
-    that carried it, for error messages only (two requests with the same grammar share its compilation)."""
-
-    kind: ConstraintKind
-    spec: str
-    field: str = field(default="response_format", compare=False)
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.kind, self.spec)
-
-    @property
-    def schema(self) -> dict[str, Any]:
-        loaded: dict[str, Any] = json.loads(self.spec)
-        return loaded
 
 
 def json_constraint(schema: object, field: str) -> Constraint:

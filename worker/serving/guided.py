@@ -21,8 +21,8 @@ import llguidance.hf
 import numpy as np
 import torch
 
-from worker.serving.constraints import Constraint
 from worker.serving.errors import GrammarError
+from worker.serving.output_constraint import Constraint
 
 # Compiled grammars kept for reuse; each is a matcher in its initial state (a few hundred kB at most).
 GRAMMAR_CACHE_SIZE = 128

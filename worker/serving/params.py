@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from worker.serving.errors import InvalidParameterError
-
-if TYPE_CHECKING:  # constraints.py reads this module's bounds
-    from worker.serving.constraints import Constraint
+from worker.serving.output_constraint import Constraint
 
 # torch.Generator seeds are 64-bit; vLLM bounds them by torch.iinfo(torch.long) too.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1

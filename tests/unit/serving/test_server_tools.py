@@ -122,7 +122,8 @@ def test_auto_reads_hermes_or_bare_json_calls_and_leaves_text_alone() -> None:
 
 
 def test_a_conversation_with_tool_calls_and_results_is_accepted(client: openai.OpenAI) -> None:
-    messages: Any = MESSAGES + [
+    messages: Any = [
+        *MESSAGES,
         {
             "role": "assistant",
             "content": None,
