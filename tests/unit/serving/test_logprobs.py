@@ -4,16 +4,13 @@ token's own and its alternatives, the scored prompt, with speculation and after 
 from __future__ import annotations
 
 import time
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from engine_support import Collected, make_engine, run_until_done, step
-from peft import PeftModel
+from engine_support import Collected, hf_log_probs, make_engine, run_until_done, step
 from serving_support import make_random_heads
-from transformers import AutoModelForCausalLM
 
 from worker.serving.errors import InvalidParameterError
 from worker.serving.kv_cache import BLOCK_SIZE, CacheShape
@@ -22,21 +19,6 @@ from worker.serving.params import MAX_LOGPROBS, SamplingParams
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 57, 1107]
 TOLERANCE = 1e-4
-
-
-@cache
-def _reference_model(model_dir: Path, adapter_dir: Path | None) -> Any:
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    return model.eval()
-
-
-def hf_log_probs(model_dir: Path, adapter_dir: Path | None, ids: list[int]) -> torch.Tensor:
-    """HF's log_softmax of the logits `[len(ids), V]`: row p is the distribution of token p + 1."""
-    with torch.no_grad():
-        logits = _reference_model(model_dir, adapter_dir)(torch.tensor([ids])).logits[0].float()
-    return torch.log_softmax(logits, dim=-1)
 
 
 def check_generated(outputs: list[TokenOutput], reference: torch.Tensor, prompt_len: int, k: int) -> None:
