@@ -3,6 +3,7 @@ token's own and its alternatives, the scored prompt, with speculation and after 
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 from engine_support import Collected, hf_log_probs, make_engine, run_until_done, step
-from serving_support import make_random_heads
+from safetensors.torch import load_file, save_file
+from serving_support import make_random_eagle, make_random_heads
 
 from worker.serving.errors import InvalidParameterError
 from worker.serving.kv_cache import BLOCK_SIZE, CacheShape
@@ -70,17 +72,46 @@ def test_generated_and_prompt_logprobs_match_hf(
             assert all(o.prompt_logprobs is None for o in request.outputs)
 
 
-def test_speculated_tokens_carry_the_verification_logprobs(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def speculator_root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`heads/1`: random Medusa heads (most drafts rejected); `echo/1`: an eagle layer whose output is its
+    input (it drafts the last token again, which tiny-random-llama repeats: drafts accepted); `sharp/1`:
+    the same with 3x sharper logits (a q unlike p, for rejection sampling)."""
+    root = tmp_path_factory.mktemp("logprob-speculators")
+    make_random_heads(root / "heads" / "1", hidden_size=64, num_heads=3)
+    echo = make_random_eagle(root / "echo" / "1", tiny_model_dir, depth=3, seed=3)
+    state = load_file(echo / "speculator.safetensors")
+    for name, weight in state.items():
+        if name.endswith("proj.weight"):
+            state[name] = torch.zeros_like(weight)
+    state["fc.weight"] = torch.cat([torch.eye(64), torch.zeros(64, 64)], 1)
+    save_file(state, str(echo / "speculator.safetensors"))
+    sharp = root / "sharp" / "1"
+    shutil.copytree(echo, sharp)
+    state["fc.weight"] = 3 * state["fc.weight"]
+    save_file(state, str(sharp / "speculator.safetensors"))
+    return root
+
+
+@pytest.mark.parametrize(("adapter", "temperature"), [("heads/1", 0.0), ("echo/1", 0.0), ("sharp/1", 0.8)])
+def test_speculated_tokens_carry_the_verification_logprobs(
+    tiny_model_dir: Path, speculator_root: Path, adapter: str, temperature: float
+) -> None:
     """A speculating request emits several tokens a step; each one's numbers are the target model's."""
-    make_random_heads(tmp_path / "heads" / "1", hidden_size=64, num_heads=3)
-    engine = make_engine(tiny_model_dir, tmp_path)
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=4, prompt_logprobs=2)
-    request = Collected(engine, PROMPT, params, "heads/1")
+    engine = make_engine(tiny_model_dir, speculator_root)
+    params = SamplingParams(
+        max_tokens=12, temperature=temperature, seed=7, ignore_eos=True, logprobs=4, prompt_logprobs=2
+    )
+    prompt = [1, 504, 3458, 282]  # tiny-random-llama repeats 282 after it: the echo drafts are right
+    request = Collected(engine, prompt, params, adapter)
     run_until_done(engine, [request])
-    assert request.outputs[-1].speculation is not None and request.outputs[-1].speculation.steps > 0
-    reference = hf_log_probs(tiny_model_dir, None, PROMPT + request.token_ids)
-    check_generated(request.outputs, reference, len(PROMPT), 4)
-    check_prompt(request.outputs[0], reference, PROMPT, 2)
+    stats = request.outputs[-1].speculation
+    assert stats is not None and stats.steps > 0
+    if adapter == "echo/1":
+        assert stats.accepted > 0  # several tokens a step
+    reference = hf_log_probs(tiny_model_dir, None, prompt + request.token_ids)
+    check_generated(request.outputs, reference, len(prompt), 4)
+    check_prompt(request.outputs[0], reference, prompt, 2)
 
 
 def test_a_preempted_request_scores_its_prompt_once(tiny_model_dir: Path, adapter_root: Path) -> None:
