@@ -9,6 +9,7 @@ A request that asks for nothing costs nothing: no extra logits, no top-k, no cop
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -74,6 +75,16 @@ def step_prompt_logprobs(
             scored.append(None)
         start += length
     return scored
+
+
+def non_finite(scored: Sequence[PromptLogprobs | None]) -> list[int]:
+    """The positions of the scored prompts with a logprob that is not finite (their adapter's doing: the
+    step's check of the last rows' logits does not see the prompt's other positions)."""
+    return [
+        i
+        for i, prompt in enumerate(scored)
+        if prompt is not None and not all(math.isfinite(v) for v in prompt.logprobs[1:] if v is not None)
+    ]
 
 
 def score_prompt(

@@ -22,7 +22,7 @@ import torch
 
 from worker.serving.drafting import Drafter, row_starts, speculates
 from worker.serving.errors import EngineError, ServingError
-from worker.serving.logprobs import step_prompt_logprobs, step_top_logprobs
+from worker.serving.logprobs import non_finite, step_prompt_logprobs, step_top_logprobs
 from worker.serving.lora import AdapterWeights
 from worker.serving.model_runner import ModelRunner, StepHidden
 from worker.serving.outputs import PromptLogprobs, TopLogprobs
@@ -120,6 +120,8 @@ class StepComputer:
                     if prefill_lengths
                     else None
                 )
+                if prompts and (unscorable := non_finite(prompts)):
+                    raise BadRows(unscorable)
                 return StepOutcome(indices, emitted, prefill_lengths, hidden, tops, prompts)
             except BadRows as bad:
                 culprits = {indices[row] for row in bad.rows}

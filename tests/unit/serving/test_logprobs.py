@@ -16,7 +16,8 @@ from serving_support import make_random_eagle, make_random_heads
 
 from worker.serving.errors import InvalidParameterError
 from worker.serving.kv_cache import BLOCK_SIZE, CacheShape
-from worker.serving.outputs import TokenOutput
+from worker.serving.logprobs import non_finite
+from worker.serving.outputs import PromptLogprobs, TokenOutput
 from worker.serving.params import MAX_LOGPROBS, SamplingParams
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 57, 1107]
@@ -151,3 +152,10 @@ def test_out_of_bounds_counts_are_refused_naming_the_field(field: str, value: in
     with pytest.raises(InvalidParameterError) as refused:
         SamplingParams(**{field: value})  # type: ignore[arg-type]
     assert refused.value.field == field
+
+
+def test_a_scored_prompt_with_a_non_finite_logprob_is_named() -> None:
+    """A step pins such a prompt on its adapter (stepping.py raises BadRows), as it does non-finite logits."""
+    finite = PromptLogprobs((1, 2), (None, -1.0), ((), ()))
+    broken = PromptLogprobs((1, 2, 3), (None, -1.0, float("nan")), ((), (), ()))
+    assert non_finite([finite, None, broken]) == [2]

@@ -11,8 +11,8 @@ import httpx
 import lorax
 import openai
 import pytest
-from lorax.types import StreamResponse
 from engine_support import hf_log_probs
+from lorax.types import StreamResponse
 from openai.types.chat import ChatCompletionMessageParam
 from server_support import LiveServingServer
 

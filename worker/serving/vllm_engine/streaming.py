@@ -101,10 +101,11 @@ def parse_choice(choice: dict[str, Any], top_k: int, prompt_k: int | None) -> li
         values, tops = values[n:], tops[n:]
     tokens = []
     for i, token in enumerate(ids):
-        value = values[i] if i < len(values) and values[i] is not None else 0.0
+        value = values[i] if i < len(values) else None
         top = _top(tops[i] if i < len(tops) else None, top_k)
         reason = choice.get("finish_reason") if i == len(ids) - 1 else None
-        tokens.append(StreamedToken(token, float(value), reason, top, prompt if i == 0 else None))
+        logprob = float(value) if value is not None else 0.0
+        tokens.append(StreamedToken(token, logprob, reason, top, prompt if i == 0 else None))
     return tokens
 
 
