@@ -12,33 +12,38 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.serving.detokenizer import PREFIX_TOKENS
+from worker.serving.detokenizer import PREFIX_TOKENS, IncrementalDetokenizer
 from worker.serving.outputs import PromptLogprobs, TokenOutput, TopLogprobs
+
+_INCOMPLETE = "\ufffd"
 
 
 class TokenTexts:
-    """Each token's string where it stands in one sequence, fed token after token."""
+    """Each token's string where it stands in one sequence, fed token after token, and how much text it
+    adds (by the engine's own incremental detokenizer, without stop strings: a token that ends inside a
+    character adds nothing, the one that completes it adds the whole character)."""
 
     def __init__(self, tokenizer: Any, context: list[int]) -> None:
         self._tokenizer = tokenizer
         self._special = frozenset(tokenizer.all_special_ids)
         self._window = list(context[-PREFIX_TOKENS:])
         self._window_text = self._decode(self._window)
+        self._text = IncrementalDetokenizer(tokenizer, context, ())
 
     def string(self, token_id: int) -> str:
         """`token_id`'s string if it came next (the sequence does not move)."""
         if token_id in self._special:
             return str(self._tokenizer.convert_ids_to_tokens(token_id))
-        return self._text(token_id)
+        return self._in_context(token_id)
 
     def advance(self, token_id: int) -> int:
         """Moves past `token_id`; returns how many characters it adds to the (special-free) text."""
-        added = 0 if token_id in self._special else len(self._text(token_id))
+        added, _ = self._text.add(token_id)
         self._window = [*self._window, token_id][-PREFIX_TOKENS:]
         self._window_text = self._decode(self._window)
-        return added
+        return len(added)
 
-    def _text(self, token_id: int) -> str:
+    def _in_context(self, token_id: int) -> str:
         text = self._decode([*self._window, token_id])
         if text.startswith(self._window_text):
             return text[len(self._window_text) :]
@@ -130,7 +135,9 @@ class ChatLogprobs:
 
 
 def _chat_token(token: str, logprob: float) -> dict[str, Any]:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    # A token that is part of a character shows U+FFFD: its own bytes are not known from its text.
+    raw = None if _INCOMPLETE in token else list(token.encode("utf-8"))
+    return {"token": token, "logprob": logprob, "bytes": raw}
 
 
 def echo_text(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]], ids: list[int]) -> str:

@@ -13,10 +13,12 @@ import torch
 from engine_support import Collected, hf_log_probs, make_engine, run_until_done, step
 from safetensors.torch import load_file, save_file
 from serving_support import make_random_eagle, make_random_heads
+from transformers import AutoTokenizer
 
 from worker.serving.errors import InvalidParameterError
 from worker.serving.kv_cache import BLOCK_SIZE, CacheShape
 from worker.serving.logprobs import non_finite
+from worker.serving.logprobs_format import TokenTexts
 from worker.serving.outputs import PromptLogprobs, TokenOutput
 from worker.serving.params import MAX_LOGPROBS, SamplingParams
 
@@ -159,3 +161,20 @@ def test_a_scored_prompt_with_a_non_finite_logprob_is_named() -> None:
     finite = PromptLogprobs((1, 2), (None, -1.0), ((), ()))
     broken = PromptLogprobs((1, 2, 3), (None, -1.0, float("nan")), ((), (), ()))
     assert non_finite([finite, None, broken]) == [2]
+
+
+def test_token_strings_and_offsets_follow_the_text_through_multibyte_characters(tiny_model_dir: Path) -> None:
+    """Offsets index the decoded text even where a character spans several tokens (those before the last
+    add nothing), so a streamed or echoed reply's text_offset stays right past them."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for text in ["Hello world, café — naïve 日本語 🙂 end", "  two  spaces\nnewline"]:
+        ids = tokenizer(text)["input_ids"]
+        texts, offset, placed = TokenTexts(tokenizer, []), 0, []
+        for token in ids:
+            placed.append((texts.string(token), offset))
+            offset += texts.advance(token)
+        decoded = tokenizer.decode(ids, skip_special_tokens=True)
+        assert offset == len(decoded)
+        whole = [(s, at) for s, at in placed if "\ufffd" not in s]
+        assert len(whole) >= len(ids) - 6
+        assert all(decoded[at : at + len(s)] == s for s, at in whole)
