@@ -83,7 +83,7 @@ class Parameters(BaseModel):
     top_n_tokens: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
 
-    def sampling(self, max_new_tokens: int) -> SamplingParams:
+    def sampling(self, max_new_tokens: int, *, streamed: bool = False) -> SamplingParams:
         """Sampling is on with `do_sample` or any warper set (as in TGI); a sampled run without a seed
         gets a random one, which the details report so that the output can be reproduced."""
         self._refuse_unsupported()
@@ -101,8 +101,11 @@ class Parameters(BaseModel):
             stop=tuple(self.stop),
             ignore_eos=self.ignore_eos_token,
             do_sample=sampling,
-            logprobs=max(self.return_k_alternatives or 0, self.top_n_tokens or 0),
-            prompt_logprobs=0 if self.details and self.decoder_input_details else None,
+            # What only details show is computed only when they are sent (a stream has no prefill).
+            logprobs=max(self.return_k_alternatives or 0, self.top_n_tokens or 0)
+            if streamed or self.details
+            else 0,
+            prompt_logprobs=0 if self.details and self.decoder_input_details and not streamed else None,
         )
 
     def _refuse_unsupported(self) -> None:
@@ -137,23 +140,23 @@ def _refuse(condition: bool, field: str, message: str) -> None:
 
 @router.post("/generate", response_model=None)
 async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
-    reply = await _start(body, request)
+    reply = await _start(body, request, streamed=False)
     return await reply.whole(request)
 
 
 @router.post("/generate_stream", response_model=None)
 async def generate_stream(body: GenerateRequest, request: Request) -> Response:
-    return EventStreamResponse((await _start(body, request)).stream())
+    return EventStreamResponse((await _start(body, request, streamed=True)).stream())
 
 
 @router.post("/", response_model=None)
 async def generate_or_stream(body: GenerateRequest, request: Request) -> Response | list[dict[str, Any]]:
     """The Predibase serving URL itself: a one-element list, or with `stream: true` the SSE stream."""
-    reply = await _start(body, request)
+    reply = await _start(body, request, streamed=body.stream)
     return EventStreamResponse(reply.stream()) if body.stream else [await reply.whole(request)]
 
 
-async def _start(body: GenerateRequest, request: Request) -> _Reply:
+async def _start(body: GenerateRequest, request: Request, *, streamed: bool) -> _Reply:
     ctx = RequestContext.of(request)
     parameters = body.parameters
     # Tokenizing is CPU work: on the event loop it would stall every other request's stream.
@@ -161,7 +164,7 @@ async def _start(body: GenerateRequest, request: Request) -> _Reply:
     budget = ctx.max_tokens(
         len(prompt_ids), parameters.max_new_tokens, DEFAULT_MAX_NEW_TOKENS, "max_new_tokens"
     )
-    params = parameters.sampling(budget)
+    params = parameters.sampling(budget, streamed=streamed)
     generation = await ctx.generate(prompt_ids, params, parameters.adapter_id)
     return _Reply(ctx, body, prompt_ids, params, generation)
 
