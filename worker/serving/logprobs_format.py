@@ -5,7 +5,8 @@ Entries go one per token, never per text chunk: a token whose text is held back 
 character, a possible stop string) still gets its entry when it is generated. A token's string is its
 text where it stands (decoded after the few tokens before it, so that a SentencePiece word keeps its
 leading space), a special token's is its name; `text_offset` is where each token's text begins in the
-returned text (prompt first when echoed), as vLLM counts it.
+returned text (prompt first when echoed; for a token inside a character that spans several tokens,
+where that character begins), counted by the engine's own incremental detokenizer.
 """
 
 from __future__ import annotations

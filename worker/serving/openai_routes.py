@@ -197,20 +197,15 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     prompt_ids = await run_in_threadpool(_prompt_ids, ctx, body.prompt)  # tokenizing is CPU work
     budget = ctx.max_tokens(len(prompt_ids), body.max_tokens, DEFAULT_COMPLETION_TOKENS, "max_tokens")
     params = body.sampling(budget)
-    echoed = (
-        await run_in_threadpool(echo_text, ctx.engine.tokenizer, body.prompt, prompt_ids)
-        if body.echo
-        else None
-    )
+    tokenizer = ctx.engine.tokenizer
+    echoed = await run_in_threadpool(echo_text, tokenizer, body.prompt, prompt_ids) if body.echo else None
     generation = await ctx.generate(prompt_ids, params, body.model)
     reply = _Reply(
         "cmpl", "text_completion", body.model or ctx.engine.model_name, len(prompt_ids), chat=False
     )
     if body.logprobs is not None or body.echo:
         wanted = body.logprobs is not None
-        reply.extras = ReplyLogprobs(
-            ctx.engine.tokenizer, prompt_ids, chat=False, wanted=wanted, echo_text=echoed
-        )
+        reply.extras = ReplyLogprobs(tokenizer, prompt_ids, chat=False, wanted=wanted, echo_text=echoed)
     return await _answer(reply, generation, body, request)
 
 
