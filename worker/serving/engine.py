@@ -39,7 +39,7 @@ from worker.serving.guided import GrammarCompiler
 from worker.serving.kv_cache import BlockManager
 from worker.serving.metrics import ServingMetrics
 from worker.serving.model_runner import ModelRunner
-from worker.serving.outputs import FinishReason, TokenOutput
+from worker.serving.outputs import FinishReason, PromptLogprobs, TokenOutput, TopLogprobs
 from worker.serving.params import SamplingParams
 from worker.serving.request import EngineRequest
 from worker.serving.sampling import make_generator
@@ -260,11 +260,11 @@ class LLMEngine:
         outcome = self.computer.compute(requests, drafts, is_prefill)
         now = time.monotonic()
         generated = 0
-        for i, tokens in zip(outcome.ran, outcome.emitted, strict=True):
+        for position, (i, tokens) in enumerate(zip(outcome.ran, outcome.emitted, strict=True)):
             try:
-                for token, logprob in tokens:
+                for j, (token, logprob) in enumerate(tokens):
                     generated += 1
-                    if self._emit(requests[i], token, logprob, now):
+                    if self._emit(requests[i], token, logprob, now, *outcome.extras(position, j)):
                         break
             except ServingError as exc:  # its grammar failed on this token: this request only
                 self.fail_requests([requests[i]], exc)
@@ -301,8 +301,16 @@ class LLMEngine:
                 request.send(error)
                 self._forget(request)
 
-    def _emit(self, request: EngineRequest, token: int, logprob: float, now: float) -> bool:
-        """Hands one token to the request; True if that finished it."""
+    def _emit(
+        self,
+        request: EngineRequest,
+        token: int,
+        logprob: float,
+        now: float,
+        top: TopLogprobs = (),
+        prompt: PromptLogprobs | None = None,
+    ) -> bool:
+        """Hands one token to the request (with what it asked of logprobs); True if that finished it."""
         seq = request.seq
         index = len(seq.output_token_ids)
         seq.output_token_ids.append(token)
@@ -331,8 +339,11 @@ class LLMEngine:
                 prompt_tokens=seq.num_prompt_tokens,
                 elapsed=now - seq.arrival,
                 speculation=request.speculation,
+                top_logprobs=top,
+                prompt_logprobs=prompt,
             )
         )
+        request.prompt_scored = request.prompt_scored or prompt is not None
         if reason is not None:
             self._finish(request, reason, notify=False)
         return reason is not None

@@ -22,9 +22,11 @@ from worker.serving.http_common import (
     lorax_error_body,
     sse,
 )
+from worker.serving.logprobs_format import lorax_alternatives, lorax_prefill, lorax_top_tokens
 from worker.serving.outputs import FinishReason, TokenOutput
 from worker.serving.params import (
     MAX_CHOICES,
+    MAX_LOGPROBS,
     MAX_NAME_LENGTH,
     MAX_PROMPT_CHARS,
     MAX_PROMPT_TOKEN_IDS,
@@ -77,10 +79,12 @@ class Parameters(BaseModel):
     watermark: bool = False
     details: bool = False
     decoder_input_details: bool = False
-    return_k_alternatives: int | None = Field(default=None, ge=0, le=MAX_CHOICES)
+    # Alternatives of each generated token: lorax-client's `alternative_tokens`, TGI's `top_tokens`.
+    return_k_alternatives: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_n_tokens: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
 
-    def sampling(self, max_new_tokens: int) -> SamplingParams:
+    def sampling(self, max_new_tokens: int, *, streamed: bool = False) -> SamplingParams:
         """Sampling is on with `do_sample` or any warper set (as in TGI); a sampled run without a seed
         gets a random one, which the details report so that the output can be reproduced."""
         self._refuse_unsupported()
@@ -99,6 +103,11 @@ class Parameters(BaseModel):
             ignore_eos=self.ignore_eos_token,
             do_sample=sampling,
             constraint=lorax_constraint(self.response_format),
+            # What only details show is computed only when they are sent (a stream has no prefill).
+            logprobs=max(self.return_k_alternatives or 0, self.top_n_tokens or 0)
+            if streamed or self.details
+            else 0,
+            prompt_logprobs=0 if self.details and self.decoder_input_details and not streamed else None,
         )
 
     def _refuse_unsupported(self) -> None:
@@ -111,7 +120,6 @@ class Parameters(BaseModel):
         _refuse(self.best_of not in (None, 1), "best_of", "only best_of=1 is supported")
         _refuse(self.typical_p is not None, "typical_p", "is not supported; use top_p or top_k")
         _refuse(self.watermark, "watermark", "is not supported")
-        _refuse(self.return_k_alternatives is not None, "return_k_alternatives", "is not supported")
         _refuse(self.top_k is not None and self.top_k < 1, "top_k", "must be >= 1")
 
 
@@ -133,23 +141,23 @@ def _refuse(condition: bool, field: str, message: str) -> None:
 
 @router.post("/generate", response_model=None)
 async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
-    reply = await _start(body, request)
+    reply = await _start(body, request, streamed=False)
     return await reply.whole(request)
 
 
 @router.post("/generate_stream", response_model=None)
 async def generate_stream(body: GenerateRequest, request: Request) -> Response:
-    return EventStreamResponse((await _start(body, request)).stream())
+    return EventStreamResponse((await _start(body, request, streamed=True)).stream())
 
 
 @router.post("/", response_model=None)
 async def generate_or_stream(body: GenerateRequest, request: Request) -> Response | list[dict[str, Any]]:
     """The Predibase serving URL itself: a one-element list, or with `stream: true` the SSE stream."""
-    reply = await _start(body, request)
+    reply = await _start(body, request, streamed=body.stream)
     return EventStreamResponse(reply.stream()) if body.stream else [await reply.whole(request)]
 
 
-async def _start(body: GenerateRequest, request: Request) -> _Reply:
+async def _start(body: GenerateRequest, request: Request, *, streamed: bool) -> _Reply:
     ctx = RequestContext.of(request)
     parameters = body.parameters
     # Tokenizing is CPU work: on the event loop it would stall every other request's stream.
@@ -157,7 +165,7 @@ async def _start(body: GenerateRequest, request: Request) -> _Reply:
     budget = ctx.max_tokens(
         len(prompt_ids), parameters.max_new_tokens, DEFAULT_MAX_NEW_TOKENS, "max_new_tokens"
     )
-    params = parameters.sampling(budget)
+    params = parameters.sampling(budget, streamed=streamed)
     generation = await ctx.generate(prompt_ids, params, parameters.adapter_id)
     return _Reply(ctx, body, prompt_ids, params, generation)
 
@@ -190,20 +198,36 @@ class _Reply:
         reply: dict[str, Any] = {"generated_text": self._full_text(completion_text(outputs))}
         if self.body.parameters.details:
             # Decoding every prompt token is tokenizer work: off the event loop, like tokenizing.
-            wanted = self.body.parameters.decoder_input_details
-            reply["details"] = self._details(outputs) | {
-                "prefill": await run_in_threadpool(self._prefill) if wanted else [],
-                "tokens": [_token(output) for output in outputs],
-                "best_of_sequences": None,
-            }
+            reply["details"] = await run_in_threadpool(self._whole_details, outputs)
         return reply
+
+    def _whole_details(self, outputs: list[TokenOutput]) -> dict[str, Any]:
+        """Decoding every prompt token and alternative is tokenizer work: called off the event loop."""
+        parameters, tokenizer = self.body.parameters, self.ctx.engine.tokenizer
+        scored = outputs[0].prompt_logprobs
+        details = self._details(outputs) | {
+            "prefill": lorax_prefill(tokenizer, self.prompt_ids, scored)
+            if parameters.decoder_input_details
+            else [],
+            "tokens": [self._token(output) for output in outputs],
+            "best_of_sequences": None,
+        }
+        if parameters.top_n_tokens:
+            details["top_tokens"] = [self._top_tokens(output) for output in outputs]
+        return details
 
     async def stream(self) -> AsyncGenerator[str, None]:
         outputs: list[TokenOutput] = []
         try:
             async for output in self.generation.outputs():
                 outputs.append(output)
-                event: dict[str, Any] = {"token": _token(output), "generated_text": None, "details": None}
+                event: dict[str, Any] = {
+                    "token": self._token(output),
+                    "generated_text": None,
+                    "details": None,
+                }
+                if self.body.parameters.top_n_tokens:
+                    event["top_tokens"] = self._top_tokens(output)
                 if output.finished:
                     event["generated_text"] = self._full_text(completion_text(outputs))
                     if self.body.parameters.details:
@@ -229,10 +253,18 @@ class _Reply:
             details["speculation"] = speculation.as_dict()
         return details
 
-    def _prefill(self) -> list[dict[str, Any]]:
-        # The engine does not score the prompt: its tokens come without logprobs (LoRAX's first one has none).
-        decode = self.ctx.engine.tokenizer.decode
-        return [{"id": token, "text": decode([token]), "logprob": None} for token in self.prompt_ids]
+    def _token(self, output: TokenOutput) -> dict[str, Any]:
+        token = _token(output)
+        k = self.body.parameters.return_k_alternatives
+        if k:
+            token["alternative_tokens"] = lorax_alternatives(
+                self.ctx.engine.tokenizer, output.top_logprobs[:k]
+            )
+        return token
+
+    def _top_tokens(self, output: TokenOutput) -> list[dict[str, Any]]:
+        n = self.body.parameters.top_n_tokens or 0
+        return lorax_top_tokens(self.ctx.engine.tokenizer, output.top_logprobs[:n])
 
 
 def _token(output: TokenOutput) -> dict[str, Any]:

@@ -224,11 +224,16 @@ class ModelRunner:
             hidden = self._layer(index, weights, hidden, context, step, lora)
         step_hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.final_norm, self.eps)  # [T, D]
         hidden = step_hidden.index_select(0, step.logits_indices)  # [B or T, D]
+        return ForwardResult(self.logits(hidden), StepHidden(hidden, step_hidden))
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) `[N, V]` of final-norm hidden states `[N, D]`: a step's, or a scored prompt's."""
         logits = self.lm_head(hidden).float()
         if self.arch.final_softcap is not None:
             cap = self.arch.final_softcap
             logits = torch.tanh(logits / cap) * cap
-        return ForwardResult(logits, StepHidden(hidden, step_hidden))
+        return logits
 
     def _decode_masks(self, step: StepInput) -> dict[int | None, torch.Tensor]:
         """A decode step's context mask narrowed to each sliding window its layers use, built once."""

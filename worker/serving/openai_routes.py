@@ -27,6 +27,7 @@ from worker.serving.http_common import (
     openai_error_body,
     sse,
 )
+from worker.serving.logprobs_format import ReplyLogprobs, echo_text
 from worker.serving.outputs import FinishReason, SpeculationStats, TokenOutput
 from worker.serving.params import (
     MAX_ABS_PENALTY,
@@ -117,7 +118,12 @@ class _GenerationRequest(BaseModel):
             stop=stop,
             ignore_eos=self.ignore_eos,
             constraint=constraint,
+            **self.logprob_params(),
         )
+
+    def logprob_params(self) -> dict[str, Any]:
+        """SamplingParams' `logprobs` / `prompt_logprobs` for what the request asks (none here)."""
+        return {}
 
     def _refuse_unsupported(self) -> None:
         _refuse(self.n != 1, "n", "only n=1 is supported; send one request per completion")
@@ -144,11 +150,14 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
 
+    def logprob_params(self) -> dict[str, Any]:
+        # An echoed prompt comes with its own entries when logprobs are asked.
+        scored = self.echo and self.logprobs is not None
+        return {"logprobs": self.logprobs or 0, "prompt_logprobs": self.logprobs if scored else None}
+
     def _refuse_unsupported(self) -> None:
         super()._refuse_unsupported()
         _refuse(self.best_of not in (None, 1), "best_of", "only best_of=1 is supported")
-        _refuse(self.echo, "echo", "is not supported; prepend the prompt yourself")
-        _refuse(self.logprobs is not None, "logprobs", "is not supported on /v1/completions")
         _refuse(self.suffix is not None, "suffix", "is not supported")
 
 
@@ -161,9 +170,16 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
+    def logprob_params(self) -> dict[str, Any]:
+        return {"logprobs": (self.top_logprobs or 0) if self.logprobs else 0}
+
     def _refuse_unsupported(self) -> None:
         super()._refuse_unsupported()
-        _refuse(bool(self.logprobs) or self.top_logprobs is not None, "logprobs", "is not supported")
+        _refuse(
+            self.top_logprobs is not None and not self.logprobs,
+            "top_logprobs",
+            "needs logprobs: true (OpenAI's rule)",
+        )
 
     def chat_sampling(self, max_tokens: int, tools: ChatTools) -> SamplingParams:
         """The sampling parameters, constrained to a tool call's JSON when one is forced."""
@@ -193,13 +209,16 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     prompt_ids = await run_in_threadpool(_prompt_ids, ctx, body.prompt)  # tokenizing is CPU work
     budget = ctx.max_tokens(len(prompt_ids), body.max_tokens, DEFAULT_COMPLETION_TOKENS, "max_tokens")
     params = body.sampling(budget)
+    tokenizer = ctx.engine.tokenizer
+    echoed = await run_in_threadpool(echo_text, tokenizer, body.prompt, prompt_ids) if body.echo else None
     generation = await ctx.generate(prompt_ids, params, body.model)
     reply = _Reply(
         "cmpl", "text_completion", body.model or ctx.engine.model_name, len(prompt_ids), chat=False
     )
-    if body.stream:
-        return EventStreamResponse(reply.stream(generation, body.usage_options))
-    return reply.whole(await generation.collect(request))
+    if body.logprobs is not None or body.echo:
+        wanted = body.logprobs is not None
+        reply.extras = ReplyLogprobs(tokenizer, prompt_ids, chat=False, wanted=wanted, echo_text=echoed)
+    return await _answer(reply, generation, body, request)
 
 
 @router.post("/chat/completions", response_model=None)
@@ -213,9 +232,20 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     generation = await ctx.generate(prompt_ids, params, body.model)
     model = body.model or ctx.engine.model_name
     reply = _Reply("chatcmpl", "chat.completion", model, len(prompt_ids), chat=True, tools=tools)
+    if body.logprobs:
+        reply.extras = ReplyLogprobs(ctx.engine.tokenizer, prompt_ids, chat=True, wanted=True, echo_text=None)
+    return await _answer(reply, generation, body, request)
+
+
+async def _answer(
+    reply: _Reply, generation: Generation, body: _GenerationRequest, request: Request
+) -> Response | dict[str, Any]:
     if body.stream:
         return EventStreamResponse(reply.stream(generation, body.usage_options))
-    return reply.whole(await generation.collect(request))
+    outputs = await generation.collect(request)
+    if reply.extras is not None:  # decoding every token and alternative is tokenizer work
+        return await run_in_threadpool(reply.whole, outputs)
+    return reply.whole(outputs)
 
 
 @router.get("/models")
@@ -291,6 +321,7 @@ class _Reply:
         self.tools = tools if tools is not None and tools.active else None
         self.kind, self.model, self.prompt_tokens, self.chat = kind, model, prompt_tokens, chat
         self.created = int(time.time())
+        self.extras: ReplyLogprobs | None = None  # logprobs and echo, when the request asks
 
     def usage(self, completion_tokens: int, speculation: SpeculationStats | None = None) -> dict[str, Any]:
         total = self.prompt_tokens + completion_tokens
@@ -312,6 +343,9 @@ class _Reply:
     def whole(self, outputs: list[TokenOutput]) -> dict[str, Any]:
         text, reason = completion_text(outputs), openai_finish_reason(finish_reason_of(outputs))
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
+        if self.extras is not None:
+            prefix, choice["logprobs"] = self.extras.whole(outputs)
+            text = prefix + text
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
             if self.tools is not None:
@@ -368,9 +402,15 @@ class _Reply:
 
     def _chunk_choices(self, output: TokenOutput) -> list[dict[str, Any]]:
         reason = openai_finish_reason(output.finish_reason) if output.finish_reason else None
+        text, logprobs = output.text, None
+        if self.extras is not None:  # every token gets its chunk, with its logprobs
+            prefix, logprobs = self.extras.chunk(output)
+            text = prefix + text
         if not self.chat:
-            return [self._chunk_choice(output.text, reason)] if output.text or reason else []
-        choices = [self._chunk_choice({"content": output.text})] if output.text else []
+            if not (text or reason or logprobs):
+                return []
+            return [self._chunk_choice(text, reason) | {"logprobs": logprobs}]
+        choices = [self._chunk_choice({"content": text}) | {"logprobs": logprobs}] if text or logprobs else []
         if reason is not None:
             choices.append(self._chunk_choice({}, reason))
         return choices

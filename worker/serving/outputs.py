@@ -40,6 +40,20 @@ class SpeculationStats:
         }
 
 
+# The most likely tokens at one position, (token id, logprob), most likely first.
+TopLogprobs = tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Each prompt token's logprob given the tokens before it (None for the first, which has none), and
+    the most likely alternatives at each position (empty for the first, or when none were asked)."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float | None, ...]
+    top: tuple[TopLogprobs, ...]
+
+
 @dataclass(frozen=True)
 class TokenOutput:
     """One generated token. `text` is the new text it completes (it can be "" while a multi-byte
@@ -58,6 +72,10 @@ class TokenOutput:
     # Why the adapter's speculator does not run (an engine without tuneforge's speculators); the routes
     # send it as the X-Tuneforge-Speculation response header.
     speculation_note: str | None = None
+    # What the request asked for besides the token's own logprob (SamplingParams.logprobs and
+    # .prompt_logprobs): its alternatives, and on the first output only, the scored prompt.
+    top_logprobs: TopLogprobs = ()
+    prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def finished(self) -> bool:

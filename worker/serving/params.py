@@ -38,8 +38,9 @@ MAX_PROMPT_TOKEN_IDS = 1 << 17
 MAX_TOKEN_ID = 2**31 - 1
 MAX_MESSAGES = 1024
 MAX_CONTENT_PARTS = 256
-# Counts a request may ask for that are refused unless 1 (n, best_of) or unsupported (logprobs).
+# Counts a request may ask for that are refused unless 1 (n, best_of).
 MAX_CHOICES = 128
+# Alternatives reported per position (OpenAI's top_logprobs limit; vLLM's default max_logprobs).
 MAX_LOGPROBS = 20
 # Names (models, adapter ids, roles) and other short strings.
 MAX_NAME_LENGTH = 256
@@ -68,6 +69,10 @@ class SamplingParams:
     ignore_eos: bool = False
     do_sample: bool = True  # LoRAX's switch; False forces greedy whatever the temperature
     constraint: Constraint | None = None  # a grammar the output must match (constraints.py)
+    # The most likely alternatives reported with each generated token (0: only its own logprob).
+    logprobs: int = 0
+    # None: the prompt is not scored; k: each prompt token's logprob, with k alternatives (logprobs.py).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_tokens <= MAX_TOKENS_LIMIT, "max_tokens", f"must be in 1..{MAX_TOKENS_LIMIT}")
@@ -88,6 +93,12 @@ class SamplingParams:
             self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
             "seed",
             f"must be a 64-bit integer ({SEED_MIN}..{SEED_MAX})",
+        )
+        _check(0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", f"must be in 0..{MAX_LOGPROBS}")
+        _check(
+            self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+            "prompt_logprobs",
+            f"must be in 0..{MAX_LOGPROBS}",
         )
         _check(len(self.stop) <= MAX_STOP_SEQUENCES, "stop", f"at most {MAX_STOP_SEQUENCES} sequences")
         for s in self.stop:

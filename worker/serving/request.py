@@ -35,6 +35,8 @@ class EngineRequest:
     speculation: SpeculationStats | None = None  # counted from its first verification step
     draft_state: DraftState | None = None  # an eagle speculator's draft cache, rebuilt at each prefill
     guide: GuideState | None = None  # where the output stands in its grammar, for a constrained request
+    # The prompt's logprobs went out with the first token: a recompute after preemption scores it no more.
+    prompt_scored: bool = False
 
     def send(self, item: TokenOutput | BaseException) -> None:
         if self.async_deliver is not None:

@@ -23,8 +23,10 @@ import torch
 from worker.serving.drafting import Drafter, row_starts, speculates
 from worker.serving.errors import EngineError, ServingError
 from worker.serving.guided import allowed_tokens
+from worker.serving.logprobs import non_finite, step_prompt_logprobs, step_top_logprobs
 from worker.serving.lora import AdapterWeights
 from worker.serving.model_runner import ModelRunner, StepHidden
+from worker.serving.outputs import PromptLogprobs, TopLogprobs
 from worker.serving.request import EngineRequest
 from worker.serving.sampling import sample_next_tokens
 from worker.serving.sequence import SequenceStatus
@@ -43,6 +45,17 @@ class StepOutcome:
     emitted: Emitted  # per request in `ran`
     prefill_lengths: list[int] | None = None  # a prefill step's tokens per request in `ran`
     hidden: StepHidden | None = None  # None when no request ran
+    # Only when some request asked (logprobs.py): per request in `ran`, each emitted token's
+    # alternatives, and a prefill's scored prompts.
+    top_logprobs: list[list[TopLogprobs]] | None = None
+    prompt_logprobs: list[PromptLogprobs | None] | None = None
+
+    def extras(self, position: int, token: int) -> tuple[TopLogprobs, PromptLogprobs | None]:
+        """The alternatives of the `token`-th token emitted by request `ran[position]`, and with its first
+        token, its scored prompt."""
+        top = self.top_logprobs[position][token] if self.top_logprobs else ()
+        prompt = self.prompt_logprobs[position] if self.prompt_logprobs and token == 0 else None
+        return top, prompt
 
 
 class BadRows(Exception):
@@ -102,7 +115,15 @@ class StepComputer:
             try:
                 logits, hidden, prefill_lengths = self._forward(chosen, chosen_drafts, is_prefill)
                 emitted = self._choose_tokens(chosen, logits, chosen_drafts)
-                return StepOutcome(indices, emitted, prefill_lengths, hidden)
+                tops = step_top_logprobs(chosen, logits, row_starts(chosen_drafts), emitted)
+                prompts = (
+                    step_prompt_logprobs(chosen, hidden.tokens, prefill_lengths, self.runner.logits)
+                    if prefill_lengths
+                    else None
+                )
+                if prompts and (unscorable := non_finite(prompts)):
+                    raise BadRows(unscorable)
+                return StepOutcome(indices, emitted, prefill_lengths, hidden, tops, prompts)
             except BadRows as bad:
                 culprits = {indices[row] for row in bad.rows}
             except Exception:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import time
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +102,19 @@ def hf_greedy(model_dir: Path, adapter_dir: Path | None, prompt: list[int], new_
             attention_mask=None,
         )
     return out[0, len(prompt) :].tolist()
+
+
+@cache
+def _reference_model(model_dir: Path, adapter_dir: Path | None) -> Any:
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    return model.eval()
+
+
+def hf_log_probs(model_dir: Path, adapter_dir: Path | None, ids: list[int]) -> torch.Tensor:
+    """HF's (PEFT's for an adapter) log_softmax of the logits `[len(ids), V]`, fp32: row p is the
+    distribution of token p + 1."""
+    with torch.no_grad():
+        logits = _reference_model(model_dir, adapter_dir)(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)

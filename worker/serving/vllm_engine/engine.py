@@ -207,10 +207,16 @@ class VllmEngine:
             note = SPECULATION_OFF if skipped_speculator else None
         body = self._body(model, prompt_token_ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop)
-        stream = VllmStream(self._http(), f"{self.process.url}/v1/completions", body)
+        stream = VllmStream(
+            self._http(),
+            f"{self.process.url}/v1/completions",
+            body,
+            top_k=params.logprobs,
+            prompt_k=params.prompt_logprobs,
+        )
         index = 0
         try:
-            async for token, logprob, vllm_reason in stream.tokens(adapter):
+            async for token, logprob, vllm_reason, top, prompt in stream.tokens(adapter):
                 if self._closed is not None:  # shutting down: end now, not at the stream's last token
                     raise type(self._closed)(self._closed.message)
                 text, stop_hit = detok.add(token)
@@ -223,6 +229,7 @@ class VllmEngine:
                     token_id=token, text=text, logprob=logprob, special=token in self.special_ids,
                     index=index, finish_reason=reason, prompt_tokens=len(prompt_token_ids),
                     elapsed=time.monotonic() - arrival, speculation_note=note,
+                    top_logprobs=top, prompt_logprobs=prompt,
                 )  # fmt: skip
                 if reason is not None:
                     return  # a stop string: closing the stream aborts the request in vLLM
@@ -271,7 +278,12 @@ class VllmEngine:
             "max_tokens": params.max_tokens,
             "stream": True,
             "return_token_ids": True,
-            "logprobs": 0,  # the sampled token's own logprob, as tuneforge's engine reports it
+            # The sampled token's own logprob (vLLM's raw one, as tuneforge's engine reports it) and the
+            # alternatives asked for, as `token_id:<id>` strings; a scored prompt comes with `echo`
+            # (its entries first; with return_token_ids the text stays the completion's alone).
+            "logprobs": max(params.logprobs, params.prompt_logprobs or 0),
+            "return_tokens_as_token_ids": True,
+            "echo": params.prompt_logprobs is not None,
             "temperature": 0.0 if params.greedy else params.temperature,
             "top_p": params.top_p,
             "top_k": params.top_k or -1,

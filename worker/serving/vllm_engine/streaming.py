@@ -1,12 +1,18 @@
 """One request's stream from vLLM's `/v1/completions`: token ids and logprobs out, vLLM's errors as
-tuneforge's ServingErrors, and the HTTP stream closed (vLLM aborts the request) however it ends."""
+tuneforge's ServingErrors, and the HTTP stream closed (vLLM aborts the request) however it ends.
+
+Logprobs come in OpenAI's legacy shape, one entry per token; the request asks for its tokens as
+`token_id:<id>` strings (`return_tokens_as_token_ids`), so each entry and alternative maps back to an
+id. A scored prompt comes with `echo`: the first chunk's entries begin with the prompt's (the first
+one null), and its `prompt_token_ids` say how many there are.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -19,18 +25,40 @@ from worker.serving.errors import (
     InvalidParameterError,
     ServingError,
 )
+from worker.serving.outputs import PromptLogprobs, TopLogprobs
+
+TOKEN_ID_PREFIX = "token_id:"
+
+
+class StreamedToken(NamedTuple):
+    """One generated token from vLLM, with what the request asked of logprobs (the scored prompt on the
+    first token only)."""
+
+    token_id: int
+    logprob: float
+    finish_reason: str | None
+    top: TopLogprobs = ()
+    prompt: PromptLogprobs | None = None
 
 
 class VllmStream:
-    """A streamed completion request; `tokens()` yields (token id, logprob, vLLM's finish reason or None)."""
+    """A streamed completion request; `tokens()` yields each generated token (`StreamedToken`), with its
+    `top_k` alternatives and, when `prompt_k` is not None, the scored prompt with `prompt_k` of its own."""
 
-    def __init__(self, client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        body: dict[str, Any],
+        *,
+        top_k: int = 0,
+        prompt_k: int | None = None,
+    ) -> None:
         self._client, self._url, self._body = client, url, body
+        self._top_k, self._prompt_k = top_k, prompt_k
         self._response: httpx.Response | None = None
 
-    async def tokens(
-        self, adapter: ResolvedAdapter | None
-    ) -> AsyncGenerator[tuple[int, float, str | None], None]:
+    async def tokens(self, adapter: ResolvedAdapter | None) -> AsyncGenerator[StreamedToken, None]:
         request = self._client.build_request("POST", self._url, json=self._body)
         self._response = response = await self._client.send(request, stream=True)
         if response.status_code != 200:
@@ -48,16 +76,51 @@ class VllmStream:
                 error = chunk["error"]
                 raise error_from_vllm(int(error.get("code") or 500), json.dumps(chunk), adapter)
             for choice in chunk.get("choices", []):
-                ids = choice.get("token_ids") or []
-                logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
-                for i, token in enumerate(ids):
-                    last = i == len(ids) - 1
-                    logprob = logprobs[i] if i < len(logprobs) and logprobs[i] is not None else 0.0
-                    yield int(token), float(logprob), choice.get("finish_reason") if last else None
+                for token in parse_choice(choice, self._top_k, self._prompt_k):
+                    yield token
 
     async def aclose(self) -> None:
         if self._response is not None:
             await self._response.aclose()
+
+
+def parse_choice(choice: dict[str, Any], top_k: int, prompt_k: int | None) -> list[StreamedToken]:
+    """The generated tokens of one streamed choice of vLLM's /v1/completions (see the module docstring)."""
+    ids = [int(token) for token in choice.get("token_ids") or []]
+    logprobs = choice.get("logprobs") or {}
+    values: list[float | None] = list(logprobs.get("token_logprobs") or [])
+    tops: list[dict[str, float] | None] = list(logprobs.get("top_logprobs") or [])
+    prompt_ids = [int(token) for token in choice.get("prompt_token_ids") or []]
+    prompt: PromptLogprobs | None = None
+    tops += [None] * (len(values) - len(tops))
+    if prompt_k is not None and prompt_ids and len(values) >= len(prompt_ids) + len(ids):
+        n = len(prompt_ids)
+        pairs = zip(values[:n], tops[:n], strict=True)
+        prompt_tops = tuple(_top(top, prompt_k) if value is not None else () for value, top in pairs)
+        prompt = PromptLogprobs(tuple(prompt_ids), tuple(values[:n]), prompt_tops)
+        values, tops = values[n:], tops[n:]
+    tokens = []
+    for i, token in enumerate(ids):
+        value = values[i] if i < len(values) else None
+        top = _top(tops[i] if i < len(tops) else None, top_k)
+        reason = choice.get("finish_reason") if i == len(ids) - 1 else None
+        logprob = float(value) if value is not None else 0.0
+        tokens.append(StreamedToken(token, logprob, reason, top, prompt if i == 0 else None))
+    return tokens
+
+
+def _top(alternatives: dict[str, float] | None, k: int) -> TopLogprobs:
+    """The k most likely of one entry's alternatives (vLLM adds the chosen token to its top k)."""
+    if not alternatives or k == 0:
+        return ()
+    pairs = [(_token_id(token), float(value)) for token, value in alternatives.items()]
+    return tuple(sorted(pairs, key=lambda pair: -pair[1])[:k])
+
+
+def _token_id(token: str) -> int:
+    if not token.startswith(TOKEN_ID_PREFIX):
+        raise EngineError(f"vLLM sent a logprob token {token[:40]!r} without its id; retry the request")
+    return int(token[len(TOKEN_ID_PREFIX) :])
 
 
 def error_from_vllm(status: int, body: str, adapter: ResolvedAdapter | None) -> ServingError:
