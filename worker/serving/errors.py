@@ -57,3 +57,9 @@ class AdapterSourceError(ServingError):
     """The adapter store (database, blob store) cannot be reached for now; retry shortly."""
 
     status_code = 503
+
+
+class NotSupportedError(ServingError):
+    """What this deployment's engine cannot do at all (the message says what to do instead)."""
+
+    status_code = 400
