@@ -10,10 +10,8 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
+from embedding_support import hf_embeddings
 from engine_support import Collected, make_engine, run_until_done
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
 from worker.serving.embedding import EmbeddingJob, EmbeddingResult, check_inputs
 from worker.serving.engine import LLMEngine
@@ -33,20 +31,6 @@ INPUTS = [
     [1, 8961, 15, 6324, 327, 260, 1795, 282, 4649, 351, 77, 40, 6240, 17, 28],
 ]
 ADAPTERS = [None, "acme/1", "acme/3", "acme/4"]
-
-
-def hf_embeddings(model_dir: Path, adapter_dir: Path | None, inputs: list[list[int]]) -> torch.Tensor:
-    """HF's (with PEFT's LoRA) final-norm hidden states of each input alone, mean-pooled, L2-normalised."""
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    model.eval()
-    rows = []
-    with torch.no_grad():
-        for tokens in inputs:
-            out = model(torch.tensor([tokens]), output_hidden_states=True)
-            rows.append(out.hidden_states[-1][0].mean(0))
-    return F.normalize(torch.stack(rows), dim=-1)
 
 
 class Waiter:
