@@ -16,6 +16,7 @@ import torch
 from embedding_support import hf_embeddings
 from fastapi.testclient import TestClient
 from server_support import TINY, LiveServingServer
+from transformers import AutoTokenizer
 
 from worker.serving.adapters import LocalDirectorySource, ResolvedAdapter
 from worker.serving.async_engine import AsyncEngine
@@ -24,6 +25,8 @@ from worker.serving.errors import AdapterNotFoundError
 from worker.serving.params import MAX_EMBEDDING_INPUTS
 from worker.serving.server import build_app
 from worker.serving.tenant_auth import TrustedTenant
+from worker.serving.vllm_engine.engine import VllmEngine
+from worker.serving.vllm_engine.process import VllmConfig
 
 TEXTS = ["Once upon a time", "the quick brown fox jumps", "hello"]
 CONTEXT = 64
@@ -191,3 +194,21 @@ def test_another_tenants_adapter_is_a_404_on_both_routes(tiny_model_dir: Path, a
         )  # the base model is anyone's
     finally:
         engine.shutdown()
+
+
+def test_the_vllm_engine_refuses_embeddings_with_a_400_that_names_it_and_the_fix(
+    tiny_model_dir: Path, adapter_root: Path, tmp_path: Path
+) -> None:
+    """vLLM serves the model through its completions API, which has no hidden states; nothing is started."""
+    config = VllmConfig(python=tmp_path / "no-python", model_path=tiny_model_dir, model_name=TINY)
+    engine = VllmEngine(config, LocalDirectorySource(adapter_root))
+    engine.tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # what start() reads before vLLM runs
+    client = TestClient(build_app(engine, tenants=TrustedTenant("dev")))
+    refused = client.post("/v1/embeddings", json={"input": [1, 2, 3]})
+    assert refused.status_code == 400
+    assert (
+        "vllm" in refused.json()["error"]["message"] and "'tuneforge'" in refused.json()["error"]["message"]
+    )
+    lorax_refused = client.post("/embed", json={"inputs": "hi"})
+    assert lorax_refused.status_code == 400 and "vllm" in lorax_refused.json()["error"]
+    assert engine.process.pid is None
