@@ -39,7 +39,9 @@ from worker.serving.step_input import StepInput
 
 log = logging.getLogger(__name__)
 
-POOLING = "mean"  # what the routes report; see the module docstring
+# Tokens queued for embedding at most, all requests together (a request alone may hold up to
+# MAX_EMBEDDING_TOKENS): beyond it a request is refused with 503, so the queue's memory stays bounded.
+MAX_QUEUED_EMBEDDING_TOKENS = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ class EmbeddingJob:
     adapter: AdapterWeights | None = None  # pinned while the job is queued
     vectors: dict[int, torch.Tensor] = field(default_factory=dict)  # done so far, by input index
     next_input: int = 0  # the first input no pass has taken yet
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(tokens) for tokens in self.inputs)
 
 
 def check_inputs(inputs: list[list[int]], *, vocab_size: int, max_model_len: int, field: str) -> None:
@@ -147,19 +153,18 @@ class Embedder:
         self.max_batch_tokens = max_batch_tokens
         self.max_waiting = max_waiting
         self.jobs: deque[EmbeddingJob] = deque()
+        self.queued_tokens = 0
 
     def check(self, inputs: list[list[int]], field: str) -> None:
         """The request's bounds, and room in the queue (read from the caller's thread: a fast refusal)."""
         runner = self.runner
         check_inputs(inputs, vocab_size=runner.vocab_size, max_model_len=runner.max_model_len, field=field)
-        if len(self.jobs) >= self.max_waiting:
-            raise EngineOverloadedError(f"{len(self.jobs)} embedding requests are waiting; retry shortly")
+        self._check_room(sum(len(tokens) for tokens in inputs))
 
     def admit(self, job: EmbeddingJob) -> None:
         """Queue the job (engine thread); a job that cannot be queued gets its error, nothing else does."""
         try:
-            if len(self.jobs) >= self.max_waiting:
-                raise EngineOverloadedError(f"{len(self.jobs)} embedding requests are waiting; retry shortly")
+            self._check_room(job.num_tokens)
             if job.adapter_ref is not None:
                 job.key = self.adapters.request(job.adapter_ref)
         except ServingError as exc:
@@ -170,6 +175,7 @@ class Embedder:
             job.deliver(EngineError("the embedding request could not be admitted; retry"))
             return
         self.jobs.append(job)
+        self.queued_tokens += job.num_tokens
 
     @property
     def has_work(self) -> bool:
@@ -204,6 +210,13 @@ class Embedder:
                 self._finish(job, EngineError("the engine stopped while embedding; retry the request"))
 
     # --- inside --------------------------------------------------------------------------------------
+
+    def _check_room(self, tokens: int) -> None:
+        over_tokens = self.jobs and self.queued_tokens + tokens > MAX_QUEUED_EMBEDDING_TOKENS
+        if len(self.jobs) >= self.max_waiting or over_tokens:
+            raise EngineOverloadedError(
+                f"{len(self.jobs)} embedding requests ({self.queued_tokens} tokens) wait; retry shortly"
+            )
 
     def _ready(self, job: EmbeddingJob) -> bool:
         return job.adapter_ref is None or job.adapter is not None
@@ -293,6 +306,7 @@ class Embedder:
     def _forget(self, job: EmbeddingJob) -> None:
         if job in self.jobs:
             self.jobs.remove(job)
+            self.queued_tokens -= job.num_tokens
         if job.adapter is not None and job.key is not None:
             self.adapters.unpin(job.key)
             job.adapter = None

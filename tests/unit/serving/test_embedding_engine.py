@@ -18,6 +18,7 @@ from worker.serving.engine import LLMEngine
 from worker.serving.errors import (
     AdapterNotFoundError,
     EngineError,
+    EngineOverloadedError,
     InvalidParameterError,
     PromptTooLongError,
     ServingError,
@@ -178,3 +179,20 @@ def test_bad_inputs_are_refused_naming_the_field(
         check_inputs(inputs, vocab_size=1000, max_model_len=64, field="input")
     assert words in refused.value.message and refused.value.field == "input"
     assert 400 <= refused.value.status_code < 500
+
+
+def test_a_full_queue_refuses_with_503_and_the_queued_requests_still_finish(
+    tiny_model_dir: Path, adapter_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(tiny_model_dir, adapter_root, max_waiting=2)
+    queued = [Waiter(engine, INPUTS, None), Waiter(engine, INPUTS[:1], None)]
+    with pytest.raises(EngineOverloadedError):
+        engine.embedder.check(INPUTS, "input")
+    monkeypatch.setattr("worker.serving.embedding.MAX_QUEUED_EMBEDDING_TOKENS", 40)
+    engine.embedder.max_waiting = 10
+    with pytest.raises(EngineOverloadedError) as refused:
+        engine.embedder.check(INPUTS, "input")  # 34 tokens more on 40 queued
+    assert refused.value.status_code == 503
+    assert all(isinstance(r, EmbeddingResult) for r in run(engine, queued))
+    assert engine.embedder.queued_tokens == 0
+    engine.embedder.check(INPUTS, "input")  # an empty queue takes any request within the bounds
