@@ -196,3 +196,21 @@ def test_a_full_queue_refuses_with_503_and_the_queued_requests_still_finish(
     assert all(isinstance(r, EmbeddingResult) for r in run(engine, queued))
     assert engine.embedder.queued_tokens == 0
     engine.embedder.check(INPUTS, "input")  # an empty queue takes any request within the bounds
+
+
+def test_a_long_embedding_request_does_not_hold_back_generation(
+    tiny_model_dir: Path, adapter_root: Path
+) -> None:
+    """One bounded pass per step: a request of many inputs leaves every step its generation turn."""
+    engine = make_engine(tiny_model_dir, adapter_root, max_prefill_tokens=16)
+    many = Waiter(engine, [[1, *range(100, 109)]] * 40, "acme/1")  # 40 inputs, one pass each
+    generation = Collected(
+        engine, INPUTS[0], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), None
+    )
+    for _ in range(5):
+        engine.step()
+    generation.drain()
+    assert generation.done and len(generation.token_ids) == 5
+    assert many.job.next_input == 5 and engine.embedder.has_unfinished
+    result = run(engine, [many])[0]
+    assert isinstance(result, EmbeddingResult) and result.vectors.shape[0] == 40
