@@ -13,7 +13,10 @@ from transformers import AutoModelForCausalLM
 
 def hf_embeddings(model_dir: Path, adapter_dir: Path | None, inputs: list[list[int]]) -> torch.Tensor:
     """HF's (with PEFT's LoRA) final-norm hidden states of each input alone, mean-pooled, L2-normalised."""
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # Eager attention: the only HF path that soft-caps Gemma2's attention logits.
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    )
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()

@@ -12,6 +12,8 @@ import pytest
 import torch
 from embedding_support import hf_embeddings
 from engine_support import Collected, make_engine, run_until_done
+from family_support import build_family_model
+from serving_support import make_lora_adapter
 
 from worker.serving.embedding import EmbeddingJob, EmbeddingResult, check_inputs
 from worker.serving.engine import LLMEngine
@@ -214,3 +216,24 @@ def test_a_long_embedding_request_does_not_hold_back_generation(
     assert many.job.next_input == 5 and engine.embedder.has_unfinished
     result = run(engine, [many])[0]
     assert isinstance(result, EmbeddingResult) and result.vectors.shape[0] == 40
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen3", "phi3"])
+def test_other_families_embeddings_match_hf_and_peft(
+    tiny_model_dir: Path, tmp_path: Path, family: str
+) -> None:
+    """Sliding windows shorter than the input, soft-capped attention, scaled embeddings, q/k norms,
+    fused checkpoints: the pass is the engine's own forward, so each family's details apply."""
+    model_dir = build_family_model(family, tiny_model_dir, tmp_path / family, seed=3)
+    targets = (
+        ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if family == "phi3" else ["q_proj", "v_proj"]
+    )
+    make_lora_adapter(model_dir, tmp_path / "fam" / "1", seed=4, r=4, lora_alpha=8, target_modules=targets)
+    engine = make_engine(model_dir, tmp_path)
+    waiters = [Waiter(engine, INPUTS, None), Waiter(engine, INPUTS, "fam/1")]
+    results = run(engine, waiters)
+    for result, adapter in zip(results, (None, tmp_path / "fam" / "1"), strict=True):
+        assert isinstance(result, EmbeddingResult), result
+        torch.testing.assert_close(
+            result.vectors, hf_embeddings(model_dir, adapter, INPUTS), atol=1e-4, rtol=0
+        )
