@@ -41,6 +41,8 @@ ROUTES = {
     ("POST", "generate_stream"): "/generate_stream",
     ("POST", "v1/completions"): "/v1/completions",
     ("POST", "v1/chat/completions"): "/v1/chat/completions",
+    ("POST", "v1/embeddings"): "/v1/embeddings",
+    ("POST", "embed"): "/embed",
     ("GET", "v1/models"): "/v1/models",
     ("GET", "health"): "/health",
 }

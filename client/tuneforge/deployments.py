@@ -1,7 +1,8 @@
 """`client.deployments`: create, get, list, update and delete deployments, and generate through them.
 
-Generation goes through the control plane's serving URL `{server}/{tenant}/deployments/v2/llms/{name}`
-(LoRAX's request and response shapes), so the same API token and tenancy apply as everywhere else.
+Generation and embeddings go through the control plane's serving URL
+`{server}/{tenant}/deployments/v2/llms/{name}` (LoRAX's and OpenAI's request and response shapes), so the
+same API token and tenancy apply as everywhere else.
 """
 
 from __future__ import annotations
@@ -170,6 +171,20 @@ class DeploymentClient:
                 yield StreamResponse.model_validate(payload)
         finally:
             response.close()
+
+    def embed(self, inputs: str | list[str], adapter_id: str | None = None) -> list[list[float]]:
+        """One embedding per text (OpenAI's `/v1/embeddings`), from the base model or through adapter
+        `repo/N`: the mean of the model's final-norm hidden states over the text's tokens, L2-normalised,
+        so a dot product of two is their cosine similarity.
+
+        >>> query, doc = client.embed(["what is LoRA?", "LoRA adds low-rank updates"], adapter_id="my-repo/1")
+        """
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        body = {"model": adapter_id or "", "input": texts, "encoding_format": "float"}
+        # The same input gives the same vectors: safe to send again.
+        response = self._http.send("POST", self.url + "/v1/embeddings", json=body, idempotent=True)
+        data = sorted(response.json()["data"], key=lambda item: item["index"])
+        return [[float(x) for x in item["embedding"]] for item in data]
 
     def chat(self, messages: list[dict[str, str]], adapter_id: str | None = None, **parameters: Any) -> str:
         """The assistant's reply to `messages` (OpenAI chat completions: the server applies the base

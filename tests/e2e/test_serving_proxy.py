@@ -217,6 +217,43 @@ def test_openai_client_completes_and_chats_through_the_proxy(stack: ServingStack
     assert "acme/1" in [m.id for m in openai.models.list()]
 
 
+def test_embeddings_through_the_proxy_with_tuneforge_openai_lorax_and_the_predibase_sdk(
+    stack: ServingStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from openai import OpenAI
+    from predibase import Predibase
+
+    deployment = stack.client.deployments.client(DEPLOYMENT)
+    adapted, base = deployment.embed([PROMPT, "hello"], adapter_id="acme/1"), deployment.embed(PROMPT)
+    assert len(adapted) == 2 and len(base) == 1 and adapted[0] != base[0]
+    openai = OpenAI(base_url=stack.proxy_url() + "/v1", api_key=stack.token)
+    response = openai.embeddings.create(model="acme/1", input=[PROMPT, "hello"], encoding_format="float")
+    assert [item.embedding for item in response.data] == adapted
+    lorax = httpx.post(
+        stack.proxy_url() + "/embed", json={"inputs": PROMPT}, headers=stack.auth(), timeout=60
+    )
+    assert lorax.status_code == 200 and lorax.json()["embeddings"] == base[0]
+
+    monkeypatch.setenv("PREDIBASE_GATEWAY", stack.server.url)
+    monkeypatch.setenv("PREDIBASE_API_TOKEN", stack.token)
+    pb = Predibase()
+    # The SDK's LoRAX embed (async client only, base model only) through serving_url_override.
+    sdk_lorax = pb.deployments.async_client(DEPLOYMENT, serving_url=stack.server.url)
+    assert asyncio.run(sdk_lorax.embed(PROMPT)).embeddings == base[0]
+    # `pb.embeddings.create` always builds https://<serving host>/...; its request (model = adapter id,
+    # extra_body api_token) is sent here over plain http to the same path, by the SDK's own code.
+    pb.embeddings._client, pb.embeddings.model = openai, DEPLOYMENT
+    sdk_openai = pb.embeddings.create(model=DEPLOYMENT, input=PROMPT, adapter_id="acme/1")
+    assert sdk_openai.data[0].embedding == adapted[0]
+
+    # Another tenant names this tenant's adapter on a deployment of its own: not found.
+    stack.other_client.deployments.create("theirs-embed", config={"baseModel": TINY})
+    with pytest.raises(NotFoundError):
+        stack.other_client.deployments.client("theirs-embed").embed(PROMPT, adapter_id="acme/1")
+
+
 def test_another_tenants_path_deployment_and_adapter_are_not_found(stack: ServingStack) -> None:
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
     other = stack.auth(stack.other_token)

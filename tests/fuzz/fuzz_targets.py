@@ -47,6 +47,8 @@ SERVING_PATHS = [
     "generate_stream",
     "v1/completions",
     "v1/chat/completions",
+    "v1/embeddings",
+    "embed",
     "v1/models",
     "health",
 ]
@@ -126,6 +128,11 @@ class ServingTarget:
             ({}, {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "seed": 1})
         ],
         "POST /generate": [({}, {"inputs": "hello", "parameters": {"max_new_tokens": 4, "seed": 1}})],
+        "POST /v1/embeddings": [
+            ({}, {"model": TINY, "input": ["hello", "world"], "encoding_format": "base64"}),
+            ({}, {"model": SERVING_ADAPTER, "input": [[1, 2, 3], [4]], "encoding_format": "float"}),
+        ],
+        "POST /embed": [({}, {"inputs": "hello", "parameters": {"adapter_id": SERVING_ADAPTER}})],
     }
 
     def __init__(self, model_dir: Path, adapter_root: Path) -> None:

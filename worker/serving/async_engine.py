@@ -10,10 +10,12 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from worker.serving.adapters import AdapterSource, ResolvedAdapter
+from worker.serving.embedding import EmbeddingJob, EmbeddingResult
 from worker.serving.engine import EngineConfig, LLMEngine
 from worker.serving.errors import EngineError, ServingError, ShuttingDownError
 from worker.serving.guided import GrammarCompiler
@@ -24,7 +26,8 @@ from worker.serving.sequence import next_sequence_id
 
 log = logging.getLogger(__name__)
 
-Stream = tuple[asyncio.AbstractEventLoop, "asyncio.Queue[TokenOutput | BaseException]"]
+# A request's outputs: a generation's tokens, or an embedding request's one result.
+Stream = tuple[asyncio.AbstractEventLoop, "asyncio.Queue[Any]"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,11 @@ class _Add:
 @dataclass(frozen=True)
 class _Abort:
     seq_id: int
+
+
+@dataclass(frozen=True)
+class _Embed:
+    job: EmbeddingJob
 
 
 class AsyncEngine:
@@ -72,7 +80,7 @@ class AsyncEngine:
         self.model_name = config.model_name
         self.on_death = on_death
         self._engine: LLMEngine | None = None
-        self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _Embed] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -165,6 +173,34 @@ class AsyncEngine:
             if not finished:
                 self._post(_Abort(seq_id))
 
+    async def embed(
+        self, inputs: list[list[int]], adapter: ResolvedAdapter | None = None, *, field: str = "input"
+    ) -> EmbeddingResult:
+        """Pooled embeddings of the inputs (embedding.py), computed on the engine thread between steps;
+        raises the request's ServingError (naming `field` for a bad input) if it fails."""
+        self.engine.embedder.check(inputs, field)  # fail fast, before anything is queued
+        out: asyncio.Queue[EmbeddingResult | BaseException] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        stream_id = next_sequence_id()
+        job = EmbeddingJob(
+            [list(tokens) for tokens in inputs], adapter, lambda item: _deliver(loop, out, item)
+        )
+        with self._lock:
+            if self._closed is not None:
+                raise _fresh(self._closed)
+            self._streams[stream_id] = (loop, out)
+            self._inbox.put(_Embed(job))
+        self._wake.set()
+        try:
+            item = await out.get()
+        finally:
+            job.cancelled = True  # a caller that left: the engine drops the job at its next turn
+            with self._lock:
+                self._streams.pop(stream_id, None)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
     def _post_add(self, message: _Add) -> None:
         with self._lock:
             if self._closed is not None:
@@ -246,6 +282,9 @@ class AsyncEngine:
             if isinstance(message, _Abort):
                 engine.abort(message.seq_id)
                 continue
+            if isinstance(message, _Embed):
+                engine.embedder.admit(message.job)
+                continue
             try:
                 request = engine.add_request(
                     message.prompt,
@@ -269,8 +308,6 @@ def _fresh(error: ServingError) -> ServingError:
     return type(error)(error.message, field=error.field)
 
 
-def _deliver(
-    loop: asyncio.AbstractEventLoop, out: asyncio.Queue[TokenOutput | BaseException], item: BaseException
-) -> None:
+def _deliver(loop: asyncio.AbstractEventLoop, out: asyncio.Queue[Any], item: object) -> None:
     with contextlib.suppress(RuntimeError):  # a closed event loop: nobody waits for this request any more
         loop.call_soon_threadsafe(out.put_nowait, item)

@@ -27,6 +27,7 @@ from worker.serving.cpu_kernels import KernelConfig
 from worker.serving.detokenizer import IncrementalDetokenizer
 from worker.serving.drafting import Drafter
 from worker.serving.eagle import ModelShape
+from worker.serving.embedding import Embedder
 from worker.serving.errors import (
     AdapterLoadError,
     EngineError,
@@ -132,6 +133,13 @@ class LLMEngine:
         )
         self._requests: dict[int, EngineRequest] = {}
         self.computer = StepComputer(self.runner, self.drafter, self)
+        # Embedding requests: a bounded pass of them runs before each generation step (embedding.py).
+        self.embedder = Embedder(
+            self.runner,
+            self.adapters,
+            max_batch_tokens=config.max_prefill_tokens,
+            max_waiting=config.max_waiting,
+        )
 
     def _adapter_cache(self, source: AdapterSource, config: EngineConfig) -> AdapterCache:
         """Adapters load against this runner's real shapes and dtype, within the deployment's rank limit."""
@@ -240,14 +248,15 @@ class LLMEngine:
     @property
     def has_work(self) -> bool:
         self._poll_adapters()
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self.embedder.has_work
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self._requests)
+        return bool(self._requests) or self.embedder.has_unfinished
 
     def step(self) -> int:
         """Run one prefill or decode step; returns how many tokens it generated (0 if idle)."""
+        self.embedder.step()
         self._poll_adapters()
         seqs, is_prefill = self.scheduler.schedule()
         self._update_gauges()
@@ -389,6 +398,7 @@ class LLMEngine:
         self.metrics.kv_blocks_used.set(self.blocks.num_used)
 
     def fail_all(self, error: BaseException) -> None:
+        self.embedder.fail_all(error)
         for request in list(self._requests.values()):
             request.send(error)
             self._forget(request)

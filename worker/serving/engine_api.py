@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 
 from worker.serving.adapters import AdapterSource, ResolvedAdapter
+from worker.serving.embedding import EmbeddingResult
 from worker.serving.guided import GrammarCompiler
 from worker.serving.outputs import TokenOutput
 from worker.serving.params import SamplingParams
@@ -54,3 +55,9 @@ class ServingEngine(Protocol):
     def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, adapter: ResolvedAdapter | None = None
     ) -> AsyncGenerator[TokenOutput, None]: ...
+
+    async def embed(
+        self, inputs: list[list[int]], adapter: ResolvedAdapter | None = None, *, field: str = "input"
+    ) -> EmbeddingResult:
+        """Pooled embeddings of token-id inputs (see embedding.py); a bad input's error names `field`."""
+        ...

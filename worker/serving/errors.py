@@ -64,3 +64,9 @@ class GrammarError(ServingError):
     be satisfied; `field` names the request field that carried it."""
 
     status_code = 400
+
+
+class NotSupportedError(ServingError):
+    """What this deployment's engine cannot do at all (the message says what to do instead)."""
+
+    status_code = 400

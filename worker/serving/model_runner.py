@@ -204,6 +204,22 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, step: StepInput) -> ForwardResult:
         """Next-token logits (float32) at the step's `logits_indices`, with the hidden states."""
+        step_hidden = self.hidden_states(step)  # [T, D]
+        hidden = step_hidden.index_select(0, step.logits_indices)  # [B or T, D]
+        return ForwardResult(self.logits(hidden), StepHidden(hidden, step_hidden))
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) `[N, V]` of final-norm hidden states `[N, D]`: a step's, or a scored prompt's."""
+        logits = self.lm_head(hidden).float()
+        if self.arch.final_softcap is not None:
+            cap = self.arch.final_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.inference_mode()
+    def hidden_states(self, step: StepInput) -> torch.Tensor:
+        """The final-norm hidden states `[T, D]` of every fed token (embeddings read these directly)."""
         if self._small_step_one_thread:
             self._pick_threads(step.input_ids.shape[0])
         lora = LoraBatch(self.stacker.stacks(step.adapters), step.token_adapter)
@@ -222,18 +238,7 @@ class ModelRunner:
             cos, sin = rope[self.arch.rope_keys[index]]
             context = _LayerStep(cos, sin, masks.get(self.attention[index].window, step.context_mask))
             hidden = self._layer(index, weights, hidden, context, step, lora)
-        step_hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.final_norm, self.eps)  # [T, D]
-        hidden = step_hidden.index_select(0, step.logits_indices)  # [B or T, D]
-        return ForwardResult(self.logits(hidden), StepHidden(hidden, step_hidden))
-
-    @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits (float32) `[N, V]` of final-norm hidden states `[N, D]`: a step's, or a scored prompt's."""
-        logits = self.lm_head(hidden).float()
-        if self.arch.final_softcap is not None:
-            cap = self.arch.final_softcap
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return F.rms_norm(hidden, (hidden.shape[-1],), self.final_norm, self.eps)
 
     def _decode_masks(self, step: StepInput) -> dict[int | None, torch.Tensor]:
         """A decode step's context mask narrowed to each sliding window its layers use, built once."""
@@ -285,8 +290,9 @@ class ModelRunner:
         rotated = apply_rope(rotated, context.cos, context.sin)
         q, k = rotated[:, : self.num_heads], rotated[:, self.num_heads :]
         v = heads[:, self.num_heads + self.num_kv_heads :]
-        self.cache.keys[index].index_copy_(0, step.slot_mapping, k)
-        self.cache.values[index].index_copy_(0, step.slot_mapping, v)
+        if step.slot_mapping is not None:  # None: a pass that caches nothing (embeddings)
+            self.cache.keys[index].index_copy_(0, step.slot_mapping, k)
+            self.cache.values[index].index_copy_(0, step.slot_mapping, v)
         if step.prefill_lengths is not None:
             out = prefill_attention(q, k, v, step.prefill_lengths, self.attention[index])
         else:

@@ -51,6 +51,12 @@ MAX_SCHEMA_BYTES = 64 << 10
 MAX_SCHEMA_DEPTH = 32
 MAX_REGEX_CHARS = 4096
 MAX_TOOLS = 64
+# Embeddings: inputs per request and their tokens in all (OpenAI's limits); each input is also bounded
+# by the model's context.
+MAX_EMBEDDING_INPUTS = 2048
+MAX_EMBEDDING_TOKENS = 300_000
+# `dimensions` is refused unless it equals the hidden size; this only bounds the number parsed.
+MAX_EMBEDDING_DIMENSIONS = 1 << 16
 # The whole request body; a bigger one is answered 413 before it is parsed.
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 

@@ -18,7 +18,7 @@ class StepInput:
 
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
-    slot_mapping: torch.Tensor  # [T] where each token's K/V goes in the cache
+    slot_mapping: torch.Tensor | None  # [T] where each token's K/V goes in the cache; None: nowhere
     token_adapter: torch.Tensor  # [T] index into `adapters`, -1 = base model
     adapters: list[AdapterWeights]
     logits_indices: torch.Tensor  # [B] the token whose next-token logits each sequence needs

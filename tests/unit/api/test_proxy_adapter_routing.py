@@ -24,6 +24,8 @@ TARGET = Target(tenant="acme", base_model="tiny-random-llama", name="tiny")
         ({"inputs": "hi", "parameters": ["adapter_id"]}, ""),
         ({"model": None, "parameters": {"adapter_id": "repo/2"}}, "repo/2"),
         (["not", "an", "object"], ""),
+        ({"model": "repo/4", "input": ["a", "b"], "encoding_format": "base64"}, "repo/4"),  # embeddings
+        ({"inputs": "hi", "parameters": None, "stream": False}, ""),  # lorax-client's embed
     ],
 )
 def test_the_adapter_is_read_from_openai_and_lorax_bodies(body: object, adapter: str) -> None:

@@ -27,9 +27,11 @@ from tuneforge.rules.artifacts import ADAPTER_CONFIG, ArtifactManifest
 
 from worker.serving.adapters import AdapterSource, Resolutions, ResolvedAdapter
 from worker.serving.detokenizer import IncrementalDetokenizer
+from worker.serving.embedding import EmbeddingResult
 from worker.serving.errors import (
     EngineError,
     InvalidParameterError,
+    NotSupportedError,
     PromptTooLongError,
     ServingError,
     ShuttingDownError,
@@ -245,6 +247,17 @@ class VllmEngine:
         finally:
             await stream.aclose()
         raise EngineError("the vLLM engine ended the request without a finish reason; retry it")
+
+    async def embed(
+        self, inputs: list[list[int]], adapter: ResolvedAdapter | None = None, *, field: str = "input"
+    ) -> EmbeddingResult:
+        """Refused: vLLM serves this model as a generator (its completions API), which gives no hidden
+        states; vLLM embeds only models it was started to pool, one task per process."""
+        raise NotSupportedError(
+            f"embeddings are not served by this deployment's engine, vllm (it serves {self.model_name} "
+            "for generation only): create a deployment of the model with config.engine 'tuneforge', "
+            "whose engine serves embeddings of the base model and of its adapters"
+        )
 
     def _finish_reason(
         self, token: int, index: int, params: SamplingParams, stop_hit: bool, vllm_reason: str | None
