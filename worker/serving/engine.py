@@ -35,6 +35,7 @@ from worker.serving.errors import (
     PromptTooLongError,
     ServingError,
 )
+from worker.serving.forking import check_choices_fit, fork_generators, make_forks
 from worker.serving.kv_cache import BlockManager
 from worker.serving.metrics import ServingMetrics
 from worker.serving.model_runner import ModelRunner
@@ -127,6 +128,7 @@ class LLMEngine:
             is_ready=self._adapter_ready,
         )
         self._requests: dict[int, EngineRequest] = {}
+        self._families: dict[int, list[EngineRequest]] = {}  # n > 1: every choice, by the parent's id
         self.computer = StepComputer(self.runner, self.drafter, self)
 
     def _adapter_cache(self, source: AdapterSource, config: EngineConfig) -> AdapterCache:
@@ -174,6 +176,13 @@ class LLMEngine:
                 "shorten the prompt or lower max_tokens",
                 field="max_tokens" if len(prompt_token_ids) < self.max_model_len else "prompt",
             )
+        bad_bias = [t for t, _ in params.logit_bias if t >= self.runner.vocab_size]
+        if bad_bias:
+            raise InvalidParameterError(
+                f"logit_bias token ids must be in [0, {self.runner.vocab_size}); got {bad_bias[:5]}",
+                field="logit_bias",
+            )
+        check_choices_fit(len(prompt_token_ids), params, self.blocks.num_blocks)
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineOverloadedError(f"{len(self.scheduler.waiting)} requests are waiting; retry shortly")
 
@@ -202,14 +211,21 @@ class LLMEngine:
             seq, IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
         )
         request.adapter_ref = adapter
+        if params.n > 1:  # forked once its prompt is prefilled (forking.py)
+            seq.forks, request.family_id = params.n - 1, seq.seq_id
+            request.fork_generators = fork_generators(params)
+            self._families[seq.seq_id] = [request]
         self._requests[seq.seq_id] = request
         self.scheduler.add(seq)
         return request
 
     def abort(self, seq_id: int) -> None:
-        request = self._requests.get(seq_id)
-        if request is not None:
-            self._finish(request, FinishReason.ABORTED)
+        """Abort a request (every choice of it, for n > 1: they share the parent's id)."""
+        family = self._families.get(seq_id)
+        members = list(family) if family is not None else [self._requests.get(seq_id)]
+        for request in members:
+            if request is not None:
+                self._finish(request, FinishReason.ABORTED)
 
     def _adapter_ready(self, seq: Sequence) -> bool:
         return seq.adapter_key is None or self._requests[seq.seq_id].adapter is not None
@@ -256,6 +272,8 @@ class LLMEngine:
         generated = 0
         for i, tokens in zip(outcome.ran, outcome.emitted, strict=True):
             try:
+                if requests[i].fork_firsts:  # before the parent's token, which could free their blocks
+                    generated += self._spawn_forks(requests[i], now)
                 for token, logprob in tokens:
                     generated += 1
                     if self._emit(requests[i], token, logprob, now):
@@ -293,6 +311,19 @@ class LLMEngine:
                 request.send(error)
                 self._forget(request)
 
+    def _spawn_forks(self, parent: EngineRequest, now: float) -> int:
+        """Make the parent's forks running requests and emit the first token each drew; returns how many."""
+        forks = make_forks(parent, self.blocks, self.runner.cache, self.tokenizer)
+        for request, _, _ in forks:
+            self._requests[request.seq.seq_id] = request
+            self._families[parent.seq.seq_id].append(request)
+            if request.adapter is not None and request.seq.adapter_key is not None:
+                self.adapters.pin(request.seq.adapter_key)
+            self.scheduler.running.append(request.seq)
+        for request, token, logprob in forks:
+            self._emit(request, token, logprob, now)
+        return len(forks)
+
     def _emit(self, request: EngineRequest, token: int, logprob: float, now: float) -> bool:
         """Hands one token to the request; True if that finished it."""
         seq = request.seq
@@ -319,6 +350,7 @@ class LLMEngine:
                 prompt_tokens=seq.num_prompt_tokens,
                 elapsed=now - seq.arrival,
                 speculation=request.speculation,
+                choice=request.choice,
             )
         )
         if reason is not None:
@@ -346,6 +378,7 @@ class LLMEngine:
                     token_id=-1, text="", logprob=0.0, special=True, index=len(seq.output_token_ids),
                     finish_reason=reason, prompt_tokens=seq.num_prompt_tokens,
                     elapsed=time.monotonic() - seq.arrival, speculation=request.speculation,
+                    choice=request.choice,
                 )
             )  # fmt: skip
         self._forget(request)
@@ -358,6 +391,10 @@ class LLMEngine:
             self.adapters.unpin(seq.adapter_key)
             request.adapter = None
         self._requests.pop(seq.seq_id, None)
+        if request.family_id is not None:
+            family = self._families.get(request.family_id, [])
+            if not any(member.seq.seq_id in self._requests for member in family):
+                self._families.pop(request.family_id, None)
         self._update_gauges()
 
     def _update_gauges(self) -> None:

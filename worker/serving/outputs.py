@@ -58,6 +58,8 @@ class TokenOutput:
     # Why the adapter's speculator does not run (an engine without tuneforge's speculators); the routes
     # send it as the X-Tuneforge-Speculation response header.
     speculation_note: str | None = None
+    # Which of the request's n choices this token belongs to (0 when n = 1).
+    choice: int = 0
 
     @property
     def finished(self) -> bool:

@@ -26,6 +26,7 @@ from worker.serving.lora import AdapterWeights
 from worker.serving.model_runner import ModelRunner, StepHidden
 from worker.serving.request import EngineRequest
 from worker.serving.sampling import sample_next_tokens
+from worker.serving.sequence import Sequence as SequenceState
 from worker.serving.sequence import SequenceStatus
 from worker.serving.step_input import decode_input, prefill_input
 
@@ -176,21 +177,51 @@ class StepComputer:
         plain = [i for i, r in enumerate(requests) if not speculates(r.seq.params, r.adapter)]
         if plain:
             seqs = [requests[i].seq for i in plain]
-            needs_history = any(s.params.repetition_penalty != 1.0 for s in seqs)
-            histories: list[torch.Tensor | list[int]] = (
-                [torch.tensor(s.all_token_ids) for s in seqs] if needs_history else [[] for _ in seqs]
-            )
             rows = logits[torch.tensor([starts[i] for i in plain])]
-            tokens, logprobs = sample_next_tokens(
-                rows, [s.params for s in seqs], histories, [s.generator for s in seqs]
-            )
+            tokens, logprobs = _sample(rows, seqs, [s.generator for s in seqs])
             for i, token, logprob in zip(plain, tokens.tolist(), logprobs.tolist(), strict=True):
                 chosen[i] = [(token, logprob)]
         for i in range(len(requests)):
             if chosen[i]:
                 continue
             chosen[i] = self.drafter.verify(requests[i], drafts[i], logits[starts[i] : starts[i + 1]])
+        _fork_first_tokens(requests, logits, starts)
         return chosen
+
+
+def _fork_first_tokens(requests: list[EngineRequest], logits: torch.Tensor, starts: list[int]) -> None:
+    """The first token of each pending fork of the requests just prefilled, drawn with the fork's own
+    generator from its parent's prefill logits (the prompt is computed once for all n choices)."""
+    parents = [i for i, r in enumerate(requests) if r.fork_generators and not r.fork_firsts]
+    if not parents:
+        return
+    owners = [i for i in parents for _ in requests[i].fork_generators]
+    rows = logits[torch.tensor([starts[i] for i in owners])]
+    generators = [g for i in parents for g in requests[i].fork_generators]
+    tokens, logprobs = _sample(rows, [requests[i].seq for i in owners], generators)
+    pairs = list(zip(tokens.tolist(), logprobs.tolist(), strict=True))
+    for i in parents:
+        count = len(requests[i].fork_generators)
+        requests[i].fork_firsts, pairs = pairs[:count], pairs[count:]
+
+
+def _sample(
+    rows: torch.Tensor, seqs: list[SequenceState], generators: list[torch.Generator | None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per logits row `[R, V]`, row r for `seqs[r]` drawing from `generators[r]`; the
+    histories the penalties read are built only if some row has one."""
+    empty: list[torch.Tensor | list[int]] = [[] for _ in seqs]
+    histories = (
+        [torch.tensor(s.all_token_ids) for s in seqs]
+        if any(s.params.repetition_penalty != 1.0 for s in seqs)
+        else empty
+    )
+    generated = (
+        [torch.tensor(s.output_token_ids) for s in seqs]
+        if any(s.params.additive_penalties for s in seqs)
+        else empty
+    )
+    return sample_next_tokens(rows, [s.params for s in seqs], histories, generators, generated)
 
 
 def _active_adapters(requests: list[EngineRequest]) -> tuple[list[AdapterWeights], list[int]]:
