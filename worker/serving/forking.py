@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from worker.serving.detokenizer import IncrementalDetokenizer
-from worker.serving.errors import InvalidParameterError
+from worker.serving.errors import TooManyChoicesError
 from worker.serving.kv_cache import BlockManager, KVCache
 from worker.serving.params import MAX_CHOICES_CACHE_SHARE, SamplingParams
 from worker.serving.request import EngineRequest
@@ -32,7 +32,7 @@ def check_choices_fit(prompt_tokens: int, params: SamplingParams, num_blocks: in
     need = params.n * BlockManager.blocks_needed(prompt_tokens + params.max_tokens)
     limit = int(num_blocks * MAX_CHOICES_CACHE_SHARE)
     if need > limit:
-        raise InvalidParameterError(
+        raise TooManyChoicesError(
             f"n={params.n} choices of up to {prompt_tokens + params.max_tokens} tokens each (prompt + "
             f"max_tokens) could take {need} KV-cache blocks; one request may take at most {limit} on this "
             "server: lower n, max_tokens or the prompt",

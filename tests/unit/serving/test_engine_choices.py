@@ -13,7 +13,7 @@ from serving_support import make_random_heads
 from transformers import AutoModelForCausalLM
 
 from worker.serving.engine import LLMEngine
-from worker.serving.errors import InvalidParameterError
+from worker.serving.errors import InvalidParameterError, TooManyChoicesError
 from worker.serving.outputs import FinishReason
 from worker.serving.params import SamplingParams
 
@@ -132,9 +132,9 @@ def test_a_request_whose_choices_could_fill_the_cache_is_refused_naming_n(
     per_choice = engine.blocks.blocks_needed(len(PROMPT) + 100)
     fits = max(1, blocks // 2 // per_choice)
     engine.validate(PROMPT, SamplingParams(max_tokens=100, n=fits))
-    with pytest.raises(InvalidParameterError) as caught:
+    with pytest.raises(TooManyChoicesError) as too_many:
         engine.validate(PROMPT, SamplingParams(max_tokens=100, n=fits + 1))
-    assert caught.value.field == "n"
+    assert too_many.value.field == "n" and too_many.value.status_code == 400
     with pytest.raises(InvalidParameterError) as caught:
         engine.validate(PROMPT, SamplingParams(logit_bias=((engine.runner.vocab_size, 1.0),)))
     assert caught.value.field == "logit_bias"
