@@ -9,14 +9,15 @@ which aborts all their choices.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import anyio
 from fastapi import Request
 
 from worker.serving.http_common import Generation
+from worker.serving.merging import merge
 from worker.serving.outputs import SpeculationStats, TokenOutput
 
 Choices = dict[int, list[TokenOutput]]  # a choice's index → its outputs in order
@@ -34,36 +35,16 @@ class Generations:
 
     async def outputs(self) -> AsyncGenerator[tuple[int, TokenOutput], None]:
         """(choice index, output) as the engine produces them, every prompt's choices interleaved."""
-        if len(self.items) == 1:
-            async for output in self.items[0].outputs():
-                yield self.index(0, output), output
-            return
-        queue: asyncio.Queue[tuple[int, TokenOutput | Exception | None]] = asyncio.Queue()
+        async with aclosing(merge([self._indexed(k, g) for k, g in enumerate(self.items)])) as merged:
+            async for item in merged:
+                yield item
 
-        async def pump(prompt: int, generation: Generation) -> None:
-            try:
-                async for output in generation.outputs():
-                    queue.put_nowait((prompt, output))
-            except Exception as exc:  # the request's error ends the whole reply
-                queue.put_nowait((prompt, exc))
-                return
-            queue.put_nowait((prompt, None))
-
-        tasks = [asyncio.create_task(pump(k, g)) for k, g in enumerate(self.items)]
-        try:
-            running = len(tasks)
-            while running:
-                prompt, item = await queue.get()
-                if item is None:
-                    running -= 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield self.index(prompt, item), item
-        finally:  # cancelling a pump closes its generation, which aborts its engine request
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+    async def _indexed(
+        self, prompt: int, generation: Generation
+    ) -> AsyncGenerator[tuple[int, TokenOutput], None]:
+        async with aclosing(generation.outputs()) as outputs:
+            async for output in outputs:
+                yield self.index(prompt, output), output
 
     async def collect(self, request: Request) -> Choices:
         """Every choice's outputs, for a whole (non-streamed) response; a client that leaves meanwhile

@@ -1,7 +1,9 @@
 """`VllmEngine`: what tuneforge's HTTP app asks of an engine, with a vLLM child doing the generation.
 
 Requests reach vLLM's `/v1/completions` as token ids (tuneforge tokenizes and applies chat templates, so
-both engines see the same prompt), and come back one token per streamed chunk; tuneforge's own
+both engines see the same prompt), and come back one token per streamed chunk; a request of n choices
+is n vLLM requests (choice j seeded seed + j, as in tuneforge's engine), whose shared prompt vLLM's
+prefix cache computes once; tuneforge's own
 detokenizer turns them into text, stop strings and finish reasons exactly as its engine does. An adapter
 is resolved through the same `AdapterSource`, fetched, and linked into the resolver directory under a
 name of the launcher's resolver (`tf-<sha1 of its key>`), which vLLM loads on first use.
@@ -18,6 +20,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from worker.serving.errors import (
     ServingError,
     ShuttingDownError,
 )
+from worker.serving.merging import merge
 from worker.serving.outputs import FinishReason, TokenOutput
 from worker.serving.params import SamplingParams
 from worker.serving.vllm_engine.metrics import VllmMetrics
@@ -177,6 +182,12 @@ class VllmEngine:
                 "shorten the prompt or lower max_tokens",
                 field="max_tokens" if len(prompt_token_ids) < self.max_model_len else "prompt",
             )
+        bad_bias = [t for t, _ in params.logit_bias if t >= self.vocab_size]
+        if bad_bias:
+            raise InvalidParameterError(
+                f"logit_bias token ids must be in [0, {self.vocab_size}); got {bad_bias[:5]}",
+                field="logit_bias",
+            )
 
     async def generate(
         self,
@@ -184,8 +195,9 @@ class VllmEngine:
         params: SamplingParams,
         adapter: ResolvedAdapter | None = None,
     ) -> AsyncGenerator[TokenOutput, None]:
-        """Tokens of one request as vLLM generates them; raises its ServingError if it fails. Leaving
-        early closes the HTTP stream, which makes vLLM abort the request."""
+        """Tokens of one request as vLLM generates them, of its `params.n` choices interleaved (each
+        `TokenOutput.choice` says whose); raises its ServingError if it fails. Leaving early closes the
+        HTTP streams, which makes vLLM abort every choice."""
         if self._closed is not None:
             raise type(self._closed)(self._closed.message)
         self.validate(prompt_token_ids, params)
@@ -195,6 +207,25 @@ class VllmEngine:
             linked, skipped_speculator = await asyncio.to_thread(self._link, adapter)
             model = linked or self.model_name
             note = SPECULATION_OFF if skipped_speculator else None
+        choices = [
+            self._choice(
+                model, prompt_token_ids, replace(params, n=1, seed=params.choice_seed(j)), adapter, j
+            )
+            for j in range(params.n)
+        ]
+        async with aclosing(merge(choices)) as outputs:  # leaving closes every choice's stream
+            async for output in outputs:
+                yield replace(output, elapsed=time.monotonic() - arrival, speculation_note=note)
+
+    async def _choice(
+        self,
+        model: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        adapter: ResolvedAdapter | None,
+        choice: int,
+    ) -> AsyncGenerator[TokenOutput, None]:
+        """One choice: one streamed vLLM request."""
         body = self._body(model, prompt_token_ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop)
         stream = VllmStream(self._http(), f"{self.process.url}/v1/completions", body)
@@ -211,8 +242,7 @@ class VllmEngine:
                     self.metrics.requests.labels(finish_reason=reason.value).inc()
                 yield TokenOutput(
                     token_id=token, text=text, logprob=logprob, special=token in self.special_ids,
-                    index=index, finish_reason=reason, prompt_tokens=len(prompt_token_ids),
-                    elapsed=time.monotonic() - arrival, speculation_note=note,
+                    index=index, finish_reason=reason, prompt_tokens=len(prompt_token_ids), choice=choice,
                 )  # fmt: skip
                 if reason is not None:
                     return  # a stop string: closing the stream aborts the request in vLLM
@@ -255,6 +285,9 @@ class VllmEngine:
             "top_p": params.top_p,
             "top_k": params.top_k or -1,
             "repetition_penalty": params.repetition_penalty,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+            "logit_bias": {str(token): bias for token, bias in params.logit_bias} or None,
             "seed": params.seed,
             "ignore_eos": params.ignore_eos,
             # tuneforge's EOS set (config and tokenizer); stop strings are matched here, on tuneforge's text
