@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_support import Collected, make_engine, run_until_done, step
+from engine_support import Collected, make_engine, run_until_done, step, wait_for_adapters
 from serving_support import make_random_heads
 from transformers import AutoModelForCausalLM
 
@@ -96,12 +96,19 @@ def test_forks_run_beside_other_requests_and_stop_on_their_own(
     forked = Collected(
         engine, PROMPT[:16], SamplingParams(max_tokens=9, temperature=0.8, seed=3, n=3), "acme/2"
     )
+    wait_for_adapters(engine, [other, forked])
+    for _ in range(10):  # the parent is prefilled (and forked) within a step or two
+        if len(engine._families.get(forked.request.seq.seq_id, [])) == 3:
+            break
+        step(engine)
+    key = forked.request.seq.adapter_key
+    assert key is not None and engine.adapters._pins[key] == 3  # each running choice pins the adapter
     run_until_done(engine, [other, forked])
     assert other.error is None and forked.error is None
     assert len(other.token_ids) == 6
     assert sorted(o.choice for o in forked.outputs if o.finished) == [0, 1, 2]
     assert engine.blocks.num_used == 0
-    assert engine.adapters.loaded_ids(None)  # pins released: the adapters stay loaded, unpinned
+    assert engine.adapters._pins == {}  # every choice pinned its adapter and let go of it
     alone = run_alone(
         engine, PROMPT[:5], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), "acme/1"
     )
