@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from worker.serving.engine import LLMEngine
 from worker.serving.errors import InvalidParameterError, TooManyChoicesError
+from worker.serving.kv_cache import BLOCK_SIZE, CacheShape
 from worker.serving.outputs import FinishReason
 from worker.serving.params import SamplingParams
 
@@ -40,6 +41,10 @@ PROMPT = [
     626,
     5,
 ]
+
+
+# tiny-random-llama: 2 layers, 2 KV heads of 16 dims, fp32: 8 blocks of 16 tokens.
+SMALL_CACHE_8_BLOCKS = CacheShape(2, 2, 16, torch.float32).bytes_per_token * 8 * BLOCK_SIZE
 
 
 def choices(collected: Collected, n: int) -> list[list[int]]:
@@ -188,3 +193,36 @@ def test_penalised_greedy_decoding_matches_hf_logits_shaped_by_hand(
     speculated = run_alone(engine, PROMPT[:8], params, "heads/1")
     assert speculated.token_ids == expected
     assert speculated.outputs[-1].speculation is None
+
+
+def test_a_tight_cache_preempts_forks_and_recomputes_them_exactly(
+    tiny_model_dir: Path, adapter_root: Path
+) -> None:
+    def run(engine: LLMEngine) -> tuple[list[list[list[int]]], int]:
+        requests = [
+            Collected(
+                engine, PROMPT[: 6 + i], SamplingParams(max_tokens=20, seed=i, ignore_eos=True, n=2), None
+            )
+            for i in range(4)
+        ]
+        peak = 0
+        for _ in range(500):
+            if all(r.done for r in requests):
+                break
+            step(engine)
+            peak = max(peak, engine.blocks.num_used)
+            for r in requests:
+                r.drain()
+        assert all(r.error is None for r in requests)
+        return [choices(r, 2) for r in requests], peak
+
+    roomy, _ = run(make_engine(tiny_model_dir, adapter_root))
+    tight_engine = make_engine(
+        tiny_model_dir, adapter_root, kv_cache_bytes=SMALL_CACHE_8_BLOCKS, max_model_len=64
+    )
+    assert tight_engine.blocks.num_blocks == 8
+    before = prompt_tokens_computed(tight_engine)
+    tight, peak = run(tight_engine)
+    assert tight == roomy
+    assert peak <= 8 and tight_engine.blocks.num_used == 0
+    assert prompt_tokens_computed(tight_engine) - before > sum(6 + i for i in range(4))  # some recomputed
