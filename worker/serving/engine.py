@@ -41,6 +41,7 @@ from worker.serving.metrics import ServingMetrics
 from worker.serving.model_runner import ModelRunner
 from worker.serving.outputs import FinishReason, TokenOutput
 from worker.serving.params import SamplingParams
+from worker.serving.penalties import check_logit_bias_vocabulary
 from worker.serving.request import EngineRequest
 from worker.serving.sampling import make_generator
 from worker.serving.scheduler import Scheduler
@@ -176,12 +177,7 @@ class LLMEngine:
                 "shorten the prompt or lower max_tokens",
                 field="max_tokens" if len(prompt_token_ids) < self.max_model_len else "prompt",
             )
-        bad_bias = [t for t, _ in params.logit_bias if t >= self.runner.vocab_size]
-        if bad_bias:
-            raise InvalidParameterError(
-                f"logit_bias token ids must be in [0, {self.runner.vocab_size}); got {bad_bias[:5]}",
-                field="logit_bias",
-            )
+        check_logit_bias_vocabulary(params, self.runner.vocab_size)
         check_choices_fit(len(prompt_token_ids), params, self.blocks.num_blocks)
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineOverloadedError(f"{len(self.scheduler.waiting)} requests are waiting; retry shortly")
@@ -307,7 +303,8 @@ class LLMEngine:
     def fail_requests(self, requests: list[EngineRequest], error: ServingError) -> None:
         for request in requests:
             if request.seq.seq_id in self._requests:
-                self.metrics.requests.labels(finish_reason="error").inc()
+                if request.choice == 0:  # a request of n choices counts once
+                    self.metrics.requests.labels(finish_reason="error").inc()
                 request.send(error)
                 self._forget(request)
 
@@ -371,7 +368,8 @@ class LLMEngine:
         if seq.seq_id not in self._requests:
             return
         self.scheduler.finish(seq)
-        self.metrics.requests.labels(finish_reason=reason.value).inc()
+        if request.choice == 0:  # a request of n choices counts once
+            self.metrics.requests.labels(finish_reason=reason.value).inc()
         if notify and reason is FinishReason.ABORTED:
             request.send(
                 TokenOutput(

@@ -17,7 +17,17 @@ from collections.abc import Sequence
 
 import torch
 
+from worker.serving.errors import InvalidParameterError
 from worker.serving.params import SamplingParams
+
+
+def check_logit_bias_vocabulary(params: SamplingParams, vocab_size: int) -> None:
+    """logit_bias may name only token ids the model has (422 naming `logit_bias` otherwise)."""
+    outside = [token for token, _ in params.logit_bias if token >= vocab_size]
+    if outside:
+        raise InvalidParameterError(
+            f"logit_bias token ids must be in [0, {vocab_size}); got {outside[:5]}", field="logit_bias"
+        )
 
 
 def apply_logit_bias(

@@ -41,6 +41,7 @@ from worker.serving.errors import (
 from worker.serving.merging import merge
 from worker.serving.outputs import FinishReason, TokenOutput
 from worker.serving.params import SamplingParams
+from worker.serving.penalties import check_logit_bias_vocabulary
 from worker.serving.vllm_engine.metrics import VllmMetrics
 from worker.serving.vllm_engine.process import VllmConfig, VllmProcess
 from worker.serving.vllm_engine.streaming import VllmStream, check_adapter_config
@@ -182,12 +183,7 @@ class VllmEngine:
                 "shorten the prompt or lower max_tokens",
                 field="max_tokens" if len(prompt_token_ids) < self.max_model_len else "prompt",
             )
-        bad_bias = [t for t, _ in params.logit_bias if t >= self.vocab_size]
-        if bad_bias:
-            raise InvalidParameterError(
-                f"logit_bias token ids must be in [0, {self.vocab_size}); got {bad_bias[:5]}",
-                field="logit_bias",
-            )
+        check_logit_bias_vocabulary(params, self.vocab_size)
 
     async def generate(
         self,
@@ -238,7 +234,7 @@ class VllmEngine:
                 reason = self._finish_reason(token, index, params, stop_hit, vllm_reason)
                 if reason is not None and reason is not FinishReason.STOP_SEQUENCE:
                     text += detok.flush()
-                if reason is not None:
+                if reason is not None and choice == 0:  # a request of n choices counts once
                     self.metrics.requests.labels(finish_reason=reason.value).inc()
                 yield TokenOutput(
                     token_id=token, text=text, logprob=logprob, special=token in self.special_ids,
@@ -248,7 +244,8 @@ class VllmEngine:
                     return  # a stop string: closing the stream aborts the request in vLLM
                 index += 1
         except (GeneratorExit, asyncio.CancelledError):  # the client left: the request is aborted
-            self.metrics.requests.labels(finish_reason=FinishReason.ABORTED.value).inc()
+            if choice == 0:
+                self.metrics.requests.labels(finish_reason=FinishReason.ABORTED.value).inc()
             raise
         except httpx.HTTPError as exc:
             if self._closed is not None:
