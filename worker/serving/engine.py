@@ -178,7 +178,7 @@ class LLMEngine:
                 field="max_tokens" if len(prompt_token_ids) < self.max_model_len else "prompt",
             )
         check_logit_bias_vocabulary(params, self.runner.vocab_size)
-        check_choices_fit(len(prompt_token_ids), params, self.blocks.num_blocks)
+        check_choices_fit(len(prompt_token_ids), params, self.blocks.num_blocks, self.config.max_batch_size)
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineOverloadedError(f"{len(self.scheduler.waiting)} requests are waiting; retry shortly")
 

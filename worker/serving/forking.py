@@ -18,19 +18,29 @@ import torch
 from worker.serving.detokenizer import IncrementalDetokenizer
 from worker.serving.errors import TooManyChoicesError
 from worker.serving.kv_cache import BlockManager, KVCache
-from worker.serving.params import MAX_CHOICES_CACHE_SHARE, SamplingParams
+from worker.serving.params import MAX_CHOICES_SHARE, SamplingParams
 from worker.serving.request import EngineRequest
 from worker.serving.sampling import make_generator
 from worker.serving.sequence import Sequence, SequenceStatus
 
 
-def check_choices_fit(prompt_tokens: int, params: SamplingParams, num_blocks: int) -> None:
-    """Refuses (400 naming `n`) a request whose n choices, each at its longest and counting the prompt
-    once per choice, could hold more than MAX_CHOICES_CACHE_SHARE of the KV cache."""
+def check_choices_fit(
+    prompt_tokens: int, params: SamplingParams, num_blocks: int, max_batch_size: int
+) -> None:
+    """Refuses (400 naming `n`) a request whose n choices would take more than MAX_CHOICES_SHARE of the
+    batch's slots, or could hold more than that share of the KV cache (each choice at its longest,
+    counting the prompt once per choice: a preempted fork recomputes its own copy)."""
     if params.n == 1:
         return
+    slots = max(1, int(max_batch_size * MAX_CHOICES_SHARE))
+    if params.n > slots:
+        raise TooManyChoicesError(
+            f"n={params.n} choices would take more than {slots} of this server's {max_batch_size} batch "
+            "slots, the most one request may take: lower n",
+            field="n",
+        )
     need = params.n * BlockManager.blocks_needed(prompt_tokens + params.max_tokens)
-    limit = int(num_blocks * MAX_CHOICES_CACHE_SHARE)
+    limit = int(num_blocks * MAX_CHOICES_SHARE)
     if need > limit:
         raise TooManyChoicesError(
             f"n={params.n} choices of up to {prompt_tokens + params.max_tokens} tokens each (prompt + "

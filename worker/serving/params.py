@@ -43,8 +43,9 @@ MAX_CONTENT_PARTS = 256
 MAX_CHOICES = 128
 MAX_PROMPTS = 64
 # A request with n > 1 may hold at most this share of the engine's KV cache (prompt and completions of
-# all its choices, at their longest), so that one request cannot starve every other tenant.
-MAX_CHOICES_CACHE_SHARE = 0.5
+# all its choices, at their longest) and of its batch slots, so that one request cannot starve every
+# other tenant.
+MAX_CHOICES_SHARE = 0.5
 MAX_LOGPROBS = 20
 # Names (models, adapter ids, roles) and other short strings.
 MAX_NAME_LENGTH = 256

@@ -56,7 +56,7 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())  # its adapter loads; later arrivals go ahead
                 continue
             too_big = admitted and len(seq) > budget
-            # A request of n choices takes n slots once forked (alone if n exceeds the batch), and a
+            # A request of n choices takes n slots once forked (n is at most half the batch), and a
             # block per fork for its copy of the prompt's last block.
             too_wide = self.running and len(self.running) + 1 + seq.forks > self.max_batch_size
             if (

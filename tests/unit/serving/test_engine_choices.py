@@ -136,17 +136,24 @@ def test_aborting_a_request_aborts_every_choice_and_frees_their_blocks(
     assert not engine.has_unfinished and engine.blocks.num_used == 0
 
 
-def test_a_request_whose_choices_could_fill_the_cache_is_refused_naming_n(
+def test_a_request_whose_choices_could_fill_the_cache_or_the_batch_is_refused_naming_n(
     tiny_model_dir: Path, adapter_root: Path
 ) -> None:
-    engine = make_engine(tiny_model_dir, adapter_root, kv_cache_bytes=2 << 20)
+    engine = make_engine(tiny_model_dir, adapter_root, kv_cache_bytes=2 << 20, max_batch_size=64)
     blocks = engine.blocks.num_blocks
     per_choice = engine.blocks.blocks_needed(len(PROMPT) + 100)
-    fits = max(1, blocks // 2 // per_choice)
+    fits = blocks // 2 // per_choice
+    assert 1 < fits < 32  # the cache, not the batch, is what limits n here
     engine.validate(PROMPT, SamplingParams(max_tokens=100, n=fits))
     with pytest.raises(TooManyChoicesError) as too_many:
         engine.validate(PROMPT, SamplingParams(max_tokens=100, n=fits + 1))
     assert too_many.value.field == "n" and too_many.value.status_code == 400
+    assert "KV-cache blocks" in too_many.value.message
+    narrow = make_engine(tiny_model_dir, adapter_root, max_batch_size=8)
+    narrow.validate(PROMPT, SamplingParams(max_tokens=4, n=4))
+    with pytest.raises(TooManyChoicesError, match="batch slots") as too_many:
+        narrow.validate(PROMPT, SamplingParams(max_tokens=4, n=5))
+    assert too_many.value.field == "n"
     with pytest.raises(InvalidParameterError) as caught:
         engine.validate(PROMPT, SamplingParams(logit_bias=((engine.runner.vocab_size, 1.0),)))
     assert caught.value.field == "logit_bias"

@@ -180,7 +180,8 @@ def test_logit_bias_forces_a_token_and_penalties_change_the_text(
         ("logit_bias", {"logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS_ENTRIES + 1)}}),
         ("prompt", {"prompt": ["a"] * (MAX_PROMPTS + 1)}),
         ("prompt", {"prompt": ["a", ""]}),
-        ("n", {"n": 60, "max_tokens": 200}),  # 60 choices of up to 16 blocks: more than half the cache
+        ("n", {"n": 10, "max_tokens": 200}),  # 10 choices of up to 13 blocks: more than half the cache
+        ("n", {"n": 17}),  # more than half the batch's 32 slots
     ],
 )
 def test_bad_choices_penalties_and_biases_are_4xx_naming_the_field(
@@ -199,7 +200,7 @@ def test_bad_choices_penalties_and_biases_are_4xx_naming_the_field(
 def test_a_big_n_is_refused_while_other_tenants_are_served(server: LiveServingServer) -> None:
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-            big = {"prompt": PROMPT, "n": 40, "max_tokens": 240, "ignore_eos": True}
+            big = {"prompt": PROMPT, "n": 10, "max_tokens": 200, "ignore_eos": True}
             small = {"prompt": PROMPT, "n": 2, "max_tokens": 8, "ignore_eos": True}
             return list(
                 await asyncio.gather(
@@ -209,6 +210,7 @@ def test_a_big_n_is_refused_while_other_tenants_are_served(server: LiveServingSe
 
     big, small = asyncio.run(run())
     assert big.status_code == 400 and big.json()["error"]["param"] == "n"
+    assert "KV-cache" in big.json()["error"]["message"]
     assert small.status_code == 200 and len(small.json()["choices"]) == 2
 
 
