@@ -7,6 +7,10 @@ sequences of their own (`make_forks`) before the parent's first token is emitted
 the shared blocks before the parent could free them. Choice j of a seeded request draws from
 seed + j (`SamplingParams.choice_seed`): the choices are reproducible and distinct, and choice 0 is
 what the same request with n = 1 gives.
+
+Forks of a request whose adapter has Medusa heads speculate from their first decode step on (the heads
+read the step's hidden states); an eagle draft layer keeps a draft cache per sequence that only a
+prefill builds, so an eagle adapter's forks decode one token a step (the parent speculates).
 """
 
 from __future__ import annotations
