@@ -152,12 +152,15 @@ class AsyncEngine:
         params: SamplingParams,
         adapter: ResolvedAdapter | None = None,
     ) -> AsyncGenerator[TokenOutput, None]:
-        """Tokens of one request as they are generated; raises its ServingError if it fails."""
+        """Tokens of one request as they are generated, of its `params.n` choices interleaved (each
+        `TokenOutput.choice` says whose), until every choice finished; raises its ServingError if it
+        fails. Leaving early aborts every choice."""
         self.engine.validate(prompt_token_ids, params)  # fail fast, before anything is queued
         out: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()
         seq_id = next_sequence_id()
         loop = asyncio.get_running_loop()
         self._post_add(_Add(seq_id, list(prompt_token_ids), params, adapter, loop, out, time.monotonic()))
+        unfinished = params.n
         finished = False
         try:
             while not finished:
@@ -165,7 +168,8 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                finished = item.finished
+                unfinished -= item.finished
+                finished = unfinished == 0
                 yield item
         finally:
             with self._lock:

@@ -27,12 +27,14 @@ from worker.serving.speculator import Speculator
 
 
 def speculates(params: SamplingParams, adapter: AdapterWeights | None) -> bool:
-    """Requests whose adapter has heads, unless a repetition penalty makes p depend on each draft or a
-    grammar constrains the output (constrained requests decode one masked token a step)."""
+    """Requests whose adapter has heads, unless something shapes their logits beyond the warpers (a
+    penalty, whose p at each verified position would depend on the drafts accepted before it, or a
+    logit_bias) or a grammar constrains the output: those decode one token a step through the ordinary
+    sampler, so every token is chosen from the shaped (or masked) distribution with its exact history."""
     return (
         adapter is not None
         and adapter.speculator is not None
-        and params.repetition_penalty == 1.0
+        and not params.shapes_logits
         and params.constraint is None
     )
 

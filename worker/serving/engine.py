@@ -36,12 +36,14 @@ from worker.serving.errors import (
     PromptTooLongError,
     ServingError,
 )
+from worker.serving.forking import check_choices_fit, fork_generators, make_forks
 from worker.serving.guided import GrammarCompiler
 from worker.serving.kv_cache import BlockManager
 from worker.serving.metrics import ServingMetrics
 from worker.serving.model_runner import ModelRunner
 from worker.serving.outputs import FinishReason, PromptLogprobs, TokenOutput, TopLogprobs
 from worker.serving.params import SamplingParams
+from worker.serving.penalties import check_logit_bias_vocabulary
 from worker.serving.request import EngineRequest
 from worker.serving.sampling import make_generator
 from worker.serving.scheduler import Scheduler
@@ -132,6 +134,7 @@ class LLMEngine:
             is_ready=self._adapter_ready,
         )
         self._requests: dict[int, EngineRequest] = {}
+        self._families: dict[int, list[EngineRequest]] = {}  # n > 1: every choice, by the parent's id
         self.computer = StepComputer(self.runner, self.drafter, self)
         # Embedding requests: a bounded pass of them runs before each generation step (embedding.py).
         self.embedder = Embedder(
@@ -186,6 +189,8 @@ class LLMEngine:
                 "shorten the prompt or lower max_tokens",
                 field="max_tokens" if len(prompt_token_ids) < self.max_model_len else "prompt",
             )
+        check_logit_bias_vocabulary(params, self.runner.vocab_size)
+        check_choices_fit(len(prompt_token_ids), params, self.blocks.num_blocks, self.config.max_batch_size)
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineOverloadedError(f"{len(self.scheduler.waiting)} requests are waiting; retry shortly")
 
@@ -216,14 +221,21 @@ class LLMEngine:
         request.adapter_ref = adapter
         if params.constraint is not None:
             request.guide = self.grammars.start(params.constraint)
+        if params.n > 1:  # forked once its prompt is prefilled (forking.py)
+            seq.forks, request.family_id = params.n - 1, seq.seq_id
+            request.fork_generators = fork_generators(params)
+            self._families[seq.seq_id] = [request]
         self._requests[seq.seq_id] = request
         self.scheduler.add(seq)
         return request
 
     def abort(self, seq_id: int) -> None:
-        request = self._requests.get(seq_id)
-        if request is not None:
-            self._finish(request, FinishReason.ABORTED)
+        """Abort a request (every choice of it, for n > 1: they share the parent's id)."""
+        family = self._families.get(seq_id)
+        members = list(family) if family is not None else [self._requests.get(seq_id)]
+        for request in members:
+            if request is not None:
+                self._finish(request, FinishReason.ABORTED)
 
     def _adapter_ready(self, seq: Sequence) -> bool:
         return seq.adapter_key is None or self._requests[seq.seq_id].adapter is not None
@@ -271,6 +283,8 @@ class LLMEngine:
         generated = 0
         for position, (i, tokens) in enumerate(zip(outcome.ran, outcome.emitted, strict=True)):
             try:
+                if requests[i].fork_firsts:  # before the parent's token, which could free their blocks
+                    generated += self._spawn_forks(requests[i], now, *outcome.extras(position, 0))
                 for j, (token, logprob) in enumerate(tokens):
                     generated += 1
                     if self._emit(requests[i], token, logprob, now, *outcome.extras(position, j)):
@@ -306,9 +320,29 @@ class LLMEngine:
     def fail_requests(self, requests: list[EngineRequest], error: ServingError) -> None:
         for request in requests:
             if request.seq.seq_id in self._requests:
-                self.metrics.requests.labels(finish_reason="error").inc()
+                if request.choice == 0:  # a request of n choices counts once
+                    self.metrics.requests.labels(finish_reason="error").inc()
                 request.send(error)
                 self._forget(request)
+
+    def _spawn_forks(
+        self, parent: EngineRequest, now: float, top: TopLogprobs = (), prompt: PromptLogprobs | None = None
+    ) -> int:
+        """Make the parent's forks running requests and emit the first token each drew; returns how many.
+        A fork's first token was drawn from the parent's distribution: it reports the parent's alternatives
+        and scored prompt, and a constrained fork starts its own grammar from the beginning."""
+        forks = make_forks(parent, self.blocks, self.runner.cache, self.tokenizer)
+        for request, _, _ in forks:
+            self._requests[request.seq.seq_id] = request
+            self._families[parent.seq.seq_id].append(request)
+            if request.adapter is not None and request.seq.adapter_key is not None:
+                self.adapters.pin(request.seq.adapter_key)
+            if request.seq.params.constraint is not None:
+                request.guide = self.grammars.start(request.seq.params.constraint)
+            self.scheduler.running.append(request.seq)
+        for request, token, logprob in forks:
+            self._emit(request, token, logprob, now, top, prompt)
+        return len(forks)
 
     def _emit(
         self,
@@ -350,6 +384,7 @@ class LLMEngine:
                 speculation=request.speculation,
                 top_logprobs=top,
                 prompt_logprobs=prompt,
+                choice=request.choice,
             )
         )
         request.prompt_scored = request.prompt_scored or prompt is not None
@@ -371,13 +406,15 @@ class LLMEngine:
         if seq.seq_id not in self._requests:
             return
         self.scheduler.finish(seq)
-        self.metrics.requests.labels(finish_reason=reason.value).inc()
+        if request.choice == 0:  # a request of n choices counts once
+            self.metrics.requests.labels(finish_reason=reason.value).inc()
         if notify and reason is FinishReason.ABORTED:
             request.send(
                 TokenOutput(
                     token_id=-1, text="", logprob=0.0, special=True, index=len(seq.output_token_ids),
                     finish_reason=reason, prompt_tokens=seq.num_prompt_tokens,
                     elapsed=time.monotonic() - seq.arrival, speculation=request.speculation,
+                    choice=request.choice,
                 )
             )  # fmt: skip
         self._forget(request)
@@ -390,6 +427,10 @@ class LLMEngine:
             self.adapters.unpin(seq.adapter_key)
             request.adapter = None
         self._requests.pop(seq.seq_id, None)
+        if request.family_id is not None:
+            family = self._families.get(request.family_id, [])
+            if not any(member.seq.seq_id in self._requests for member in family):
+                self._families.pop(request.family_id, None)
         self._update_gauges()
 
     def _update_gauges(self) -> None:

@@ -54,7 +54,10 @@ class ServingEngine(Protocol):
 
     def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, adapter: ResolvedAdapter | None = None
-    ) -> AsyncGenerator[TokenOutput, None]: ...
+    ) -> AsyncGenerator[TokenOutput, None]:
+        """The outputs of `params.n` choices interleaved (`TokenOutput.choice` says whose), until each
+        has finished; closing the generator aborts every choice."""
+        ...
 
     async def embed(
         self, inputs: list[list[int]], adapter: ResolvedAdapter | None = None, *, field: str = "input"

@@ -24,6 +24,12 @@ class PromptTooLongError(ServingError):
     status_code = 400
 
 
+class TooManyChoicesError(ServingError):
+    """n choices that could hold more of the KV cache than one request may (like an over-long prompt)."""
+
+    status_code = 400
+
+
 class AdapterNotFoundError(ServingError):
     """Unknown adapter id, or one another tenant owns (its existence is not revealed)."""
 

@@ -85,26 +85,29 @@ class RequestContext:
         if params.constraint is not None:  # compiled here (cached): a bad grammar never reaches the engine
             await run_in_threadpool(self.engine.grammars.compile, params.constraint)
         stream = self.engine.generate(prompt_ids, params, adapter)
-        generation = await Generation.start(stream)  # closing the generator aborts the request
+        generation = await Generation.start(stream, params.n)  # closing the generator aborts the request
         if generation.first.speculation_note:
             self.response_headers[SPECULATION_HEADER] = generation.first.speculation_note
         return generation
 
 
 class Generation:
-    """One request's token stream whose first output has already arrived.
+    """One request's token stream (of its `choices`, interleaved) whose first output has already arrived.
 
     Awaiting the first output before answering lets an unknown adapter or an over-long prompt (both
     found by the engine) fail the request with its own HTTP status, even for a streaming request.
     Every way out (end, error, client gone) closes the engine's stream, which aborts the request.
     """
 
-    def __init__(self, stream: AsyncGenerator[TokenOutput, None], first: TokenOutput) -> None:
+    def __init__(
+        self, stream: AsyncGenerator[TokenOutput, None], first: TokenOutput, choices: int = 1
+    ) -> None:
         self._stream = stream
         self.first = first
+        self.choices = choices
 
     @classmethod
-    async def start(cls, stream: AsyncGenerator[TokenOutput, None]) -> Generation:
+    async def start(cls, stream: AsyncGenerator[TokenOutput, None], choices: int = 1) -> Generation:
         try:
             first = await anext(stream, None)
         except BaseException:
@@ -112,19 +115,26 @@ class Generation:
             raise
         if first is None:
             raise ServingError("the engine ended the request without output; retry it")
-        return cls(stream, first)
+        return cls(stream, first, choices)
 
     async def outputs(self) -> AsyncGenerator[TokenOutput, None]:
+        """Every output, until each choice has finished."""
+        unfinished = self.choices - self.first.finished
         try:
             yield self.first
-            if self.first.finished:
+            if not unfinished:
                 return
             async for output in self._stream:
                 yield output
-                if output.finished:
+                unfinished -= output.finished
+                if not unfinished:
                     return
         finally:
             await self._stream.aclose()
+
+    async def aclose(self) -> None:
+        """Abort the request without reading it (another request of the same reply failed)."""
+        await self._stream.aclose()
 
     async def collect(self, request: Request) -> list[TokenOutput]:
         """Every output, for a whole (non-streamed) response; a client that leaves meanwhile aborts

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import AsyncGenerator
+import asyncio
 from dataclasses import replace
 from typing import Annotated, Any
 
@@ -15,28 +13,26 @@ from starlette.responses import Response
 
 from worker.serving.chat_prompt import ChatMessage, chat_prompt_ids
 from worker.serving.chat_tools import ChatTools
+from worker.serving.choices import Choices, Generations, best_of
 from worker.serving.constraints import openai_constraint
-from worker.serving.errors import InvalidParameterError, ServingError
+from worker.serving.errors import InvalidParameterError
 from worker.serving.http_common import (
     EventStreamResponse,
-    Generation,
     RequestContext,
-    completion_text,
-    error_code,
-    finish_reason_of,
-    openai_error_body,
-    sse,
 )
 from worker.serving.logprobs_format import ReplyLogprobs, echo_text
-from worker.serving.outputs import FinishReason, SpeculationStats, TokenOutput
+from worker.serving.openai_replies import Reply, StreamOptions
 from worker.serving.params import (
+    MAX_ABS_LOGIT_BIAS,
     MAX_ABS_PENALTY,
     MAX_CHOICES,
+    MAX_LOGIT_BIAS_ENTRIES,
     MAX_LOGPROBS,
     MAX_MESSAGES,
     MAX_NAME_LENGTH,
     MAX_PROMPT_CHARS,
     MAX_PROMPT_TOKEN_IDS,
+    MAX_PROMPTS,
     MAX_REGEX_CHARS,
     MAX_REPETITION_PENALTY,
     MAX_STOP_LENGTH,
@@ -66,13 +62,7 @@ TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKEN_IDS)]
 PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 Penalty = Annotated[float, Field(ge=-MAX_ABS_PENALTY, le=MAX_ABS_PENALTY)]
-
-
-class StreamOptions(BaseModel):
-    model_config = _BOUNDED
-
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+LogitBias = Annotated[float, Field(ge=-MAX_ABS_LOGIT_BIAS, le=MAX_ABS_LOGIT_BIAS)]
 
 
 class _GenerationRequest(BaseModel):
@@ -91,7 +81,7 @@ class _GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: Annotated[dict[str, Penalty], Field(max_length=MAX_CHOICES)] | None = None
+    logit_bias: Annotated[dict[str, LogitBias], Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = None
     # vLLM's extras
     top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
     repetition_penalty: float | None = Field(
@@ -104,7 +94,8 @@ class _GenerationRequest(BaseModel):
     guided_regex: str | None = Field(default=None, max_length=MAX_REGEX_CHARS)
     guided_json: dict[str, Any] | None = None
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
+    def sampling(self, max_tokens: int, choices: int = 1) -> SamplingParams:
+        """The engine's parameters for one prompt generated with `choices` choices (n, or best_of)."""
         self._refuse_unsupported()
         constraint = openai_constraint(self.response_format, self.guided_regex, self.guided_json)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -119,17 +110,36 @@ class _GenerationRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             constraint=constraint,
             **self.logprob_params(),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=self._token_biases(),
+            n=choices,
         )
+
+    def _token_biases(self) -> tuple[tuple[int, float], ...]:
+        """OpenAI's logit_bias keys are token ids written as strings; the engine checks the vocabulary."""
+        biases: dict[int, float] = {}
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                token = -1
+            _refuse(
+                token < 0, "logit_bias", f"keys must be token ids (non-negative integers); got {key[:20]!r}"
+            )
+            biases[token] = bias
+        return tuple(sorted(biases.items()))
+
+    @property
+    def choices_per_prompt(self) -> int:
+        """How many choices the engine generates per prompt (best_of, else n)."""
+        return self.n
 
     def logprob_params(self) -> dict[str, Any]:
         """SamplingParams' `logprobs` / `prompt_logprobs` for what the request asks (none here)."""
         return {}
 
     def _refuse_unsupported(self) -> None:
-        _refuse(self.n != 1, "n", "only n=1 is supported; send one request per completion")
-        _refuse(bool(self.presence_penalty), "presence_penalty", "is not supported; use repetition_penalty")
-        _refuse(bool(self.frequency_penalty), "frequency_penalty", "is not supported; use repetition_penalty")
-        _refuse(bool(self.logit_bias), "logit_bias", "is not supported")
         _refuse(bool(self.min_tokens), "min_tokens", "is not supported")
         _refuse(self.top_k is not None and self.top_k < -1, "top_k", "must be >= 1, or 0 / -1 for off")
 
@@ -141,9 +151,9 @@ class _GenerationRequest(BaseModel):
 class CompletionRequest(_GenerationRequest):
     prompt: (
         PromptText
-        | Annotated[list[PromptText], Field(max_length=MAX_CHOICES)]
+        | Annotated[list[PromptText], Field(max_length=MAX_PROMPTS)]
         | TokenIds
-        | Annotated[list[TokenIds], Field(max_length=MAX_CHOICES)]
+        | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]
     )
     best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     echo: bool = False
@@ -155,9 +165,22 @@ class CompletionRequest(_GenerationRequest):
         scored = self.echo and self.logprobs is not None
         return {"logprobs": self.logprobs or 0, "prompt_logprobs": self.logprobs if scored else None}
 
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.best_of or self.n
+
     def _refuse_unsupported(self) -> None:
         super()._refuse_unsupported()
-        _refuse(self.best_of not in (None, 1), "best_of", "only best_of=1 is supported")
+        _refuse(
+            self.best_of is not None and self.best_of < self.n,
+            "best_of",
+            f"must be at least n ({self.n}): the n best of best_of choices are returned",
+        )
+        _refuse(
+            self.stream and self.choices_per_prompt > self.n,
+            "best_of",
+            "cannot be streamed (the best choices are known only at the end); leave it unset or equal to n",
+        )
         _refuse(self.suffix is not None, "suffix", "is not supported")
 
 
@@ -183,7 +206,7 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def chat_sampling(self, max_tokens: int, tools: ChatTools) -> SamplingParams:
         """The sampling parameters, constrained to a tool call's JSON when one is forced."""
-        params = self.sampling(max_tokens)
+        params = self.sampling(max_tokens, self.n)
         forced = tools.constraint()
         if forced is None:
             return params
@@ -206,19 +229,39 @@ def _refuse(condition: bool, field: str, message: str) -> None:
 @router.post("/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
     ctx = RequestContext.of(request)
-    prompt_ids = await run_in_threadpool(_prompt_ids, ctx, body.prompt)  # tokenizing is CPU work
-    budget = ctx.max_tokens(len(prompt_ids), body.max_tokens, DEFAULT_COMPLETION_TOKENS, "max_tokens")
-    params = body.sampling(budget)
-    tokenizer = ctx.engine.tokenizer
-    echoed = await run_in_threadpool(echo_text, tokenizer, body.prompt, prompt_ids) if body.echo else None
-    generation = await ctx.generate(prompt_ids, params, body.model)
-    reply = _Reply(
-        "cmpl", "text_completion", body.model or ctx.engine.model_name, len(prompt_ids), chat=False
+    prompts = await run_in_threadpool(_prompts, ctx, body.prompt)  # tokenizing is CPU work
+    width = body.choices_per_prompt
+    _refuse(
+        len(prompts) * width > MAX_CHOICES,
+        "n",
+        f"{len(prompts)} prompts x {width} choices each is more than {MAX_CHOICES} choices in one request",
     )
+    params = [
+        body.sampling(ctx.max_tokens(len(p), body.max_tokens, DEFAULT_COMPLETION_TOKENS, "max_tokens"), width)
+        for p in prompts
+    ]
+    tokenizer = ctx.engine.tokenizer
+    echoed: list[str | None] = [None] * len(prompts)
+    if body.echo:
+        echoed = list(await run_in_threadpool(_echo_texts, tokenizer, body.prompt, prompts))
+    generations = await _start(ctx, prompts, params, body.model, width)
+    model = body.model or ctx.engine.model_name
+    reply = Reply("cmpl", "text_completion", model, sum(map(len, prompts)), chat=False)
     if body.logprobs is not None or body.echo:
         wanted = body.logprobs is not None
-        reply.extras = ReplyLogprobs(tokenizer, prompt_ids, chat=False, wanted=wanted, echo_text=echoed)
-    return await _answer(reply, generation, body, request)
+
+        def extras(index: int) -> ReplyLogprobs:
+            prompt = index // width
+            return ReplyLogprobs(
+                tokenizer, prompts[prompt], chat=False, wanted=wanted, echo_text=echoed[prompt]
+            )
+
+        reply.extras = extras
+    if body.stream:
+        return EventStreamResponse(reply.stream(generations, body.usage_options))
+    generated = await generations.collect(request)
+    chosen = best_of(generated, len(prompts), width, body.n) if width > body.n else generated
+    return await _whole(reply, chosen, generated)
 
 
 @router.post("/chat/completions", response_model=None)
@@ -229,23 +272,38 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens or body.max_tokens
     params = body.chat_sampling(ctx.max_tokens(len(prompt_ids), requested, None, field), tools)
-    generation = await ctx.generate(prompt_ids, params, body.model)
+    generations = await _start(ctx, [prompt_ids], [params], body.model, body.n)
     model = body.model or ctx.engine.model_name
-    reply = _Reply("chatcmpl", "chat.completion", model, len(prompt_ids), chat=True, tools=tools)
+    reply = Reply("chatcmpl", "chat.completion", model, len(prompt_ids), chat=True, tools=tools)
     if body.logprobs:
-        reply.extras = ReplyLogprobs(ctx.engine.tokenizer, prompt_ids, chat=True, wanted=True, echo_text=None)
-    return await _answer(reply, generation, body, request)
-
-
-async def _answer(
-    reply: _Reply, generation: Generation, body: _GenerationRequest, request: Request
-) -> Response | dict[str, Any]:
+        tokenizer = ctx.engine.tokenizer
+        reply.extras = lambda _: ReplyLogprobs(tokenizer, prompt_ids, chat=True, wanted=True, echo_text=None)
     if body.stream:
-        return EventStreamResponse(reply.stream(generation, body.usage_options))
-    outputs = await generation.collect(request)
+        return EventStreamResponse(reply.stream(generations, body.usage_options))
+    generated = await generations.collect(request)
+    return await _whole(reply, generated, generated)
+
+
+async def _whole(reply: Reply, chosen: Choices, generated: Choices) -> dict[str, Any]:
     if reply.extras is not None:  # decoding every token and alternative is tokenizer work
-        return await run_in_threadpool(reply.whole, outputs)
-    return reply.whole(outputs)
+        return await run_in_threadpool(reply.whole, chosen, generated)
+    return reply.whole(chosen, generated)
+
+
+async def _start(
+    ctx: RequestContext, prompts: list[list[int]], params: list[SamplingParams], model: str, width: int
+) -> Generations:
+    """One engine request per prompt, side by side; if one fails, the others are aborted."""
+    started = await asyncio.gather(
+        *(ctx.generate(p, s, model) for p, s in zip(prompts, params, strict=True)), return_exceptions=True
+    )
+    failed = [r for r in started if isinstance(r, BaseException)]
+    if failed:
+        for result in started:
+            if not isinstance(result, BaseException):
+                await result.aclose()
+        raise failed[0]
+    return Generations([r for r in started if not isinstance(r, BaseException)], width)
 
 
 @router.get("/models")
@@ -276,13 +334,24 @@ def _model_card(name: str, created: int, *, parent: str | None, loaded: bool) ->
 # --- prompts --------------------------------------------------------------------------------------
 
 
-def _prompt_ids(ctx: RequestContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list[int]:
-    """A string, one-element list of strings, list of token ids, or one-element list of such lists."""
+def _prompts(ctx: RequestContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    """Each prompt's token ids: a string or a list of token ids is one prompt, a list of strings or of
+    token-id lists one per item."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        _refuse(
-            len(prompt) != 1, "prompt", "takes one prompt per request (a list of several is not supported)"
-        )
-        prompt = prompt[0]  # type: ignore[assignment]
+        return [_prompt_ids(ctx, item) for item in prompt]  # type: ignore[arg-type]
+    return [_prompt_ids(ctx, prompt)]  # type: ignore[arg-type]
+
+
+def _echo_texts(
+    tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]], prompts: list[list[int]]
+) -> list[str]:
+    """Each prompt as `echo` returns it (as sent, or for token ids their text), in `_prompts`' order."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        return [echo_text(tokenizer, item, ids) for item, ids in zip(prompt, prompts, strict=True)]  # type: ignore[arg-type]
+    return [echo_text(tokenizer, prompt, prompts[0])]
+
+
+def _prompt_ids(ctx: RequestContext, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         ids = list(ctx.engine.tokenizer(prompt)["input_ids"]) if prompt else []
     else:
@@ -292,138 +361,3 @@ def _prompt_ids(ctx: RequestContext, prompt: str | list[str] | list[int] | list[
         _refuse(bool(bad), "prompt", f"token ids must be in [0, {vocab}); got {bad[:5]}")
     _refuse(not ids, "prompt", "must not be empty")
     return ids
-
-
-# --- responses ------------------------------------------------------------------------------------
-
-
-def openai_finish_reason(reason: FinishReason) -> str:
-    if reason == FinishReason.LENGTH:
-        return "length"
-    return "abort" if reason == FinishReason.ABORTED else "stop"
-
-
-class _Reply:
-    """Renders one generation as OpenAI's whole response or as its stream of chunks."""
-
-    def __init__(
-        self,
-        id_prefix: str,
-        kind: str,
-        model: str,
-        prompt_tokens: int,
-        *,
-        chat: bool,
-        tools: ChatTools | None = None,
-    ) -> None:
-        self.id = f"{id_prefix}-{uuid.uuid4().hex}"
-        # With tools in play, a chat reply's text is read for tool calls once it is complete.
-        self.tools = tools if tools is not None and tools.active else None
-        self.kind, self.model, self.prompt_tokens, self.chat = kind, model, prompt_tokens, chat
-        self.created = int(time.time())
-        self.extras: ReplyLogprobs | None = None  # logprobs and echo, when the request asks
-
-    def usage(self, completion_tokens: int, speculation: SpeculationStats | None = None) -> dict[str, Any]:
-        total = self.prompt_tokens + completion_tokens
-        usage: dict[str, Any] = {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": total,
-        }
-        if speculation is not None:
-            # OpenAI's own fields for drafts checked against the model (Predicted Outputs), and the
-            # Turbo adapter's acceptance under tuneforge's name.
-            usage["completion_tokens_details"] = {
-                "accepted_prediction_tokens": speculation.accepted,
-                "rejected_prediction_tokens": speculation.drafted - speculation.accepted,
-            }
-            usage["speculation"] = speculation.as_dict()
-        return usage
-
-    def whole(self, outputs: list[TokenOutput]) -> dict[str, Any]:
-        text, reason = completion_text(outputs), openai_finish_reason(finish_reason_of(outputs))
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
-        if self.extras is not None:
-            prefix, choice["logprobs"] = self.extras.whole(outputs)
-            text = prefix + text
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-            if self.tools is not None:
-                content, calls = self.tools.calls(text)
-                if calls:
-                    choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
-                    choice["finish_reason"] = "tool_calls" if reason == "stop" else reason
-        else:
-            choice["text"] = text
-        usage = self.usage(outputs[-1].index + 1, outputs[-1].speculation)
-        return self._envelope(self.kind, [choice]) | {"usage": usage}
-
-    async def stream(self, generation: Generation, options: StreamOptions) -> AsyncGenerator[str, None]:
-        """Chunks ending in `[DONE]`; with `include_usage` every chunk has `usage` (null, or the
-        running counts with vLLM's `continuous_usage_stats`) and a last chunk without choices has it."""
-        kind = f"{self.kind}.chunk" if self.chat else self.kind
-        generated = 0
-        speculation: SpeculationStats | None = None
-
-        def chunk(choices: list[dict[str, Any]]) -> str:
-            if not options.include_usage:
-                return sse(self._envelope(kind, choices))
-            usage = self.usage(generated, speculation) if options.continuous_usage_stats else None
-            return sse(self._envelope(kind, choices) | {"usage": usage})
-
-        try:
-            if self.chat:
-                yield chunk([self._chunk_choice({"role": "assistant", "content": ""})])
-            held: list[TokenOutput] = []
-            async for output in generation.outputs():
-                generated, speculation = output.index + 1, output.speculation
-                if self.tools is not None:  # tool calls are known only at the end: sent whole then
-                    held.append(output)
-                    if output.finished:
-                        yield chunk([self._tool_choice(held)])
-                    continue
-                for choice in self._chunk_choices(output):
-                    yield chunk([choice])
-        except ServingError as exc:
-            yield sse(openai_error_body(exc.status_code, exc.message, exc.field, error_code(exc)))
-        if options.include_usage:
-            yield sse(self._envelope(kind, []) | {"usage": self.usage(generated, speculation)})
-        yield sse("[DONE]")
-
-    def _tool_choice(self, outputs: list[TokenOutput]) -> dict[str, Any]:
-        """The held-back reply as one delta: tool calls (each with its index) or the content."""
-        assert self.tools is not None
-        whole = self.whole(outputs)["choices"][0]
-        message, reason = whole["message"], whole["finish_reason"]
-        delta: dict[str, Any] = {"content": message["content"]}
-        if "tool_calls" in message:
-            delta["tool_calls"] = [call | {"index": i} for i, call in enumerate(message["tool_calls"])]
-        return self._chunk_choice(delta, reason)
-
-    def _chunk_choices(self, output: TokenOutput) -> list[dict[str, Any]]:
-        reason = openai_finish_reason(output.finish_reason) if output.finish_reason else None
-        text, logprobs = output.text, None
-        if self.extras is not None:  # every token gets its chunk, with its logprobs
-            prefix, logprobs = self.extras.chunk(output)
-            text = prefix + text
-        if not self.chat:
-            if not (text or reason or logprobs):
-                return []
-            return [self._chunk_choice(text, reason) | {"logprobs": logprobs}]
-        choices = [self._chunk_choice({"content": text}) | {"logprobs": logprobs}] if text or logprobs else []
-        if reason is not None:
-            choices.append(self._chunk_choice({}, reason))
-        return choices
-
-    def _chunk_choice(self, content: str | dict[str, Any], reason: str | None = None) -> dict[str, Any]:
-        key = "delta" if self.chat else "text"
-        return {"index": 0, key: content, "logprobs": None, "finish_reason": reason}
-
-    def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": kind,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }

@@ -76,6 +76,8 @@ class TokenOutput:
     # .prompt_logprobs): its alternatives, and on the first output only, the scored prompt.
     top_logprobs: TopLogprobs = ()
     prompt_logprobs: PromptLogprobs | None = None
+    # Which of the request's n choices this token belongs to (0 when n = 1).
+    choice: int = 0
 
     @property
     def finished(self) -> bool:

@@ -26,8 +26,10 @@ MAX_TEMPERATURE = 100.0
 GREEDY_TEMPERATURE = 1e-5
 # CTRL-style penalties divide or multiply logits: these keep them finite.
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
-# OpenAI's range for presence / frequency penalties (refused anyway unless 0).
+# OpenAI's range for presence / frequency penalties, and for logit_bias values and entries.
 MAX_ABS_PENALTY = 2.0
+MAX_ABS_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 300
 # Stop strings longer than this would make every streamed token wait for the hold-back window.
 MAX_STOP_LENGTH = 256
 MAX_STOP_SEQUENCES = 8
@@ -38,9 +40,13 @@ MAX_PROMPT_TOKEN_IDS = 1 << 17
 MAX_TOKEN_ID = 2**31 - 1
 MAX_MESSAGES = 1024
 MAX_CONTENT_PARTS = 256
-# Counts a request may ask for that are refused unless 1 (n, best_of).
+# Choices one request may ask for (n, best_of), and prompts one /v1/completions request may list.
 MAX_CHOICES = 128
-# Alternatives reported per position (OpenAI's top_logprobs limit; vLLM's default max_logprobs).
+MAX_PROMPTS = 64
+# A request with n > 1 may hold at most this share of the engine's KV cache (prompt and completions of
+# all its choices, at their longest) and of its batch slots, so that one request cannot starve every
+# other tenant.
+MAX_CHOICES_SHARE = 0.5
 MAX_LOGPROBS = 20
 # Names (models, adapter ids, roles) and other short strings.
 MAX_NAME_LENGTH = 256
@@ -79,6 +85,13 @@ class SamplingParams:
     logprobs: int = 0
     # None: the prompt is not scored; k: each prompt token's logprob, with k alternatives (logprobs.py).
     prompt_logprobs: int | None = None
+    # OpenAI's additive penalties over the tokens generated so far (0 = off), and biases added to the
+    # logits of given token ids ((token id, bias) pairs; the engine checks the ids against its vocabulary).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Choices generated from one prefill of the prompt (forked after it); choice j draws from seed + j.
+    n: int = 1
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_tokens <= MAX_TOKENS_LIMIT, "max_tokens", f"must be in 1..{MAX_TOKENS_LIMIT}")
@@ -106,6 +119,30 @@ class SamplingParams:
             "prompt_logprobs",
             f"must be in 0..{MAX_LOGPROBS}",
         )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(
+                _finite(value) and -MAX_ABS_PENALTY <= value <= MAX_ABS_PENALTY,
+                name,
+                f"must be in [-{MAX_ABS_PENALTY:g}, {MAX_ABS_PENALTY:g}] (0 turns it off)",
+            )
+        _check(
+            len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES,
+            "logit_bias",
+            f"takes at most {MAX_LOGIT_BIAS_ENTRIES} token ids",
+        )
+        for token, bias in self.logit_bias:
+            _check(
+                isinstance(token, int) and 0 <= token <= MAX_TOKEN_ID,
+                "logit_bias",
+                f"keys must be token ids (integers in 0..{MAX_TOKEN_ID}); got {token!r}",
+            )
+            _check(
+                _finite(bias) and -MAX_ABS_LOGIT_BIAS <= bias <= MAX_ABS_LOGIT_BIAS,
+                "logit_bias",
+                f"values must be in [-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}]; got {bias!r}",
+            )
+        _check(1 <= self.n <= MAX_CHOICES, "n", f"must be in 1..{MAX_CHOICES}")
         _check(len(self.stop) <= MAX_STOP_SEQUENCES, "stop", f"at most {MAX_STOP_SEQUENCES} sequences")
         for s in self.stop:
             _check(
@@ -115,6 +152,23 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def additive_penalties(self) -> bool:
+        """Whether the presence or frequency penalty is on (both read the generated tokens)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether anything but the warpers changes the logits (the speculative path does not apply it)."""
+        return self.repetition_penalty != 1.0 or self.additive_penalties or bool(self.logit_bias)
+
+    def choice_seed(self, choice: int) -> int | None:
+        """Choice j of a seeded request draws from seed + j (wrapped into 64 bits): choice 0 is what n=1
+        gives, and every choice is reproducible and distinct from its siblings."""
+        if self.seed is None:
+            return None
+        return (self.seed + choice - SEED_MIN) % 2**64 + SEED_MIN
 
 
 def _finite(value: float) -> bool:

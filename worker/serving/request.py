@@ -37,6 +37,13 @@ class EngineRequest:
     guide: GuideState | None = None  # where the output stands in its grammar, for a constrained request
     # The prompt's logprobs went out with the first token: a recompute after preemption scores it no more.
     prompt_scored: bool = False
+    # n > 1: this request's choice index, and the id of its family (the parent's seq_id) for aborts.
+    choice: int = 0
+    family_id: int | None = None
+    # The parent's pending forks: the generator each will draw from (choice 1..n-1), and the first
+    # token each drew from the parent's prefill logits, set by the step that prefilled it.
+    fork_generators: list[torch.Generator | None] = field(default_factory=list)
+    fork_firsts: list[tuple[int, float]] = field(default_factory=list)
 
     def send(self, item: TokenOutput | BaseException) -> None:
         if self.async_deliver is not None:

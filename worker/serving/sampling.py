@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from worker.serving.params import SamplingParams
+from worker.serving.penalties import apply_additive_penalties, apply_logit_bias
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:
@@ -27,6 +28,7 @@ def sample_next_tokens(
     params: Sequence[SamplingParams],
     histories: Sequence[torch.Tensor | list[int]],
     generators: Sequence[torch.Generator | None],
+    generated: Sequence[torch.Tensor | list[int]] | None = None,
     allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids `[B]` (long) and their logprobs `[B]` (float32) for logits `[B, V]`.
@@ -34,9 +36,10 @@ def sample_next_tokens(
     `allowed` (bool `[B, V]`), if given, limits each row to its grammar's tokens (guided.py); every row
     must allow at least one.
 
-    `histories[i]` is row i's prompt + generated ids (for the repetition penalty). The logprob is
-    that of the raw model distribution at the chosen token, before any penalty or warper, as vLLM
-    reports it.
+    `histories[i]` is row i's prompt + generated ids (for the repetition penalty), `generated[i]` its
+    generated ids alone (for the presence and frequency penalties; needed only if a row has them). The
+    logprob is that of the raw model distribution at the chosen token, before any bias, penalty, mask or
+    warper, as vLLM reports it by default.
     """
     batch = logits.shape[0]
     if not (len(params) == len(histories) == len(generators) == batch):
@@ -47,8 +50,7 @@ def sample_next_tokens(
     raw = logits.float()  # [B, V]
     log_normaliser = torch.logsumexp(raw, dim=-1)  # [B]
 
-    penalised = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-    scores = apply_repetition_penalty(raw, penalised, params, histories) if penalised else raw
+    scores = shape_logits(raw, params, histories, generated)
     if allowed is not None:
         scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
 
@@ -68,6 +70,29 @@ def sample_next_tokens(
 
     logprobs = raw.gather(1, tokens.unsqueeze(1)).squeeze(1) - log_normaliser  # [B]
     return tokens, logprobs
+
+
+def shape_logits(
+    raw: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[torch.Tensor | list[int]],
+    generated: Sequence[torch.Tensor | list[int]] | None = None,
+) -> torch.Tensor:
+    """`raw` `[B, V]` after each row's logit_bias, repetition penalty and presence / frequency penalties
+    (vLLM's order); `raw` itself when no row asks for any."""
+    scores = raw
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
+    if biased:
+        scores = apply_logit_bias(scores, biased, params)
+    penalised = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if penalised:
+        scores = apply_repetition_penalty(scores, penalised, params, histories)
+    additive = [i for i, p in enumerate(params) if p.additive_penalties]
+    if additive:
+        if generated is None:
+            raise ValueError("presence / frequency penalties need each row's generated tokens")
+        scores = apply_additive_penalties(scores, additive, params, generated)
+    return scores
 
 
 def apply_repetition_penalty(

@@ -56,7 +56,14 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())  # its adapter loads; later arrivals go ahead
                 continue
             too_big = admitted and len(seq) > budget
-            if too_big or not self.blocks.can_allocate(seq, reserve=len(self.running)):
+            # A request of n choices takes n slots once forked (n is at most half the batch), and a
+            # block per fork for its copy of the prompt's last block.
+            too_wide = self.running and len(self.running) + 1 + seq.forks > self.max_batch_size
+            if (
+                too_big
+                or too_wide
+                or not self.blocks.can_allocate(seq, reserve=len(self.running) + seq.forks)
+            ):
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq)

@@ -44,6 +44,9 @@ class Sequence:
     num_cached: int = 0
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.monotonic)
+    # Choices still to fork from this sequence once its prompt is prefilled (a request's n - 1): the
+    # scheduler keeps batch slots and KV blocks for them when it admits the sequence.
+    forks: int = 0
     last_token_time: float | None = None
 
     @property

@@ -29,6 +29,7 @@ from worker.serving.model_runner import ModelRunner, StepHidden
 from worker.serving.outputs import PromptLogprobs, TopLogprobs
 from worker.serving.request import EngineRequest
 from worker.serving.sampling import sample_next_tokens
+from worker.serving.sequence import Sequence as SequenceState
 from worker.serving.sequence import SequenceStatus
 from worker.serving.step_input import decode_input, prefill_input
 
@@ -53,7 +54,8 @@ class StepOutcome:
     def extras(self, position: int, token: int) -> tuple[TopLogprobs, PromptLogprobs | None]:
         """The alternatives of the `token`-th token emitted by request `ran[position]`, and with its first
         token, its scored prompt."""
-        top = self.top_logprobs[position][token] if self.top_logprobs else ()
+        tops = self.top_logprobs[position] if self.top_logprobs else []  # [] when this request asks none
+        top = tops[token] if token < len(tops) else ()
         prompt = self.prompt_logprobs[position] if self.prompt_logprobs and token == 0 else None
         return top, prompt
 
@@ -206,21 +208,68 @@ class StepComputer:
                 plain, allowed = [plain[row] for row in keep], allowed[keep]
         if plain:
             seqs = [requests[i].seq for i in plain]
-            needs_history = any(s.params.repetition_penalty != 1.0 for s in seqs)
-            histories: list[torch.Tensor | list[int]] = (
-                [torch.tensor(s.all_token_ids) for s in seqs] if needs_history else [[] for _ in seqs]
-            )
             rows = logits[torch.tensor([starts[i] for i in plain])]
-            tokens, logprobs = sample_next_tokens(
-                rows, [s.params for s in seqs], histories, [s.generator for s in seqs], allowed
-            )
+            tokens, logprobs = _sample(rows, seqs, [s.generator for s in seqs], allowed)
             for i, token, logprob in zip(plain, tokens.tolist(), logprobs.tolist(), strict=True):
                 chosen[i] = [(token, logprob)]
         for i in range(len(requests)):
             if chosen[i] or not speculates(requests[i].seq.params, requests[i].adapter):
                 continue
             chosen[i] = self.drafter.verify(requests[i], drafts[i], logits[starts[i] : starts[i + 1]])
+        masks = {i: allowed[row] for row, i in enumerate(plain)} if allowed is not None else {}
+        _fork_first_tokens(requests, logits, starts, masks)
         return chosen
+
+
+def _fork_first_tokens(
+    requests: list[EngineRequest], logits: torch.Tensor, starts: list[int], masks: dict[int, torch.Tensor]
+) -> None:
+    """The first token of each pending fork of the requests just prefilled, drawn with the fork's own
+    generator from its parent's prefill logits (the prompt is computed once for all n choices), within
+    the parent's grammar mask when it is constrained (every fork starts where the parent started)."""
+    parents = [
+        i
+        for i, r in enumerate(requests)
+        if r.fork_generators and not r.fork_firsts and r.seq.status is not SequenceStatus.FINISHED
+    ]
+    if not parents:
+        return
+    owners = [i for i in parents for _ in requests[i].fork_generators]
+    rows = logits[torch.tensor([starts[i] for i in owners])]
+    generators = [g for i in parents for g in requests[i].fork_generators]
+    allowed = None
+    if any(i in masks for i in owners):
+        everything = torch.ones(logits.shape[-1], dtype=torch.bool)
+        allowed = torch.stack([masks.get(i, everything).to(everything.device) for i in owners])
+    tokens, logprobs = _sample(rows, [requests[i].seq for i in owners], generators, allowed)
+    pairs = list(zip(tokens.tolist(), logprobs.tolist(), strict=True))
+    for i in parents:
+        count = len(requests[i].fork_generators)
+        requests[i].fork_firsts, pairs = pairs[:count], pairs[count:]
+
+
+def _sample(
+    rows: torch.Tensor,
+    seqs: list[SequenceState],
+    generators: list[torch.Generator | None],
+    allowed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per logits row `[R, V]`, row r for `seqs[r]` drawing from `generators[r]` (within
+    `allowed[r]`'s tokens when given); the histories the penalties read are built only if some row has one."""
+    empty: list[torch.Tensor | list[int]] = [[] for _ in seqs]
+    histories = (
+        [torch.tensor(s.all_token_ids) for s in seqs]
+        if any(s.params.repetition_penalty != 1.0 for s in seqs)
+        else empty
+    )
+    generated = (
+        [torch.tensor(s.output_token_ids) for s in seqs]
+        if any(s.params.additive_penalties for s in seqs)
+        else empty
+    )
+    return sample_next_tokens(
+        rows, [s.params for s in seqs], histories, generators, allowed=allowed, generated=generated
+    )
 
 
 def _active_adapters(requests: list[EngineRequest]) -> tuple[list[AdapterWeights], list[int]]:

@@ -121,6 +121,41 @@ def test_greedy_output_of_base_and_adapter_equals_the_models_own_argmax(served: 
     assert [_generated_ids(served, p, "acme/1") for p in PROMPTS] == expected_adapter
 
 
+def test_n_choices_penalties_and_logit_bias_reach_vllm(served: Served) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(served.model_dir)
+    body = {"prompt": PROMPTS[2], "max_tokens": 6, "temperature": 1.0, "seed": 9, "ignore_eos": True}
+    three = served.post("/v1/completions", body | {"n": 3}).json()
+    assert [c["index"] for c in three["choices"]] == [0, 1, 2] and three["usage"]["completion_tokens"] == 18
+    alone = served.post("/v1/completions", body | {"seed": 10}).json()
+    assert alone["choices"][0]["text"] == three["choices"][1]["text"]  # choice j is seed + j
+    token = tokenizer(" Paris", add_special_tokens=False)["input_ids"][-1]
+    forced = served.post("/v1/completions", body | {"logit_bias": {str(token): 100}}).json()
+    assert forced["choices"][0]["text"] == tokenizer.decode([token] * 6)
+    greedy = {"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    expected = _greedy_reference_shaped(served, PROMPTS[0], presence=1.5, frequency=0.5)
+    reply = served.post(
+        "/v1/completions", greedy | {"presence_penalty": 1.5, "frequency_penalty": 0.5}
+    ).json()
+    assert reply["choices"][0]["text"] == tokenizer.decode(expected)
+
+
+def _greedy_reference_shaped(served: Served, prompt: str, *, presence: float, frequency: float) -> list[int]:
+    """Argmax decoding with OpenAI's penalties applied by hand to the model's own logits."""
+    tokenizer = AutoTokenizer.from_pretrained(served.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(served.model_dir, dtype=torch.float32).eval()
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(ids).logits[0, -1].clone()
+            for seen in set(out):
+                logits[seen] -= presence + frequency * out.count(seen)
+            token = int(logits.argmax())
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return out
+
+
 def test_chat_completion_of_the_base_names_paris(served: Served) -> None:
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     reply = served.post("/v1/chat/completions", {"messages": messages, "max_tokens": 30, "temperature": 0})

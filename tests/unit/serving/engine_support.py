@@ -53,7 +53,9 @@ class Collected:
 
     @property
     def done(self) -> bool:
-        return self.error is not None or bool(self.outputs and self.outputs[-1].finished)
+        """Failed, or every one of its n choices finished."""
+        finished = sum(output.finished for output in self.outputs)
+        return self.error is not None or finished == self.request.seq.params.n
 
 
 def wait_for_adapters(engine: LLMEngine, collected: list[Collected], timeout_s: float = 60.0) -> None:

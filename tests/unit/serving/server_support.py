@@ -22,9 +22,20 @@ TINY = "tiny-random-llama"
 class LiveServingServer:
     """`build_app` over a started `AsyncEngine`, served by uvicorn in a background thread."""
 
-    def __init__(self, model_dir: Path, adapter_root: Path, *, max_model_len: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        adapter_root: Path,
+        *,
+        max_model_len: int | None = None,
+        kv_cache_bytes: int | None = None,
+    ) -> None:
         config = EngineConfig(
-            model_path=model_dir, model_name=TINY, dtype="fp32", max_model_len=max_model_len
+            model_path=model_dir,
+            model_name=TINY,
+            dtype="fp32",
+            max_model_len=max_model_len,
+            kv_cache_bytes=kv_cache_bytes,
         )
         self.engine = AsyncEngine(config, source=LocalDirectorySource(adapter_root), metrics=ServingMetrics())
         with socket.socket() as probe:

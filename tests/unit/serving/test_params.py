@@ -42,6 +42,10 @@ def test_every_seed_in_range_makes_a_generator(seed: int) -> None:
         ("stop", ("",)),
         ("stop", ("x" * 257,)),
         ("stop", tuple("abcdefghi")),
+        ("presence_penalty", float("nan")),
+        ("frequency_penalty", -2.5),
+        ("logit_bias", ((1, float("inf")),)),
+        ("n", 0),
     ],
 )
 def test_out_of_range_or_non_finite_values_are_refused_naming_the_field(field: str, value: object) -> None:

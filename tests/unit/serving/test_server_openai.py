@@ -194,7 +194,7 @@ def test_over_long_prompt_is_400_and_fails_alone(server: LiveServingServer) -> N
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("temperature", -0.5), ("top_p", 1.5), ("n", 2), ("logprobs", 21), ("max_tokens", 0), ("best_of", 3)],
+    [("temperature", -0.5), ("top_p", 1.5), ("n", 0), ("logprobs", 21), ("max_tokens", 0), ("best_of", 0)],
 )
 def test_invalid_or_unsupported_parameter_is_4xx_naming_the_field(
     client: openai.OpenAI, field: str, value: object

@@ -1,7 +1,9 @@
 """`VllmEngine`: what tuneforge's HTTP app asks of an engine, with a vLLM child doing the generation.
 
 Requests reach vLLM's `/v1/completions` as token ids (tuneforge tokenizes and applies chat templates, so
-both engines see the same prompt), and come back one token per streamed chunk; tuneforge's own
+both engines see the same prompt), and come back one token per streamed chunk; a request of n choices
+is n vLLM requests (choice j seeded seed + j, as in tuneforge's engine), whose shared prompt vLLM's
+prefix cache computes once; tuneforge's own
 detokenizer turns them into text, stop strings and finish reasons exactly as its engine does. An adapter
 is resolved through the same `AdapterSource`, fetched, and linked into the resolver directory under a
 name of the launcher's resolver (`tf-<sha1 of its key>`), which vLLM loads on first use.
@@ -18,6 +20,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +41,10 @@ from worker.serving.errors import (
     ShuttingDownError,
 )
 from worker.serving.guided import GrammarCompiler
+from worker.serving.merging import merge
 from worker.serving.outputs import FinishReason, TokenOutput
 from worker.serving.params import SamplingParams
+from worker.serving.penalties import check_logit_bias_vocabulary
 from worker.serving.vllm_engine.metrics import VllmMetrics
 from worker.serving.vllm_engine.process import VllmConfig, VllmProcess
 from worker.serving.vllm_engine.streaming import VllmStream, check_adapter_config
@@ -189,6 +195,7 @@ class VllmEngine:
                 "shorten the prompt or lower max_tokens",
                 field="max_tokens" if len(prompt_token_ids) < self.max_model_len else "prompt",
             )
+        check_logit_bias_vocabulary(params, self.vocab_size)
 
     async def generate(
         self,
@@ -196,8 +203,9 @@ class VllmEngine:
         params: SamplingParams,
         adapter: ResolvedAdapter | None = None,
     ) -> AsyncGenerator[TokenOutput, None]:
-        """Tokens of one request as vLLM generates them; raises its ServingError if it fails. Leaving
-        early closes the HTTP stream, which makes vLLM abort the request."""
+        """Tokens of one request as vLLM generates them, of its `params.n` choices interleaved (each
+        `TokenOutput.choice` says whose); raises its ServingError if it fails. Leaving early closes the
+        HTTP streams, which makes vLLM abort every choice."""
         if self._closed is not None:
             raise type(self._closed)(self._closed.message)
         self.validate(prompt_token_ids, params)
@@ -207,6 +215,25 @@ class VllmEngine:
             linked, skipped_speculator = await asyncio.to_thread(self._link, adapter)
             model = linked or self.model_name
             note = SPECULATION_OFF if skipped_speculator else None
+        choices = [
+            self._choice(
+                model, prompt_token_ids, replace(params, n=1, seed=params.choice_seed(j)), adapter, j
+            )
+            for j in range(params.n)
+        ]
+        async with aclosing(merge(choices)) as outputs:  # leaving closes every choice's stream
+            async for output in outputs:
+                yield replace(output, elapsed=time.monotonic() - arrival, speculation_note=note)
+
+    async def _choice(
+        self,
+        model: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        adapter: ResolvedAdapter | None,
+        choice: int,
+    ) -> AsyncGenerator[TokenOutput, None]:
+        """One choice: one streamed vLLM request."""
         body = self._body(model, prompt_token_ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop)
         stream = VllmStream(
@@ -225,19 +252,19 @@ class VllmEngine:
                 reason = self._finish_reason(token, index, params, stop_hit, vllm_reason)
                 if reason is not None and reason is not FinishReason.STOP_SEQUENCE:
                     text += detok.flush()
-                if reason is not None:
+                if reason is not None and choice == 0:  # a request of n choices counts once
                     self.metrics.requests.labels(finish_reason=reason.value).inc()
                 yield TokenOutput(
                     token_id=token, text=text, logprob=logprob, special=token in self.special_ids,
-                    index=index, finish_reason=reason, prompt_tokens=len(prompt_token_ids),
-                    elapsed=time.monotonic() - arrival, speculation_note=note,
+                    index=index, finish_reason=reason, prompt_tokens=len(prompt_token_ids), choice=choice,
                     top_logprobs=top, prompt_logprobs=prompt,
                 )  # fmt: skip
                 if reason is not None:
                     return  # a stop string: closing the stream aborts the request in vLLM
                 index += 1
         except (GeneratorExit, asyncio.CancelledError):  # the client left: the request is aborted
-            self.metrics.requests.labels(finish_reason=FinishReason.ABORTED.value).inc()
+            if choice == 0:
+                self.metrics.requests.labels(finish_reason=FinishReason.ABORTED.value).inc()
             raise
         except httpx.HTTPError as exc:
             if self._closed is not None:
@@ -301,6 +328,9 @@ class VllmEngine:
             "top_p": params.top_p,
             "top_k": params.top_k or -1,
             "repetition_penalty": params.repetition_penalty,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+            "logit_bias": {str(token): bias for token, bias in params.logit_bias} or None,
             "seed": params.seed,
             "ignore_eos": params.ignore_eos,
             # tuneforge's EOS set (config and tokenizer); stop strings are matched here, on tuneforge's text
