@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 import torch
 from peft import PeftModel
@@ -137,6 +138,26 @@ def test_n_choices_penalties_and_logit_bias_reach_vllm(served: Served) -> None:
         "/v1/completions", greedy | {"presence_penalty": 1.5, "frequency_penalty": 0.5}
     ).json()
     assert reply["choices"][0]["text"] == tokenizer.decode(expected)
+
+
+def test_structured_output_and_logprobs_reach_vllm(served: Served) -> None:
+    item = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Rome"]}, "rank": {"type": "integer", "maximum": 9}},
+        "required": ["city", "rank"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "item", "schema": item, "strict": True}}
+    body = {"prompt": PROMPTS[0], "max_tokens": 40, "temperature": 1.0, "seed": 4, "response_format": fmt}
+    reply = served.post("/v1/completions", body | {"n": 2})
+    assert reply.status_code == 200, reply.text
+    for choice in reply.json()["choices"]:
+        jsonschema.validate(json.loads(choice["text"]), item)
+    scored = {"prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0, "logprobs": 2, "echo": True}
+    logprobs = served.post("/v1/completions", scored).json()["choices"][0]["logprobs"]
+    prompt_tokens = len(AutoTokenizer.from_pretrained(served.model_dir)(PROMPTS[0])["input_ids"])
+    assert len(logprobs["tokens"]) == prompt_tokens + 3 and logprobs["token_logprobs"][0] is None
+    assert all(len(top) >= 2 for top in logprobs["top_logprobs"][prompt_tokens:])
 
 
 def _greedy_reference_shaped(served: Served, prompt: str, *, presence: float, frequency: float) -> list[int]:
