@@ -118,16 +118,76 @@ class ServingBackend:
         _stop(self.engine)
 
 
+_FUZZ_SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+_FUZZ_TOOLS = [{"type": "function", "function": {"name": "f", "parameters": _FUZZ_SCHEMA}}]
+
+
 class ServingTarget:
     """`build_app` over a tiny engine; a request that stops the engine gets a fresh one for the rest."""
 
     name = "serving"
     known_good: dict[str, list[tuple[dict[str, Any], Any]]] = {
-        "POST /v1/completions": [({}, {"model": TINY, "prompt": "hello", "max_tokens": 4, "seed": 1})],
-        "POST /v1/chat/completions": [
-            ({}, {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "seed": 1})
+        "POST /v1/completions": [
+            ({}, {"model": TINY, "prompt": "hello", "max_tokens": 4, "seed": 1}),
+            # Every field beyond plain text, for the mutations to start from (issue 20's fields).
+            (
+                {},
+                {
+                    "model": SERVING_ADAPTER,
+                    "prompt": ["hello", [1, 2, 3]],
+                    "max_tokens": 4,
+                    "seed": 1,
+                    "n": 2,
+                    "best_of": 3,
+                    "logprobs": 2,
+                    "echo": True,
+                    "presence_penalty": 0.5,
+                    "frequency_penalty": 0.5,
+                    "logit_bias": {"5": 3.0},
+                    "response_format": {
+                        "type": "json_schema",
+                        "json_schema": {"name": "x", "schema": _FUZZ_SCHEMA},
+                    },
+                },
+            ),
+            ({}, {"model": TINY, "prompt": "hello", "max_tokens": 4, "guided_regex": "[a-z]{1,3}"}),
         ],
-        "POST /generate": [({}, {"inputs": "hello", "parameters": {"max_new_tokens": 4, "seed": 1}})],
+        "POST /v1/chat/completions": [
+            (
+                {},
+                {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "seed": 1},
+            ),
+            (
+                {},
+                {
+                    "model": TINY,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 8,
+                    "n": 2,
+                    "logprobs": True,
+                    "top_logprobs": 2,
+                    "tools": _FUZZ_TOOLS,
+                    "tool_choice": "required",
+                    "parallel_tool_calls": False,
+                },
+            ),
+        ],
+        "POST /generate": [
+            ({}, {"inputs": "hello", "parameters": {"max_new_tokens": 4, "seed": 1}}),
+            (
+                {},
+                {
+                    "inputs": "hello",
+                    "parameters": {
+                        "max_new_tokens": 4,
+                        "details": True,
+                        "decoder_input_details": True,
+                        "top_n_tokens": 2,
+                        "response_format": {"type": "json_object", "schema": _FUZZ_SCHEMA},
+                    },
+                },
+            ),
+        ],
         "POST /v1/embeddings": [
             ({}, {"model": TINY, "input": ["hello", "world"], "encoding_format": "base64"}),
             ({}, {"model": SERVING_ADAPTER, "input": [[1, 2, 3], [4]], "encoding_format": "float"}),

@@ -207,6 +207,55 @@ def test_a_seed_past_64_bits_is_refused_and_the_engine_answers_the_next_request(
         assert client.get("/health").status_code == 200
 
 
+def _nested(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"x": schema}, "required": ["x"]}
+    return schema
+
+
+def _schema(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+
+
+# What a tenant can send in the fields of the serving API beyond plain text, and the field each 4xx names.
+HOSTILE_FIELDS = [
+    (_schema(_nested(200)), "response_format"),  # past the depth bound
+    (_schema({"enum": ["x" * 1000] * 80}), "response_format"),  # past the size bound
+    (_schema({"$ref": "#"}), "response_format"),  # recursive without end
+    (_schema({"type": "integer", "minimum": 5, "maximum": 1}), "response_format"),  # unsatisfiable
+    ({"guided_regex": "(?!)"}, "guided_regex"),  # matches nothing
+    ({"guided_regex": "(" * 2000 + ")" * 2000}, "guided_regex"),
+    ({"n": 128, "max_tokens": 200}, "n"),  # would take the batch and the cache
+    ({"logit_bias": {str(10**9 + i): 100 for i in range(300)}}, "logit_bias"),
+    ({"logprobs": 10**6}, "logprobs"),
+    ({"best_of": 3, "n": 4}, "best_of"),
+    ({"presence_penalty": 1e308}, "presence_penalty"),
+]
+
+
+def test_hostile_constraints_and_sampling_fields_fail_alone_and_the_engine_keeps_its_answers(
+    tiny_model: Path, adapters: Path
+) -> None:
+    """Each request is refused (4xx naming its field) before it can cost the shared engine anything, and
+    another tenant's greedy answer is the same before and after all of them."""
+    config = EngineConfig(model_path=tiny_model, model_name=TINY, kv_cache_bytes=16 << 20)
+    engine = AsyncEngine(config, LocalDirectorySource(adapters))
+    honest = {"model": "good/1", "prompt": "hello", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with _Server(engine, "alice") as client:
+        before = client.post("/v1/completions", json=honest).json()["choices"][0]["text"]
+        for extra, field in HOSTILE_FIELDS:
+            started = time.monotonic()
+            refused = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 8} | extra)
+            assert refused.status_code in (400, 413, 422), (field, refused.text)
+            assert field in refused.text, (field, refused.text)
+            assert time.monotonic() - started < 10, f"{field}: a refusal must not wait on the engine"
+        embeddings = client.post("/v1/embeddings", json={"input": ["x"] * 5000})
+        assert embeddings.status_code in (400, 413, 422) and "input" in embeddings.text
+        assert client.post("/v1/completions", json=honest).json()["choices"][0]["text"] == before
+        assert client.get("/health").status_code == 200
+
+
 # --- deleted and recreated versions, through the storage source over PostgreSQL and S3 --------------
 
 
