@@ -13,10 +13,9 @@ from collections.abc import AsyncGenerator, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
 
-import anyio
 from fastapi import Request
 
-from worker.serving.http_common import Generation
+from worker.serving.http_common import Generation, read_all
 from worker.serving.merging import merge
 from worker.serving.outputs import SpeculationStats, TokenOutput
 
@@ -50,17 +49,8 @@ class Generations:
         """Every choice's outputs, for a whole (non-streamed) response; a client that leaves meanwhile
         aborts every request, as a streaming one does."""
         collected: Choices = {}
-        async with anyio.create_task_group() as group:
-
-            async def abort_on_disconnect() -> None:
-                while (await request.receive())["type"] != "http.disconnect":
-                    pass
-                group.cancel_scope.cancel()
-
-            group.start_soon(abort_on_disconnect)
-            async for index, output in self.outputs():
-                collected.setdefault(index, []).append(output)
-            group.cancel_scope.cancel()
+        for index, output in await read_all(request, self.outputs()):
+            collected.setdefault(index, []).append(output)
         for prompt, generation in enumerate(self.items):  # cut short only when no one is left to read it
             collected.setdefault(self.index(prompt, generation.first), [generation.first])
         return collected

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from fastapi import Request
@@ -16,6 +16,8 @@ from starlette.types import Receive, Scope, Send
 from worker.serving.errors import PromptTooLongError, ServingError
 from worker.serving.outputs import FinishReason, TokenOutput
 from worker.serving.params import SamplingParams
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from worker.serving.engine_api import ServingEngine
@@ -137,21 +139,26 @@ class Generation:
         await self._stream.aclose()
 
     async def collect(self, request: Request) -> list[TokenOutput]:
-        """Every output, for a whole (non-streamed) response; a client that leaves meanwhile aborts
-        the request, as a streaming one does, instead of holding its slot to the last token."""
-        outputs: list[TokenOutput] = []
-        async with anyio.create_task_group() as group:
+        """Every output, for a whole (non-streamed) response (see `read_all`)."""
+        return await read_all(request, self.outputs()) or [self.first]  # cut short only when no one reads
 
-            async def abort_on_disconnect() -> None:
-                while (await request.receive())["type"] != "http.disconnect":
-                    pass
-                group.cancel_scope.cancel()
 
-            group.start_soon(abort_on_disconnect)
-            async for output in self.outputs():
-                outputs.append(output)
+async def read_all(request: Request, items: AsyncIterator[T]) -> list[T]:
+    """Every item, for a whole (non-streamed) response; a client that leaves meanwhile stops the reading,
+    which aborts the request as a streaming one does, instead of holding its slot to the last token."""
+    read: list[T] = []
+    async with anyio.create_task_group() as group:
+
+        async def abort_on_disconnect() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
             group.cancel_scope.cancel()
-        return outputs or [self.first]  # cut short only when no one is left to read it
+
+        group.start_soon(abort_on_disconnect)
+        async for item in items:
+            read.append(item)
+        group.cancel_scope.cancel()
+    return read
 
 
 def completion_text(outputs: list[TokenOutput]) -> str:
