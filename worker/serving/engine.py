@@ -26,7 +26,7 @@ from worker.serving.adapters import (
 from worker.serving.cpu_kernels import KernelConfig
 from worker.serving.detokenizer import IncrementalDetokenizer
 from worker.serving.drafting import Drafter
-from worker.serving.eagle import ModelShape
+from worker.serving.eagle import EagleDraft, ModelShape
 from worker.serving.embedding import Embedder
 from worker.serving.errors import (
     AdapterLoadError,
@@ -66,6 +66,10 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # None = 1 GiB
     max_model_len: int | None = None  # None = the model's context
     max_prefill_tokens: int = 4096  # per step; a longer single prompt still runs alone
+    # Reuse the KV blocks of a prompt's cached prefix (same tokens, same adapter) instead of prefilling
+    # them again (kv_cache.BlockManager). Requests asking for prompt logprobs and eagle-speculating
+    # adapters always prefill their whole prompt.
+    enable_prefix_caching: bool = True
     max_waiting: int = 1024  # requests queued beyond this are refused with 503
     # CPU only: steps of a few tokens use the compiled small-step kernel (model_runner.KERNEL_TOKENS), or
     # where it cannot be built, a second transposed copy of the weights (twice the weight memory).
@@ -109,7 +113,11 @@ class LLMEngine:
             raise ValueError(f"speculation_max_batch must be at least 1, not {config.speculation_max_batch}")
         if config.speculation_depth is not None and config.speculation_depth < 1:
             raise ValueError(f"speculation_depth must be at least 1, not {config.speculation_depth}")
-        self.blocks = BlockManager(self.runner.cache.num_blocks)
+        self.blocks = BlockManager(
+            self.runner.cache.num_blocks,
+            prefix_caching=config.enable_prefix_caching,
+            on_lookup=self.metrics.record_prefix_lookup,
+        )
         # Output constraints compile against this tokenizer and the logits' width (the routes compile
         # them before a request is queued; add_request finds them in its cache).
         self.grammars = GrammarCompiler(self.tokenizer, self.runner.vocab_size, self.runner.eos_token_ids)
@@ -132,6 +140,7 @@ class LLMEngine:
             max_batch_size=config.max_batch_size,
             max_prefill_tokens=config.max_prefill_tokens,
             is_ready=self._adapter_ready,
+            may_reuse=self._may_reuse_prefix,
         )
         self._requests: dict[int, EngineRequest] = {}
         self._families: dict[int, list[EngineRequest]] = {}  # n > 1: every choice, by the parent's id
@@ -240,6 +249,15 @@ class LLMEngine:
     def _adapter_ready(self, seq: Sequence) -> bool:
         return seq.adapter_key is None or self._requests[seq.seq_id].adapter is not None
 
+    def _may_reuse_prefix(self, seq: Sequence) -> bool:
+        """Whether a sequence may start from cached prefix blocks: not when it asks for prompt logprobs
+        (a cached position is not scored again), nor with an eagle draft layer, whose draft cache is
+        built from the hidden states of a prefill over the whole prompt."""
+        if not self.config.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return False
+        adapter = self._requests[seq.seq_id].adapter
+        return adapter is None or not isinstance(adapter.speculator, EagleDraft)
+
     def _poll_adapters(self) -> None:
         """Hand finished loads to their waiting sequences; fail those whose adapter failed to load."""
         for seq in list(self.scheduler.waiting):
@@ -277,8 +295,10 @@ class LLMEngine:
         requests = [self._requests[seq.seq_id] for seq in seqs]
         drafts = [[] for _ in seqs] if is_prefill else [self.drafter.to_verify(r) for r in requests]
         if is_prefill:
-            self.metrics.prompt_tokens.inc(sum(len(s) for s in seqs))
+            self.metrics.prompt_tokens.inc(sum(len(s) - s.num_cached for s in seqs))
         outcome = self.computer.compute(requests, drafts, is_prefill)
+        for i in outcome.ran:  # their K/V are written: full blocks become reusable prefixes
+            self.blocks.register(requests[i].seq, len(requests[i].seq))
         now = time.monotonic()
         generated = 0
         for position, (i, tokens) in enumerate(zip(outcome.ran, outcome.emitted, strict=True)):
@@ -437,6 +457,7 @@ class LLMEngine:
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(len(self.scheduler.waiting))
         self.metrics.kv_blocks_used.set(self.blocks.num_used)
+        self.metrics.prefix_cached_blocks.set(self.blocks.num_cached_blocks)
 
     def fail_all(self, error: BaseException) -> None:
         self.embedder.fail_all(error)

@@ -243,7 +243,7 @@ class ModelRunner:
     def _decode_masks(self, step: StepInput) -> dict[int | None, torch.Tensor]:
         """A decode step's context mask narrowed to each sliding window its layers use, built once."""
         windows = {spec.window for spec in self.attention if spec.window is not None}
-        if step.prefill_lengths is not None or step.context_mask is None or not windows:
+        if step.context_mask is None or not windows:
             return {}
         if step.query_index is None:
             query_positions = step.positions[:, None]  # [B, 1]
@@ -293,7 +293,8 @@ class ModelRunner:
         if step.slot_mapping is not None:  # None: a pass that caches nothing (embeddings)
             self.cache.keys[index].index_copy_(0, step.slot_mapping, k)
             self.cache.values[index].index_copy_(0, step.slot_mapping, v)
-        if step.prefill_lengths is not None:
+        if step.context_slots is None:
+            assert step.prefill_lengths is not None
             out = prefill_attention(q, k, v, step.prefill_lengths, self.attention[index])
         else:
             out = self._decode_attention(index, q, step, context.mask)

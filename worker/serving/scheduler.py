@@ -4,6 +4,10 @@ Every step either prefills newly admitted sequences (admission is checked every 
 joins as soon as a slot and KV blocks are free) or decodes one token for every running sequence.
 When the KV cache cannot give a running sequence its next slot, the most recently admitted one is
 preempted: its blocks are freed and it is recomputed later from its prompt and output so far.
+
+With prefix caching, an admitted sequence that `may_reuse` its cached prefix shares those blocks and
+prefills only the rest (a recomputed one may find its own blocks still cached); the step's token
+budget counts only what is computed.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ class Scheduler:
         max_batch_size: int,
         max_prefill_tokens: int,
         is_ready: Callable[[Sequence], bool],
+        may_reuse: Callable[[Sequence], bool] = lambda seq: False,
     ) -> None:
         self.blocks = blocks
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.is_ready = is_ready  # False while the sequence's adapter is still loading
+        self.may_reuse = may_reuse  # whether a sequence may start from its cached prefix blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -55,6 +61,7 @@ class Scheduler:
             if not self.is_ready(seq):
                 skipped.append(self.waiting.popleft())  # its adapter loads; later arrivals go ahead
                 continue
+            reuse = self.may_reuse(seq)
             too_big = admitted and len(seq) > budget
             # A request of n choices takes n slots once forked (n is at most half the batch), and a
             # block per fork for its copy of the prompt's last block.
@@ -62,15 +69,15 @@ class Scheduler:
             if (
                 too_big
                 or too_wide
-                or not self.blocks.can_allocate(seq, reserve=len(self.running) + seq.forks)
+                or not self.blocks.can_allocate(seq, reserve=len(self.running) + seq.forks, reuse=reuse)
             ):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq)
+            self.blocks.allocate(seq, reuse=reuse)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             admitted.append(seq)
-            budget -= len(seq)
+            budget -= len(seq) - seq.num_cached
         self.waiting.extendleft(reversed(skipped))
         return admitted
 

@@ -14,7 +14,8 @@ from worker.serving.sequence import Sequence
 
 @dataclass
 class StepInput:
-    """One step's tensors. Prefill steps hold whole sequences; decode steps one token per sequence."""
+    """One step's tensors. Prefill steps hold each sequence's uncached tokens; decode steps one token per
+    sequence (or its drafts). A step with `context_slots` attends to the paged cache's gathered context."""
 
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
@@ -22,8 +23,8 @@ class StepInput:
     token_adapter: torch.Tensor  # [T] index into `adapters`, -1 = base model
     adapters: list[AdapterWeights]
     logits_indices: torch.Tensor  # [B] the token whose next-token logits each sequence needs
-    prefill_lengths: list[int] | None = None  # prefill: tokens of each sequence, in order
-    context_slots: torch.Tensor | None = None  # decode: [B, L] cache slots of each sequence's context
+    prefill_lengths: list[int] | None = None  # prefill: tokens fed of each sequence, in order
+    context_slots: torch.Tensor | None = None  # [B, L] cache slots of each sequence's context
     context_mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] True where a slot is real
     context_flat: torch.Tensor | None = None  # decode: context_slots flattened, [B * L]
     # Decode with drafts (speculation): some sequences feed several tokens. Their queries are padded
@@ -33,24 +34,36 @@ class StepInput:
 
 
 def prefill_input(
-    seqs: list[Sequence], adapters: list[AdapterWeights], owner: list[int], device: torch.device
+    seqs: list[Sequence],
+    adapters: list[AdapterWeights],
+    owner: list[int],
+    device: torch.device,
+    ends: list[int] | None = None,
 ) -> StepInput:
-    """Every token of each sequence (none of them is cached before its prefill)."""
+    """Each sequence's tokens from `num_cached` up to its `ends` entry (default: all of them).
+
+    With nothing cached this is a plain causal prefill over each sequence's own tokens. Where some
+    sequence has a cached prefix (prefix caching, or an earlier chunk), its queries attend to the cached
+    context and themselves, causally: the step takes the decode path's padded `[B, Q]` queries against
+    each sequence's gathered context. `prefill_lengths` holds the tokens fed per sequence either way.
+    """
+    ends = ends or [len(seq) for seq in seqs]
+    starts = [seq.num_cached for seq in seqs]
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     token_adapter: list[int] = []
     last: list[int] = []
     lengths: list[int] = []
-    for seq, pos in zip(seqs, owner, strict=True):
-        tokens = seq.all_token_ids
+    for seq, pos, start, end in zip(seqs, owner, starts, ends, strict=True):
+        tokens = seq.all_token_ids[start:end]
         ids.extend(tokens)
-        positions.extend(range(len(tokens)))
-        slots.extend(BlockManager.slot(seq, p) for p in range(len(tokens)))
+        positions.extend(range(start, end))
+        slots.extend(BlockManager.slot(seq, p) for p in range(start, end))
         token_adapter.extend([pos] * len(tokens))
         last.append(len(ids) - 1)
         lengths.append(len(tokens))
-    return StepInput(
+    step = StepInput(
         input_ids=_on_device(ids, device),
         positions=_on_device(positions, device),
         slot_mapping=_on_device(slots, device),
@@ -59,6 +72,14 @@ def prefill_input(
         logits_indices=_on_device(last, device),
         prefill_lengths=lengths,
     )
+    if any(starts):
+        longest = max(ends)
+        context = _context_slots(seqs, longest)
+        step.context_slots = _on_device(context, device)
+        step.context_flat = _on_device(context.reshape(-1), device)
+        keys = torch.arange(longest)[None, None, :]
+        _add_verify_queries(step, lengths, torch.tensor(ends), keys, device)
+    return step
 
 
 def decode_input(
