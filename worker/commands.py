@@ -126,6 +126,13 @@ def _vllm_options(serve: argparse.ArgumentParser) -> None:
         "vllm: its setting when given)",
     )
     serve.add_argument(
+        "--enable-chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="tuneforge engine: prefill long prompts in chunks in steps that also decode the running "
+        "streams (default: on)",
+    )
+    serve.add_argument(
         "--max-model-len", type=int, default=None, help="vllm: context length (default: the model's)"
     )
 
@@ -214,6 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         engine=args.engine,
         enable_prefix_caching=args.enable_prefix_caching is not False,
+        enable_chunked_prefill=args.enable_chunked_prefill,
         vllm=VllmOverrides(
             max_loras=args.max_loras,
             max_cpu_loras=args.max_cpu_loras,

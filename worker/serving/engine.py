@@ -70,6 +70,10 @@ class EngineConfig:
     # them again (kv_cache.BlockManager). Requests asking for prompt logprobs and eagle-speculating
     # adapters always prefill their whole prompt.
     enable_prefix_caching: bool = True
+    # Prefill long prompts in chunks within max_prefill_tokens per step, in steps that also decode the
+    # running sequences (scheduler.py): running streams keep producing tokens while a long prompt joins.
+    # Requests asking for prompt logprobs are prefilled whole.
+    enable_chunked_prefill: bool = True
     max_waiting: int = 1024  # requests queued beyond this are refused with 503
     # CPU only: steps of a few tokens use the compiled small-step kernel (model_runner.KERNEL_TOKENS), or
     # where it cannot be built, a second transposed copy of the weights (twice the weight memory).
@@ -141,6 +145,8 @@ class LLMEngine:
             max_prefill_tokens=config.max_prefill_tokens,
             is_ready=self._adapter_ready,
             may_reuse=self._may_reuse_prefix,
+            chunked_prefill=config.enable_chunked_prefill,
+            may_chunk=self._prefills_in_parts,
         )
         self._requests: dict[int, EngineRequest] = {}
         self._families: dict[int, list[EngineRequest]] = {}  # n > 1: every choice, by the parent's id
@@ -253,7 +259,11 @@ class LLMEngine:
         """Whether a sequence may start from cached prefix blocks: not when it asks for prompt logprobs
         (a cached position is not scored again), nor with an eagle draft layer, whose draft cache is
         built from the hidden states of a prefill over the whole prompt."""
-        if not self.config.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+        return self.config.enable_prefix_caching and self._prefills_in_parts(seq)
+
+    def _prefills_in_parts(self, seq: Sequence) -> bool:
+        """Whether the sequence's prompt may be prefilled in parts (a cached prefix, chunks)."""
+        if seq.params.prompt_logprobs is not None:
             return False
         adapter = self._requests[seq.seq_id].adapter
         return adapter is None or not isinstance(adapter.speculator, EagleDraft)
@@ -294,11 +304,19 @@ class LLMEngine:
             return 0
         requests = [self._requests[seq.seq_id] for seq in seqs]
         drafts = [[] for _ in seqs] if is_prefill else [self.drafter.to_verify(r) for r in requests]
-        if is_prefill:
-            self.metrics.prompt_tokens.inc(sum(len(s) - s.num_cached for s in seqs))
-        outcome = self.computer.compute(requests, drafts, is_prefill)
+        if is_prefill:  # a chunked step's decoding requests verify none: their next drafts come after it
+            for request in requests:
+                request.drafts, request.draft_probs = [], None
+        ends = self.scheduler.step_ends or [len(seq) for seq in seqs]
+        if is_prefill:  # a chunked step's decoding sequences (one token each) are no prompt tokens
+            fed = [end - s.num_cached for s, end in zip(seqs, ends, strict=True)]
+            decoding = [bool(s.output_token_ids) and n == 1 for s, n in zip(seqs, fed, strict=True)]
+            self.metrics.prompt_tokens.inc(sum(n for n, d in zip(fed, decoding, strict=True) if not d))
+        outcome = self.computer.compute(requests, drafts, is_prefill, self.scheduler.step_ends)
         for i in outcome.ran:  # their K/V are written: full blocks become reusable prefixes
-            self.blocks.register(requests[i].seq, len(requests[i].seq))
+            self.blocks.register(requests[i].seq, ends[i])
+            if ends[i] < len(requests[i].seq):  # a prefill chunk: its next chunk starts here
+                requests[i].seq.num_cached = ends[i]
         now = time.monotonic()
         generated = 0
         for position, (i, tokens) in enumerate(zip(outcome.ran, outcome.emitted, strict=True)):
@@ -314,7 +332,10 @@ class LLMEngine:
             except Exception:  # e.g. the detokenizer on a token it cannot decode: this request only
                 log.exception("emitting a token of request %s failed", requests[i].seq.seq_id)
                 self.fail_requests([requests[i]], EngineError("the engine failed while generating; retry"))
-        live = [requests[i] if requests[i].seq.seq_id in self._requests else None for i in outcome.ran]
+        live = [  # finished requests, and chunks that emitted nothing, propose no drafts
+            requests[i] if requests[i].seq.seq_id in self._requests and tokens else None
+            for i, tokens in zip(outcome.ran, outcome.emitted, strict=True)
+        ]
         self.computer.propose(live, [drafts[i] for i in outcome.ran], outcome)
         self.metrics.record_step(generated)
         self._update_gauges()
