@@ -15,7 +15,7 @@ from worker.serving.sequence import Sequence
 @dataclass
 class StepInput:
     """One step's tensors. Prefill steps hold each sequence's uncached tokens; decode steps one token per
-    sequence (or its drafts). A step with `context_slots` attends to the paged cache's gathered context."""
+    sequence (or its drafts), attending to the paged cache's gathered context."""
 
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
@@ -24,7 +24,11 @@ class StepInput:
     adapters: list[AdapterWeights]
     logits_indices: torch.Tensor  # [B] the token whose next-token logits each sequence needs
     prefill_lengths: list[int] | None = None  # prefill: tokens fed of each sequence, in order
-    context_slots: torch.Tensor | None = None  # [B, L] cache slots of each sequence's context
+    # Prefill with a cached prefix (prefix caching, chunks): where each sequence's feed starts, and the
+    # cache slots of its context up to its feed's end.
+    prefill_starts: list[int] | None = None
+    prefill_context: list[torch.Tensor] | None = None
+    context_slots: torch.Tensor | None = None  # decode: [B, L] cache slots of each sequence's context
     context_mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] True where a slot is real
     context_flat: torch.Tensor | None = None  # decode: context_slots flattened, [B * L]
     # Decode with drafts (speculation): some sequences feed several tokens. Their queries are padded
@@ -43,9 +47,9 @@ def prefill_input(
     """Each sequence's tokens from `num_cached` up to its `ends` entry (default: all of them).
 
     With nothing cached this is a plain causal prefill over each sequence's own tokens. Where some
-    sequence has a cached prefix (prefix caching, or an earlier chunk), its queries attend to the cached
-    context and themselves, causally: the step takes the decode path's padded `[B, Q]` queries against
-    each sequence's gathered context. `prefill_lengths` holds the tokens fed per sequence either way.
+    sequence has a cached prefix (prefix caching, or an earlier chunk), each sequence's queries attend to
+    its context gathered from the cache (its fed tokens included, written first), causally.
+    `prefill_lengths` holds the tokens fed per sequence either way.
     """
     ends = ends or [len(seq) for seq in seqs]
     starts = [seq.num_cached for seq in seqs]
@@ -73,12 +77,9 @@ def prefill_input(
         prefill_lengths=lengths,
     )
     if any(starts):
-        longest = max(ends)
-        context = _context_slots(seqs, longest)
-        step.context_slots = _on_device(context, device)
-        step.context_flat = _on_device(context.reshape(-1), device)
-        keys = torch.arange(longest)[None, None, :]
-        _add_verify_queries(step, lengths, torch.tensor(ends), keys, device)
+        context = _context_slots(seqs, max(ends))
+        step.prefill_starts = starts
+        step.prefill_context = [_on_device(context[row, :end], device) for row, end in enumerate(ends)]
     return step
 
 
