@@ -7,6 +7,7 @@ import random
 import time
 from pathlib import Path
 
+import pytest
 from engine_support import Collected, hf_greedy, make_engine, run_until_done, step
 
 from worker.serving.engine import LLMEngine
@@ -102,8 +103,9 @@ def _budget_for_tokens(tokens: int) -> int:
     return CacheShape(2, 2, 16, __import__("torch").float32).bytes_per_token * tokens
 
 
+@pytest.mark.parametrize("step_tokens", [4096, 8])  # 8: prompts are prefilled (and recomputed) in chunks
 def test_a_small_cache_evicts_and_preempted_sequences_recompute_exactly(
-    tiny_model_dir: Path, adapter_root: Path
+    tiny_model_dir: Path, adapter_root: Path, step_tokens: int
 ) -> None:
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     prompts = [SYSTEM[:20] + q for q in QUESTIONS] * 2
@@ -112,7 +114,11 @@ def test_a_small_cache_evicts_and_preempted_sequences_recompute_exactly(
     run_until_done(roomy, reference)
 
     tight = make_engine(
-        tiny_model_dir, adapter_root, kv_cache_bytes=_budget_for_tokens(8 * BLOCK_SIZE), max_model_len=64
+        tiny_model_dir,
+        adapter_root,
+        kv_cache_bytes=_budget_for_tokens(8 * BLOCK_SIZE),
+        max_model_len=64,
+        max_prefill_tokens=step_tokens,
     )
     requests = [Collected(tight, p, params, None) for p in prompts]
     deadline = time.monotonic() + 60
