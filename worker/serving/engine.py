@@ -65,7 +65,9 @@ class EngineConfig:
     max_adapters: int = 16
     kv_cache_bytes: int | None = None  # None = 1 GiB
     max_model_len: int | None = None  # None = the model's context
-    max_prefill_tokens: int = 4096  # per step; a longer single prompt still runs alone
+    # Prefill tokens per step; a longer single prompt still runs alone, or with chunked prefill, the
+    # step's whole token budget (a longer prompt is prefilled in chunks).
+    max_prefill_tokens: int = 4096
     # Reuse the KV blocks of a prompt's cached prefix (same tokens, same adapter) instead of prefilling
     # them again (kv_cache.BlockManager). Requests asking for prompt logprobs and eagle-speculating
     # adapters always prefill their whole prompt.
