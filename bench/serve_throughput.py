@@ -15,6 +15,9 @@ tokens greedily (EOS does not stop it).
      (that one is prefill), for both sides.
 (c)  time to first token over the requests of (a'), p50 and p99, on the caller's clock from submit
      (the engine's own `TokenOutput.elapsed` beside it).
+(d), (e) with --prefix-chunking (instead of the above; bench/serve_prefix_chunking.py): a shared system
+     prompt's TTFT and tok/s with prefix caching off and on; streams' inter-token latency p99 while long
+     prompts join, chunked prefill off and on. About a minute on a 2-core CPU with the defaults.
 Greedy agreement: the fraction of requests whose engine tokens equal HF's (1.0 expected in fp32).
 Both sides are warmed up with one short request first. Never a pass/fail.
 
@@ -285,7 +288,20 @@ def main() -> None:
     parser.add_argument(
         "--vllm-mode", choices=["both", "compiled", "eager"], default="both", help="--enforce-eager or not"
     )
+    prefix = parser.add_argument_group("--prefix-chunking: workloads (d) and (e)")
+    prefix.add_argument("--prefix-chunking", action="store_true", help="run (d) and (e) only")
+    prefix.add_argument("--shared-requests", type=int, default=32, help="(d) requests")
+    prefix.add_argument("--system-tokens", type=int, default=500, help="(d) shared system prompt")
+    prefix.add_argument("--shared-new-tokens", type=int, default=16, help="(d) tokens of each request")
+    prefix.add_argument("--streams", type=int, default=8, help="(e) decoding streams")
+    prefix.add_argument("--stream-tokens", type=int, default=48, help="(e) tokens of each stream")
+    prefix.add_argument("--long-prompts", type=int, default=8, help="(e) long prompts that join")
+    prefix.add_argument("--long-tokens", type=int, default=1000, help="(e) tokens of each long prompt")
+    prefix.add_argument("--step-tokens", type=int, default=256, help="(e) prefill tokens a step")
     args = parser.parse_args()
+    if args.prefix_chunking:
+        prefix_chunking(args)
+        return
     if args.peer == "vllm":
         vllm_peer(args)
         return
@@ -338,6 +354,23 @@ def main() -> None:
     results["adapter_changed_fraction"] = changed / len(base)
     results["adapter_check_tokens"] = check_tokens
     report(args, results, run, hf_tokens)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def prefix_chunking(args: argparse.Namespace) -> None:
+    """Workloads (d) and (e) (bench/serve_prefix_chunking.py) on the base model, fp32."""
+    import torch
+    from serve_prefix_chunking import run
+    from transformers import AutoConfig
+
+    from worker.training.base_models import resolve_base_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = resolve_base_model(BASE_MODEL, args.cache_dir)
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    results = run(model_dir, BASE_MODEL, vocab, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

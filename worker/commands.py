@@ -122,7 +122,15 @@ def _vllm_options(serve: argparse.ArgumentParser) -> None:
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="vllm: reuse the KV cache of shared prompt prefixes",
+        help="reuse the KV cache of shared prompt prefixes (tuneforge engine: on unless --no-...; "
+        "vllm: its setting when given)",
+    )
+    serve.add_argument(
+        "--enable-chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="tuneforge engine: prefill long prompts in chunks in steps that also decode the running "
+        "streams (default: on)",
     )
     serve.add_argument(
         "--max-model-len", type=int, default=None, help="vllm: context length (default: the model's)"
@@ -212,6 +220,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=_tuneforge_dtype(args.dtype),
         device=args.device,
         engine=args.engine,
+        enable_prefix_caching=args.enable_prefix_caching is not False,
+        enable_chunked_prefill=args.enable_chunked_prefill,
         vllm=VllmOverrides(
             max_loras=args.max_loras,
             max_cpu_loras=args.max_cpu_loras,

@@ -213,6 +213,8 @@ class EngineOptions:
     device: str = "auto"
     engine: str = "tuneforge"  # or "vllm" (a `vllm:` key says so too)
     vllm: VllmOverrides | None = None
+    enable_prefix_caching: bool = True  # the tuneforge engine's (vLLM's own is in VllmOverrides)
+    enable_chunked_prefill: bool = True
 
 
 @dataclass(frozen=True)
@@ -395,6 +397,8 @@ def _engine_config(
         kv_cache_bytes=options.kv_cache_bytes,
         max_lora_rank=options.max_lora_rank,
         kernels=kernel_config(settings, os.environ),
+        enable_prefix_caching=options.enable_prefix_caching,
+        enable_chunked_prefill=options.enable_chunked_prefill,
     )
 
 

@@ -51,6 +51,38 @@ def prefill_attention(
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
+def cached_prefill_attention(
+    q: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    lengths: list[int],
+    starts: list[int],
+    spec: AttentionSpec,
+) -> torch.Tensor:
+    """Causal attention of each sequence's fed tokens (`lengths[i]` of them, from position `starts[i]`)
+    over its context in the cache, its fed tokens included: q `[T, H, hd]`, keys[i]/values[i]
+    `[starts[i] + lengths[i], KV, hd]` → `[T, H * hd]`. One sequence at a time: a decoding sequence in
+    the step costs one query, not a padded row as wide as the longest chunk."""
+    outs = []
+    offset = 0
+    for length, start, k, v in zip(lengths, starts, keys, values, strict=True):
+        query = torch.arange(start, start + length, device=q.device)[:, None]
+        key = torch.arange(start + length, device=q.device)[None, :]
+        mask = key <= query  # [Q, L]
+        if spec.window is not None:
+            mask &= key > query - spec.window
+        out = attend(
+            q[offset : offset + length].transpose(0, 1)[None],  # [1, H, Q, hd]
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            mask,
+            spec,
+        )
+        outs.append(out[0].transpose(0, 1).reshape(length, -1))
+        offset += length
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
 def window_mask(mask: torch.Tensor, query_positions: torch.Tensor, window: int) -> torch.Tensor:
     """A decode step's context mask `[B, 1, Q, L]` narrowed to each query's window; `query_positions`
     `[B, Q]`. Context column j holds position j (the cache holds a sequence's positions in order)."""

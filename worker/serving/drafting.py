@@ -207,8 +207,8 @@ class Drafter:
         after it) this step made final, for the request's draft cache: a fresh one at a prefill
         (preemption's recompute included). None if its cache does not end where the step began."""
         seq = request.seq
-        if prefill:
-            request.draft_state = draft.new_state()
+        if prefill and count == len(seq) - 1:  # the whole sequence was fed (a chunked step's decoding
+            request.draft_state = draft.new_state()  # requests feed one token and keep their cache)
         state = request.draft_state
         if state is None or state.length != len(seq) - count - 1:
             request.draft_state = None  # out of step with the sequence: drafting resumes at a prefill

@@ -26,7 +26,7 @@ from worker.serving.adapters import (
 from worker.serving.cpu_kernels import KernelConfig
 from worker.serving.detokenizer import IncrementalDetokenizer
 from worker.serving.drafting import Drafter
-from worker.serving.eagle import ModelShape
+from worker.serving.eagle import EagleDraft, ModelShape
 from worker.serving.embedding import Embedder
 from worker.serving.errors import (
     AdapterLoadError,
@@ -65,7 +65,17 @@ class EngineConfig:
     max_adapters: int = 16
     kv_cache_bytes: int | None = None  # None = 1 GiB
     max_model_len: int | None = None  # None = the model's context
-    max_prefill_tokens: int = 4096  # per step; a longer single prompt still runs alone
+    # Prefill tokens per step; a longer single prompt still runs alone, or with chunked prefill, the
+    # step's whole token budget (a longer prompt is prefilled in chunks).
+    max_prefill_tokens: int = 4096
+    # Reuse the KV blocks of a prompt's cached prefix (same tokens, same adapter) instead of prefilling
+    # them again (kv_cache.BlockManager). Requests asking for prompt logprobs and eagle-speculating
+    # adapters always prefill their whole prompt.
+    enable_prefix_caching: bool = True
+    # Prefill long prompts in chunks within max_prefill_tokens per step, in steps that also decode the
+    # running sequences (scheduler.py): running streams keep producing tokens while a long prompt joins.
+    # Requests asking for prompt logprobs are prefilled whole.
+    enable_chunked_prefill: bool = True
     max_waiting: int = 1024  # requests queued beyond this are refused with 503
     # CPU only: steps of a few tokens use the compiled small-step kernel (model_runner.KERNEL_TOKENS), or
     # where it cannot be built, a second transposed copy of the weights (twice the weight memory).
@@ -109,7 +119,11 @@ class LLMEngine:
             raise ValueError(f"speculation_max_batch must be at least 1, not {config.speculation_max_batch}")
         if config.speculation_depth is not None and config.speculation_depth < 1:
             raise ValueError(f"speculation_depth must be at least 1, not {config.speculation_depth}")
-        self.blocks = BlockManager(self.runner.cache.num_blocks)
+        self.blocks = BlockManager(
+            self.runner.cache.num_blocks,
+            prefix_caching=config.enable_prefix_caching,
+            on_lookup=self.metrics.record_prefix_lookup,
+        )
         # Output constraints compile against this tokenizer and the logits' width (the routes compile
         # them before a request is queued; add_request finds them in its cache).
         self.grammars = GrammarCompiler(self.tokenizer, self.runner.vocab_size, self.runner.eos_token_ids)
@@ -132,6 +146,9 @@ class LLMEngine:
             max_batch_size=config.max_batch_size,
             max_prefill_tokens=config.max_prefill_tokens,
             is_ready=self._adapter_ready,
+            may_reuse=self._may_reuse_prefix,
+            chunked_prefill=config.enable_chunked_prefill,
+            may_chunk=self._prefills_in_parts,
         )
         self._requests: dict[int, EngineRequest] = {}
         self._families: dict[int, list[EngineRequest]] = {}  # n > 1: every choice, by the parent's id
@@ -240,6 +257,19 @@ class LLMEngine:
     def _adapter_ready(self, seq: Sequence) -> bool:
         return seq.adapter_key is None or self._requests[seq.seq_id].adapter is not None
 
+    def _may_reuse_prefix(self, seq: Sequence) -> bool:
+        """Whether a sequence may start from cached prefix blocks: not when it asks for prompt logprobs
+        (a cached position is not scored again), nor with an eagle draft layer, whose draft cache is
+        built from the hidden states of a prefill over the whole prompt."""
+        return self.config.enable_prefix_caching and self._prefills_in_parts(seq)
+
+    def _prefills_in_parts(self, seq: Sequence) -> bool:
+        """Whether the sequence's prompt may be prefilled in parts (a cached prefix, chunks)."""
+        if seq.params.prompt_logprobs is not None:
+            return False
+        adapter = self._requests[seq.seq_id].adapter
+        return adapter is None or not isinstance(adapter.speculator, EagleDraft)
+
     def _poll_adapters(self) -> None:
         """Hand finished loads to their waiting sequences; fail those whose adapter failed to load."""
         for seq in list(self.scheduler.waiting):
@@ -276,9 +306,19 @@ class LLMEngine:
             return 0
         requests = [self._requests[seq.seq_id] for seq in seqs]
         drafts = [[] for _ in seqs] if is_prefill else [self.drafter.to_verify(r) for r in requests]
-        if is_prefill:
-            self.metrics.prompt_tokens.inc(sum(len(s) for s in seqs))
-        outcome = self.computer.compute(requests, drafts, is_prefill)
+        if is_prefill:  # a chunked step's decoding requests verify none: their next drafts come after it
+            for request in requests:
+                request.drafts, request.draft_probs = [], None
+        ends = self.scheduler.step_ends or [len(seq) for seq in seqs]
+        if is_prefill:  # a chunked step's decoding sequences (one token each) are no prompt tokens
+            fed = [end - s.num_cached for s, end in zip(seqs, ends, strict=True)]
+            decoding = [bool(s.output_token_ids) and n == 1 for s, n in zip(seqs, fed, strict=True)]
+            self.metrics.prompt_tokens.inc(sum(n for n, d in zip(fed, decoding, strict=True) if not d))
+        outcome = self.computer.compute(requests, drafts, is_prefill, self.scheduler.step_ends)
+        for i in outcome.ran:  # their K/V are written: full blocks become reusable prefixes
+            self.blocks.register(requests[i].seq, ends[i])
+            if ends[i] < len(requests[i].seq):  # a prefill chunk: its next chunk starts here
+                requests[i].seq.num_cached = ends[i]
         now = time.monotonic()
         generated = 0
         for position, (i, tokens) in enumerate(zip(outcome.ran, outcome.emitted, strict=True)):
@@ -294,7 +334,10 @@ class LLMEngine:
             except Exception:  # e.g. the detokenizer on a token it cannot decode: this request only
                 log.exception("emitting a token of request %s failed", requests[i].seq.seq_id)
                 self.fail_requests([requests[i]], EngineError("the engine failed while generating; retry"))
-        live = [requests[i] if requests[i].seq.seq_id in self._requests else None for i in outcome.ran]
+        live = [  # finished requests, and chunks that emitted nothing, propose no drafts
+            requests[i] if requests[i].seq.seq_id in self._requests and tokens else None
+            for i, tokens in zip(outcome.ran, outcome.emitted, strict=True)
+        ]
         self.computer.propose(live, [drafts[i] for i in outcome.ran], outcome)
         self.metrics.record_step(generated)
         self._update_gauges()
@@ -437,6 +480,7 @@ class LLMEngine:
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(len(self.scheduler.waiting))
         self.metrics.kv_blocks_used.set(self.blocks.num_used)
+        self.metrics.prefix_cached_blocks.set(self.blocks.num_cached_blocks)
 
     def fail_all(self, error: BaseException) -> None:
         self.embedder.fail_all(error)

@@ -72,7 +72,24 @@ class ServingMetrics:
         self.spec_accepted = Counter(
             "tuneforge_serving_speculative_accepted_tokens", "Draft tokens the model confirmed", registry=r
         )
+        self.prefix_queries = Counter(
+            "tuneforge_serving_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache at admission",
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "tuneforge_serving_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (not prefilled again)",
+            registry=r,
+        )
+        self.prefix_cached_blocks = Gauge(
+            "tuneforge_serving_prefix_cache_blocks", "KV blocks registered for prefix reuse", registry=r
+        )
         self._recent: deque[tuple[float, int]] = deque()
+
+    def record_prefix_lookup(self, queried: int, hit: int) -> None:
+        self.prefix_queries.inc(queried)
+        self.prefix_hits.inc(hit)
 
     def record_step(self, new_tokens: int) -> None:
         """Called once per engine step with the tokens it generated; keeps the 10-second rate."""

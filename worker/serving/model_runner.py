@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from worker.serving.architecture import Architecture, read_architecture
-from worker.serving.attention import AttentionSpec, attend, prefill_attention, window_mask
+from worker.serving.attention import (
+    AttentionSpec,
+    attend,
+    cached_prefill_attention,
+    prefill_attention,
+    window_mask,
+)
 from worker.serving.cpu_kernels import KernelConfig, SmallGemm, small_gemm
 from worker.serving.kv_cache import BLOCK_SIZE, BlockManager, CacheShape, KVCache
 from worker.serving.linear import KERNEL_TOKENS, SMALL_STEP_TOKENS, Linear
@@ -293,7 +299,9 @@ class ModelRunner:
         if step.slot_mapping is not None:  # None: a pass that caches nothing (embeddings)
             self.cache.keys[index].index_copy_(0, step.slot_mapping, k)
             self.cache.values[index].index_copy_(0, step.slot_mapping, v)
-        if step.prefill_lengths is not None:
+        if step.prefill_context is not None:
+            out = self._cached_prefill_attention(index, q, step)
+        elif step.prefill_lengths is not None:
             out = prefill_attention(q, k, v, step.prefill_lengths, self.attention[index])
         else:
             out = self._decode_attention(index, q, step, context.mask)
@@ -312,6 +320,19 @@ class ModelRunner:
         if w.mlp_out_norm is not None:
             down = F.rms_norm(down, (width,), w.mlp_out_norm, self.eps)
         return hidden + down
+
+    def _cached_prefill_attention(self, index: int, q: torch.Tensor, step: StepInput) -> torch.Tensor:
+        """A prefill whose sequences have a cached prefix: each attends to its context in the cache."""
+        assert step.prefill_context is not None
+        assert step.prefill_starts is not None and step.prefill_lengths is not None
+        shape = (-1, self.num_kv_heads, self.head_dim)
+        keys = [self.cache.keys[index].index_select(0, slots).view(shape) for slots in step.prefill_context]
+        values = [
+            self.cache.values[index].index_select(0, slots).view(shape) for slots in step.prefill_context
+        ]
+        return cached_prefill_attention(
+            q, keys, values, step.prefill_lengths, step.prefill_starts, self.attention[index]
+        )
 
     def _decode_attention(
         self, index: int, q: torch.Tensor, step: StepInput, mask: torch.Tensor | None

@@ -48,6 +48,10 @@ class Sequence:
     # scheduler keeps batch slots and KV blocks for them when it admits the sequence.
     forks: int = 0
     last_token_time: float | None = None
+    # Prefix caching (kv_cache.BlockManager): the chained hashes of its full blocks computed so far, and
+    # how many of its block table's first blocks are registered (or known to be) for reuse.
+    block_hashes: list[int] = field(default_factory=list)
+    num_registered: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -65,3 +69,4 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table = []
         self.num_cached = 0
+        self.num_registered = 0

@@ -14,7 +14,8 @@ from worker.serving.sequence import Sequence
 
 @dataclass
 class StepInput:
-    """One step's tensors. Prefill steps hold whole sequences; decode steps one token per sequence."""
+    """One step's tensors. Prefill steps hold each sequence's uncached tokens; decode steps one token per
+    sequence (or its drafts), attending to the paged cache's gathered context."""
 
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
@@ -22,7 +23,11 @@ class StepInput:
     token_adapter: torch.Tensor  # [T] index into `adapters`, -1 = base model
     adapters: list[AdapterWeights]
     logits_indices: torch.Tensor  # [B] the token whose next-token logits each sequence needs
-    prefill_lengths: list[int] | None = None  # prefill: tokens of each sequence, in order
+    prefill_lengths: list[int] | None = None  # prefill: tokens fed of each sequence, in order
+    # Prefill with a cached prefix (prefix caching, chunks): where each sequence's feed starts, and the
+    # cache slots of its context up to its feed's end.
+    prefill_starts: list[int] | None = None
+    prefill_context: list[torch.Tensor] | None = None
     context_slots: torch.Tensor | None = None  # decode: [B, L] cache slots of each sequence's context
     context_mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] True where a slot is real
     context_flat: torch.Tensor | None = None  # decode: context_slots flattened, [B * L]
@@ -33,24 +38,36 @@ class StepInput:
 
 
 def prefill_input(
-    seqs: list[Sequence], adapters: list[AdapterWeights], owner: list[int], device: torch.device
+    seqs: list[Sequence],
+    adapters: list[AdapterWeights],
+    owner: list[int],
+    device: torch.device,
+    ends: list[int] | None = None,
 ) -> StepInput:
-    """Every token of each sequence (none of them is cached before its prefill)."""
+    """Each sequence's tokens from `num_cached` up to its `ends` entry (default: all of them).
+
+    With nothing cached this is a plain causal prefill over each sequence's own tokens. Where some
+    sequence has a cached prefix (prefix caching, or an earlier chunk), each sequence's queries attend to
+    its context gathered from the cache (its fed tokens included, written first), causally.
+    `prefill_lengths` holds the tokens fed per sequence either way.
+    """
+    ends = ends or [len(seq) for seq in seqs]
+    starts = [seq.num_cached for seq in seqs]
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     token_adapter: list[int] = []
     last: list[int] = []
     lengths: list[int] = []
-    for seq, pos in zip(seqs, owner, strict=True):
-        tokens = seq.all_token_ids
+    for seq, pos, start, end in zip(seqs, owner, starts, ends, strict=True):
+        tokens = seq.all_token_ids[start:end]
         ids.extend(tokens)
-        positions.extend(range(len(tokens)))
-        slots.extend(BlockManager.slot(seq, p) for p in range(len(tokens)))
+        positions.extend(range(start, end))
+        slots.extend(BlockManager.slot(seq, p) for p in range(start, end))
         token_adapter.extend([pos] * len(tokens))
         last.append(len(ids) - 1)
         lengths.append(len(tokens))
-    return StepInput(
+    step = StepInput(
         input_ids=_on_device(ids, device),
         positions=_on_device(positions, device),
         slot_mapping=_on_device(slots, device),
@@ -59,6 +76,11 @@ def prefill_input(
         logits_indices=_on_device(last, device),
         prefill_lengths=lengths,
     )
+    if any(starts):
+        context = _context_slots(seqs, max(ends))
+        step.prefill_starts = starts
+        step.prefill_context = [_on_device(context[row, :end], device) for row, end in enumerate(ends)]
+    return step
 
 
 def decode_input(

@@ -108,15 +108,23 @@ class StepComputer:
         self.failures = failures
 
     def compute(
-        self, requests: list[EngineRequest], drafts: list[list[int]], is_prefill: bool
+        self,
+        requests: list[EngineRequest],
+        drafts: list[list[int]],
+        is_prefill: bool,
+        ends: list[int] | None = None,
     ) -> StepOutcome:
-        """What the requests emit; the requests a failure was pinned on are failed and left out."""
+        """What the requests emit; the requests a failure was pinned on are failed and left out.
+        `ends`: a chunked step's end of each request's feed; one short of its sequence emits nothing."""
         indices = list(range(len(requests)))
         while indices:
             chosen, chosen_drafts = [requests[i] for i in indices], [drafts[i] for i in indices]
+            chosen_ends = [ends[i] for i in indices] if ends is not None else None
             try:
-                logits, hidden, prefill_lengths = self._forward(chosen, chosen_drafts, is_prefill)
-                emitted = self._choose_tokens(chosen, logits, chosen_drafts)
+                logits, hidden, prefill_lengths = self._forward(
+                    chosen, chosen_drafts, is_prefill, chosen_ends
+                )
+                emitted = self._choose_completed(chosen, logits, chosen_drafts, chosen_ends)
                 tops = step_top_logprobs(chosen, logits, row_starts(chosen_drafts), emitted)
                 prompts = (
                     step_prompt_logprobs(chosen, hidden.tokens, prefill_lengths, self.runner.logits)
@@ -130,7 +138,7 @@ class StepComputer:
                 culprits = {indices[row] for row in bad.rows}
             except Exception:
                 log.exception("a step of %d requests failed; looking for the adapter behind it", len(indices))
-                culprits = self._probe(requests, drafts, indices, is_prefill)
+                culprits = self._probe(requests, drafts, indices, is_prefill, ends)
             if not culprits:  # every group runs alone: no one adapter's doing, so no result can be trusted
                 self.failures.fail_requests(chosen, EngineError("the engine failed while generating; retry"))
                 return StepOutcome([], [])
@@ -163,14 +171,18 @@ class StepComputer:
                 self.failures.fail_adapters([r for r in only if r is not None])
 
     def _forward(
-        self, requests: list[EngineRequest], drafts: list[list[int]], is_prefill: bool
+        self,
+        requests: list[EngineRequest],
+        drafts: list[list[int]],
+        is_prefill: bool,
+        ends: list[int] | None = None,
     ) -> tuple[torch.Tensor, StepHidden, list[int] | None]:
         """Logits of the requests' rows (on the CPU, where sampling runs) and the pass's hidden states;
         BadRows if some logits are not finite."""
         seqs = [r.seq for r in requests]
         adapters, owner = _active_adapters(requests)
         if is_prefill:
-            step = prefill_input(seqs, adapters, owner, self.runner.device)
+            step = prefill_input(seqs, adapters, owner, self.runner.device, ends)
         else:
             step = decode_input(seqs, adapters, owner, self.runner.device, drafts if any(drafts) else None)
         result = self.runner.forward(step)
@@ -179,17 +191,49 @@ class StepComputer:
         return logits, result.hidden, step.prefill_lengths
 
     def _probe(
-        self, requests: list[EngineRequest], drafts: list[list[int]], indices: list[int], is_prefill: bool
+        self,
+        requests: list[EngineRequest],
+        drafts: list[list[int]],
+        indices: list[int],
+        is_prefill: bool,
+        ends: list[int] | None,
     ) -> set[int]:
         """The requests of every adapter whose requests fail a forward pass on their own."""
         culprits: set[int] = set()
         for group in adapter_groups([requests[i] for i in indices]):
             members = [indices[g] for g in group]
             try:
-                self._forward([requests[i] for i in members], [drafts[i] for i in members], is_prefill)
+                self._forward(
+                    [requests[i] for i in members],
+                    [drafts[i] for i in members],
+                    is_prefill,
+                    [ends[i] for i in members] if ends is not None else None,
+                )
             except Exception:
                 culprits.update(members)
         return culprits
+
+    def _choose_completed(
+        self,
+        requests: list[EngineRequest],
+        logits: torch.Tensor,
+        drafts: list[list[int]],
+        ends: list[int] | None,
+    ) -> Emitted:
+        """`_choose_tokens` for the requests whose feed reaches the end of their sequence; a prefill chunk
+        short of it emits nothing (and draws nothing from its generator). A chunked step has no drafts:
+        request k's logits are row k."""
+        if ends is None:
+            return self._choose_tokens(requests, logits, drafts)
+        done = [k for k, (r, end) in enumerate(zip(requests, ends, strict=True)) if end == len(r.seq)]
+        emitted: Emitted = [[] for _ in requests]
+        if done:
+            chosen = self._choose_tokens(
+                [requests[k] for k in done], logits[torch.tensor(done)], [drafts[k] for k in done]
+            )
+            for k, tokens in zip(done, chosen, strict=True):
+                emitted[k] = tokens
+        return emitted
 
     def _choose_tokens(
         self, requests: list[EngineRequest], logits: torch.Tensor, drafts: list[list[int]]

@@ -511,3 +511,28 @@ def test_speculation_depth_caps_the_drafts_of_both_kinds_and_outputs_stay_exact(
 def test_a_speculation_depth_below_one_is_refused(tiny_model_dir: Path, eagle_root: Path) -> None:
     with pytest.raises(ValueError, match="speculation_depth must be at least 1"):
         make_engine(tiny_model_dir, eagle_root, speculation_depth=0)
+
+
+def test_eagle_prompts_are_prefilled_whole_and_keep_speculating_while_chunks_join(
+    tiny_model_dir: Path, eagle_root: Path
+) -> None:
+    """An eagle layer builds its draft cache from a prefill of the whole prompt: its requests never reuse
+    a cached prefix nor take chunks, and a chunked step next to them keeps their draft cache."""
+    engine = make_engine(tiny_model_dir, eagle_root, max_prefill_tokens=8, speculation_max_batch=2)
+    prompt = [1, *range(40, 76)]  # 37 tokens: two full blocks, and longer than a step's budget
+    first = Collected(engine, prompt, GREEDY, "eagle/1")
+    run_until_done(engine, [first])
+    again = Collected(engine, prompt, GREEDY, "eagle/1")
+    step(engine)
+    step(engine)
+    joining = Collected(engine, [1, *range(100, 130)], GREEDY, None)  # prefilled in chunks of <= 7
+    step(engine)
+    assert engine.scheduler.step_ends is not None  # a chunk next to the eagle request's token
+    assert again.request.draft_state is not None and again.request.drafts
+    run_until_done(engine, [again, joining])
+    expected = hf_greedy(tiny_model_dir, None, prompt, NEW_TOKENS)
+    assert first.token_ids == again.token_ids == expected
+    assert joining.token_ids == hf_greedy(tiny_model_dir, None, [1, *range(100, 130)], NEW_TOKENS)
+    assert engine.metrics.prefix_hits._value.get() == 0  # type: ignore[attr-defined]
+    stats = again.outputs[-1].speculation
+    assert stats is not None and stats.drafted > 0

@@ -149,3 +149,21 @@ def test_phi3_adapters_are_checked_against_its_fused_projections() -> None:
         lora_rules.check_tensor_shape(
             "q", [4, 64], which="A", module="q_proj", layer=0, num_layers=2, shapes=shapes, max_rank=8
         )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_prefixes_and_prefill_chunks_keep_windows_and_caps_equal_to_hf(
+    family_root: Path, family: str
+) -> None:
+    """A cached prefix and chunks of 8 tokens: each query of a chunk sees its own window of the context."""
+    model_dir = family_root / family
+    shared = [*PROMPTS[2][:16], 5, 6, 7, 8, 9, 10]
+    prompts = [PROMPTS[2], shared, PROMPTS[3]]
+    expected = hf_greedy_eager(model_dir, None, prompts, NEW_TOKENS)
+    engine = make_engine(model_dir, family_root, max_prefill_tokens=8)
+    first = [Collected(engine, prompts[0], GREEDY, None)]
+    run_until_done(engine, first)
+    later = [Collected(engine, prompt, GREEDY, None) for prompt in prompts[1:]]
+    run_until_done(engine, later)
+    assert [r.token_ids for r in [*first, *later]] == expected
+    assert engine.metrics.prefix_hits._value.get() == 16  # type: ignore[attr-defined]
