@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -86,6 +86,8 @@ class RequestContext:
         )
         if params.constraint is not None:  # compiled here (cached): a bad grammar never reaches the engine
             await run_in_threadpool(self.engine.grammars.compile, params.constraint)
+        if self.tenant is not None:  # cached prompt KV is shared within a tenant only (SamplingParams)
+            params = replace(params, cache_scope=self.tenant)
         stream = self.engine.generate(prompt_ids, params, adapter)
         generation = await Generation.start(stream, params.n)  # closing the generator aborts the request
         if generation.first.speculation_note:

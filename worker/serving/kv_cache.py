@@ -10,16 +10,19 @@ prompt's full blocks (counted by holders; a block is free when its last holder f
 own copy of its last, partial block, the only one they and the parent would both write into.
 
 Prefix caching (`BlockManager(prefix_caching=True)`): a full block whose keys and values are computed is
-registered under a chained hash of (the previous block's hash, its 16 token ids, the sequence's adapter
-key), so different adapters never share KV. Admitting a sequence reuses the longest run of its full
-blocks found registered (one more holder each) and only the rest is prefilled. A registered block
-whose last holder frees it stays registered and evictable (least recently freed first) until its slot
-is needed. Sharing needs no copy-on-write: only a sequence's partial last block is ever written, and
+registered under a chained digest of (the previous block's, its 16 token ids, the sequence's adapter
+key and tenant scope), so different adapters and different tenants never share KV. Admitting a
+sequence reuses the longest run of its full blocks found registered (one more holder each) and only
+the rest is prefilled. A registered block whose last holder frees it stays registered and evictable
+(least recently freed first) until its slot is needed. Sharing needs no copy-on-write: only a
+sequence's partial last block is ever written, and
 registered blocks are full.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,8 +88,8 @@ class BlockManager:
         self.on_lookup = on_lookup  # (tokens looked up, tokens found cached), for the hit-rate metrics
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._holders = [0] * num_blocks  # sequences whose block table holds each block
-        self._hash_of: list[int | None] = [None] * num_blocks  # a registered block's hash
-        self._by_hash: dict[int, int] = {}  # hash -> registered block
+        self._hash_of: list[bytes | None] = [None] * num_blocks  # a registered block's hash
+        self._by_hash: dict[bytes, int] = {}  # hash -> registered block
         self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, no holder; oldest first
 
     @property
@@ -161,7 +164,7 @@ class BlockManager:
         return hits
 
     @staticmethod
-    def _hashes(seq: Sequence, count: int) -> list[int]:
+    def _hashes(seq: Sequence, count: int) -> list[bytes]:
         """The chained hashes of the sequence's first `count` full blocks (kept on the sequence: its
         tokens only ever grow, so they stay valid across preemption)."""
         tokens = None
@@ -169,8 +172,8 @@ class BlockManager:
             tokens = tokens or seq.all_token_ids
             index = len(seq.block_hashes)
             previous = seq.block_hashes[-1] if seq.block_hashes else None
-            chunk = tuple(tokens[index * BLOCK_SIZE : (index + 1) * BLOCK_SIZE])
-            seq.block_hashes.append(hash((previous, chunk, seq.adapter_key)))
+            chunk = tokens[index * BLOCK_SIZE : (index + 1) * BLOCK_SIZE]
+            seq.block_hashes.append(_block_key(previous, chunk, seq.adapter_key, seq.params.cache_scope))
         return seq.block_hashes[:count]
 
     def can_append(self, seq: Sequence) -> bool:
@@ -239,3 +242,18 @@ class BlockManager:
     @staticmethod
     def slot(seq: Sequence, position: int) -> int:
         return seq.block_table[position // BLOCK_SIZE] * BLOCK_SIZE + position % BLOCK_SIZE
+
+
+def _block_key(
+    previous: bytes | None, tokens: list[int], adapter_key: str | None, scope: str | None
+) -> bytes:
+    """A full block's prefix-cache key: a cryptographic digest chained over the blocks before it, its token
+    ids, the adapter and the tenant scope. Not Python's `hash`: tuple hashes of ints are predictable, so a
+    tenant could craft token blocks that collide with another's and be served (or poison) their KV."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(previous or b"")
+    for part in (adapter_key, scope):
+        text = (part or "").encode()
+        digest.update(len(text).to_bytes(4, "little") + text)  # length-prefixed: no two splits collide
+    digest.update(array("q", tokens).tobytes())
+    return digest.digest()

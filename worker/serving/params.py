@@ -92,6 +92,11 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # Choices generated from one prefill of the prompt (forked after it); choice j draws from seed + j.
     n: int = 1
+    # Who may reuse this request's cached prompt KV (prefix caching): the tenant, set by the serving
+    # routes from the signed assertion, never by a client. A prefix one tenant cached is never reused
+    # for another (a cache hit shows in the time to first token, so sharing would tell one tenant what
+    # another sent); adapters are tenant-qualified already.
+    cache_scope: str | None = None
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_tokens <= MAX_TOKENS_LIMIT, "max_tokens", f"must be in 1..{MAX_TOKENS_LIMIT}")
@@ -143,6 +148,11 @@ class SamplingParams:
                 f"values must be in [-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}]; got {bias!r}",
             )
         _check(1 <= self.n <= MAX_CHOICES, "n", f"must be in 1..{MAX_CHOICES}")
+        _check(
+            self.cache_scope is None or len(self.cache_scope) <= MAX_NAME_LENGTH,
+            "cache_scope",
+            f"at most {MAX_NAME_LENGTH} characters",
+        )
         _check(len(self.stop) <= MAX_STOP_SEQUENCES, "stop", f"at most {MAX_STOP_SEQUENCES} sequences")
         for s in self.stop:
             _check(

@@ -50,7 +50,7 @@ class Sequence:
     last_token_time: float | None = None
     # Prefix caching (kv_cache.BlockManager): the chained hashes of its full blocks computed so far, and
     # how many of its block table's first blocks are registered (or known to be) for reuse.
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
     num_registered: int = 0
 
     @property

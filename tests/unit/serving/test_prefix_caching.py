@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,41 @@ def test_block_manager_evicts_the_least_recently_freed_cached_block() -> None:
     assert cached_second in other.block_table
     assert blocks.num_cached_blocks == 1
     assert blocks.num_free == 0
+
+
+def test_a_prefix_one_tenant_cached_is_never_reused_for_another(
+    tiny_model_dir: Path, adapter_root: Path
+) -> None:
+    """A cache hit shows in the time to first token: sharing the base model's cached prompts across
+    tenants would tell one tenant what another sent. Within a tenant they are shared."""
+    engine = make_engine(tiny_model_dir, adapter_root)
+    prompt = SYSTEM + QUESTIONS[0]
+
+    def run(tenant: str) -> list[int]:
+        request = Collected(engine, prompt, replace(GREEDY, cache_scope=tenant), None)
+        run_until_done(engine, [request])
+        assert request.error is None
+        return request.token_ids
+
+    expected = hf_greedy(tiny_model_dir, None, prompt, NEW_TOKENS)
+    assert run("alice") == expected
+    assert run("mallory") == expected
+    assert _count(engine, "tuneforge_serving_prefix_cache_hits_total") == 0
+    assert run("alice") == expected
+    assert _count(engine, "tuneforge_serving_prefix_cache_hits_total") == 3 * BLOCK_SIZE
+
+
+def test_block_keys_separate_adapter_and_scope_and_chain_over_earlier_blocks() -> None:
+    from worker.serving.kv_cache import _block_key
+
+    tokens = list(range(BLOCK_SIZE))
+    base = _block_key(None, tokens, None, "alice")
+    assert base == _block_key(None, list(tokens), None, "alice")
+    others = [
+        _block_key(None, tokens, None, "mallory"),
+        _block_key(None, tokens, "alice", None),  # the same text in another field is another key
+        _block_key(None, tokens, "al", "ice"),
+        _block_key(b"x" * 16, tokens, None, "alice"),
+        _block_key(None, [*tokens[:-1], 99], None, "alice"),
+    ]
+    assert base not in others and len(set(others)) == len(others)

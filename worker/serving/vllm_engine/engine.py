@@ -302,6 +302,8 @@ class VllmEngine:
 
     def _body(self, model: str, prompt_token_ids: list[int], params: SamplingParams) -> dict[str, Any]:
         body = self._sampling_body(model, prompt_token_ids, params)
+        if params.cache_scope is not None:  # vLLM's prefix cache, like ours, is shared within a tenant only
+            body["cache_salt"] = hashlib.sha256(params.cache_scope.encode()).hexdigest()
         constraint = params.constraint
         if constraint is not None:  # vLLM >= 0.12 names its guided decoding `structured_outputs`
             body["structured_outputs"] = (
