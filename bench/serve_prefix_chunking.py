@@ -118,6 +118,10 @@ def run(model_dir: Path, name: str, vocab: int, args: Any) -> dict[str, Any]:
             f"    {label}: TTFT p50 {d['ttft_p50_s']:.3f} s  p99 {d['ttft_p99_s']:.3f} s  "
             f"{d['tok_s']:.1f} tok/s"
         )
+    print(
+        f"    on vs off: TTFT p50 {d_off['ttft_p50_s'] / d_on['ttft_p50_s']:.1f}x lower, "
+        f"{d_on['tok_s'] / d_off['tok_s']:.1f}x the tok/s"
+    )
     print(f"    same greedy tokens: {d_off['tokens'] == d_on['tokens']}")
     print(
         f"(e) {args.streams} streams decoding while {args.long_prompts} prompts of {args.long_tokens} "
@@ -128,6 +132,7 @@ def run(model_dir: Path, name: str, vocab: int, args: Any) -> dict[str, Any]:
             f"    {label}: inter-token latency p99 {e['itl_p99_s']:.3f} s "
             f"({e['stream_tokens_in_window']} stream tokens while they joined)"
         )
+    print(f"    on vs off: inter-token latency p99 {e_off['itl_p99_s'] / e_on['itl_p99_s']:.1f}x lower")
     print(f"    same greedy tokens: {e_off['tokens'] == e_on['tokens']}")
     for value in results.values():
         value.pop("tokens")
