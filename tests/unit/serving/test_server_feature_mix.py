@@ -137,3 +137,35 @@ def test_a_forced_tool_call_holds_for_every_choice_whole_and_streamed(client: op
     assert sorted(calls) == [0, 1]
     for arguments in calls.values():
         jsonschema.validate(json.loads(arguments), WEATHER)
+
+
+def test_fifty_sampled_schema_requests_across_adapters_validate_with_openai_and_lorax_clients(
+    client: openai.OpenAI, server: LiveServingServer
+) -> None:
+    """Sent together, so the engine decodes them in mixed batches: constrained rows of several adapters
+    and the base model, at temperature 1 (sampling explores what the grammar allows)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lorax import Client
+
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "item", "schema": ITEM, "strict": True}}
+    models = ["", "acme/1", "acme/2"]
+
+    def ask(i: int) -> str:
+        reply = client.chat.completions.create(
+            model=models[i % 3], messages=[{"role": "user", "content": f"item {i}"}], max_tokens=60,
+            temperature=1.0, seed=i, response_format=fmt,
+        )  # fmt: skip
+        return reply.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(ask, range(50)))
+    for answer in answers:
+        jsonschema.validate(json.loads(answer), ITEM)
+    lorax = Client(server.url, timeout=60)
+    for adapter in (None, "acme/1"):
+        generated = lorax.generate(
+            PROMPT, adapter_id=adapter, max_new_tokens=60, do_sample=True, temperature=1.0, seed=3,
+            response_format={"type": "json_object", "schema": ITEM},
+        )  # fmt: skip
+        jsonschema.validate(json.loads(generated.generated_text), ITEM)
