@@ -133,6 +133,10 @@ class AsyncEngine:
             self._thread.join(timeout=10)
         if self._engine is not None:
             self._engine.adapters.shutdown()
+            if self._thread is None or not self._thread.is_alive():
+                # The KV cache (a GiB by default) goes now, not whenever the last reference to a stopped
+                # engine does: a process that starts engines one after another must not hold them all.
+                self._engine.runner.release_cache()
 
     def preload(self, adapter_ids: list[str], tenant: str | None = None) -> None:
         for adapter_id in adapter_ids:

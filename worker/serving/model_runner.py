@@ -205,6 +205,11 @@ class ModelRunner:
             )
         return KVCache(shape, num_blocks, self.device)
 
+    def release_cache(self) -> None:
+        """Frees the KV cache's memory; the runner cannot run a step after this (its engine has stopped)."""
+        self.cache.keys.clear()
+        self.cache.values.clear()
+
     # --- the forward pass --------------------------------------------------------------------------
 
     @torch.inference_mode()
