@@ -150,6 +150,10 @@ class Settings(BaseSettings):
     # The most serving replicas of one serving key this control plane runs itself (a deployment's
     # maxReplicas past it is refused); each replica is a whole engine with its own copy of the weights.
     serving_max_replicas: int = Field(default=4, ge=1, le=64)
+    # The KV-cache budget in bytes of each tuneforge-engine serving process this control plane starts
+    # (`tuneforge serve --kv-cache-bytes`); unset, the engine's default (1 GiB). It must hold one
+    # sequence of the model's whole context: a serving process refuses to start otherwise, naming it.
+    serving_kv_cache_bytes: int | None = Field(default=None, ge=1 << 20, le=1 << 42)
     # vLLM as a serving engine: the Python interpreter of an environment where vLLM is installed
     # (`make vllm` makes `.venv-vllm`, since vLLM pins its own torch). Unset: the control plane runs no
     # vLLM process itself and accepts `engine: "vllm"` only where TUNEFORGE_SERVING_URLS names one.

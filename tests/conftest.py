@@ -102,7 +102,13 @@ def stack_settings_factory(tmp_path_factory, request):  # type: ignore[no-untype
         if key in built:
             return built[key]
         data_dir = tmp_path_factory.mktemp(f"tuneforge-{stack}")
-        fields: dict[str, object] = {"data_dir": data_dir, "public_url": ""}
+        # The serving processes a stack's control plane starts live until the session ends: 512 MiB of KV
+        # cache each (smollm2-135m's whole 8192-token context in fp32 needs 360 MiB), not the default GiB.
+        fields: dict[str, object] = {
+            "data_dir": data_dir,
+            "public_url": "",
+            "serving_kv_cache_bytes": 512 << 20,
+        }
         if stack == "postgres_s3":
             s3 = request.getfixturevalue("s3_server")
             bucket = s3.create_bucket()

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+from tuneforge.rules.served_models import TUNEFORGE_ENGINE, engine_of
 
 from app.db.base import utcnow
 from app.errors import ServiceError
@@ -106,6 +107,8 @@ def spawn(settings: Settings, key: str, index: int, port: int) -> tuple[subproce
         sys.executable, "-m", "tuneforge.cli", "serve", "--base-model", key,
         "--host", "127.0.0.1", "--port", str(port), "--parent-pid", str(os.getpid()),
     ]  # fmt: skip
+    if settings.serving_kv_cache_bytes is not None and engine_of(key) == TUNEFORGE_ENGINE:
+        command += ["--kv-cache-bytes", str(settings.serving_kv_cache_bytes)]
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             command,

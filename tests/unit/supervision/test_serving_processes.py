@@ -31,3 +31,25 @@ def test_a_serving_process_builds_the_same_settings_from_its_environment(
     for key, value in settings_environment(parent).items():
         monkeypatch.setenv(key, value)
     assert Settings() == parent
+
+
+def test_the_kv_cache_budget_reaches_tuneforge_engine_processes_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    from app.supervision import serving_replicas
+
+    commands: list[list[str]] = []
+
+    class Recorded:
+        def __init__(self, command: list[str], **_: object) -> None:
+            commands.append(command)
+
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
+    sized = Settings(data_dir=tmp_path, serving_kv_cache_bytes=256 << 20)
+    serving_replicas.spawn(sized, "tiny-random-llama", 0, 9000)
+    serving_replicas.spawn(sized, "vllm:tiny-random-llama", 0, 9001)  # vLLM has its own knob
+    serving_replicas.spawn(Settings(data_dir=tmp_path), "tiny-random-llama", 1, 9002)
+    assert commands[0][commands[0].index("--kv-cache-bytes") + 1] == str(256 << 20)
+    assert "--kv-cache-bytes" not in commands[1] and "--kv-cache-bytes" not in commands[2]
