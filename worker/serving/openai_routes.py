@@ -334,21 +334,24 @@ def _model_card(name: str, created: int, *, parent: str | None, loaded: bool) ->
 # --- prompts --------------------------------------------------------------------------------------
 
 
-def _prompts(ctx: RequestContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
-    """Each prompt's token ids: a string or a list of token ids is one prompt, a list of strings or of
+def _sent_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts as sent: a string or a list of token ids is one prompt, a list of strings or of
     token-id lists one per item."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        return [_prompt_ids(ctx, item) for item in prompt]  # type: ignore[arg-type]
-    return [_prompt_ids(ctx, prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
+    return [prompt]  # type: ignore[list-item]
+
+
+def _prompts(ctx: RequestContext, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    """Each prompt's token ids, in `_sent_prompts`' order."""
+    return [_prompt_ids(ctx, item) for item in _sent_prompts(prompt)]
 
 
 def _echo_texts(
     tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]], prompts: list[list[int]]
 ) -> list[str]:
     """Each prompt as `echo` returns it (as sent, or for token ids their text), in `_prompts`' order."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        return [echo_text(tokenizer, item, ids) for item, ids in zip(prompt, prompts, strict=True)]  # type: ignore[arg-type]
-    return [echo_text(tokenizer, prompt, prompts[0])]
+    return [echo_text(tokenizer, item, ids) for item, ids in zip(_sent_prompts(prompt), prompts, strict=True)]
 
 
 def _prompt_ids(ctx: RequestContext, prompt: str | list[int]) -> list[int]:
