@@ -32,8 +32,6 @@ from worker.serving.errors import (
     AdapterLoadError,
     EngineError,
     EngineOverloadedError,
-    InvalidParameterError,
-    PromptTooLongError,
     ServingError,
 )
 from worker.serving.forking import check_choices_fit, fork_generators, make_forks
@@ -42,7 +40,7 @@ from worker.serving.kv_cache import BlockManager
 from worker.serving.metrics import ServingMetrics
 from worker.serving.model_runner import ModelRunner
 from worker.serving.outputs import FinishReason, PromptLogprobs, TokenOutput, TopLogprobs
-from worker.serving.params import SamplingParams
+from worker.serving.params import SamplingParams, check_prompt_fits
 from worker.serving.penalties import check_logit_bias_vocabulary
 from worker.serving.request import EngineRequest
 from worker.serving.sampling import make_generator
@@ -192,20 +190,7 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Checks that fail a request before it is queued (the caller gets the 4xx at once)."""
-        if not prompt_token_ids:
-            raise InvalidParameterError("the prompt is empty", field="prompt")
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.runner.vocab_size:
-            raise InvalidParameterError(
-                f"prompt token ids must be in [0, {self.runner.vocab_size})", field="prompt"
-            )
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise PromptTooLongError(
-                f"this model's context is {self.max_model_len} tokens, but the request needs {total} "
-                f"({len(prompt_token_ids)} in the prompt + max_tokens {params.max_tokens}); "
-                "shorten the prompt or lower max_tokens",
-                field="max_tokens" if len(prompt_token_ids) < self.max_model_len else "prompt",
-            )
+        check_prompt_fits(prompt_token_ids, params, self.runner.vocab_size, self.max_model_len)
         check_logit_bias_vocabulary(params, self.runner.vocab_size)
         check_choices_fit(len(prompt_token_ids), params, self.blocks.num_blocks, self.config.max_batch_size)
         if len(self.scheduler.waiting) >= self.config.max_waiting:

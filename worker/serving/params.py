@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from worker.serving.errors import InvalidParameterError
+from worker.serving.errors import InvalidParameterError, PromptTooLongError
 from worker.serving.output_constraint import Constraint
 
 # torch.Generator seeds are 64-bit; vLLM bounds them by torch.iinfo(torch.long) too.
@@ -188,3 +188,22 @@ def _finite(value: float) -> bool:
 def _check(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise InvalidParameterError(f"{field} {message}", field=field)
+
+
+def check_prompt_fits(
+    prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, context: int
+) -> None:
+    """What every engine checks of a tokenized request before queueing it, with the same messages: a
+    non-empty prompt of ids in the vocabulary, and prompt + max_tokens within the model's context."""
+    if not prompt_token_ids:
+        raise InvalidParameterError("the prompt is empty", field="prompt")
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
+        raise InvalidParameterError(f"prompt token ids must be in [0, {vocab_size})", field="prompt")
+    total = len(prompt_token_ids) + params.max_tokens
+    if total > context:
+        raise PromptTooLongError(
+            f"this model's context is {context} tokens, but the request needs {total} "
+            f"({len(prompt_token_ids)} in the prompt + max_tokens {params.max_tokens}); "
+            "shorten the prompt or lower max_tokens",
+            field="max_tokens" if len(prompt_token_ids) < context else "prompt",
+        )

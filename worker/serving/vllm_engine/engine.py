@@ -34,16 +34,14 @@ from worker.serving.detokenizer import IncrementalDetokenizer
 from worker.serving.embedding import EmbeddingResult
 from worker.serving.errors import (
     EngineError,
-    InvalidParameterError,
     NotSupportedError,
-    PromptTooLongError,
     ServingError,
     ShuttingDownError,
 )
 from worker.serving.guided import GrammarCompiler
 from worker.serving.merging import merge
 from worker.serving.outputs import FinishReason, TokenOutput
-from worker.serving.params import SamplingParams
+from worker.serving.params import SamplingParams, check_prompt_fits
 from worker.serving.penalties import check_logit_bias_vocabulary
 from worker.serving.vllm_engine.metrics import VllmMetrics
 from worker.serving.vllm_engine.process import VllmConfig, VllmProcess
@@ -183,18 +181,7 @@ class VllmEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """The checks tuneforge's engine makes before a request is queued, with the same messages."""
-        if not prompt_token_ids:
-            raise InvalidParameterError("the prompt is empty", field="prompt")
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
-            raise InvalidParameterError(f"prompt token ids must be in [0, {self.vocab_size})", field="prompt")
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise PromptTooLongError(
-                f"this model's context is {self.max_model_len} tokens, but the request needs {total} "
-                f"({len(prompt_token_ids)} in the prompt + max_tokens {params.max_tokens}); "
-                "shorten the prompt or lower max_tokens",
-                field="max_tokens" if len(prompt_token_ids) < self.max_model_len else "prompt",
-            )
+        check_prompt_fits(prompt_token_ids, params, self.vocab_size, self.max_model_len)
         check_logit_bias_vocabulary(params, self.vocab_size)
 
     async def generate(
