@@ -16,6 +16,9 @@ which records the config it actually used on the adapter version.
 
 from __future__ import annotations
 
+import ast
+import base64
+import binascii
 import math
 from typing import Any, Literal
 
@@ -85,6 +88,26 @@ MAX_SEED = 2**32 - 1
 MAX_TARGET_MODULES = 512
 MAX_NAME_LENGTH = 512
 
+# The training tasks: next-token SFT and continued pretraining, preference tuning (DPO), reinforcement
+# fine-tuning with reward functions (GRPO), and sequence classification (a LoRA plus a classification head).
+TASKS = ("sft", "continued_pretraining", "dpo", "grpo", "classification")
+TaskType = Literal["sft", "continued_pretraining", "dpo", "grpo", "classification"]
+# Tasks that train next to a frozen reference (DPO's implicit reward, GRPO's KL term): the reference is
+# the base with the adapter switched off, so they take the low-rank adapters only.
+REFERENCE_TASKS = ("dpo", "grpo")
+# `beta` by task: DPO's temperature of the implicit reward (TRL and the DPO paper use 0.1); GRPO's KL
+# coefficient (TRL's GRPO default before 0.19, and Predibase's documented starting point).
+DEFAULT_BETA = {"dpo": 0.1, "grpo": 0.04}
+# GRPO: completions sampled per prompt (a group); advantages are normalised within it.
+DEFAULT_NUM_GENERATIONS = 8
+MAX_NUM_GENERATIONS = 64
+# GRPO completions: bounded so a step's rollouts stay a step's work.
+DEFAULT_COMPLETION_TOKENS = 128
+MAX_COMPLETION_TOKENS = 8192
+MAX_REWARD_FUNCTIONS = 16
+# A reward function's source, base64 as the Predibase SDK sends it (a real one is a few KB).
+MAX_REWARD_SOURCE_CHARS = 64 * 1024
+
 SchedulerType = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 OptimizerType = Literal["adamw_torch", "sgd", "adamw_8bit", "paged_adamw_32bit"]
 
@@ -120,6 +143,97 @@ class OptimizerConfig(BaseModel):
         return value
 
 
+class SamplingParams(BaseModel):
+    """GRPO's rollout sampling (Predibase's `sampling_params`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(default=1.0, gt=0, le=10, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=1, le=1_000_000, description="None: the whole vocabulary.")
+    max_tokens: int = Field(
+        default=DEFAULT_COMPLETION_TOKENS,
+        ge=1,
+        le=MAX_COMPLETION_TOKENS,
+        description="Longest completion sampled per rollout.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        # The Predibase SDK sends every field, unset ones as null: null means the default here.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class RewardFunction(BaseModel):
+    """One reward function: base64 Python source of `def name(prompt, completion, example) -> float`.
+
+    Untrusted code: the worker runs it only inside the reward sandbox (worker/training/reward_sandbox.py).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    encoded_fn: str = Field(
+        alias="encodedFn", min_length=1, max_length=MAX_REWARD_SOURCE_CHARS, description="base64 source."
+    )
+
+    @property
+    def source(self) -> str:
+        return base64.b64decode(self.encoded_fn).decode("utf-8")
+
+    @field_validator("encoded_fn")
+    @classmethod
+    def _one_function(cls, value: str) -> str:
+        try:
+            source = base64.b64decode(value, validate=True).decode("utf-8")
+            tree = ast.parse(source)
+        except (binascii.Error, UnicodeDecodeError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"encodedFn must be base64 of Python source: {exc}") from None
+        functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+        if len(tree.body) != 1 or len(functions) != 1:
+            raise ValueError(
+                "encodedFn must hold exactly one function definition: def name(prompt, completion, example)"
+            )
+        args = functions[0].args
+        if len(args.posonlyargs) + len(args.args) != 3:
+            raise ValueError(
+                f"reward function {functions[0].name!r} must take 3 arguments: prompt, completion, example"
+            )
+        return value
+
+
+class RewardFunctionsRuntime(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    packages: tuple[str, ...] | None = Field(
+        default=None,
+        max_length=64,
+        description="Packages the functions import; each must already be installed on the workers "
+        "(nothing is installed per job).",
+    )
+
+
+class RewardFunctions(BaseModel):
+    """Predibase's `reward_fns`: named reward functions and their runtime."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    runtime: RewardFunctionsRuntime | None = None
+    functions: dict[str, RewardFunction] = Field(default_factory=dict, max_length=MAX_REWARD_FUNCTIONS)
+
+    @field_validator("functions")
+    @classmethod
+    def _names(cls, value: dict[str, RewardFunction]) -> dict[str, RewardFunction]:
+        if not value:
+            raise ValueError("reward_fns.functions must hold at least one reward function")
+        for name in value:
+            if not name.isidentifier() or len(name) > 128:
+                raise ValueError(
+                    f"reward function name {name[:130]!r} must be a Python identifier (at most 128 chars)"
+                )
+        return value
+
+
 class FinetuningConfig(BaseModel):
     """Everything that decides a run's trajectory; a resumed run must be given the same one.
 
@@ -138,8 +252,10 @@ class FinetuningConfig(BaseModel):
         "(llama-3-1-8b-instruct) or an imported model's name; GET /v2/base-models lists what is available.",
     )
     adapter: str = Field(default="lora", description="lora | dora | full | last_layer | turbo_lora | turbo.")
-    task: Literal["sft", "continued_pretraining"] = Field(
-        default="sft", description="sft: learn completions of prompts; continued_pretraining: learn raw text."
+    task: TaskType = Field(
+        default="sft",
+        description="sft: learn completions of prompts; continued_pretraining: learn raw text; dpo: learn "
+        "from preference pairs; grpo: learn from reward functions; classification: a label per text.",
     )
     epochs: int = Field(default=3, ge=1, le=MAX_EPOCHS, description="Passes over the training rows.")
     train_steps: int | None = Field(
@@ -271,6 +387,36 @@ class FinetuningConfig(BaseModel):
         default=42, ge=0, le=MAX_SEED, description="Seeds data order, splits, dropout and initialisation."
     )
 
+    # --- preference and reinforcement tasks (dpo / grpo) --------------------------------------------
+    beta: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        validate_default=True,
+        description="dpo: temperature of the implicit reward (default 0.1); grpo: weight of the KL term to "
+        "the reference (default 0.04). Other tasks: unused.",
+    )
+    label_smoothing: float = Field(
+        default=0.0, ge=0, lt=0.5, description="dpo: assumed share of flipped preference labels (cDPO)."
+    )
+    num_generations: int = Field(
+        default=DEFAULT_NUM_GENERATIONS,
+        ge=2,
+        le=MAX_NUM_GENERATIONS,
+        description="grpo: completions sampled per prompt; advantages are normalised within each group.",
+    )
+    sampling_params: SamplingParams = Field(
+        default_factory=SamplingParams, description="grpo: temperature, top_p, top_k, max_tokens of rollouts."
+    )
+    reward_fns: RewardFunctions | None = Field(
+        default=None,
+        description="grpo: {functions: {name: {encodedFn: base64 source}}, runtime: {packages}}; the "
+        "Predibase SDK's GRPOConfig(reward_fns=[...]) sends this.",
+    )
+    clip_epsilon: float = Field(
+        default=0.2, gt=0, le=1, description="grpo: the policy ratio is clipped to [1 - eps, 1 + eps]."
+    )
+
     # --- speculator heads (turbo_lora / turbo) ------------------------------------------------------
     speculator_architecture: Literal["eagle", "medusa"] = Field(
         default="eagle",
@@ -334,6 +480,18 @@ class FinetuningConfig(BaseModel):
         # A plain "4"/"8" from a CLI `--set` or a YAML file.
         if isinstance(data.get("quantization_bits"), str) and data["quantization_bits"].isdigit():
             data["quantization_bits"] = int(data["quantization_bits"])
+        # The Predibase SDK serialises GRPOConfig.reward_fns by its alias, and leaves unset fields null.
+        if "rewardFns" in data:
+            data.setdefault("reward_fns", data.pop("rewardFns"))
+        for name in ("beta", "num_generations", "sampling_params"):
+            if name in data and data[name] is None:
+                del data[name]
+        if data.get("secrets"):
+            raise ValueError(
+                "secrets: reward functions run in a sandbox without network or credentials, so secrets are "
+                "not passed to them; remove secrets"
+            )
+        data.pop("secrets", None)
         return data
 
     @field_validator("adapter")
@@ -357,6 +515,13 @@ class FinetuningConfig(BaseModel):
     def _heads_in_range(cls, value: int) -> int:
         if not 1 <= value <= MAX_SPECULATOR_HEADS:
             raise ValueError(f"speculator_heads must be between 1 and {MAX_SPECULATOR_HEADS}, got {value}")
+        return value
+
+    @field_validator("beta")
+    @classmethod
+    def _beta_for_the_task(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None:
+            return DEFAULT_BETA.get(info.data.get("task", "sft"))
         return value
 
     @field_validator("learning_rate")
@@ -395,7 +560,7 @@ class FinetuningConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> FinetuningConfig:
-        problems = self._batch_problems() + self._method_problems()
+        problems = self._batch_problems() + self._method_problems() + self._task_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -436,6 +601,33 @@ class FinetuningConfig(BaseModel):
         if self.dtype == "fp16" and self.quantization_bits == 8:
             problems.append("dtype fp16 with quantization_bits 8 is not supported; use dtype auto or bf16")
         return problems + self._device_problems()
+
+    def _task_problems(self) -> list[str]:
+        task = self.task
+        if task in ("sft", "continued_pretraining"):
+            return []
+        problems = []
+        if self.adapter not in ("lora", "dora"):
+            why = (
+                "its reference model is the base with the adapter switched off"
+                if task in REFERENCE_TASKS
+                else "it trains a LoRA beside a classification head"
+            )
+            problems.append(
+                f"adapter: task '{task}' trains adapter 'lora' or 'dora' ({why}), not '{self.adapter}'"
+            )
+        if self.num_devices != 1:
+            problems.append(f"num_devices: task '{task}' trains on one device; set num_devices to 1")
+        if self.rank == "auto" or self.layer_selection_percentage is not None:
+            problems.append(
+                "rank 'auto' and layer_selection_percentage apply to tasks sft and continued_pretraining, "
+                f"not '{task}'"
+            )
+        if task == "grpo" and self.reward_fns is None:
+            problems.append("reward_fns: task 'grpo' needs at least one reward function")
+        if task != "grpo" and self.reward_fns is not None:
+            problems.append(f"reward_fns: only task 'grpo' takes reward functions, not '{task}'")
+        return problems
 
     def _device_problems(self) -> list[str]:
         if self.num_devices == 1:

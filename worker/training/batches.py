@@ -27,6 +27,11 @@ class Batch:
     useful_tokens: int  # real (non-padding) tokens
     target_count: int
 
+    @property
+    def token_count(self) -> int:
+        """Every position through the model, padding included."""
+        return self.input_ids.numel()
+
     def to(self, device: torch.device) -> Batch:
         def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.to(device, non_blocking=True)

@@ -33,11 +33,13 @@ class EvalTracker:
     best_loss: float | None = None
     best_step: int | None = None
     evals_without_improvement: int = 0
+    best_metrics: dict[str, float] | None = None  # the task's metrics at the best evaluation
 
-    def observe(self, step: int, loss: float) -> bool:
+    def observe(self, step: int, loss: float, metrics: dict[str, float] | None = None) -> bool:
         """Record an evaluation; True when it is the best so far."""
         if self.best_loss is None or loss < self.best_loss:
             self.best_loss, self.best_step, self.evals_without_improvement = loss, step, 0
+            self.best_metrics = metrics
             return True
         self.evals_without_improvement += 1
         return False

@@ -14,9 +14,8 @@ from typing import Any, Protocol
 import torch
 from tuneforge.rules.artifacts import TRAINING_SUMMARY
 
-from worker.training import checkpoints, evaluation, feature_cache, objective, speculator_phase
+from worker.training import checkpoints, objective, speculator_phase
 from worker.training.base_models import local_model_dir
-from worker.training.batches import make_batch
 from worker.training.config import TrainingConfig
 from worker.training.data import DataStats
 from worker.training.evaluation import EvalTracker
@@ -24,6 +23,7 @@ from worker.training.preparation import Inputs, Run, build_run
 from worker.training.quality import held_out_answers, held_out_prompts
 from worker.training.runtime import TrainingConfigError, memory_metrics
 from worker.training.speculator_phase import AcceptanceTracker, Budget
+from worker.training.task import LanguageModelingTask, build_features
 from worker.training.token_cache import DataCache
 from worker.training.world import World, micro_batch_rng
 
@@ -94,8 +94,10 @@ class _Progress:
     eval_loss_before: float | None = None
     eval_step: int | None = None  # the step the last evaluation ran at
     eval_loss: float | None = None
+    eval_metrics: dict[str, float] | None = None  # the task's metrics of that evaluation
     early_stopped: bool = False
-    base_exact_match: dict[str, Any] | None = None
+    # The task's held-out metrics before the first step, which the quality report compares against.
+    baseline: dict[str, Any] | None = None
     tracker: EvalTracker = field(default_factory=EvalTracker)
     phase: str = MODEL_PHASE
     published_step: int | None = None  # the model's step whose weights are published (set as it ends)
@@ -216,6 +218,8 @@ def _result(
 ) -> TrainingResult:
     """What the caller learns of the run: a stopped run has no artifact, summary or final eval loss."""
     summary = summary or {}
+    # Only next-token tasks' held-out rows are prompts with reference answers that serving can replay.
+    next_token = isinstance(run.task, LanguageModelingTask)
     return TrainingResult(
         steps=progress.step,
         total_steps=run.total_steps,
@@ -234,21 +238,17 @@ def _result(
         last_checkpoint=last_checkpoint,
         data=run.data.stats,
         model_dir=inputs.model_dir,
-        held_out_prompts=held_out_prompts(run.data.eval),
-        held_out_answers=held_out_answers(run.data.eval, run.config.max_eval_samples),
+        held_out_prompts=held_out_prompts(run.data.eval) if next_token else [],
+        held_out_answers=held_out_answers(run.data.eval, run.config.max_eval_samples) if next_token else [],
         summary=summary,
     )
 
 
 def _fresh_progress(run: Run) -> _Progress:
-    """A run from step 0, with the eval loss and exact match the quality report compares to measured
-    before the first step."""
+    """A run from step 0, with the baseline the quality report compares to measured before the first step."""
     progress = _Progress()
-    progress.eval_loss_before = evaluation.sharded_eval_loss(
-        run.trainable, run.data.eval, run.pad_token_id, run.world
-    )
-    if run.world.is_main:  # generation, for the quality report that only rank 0 writes
-        progress.base_exact_match = evaluation.exact_match(run.trainable, run.data.eval, base=True)
+    progress.baseline = run.task.baseline(run)
+    progress.eval_loss_before = (progress.baseline or {}).get("eval_loss")
     return progress
 
 
@@ -332,7 +332,8 @@ def _run_speculator_phase(
 
 
 def _budget(run: Run) -> Budget:
-    return Budget.of(run.config, bool(held_out_prompts(run.data.eval, 1)))
+    next_token = isinstance(run.task, LanguageModelingTask)
+    return Budget.of(run.config, next_token and bool(held_out_prompts(run.data.eval, 1)))
 
 
 def _observe_acceptance(run: Run, progress: _Progress) -> None:
@@ -369,22 +370,17 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks, tot
     trainable, config = run.trainable, run.config
     if not run.features_built:
         # Inside the step, so its one-off cost counts in train_seconds (this step's tokens/s is low).
-        _build_features(run)
+        build_features(run)
     # Every rank builds every micro-batch (host tensors, cheap): the counts below are the global batch's.
-    batches = [
-        make_batch(micro, run.pad_token_id, packed=config.packing)
-        for micro in run.micro_batches(run.examples_for_step(progress.step))
-    ]
+    batches = run.task.step_batches(run, run.micro_batches(run.examples_for_step(progress.step)))
     # Normalise by the whole step's target count, so each token weighs the same whatever its micro-batch.
     n_targets = max(1, sum(batch.target_count for batch in batches))
     # turbo trains no weight of the model: it stays in eval mode (no LoRA dropout), as it will serve.
     trainable.model.train(trainable.trains_model)
     loss_total = 0.0
     for index in run.world.share(batches):  # this rank's micro-batches; all of them on one device
-        batch = batches[index]
-        features = run.features.features(batch, run.device) if run.features is not None else None
         with micro_batch_rng(run.device, config.seed, progress.step, index), trainable.autocast():
-            loss = objective.loss_sum(trainable, batch.to(run.device), features)
+            loss = run.task.loss_sum(run, batches[index].to(run.device))
             run.scaler.scale(loss / n_targets).backward()
         loss_total += loss.item()
     params = [p for _, p in trainable.named_trainable()]
@@ -400,7 +396,7 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks, tot
     seconds = time.perf_counter() - started
     useful = sum(batch.useful_tokens for batch in batches)
     progress.step += 1
-    progress.tokens_seen += sum(batch.input_ids.numel() for batch in batches)
+    progress.tokens_seen += sum(batch.token_count for batch in batches)
     progress.useful_tokens += useful
     progress.train_seconds += seconds
     progress.train_loss = loss_total / n_targets
@@ -413,38 +409,23 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks, tot
         "tokens_per_second": useful / seconds if seconds > 0 else 0.0,
         "grad_norm": float(grad_norm),
         **memory_metrics(run.device),
+        **run.task.step_metrics(),
     }
     callbacks.on_step(progress.step, total_steps, metrics)
-
-
-def _build_features(run: Run) -> None:
-    """The speculator's cached base-model features, when its method uses them (once per run)."""
-    run.features_built = True
-    visits = run.phase_steps * run.config.batch_size
-    run.features = feature_cache.build(run.trainable, run.data.train, run.pad_token_id, visits=visits)
-    if run.features is not None:
-        run.trainable.details["speculator_feature_cache"] = run.features.details()
 
 
 def _record_eval(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -> None:
     """Evaluate at this step (once), track the best weights, and decide about early stopping."""
     if progress.eval_step == progress.step:
         return
-    progress.eval_step, progress.eval_loss = (
-        progress.step,
-        evaluation.sharded_eval_loss(run.trainable, run.data.eval, run.pad_token_id, run.world),
-    )
-    if progress.eval_loss is None:
+    metrics = run.task.evaluate(run)
+    progress.eval_step, progress.eval_metrics = progress.step, metrics
+    progress.eval_loss = metrics["eval_loss"] if metrics else None
+    if progress.eval_loss is None or metrics is None:
         return
-    callbacks.on_eval(
-        progress.step,
-        {
-            "eval_loss": progress.eval_loss,
-            "eval_perplexity": evaluation.perplexity(progress.eval_loss) or 0.0,
-        },
-    )
+    callbacks.on_eval(progress.step, metrics)
     config = run.config
-    if progress.tracker.observe(progress.step, progress.eval_loss):
+    if progress.tracker.observe(progress.step, progress.eval_loss, metrics):
         # The best weights so far; kept only if they may be published instead of the last ones.
         run.best_state = run.trainable.trainable_state() if config.load_best_at_end else None
     elif config.enable_early_stopping and progress.tracker.out_of_patience(config.early_stopping_patience):
@@ -464,19 +445,14 @@ def _settle_model(run: Run, progress: _Progress, callbacks: TrainingCallbacks) -
     ):
         run.trainable.load_trainable_state(run.best_state)
         progress.published_step, progress.eval_loss = tracker.best_step or progress.step, tracker.best_loss
+        progress.eval_metrics = tracker.best_metrics
     run.best_state = None  # a speculator phase keeps its own best (the heads alone)
 
 
 def _finish(run: Run, progress: _Progress, budget: Budget) -> dict[str, Any]:
     """Quality report and the speculator's judgement of the published weights: the training summary."""
     published_step = progress.published_step
-    adapter_match = evaluation.exact_match(run.trainable, run.data.eval, base=False)
-    quality = evaluation.report(
-        progress.base_exact_match,
-        adapter_match,
-        eval_loss_base=progress.eval_loss_before,
-        eval_loss_adapter=progress.eval_loss,
-    )
+    quality = run.task.quality_report(run, progress.baseline, progress.eval_metrics)
     trainable = run.trainable
     return {
         "format": SUMMARY_FORMAT,
@@ -578,6 +554,9 @@ def _check_same_trajectory(config: TrainingConfig, saved: dict[str, Any], path: 
 def _restore(run: Run, path: Path, state: checkpoints.TrainerState) -> _Progress:
     run.trainable.load_saved(path)
     raw = dict(state.progress)
+    if "base_exact_match" in raw:  # a checkpoint from before tasks kept only the exact match
+        exact_match = raw.pop("base_exact_match")
+        raw["baseline"] = {"eval_loss": raw.get("eval_loss_before"), "exact_match": exact_match}
     tracker = EvalTracker(**raw.pop("tracker"))
     # A checkpoint written before the speculator phase existed has no tracker for it.
     heads = AcceptanceTracker(**raw.pop("speculator", {}))

@@ -18,11 +18,12 @@ from tuneforge.rules.artifacts import ADAPTER_CONFIG, SPECULATOR_WEIGHTS
 
 from worker.training import autoconfig, methods, optim, token_cache
 from worker.training.config import TrainingConfig
-from worker.training.data import Example, PreparedData, prepare_data
+from worker.training.data import Example, PreparedData
 from worker.training.draft_replay import HeldOutText
 from worker.training.feature_cache import FeatureCache
 from worker.training.methods import TrainableModel
 from worker.training.runtime import Runtime, TrainingConfigError, resolve_runtime
+from worker.training.task import LanguageModelingTask, TrainingTask, task_for
 from worker.training.world import World
 
 # Longer contexts than this rarely help fine-tuning and cost memory quadratically in attention.
@@ -34,11 +35,12 @@ class Run:
     """One run's model, optimiser and data, ready to step."""
 
     config: TrainingConfig  # with every default resolved: what the run actually uses
+    task: TrainingTask  # what a step minimises and how the model is judged (worker/training/task.py)
     trainable: TrainableModel
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    data: PreparedData
+    data: PreparedData  # train/eval hold the task's examples (`Example` for next-token tasks)
     pad_token_id: int
     steps_per_epoch: int
     total_steps: int
@@ -57,7 +59,7 @@ class Run:
     def device(self) -> torch.device:
         return self.trainable.runtime.device
 
-    def examples_for_step(self, step: int) -> list[Example]:
+    def examples_for_step(self, step: int) -> list[Any]:
         """Step -> rows is a pure function of (seed, step): resuming needs only the step number."""
         epoch, position = divmod(step, self.steps_per_epoch)
         generator = torch.Generator().manual_seed(self.config.seed + epoch)
@@ -65,7 +67,7 @@ class Run:
         size = self.config.batch_size
         return [self.data.train[i] for i in order[position * size : (position + 1) * size]]
 
-    def micro_batches(self, examples: Sequence[Example]) -> list[Sequence[Example]]:
+    def micro_batches(self, examples: Sequence[Any]) -> list[Sequence[Any]]:
         size = self.config.micro_batch_size
         return [examples[i : i + size] for i in range(0, len(examples), size)]
 
@@ -108,8 +110,14 @@ def load_data(
     tokenizer: PreTrainedTokenizerBase,
     config: TrainingConfig,
     inputs: Inputs,
+    task: TrainingTask,
 ) -> PreparedData:
-    """The tokenised split: from the cache when an earlier run stored it, else tokenised now."""
+    """The tokenised split: from the cache when an earlier run stored it, else tokenised now.
+
+    Only next-token tasks' examples are cached (the cache's format holds `Example`s).
+    """
+    if not isinstance(task, LanguageModelingTask):
+        return task.prepare(rows, tokenizer, config)
     cache, fingerprint = inputs.data_cache, inputs.dataset_fingerprint
     key = token_cache.cache_key(fingerprint, inputs.model_dir, config) if cache and fingerprint else None
     if cache is not None and key is not None:
@@ -119,7 +127,7 @@ def load_data(
                 return token_cache.decode(blob)
             except (ValueError, KeyError):
                 pass  # an entry of another format: tokenise again and overwrite it
-    data = prepare_data(rows, tokenizer, config)
+    data = task.prepare(rows, tokenizer, config)
     if cache is not None and key is not None:
         cache.put(key, token_cache.encode(data))
     return data
@@ -131,7 +139,8 @@ def build_run(config: TrainingConfig, rows: Sequence[Mapping[str, Any]], inputs:
     requested = config.trajectory_fields()
     config = resolve_config(config, inputs.model_dir, runtime)
     tokenizer = AutoTokenizer.from_pretrained(inputs.model_dir, trust_remote_code=inputs.trust_remote_code)
-    data = load_data(rows, tokenizer, config, inputs)
+    task = task_for(config, inputs)
+    data = load_data(rows, tokenizer, config, inputs, task)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     init_adapter, weights_dir = _parent(config, inputs)
     base = methods.load_base(weights_dir, config, runtime, trust_remote_code=inputs.trust_remote_code)
@@ -165,6 +174,7 @@ def build_run(config: TrainingConfig, rows: Sequence[Mapping[str, Any]], inputs:
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype_name == "fp16")
     return Run(
         config,
+        task,
         trainable,
         optimizer,
         scheduler,

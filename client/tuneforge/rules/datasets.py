@@ -1,4 +1,5 @@
-"""Dataset kinds (which columns a row trains on) and the `split` column's names and spellings."""
+"""Dataset kinds (which columns a row trains on), which kinds each training task takes, and the `split`
+column's names and spellings."""
 
 from __future__ import annotations
 
@@ -6,24 +7,70 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Literal
 
-DatasetKind = Literal["prompt_completion", "messages", "text"]
+DatasetKind = Literal["prompt_completion", "messages", "text", "preference", "classification", "prompt"]
 
 PROMPT_COLUMN, COMPLETION_COLUMN = "prompt", "completion"
 MESSAGES_COLUMN, TEXT_COLUMN = "messages", "text"
 SPLIT_COLUMN = "split"
+# Preference pairs (DPO): a prompt (`prompt` text or `messages` turns) with a better and a worse answer.
+CHOSEN_COLUMN, REJECTED_COLUMN = "chosen", "rejected"
+# OpenAI's DPO JSONL: `input` {messages: [...]} with `preferred_output` / `non_preferred_output`, each a
+# list of assistant messages.
+OPENAI_INPUT_COLUMN = "input"
+OPENAI_PREFERRED_COLUMN, OPENAI_NON_PREFERRED_COLUMN = "preferred_output", "non_preferred_output"
+# Classification: a text and its label (a string or an integer class).
+LABEL_COLUMN = "label"
+
+# The kinds each training task accepts. DPO learns from preference pairs only; GRPO needs prompts (the
+# rest of the row reaches the reward functions as `example`); classification needs text + label.
+TASK_DATASET_KINDS: dict[str, tuple[DatasetKind, ...]] = {
+    "sft": ("prompt_completion", "messages", "text"),
+    "continued_pretraining": ("prompt_completion", "messages", "text", "classification"),
+    "dpo": ("preference",),
+    "grpo": ("prompt", "prompt_completion", "messages"),
+    "classification": ("classification",),
+}
 
 
 def kind_of_columns(columns: Iterable[str]) -> DatasetKind | None:
-    """The kind the columns make, in this precedence: prompt + completion (instruction tuning), then
-    messages (chat), then text (continued pretraining); None when none of them is there."""
+    """The kind the columns make, in this precedence: preference pairs (chosen + rejected beside a
+    prompt or messages, or OpenAI's input + preferred_output + non_preferred_output), prompt + completion
+    (instruction tuning), messages (chat), text + label (classification), text (continued pretraining),
+    then a prompt alone (prompts for GRPO); None when none of them is there."""
     present = set(columns)
+    if {CHOSEN_COLUMN, REJECTED_COLUMN} <= present and present & {PROMPT_COLUMN, MESSAGES_COLUMN}:
+        return "preference"
+    if {OPENAI_INPUT_COLUMN, OPENAI_PREFERRED_COLUMN, OPENAI_NON_PREFERRED_COLUMN} <= present:
+        return "preference"
     if {PROMPT_COLUMN, COMPLETION_COLUMN} <= present:
         return "prompt_completion"
     if MESSAGES_COLUMN in present:
         return "messages"
+    if {TEXT_COLUMN, LABEL_COLUMN} <= present:
+        return "classification"
     if TEXT_COLUMN in present:
         return "text"
+    if PROMPT_COLUMN in present:
+        return "prompt"
     return None
+
+
+def task_takes_kind(task: str, kind: str) -> bool:
+    """Whether a job of `task` can train on a dataset of `kind`."""
+    return kind in TASK_DATASET_KINDS.get(task, ())
+
+
+def kinds_for_task_message(task: str) -> str:
+    """The columns a `task` job needs, for an error message."""
+    needs = {
+        "sft": "'prompt' + 'completion', 'messages', or 'text'",
+        "continued_pretraining": "'text' (or prompt/completion or messages rows, learned whole)",
+        "dpo": "'prompt' (or 'messages') + 'chosen' + 'rejected', or OpenAI's 'input' + 'preferred_output' "
+        "+ 'non_preferred_output'",
+        "grpo": "'prompt' (other columns reach the reward functions), or 'messages'",
+        "classification": "'text' + 'label'",
+    }
+    return needs.get(task, "a known task")
 
 
 class Split(StrEnum):
