@@ -15,7 +15,7 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
-from tuneforge.rules.metrics import EVAL_STEP_FIELDS, TRAIN_STEP_FIELDS, step_values
+from tuneforge.rules.metrics import EVAL_STEP_FIELDS, TRAIN_STEP_FIELDS, step_values, task_values
 
 from app.context import AppContext
 from app.db import Dataset, FinetuningJob, JobStatus
@@ -327,6 +327,7 @@ class _JobCallbacks(NoCallbacks):
             self._session,
             self._job,
             step,
+            task_metrics=task_values(metrics),
             # The training library counts `tokens` as tokens_seen (its summary's name too).
             **step_values(metrics | {"tokens": metrics.get("tokens_seen")}, TRAIN_STEP_FIELDS),
         )
@@ -337,6 +338,7 @@ class _JobCallbacks(NoCallbacks):
             self._session,
             self._job,
             step,
+            task_metrics=task_values(metrics),
             **step_values(metrics, EVAL_STEP_FIELDS),
         )
         self._session.commit()

@@ -117,6 +117,8 @@ class JobMetric(Base):
     peak_rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
     cuda_allocated_bytes: Mapped[int | None] = mapped_column(BigInteger)
     gpu_utilization: Mapped[float | None] = mapped_column(Float)  # percent, where the driver reports it
+    # The task's own metrics of the step (tuneforge.rules.metrics.task_values): rewards, accuracies, KL.
+    task_metrics: Mapped[dict[str, float] | None] = mapped_column(JSON)
     # The delivery that last wrote the row: after a restart, steps past the checkpoint show the new one.
     attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

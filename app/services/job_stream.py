@@ -17,6 +17,7 @@ from typing import Any
 
 from anyio import CapacityLimiter, to_thread
 from sqlalchemy import select
+from tuneforge.rules.metrics import PREDIBASE_ACCURACY_KEYS, grpo_rewards
 
 from app.context import AppContext
 from app.db import FinetuningJob, JobMetric
@@ -81,6 +82,7 @@ def _read(ctx: AppContext, job_id: int, from_step: int) -> _Snapshot:
                     "tokens": r.tokens,
                     "tokens_per_second": _finite(r.tokens_per_second),
                     "checkpoint_number": r.checkpoint_number,
+                    "task_metrics": r.task_metrics or None,
                 }
                 for r in rows
             ],
@@ -107,6 +109,7 @@ def frame(
             "total_tokens_used": row.get("tokens"),
             # Not in Predibase's frame (its SDK ignores unknown keys); the thin client's bar shows it.
             "tokens_per_second": row.get("tokens_per_second"),
+            **_task_frame_fields(row.get("task_metrics")),
         },
         "meta": {
             "is_completed": completed,
@@ -118,6 +121,21 @@ def frame(
             "total_steps": snapshot.total_steps or 0,
         },
     }
+
+
+def _task_frame_fields(task_metrics: dict[str, float] | None) -> dict[str, Any]:
+    """A task's metrics in the frame: grpo's rewards and classification's accuracies under the keys the
+    Predibase SDK's progress tables read, and all of them under `task_metrics`."""
+    if not task_metrics:
+        return {}
+    fields: dict[str, Any] = {"task_metrics": task_metrics}
+    rewards = grpo_rewards(task_metrics)
+    if rewards is not None:
+        fields["grpo_train_rewards"] = rewards
+    for name, key in PREDIBASE_ACCURACY_KEYS.items():
+        if name in task_metrics:
+            fields[key] = task_metrics[name]
+    return fields
 
 
 def for_predibase_sdk(body: dict[str, Any]) -> dict[str, Any]:

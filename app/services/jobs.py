@@ -263,15 +263,29 @@ def orphaned(session: Session, lease_cutoff: datetime) -> list[FinetuningJob]:
     return list(session.scalars(query).unique())
 
 
-def record_metric(session: Session, job: FinetuningJob, step: int, **values: float | int | None) -> JobMetric:
+def record_metric(
+    session: Session,
+    job: FinetuningJob,
+    step: int,
+    *,
+    task_metrics: dict[str, float] | None = None,
+    **values: float | int | None,
+) -> JobMetric:
     """Store the step's metrics; a re-report of the step (after a restart) updates its row.
 
-    Only the given, non-None fields are written, so an eval report merges with the train report.
+    Only the given, non-None fields are written, so an eval report merges with the train report; the
+    task metrics merge key by key the same way.
     """
     unknown = set(values) - METRIC_FIELDS
     if unknown:
         raise TypeError(f"unknown metric fields: {sorted(unknown)}")
-    given = {k: v for k, v in values.items() if v is not None} | {"attempt": max(job.attempt, 1)}
+    given: dict[str, Any] = {k: v for k, v in values.items() if v is not None}
+    given["attempt"] = max(job.attempt, 1)
+    if task_metrics:
+        existing = session.scalar(
+            select(JobMetric.task_metrics).where(JobMetric.job_id == job.id, JobMetric.step == step)
+        )
+        given["task_metrics"] = (existing or {}) | task_metrics
     row = _upsert(session, JobMetric, job, step, given)
     job.steps_done = step
     session.flush()

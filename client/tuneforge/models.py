@@ -239,6 +239,8 @@ class JobMetric(WireModel):
     peak_rss_bytes: int | None = None
     cuda_allocated_bytes: int | None = None
     gpu_utilization: float | None = None
+    # The task's own metrics (dpo reward accuracy, grpo rewards per function and KL, classification accuracy).
+    task_metrics: dict[str, float] | None = None
 
 
 class _FrameModel(BaseModel):
