@@ -168,7 +168,7 @@ def test_should_stop_stops_within_one_step_and_writes_a_checkpoint(tiny_cache: P
         ({"adapter": "qlora"}, "adapter", "quantization_bits 4"),
         ({"adapter": "nonsense"}, "adapter", "use one of lora, dora, full, last_layer"),
         ({"rank": 0}, "rank", "between 1 and 1024 or 'auto'"),
-        ({"task": "dpo"}, "task", "sft"),
+        ({"task": "rlhf"}, "task", "sft"),
         ({"target_modules": []}, "target_modules", "at least one"),
         ({"learning_rate": 0}, "learning_rate", "greater than 0"),
         ({"epochs": 0}, "epochs", "greater than or equal to 1"),
