@@ -147,7 +147,7 @@ def test_examples_travel_as_json_with_other_values_as_text() -> None:
         scores = box.score(["p"], ["c"], [{"when": datetime.date(2026, 1, 2)}])
         assert scores.values["reads"] == [10.0]
         with pytest.raises(ValueError, match=r"examples\[1\] cannot be passed to a reward function as JSON"):
-            box.score(["p", "p"], ["c", "c"], [{}, {(1, 2): "tuple key"}])
+            box.score(["p", "p"], ["c", "c"], [{}, {(1, 2): "tuple key"}])  # type: ignore[dict-item]
 
 
 @pytest.mark.parametrize(
