@@ -40,7 +40,8 @@ class Dataset(Timestamped, Base):
     blob_key: Mapped[str] = mapped_column(String(512), unique=True)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     sha256: Mapped[str | None] = mapped_column(String(64))
-    # What validation found: prompt_completion | messages | text, and its evidence.
+    # What validation found: a tuneforge.rules.datasets.DatasetKind (prompt_completion, messages, text,
+    # preference, classification, prompt), and its evidence.
     format: Mapped[str | None] = mapped_column(String(32))
     row_count: Mapped[int | None] = mapped_column(BigInteger)
     columns: Mapped[list[str] | None] = mapped_column(JSON)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from tuneforge.config import FinetuningConfig
 from tuneforge.config_errors import config_errors
 from tuneforge.rules.base_models import EAGLE_MODEL_TYPES
-from tuneforge.rules.datasets import Split
+from tuneforge.rules.datasets import TASK_DATASET_KINDS, Split, kinds_for_task_message, task_takes_kind
 
 from app.context import AppContext
 from app.db import AdapterVersion, Dataset, DatasetStatus, FinetuningJob, JobEventKind, User, VersionSource
@@ -57,6 +57,7 @@ def create_job(
     config = validate_params(continuation.params(parent, params) if parent is not None else params)
     base_model, found = _base_model(ctx, session, config)
     dataset = _connected_dataset(session, user, dataset_ref)
+    _require_task_fits(config, dataset)
     repo = repos.get(session, user, repo_ref)
     _require_quotas(ctx, session, user)
     placed = placement.place(ctx.settings, config, base_model, found.config)
@@ -168,6 +169,32 @@ def _connected_dataset(session: Session, user: User, ref: str) -> Dataset:
         reason = dataset.last_error or "its validation has not finished yet; try again in a moment"
         raise InvalidInputError(f"dataset: {dataset.name!r} is {dataset.status}, not connected: {reason}")
     return dataset
+
+
+# What a dataset of each kind is, in words a refusal can use.
+_KIND_NAMES = {
+    "prompt_completion": "prompt + completion dataset",
+    "messages": "chat ('messages') dataset",
+    "text": "text dataset",
+    "preference": "preference-pair dataset",
+    "classification": "classification (text + label) dataset",
+    "prompt": "prompts-only dataset (a 'prompt' column and no 'completion')",
+}
+
+
+def _require_task_fits(config: FinetuningConfig, dataset: Dataset) -> None:
+    """A 422 for a task that cannot train on the dataset's kind, saying what the task needs: found here,
+    not minutes later on a worker."""
+    task, kind = config.task, dataset.format
+    if kind is None or task_takes_kind(task, kind):
+        return
+    takers = [f"'{other}'" for other, kinds in TASK_DATASET_KINDS.items() if kind in kinds]
+    instead = f", or set params.task to {' or '.join(takers)} to train on this one" if takers else ""
+    raise InvalidInputError(
+        f"params.task: a '{task}' job cannot train on dataset {dataset.name!r}, a "
+        f"{_KIND_NAMES.get(kind, repr(kind) + ' dataset')}; task '{task}' needs "
+        f"{kinds_for_task_message(task)}. Use a dataset with those columns{instead}"
+    )
 
 
 def _planned_steps(config: FinetuningConfig, dataset: Dataset) -> int | None:

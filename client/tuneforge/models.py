@@ -35,7 +35,8 @@ class Dataset(WireModel):
     """An uploaded dataset and what validation found in it.
 
     `status` is `validating`, `connected` (ready to train on) or `errored` (`last_error` says why).
-    `format` is the training format detected: `prompt_completion`, `messages` or `text`.
+    `format` is the dataset kind detected (tuneforge.rules.datasets.DatasetKind): `prompt_completion`,
+    `messages` or `text` (SFT), `preference` (DPO), `classification` or `prompt` (GRPO).
     """
 
     uuid: str

@@ -187,7 +187,7 @@ def test_a_dataset_shows_its_rows_first_rows_and_length_histogram(dashboard: Das
 
 
 def test_an_invalid_dataset_shows_its_validation_error(dashboard: Dashboard) -> None:
-    assert _upload_dataset(dashboard.api, "broken", [{"prompt": "only a prompt"}])["status"] == "errored"
+    assert _upload_dataset(dashboard.api, "broken", [{"completion": "no prompt"}])["status"] == "errored"
     page = dashboard.open("datasets/broken")
     error = page.wait_for_selector("#validation-error")
     assert "completion" in error.inner_text()

@@ -5,7 +5,10 @@ A live server over real sockets (uvicorn), with a real validate worker beside it
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
 import secrets
 import socket
 import threading
@@ -132,3 +135,44 @@ def test_a_put_after_finish_does_not_change_the_dataset(api: httpx.Client, decla
     assert (after["sha256"], after["rowCount"]) == (hashlib.sha256(ROWS).hexdigest(), before["rowCount"])
     link = api.get(f"/v2/datasets/{after['uuid']}/download-link").json()["url"]
     assert httpx.get(link).content == ROWS
+
+
+def _upload(api: httpx.Client, name: str, file_name: str, data: bytes) -> dict[str, Any]:
+    begun = _begin(api, file_name)
+    httpx.put(begun["presignedUrl"], content=data, timeout=60).raise_for_status()
+    assert _finish(api, name, begun["uploadToken"]).status_code == 200
+    return _wait(api, name)
+
+
+def test_a_classification_file_of_a_distinct_label_per_row_is_refused_at_the_label_bound(
+    api: httpx.Client,
+) -> None:
+    # 200k rows, each its own class: the validator stops at the bound instead of tallying them all.
+    data = b"".join(b'{"text": "t", "label": "class-%d"}\n' % n for n in range(200_000))
+    body = _upload(api, "labels", "labels.jsonl", data)
+    assert body["status"] == "errored", body
+    assert "line 1001: label 'class-1000' is past the 1000 distinct labels" in body["lastError"]
+    assert api.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("file_name", ["deep.jsonl", "deep.csv"])
+def test_a_preference_row_whose_input_nests_without_end_ends_errored(
+    api: httpx.Client, file_name: str
+) -> None:
+    # 50k levels: past Python's recursion limit, and under the CSV reader's cell bound (a CSV cell's JSON
+    # is parsed by the row check, a JSONL line's by the reader).
+    row = {
+        "input": '{"messages": ' + "[" * 50_000 + "]" * 50_000 + "}",
+        "preferred_output": '[{"role": "assistant", "content": "a"}]',
+        "non_preferred_output": "[]",
+    }
+    if file_name.endswith(".csv"):
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows([list(row), list(row.values())])
+        data = out.getvalue()
+    else:
+        data = "{" + ", ".join(f"{json.dumps(key)}: {value}" for key, value in row.items()) + "}\n"
+    body = _upload(api, "deep", file_name, data.encode())
+    assert body["status"] == "errored", body
+    assert "nested more than 64 levels deep" in body["lastError"], body["lastError"]
+    assert api.get("/healthz").status_code == 200

@@ -14,6 +14,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import PurePosixPath
 from typing import IO, Any
 
+from tuneforge.rules.datasets import DatasetKind
+
+from app.services.dataset_files.checker import DatasetProfile, RowChecker
 from app.services.dataset_files.readers import (
     READERS,
     UTF8_BOM,
@@ -26,10 +29,7 @@ from app.services.dataset_files.rows import (
     MAX_ROW_BYTES,
     MESSAGE_ROLES,
     DatasetFormatError,
-    DatasetKind,
-    DatasetProfile,
     FileFormat,
-    RowChecker,
     parse_messages,
 )
 

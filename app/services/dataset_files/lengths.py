@@ -13,6 +13,19 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from tuneforge.rules.datasets import (
+    CHOSEN_COLUMN,
+    COMPLETION_COLUMN,
+    MESSAGES_COLUMN,
+    OPENAI_INPUT_COLUMN,
+    OPENAI_NON_PREFERRED_COLUMN,
+    OPENAI_PREFERRED_COLUMN,
+    PROMPT_COLUMN,
+    REJECTED_COLUMN,
+    TEXT_COLUMN,
+    kind_of_columns,
+)
+
 from app.context import AppContext
 from app.db import Dataset, DatasetStatus
 from app.errors import ConflictError
@@ -43,16 +56,55 @@ class LengthSummary:
     tokenizer: str = TOKENIZER
 
 
-def row_text(row: dict[str, Any]) -> str:
-    """What a row trains on, as one string: prompt + completion, every message's content, or text."""
-    if "messages" in row:
-        messages = row["messages"]
-        if isinstance(messages, str):
-            messages = json.loads(messages)
-        return "\n".join(str(m.get("content") or "") for m in messages if isinstance(m, dict))
-    if "prompt" in row:
-        return f"{row.get('prompt') or ''}\n{row.get('completion') or ''}"
-    return str(row.get("text") or "")
+def row_text(row: dict[str, Any], kind: str | None = None) -> str:
+    """What a row trains on, as one string: prompt + completion, every message's content, text, a
+    preference pair's prompt + its longer answer (the longer of the pair's two sequences), or a prompt.
+
+    `kind` is the dataset's (a row of a JSONL file may lack some of its columns); else the row's own.
+    """
+    kind = kind or kind_of_columns(row)
+    if kind == "preference":
+        if OPENAI_INPUT_COLUMN in row:
+            given = _nested(row.get(OPENAI_INPUT_COLUMN))
+            prompt = _contents(given.get("messages") if isinstance(given, dict) else None)
+            answers = [
+                _contents(row.get(OPENAI_PREFERRED_COLUMN)),
+                _contents(row.get(OPENAI_NON_PREFERRED_COLUMN)),
+            ]
+        else:
+            prompt = (
+                _contents(row.get(MESSAGES_COLUMN)) if row.get(MESSAGES_COLUMN) else _text(row, PROMPT_COLUMN)
+            )
+            answers = [_answer(row.get(CHOSEN_COLUMN)), _answer(row.get(REJECTED_COLUMN))]
+        return f"{prompt}\n{max(answers, key=len)}"
+    if kind == "messages":
+        return _contents(row.get(MESSAGES_COLUMN))
+    if kind == "prompt_completion":
+        return f"{_text(row, PROMPT_COLUMN)}\n{_text(row, COMPLETION_COLUMN)}"
+    if kind == "prompt":
+        return _text(row, PROMPT_COLUMN)
+    return _text(row, TEXT_COLUMN)
+
+
+def _text(row: dict[str, Any], column: str) -> str:
+    return str(row.get(column) or "")
+
+
+def _nested(value: object) -> object:
+    """A nested value; CSV cells hold it as a JSON string (validation has parsed it once already)."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _contents(messages: object) -> str:
+    turns = _nested(messages)
+    if not isinstance(turns, list):
+        return ""
+    return "\n".join(str(m.get("content") or "") for m in turns if isinstance(m, dict))
+
+
+def _answer(value: object) -> str:
+    """A preference answer: text, or a list of assistant messages."""
+    return value if isinstance(value, str) else _contents(value)
 
 
 def approximate_tokens(text: str) -> int:
@@ -93,7 +145,9 @@ def lengths_of(ctx: AppContext, dataset: Dataset) -> LengthSummary:
     chunks = ctx.store.iter_chunks(dataset.blob_key, expected_sha256=dataset.sha256)
     rows = iter_rows(chunks, dataset.file_name, mime_type=dataset.mime_type)
     try:
-        return summarise([approximate_tokens(row_text(row)) for row in rows])  # one int per row held
+        return summarise(
+            [approximate_tokens(row_text(row, dataset.format)) for row in rows]
+        )  # one int per row held
     except ChecksumMismatchError:
         raise ConflictError(
             f"dataset {dataset.name!r}: the stored file no longer matches the sha256 recorded when it was "

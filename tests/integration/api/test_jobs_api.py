@@ -128,7 +128,7 @@ def test_missing_dataset_repo_and_parent_version_are_4xx_naming_the_field(tenant
 
 
 def test_a_dataset_that_failed_validation_is_refused_with_its_error(tenant) -> None:  # type: ignore[no-untyped-def]
-    assert tenant.upload_dataset("broken", "broken.jsonl", b'{"prompt": "a"}\n')["status"] == "errored"
+    assert tenant.upload_dataset("broken", "broken.jsonl", b'{"completion": "a"}\n')["status"] == "errored"
     tenant.client.post("/v2/repos", json={"name": "numbers"})
     assert_error(_create(tenant, dataset="broken"), 422, "dataset: 'broken' is errored, not connected")
 

@@ -284,9 +284,10 @@ def test_unrecognised_columns_are_listed_with_the_expected_ones() -> None:
     assert "'text' (continued pretraining)" in message
 
 
-def test_prompt_without_completion_names_the_missing_column() -> None:
-    message = error_for(jsonl({"prompt": "a", "answer": "b"}), "d.jsonl")
-    assert "a 'prompt' column but no 'completion' column" in message
+def test_prompt_without_completion_is_a_prompts_dataset_for_grpo() -> None:
+    # Other columns stay: GRPO hands them to the reward functions. An SFT job on it is refused at creation.
+    result = profile(jsonl({"prompt": "a", "answer": "b"}), "d.jsonl")
+    assert (result.format, result.columns) == ("prompt", ["prompt", "answer"])
 
 
 def test_completion_without_prompt_names_the_missing_column() -> None:

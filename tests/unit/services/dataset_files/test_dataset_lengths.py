@@ -32,3 +32,19 @@ def test_summary_bins_cover_every_row_and_the_longest_lands_in_the_last_bin() ->
 
 def test_an_empty_list_summarises_to_no_bins() -> None:
     assert summarise([]).bins == [] and summarise([]).rows == 0
+
+
+def test_row_text_of_the_task_kinds_takes_what_their_rows_train_on() -> None:
+    # A preference pair trains two sequences; the longer one sets the length that matters.
+    assert row_text({"prompt": "Q?", "chosen": "yes", "rejected": "no, never"}) == "Q?\nno, never"
+    turns = [{"role": "user", "content": "hi"}]
+    answer = [{"role": "assistant", "content": "hello there"}]
+    assert row_text({"messages": turns, "chosen": answer, "rejected": "hey"}) == "hi\nhello there"
+    openai = {"input": {"messages": turns}, "preferred_output": answer, "non_preferred_output": []}
+    assert row_text(openai) == "hi\nhello there"
+    as_csv = {key: json.dumps(value) for key, value in openai.items()}
+    assert row_text(as_csv, "preference") == "hi\nhello there"
+    assert row_text({"text": "great film", "label": 1}) == "great film"
+    assert row_text({"prompt": "2+2?", "answer": 4}) == "2+2?"
+    # The dataset's kind decides, not a row of a JSONL file that lacks some of its columns.
+    assert row_text({"prompt": "Q?"}, "prompt_completion") == "Q?\n"
