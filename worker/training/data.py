@@ -8,7 +8,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tuneforge.rules.datasets import SPLIT_COLUMN, DatasetKind, Split, kind_of_columns, split_of
+from tuneforge.rules.datasets import (
+    SPLIT_COLUMN,
+    DatasetKind,
+    Split,
+    kind_of_columns,
+    kinds_for_task_message,
+    split_of,
+)
 
 from worker.training.config import TrainingConfig
 
@@ -54,6 +61,13 @@ def prepare_data(
     if not rows:
         raise TrainingDataError("the dataset has no rows")
     kind = detect_kind(rows[0])
+    if kind == "classification":  # text + label: a next-token task learns the text
+        kind = "text"
+    if kind not in ("prompt_completion", "messages", "text"):
+        raise TrainingDataError(
+            f"task '{config.task}' cannot train on a '{kind}' dataset; "
+            f"it needs {kinds_for_task_message(config.task)}"
+        )
     train_rows, eval_rows = split_rows(rows, config)
     use_template = _use_chat_template(kind, tokenizer, config)
     counts = {"no_targets": 0}

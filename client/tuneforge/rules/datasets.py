@@ -24,7 +24,8 @@ LABEL_COLUMN = "label"
 # The kinds each training task accepts. DPO learns from preference pairs only; GRPO needs prompts (the
 # rest of the row reaches the reward functions as `example`); classification needs text + label.
 TASK_DATASET_KINDS: dict[str, tuple[DatasetKind, ...]] = {
-    "sft": ("prompt_completion", "messages", "text"),
+    # A text + label file is also text: next-token tasks learn its text and leave the label.
+    "sft": ("prompt_completion", "messages", "text", "classification"),
     "continued_pretraining": ("prompt_completion", "messages", "text", "classification"),
     "dpo": ("preference",),
     "grpo": ("prompt", "prompt_completion", "messages"),
