@@ -195,7 +195,8 @@ def _check_task_type(config: Mapping[str, Any]) -> None:
     if not isinstance(saved, list | tuple) or not set(map(str, saved)) <= CLASSIFICATION_HEAD_MODULES:
         raise AdapterRuleError(
             "modules_to_save",
-            f"a {CLASSIFICATION_TASK_TYPE} adapter saves only its head ({sorted(CLASSIFICATION_HEAD_MODULES)})",
+            f"a {CLASSIFICATION_TASK_TYPE} adapter saves only its head "
+            f"({sorted(CLASSIFICATION_HEAD_MODULES)})",
         )
 
 

@@ -46,7 +46,7 @@ def encode_labels(labels: Sequence[str]) -> str:
 
 
 def parse_labels(raw: bytes) -> list[str]:
-    """The labels, in class-index order, of a label file's bytes; ClassifierLabelsError if it breaks a rule."""
+    """The labels, in class-index order, of a label file's bytes; ClassifierLabelsError on a broken rule."""
     if len(raw) > MAX_LABELS_FILE_BYTES:
         raise ClassifierLabelsError(f"{CLASSIFIER_LABELS} is over {MAX_LABELS_FILE_BYTES} bytes")
     try:
@@ -68,7 +68,8 @@ def check_labels(labels: list[Any]) -> None:
     for label in labels:
         if not isinstance(label, str) or label_name(label) != label:
             raise ClassifierLabelsError(
-                f"{CLASSIFIER_LABELS}: labels: {str(label)[:80]!r} is not a label of 1..{MAX_LABEL_CHARS} chars"
+                f"{CLASSIFIER_LABELS}: labels: {str(label)[:80]!r} is not a label of "
+                f"1..{MAX_LABEL_CHARS} characters"
             )
     if len(set(labels)) != len(labels):
         raise ClassifierLabelsError(f"{CLASSIFIER_LABELS}: labels: a label appears twice")

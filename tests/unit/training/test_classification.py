@@ -102,7 +102,7 @@ def test_artifact_is_a_seq_cls_adapter_with_its_labels(trained: tuple[TrainingRe
     assert parse_labels((adapter / CLASSIFIER_LABELS).read_bytes()) == ["no", "yes"]
     with safe_open(str(adapter / ADAPTER_WEIGHTS), "pt") as weights:
         tensors = {name: (weights.get_slice(name).get_dtype(), weights.get_slice(name).get_shape())
-                   for name in weights.keys()}  # fmt: skip
+                   for name in weights.keys()}  # noqa: SIM118  # fmt: skip
     assert tensors["base_model.model.score.weight"][1] == [2, 64]
     # The rules both planes check uploads and loads with accept it (tiny-random-llama: hidden size 64).
     model_config = json.loads((trained[0].model_dir / "config.json").read_text())
