@@ -188,6 +188,11 @@ def is_classifier(config: Mapping[str, Any]) -> bool:
     return config.get("task_type") == CLASSIFICATION_TASK_TYPE
 
 
+def is_head_weight(name: str) -> bool:
+    """Whether a tensor name is a classification adapter's head weight (`...score.weight`)."""
+    return _HEAD_NAME.search(name) is not None
+
+
 def _check_task_type(config: Mapping[str, Any]) -> None:
     saved = config.get("modules_to_save")
     if not is_classifier(config):
@@ -306,7 +311,7 @@ def check_tensors(
     pairs: dict[tuple[int, str], dict[str, int]] = {}
     heads = 0
     for name, (dtype, shape) in tensors.items():
-        if is_classifier(config) and _HEAD_NAME.search(name):
+        if is_classifier(config) and is_head_weight(name):
             if dtype not in FLOAT_DTYPES:
                 raise AdapterRuleError(name, f"dtype {dtype}; weights are {', '.join(sorted(FLOAT_DTYPES))}")
             check_head_shape(name, shape, model_config)

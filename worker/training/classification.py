@@ -152,7 +152,7 @@ class ClassificationTask:
             rows_without_targets=0,
             train_tokens=sum(len(e.input_ids) for e in train),
         )
-        return PreparedData(train, held_out, stats)  # type: ignore[arg-type]
+        return PreparedData(train, held_out, stats, labels=tuple(self.labels))  # type: ignore[arg-type]
 
     def step_batches(self, run: Run, micro_batches: Sequence[Sequence[Any]]) -> list[LabelBatch]:
         return [make_label_batch(micro, run.pad_token_id) for micro in micro_batches]

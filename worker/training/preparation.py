@@ -18,7 +18,6 @@ from tuneforge.rules.artifacts import ADAPTER_CONFIG, CLASSIFIER_LABELS, SPECULA
 from tuneforge.rules.classifier import ClassifierLabelsError, parse_labels
 
 from worker.training import autoconfig, methods, optim, token_cache
-from worker.training.classification import ClassificationTask
 from worker.training.config import TrainingConfig
 from worker.training.data import Example, PreparedData
 from worker.training.draft_replay import HeldOutText
@@ -145,9 +144,9 @@ def build_run(config: TrainingConfig, rows: Sequence[Mapping[str, Any]], inputs:
     data = load_data(rows, tokenizer, config, inputs, task)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     init_adapter, weights_dir = _parent(config, inputs)
-    if isinstance(task, ClassificationTask) and init_adapter is not None:
-        _check_parent_labels(init_adapter, task.labels)
-    labels = task.labels if isinstance(task, ClassificationTask) else None
+    labels = list(data.labels) if data.labels is not None else None
+    if labels is not None and init_adapter is not None:
+        _check_parent_labels(init_adapter, labels)
     base = methods.load_base(
         weights_dir,
         config,
@@ -155,7 +154,7 @@ def build_run(config: TrainingConfig, rows: Sequence[Mapping[str, Any]], inputs:
         trust_remote_code=inputs.trust_remote_code,
         num_labels=len(labels) if labels is not None else None,
     )
-    if labels is not None:  # HF pools each row's last token before the first pad id
+    if labels is not None:  # transformers' own forward finds each row's last token by the pad id
         base.config.pad_token_id = pad or 0
     targets = list(config.target_modules) if config.target_modules else methods.default_targets(base)
     methods.check_targets(base, targets)

@@ -14,6 +14,7 @@ from tuneforge import lora_rules
 from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CLASSIFIER_LABELS
 from tuneforge.rules.classifier import parse_labels
 
+from app.services.adapter_files import checks as adapter_checks
 from worker.training.classification import scores
 from worker.training.data import TrainingDataError
 from worker.training.loop import TrainingResult, train
@@ -108,6 +109,10 @@ def test_artifact_is_a_seq_cls_adapter_with_its_labels(trained: tuple[TrainingRe
     model_config = json.loads((trained[0].model_dir / "config.json").read_text())
     lora_rules.check_config(config)
     lora_rules.check_tensors(tensors, config, model_config=model_config)
+    # The control plane's upload checks (the same rules) accept the files as stored.
+    weights = (adapter / ADAPTER_WEIGHTS).read_bytes()
+    parsed = adapter_checks.parse_config((adapter / ADAPTER_CONFIG).read_bytes(), max_rank=64)
+    adapter_checks.check_weights([weights], len(weights), parsed, model_config=model_config, max_rank=64)
     # No held-out answers for serving to replay: they are next-token prompts.
     assert trained[0].held_out_answers == [] and trained[0].held_out_prompts == []
 
