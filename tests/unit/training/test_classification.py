@@ -8,13 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors import safe_open
-from training_support import Recorder, make_config
+from training_support import Recorder, crash_and_resume, make_config
 from tuneforge import lora_rules
 from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CLASSIFIER_LABELS
 from tuneforge.rules.classifier import parse_labels
 
 from app.services.adapter_files import checks as adapter_checks
+from worker.artifact_checks import add_to_summary
 from worker.training.classification import scores
 from worker.training.data import TrainingDataError
 from worker.training.loop import TrainingResult, train
@@ -113,8 +115,21 @@ def test_artifact_is_a_seq_cls_adapter_with_its_labels(trained: tuple[TrainingRe
     weights = (adapter / ADAPTER_WEIGHTS).read_bytes()
     parsed = adapter_checks.parse_config((adapter / ADAPTER_CONFIG).read_bytes(), max_rank=64)
     adapter_checks.check_weights([weights], len(weights), parsed, model_config=model_config, max_rank=64)
-    # No held-out answers for serving to replay: they are next-token prompts.
+    # No held-out answers for serving to replay (they are next-token prompts): the worker's serving checks
+    # of the artifact leave its report as training wrote it.
     assert trained[0].held_out_answers == [] and trained[0].held_out_prompts == []
+    report = json.loads(json.dumps(trained[0].summary["quality_report"]))
+    add_to_summary(trained[0])
+    assert trained[0].summary["quality_report"] == report
+
+
+def test_a_half_precision_base_trains_the_head_in_fp32(tiny_cache: Path, tmp_path: Path) -> None:
+    result = train(
+        cls_config(train_steps=2, dtype="bf16"), good_rows(16), output_dir=tmp_path, cache_dir=tiny_cache
+    )
+    assert result.adapter_dir is not None
+    with safe_open(str(result.adapter_dir / ADAPTER_WEIGHTS), "pt") as weights:
+        assert weights.get_slice("base_model.model.score.weight").get_dtype() == "F32"
 
 
 def test_integer_labels_are_their_decimal_strings(tiny_cache: Path, tmp_path: Path) -> None:
@@ -152,3 +167,12 @@ def test_scores_match_hand_counts() -> None:
         "support": 2,
     }
     assert result["f1_macro"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_a_crashed_run_resumes_exactly(tiny_cache: Path, tmp_path: Path) -> None:
+    """The head and the LoRA come back from the checkpoint: resumed steps' losses are the straight run's."""
+    config = cls_config(train_steps=4, checkpoint_every_n_steps=2, eval_every_n_steps=4)
+    run = crash_and_resume(config, good_rows(16), tmp_path, tiny_cache, at=2)
+    torch.testing.assert_close(run.resumed.losses(), run.straight.losses()[2:], rtol=1e-5, atol=1e-6)
+    assert run.result.adapter_dir is not None
+    assert parse_labels((run.result.adapter_dir / CLASSIFIER_LABELS).read_bytes()) == ["no", "yes"]
