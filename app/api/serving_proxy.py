@@ -43,6 +43,8 @@ ROUTES = {
     ("POST", "v1/chat/completions"): "/v1/chat/completions",
     ("POST", "v1/embeddings"): "/v1/embeddings",
     ("POST", "embed"): "/embed",
+    ("POST", "classify"): "/classify",
+    ("POST", "classify_batch"): "/classify_batch",
     ("GET", "v1/models"): "/v1/models",
     ("GET", "health"): "/health",
 }
@@ -158,6 +160,8 @@ def adapter_of(body: bytes, target: Target) -> str:
         return "" if model in (target.name, target.base_model) else model
     parameters = data.get("parameters")
     adapter = parameters.get("adapter_id") if isinstance(parameters, dict) else None
+    if adapter is None:  # /classify takes it at the top level too
+        adapter = data.get("adapter_id")
     return adapter if isinstance(adapter, str) else ""
 
 

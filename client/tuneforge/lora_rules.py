@@ -18,7 +18,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from tuneforge.rules.artifacts import ADAPTER_CONFIG
+from tuneforge.rules.artifacts import ADAPTER_CONFIG, CLASSIFIER_LABELS
+from tuneforge.rules.classifier import MAX_LABELS
 
 # The projections of a decoder layer a served LoRA may target, and the block each sits in. Phi3 keeps
 # q/k/v and gate/up fused (`qkv_proj`, `gate_up_proj`); the other served families keep them apart.
@@ -52,6 +53,11 @@ _WEIGHT_NAME = re.compile(
     r"(q_proj|k_proj|v_proj|qkv_proj|o_proj|gate_proj|up_proj|gate_up_proj|down_proj)"
     r"\.lora_([AB])(?:\.default)?\.weight$"
 )
+# A classification adapter's head (peft task_type SEQ_CLS, modules_to_save `score`), as peft saves it:
+# `base_model.model.score.weight`, [labels, hidden].
+_HEAD_NAME = re.compile(r"(?:^|\.)score\.weight$")
+CLASSIFICATION_TASK_TYPE = "SEQ_CLS"
+CLASSIFICATION_HEAD_MODULES = frozenset({"score", "classifier"})  # peft lists both for SEQ_CLS
 # Characters that have a meaning in a regex; in a literal key they must be escaped with a backslash.
 _REGEX_SYNTAX = frozenset("()[]{}?*+|$^\\")
 
@@ -174,6 +180,46 @@ def check_config(config: Mapping[str, Any], *, max_rank: int = DEFAULT_MAX_LORA_
             known = ", ".join(LORA_PROJECTIONS)
             raise AdapterRuleError("target_modules", f"{unknown[:5]} are not projections we serve ({known})")
     check_patterns(config, max_rank=max_rank)
+    _check_task_type(config)
+
+
+def is_classifier(config: Mapping[str, Any]) -> bool:
+    """Whether an adapter config is a classification adapter (a LoRA plus a `score` head)."""
+    return config.get("task_type") == CLASSIFICATION_TASK_TYPE
+
+
+def is_head_weight(name: str) -> bool:
+    """Whether a tensor name is a classification adapter's head weight (`...score.weight`)."""
+    return _HEAD_NAME.search(name) is not None
+
+
+def _check_task_type(config: Mapping[str, Any]) -> None:
+    saved = config.get("modules_to_save")
+    if not is_classifier(config):
+        return
+    if not isinstance(saved, list | tuple) or not set(map(str, saved)) <= CLASSIFICATION_HEAD_MODULES:
+        raise AdapterRuleError(
+            "modules_to_save",
+            f"a {CLASSIFICATION_TASK_TYPE} adapter saves only its head "
+            f"({sorted(CLASSIFICATION_HEAD_MODULES)})",
+        )
+
+
+def check_head_shape(
+    name: str, shape: list[int] | tuple[int, ...], model_config: Mapping[str, Any] | None
+) -> int:
+    """A classification head's weight is [labels, hidden]; returns its label count."""
+    if len(shape) != 2 or any(not isinstance(d, int) or d < 1 for d in shape):
+        raise AdapterRuleError(name, f"shape {list(shape)} is not a 2-d matrix")
+    labels, hidden = shape
+    if not 2 <= labels <= MAX_LABELS:
+        raise AdapterRuleError(name, f"has {labels} labels; a classification head has 2..{MAX_LABELS}")
+    if model_config is not None and hidden != int(model_config["hidden_size"]):
+        raise AdapterRuleError(
+            name,
+            f"shape {list(shape)} does not fit the base model's hidden size {model_config['hidden_size']}",
+        )
+    return int(labels)
 
 
 def projection_shapes(model_config: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
@@ -263,7 +309,14 @@ def check_tensors(
     targets = config.get("target_modules")
     allowed = {str(t) for t in targets} if isinstance(targets, list | tuple) else None
     pairs: dict[tuple[int, str], dict[str, int]] = {}
+    heads = 0
     for name, (dtype, shape) in tensors.items():
+        if is_classifier(config) and is_head_weight(name):
+            if dtype not in FLOAT_DTYPES:
+                raise AdapterRuleError(name, f"dtype {dtype}; weights are {', '.join(sorted(FLOAT_DTYPES))}")
+            check_head_shape(name, shape, model_config)
+            heads += 1
+            continue
         parsed = parse_weight_name(name)
         if parsed is None:
             raise AdapterRuleError(
@@ -285,6 +338,10 @@ def check_tensors(
         if which in side:
             raise AdapterRuleError(name, f"a second lora_{which} weight for {module_path(layer, module)}")
         side[which] = rank
+    if is_classifier(config) and heads != 1:
+        raise AdapterRuleError(
+            "score.weight", f"a classification adapter holds one head weight, beside {CLASSIFIER_LABELS}"
+        )
     return {
         module_path(layer, module): _pair_rank(layer, module, side, config)
         for (layer, module), side in pairs.items()

@@ -23,6 +23,7 @@ from tuneforge import lora_rules
 from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS, ArtifactManifest
 from tuneforge.rules.speculator import SpeculatorConfig
 
+from worker.serving.classifier import load_head
 from worker.serving.cpu_kernels import SmallGemm
 from worker.serving.draft_model import DraftModel
 from worker.serving.eagle import EAGLE_ARCHITECTURE, EagleDraft, ModelShape
@@ -72,6 +73,10 @@ def load_adapter(key: str, directory: Path, shape: LoadShape) -> AdapterWeights:
     nbytes = sum(a.nbytes + b.nbytes for a, b in modules.values())
     if speculator is not None:
         nbytes += speculator.nbytes
+    classifier = None
+    if lora_rules.is_classifier(config):
+        classifier = load_head(directory, config, hidden_size=shape.hidden_size, device=shape.device)
+        nbytes += classifier.nbytes
     base_model = config.get("base_model_name_or_path")
     return AdapterWeights(
         key=key,
@@ -79,6 +84,7 @@ def load_adapter(key: str, directory: Path, shape: LoadShape) -> AdapterWeights:
         base_model=base_model if isinstance(base_model, str) else None,
         nbytes=nbytes,
         speculator=speculator,
+        classifier=classifier,
     )
 
 
@@ -141,7 +147,11 @@ def _read_lora(
             f"(convert a pickle {PICKLED_WEIGHTS} with safetensors.torch.save_file)"
         )
     pairs = _read_pairs(
-        weights, num_layers=shape.num_layers, shapes=shape.module_shapes, max_rank=shape.max_rank
+        weights,
+        num_layers=shape.num_layers,
+        shapes=shape.module_shapes,
+        max_rank=shape.max_rank,
+        skip_head=lora_rules.is_classifier(config),
     )
     return {
         (layer, module): _served_pair(config, layer, module, pair, dtype=shape.dtype, device=shape.device)
@@ -161,7 +171,9 @@ def _read_config(directory: Path, max_rank: int) -> dict[str, Any]:
         raise AdapterLoadError(f"{ADAPTER_CONFIG} is not a JSON object")
     if config.get("use_dora"):
         raise AdapterLoadError("DoRA adapters are not served yet: train with adapter='lora' to serve it here")
-    if config.get("modules_to_save"):
+    # A classification adapter's saved module is its own head (checked by lora_rules); any other whole
+    # module would replace a part of the base that every adapter in a batch shares.
+    if config.get("modules_to_save") and not lora_rules.is_classifier(config):
         raise AdapterLoadError("adapters with modules_to_save cannot share a batched base model")
     try:
         lora_rules.check_config(config, max_rank=max_rank)
@@ -199,14 +211,21 @@ def _served_pair(
 
 
 def _read_pairs(
-    weights: Path, *, num_layers: int, shapes: Mapping[str, tuple[int, int]] | None, max_rank: int
+    weights: Path,
+    *,
+    num_layers: int,
+    shapes: Mapping[str, tuple[int, int]] | None,
+    max_rank: int,
+    skip_head: bool = False,
 ) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
     """Every lora_A / lora_B tensor by (layer, module), each checked (name, dtype, shape) before its
-    data is read."""
+    data is read; `skip_head`: a classification adapter's head weight is read by classifier.load_head."""
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(weights), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if skip_head and lora_rules.is_head_weight(name):
+                    continue
                 parsed = lora_rules.parse_weight_name(name)
                 if parsed is None:
                     raise AdapterLoadError(f"weight {name[:200]} is not a LoRA projection we serve")

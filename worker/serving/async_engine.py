@@ -186,12 +186,27 @@ class AsyncEngine:
     ) -> EmbeddingResult:
         """Pooled embeddings of the inputs (embedding.py), computed on the engine thread between steps;
         raises the request's ServingError (naming `field` for a bad input) if it fails."""
+        return await self._pass(inputs, adapter, field, classify=False)
+
+    async def classify(
+        self, inputs: list[list[int]], adapter: ResolvedAdapter, *, field: str = "inputs"
+    ) -> EmbeddingResult:
+        """Label probabilities of the inputs from a classification adapter (`labels` names the columns);
+        the same passes as embeddings, so requests for several adapters share them."""
+        return await self._pass(inputs, adapter, field, classify=True)
+
+    async def _pass(
+        self, inputs: list[list[int]], adapter: ResolvedAdapter | None, field: str, *, classify: bool
+    ) -> EmbeddingResult:
         self.engine.embedder.check(inputs, field)  # fail fast, before anything is queued
         out: asyncio.Queue[EmbeddingResult | BaseException] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         stream_id = next_sequence_id()
         job = EmbeddingJob(
-            [list(tokens) for tokens in inputs], adapter, lambda item: _deliver(loop, out, item)
+            [list(tokens) for tokens in inputs],
+            adapter,
+            lambda item: _deliver(loop, out, item),
+            classify=classify,
         )
         with self._lock:
             if self._closed is not None:

@@ -1,5 +1,6 @@
 """Embeddings inside the engine loop: each request's inputs pooled from the base model's (or its adapter's)
-final hidden states.
+final hidden states; and classification, the same pass pooled at the last token into a classification
+adapter's head (classifier.py).
 
 Pooling: the mean over an input's tokens of the final-norm hidden states (what the LM head reads), in
 float32, then L2-normalised; so the dot product of two embeddings is their cosine similarity.
@@ -29,6 +30,7 @@ from worker.serving.errors import (
     EngineError,
     EngineOverloadedError,
     InvalidParameterError,
+    NotSupportedError,
     PromptTooLongError,
     ServingError,
 )
@@ -48,8 +50,9 @@ MAX_QUEUED_EMBEDDING_TOKENS = 1 << 21
 class EmbeddingResult:
     """One request's embeddings, in the order of its inputs."""
 
-    vectors: torch.Tensor  # [N, D] float32 on the CPU, unit L2 norm per row
+    vectors: torch.Tensor  # [N, D] float32 on the CPU, unit L2 norm per row; [N, labels] probabilities
     prompt_tokens: int
+    labels: tuple[str, ...] | None = None  # a classification's class names (vectors' columns)
 
 
 Deliver = Callable[[EmbeddingResult | ServingError], None]
@@ -67,6 +70,7 @@ class EmbeddingJob:
     adapter: AdapterWeights | None = None  # pinned while the job is queued
     vectors: dict[int, torch.Tensor] = field(default_factory=dict)  # done so far, by input index
     next_input: int = 0  # the first input no pass has taken yet
+    classify: bool = False  # pool the last token into the adapter's classification head instead
 
     @property
     def num_tokens(self) -> int:
@@ -103,6 +107,14 @@ def check_inputs(inputs: list[list[int]], *, vocab_size: int, max_model_len: int
             "split it into several requests",
             field=field,
         )
+
+
+def not_a_classifier(adapter_id: str) -> NotSupportedError:
+    return NotSupportedError(
+        f"adapter {adapter_id} is not a classification adapter: /classify serves adapters trained with "
+        "task 'classification'; generate text with it through /generate instead",
+        field="adapter_id",
+    )
 
 
 def mean_pool(hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -230,6 +242,8 @@ class Embedder:
                 state = self.adapters.state(job.adapter_ref)
                 if isinstance(state, ServingError):
                     self._finish(job, type(state)(state.message, field=state.field))
+                elif state is not None and job.classify and state.classifier is None:
+                    self._finish(job, not_a_classifier(job.adapter_ref.adapter_id))
                 elif state is not None and job.key is not None:
                     job.adapter = state
                     self.adapters.pin(job.key)
@@ -250,8 +264,9 @@ class Embedder:
                 budget -= length
         return pieces
 
-    def _embed(self, pieces: list[_Piece]) -> torch.Tensor:
-        """`[N, D]` unit vectors of the pieces' inputs, each with its own job's adapter."""
+    def _embed(self, pieces: list[_Piece]) -> list[torch.Tensor]:
+        """Per piece, on the CPU: the unit vector of its input (with its own job's adapter), or for a
+        classification job its label probabilities."""
         adapters: list[AdapterWeights] = []
         position: dict[str, int] = {}
         owner: list[int] = []
@@ -267,10 +282,17 @@ class Embedder:
         step = embedding_input([p.tokens for p in pieces], adapters, owner, self.runner.device)
         hidden = self.runner.hidden_states(step)  # [T, D]
         assert step.prefill_lengths is not None
-        return mean_pool(hidden, step.prefill_lengths).cpu()
+        rows: list[torch.Tensor] = []
+        for i, (piece, part) in enumerate(zip(pieces, hidden.split(step.prefill_lengths), strict=True)):
+            head = piece.job.adapter.classifier if piece.job.adapter is not None else None
+            if piece.job.classify and head is not None:
+                rows.append(head.probabilities(part[-1:])[0].cpu())  # the last token, as training pools
+            else:
+                rows.append(mean_pool(part, [step.prefill_lengths[i]])[0].cpu())
+        return rows
 
-    def _store(self, pieces: list[_Piece], vectors: torch.Tensor) -> None:
-        finite = vectors.isfinite().all(dim=-1).tolist()
+    def _store(self, pieces: list[_Piece], vectors: list[torch.Tensor]) -> None:
+        finite = [bool(row.isfinite().all()) for row in vectors]
         for piece, row, ok in zip(pieces, vectors, finite, strict=True):
             job = piece.job
             if job not in self.jobs:
@@ -282,7 +304,10 @@ class Embedder:
             job.vectors[piece.index] = row
             if len(job.vectors) == len(job.inputs):
                 vectors_in_order = torch.stack([job.vectors[i] for i in range(len(job.inputs))])
-                self._finish(job, EmbeddingResult(vectors_in_order, sum(len(t) for t in job.inputs)))
+                head = job.adapter.classifier if job.classify and job.adapter is not None else None
+                labels = head.labels if head is not None else None
+                result = EmbeddingResult(vectors_in_order, sum(len(t) for t in job.inputs), labels)
+                self._finish(job, result)
 
     def _run_alone(self, pieces: list[_Piece]) -> None:
         """Each job's pieces of a failed pass on their own: the jobs that fail alone fail, the rest go on."""

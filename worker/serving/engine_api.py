@@ -64,3 +64,9 @@ class ServingEngine(Protocol):
     ) -> EmbeddingResult:
         """Pooled embeddings of token-id inputs (see embedding.py); a bad input's error names `field`."""
         ...
+
+    async def classify(
+        self, inputs: list[list[int]], adapter: ResolvedAdapter, *, field: str = "inputs"
+    ) -> EmbeddingResult:
+        """Label probabilities of token-id inputs from a classification adapter (`labels` names them)."""
+        ...

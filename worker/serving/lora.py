@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.serving.classifier import ClassifierHead
 from worker.serving.draft_model import DraftModel
 
 
@@ -38,6 +39,7 @@ class AdapterWeights:
     base_model: str | None
     nbytes: int
     speculator: DraftModel | None = None  # a Turbo adapter's Medusa heads or draft layer
+    classifier: ClassifierHead | None = None  # a classification adapter's head and labels
 
 
 # The runner fuses projections that share an input into one GEMM; LoRA follows the same groups so a

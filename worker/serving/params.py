@@ -60,6 +60,8 @@ MAX_TOOLS = 64
 # Embeddings: inputs per request and their tokens in all (OpenAI's limits); each input is also bounded
 # by the model's context.
 MAX_EMBEDDING_INPUTS = 2048
+# Texts one /classify_batch request classifies (each is a row of the pass, like an embedding input).
+MAX_CLASSIFY_INPUTS = 256
 MAX_EMBEDDING_TOKENS = 300_000
 # `dimensions` is refused unless it equals the hidden size; this only bounds the number parsed.
 MAX_EMBEDDING_DIMENSIONS = 1 << 16

@@ -1,5 +1,5 @@
-"""The HTTP server of one base model: OpenAI and LoRAX routes (generation, embeddings) over one `AsyncEngine`,
-health and metrics."""
+"""The HTTP server of one base model: OpenAI and LoRAX routes (generation, embeddings, classification)
+over one `AsyncEngine`, health and metrics."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker.serving import embeddings_routes, lorax_routes, openai_routes
+from worker.serving import classify_routes, embeddings_routes, lorax_routes, openai_routes
 from worker.serving.errors import ServingError
 from worker.serving.http_common import RESPONSE_HEADERS_STATE, error_body, error_code, is_openai_path
 from worker.serving.params import DEFAULT_MAX_BODY_BYTES
@@ -40,6 +40,7 @@ def build_app(
     app.include_router(openai_routes.router)
     app.include_router(lorax_routes.router)
     app.include_router(embeddings_routes.router)
+    app.include_router(classify_routes.router)
     app.add_api_route("/health", health, methods=["GET"], response_model=None)
     app.add_api_route("/metrics", metrics, methods=["GET"], response_model=None)
     app.add_exception_handler(ServingError, _serving_error)  # type: ignore[arg-type]

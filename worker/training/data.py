@@ -52,6 +52,7 @@ class PreparedData:
     train: list[Example]
     eval: list[Example]
     stats: DataStats
+    labels: tuple[str, ...] | None = None  # task classification: class index -> label (the head's rows)
 
 
 def prepare_data(

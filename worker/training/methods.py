@@ -21,7 +21,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.pytorch_utils import Conv1D
 from tuneforge.config import (
     DEFAULT_TARGET_MODULES,
@@ -30,7 +36,8 @@ from tuneforge.config import (
     TURBO_ADAPTERS,
     FinetuningConfig,
 )
-from tuneforge.rules.artifacts import ADAPTER_WEIGHTS, SPECULATOR_WEIGHTS
+from tuneforge.rules.artifacts import ADAPTER_WEIGHTS, CLASSIFIER_LABELS, SPECULATOR_WEIGHTS
+from tuneforge.rules.classifier import encode_labels
 from tuneforge.rules.speculator import SpeculatorArchitecture, SpeculatorConfig
 
 from worker.training import eagle
@@ -62,6 +69,7 @@ class TrainableModel:
     speculator: SpeculatorFiles | None = None  # turbo types: trained heads beside (or instead of) the model's
     frozen_adapter: dict[str, bytes] = field(default_factory=dict)  # turbo on a parent LoRA: its files
     model_frozen: bool = False  # the speculator phase: the model's weights are final (freeze_model)
+    classifier_labels: list[str] | None = None  # task classification: class index -> label, saved with it
 
     @property
     def is_peft(self) -> bool:
@@ -146,6 +154,8 @@ class TrainableModel:
             self.model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
             # PEFT adds a model-card template of placeholders; the training summary says what is true.
             (directory / "README.md").unlink(missing_ok=True)
+            if self.classifier_labels is not None:
+                (directory / CLASSIFIER_LABELS).write_text(encode_labels(self.classifier_labels))
             return
         assert isinstance(self.model, PreTrainedModel)
         self.model.save_pretrained(str(directory), safe_serialization=True)
@@ -170,9 +180,15 @@ class TrainableModel:
 
 
 def load_base(
-    weights_dir: Path, config: FinetuningConfig, runtime: Runtime, *, trust_remote_code: bool = False
+    weights_dir: Path,
+    config: FinetuningConfig,
+    runtime: Runtime,
+    *,
+    trust_remote_code: bool = False,
+    num_labels: int | None = None,
 ) -> PreTrainedModel:
-    """The base causal LM on the run's device, frozen, with packed-row attention available."""
+    """The base causal LM on the run's device, frozen, with packed-row attention available; with
+    `num_labels`, the same weights as a sequence classifier with a new (seeded) `score` head."""
     # flash-attention computes in fp16/bf16 only: an fp32 run keeps the SDPA path.
     attention = choose_implementation(runtime.device.type, runtime.half)
     kwargs: dict[str, Any] = {"attn_implementation": attention}
@@ -184,7 +200,14 @@ def load_base(
     low_rank = config.adapter in FROZEN_BASE_ADAPTERS
     # A frozen base may live in the half dtype; weights that train keep fp32 masters (see autocast).
     kwargs["dtype"] = runtime.dtype if low_rank else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(weights_dir, **kwargs)
+    if num_labels is None:
+        model = AutoModelForCausalLM.from_pretrained(weights_dir, **kwargs)
+    else:
+        with torch.random.fork_rng(devices=[]):  # the head's random init is the run's seed's
+            torch.manual_seed(config.seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                weights_dir, num_labels=num_labels, **kwargs
+            )
     if config.quantization_bits is None:
         torch.nn.Module.to(model, runtime.device)
     else:
@@ -259,9 +282,11 @@ def build(
     lora_kwargs: dict[str, Any] | None = None,
     init_adapter: Path | None = None,
     init_speculator: Path | None = None,
+    classifier_labels: list[str] | None = None,
 ) -> TrainableModel:
     """Wrap or unfreeze `base` for the config's method. `init_adapter`: a parent PEFT adapter to continue;
-    `init_speculator`: a directory holding a parent's speculator files to start the heads from.
+    `init_speculator`: a directory holding a parent's speculator files to start the heads from;
+    `classifier_labels`: task classification's label set (the head's classes), saved with the adapter.
     """
     # Heads first: _low_rank seeds the RNG stream that LoRA's init and dropout then draw from.
     speculator = _speculator(config, base, runtime, init_speculator)
@@ -280,7 +305,9 @@ def build(
         model, details = base, _unfreeze_last_layers(base)
     if config.gradient_checkpointing:
         _checkpoint_activations(base)
-    trainable = TrainableModel(model, config, runtime, tokenizer, details, speculator, frozen)
+    trainable = TrainableModel(
+        model, config, runtime, tokenizer, details, speculator, frozen, classifier_labels=classifier_labels
+    )
     if speculator is not None:
         details["speculator_heads"] = speculator.config.num_heads
     details["trainable_parameters"] = sum(p.numel() for _, p in trainable.named_trainable())
@@ -367,12 +394,18 @@ def _low_rank(
         lora_dropout=config.lora_dropout,
         use_dora=config.adapter == "dora",
         bias="none",
-        task_type="CAUSAL_LM",
+        # SEQ_CLS: peft trains and saves the classification head (`score`) whole, beside the LoRA.
+        task_type="SEQ_CLS" if config.task == "classification" else "CAUSAL_LM",
         **shape,
     )
     torch.manual_seed(config.seed)  # LoRA A's random init, then dropout: the run's whole RNG stream
     peft_model = get_peft_model(base, lora)
     assert isinstance(peft_model, PeftModel)
+    if config.task == "classification":
+        # The head trains in fp32 (like the LoRA weights peft keeps in fp32) over a half-precision base.
+        head = getattr(peft_model.get_base_model(), "score", None)
+        if isinstance(head, torch.nn.Module):
+            head.float()
     return peft_model
 
 

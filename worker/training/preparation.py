@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from tuneforge.config import LOW_RANK_ADAPTERS, TURBO_ADAPTERS
-from tuneforge.rules.artifacts import ADAPTER_CONFIG, SPECULATOR_WEIGHTS
+from tuneforge.rules.artifacts import ADAPTER_CONFIG, CLASSIFIER_LABELS, SPECULATOR_WEIGHTS
+from tuneforge.rules.classifier import ClassifierLabelsError, parse_labels
 
 from worker.training import autoconfig, methods, optim, token_cache
 from worker.training.config import TrainingConfig
@@ -143,7 +144,18 @@ def build_run(config: TrainingConfig, rows: Sequence[Mapping[str, Any]], inputs:
     data = load_data(rows, tokenizer, config, inputs, task)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     init_adapter, weights_dir = _parent(config, inputs)
-    base = methods.load_base(weights_dir, config, runtime, trust_remote_code=inputs.trust_remote_code)
+    labels = list(data.labels) if data.labels is not None else None
+    if labels is not None and init_adapter is not None:
+        _check_parent_labels(init_adapter, labels)
+    base = methods.load_base(
+        weights_dir,
+        config,
+        runtime,
+        trust_remote_code=inputs.trust_remote_code,
+        num_labels=len(labels) if labels is not None else None,
+    )
+    if labels is not None:  # transformers' own forward finds each row's last token by the pad id
+        base.config.pad_token_id = pad or 0
     targets = list(config.target_modules) if config.target_modules else methods.default_targets(base)
     methods.check_targets(base, targets)
     config = config.model_copy(update={"target_modules": tuple(targets)})
@@ -159,6 +171,7 @@ def build_run(config: TrainingConfig, rows: Sequence[Mapping[str, Any]], inputs:
         lora_kwargs=decisions.get("lora_kwargs"),
         init_adapter=init_adapter,
         init_speculator=inputs.init_from if config.adapter in TURBO_ADAPTERS else None,
+        classifier_labels=labels,
     )
     if trainable.speculator is not None:
         trainable.speculator.set_draft_vocab([example.labels for example in data.train])
@@ -217,6 +230,21 @@ def _parent(config: TrainingConfig, inputs: Inputs) -> tuple[Path | None, Path]:
             f"continue_from_version: the parent holds no whole model to {config.adapter}-tune"
         )
     return None, inputs.init_from
+
+
+def _check_parent_labels(parent: Path, labels: list[str]) -> None:
+    """A classifier continues only from a classifier of the same label set (its head's rows are those)."""
+    try:
+        parent_labels = parse_labels((parent / CLASSIFIER_LABELS).read_bytes())
+    except (OSError, ClassifierLabelsError) as exc:
+        raise TrainingConfigError(
+            f"continue_from_version: the parent version is no classification adapter ({exc})"
+        ) from None
+    if parent_labels != labels:
+        raise TrainingConfigError(
+            f"continue_from_version: the parent classifies into {parent_labels[:10]}, this dataset's train "
+            f"split into {labels[:10]}; the label sets must be the same"
+        )
 
 
 def _decide(config: TrainingConfig, base: PreTrainedModel, train: list[Example], pad: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import torch
 
 from worker.training import evaluation, feature_cache, objective
 from worker.training.batches import make_batch
+from worker.training.classification import ClassificationTask
 from worker.training.config import TrainingConfig
 from worker.training.data import PreparedData, prepare_data
 from worker.training.runtime import TrainingConfigError
@@ -139,6 +140,7 @@ def build_features(run: Run) -> None:
 TASK_FACTORIES: dict[str, Callable[[TrainingConfig, Inputs], TrainingTask]] = {
     "sft": lambda config, inputs: LanguageModelingTask(),
     "continued_pretraining": lambda config, inputs: LanguageModelingTask(),
+    "classification": lambda config, inputs: ClassificationTask(),
 }
 
 

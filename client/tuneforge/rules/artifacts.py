@@ -16,11 +16,13 @@ SPECULATOR_CONFIG = "speculator_config.json"
 SPECULATOR_WEIGHTS = "speculator.safetensors"
 # The trainer's report on a published run (losses, timings, the speculator's measured speedup).
 TRAINING_SUMMARY = "training_summary.json"
+# A classification adapter's label set (task 'classification'), beside its LoRA and `score` head weights.
+CLASSIFIER_LABELS = "classifier_labels.json"
 
 LORA_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 SPECULATOR_FILES = (SPECULATOR_CONFIG, SPECULATOR_WEIGHTS)
 # What a serving engine loads from an adapter directory; anything else stored there stays put.
-SERVABLE_FILES = LORA_FILES + SPECULATOR_FILES
+SERVABLE_FILES = LORA_FILES + SPECULATOR_FILES + (CLASSIFIER_LABELS,)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class ArtifactManifest:
     @property
     def has_speculator(self) -> bool:
         return all(name in self.names for name in SPECULATOR_FILES)
+
+    @property
+    def has_classifier_labels(self) -> bool:
+        return CLASSIFIER_LABELS in self.names
 
     @property
     def has_summary(self) -> bool:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from app.api.serving_proxy import Target, adapter_of
+from app.api.serving_proxy import ROUTES, Target, adapter_of
 
 TARGET = Target(tenant="acme", base_model="tiny-random-llama", name="tiny")
 
@@ -26,6 +26,8 @@ TARGET = Target(tenant="acme", base_model="tiny-random-llama", name="tiny")
         (["not", "an", "object"], ""),
         ({"model": "repo/4", "input": ["a", "b"], "encoding_format": "base64"}, "repo/4"),  # embeddings
         ({"inputs": "hi", "parameters": None, "stream": False}, ""),  # lorax-client's embed
+        ({"inputs": ["a", "b"], "adapter_id": "repo/5"}, "repo/5"),  # /classify_batch
+        ({"inputs": "a", "adapter_id": 5}, ""),
     ],
 )
 def test_the_adapter_is_read_from_openai_and_lorax_bodies(body: object, adapter: str) -> None:
@@ -35,3 +37,8 @@ def test_the_adapter_is_read_from_openai_and_lorax_bodies(body: object, adapter:
 @pytest.mark.parametrize("raw", [b"", b"{not json", b"\xff\xfe\x00", b'{"model": "r/1"', b"null"])
 def test_a_body_that_is_not_json_routes_as_the_base_model(raw: bytes) -> None:
     assert adapter_of(raw, TARGET) == ""
+
+
+def test_classification_routes_are_forwarded() -> None:
+    assert ROUTES[("POST", "classify")] == "/classify"
+    assert ROUTES[("POST", "classify_batch")] == "/classify_batch"

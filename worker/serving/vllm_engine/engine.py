@@ -273,6 +273,16 @@ class VllmEngine:
             "whose engine serves embeddings of the base model and of its adapters"
         )
 
+    async def classify(
+        self, inputs: list[list[int]], adapter: ResolvedAdapter, *, field: str = "inputs"
+    ) -> EmbeddingResult:
+        """Refused: a classification adapter's head runs on hidden states, which vLLM's completions API
+        does not give."""
+        raise NotSupportedError(
+            "classification adapters are served by engine tuneforge, not by this deployment's engine, vllm: "
+            f"create a deployment of {self.model_name} with config.engine 'tuneforge'"
+        )
+
     def _finish_reason(
         self, token: int, index: int, params: SamplingParams, stop_hit: bool, vllm_reason: str | None
     ) -> FinishReason | None:
