@@ -10,7 +10,8 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLED_WEIGHTS
+from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CLASSIFIER_LABELS, PICKLED_WEIGHTS
+from tuneforge.rules.classifier import MAX_LABELS_FILE_BYTES, ClassifierLabelsError, parse_labels
 
 from app.context import AppContext
 from app.db import AdapterVersion, Repo, User, VersionSource, VersionStatus
@@ -22,7 +23,8 @@ from app.storage import BlobNotFoundError, BlobStore
 log = logging.getLogger(__name__)
 
 # The SDK insists on a URL for each of these, even for files it will not send.
-UPLOAD_FILES = (ADAPTER_CONFIG, PICKLED_WEIGHTS, ADAPTER_WEIGHTS)
+# A classification adapter (PEFT task_type SEQ_CLS) also needs its label file.
+UPLOAD_FILES = (ADAPTER_CONFIG, PICKLED_WEIGHTS, ADAPTER_WEIGHTS, CLASSIFIER_LABELS)
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
@@ -55,6 +57,8 @@ def finish(ctx: AppContext, session: Session, user: User, upload_token: str) -> 
         config = _read_config(store, staging, ctx.settings.max_lora_rank)
         files = {ADAPTER_CONFIG: _digest(store, f"{staging}{ADAPTER_CONFIG}")}
         files[ADAPTER_WEIGHTS] = _check_weights(ctx, session, staging, config)
+        if config.get("task_type") == "SEQ_CLS":
+            files[CLASSIFIER_LABELS] = _check_labels(store, staging)
         return _publish(ctx, session, user, repo, config, staging, prefix, files)
     finally:
         # The pickle file (if any) is never read; staging goes whether the upload was accepted or not.
@@ -100,6 +104,23 @@ def _check_weights(ctx: AppContext, session: Session, staging: str, config: dict
     return adapter_checks.check_weights(
         store.iter_chunks(key), size, config, model_config=model_config, max_rank=ctx.settings.max_lora_rank
     )
+
+
+def _check_labels(store: BlobStore, staging: str) -> dict[str, Any]:
+    """A classifier's label file: present, and within the rules the serving engine loads it by."""
+    key = f"{staging}{CLASSIFIER_LABELS}"
+    if not store.exists(key):
+        raise InvalidInputError(
+            f"{CLASSIFIER_LABELS}: missing; a classification adapter (task_type SEQ_CLS) needs the label "
+            "file tuneforge writes beside it"
+        )
+    if store.stat(key).size > MAX_LABELS_FILE_BYTES:
+        raise InvalidInputError(f"{CLASSIFIER_LABELS}: larger than {MAX_LABELS_FILE_BYTES} bytes")
+    try:
+        parse_labels(store.read_bytes(key))
+    except ClassifierLabelsError as exc:
+        raise InvalidInputError(str(exc)) from None
+    return _digest(store, key)
 
 
 def _digest(store: BlobStore, key: str) -> dict[str, Any]:

@@ -22,7 +22,12 @@ def _upload(tenant, repo: str, files: dict[str, bytes]):  # type: ignore[no-unty
     begun = tenant.client.post("/v2/adapters/upload", json={"repo": repo})
     assert begun.status_code == 200, begun.text
     urls = begun.json()["presignedUrls"]
-    assert set(urls) == {"adapter_config.json", "adapter_model.bin", "adapter_model.safetensors"}
+    assert set(urls) == {
+        "adapter_config.json",
+        "adapter_model.bin",
+        "adapter_model.safetensors",
+        "classifier_labels.json",
+    }
     for name, data in files.items():
         tenant.put_presigned(urls[name], data).raise_for_status()
     return tenant.client.put("/v2/adapters/upload/", json={"uploadToken": begun.json()["uploadToken"]})
@@ -172,3 +177,34 @@ def test_a_wrong_shape_is_422_where_the_control_plane_knows_the_base_model(
         files = _with_tensor(_adapter_files(tmp_path), Q_A, np.ones((4, 48), dtype="float32"))
         assert_error(_upload(tenant, "shapes", files), 422, "its input has 64 features, not 48")
         assert _upload(tenant, "shapes", _adapter_files(tmp_path / "fits")).status_code == 200
+
+
+def _classifier_files(tmp_path: Path, labels: bytes | None) -> dict[str, bytes]:
+    """A classification adapter as the trainer writes it: a SEQ_CLS LoRA, its score head and label file."""
+    from safetensors.numpy import load_file, save_file
+
+    directory = write_peft_adapter(tmp_path / "classifier")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config |= {"task_type": "SEQ_CLS", "modules_to_save": ["score"]}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    weights = directory / "adapter_model.safetensors"
+    tensors = load_file(str(weights)) | {"base_model.model.score.weight": np.zeros((2, 64), "float32")}
+    save_file(tensors, str(weights))
+    files = {p.name: p.read_bytes() for p in directory.iterdir()}
+    if labels is not None:
+        files["classifier_labels.json"] = labels
+    return files
+
+
+def test_a_classifier_uploads_with_its_label_file_and_not_without(tenant, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tuneforge.rules.classifier import encode_labels
+
+    refused = _upload(tenant, "classifier", _classifier_files(tmp_path / "a", None))
+    assert_error(refused, 422, "classifier_labels.json: missing")
+    broken = _upload(
+        tenant, "classifier", _classifier_files(tmp_path / "b", b'{"format": 1, "labels": ["x"]}')
+    )
+    assert_error(broken, 422, "labels")
+    labels = encode_labels(["negative", "positive"]).encode()
+    accepted = _upload(tenant, "classifier", _classifier_files(tmp_path / "c", labels))
+    assert accepted.status_code == 200, accepted.text
