@@ -116,3 +116,26 @@ def test_classification_config_trains_a_classifier_with_a_confusion_matrix(
     report = version["qualityReport"]
     assert report["task"] == "classification"
     assert sorted(report["confusion_matrix"]["labels"]) == ["negative", "positive"]
+
+    # Served by a deployment of the base model, beside any other adapter: LoRAX's /classify routes.
+    from tuneforge import Tuneforge
+
+    tuneforge = Tuneforge(api_token=token, base_url=stack.url)
+    tuneforge.deployments.create("classifier", config={"baseModel": TINY})
+    url = f"{stack.url}/{_tenant(stack, token)}/deployments/v2/llms/classifier"
+    headers = {"Authorization": f"Bearer {token}"}
+    one = httpx.post(f"{url}/classify", json={"inputs": "good movie", "adapter_id": "sentiment/1"},
+                     headers=headers, timeout=120)  # fmt: skip
+    assert one.status_code == 200, one.text
+    assert one.json()["label"] in {"positive", "negative"} and 0 <= one.json()["score"] <= 1
+    batch = httpx.post(f"{url}/classify_batch", json={"inputs": ["good film", "bad film"], "adapter_id":
+                       "sentiment/1"}, headers=headers, timeout=120)  # fmt: skip
+    assert batch.status_code == 200 and len(batch.json()) == 2
+    # A generative request names no classifier: /classify says what to do instead.
+    assert httpx.post(f"{url}/classify", json={"inputs": "x"}, headers=headers, timeout=60).status_code == 400
+    tuneforge.deployments.delete("classifier")
+
+
+def _tenant(stack: WorkerStack, token: str) -> str:
+    current = httpx.get(f"{stack.url}/users/current", headers={"Authorization": f"Bearer {token}"}).json()
+    return str(current["tenant"]["shortCode"])
