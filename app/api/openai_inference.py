@@ -23,12 +23,29 @@ router = APIRouter(tags=["openai"])
 MAX_MODEL_CHARS = 512
 
 
-@router.post("/v1/chat/completions")
+# The body goes to the serving process as sent (it checks the rest); documented for clients and fuzzers.
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"model": {"type": "string", "minLength": 1, "maxLength": MAX_MODEL_CHARS}},
+                    "required": ["model"],
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("/v1/chat/completions", openapi_extra=_BODY)
 async def chat_completions(request: Request) -> StreamingResponse:
     return await _forward(request, "/v1/chat/completions")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=_BODY)
 async def completions(request: Request) -> StreamingResponse:
     return await _forward(request, "/v1/completions")
 

@@ -35,7 +35,7 @@ def _auto_or_number(integer: bool, low: float, high: float) -> Any:
         in_range = in_range and (low <= value if integer else low < value) and value <= high
         if not in_range:
             raise ValueError(f"must be 'auto' or {kind} {bounds}; got {str(value)[:40]!r}")
-        return value
+        return value if integer else float(value)
 
     return PlainValidator(check)
 
