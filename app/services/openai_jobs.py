@@ -20,7 +20,7 @@ from tuneforge.rules.datasets import kind_of_columns, kinds_for_task_message, ta
 from app.context import AppContext
 from app.db import Dataset, DatasetStatus, FinetuningJob, JobCheckpoint, JobEvent, JobMetric, User
 from app.errors import InvalidInputError, NotFoundError
-from app.services import finetuning, openai_files, repos
+from app.services import base_models, finetuning, openai_files, repos
 from app.services.names import validate_name
 
 T = TypeVar("T")
@@ -67,12 +67,16 @@ def create(ctx: AppContext, session: Session, user: User, request: JobRequest) -
         )
     dataset = _trainable_file(session, user, request.training_file, task, request.method)
     repo_name = validate_name(request.suffix, "suffix") if request.suffix is not None else DEFAULT_REPO
+    params = config_params(request, task)
+    # Checked before the repo is made, so that a refused request leaves nothing behind.
+    finetuning.validate_params(params)
+    base_models.require_available(ctx.settings, session, request.model, field="model")
     repo = repos.create(session, user, repo_name, None, exists_ok=True)
     return finetuning.create_job(
         ctx,
         session,
         user,
-        params=config_params(request, task),
+        params=params,
         dataset_ref=dataset.uuid,
         repo_ref=repo.uuid,
         description=f"OpenAI fine-tuning job ({request.method}) on {request.training_file}",

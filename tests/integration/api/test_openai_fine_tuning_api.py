@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 
+import httpx
 import openai
 import pytest
 
@@ -124,12 +125,19 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_field(
     assert raised.value.body["param"] == param, raised.value.body  # type: ignore[index]
 
 
-def test_an_unknown_file_or_model(client: openai.OpenAI) -> None:
+def test_an_unknown_file_or_model(client: openai.OpenAI, live_server, live_token: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(openai.NotFoundError) as raised:
         client.fine_tuning.jobs.create(model=BASE, training_file="file-" + "0" * 32)
     assert raised.value.body["param"] == "training_file"  # type: ignore[index]
-    with pytest.raises(openai.BadRequestError, match="base_model"):
-        client.fine_tuning.jobs.create(model="no-such-model", training_file=upload(client, SFT_ROWS))
+    with pytest.raises(openai.BadRequestError, match="not available") as raised:
+        client.fine_tuning.jobs.create(
+            model="no-such-model", training_file=upload(client, SFT_ROWS), suffix="never-made"
+        )
+    assert raised.value.body["param"] == "model"  # type: ignore[index]
+    repo = httpx.get(
+        f"{live_server.url}/v2/repos/never-made", headers={"Authorization": f"Bearer {live_token}"}
+    )
+    assert repo.status_code == 404  # a refused request leaves no repo behind
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-nope")
 
