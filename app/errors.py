@@ -1,8 +1,11 @@
-"""Domain errors (one base class) and the handlers that render every error as `{"error", "detail"}`."""
+"""Domain errors (one base class) and the handlers that render every error as `{"error", "detail"}`
+(OpenAI's `{"error": {message, type, param, code}}` on the OpenAI-compatible routes)."""
 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -86,6 +89,46 @@ class ServiceUnavailableError(ServiceError):
         return {"Retry-After": str(self.retry_after)}
 
 
+# The OpenAI-compatible routes answer errors in OpenAI's shape, so its SDK raises its own exceptions.
+OPENAI_PATHS = ("/v1/files", "/v1/fine_tuning", "/v1/chat/completions", "/v1/completions", "/v1/models")
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+# A message that opens with the field it names ("training_file: ...") gives OpenAI's `param`.
+_PARAM_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]{0,100}): ")
+
+
+def is_openai_path(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in OPENAI_PATHS)
+
+
+def openai_error(message: str, status_code: int) -> tuple[dict[str, Any], int]:
+    """OpenAI's `{"error": {message, type, param, code}}`; a 422 is OpenAI's 400 for a bad request."""
+    status = 400 if status_code == 422 else status_code
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    match = _PARAM_PREFIX.match(message)
+    codes = {401: "invalid_api_key", 404: "not_found", 429: "rate_limit_exceeded"}
+    body = {
+        "message": message,
+        "type": kind,
+        "param": match.group(1) if match else None,
+        "code": codes.get(status),
+    }
+    return {"error": body}, status
+
+
+def error_response(
+    request: Request,
+    message: str,
+    status_code: int,
+    detail: Any = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """Every error the API answers: tuneforge's `{"error", "detail"}`, or OpenAI's on its routes."""
+    if is_openai_path(request.url.path):
+        body, status = openai_error(message, status_code)
+        return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(message, detail), status_code=status_code, headers=headers)
+
+
 def error_body(message: str, detail: Any = None) -> dict[str, Any]:
     body: dict[str, Any] = {"error": message}
     if detail is not None:
@@ -105,10 +148,8 @@ def _describe_validation_error(exc: RequestValidationError) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(
-            error_body(exc.message, exc.detail), status_code=exc.status_code, headers=exc.headers
-        )
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(request, exc.message, exc.status_code, exc.detail, exc.headers)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(PoolTimeoutError)
@@ -126,7 +167,7 @@ def install_error_handlers(app: FastAPI) -> None:
             if nul
             else "a value in the request is out of the range that can be stored; check its numbers"
         )
-        return JSONResponse(error_body(message), status_code=422)
+        return error_response(request, message, 422)
 
     @app.exception_handler(DBAPIError)
     async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
@@ -136,28 +177,27 @@ def install_error_handlers(app: FastAPI) -> None:
         return await _unexpected(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(
-            error_body(_describe_validation_error(exc), jsonable_errors(exc)), status_code=422
-        )
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request, _describe_validation_error(exc), 422, jsonable_errors(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return JSONResponse(error_body(message), status_code=exc.status_code, headers=exc.headers)
+        return error_response(request, message, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal server error; see the server log"), status_code=500)
+        return error_response(request, "internal server error; see the server log", 500)
 
 
 def _database_outage(request: Request, exc: Exception) -> JSONResponse:
     """503, not 500: the request was fine and will succeed once the database is back (the SDK retries)."""
     log.warning("database unreachable on %s %s: %s", request.method, request.url.path, exc)
-    return JSONResponse(
-        error_body("the database is unreachable; retry shortly"),
-        status_code=503,
+    return error_response(
+        request,
+        "the database is unreachable; retry shortly",
+        503,
         headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
     )
 

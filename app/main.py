@@ -18,6 +18,9 @@ from app.api import (
     deployments,
     health,
     jobs,
+    openai_files,
+    openai_inference,
+    openai_jobs,
     repos,
     serving_proxy,
     users,
@@ -63,7 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RefuseNulMiddleware)
     install_error_handlers(app)
-    for module in (health, users, datasets, repos, adapters, jobs, base_models, blobs, deployments):
+    routers = (health, users, datasets, repos, adapters, jobs, base_models, blobs, deployments)
+    for module in (*routers, openai_files, openai_jobs, openai_inference):
         app.include_router(module.router)
     dashboard.mount(app)
     # Last: its `/{tenant}/...` paths must not shadow any fixed route.

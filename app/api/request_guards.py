@@ -12,7 +12,7 @@ from urllib.parse import unquote_to_bytes
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import error_body
+from app.errors import error_body, is_openai_path, openai_error
 
 
 class RefuseNulMiddleware:
@@ -21,10 +21,11 @@ class RefuseNulMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and _has_nul(scope):
-            response = JSONResponse(
-                error_body("the URL holds a NUL character (%00), which no name or parameter may contain"),
-                status_code=400,
+            message = "the URL holds a NUL character (%00), which no name or parameter may contain"
+            body, status = (
+                openai_error(message, 400) if is_openai_path(scope["path"]) else (error_body(message), 400)
             )
+            response = JSONResponse(body, status_code=status)
             if scope["type"] == "http":
                 await response(scope, receive, send)
             else:

@@ -86,6 +86,14 @@ async def forward(request: Request, tenant: str, name: str, upstream_path: str) 
     serving: ServingSupervisor = request.app.state.serving
     authorization = request.headers.get("authorization")
     target = await run_in_threadpool(_resolve, ctx, serving, authorization, tenant, name)
+    return await forward_to(request, target, upstream_path)
+
+
+async def forward_to(request: Request, target: Target, upstream_path: str) -> StreamingResponse:
+    """Send the request to `target` (a started deployment the caller may use) under the tenant's
+    admission limits, and stream the answer back."""
+    ctx: AppContext = request.app.state.ctx
+    serving: ServingSupervisor = request.app.state.serving
     slot = admit(request, target.tenant)
     try:
         response, lease = await _open_upstream(request, ctx, serving, target, upstream_path)

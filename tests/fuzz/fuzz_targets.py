@@ -241,7 +241,7 @@ class ControlPlaneTarget:
             user = auth.get_or_create_user(session, self.tenant, "fuzzer")
             self.token = auth.create_token(session, user)
         self.names = _seed(self._app, self.token, scratch) | {"tenant": [self.tenant]}
-        self.known_good = _known_good()
+        self.known_good = _known_good(self.names)
 
     @property
     def app(self) -> Any:
@@ -280,6 +280,11 @@ def _seed(app: Any, token: str, scratch: Path) -> dict[str, list[str]]:
         _finish_job(app, job["uuid"])
         _ok(client.post("/v2/deployments", json={"name": "fuzzdep", "config": {"baseModel": TINY}}))
         dataset_uuid = _ok(client.get("/v1/datasets/name/rows")).get("uuid", "rows")
+        # The OpenAI-compatible routes: a file (itself a dataset) and a job on it, by their OpenAI ids.
+        file = _ok(client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("f.jsonl", rows)}))
+        openai_job = _ok(
+            client.post("/v1/fine_tuning/jobs", json={"model": TINY, "training_file": file["id"]})
+        )
     return {
         "ref": ["rows", "fuzzrepo", str(dataset_uuid)],
         # Dataset and deployment names; base-model names (GET /v2/base-models/{name}), with a slash too.
@@ -287,11 +292,13 @@ def _seed(app: Any, token: str, scratch: Path) -> dict[str, list[str]]:
         "repo": ["fuzzrepo"],
         "tag": ["1", "2"],
         "job_uuid": [job["uuid"]],
+        "file_id": [file["id"]],
+        "job_id": [openai_job["id"], "ftjob-" + job["uuid"].replace("-", "")],
         "path": SERVING_PATHS,
     }
 
 
-def _known_good() -> dict[str, list[tuple[dict[str, Any], Any]]]:
+def _known_good(names: dict[str, list[str]]) -> dict[str, list[tuple[dict[str, Any], Any]]]:
     """Requests the seeded tenant may send: each number in them is then made extreme in turn."""
     params = {
         "base_model": TINY,
@@ -313,6 +320,31 @@ def _known_good() -> dict[str, list[tuple[dict[str, Any], Any]]]:
         "POST /v2/finetuning/jobs": [({}, {"params": params, "dataset": "rows", "repo": "fuzzrepo"})],
         "GET /v2/finetuning/jobs/cost-estimate": [({}, estimate)],
         "POST /v2/finetuning/jobs/estimate_cost": [({}, estimate)],
+        "POST /v1/fine_tuning/jobs": [
+            (
+                {},
+                {
+                    "model": TINY,
+                    "training_file": names["file_id"][0],
+                    "suffix": "fuzz",
+                    "seed": 1,
+                    "method": {
+                        "type": "supervised",
+                        "supervised": {
+                            "hyperparameters": {
+                                "n_epochs": 2,
+                                "batch_size": 4,
+                                "learning_rate_multiplier": 0.5,
+                            }
+                        },
+                    },
+                },
+            )
+        ],
+        "POST /v1/chat/completions": [
+            ({}, {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        ],
+        "POST /v1/completions": [({}, {"model": TINY, "prompt": "hi", "max_tokens": 4})],
         "PUT /v2/deployments/{name}": [
             ({"name": "fuzzdep"}, {"config": {"baseModel": TINY, "minReplicas": 0, "maxReplicas": 1}})
         ],

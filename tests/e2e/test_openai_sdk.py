@@ -1,0 +1,97 @@
+"""The official `openai` SDK pointed at tuneforge with only `base_url` changed: upload a JSONL file,
+fine-tune tiny-random-llama on a real worker, follow the job's events, then chat with the fine-tuned
+model through the control plane's own `/v1/chat/completions`."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from worker_fixtures import WorkerStack
+
+pytestmark = pytest.mark.e2e
+
+TINY = "tiny-random-llama"
+ROWS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"Repeat the number {n}."},
+            {"role": "assistant", "content": f"{n} {n} {n}"},
+        ]
+    }
+    for n in range(24)
+]
+FINAL = {"succeeded", "failed", "cancelled"}
+
+
+def _follow(client: openai.OpenAI, job_id: str, timeout: float = 240) -> tuple[object, list[str]]:
+    """Poll the job as an SDK user does, listing its events meanwhile; the final job and the statuses seen."""
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        seen.append(job.status)
+        events = client.fine_tuning.jobs.list_events(job_id, limit=50).data
+        assert events == sorted(events, key=lambda e: e.created_at, reverse=True)
+        if job.status in FINAL:
+            return job, seen
+        time.sleep(0.1)
+    pytest.fail(f"{job_id} did not finish in {timeout}s; statuses {seen[-5:]}")
+
+
+def test_fine_tune_with_the_openai_sdk_and_chat_with_the_result(live_server_with_worker: WorkerStack) -> None:
+    stack = live_server_with_worker
+    token = stack.mint_token(f"t-oa-{time.monotonic_ns()}")
+    client = openai.OpenAI(base_url=stack.url + "/v1", api_key=token, max_retries=0)
+    data = "".join(json.dumps(row) + "\n" for row in ROWS).encode()
+    uploaded = client.files.create(file=("repeat.jsonl", io.BytesIO(data)), purpose="fine-tune")
+    assert uploaded.status == "processed"
+
+    created = client.fine_tuning.jobs.create(
+        model=TINY,
+        training_file=uploaded.id,
+        suffix="repeat",
+        method={
+            "type": "supervised",
+            "supervised": {
+                "hyperparameters": {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 10}
+            },
+        },
+    )
+    job, seen = _follow(client, created.id)
+    assert job.status == "succeeded", job.error  # type: ignore[attr-defined]
+    assert "running" in seen or "queued" in seen
+    assert job.fine_tuned_model == "repeat/1" and job.finished_at is not None  # type: ignore[attr-defined]
+    assert job.trained_tokens  # type: ignore[attr-defined]
+
+    events = list(client.fine_tuning.jobs.list_events(created.id, limit=3))  # every page, via `after`
+    steps = [e.data["step"] for e in events if e.type == "metrics"]  # type: ignore[index]
+    assert steps and steps == sorted(steps, reverse=True) and steps[-1] == 1
+    assert "succeeded" in events[0].message or any("succeeded" in e.message for e in events[:3])
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(created.id).data
+    assert all(c.fine_tuned_model_checkpoint.startswith("repeat/1@") for c in checkpoints)
+
+    # The fine-tuned model is served by a deployment of its base model, started on the first request.
+    made = httpx.post(
+        stack.url + "/v2/deployments",
+        json={"name": "tiny", "config": {"baseModel": TINY}},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+    )
+    assert made.status_code == 200, made.text
+    assert "repeat/1" in [m.id for m in client.models.list()]
+    chat = client.chat.completions.create(
+        model="repeat/1",
+        messages=[{"role": "user", "content": "Repeat the number 3."}],
+        max_tokens=5,
+        temperature=0,
+    )
+    assert chat.choices[0].message.content and chat.usage is not None
+    assert chat.usage.completion_tokens == 5
+    streamed = client.chat.completions.create(
+        model="repeat/1", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
