@@ -78,7 +78,7 @@ def _resolve(ctx: AppContext, serving: ServingSupervisor, authorization: str | N
         if session.dirty:
             session.commit()  # last_used_at bookkeeping
         base_model = openai_models.base_model_of(session, user, model)
-        view = openai_models.deployment_for(session, user, base_model)
+        view = openai_models.deployment_for(ctx.settings, serving, session, user, base_model)
         deployments.start(serving, session, user, view)
         return Target(tenant=user.tenant.name, base_model=view.base_model, name=view.name)
 

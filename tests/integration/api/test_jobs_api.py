@@ -214,7 +214,7 @@ def test_task_metrics_merge_per_step_and_stream_under_the_predibase_sdks_keys(te
     with transaction(api_app.app.state.ctx.sessions) as session:
         job = session.query(FinetuningJob).filter_by(uuid=uuid).one()
         jobs.start_attempt(session, job, worker_id="w", lease_seconds=60)
-        rewards = {"reward_mean": 0.5, "reward_std": 0.25, "reward/fmt": 0.75, "reward/len": -0.25, "kl": 0.01}
+        rewards = {"reward_mean": 0.5, "reward_std": 0.25, "reward/fmt": 0.75, "reward/len": -0.25}
         jobs.record_metric(session, job, 1, train_loss=0.3, task_metrics=rewards | {"train_accuracy": 0.5})
         # The step's evaluation merges into its row, task metrics key by key.
         jobs.record_metric(session, job, 1, eval_loss=0.2, task_metrics={"eval_accuracy": 0.875})
@@ -224,5 +224,6 @@ def test_task_metrics_merge_per_step_and_stream_under_the_predibase_sdks_keys(te
     assert rows[0]["taskMetrics"] == rewards | {"train_accuracy": 0.5, "eval_accuracy": 0.875}
     body = tenant.client.get(f"/v2/finetuning/jobs/{uuid}/metrics/stream").text
     frame = json.loads(next(line for line in body.splitlines() if line.startswith("data: "))[6:])["data"]
-    assert frame["grpo_train_rewards"] == {"total_reward": 0.5, "total_reward_std": 0.25, "fmt": 0.75, "len": -0.25}
+    expected = {"total_reward": 0.5, "total_reward_std": 0.25, "fmt": 0.75, "len": -0.25}
+    assert frame["grpo_train_rewards"] == expected
     assert (frame["train_metrics_accuracy"], frame["validation_metrics_accuracy"]) == (0.5, 0.875)

@@ -195,9 +195,11 @@ def test_another_tenants_job_is_not_found(live_server, client: openai.OpenAI) ->
         other.fine_tuning.jobs.list_events(job.id)
 
 
-def test_chat_with_a_model_nothing_serves_is_a_404_saying_what_to_do(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.NotFoundError, match="POST /v2/deployments") as raised:
-        client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}])
+def test_chat_with_a_model_nothing_can_serve_is_refused_naming_model(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="no-such-base-model") as raised:
+        client.chat.completions.create(
+            model="no-such-base-model", messages=[{"role": "user", "content": "hi"}]
+        )
     assert raised.value.body["param"] == "model"  # type: ignore[index]
     with pytest.raises(openai.NotFoundError, match="not found"):
         client.completions.create(model="nothing/3", prompt="hi")
