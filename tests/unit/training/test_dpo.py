@@ -209,9 +209,13 @@ def capital_rows() -> list[dict[str, str]]:
                 ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi"),
                 ("Norway", "Oslo"), ("Greece", "Athens"), ("Cuba", "Havana"),
                 ("Chile", "Santiago")]  # fmt: skip
+    # Wrong answers that are no capital at all, each used once: what generalises to the held-out pairs is
+    # "a capital over a fruit", not "Paris over Rome" (other rows' capitals would teach the names instead).
+    fruits = ["Banana", "Apple", "Cherry", "Mango", "Peach", "Plum", "Lemon", "Melon", "Grape", "Kiwi",
+              "Pear", "Lime"]  # fmt: skip
     rows = []
     for i, (country, capital) in enumerate(capitals):
-        wrong = capitals[(i + 5) % len(capitals)][1]
+        wrong = fruits[i]
         rows.append({"prompt": f"What is the capital of {country}? Answer with one word.",
                      "chosen": capital, "rejected": wrong,
                      "split": "evaluation" if i % 4 == 3 else "train"})  # fmt: skip
