@@ -163,7 +163,7 @@ class PreferenceTask:
     def step_batches(self, run: Run, micro_batches: Sequence[Sequence[Any]]) -> list[PairBatch]:
         return [self._batch(run, micro, packed=run.config.packing) for micro in micro_batches]
 
-    def loss_sum(self, run: Run, batch: PairBatch) -> torch.Tensor:  # type: ignore[override]
+    def loss_sum(self, run: Run, batch: PairBatch) -> torch.Tensor:
         policy = sequence_logps(run.trainable.model, batch)
         result = dpo_losses(policy, batch.reference, self.beta, self.label_smoothing)
         self._step.add(result, policy.detach())
