@@ -561,6 +561,7 @@ def _restore(run: Run, path: Path, state: checkpoints.TrainerState) -> _Progress
     # A checkpoint written before the speculator phase existed has no tracker for it.
     heads = AcceptanceTracker(**raw.pop("speculator", {}))
     progress = _Progress(**raw, tracker=tracker, speculator=heads)
+    run.task.restore(run, progress.baseline)
     if progress.phase == SPECULATOR_PHASE:  # its optimiser is the heads' own: made before loading into it
         speculator_phase.begin(run, _budget(run).steps)
     run.optimizer.load_state_dict(state.optimizer)

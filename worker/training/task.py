@@ -18,6 +18,7 @@ from worker.training.batches import make_batch
 from worker.training.classification import ClassificationTask
 from worker.training.config import TrainingConfig
 from worker.training.data import PreparedData, prepare_data
+from worker.training.preference import PreferenceTask
 from worker.training.runtime import TrainingConfigError
 
 if TYPE_CHECKING:
@@ -72,6 +73,11 @@ class TrainingTask(Protocol):
         checkpoints); at least `evaluate`'s metrics."""
         ...
 
+    def restore(self, run: Run, baseline: dict[str, Any] | None) -> None:
+        """A resumed run: the baseline it measured before its first step, back from the checkpoint (where
+        a task keeps what it fixed at the start, e.g. DPO's reference log-probs)."""
+        ...
+
     def quality_report(
         self, run: Run, baseline: dict[str, Any] | None, after: dict[str, float] | None
     ) -> dict[str, Any]:
@@ -113,6 +119,9 @@ class LanguageModelingTask:
             metrics["exact_match"] = evaluation.exact_match(run.trainable, run.data.eval, base=True)
         return metrics
 
+    def restore(self, run: Run, baseline: dict[str, Any] | None) -> None:
+        pass  # its baseline is only compared against, by the quality report
+
     def quality_report(
         self, run: Run, baseline: dict[str, Any] | None, after: dict[str, float] | None
     ) -> dict[str, Any]:
@@ -141,6 +150,7 @@ TASK_FACTORIES: dict[str, Callable[[TrainingConfig, Inputs], TrainingTask]] = {
     "sft": lambda config, inputs: LanguageModelingTask(),
     "continued_pretraining": lambda config, inputs: LanguageModelingTask(),
     "classification": lambda config, inputs: ClassificationTask(),
+    "dpo": lambda config, inputs: PreferenceTask(config, inputs),
 }
 
 
