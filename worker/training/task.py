@@ -139,7 +139,14 @@ def build_features(run: Run) -> None:
 TASK_FACTORIES: dict[str, Callable[[TrainingConfig, Inputs], TrainingTask]] = {
     "sft": lambda config, inputs: LanguageModelingTask(),
     "continued_pretraining": lambda config, inputs: LanguageModelingTask(),
+    "grpo": lambda config, inputs: _grpo_task(config, inputs),
 }
+
+
+def _grpo_task(config: TrainingConfig, inputs: Inputs) -> TrainingTask:
+    from worker.training.grpo import grpo_task  # imported by the runs that need it (it imports this)
+
+    return grpo_task(config, inputs)
 
 
 def task_for(config: TrainingConfig, inputs: Inputs) -> TrainingTask:
