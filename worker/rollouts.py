@@ -16,7 +16,7 @@ from worker.serving.errors import AdapterNotFoundError
 from worker.serving.outputs import TokenOutput
 from worker.serving.params import SamplingParams
 from worker.serving.request import EngineRequest
-from worker.training.grpo import AdapterSnapshot, Completion, RolloutParams
+from worker.training.grpo_rollouts import AdapterSnapshot, Completion, RolloutParams
 
 POLICY_ADAPTER = "grpo-policy"  # the name the trained adapter is installed under in the engine
 DEFAULT_ROLLOUT_KV_CACHE_BYTES = 1 << 30

@@ -53,7 +53,7 @@ from worker.training.runtime import TrainingConfigError
 from worker.training.token_cache import DataCache
 
 if TYPE_CHECKING:
-    from worker.training.grpo import RolloutSampler
+    from worker.training.grpo_rollouts import RolloutSampler
 
 log = logging.getLogger(__name__)
 

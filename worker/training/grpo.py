@@ -23,6 +23,7 @@ from worker.training.config import TrainingConfig
 from worker.training.data import PreparedData
 from worker.training.grpo_data import PromptExample, prepare_prompts
 from worker.training.grpo_loss import group_advantages, policy_loss, token_logprobs
+from worker.training.grpo_rollouts import AdapterSnapshot, Completion, RolloutParams, RolloutSampler
 from worker.training.runtime import TrainingConfigError
 
 if TYPE_CHECKING:
@@ -34,46 +35,6 @@ if TYPE_CHECKING:
 # Rollout seeds: a pure function of (config.seed, step), so a resumed run samples what it would have.
 _SEED_STRIDE = 1_000_003
 EVAL_SEED = 0  # greedy: the seed changes nothing, but the engine wants one
-
-
-@dataclass(frozen=True)
-class RolloutParams:
-    """How completions are sampled; temperature 0 is greedy."""
-
-    temperature: float
-    top_p: float
-    top_k: int | None
-    max_tokens: int
-
-
-@dataclass(frozen=True)
-class AdapterSnapshot:
-    """The adapter being trained, as a sampler loads it: its PEFT config (JSON) and weights (PEFT's
-    state-dict names, host tensors)."""
-
-    config: dict[str, Any]
-    state: dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Completion:
-    token_ids: list[int]  # the sampled tokens (an end-of-sequence token included when one ended it)
-    logprobs: list[float]  # each token's logprob under the sampling policy (the raw distribution)
-
-
-class RolloutSampler(Protocol):
-    """Samples completions with the base model plus an adapter; implemented by worker/rollouts.py."""
-
-    def sample(
-        self,
-        prompts: Sequence[Sequence[int]],
-        n: int,
-        params: RolloutParams,
-        seed: int,
-        adapter: AdapterSnapshot | None,
-    ) -> list[list[Completion]]:
-        """`n` completions of each prompt (`adapter` None: the base model), reproducible for a seed."""
-        ...
 
 
 class RewardScores(Protocol):

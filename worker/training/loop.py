@@ -28,7 +28,7 @@ from worker.training.token_cache import DataCache
 from worker.training.world import World, micro_batch_rng
 
 if TYPE_CHECKING:
-    from worker.training.grpo import RolloutSampler
+    from worker.training.grpo_rollouts import RolloutSampler
 
 SUMMARY_FORMAT = 1
 # The phases of a run (_Progress.phase): the model's steps, then for turbo types the heads' alone.

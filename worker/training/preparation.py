@@ -27,7 +27,7 @@ from worker.training.task import LanguageModelingTask, TrainingTask, task_for
 from worker.training.world import World
 
 if TYPE_CHECKING:
-    from worker.training.grpo import RolloutSampler
+    from worker.training.grpo_rollouts import RolloutSampler
 
 # Longer contexts than this rarely help fine-tuning and cost memory quadratically in attention.
 DEFAULT_MAX_SEQ_LENGTH = 2048

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,12 @@ import pytest
 import torch
 from grpo_support import reward_sandbox_module
 from training_support import Recorder, make_config
+from transformers import AutoTokenizer
 
 from worker.rollouts import EngineRolloutSampler
 from worker.training.base_models import resolve_base_model
+from worker.training.data import TrainingDataError
+from worker.training.grpo_data import prepare_prompts
 from worker.training.grpo_loss import ADVANTAGE_EPS, group_advantages, policy_loss
 from worker.training.loop import train
 from worker.training.runtime import TrainingConfigError
@@ -174,20 +178,92 @@ def test_a_grpo_run_without_a_sampler_is_refused(tiny_dir: Path, tmp_path: Path)
         train(grpo_config(), prompt_rows(), output_dir=tmp_path, model_dir=tiny_dir)
 
 
-def test_messages_rows_drop_the_trailing_assistant_turn(
+def test_a_grpo_run_of_a_dora_adapter_is_refused_as_the_engine_cannot_serve_it(
     tiny_dir: Path, sampler: EngineRolloutSampler, tmp_path: Path
 ) -> None:
+    with pytest.raises(TrainingConfigError, match=r"adapter: task 'grpo' .* not 'dora'"):
+        train(
+            grpo_config(adapter="dora"),
+            prompt_rows(),
+            output_dir=tmp_path,
+            model_dir=tiny_dir,
+            rollouts=sampler,
+        )
+
+
+def test_prompts_are_the_chat_minus_its_reply_and_the_rest_of_the_row_is_the_example(tiny_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
     rows = [
-        {
-            "messages": [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": "Hello"}],
-            "answer": "1",
-        }
-        for i in range(4)
+        {"messages": chat, "answer": 1, "split": "train"},
+        {"messages": chat[:1], "answer": 2, "split": "train"},
     ]
-    recorder = Recorder()
-    config = grpo_config(train_steps=1, eval_fraction=0.0)
-    result = train(
-        config, rows, output_dir=tmp_path, model_dir=tiny_dir, callbacks=recorder, rollouts=sampler
+    data = prepare_prompts(rows, tokenizer, grpo_config())
+    with_reply, without = data.train
+    assert with_reply.prompt == without.prompt  # the trailing assistant turn is not part of the prompt
+    assert "Hello there" not in with_reply.prompt
+    assert with_reply.prompt == tokenizer.apply_chat_template(
+        chat[:1], tokenize=False, add_generation_prompt=True
     )
-    assert result.adapter_dir is not None
-    assert recorder.data[0].kind == "messages"
+    assert tokenizer.decode(with_reply.prompt_ids) == with_reply.prompt
+    assert with_reply.example == {"answer": 1}
+    pairs = prepare_prompts(
+        [{"prompt": "2+2?", "completion": "4", "answer": "4"}] * 2, tokenizer, grpo_config()
+    )
+    assert pairs.train[0].prompt == "2+2?"
+    assert pairs.train[0].example == {"completion": "4", "answer": "4"}
+
+
+def test_a_prompt_without_room_for_its_completion_is_refused_naming_the_row(tiny_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    rows = [{"prompt": "short"}, {"prompt": "word " * 80}, {"prompt": "short"}]
+    with pytest.raises(TrainingDataError, match=r"row 2: its prompt is .* max_seq_length 64"):
+        prepare_prompts(rows, tokenizer, grpo_config(eval_fraction=0.0))
+
+
+# --- a verifiable task on a real model ----------------------------------------------------------------
+
+# SmolLM2-135M-Instruct opens about a third of its answers to "Name a ..." with "The": GRPO with this
+# reward should make it do so more often within a dozen steps.
+STARTS_WITH_THE = (
+    "def starts_with_the(prompt, completion, example):\n"
+    "    return 1.0 if completion.strip().lower().startswith('the') else 0.0\n"
+)
+THINGS = ["color", "animal", "fruit", "country", "city", "river", "planet", "flower", "sport", "tool"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return resolve_base_model("smollm2-135m", tmp_path_factory.mktemp("grpo-smollm2"))
+
+
+def test_grpo_raises_the_reward_of_a_verifiable_task_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:
+    rows = [
+        {"prompt": f"Name a {thing}.", "split": "evaluation" if i >= 8 else "train"}
+        for i, thing in enumerate(THINGS)
+    ]
+    config = grpo_config(
+        base_model="smollm2-135m",
+        train_steps=12,
+        effective_batch_size=4,
+        micro_batch_size=2,
+        num_generations=4,
+        sampling_params={"max_tokens": 3, "temperature": 1.0},
+        reward_fns={"functions": {"starts_with_the": encoded(STARTS_WITH_THE)}},
+        learning_rate=3e-3,
+        max_seq_length=128,
+    )
+    sampler = EngineRolloutSampler(smollm2_dir, device="cpu", max_model_len=128, kv_cache_bytes=32 << 20)
+    recorder = Recorder()
+    started = time.perf_counter()
+    try:
+        result = train(
+            config, rows, output_dir=tmp_path, model_dir=smollm2_dir, callbacks=recorder, rollouts=sampler
+        )
+    finally:
+        sampler.close()
+    rewards = [metrics["reward_mean"] for _, metrics in recorder.steps]
+    print(f"\nGRPO on smollm2-135m: {time.perf_counter() - started:.0f} s, step rewards {rewards}")
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.2
+    report = result.summary["quality_report"]
+    assert report["reward_mean"]["after"] >= report["reward_mean"]["before"]
