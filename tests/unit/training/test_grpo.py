@@ -223,8 +223,8 @@ def test_a_prompt_without_room_for_its_completion_is_refused_naming_the_row(tiny
 
 # --- a verifiable task on a real model ----------------------------------------------------------------
 
-# SmolLM2-135M-Instruct opens about a third of its answers to "Name a ..." with "The": GRPO with this
-# reward should make it do so more often within a dozen steps.
+# SmolLM2-135M-Instruct opens about a quarter of its answers to "Name a ..." with "The"; with this reward
+# it does so nearly always after a step or two (on a 2-core CPU: 0.25 at step 1, 0.94-1.0 from step 2).
 STARTS_WITH_THE = (
     "def starts_with_the(prompt, completion, example):\n"
     "    return 1.0 if completion.strip().lower().startswith('the') else 0.0\n"
@@ -244,7 +244,7 @@ def test_grpo_raises_the_reward_of_a_verifiable_task_on_smollm2(smollm2_dir: Pat
     ]
     config = grpo_config(
         base_model="smollm2-135m",
-        train_steps=12,
+        train_steps=6,
         effective_batch_size=4,
         micro_batch_size=2,
         num_generations=4,
@@ -264,6 +264,6 @@ def test_grpo_raises_the_reward_of_a_verifiable_task_on_smollm2(smollm2_dir: Pat
         sampler.close()
     rewards = [metrics["reward_mean"] for _, metrics in recorder.steps]
     print(f"\nGRPO on smollm2-135m: {time.perf_counter() - started:.0f} s, step rewards {rewards}")
-    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.2
+    assert sum(rewards[-3:]) / 3 > rewards[0] + 0.25  # step 1 samples the base model (B starts at zero)
     report = result.summary["quality_report"]
     assert report["reward_mean"]["after"] >= report["reward_mean"]["before"]
