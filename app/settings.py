@@ -216,6 +216,13 @@ class Settings(BaseSettings):
     # A multi-device job's ranks fail (and the job resumes from its last checkpoint) when one of them
     # stops answering a collective for this long; rank 0's quality-report generation must fit in it.
     worker_collective_timeout_seconds: float = Field(default=600.0, ge=10, le=24 * 3600)
+    # GRPO's reward functions (tenant code) run in a bubblewrap sandbox per function with these limits: a
+    # call past the wall-clock timeout, the CPU time or the address space scores 0 and counts as failed.
+    reward_call_timeout_seconds: float = Field(default=5.0, gt=0, le=600)
+    reward_cpu_seconds: int = Field(default=10, ge=1, le=3600)
+    reward_memory_bytes: int = Field(default=512 * 2**20, ge=64 * 2**20, le=64 * 2**30)
+    # GRPO samples its rollouts with tuneforge's serving engine inside the training worker; its KV cache.
+    worker_rollout_kv_cache_bytes: int = Field(default=1 << 30, ge=1 << 20, le=1 << 42)
     # A connection attempt to the database gives up after this, so requests answer 503 during an
     # outage instead of hanging on a dead host.
     database_connect_timeout_seconds: int = Field(default=5, ge=1, le=300)

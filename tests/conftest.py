@@ -108,6 +108,8 @@ def stack_settings_factory(tmp_path_factory, request):  # type: ignore[no-untype
             "data_dir": data_dir,
             "public_url": "",
             "serving_kv_cache_bytes": 512 << 20,
+            # GRPO jobs' rollout engine in the worker: the test stacks train tiny models.
+            "worker_rollout_kv_cache_bytes": 128 << 20,
         }
         if stack == "postgres_s3":
             s3 = request.getfixturevalue("s3_server")

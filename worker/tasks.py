@@ -33,12 +33,16 @@ from worker.model_store import (
     resolve_model_dir,
     trusts_remote_code,
 )
+from worker.rollouts import EngineRolloutSampler
 from worker.serve_main import kernel_config
+from worker.training.base_models import local_model_dir
 from worker.training.config import TrainingConfig
 from worker.training.data import DataStats, TrainingDataError
 from worker.training.distributed import DistributedTrainingError, available_devices, train_on_devices
 from worker.training.loop import NoCallbacks, TrainingResult
 from worker.training.methods import NonFiniteWeightsError
+from worker.training.preparation import DEFAULT_MAX_SEQ_LENGTH
+from worker.training.reward_sandbox import SandboxLimits
 from worker.training.runtime import TrainingConfigError
 
 log = logging.getLogger(__name__)
@@ -164,7 +168,10 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
     rows = download_rows(ctx.store, dataset)
     tenant_uuid = jobs.tenant_uuid(session, job)
     model_dir, trust_remote_code = _base_model(ctx, config)
-    with tempfile.TemporaryDirectory(prefix=f"tuneforge-job-{job.id}-") as scratch:
+    with (
+        tempfile.TemporaryDirectory(prefix=f"tuneforge-job-{job.id}-") as scratch,
+        _rollout_sampler(ctx, config, model_dir) as rollouts,
+    ):
         checkpoint = jobs.latest_checkpoint(session, job)
         resume_from = (
             download_checkpoint(ctx.store, checkpoint, Path(scratch) / "resume") if checkpoint else None
@@ -194,6 +201,8 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
             data_cache=token_cache_for(ctx.store, dataset),
             dataset_fingerprint=dataset.sha256 if dataset is not None else None,
             collective_timeout_seconds=ctx.settings.worker_collective_timeout_seconds,
+            rollouts=rollouts,
+            reward_limits=_reward_limits(ctx),
         )
         if result.stopped or result.adapter_dir is None:
             _retry(ctx, session, lambda: _end(session, job, JobStatus.CANCELED), f"job {job.id}: canceling")
@@ -208,6 +217,38 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
             _end(session, job, JobStatus.COMPLETED)
 
         _retry(ctx, session, publish, f"job {job.id}: publishing")
+
+
+@contextmanager
+def _rollout_sampler(
+    ctx: AppContext, config: TrainingConfig, model_dir: Path | None
+) -> Iterator[EngineRolloutSampler | None]:
+    """Task grpo's rollouts: tuneforge's serving engine on the same base model, in this process."""
+    if config.task != "grpo" or config.base_model is None:
+        yield None
+        return
+    directory = local_model_dir(config.base_model, model_dir, model_cache_dir(ctx.settings))
+    # The run's context bounds prompt + completion (grpo_data.py), so the engine needs no longer one.
+    context = config.max_seq_length or DEFAULT_MAX_SEQ_LENGTH
+    sampler = EngineRolloutSampler(
+        directory,
+        max_model_len=context,
+        kv_cache_bytes=ctx.settings.worker_rollout_kv_cache_bytes,
+        kernels=kernel_config(ctx.settings, os.environ),
+    )
+    try:
+        yield sampler
+    finally:
+        sampler.close()
+
+
+def _reward_limits(ctx: AppContext) -> SandboxLimits:
+    settings = ctx.settings
+    return SandboxLimits(
+        call_timeout_seconds=settings.reward_call_timeout_seconds,
+        cpu_seconds=settings.reward_cpu_seconds,
+        memory_bytes=settings.reward_memory_bytes,
+    )
 
 
 def _devices(ctx: AppContext, config: TrainingConfig) -> int:

@@ -623,6 +623,16 @@ class FinetuningConfig(BaseModel):
                 "rank 'auto' and layer_selection_percentage apply to tasks sft and continued_pretraining, "
                 f"not '{task}'"
             )
+        if task == "grpo" and self.adapter != "lora":
+            problems.append(
+                f"adapter: task 'grpo' samples its rollouts with the serving engine, which serves LoRA "
+                f"adapters; use adapter 'lora', not '{self.adapter}'"
+            )
+        if task == "grpo" and self.quantization_bits is not None:
+            problems.append(
+                "quantization_bits: task 'grpo' samples rollouts from the full-precision base, so the policy "
+                "it trains must be that base too; drop quantization_bits"
+            )
         if task == "grpo" and self.reward_fns is None:
             problems.append("reward_fns: task 'grpo' needs at least one reward function")
         if task != "grpo" and self.reward_fns is not None:

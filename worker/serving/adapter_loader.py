@@ -88,6 +88,45 @@ def load_adapter(key: str, directory: Path, shape: LoadShape) -> AdapterWeights:
     )
 
 
+def adapter_from_state(
+    key: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor], shape: LoadShape
+) -> AdapterWeights:
+    """A LoRA held in memory (a PEFT adapter config and its state dict, as `get_peft_model_state_dict`
+    names the tensors), checked by the same rules as one read from files: a trainer's current weights."""
+    if config.get("use_dora"):
+        raise AdapterLoadError("DoRA adapters are not served yet: train with adapter='lora' to serve it here")
+    try:
+        lora_rules.check_config(config, max_rank=shape.max_rank)
+    except lora_rules.AdapterRuleError as exc:
+        raise AdapterLoadError(f"{ADAPTER_CONFIG}: {exc}") from None
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    try:
+        for name, tensor in state.items():
+            parsed = lora_rules.parse_weight_name(name)
+            if parsed is None:
+                raise AdapterLoadError(f"weight {name[:200]} is not a LoRA projection we serve")
+            layer, module, which = parsed
+            lora_rules.check_tensor_shape(
+                name,
+                tuple(tensor.shape),
+                which=which,
+                module=module,
+                layer=layer,
+                num_layers=shape.num_layers,
+                shapes=shape.module_shapes,
+                max_rank=shape.max_rank,
+            )
+            pairs.setdefault((layer, module), {})[which] = tensor.detach()
+    except lora_rules.AdapterRuleError as exc:
+        raise AdapterLoadError(str(exc)) from None
+    modules = {
+        (layer, module): _served_pair(config, layer, module, pair, dtype=shape.dtype, device=shape.device)
+        for (layer, module), pair in pairs.items()
+    }
+    nbytes = sum(a.nbytes + b.nbytes for a, b in modules.values())
+    return AdapterWeights(key=key, modules=modules, base_model=None, nbytes=nbytes)
+
+
 # --- speculators ------------------------------------------------------------------------------------
 
 DraftLoader = Callable[[SpeculatorConfig, dict[str, torch.Tensor], LoadShape], DraftModel]

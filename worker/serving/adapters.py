@@ -268,6 +268,21 @@ class AdapterCache:
             self._failed[key] = (time.monotonic(), error)
             self.metrics.adapters_loaded.set(len(self._loaded))
 
+    def install(self, adapter: ResolvedAdapter, weights: AdapterWeights) -> None:
+        """Weights built in memory (not fetched from the source) held under `adapter.key`, as if loaded."""
+        with self._lock:
+            self._names[adapter.key] = (adapter.tenant or "", adapter.adapter_id)
+            self._failed.pop(adapter.key, None)
+            self._loaded[adapter.key] = weights
+            self._evict(keep=adapter.key)
+            self.metrics.adapters_loaded.set(len(self._loaded))
+
+    def drop(self, key: str) -> None:
+        """Forget an adapter's weights now (its pinned requests keep theirs until they finish)."""
+        with self._lock:
+            self._loaded.pop(key, None)
+            self._evict()
+
     def pin(self, key: str) -> None:
         with self._lock:
             self._pins[key] = self._pins.get(key, 0) + 1

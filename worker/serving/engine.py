@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import torch
 from tuneforge.lora_rules import DEFAULT_MAX_LORA_RANK
 
-from worker.serving.adapter_loader import LoadShape
+from worker.serving.adapter_loader import LoadShape, adapter_from_state
 from worker.serving.adapters import (
     DEFAULT_RESOLVE_TTL_S,
     AdapterCache,
@@ -150,6 +153,8 @@ class LLMEngine:
         )
         self._requests: dict[int, EngineRequest] = {}
         self._families: dict[int, list[EngineRequest]] = {}  # n > 1: every choice, by the parent's id
+        self._installs: dict[str, int] = {}  # install_adapter: how many times each name was installed
+        self._installed: dict[str, str] = {}  # install_adapter: name -> the key its weights are held under
         self.computer = StepComputer(self.runner, self.drafter, self)
         # Embedding requests: a bounded pass of them runs before each generation step (embedding.py).
         self.embedder = Embedder(
@@ -185,6 +190,24 @@ class LLMEngine:
             metrics=self.metrics,
             resolve_ttl_s=config.adapter_resolve_ttl_s,
         )
+
+    def install_adapter(
+        self, name: str, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
+    ) -> ResolvedAdapter:
+        """Serve a LoRA held in memory (PEFT config + state dict) as `name`, replacing the weights an
+        earlier call installed under it: a trainer pushes its current adapter before each batch of
+        rollouts. Each call holds the weights under a fresh key, so KV blocks cached under the old
+        weights are never reused as a prefix; requests already running finish on the old ones."""
+        self._installs[name] = self._installs.get(name, 0) + 1
+        key = f"{name}#installed-{self._installs[name]}"
+        weights = adapter_from_state(key, config, state, self.adapters.shape)
+        previous = self._installed.get(name)
+        adapter = ResolvedAdapter(name, None, key)
+        self.adapters.install(adapter, weights)
+        self._installed[name] = key
+        if previous is not None:
+            self.adapters.drop(previous)
+        return adapter
 
     # --- requests ------------------------------------------------------------------------------------
 

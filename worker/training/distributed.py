@@ -40,7 +40,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -49,7 +49,12 @@ from worker.training import world as worlds
 from worker.training.base_models import local_model_dir
 from worker.training.config import TrainingConfig
 from worker.training.loop import TrainingCallbacks, TrainingResult, train
+from worker.training.runtime import TrainingConfigError
 from worker.training.token_cache import DataCache
+
+if TYPE_CHECKING:
+    from worker.training.grpo_rollouts import RolloutSampler
+    from worker.training.reward_sandbox import SandboxLimits
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +119,11 @@ def train_on_devices(
     data_cache: DataCache | None = None,
     dataset_fingerprint: str | None = None,
     collective_timeout_seconds: float = DEFAULT_COLLECTIVE_TIMEOUT_SECONDS,
+    rollouts: RolloutSampler | None = None,
+    reward_limits: SandboxLimits | None = None,
 ) -> TrainingResult:
-    """`train` on `num_devices` devices of this host (this process is rank 0); rank 0's result."""
+    """`train` on `num_devices` devices of this host (this process is rank 0); rank 0's result.
+    `rollouts` (task grpo's sampler) runs on one device only."""
     if num_devices > 1 and config.base_model is not None:
         # Resolved (a built-in built) once, before any process group exists: transformers'
         # save_pretrained writes no weights on a rank other than 0, so a child could not build it.
@@ -125,7 +133,11 @@ def train_on_devices(
     kwargs |= {"init_from": init_from, "callbacks": callbacks}
     kwargs |= {"data_cache": data_cache, "dataset_fingerprint": dataset_fingerprint}
     if num_devices == 1:
-        return train(config, rows, **kwargs)
+        return train(config, rows, rollouts=rollouts, reward_limits=reward_limits, **kwargs)
+    if rollouts is not None:
+        raise TrainingConfigError(
+            "num_devices: rollouts (task 'grpo') are sampled on one device; set it to 1"
+        )
     previous_threads = torch.get_num_threads()
     job = _RankJob(
         config,

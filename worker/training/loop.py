@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from tuneforge.rules.artifacts import TRAINING_SUMMARY
@@ -26,6 +26,10 @@ from worker.training.speculator_phase import AcceptanceTracker, Budget
 from worker.training.task import LanguageModelingTask, build_features
 from worker.training.token_cache import DataCache
 from worker.training.world import World, micro_batch_rng
+
+if TYPE_CHECKING:
+    from worker.training.grpo_rollouts import RolloutSampler
+    from worker.training.reward_sandbox import SandboxLimits
 
 SUMMARY_FORMAT = 1
 # The phases of a run (_Progress.phase): the model's steps, then for turbo types the heads' alone.
@@ -126,6 +130,8 @@ def train(
     data_cache: DataCache | None = None,
     dataset_fingerprint: str | None = None,
     world: World | None = None,
+    rollouts: RolloutSampler | None = None,
+    reward_limits: SandboxLimits | None = None,
 ) -> TrainingResult:
     """Train on rows; resume_from continues a checkpoint of this same config exactly.
 
@@ -136,6 +142,8 @@ def train(
     data_cache + dataset_fingerprint: reuse the tokenisation of an earlier run on the same data.
     world: this process's rank in a multi-device run (worker/training/distributed.py starts them);
     callbacks fire on rank 0 only, and only rank 0 writes checkpoints and the artifact.
+    rollouts: task grpo's sampler of completions (the caller owns and closes it).
+    reward_limits: task grpo's reward sandbox limits (the operator's; default SandboxLimits()).
     """
     started = time.monotonic()
     world = world or World()
@@ -152,6 +160,8 @@ def train(
         data_cache=data_cache,
         dataset_fingerprint=dataset_fingerprint,
         saved_autoconfig=saved[1].get("autoconfig") if saved is not None else None,
+        rollouts=rollouts,
+        reward_limits=reward_limits,
     )
     run = build_run(config, rows, inputs)
     _join(run, world)

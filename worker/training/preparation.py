@@ -9,7 +9,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -26,6 +26,10 @@ from worker.training.methods import TrainableModel
 from worker.training.runtime import Runtime, TrainingConfigError, resolve_runtime
 from worker.training.task import LanguageModelingTask, TrainingTask, task_for
 from worker.training.world import World
+
+if TYPE_CHECKING:
+    from worker.training.grpo_rollouts import RolloutSampler
+    from worker.training.reward_sandbox import SandboxLimits
 
 # Longer contexts than this rarely help fine-tuning and cost memory quadratically in attention.
 DEFAULT_MAX_SEQ_LENGTH = 2048
@@ -83,6 +87,8 @@ class Inputs:
     data_cache: token_cache.DataCache | None = None
     dataset_fingerprint: str | None = None  # e.g. the dataset file's sha256; enables the cache
     saved_autoconfig: dict[str, Any] | None = None  # decisions of the checkpoint being resumed
+    rollouts: RolloutSampler | None = None  # grpo: samples completions with the policy (worker/rollouts.py)
+    reward_limits: SandboxLimits | None = None  # grpo: the reward sandbox's limits (default: SandboxLimits())
 
 
 def resolve_config(config: TrainingConfig, model_dir: Path, runtime: Runtime) -> TrainingConfig:

@@ -18,6 +18,7 @@ from worker.training.batches import make_batch
 from worker.training.classification import ClassificationTask
 from worker.training.config import TrainingConfig
 from worker.training.data import PreparedData, prepare_data
+from worker.training.grpo import grpo_task
 from worker.training.preference import PreferenceTask
 from worker.training.runtime import TrainingConfigError
 
@@ -151,6 +152,7 @@ TASK_FACTORIES: dict[str, Callable[[TrainingConfig, Inputs], TrainingTask]] = {
     "continued_pretraining": lambda config, inputs: LanguageModelingTask(),
     "classification": lambda config, inputs: ClassificationTask(),
     "dpo": lambda config, inputs: PreferenceTask(config, inputs),
+    "grpo": lambda config, inputs: grpo_task(config, inputs),
 }
 
 
