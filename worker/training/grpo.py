@@ -310,11 +310,6 @@ def grpo_task(config: TrainingConfig, inputs: Inputs) -> GRPOTask:
         raise TrainingConfigError(
             "task 'grpo' samples rollouts with the serving engine, and this run was given no rollout sampler"
         )
-    if config.adapter != "lora":
-        raise TrainingConfigError(
-            f"adapter: task 'grpo' samples its rollouts with the serving engine, which serves adapter "
-            f"'lora' only, not '{config.adapter}'; set adapter to 'lora'"
-        )
     reward_fns = config.reward_fns
     assert reward_fns is not None
 
