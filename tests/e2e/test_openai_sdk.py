@@ -91,3 +91,31 @@ def test_fine_tune_with_the_openai_sdk_and_chat_with_the_result(live_server_with
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     listed = httpx.get(stack.url + "/v2/deployments", headers={"Authorization": f"Bearer {token}"}).json()
     assert TINY in [d["name"] for d in listed["data"]]
+
+    # DPO on the same base, from OpenAI's preference JSONL: the second job, and its model answers too.
+    pairs = [
+        {
+            "input": {"messages": [{"role": "user", "content": f"Repeat the number {n}."}]},
+            "preferred_output": [{"role": "assistant", "content": f"{n} {n} {n}"}],
+            "non_preferred_output": [{"role": "assistant", "content": "no"}],
+        }
+        for n in range(16)
+    ]
+    preference = client.files.create(
+        file=("pairs.jsonl", io.BytesIO("".join(json.dumps(p) + "\n" for p in pairs).encode())),
+        purpose="fine-tune",
+    )
+    dpo = client.fine_tuning.jobs.create(
+        model=TINY,
+        training_file=preference.id,
+        suffix="prefer",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 4}}},
+    )
+    job, seen = _follow(client, dpo.id)
+    assert job.status == "succeeded", job.error  # type: ignore[attr-defined]
+    assert job.fine_tuned_model == "prefer/1" and job.method.type == "dpo"  # type: ignore[attr-defined]
+    assert job.method.dpo.hyperparameters.beta == 0.2  # type: ignore[attr-defined]
+    answer = client.chat.completions.create(
+        model="prefer/1", messages=[{"role": "user", "content": "Repeat the number 5."}], max_tokens=3
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens == 3

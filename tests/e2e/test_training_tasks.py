@@ -69,7 +69,7 @@ def test_grpo_config_trains_with_sandboxed_reward_functions_and_streams_their_re
         base_model=TINY,
         adapter="lora",
         train_steps=2,
-        effective_batch_size=2,
+        effective_batch_size=4,
         num_generations=2,
         sampling_params=SamplingParamsConfig(max_tokens=6),
         reward_fns=[short_answer, mentions_the_word, steals_credentials],
