@@ -54,6 +54,29 @@ def write_peft_adapter(directory: Path, base_model: str = "tiny-random-llama", *
     return directory
 
 
+def write_classifier_adapter(
+    directory: Path, base_model: str = "tiny-random-llama", *, rank: int = 4
+) -> Path:
+    """A classification adapter as the trainer writes it (a SEQ_CLS LoRA, its score head over
+    tiny-random-llama's 64 hidden units, and classifier_labels.json), without torch."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+    from tuneforge.rules.artifacts import CLASSIFIER_LABELS
+    from tuneforge.rules.classifier import encode_labels
+
+    write_peft_adapter(directory, base_model, rank=rank)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config |= {"task_type": "SEQ_CLS", "modules_to_save": ["score"]}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    weights = directory / "adapter_model.safetensors"
+    head = np.random.default_rng(1).standard_normal((2, 64), "float32")
+    save_file(load_file(str(weights)) | {"base_model.model.score.weight": head}, str(weights))
+    (directory / CLASSIFIER_LABELS).write_text(encode_labels(["negative", "positive"]))
+    return directory
+
+
 def process_alive(pid: int) -> bool:
     """True while the process runs; a zombie (exited, not yet reaped) counts as gone."""
     try:

@@ -22,7 +22,7 @@ from fuzz_inputs import Choices
 from fuzz_support import probe
 from schemathesis.generation.case import Case
 from schemathesis.python import asgi
-from tests_support import write_peft_adapter
+from tests_support import write_classifier_adapter, write_peft_adapter
 
 from app.db import FinetuningJob, JobStatus
 from app.db.session import transaction
@@ -42,6 +42,7 @@ BASE_MODELS = ("smollm2-135m", TINY)
 FUZZ_CONTEXT_TOKENS = 256
 # The adapter every serving target can load, as `<root>/<repo>/<N>`.
 SERVING_ADAPTER = "fuzz/1"
+SERVING_CLASSIFIER = "fuzz/2"  # a classification adapter (LoRAX /classify)
 SERVING_PATHS = [
     "generate",
     "generate_stream",
@@ -49,6 +50,8 @@ SERVING_PATHS = [
     "v1/chat/completions",
     "v1/embeddings",
     "embed",
+    "classify",
+    "classify_batch",
     "v1/models",
     "health",
 ]
@@ -89,6 +92,7 @@ def _stop(engine: AsyncEngine) -> None:
 
 def serving_adapter_root(root: Path) -> Path:
     write_peft_adapter(root / SERVING_ADAPTER, TINY)
+    write_classifier_adapter(root / SERVING_CLASSIFIER, TINY)
     return root
 
 
@@ -193,6 +197,10 @@ class ServingTarget:
             ({}, {"model": SERVING_ADAPTER, "input": [[1, 2, 3], [4]], "encoding_format": "float"}),
         ],
         "POST /embed": [({}, {"inputs": "hello", "parameters": {"adapter_id": SERVING_ADAPTER}})],
+        "POST /classify": [({}, {"inputs": "hello", "adapter_id": SERVING_CLASSIFIER})],
+        "POST /classify_batch": [
+            ({}, {"inputs": ["good", "bad"], "parameters": {"adapter_id": SERVING_CLASSIFIER}})
+        ],
     }
 
     def __init__(self, model_dir: Path, adapter_root: Path) -> None:

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from server_support import TINY, LiveServingServer
+from tests_support import write_classifier_adapter
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from tuneforge.rules.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CLASSIFIER_LABELS
 from tuneforge.rules.classifier import encode_labels
@@ -76,6 +77,7 @@ def root(tiny_model_dir: Path, adapter_root: Path, tmp_path_factory: pytest.Temp
     for seed, (adapter_id, labels) in enumerate(LABELS.items()):
         make_classifier(tiny_model_dir, root / adapter_id, labels, seed=seed + 7)
     shutil.copytree(adapter_root / "acme/1", root / "acme/1")  # a plain LoRA
+    write_classifier_adapter(root / "plain/1")  # the torch-free writer the fuzz run's classifier comes from
     return root
 
 
@@ -104,6 +106,15 @@ def test_classify_batch_matches_the_training_side_model(
         for answer, row in zip(answers, expected, strict=True):
             assert answer["label"] == labels[int(row.argmax())]
             assert answer["score"] == pytest.approx(float(row.max()), abs=1e-4)
+
+
+def test_the_torch_free_classifier_of_the_fuzz_run_matches_the_training_side_model(
+    server: LiveServingServer, tiny_model_dir: Path, root: Path
+) -> None:
+    response = httpx.post(f"{server.url}/classify_batch", json={"inputs": TEXTS, "adapter_id": "plain/1"})
+    assert response.status_code == 200, response.text
+    expected = reference(tiny_model_dir, root / "plain/1", TEXTS)
+    torch.testing.assert_close(_probabilities(response.json()), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_classify_one_text_with_adapter_id_in_parameters(server: LiveServingServer) -> None:
