@@ -96,15 +96,41 @@ export function headline(version) {
   return tiles.length ? h("div", { class: "tiles", id: "headline" }, tiles) : null;
 }
 
+// The tasks beyond next-token learning report {before, after} pairs of their own metrics.
+const isNumber = (value) => typeof value === "number" && Number.isFinite(value);
+const change = (values, digits) =>
+  values && isNumber(values.before) && isNumber(values.after)
+    ? `before ${values.before.toFixed(digits)} → after ${values.after.toFixed(digits)}`
+    : null;
+const TASK_METRICS = [
+  ["Accuracy", "accuracy"],
+  ["Macro F1", "f1_macro"],
+  ["Reward accuracy", "reward_accuracy"],
+  ["Reward margin", "reward_margin"],
+  ["Mean reward", "reward_mean"],
+];
+
+// A classifier's confusion matrix: rows are the true labels, columns the predicted ones.
+function confusionTable(report) {
+  const matrix = report.confusion_matrix;
+  if (!matrix || !Array.isArray(matrix.labels) || !Array.isArray(matrix.matrix)) return null;
+  const rows = matrix.labels.map((label, i) => [h("strong", {}, label), ...(matrix.matrix[i] || []).map(String)]);
+  const el = table(["true ↓ predicted →", ...matrix.labels], rows);
+  el.id = "confusion-matrix";
+  return el;
+}
+
 export function qualityReport(report) {
   if (!Object.keys(report).length) return [h("p", { class: "muted" }, "none yet")];
   const losses = [
-    ["Eval loss", pair(report.eval_loss, 4)],
+    ["Eval loss", pair(report.eval_loss, 4) || change(report.eval_loss, 4)],
     ["Perplexity", pair(report.perplexity, 2)],
+    ...TASK_METRICS.map(([name, key]) => [name, change(report[key], 3)]),
   ].filter(([, value]) => value);
   return [
     report.summary ? h("p", { id: "quality-summary" }, report.summary) : null,
     losses.length ? facts(losses) : null,
+    confusionTable(report),
     answersTable(report),
   ];
 }
