@@ -316,6 +316,9 @@ def grpo_task(config: TrainingConfig, inputs: Inputs) -> GRPOTask:
     def make_scorer() -> RewardScorer:  # the sandbox's processes start on the first step's scoring
         functions = {name: fn.source for name, fn in reward_fns.functions.items()}
         packages = tuple(reward_fns.runtime.packages or ()) if reward_fns.runtime else ()
-        return RewardSandbox(functions, inputs.reward_limits or SandboxLimits(), packages=packages)
+        try:
+            return RewardSandbox(functions, inputs.reward_limits or SandboxLimits(), packages=packages)
+        except ValueError as exc:  # a package the workers lack, a function that does not load
+            raise TrainingConfigError(f"reward_fns: {exc}") from None
 
     return GRPOTask(config, inputs.rollouts, make_scorer)

@@ -173,6 +173,17 @@ def test_a_grpo_run_without_a_sampler_is_refused(tiny_dir: Path, tmp_path: Path)
         train(grpo_config(), prompt_rows(), output_dir=tmp_path, model_dir=tiny_dir)
 
 
+def test_a_package_the_workers_lack_fails_the_run_naming_it(
+    tiny_dir: Path, sampler: EngineRolloutSampler, tmp_path: Path
+) -> None:
+    functions = {"length": encoded(LENGTH_REWARD)}
+    config = grpo_config(
+        reward_fns={"functions": functions, "runtime": {"packages": ["no-such-package-xyz"]}}
+    )
+    with pytest.raises(TrainingConfigError, match="reward_fns: .*'no-such-package-xyz' is not installed"):
+        train(config, prompt_rows(), output_dir=tmp_path, model_dir=tiny_dir, rollouts=sampler)
+
+
 def test_grpo_refuses_what_its_rollout_engine_cannot_sample_as_the_policy() -> None:
     with pytest.raises(ValidationError, match=r"adapter: task 'grpo' samples .* not 'dora'"):
         grpo_config(adapter="dora")
