@@ -180,7 +180,7 @@ def test_a_package_the_workers_lack_fails_the_run_naming_it(
     config = grpo_config(
         reward_fns={"functions": functions, "runtime": {"packages": ["no-such-package-xyz"]}}
     )
-    with pytest.raises(TrainingConfigError, match="reward_fns: .*'no-such-package-xyz' is not installed"):
+    with pytest.raises(TrainingConfigError, match=r"reward_fns: .*'no-such-package-xyz' is not installed"):
         train(config, prompt_rows(), output_dir=tmp_path, model_dir=tiny_dir, rollouts=sampler)
 
 
