@@ -31,6 +31,8 @@ ALIVE = "def alive(prompt, completion, example):\n    return 7.0\n"
 def run_one() -> Iterator[Run]:
     """Scores one hostile function on one example, then checks the sandbox still scores afterwards."""
     opened: list[RewardSandbox] = []
+    # The suite's own servers and workers are children of this process too; only new ones count.
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
 
     def run(source: str, example: dict[str, object], limits: SandboxLimits = LIMITS) -> Scores:
         box = RewardSandbox({"hostile": source, "alive": ALIVE}, limits)
@@ -44,7 +46,7 @@ def run_one() -> Iterator[Run]:
     for box in opened:
         box.close()
     # Whatever the function started (forked children included) ended with its sandbox.
-    assert psutil.Process().children(recursive=True) == []
+    assert [c for c in psutil.Process().children(recursive=True) if c.pid not in before] == []
 
 
 def _fails(scores: Scores) -> str:

@@ -10,5 +10,6 @@ from app.db import JobMetric
 def test_each_step_metric_field_has_a_column() -> None:
     columns = set(JobMetric.__table__.columns.keys())
     assert set(STEP_METRIC_FIELDS) <= columns
-    # What a row holds besides the metrics: its keys and bookkeeping.
-    assert columns - set(STEP_METRIC_FIELDS) == {"id", "job_id", "step", "attempt", "created_at"}
+    # What a row holds besides the metrics: its keys, bookkeeping and the task's own metrics (JSON).
+    bookkeeping = {"id", "job_id", "step", "attempt", "created_at", "task_metrics"}
+    assert columns - set(STEP_METRIC_FIELDS) == bookkeeping
