@@ -94,3 +94,11 @@ def list_models(ctx: CtxDep, session: SessionDep, user: CurrentUser) -> oa.Model
         for name in openai_models.servable_base_models(ctx.settings, session)
     ]
     return oa.ModelList(data=data)
+
+
+@router.get("/v1/models/{model:path}", response_model=oa.Model)
+def retrieve_model(model: str, ctx: CtxDep, session: SessionDep, user: CurrentUser) -> oa.Model:
+    version = openai_models.find_model(ctx.settings, session, user, model)
+    if version is None:
+        return oa.Model(id=model, created=0, owned_by="tuneforge")
+    return oa.Model(id=model, created=present.epoch(version.created_at) or 0, owned_by=user.tenant.name)

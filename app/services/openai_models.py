@@ -92,6 +92,25 @@ def auto_deployment_name(base_model: str) -> str:
     return f"{cleaned[: MAX_NAME_LENGTH - 9]}-{digest}"
 
 
+def find_model(settings: Settings, session: Session, user: User, model: str) -> AdapterVersion | None:
+    """A model `/v1/models` lists: the caller's completed, unarchived adapter version, or None for a
+    base model this cluster serves; NotFoundError for anything else."""
+    missing = NotFoundError(f"model: {model!r} not found; GET /v1/models lists the models you can use")
+    try:
+        ref = AdapterRef.parse(model)
+    except AdapterRefError:
+        if model in servable_base_models(settings, session):
+            return None
+        raise missing from None
+    try:
+        version = versions.resolve(session, user.tenant.name, ref).version
+    except NotFoundError:
+        raise missing from None
+    if version.status != VersionStatus.COMPLETED or version.archived:
+        raise missing
+    return version
+
+
 def adapter_ids(session: Session, user: User) -> list[tuple[str, AdapterVersion]]:
     """The caller's completed, unarchived adapter versions as `repo/N`, newest first."""
     query = (

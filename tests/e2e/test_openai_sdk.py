@@ -77,6 +77,7 @@ def test_fine_tune_with_the_openai_sdk_and_chat_with_the_result(live_server_with
     # The fine-tuned model is served by a deployment of its base model: the tenant has none, so the first
     # request creates one with the defaults and starts it.
     assert "repeat/1" in [m.id for m in client.models.list()]
+    assert client.models.retrieve("repeat/1").owned_by != "tuneforge"  # the tenant's own model
     chat = client.chat.completions.create(
         model="repeat/1",
         messages=[{"role": "user", "content": "Repeat the number 3."}],

@@ -210,3 +210,7 @@ def test_chat_with_a_model_nothing_can_serve_is_refused_naming_model(client: ope
 def test_models_lists_the_base_models(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
     assert BASE in ids and "smollm2-135m" in ids
+    assert client.models.retrieve(BASE).owned_by == "tuneforge"
+    for unknown in ("gpt-17", "nothing/3", "nothing/3@5"):
+        with pytest.raises(openai.NotFoundError, match="GET /v1/models lists"):
+            client.models.retrieve(unknown)
