@@ -222,14 +222,16 @@ def capital_rows() -> list[dict[str, str]]:
     return rows
 
 
-def test_reward_accuracy_rises_on_smollm2(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_reward_accuracy_rises_on_smollm2(
+    tmp_path_factory: pytest.TempPathFactory, shared_model_cache: Path
+) -> None:
     recorder = Recorder()
     # Without the chat template's system prompt a sequence is ~15 tokens: a step is a few CPU seconds.
     config = dpo_config(base_model="smollm2-135m", train_steps=4, learning_rate=1e-3, beta=0.1,
                         label_smoothing=0.0, micro_batch_size=9, effective_batch_size=9,
                         max_seq_length=64, apply_chat_template=False)  # fmt: skip
     result = train(config, capital_rows(), output_dir=tmp_path_factory.mktemp("dpo-smollm2"),
-                   cache_dir=tmp_path_factory.mktemp("smollm2-cache"), callbacks=recorder)  # fmt: skip
+                   cache_dir=shared_model_cache, callbacks=recorder)  # fmt: skip
     accuracy = [metrics["reward_accuracy"] for _, metrics in recorder.steps]
     assert accuracy[0] == 0.0 and sum(accuracy[-2:]) / 2 >= 0.9, accuracy
     report = result.summary["quality_report"]

@@ -233,8 +233,9 @@ THINGS = ["color", "animal", "fruit", "country", "city", "river", "planet", "flo
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return resolve_base_model("smollm2-135m", tmp_path_factory.mktemp("grpo-smollm2"))
+def smollm2_dir(shared_model_cache: Path) -> Path:
+    # The session's model cache: smollm2-135m is converted from its GGUF once per run, not per module.
+    return resolve_base_model("smollm2-135m", shared_model_cache)
 
 
 def test_grpo_raises_the_reward_of_a_verifiable_task_on_smollm2(smollm2_dir: Path, tmp_path: Path) -> None:
