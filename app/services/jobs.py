@@ -281,12 +281,9 @@ def record_metric(
         raise TypeError(f"unknown metric fields: {sorted(unknown)}")
     given: dict[str, Any] = {k: v for k, v in values.items() if v is not None}
     given["attempt"] = max(job.attempt, 1)
-    if task_metrics:
-        existing = session.scalar(
-            select(JobMetric.task_metrics).where(JobMetric.job_id == job.id, JobMetric.step == step)
-        )
-        given["task_metrics"] = (existing or {}) | task_metrics
     row = _upsert(session, JobMetric, job, step, given)
+    if task_metrics:  # merged into the row _upsert found or made (a new dict: JSON columns track assignment)
+        row.task_metrics = (row.task_metrics or {}) | task_metrics
     job.steps_done = step
     session.flush()
     return row

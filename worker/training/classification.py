@@ -154,10 +154,11 @@ class ClassificationTask:
         )
         return PreparedData(train, held_out, stats, labels=tuple(self.labels))  # type: ignore[arg-type]
 
-    def step_batches(self, run: Run, micro_batches: Sequence[Sequence[Any]]) -> list[LabelBatch]:
+    def step_batches(self, run: Run, micro_batches: Sequence[Sequence[Any]], step: int) -> list[LabelBatch]:
         return [make_label_batch(micro, run.pad_token_id) for micro in micro_batches]
 
     def loss_sum(self, run: Run, batch: LabelBatch) -> torch.Tensor:  # type: ignore[override]
+        batch = batch.to(run.device)
         logits = pooled_logits(run.trainable.causal_lm(), batch)
         with torch.no_grad():
             self._correct += int((logits.argmax(-1) == batch.labels).sum())

@@ -145,10 +145,9 @@ class GRPOTask:
     ) -> PreparedData:
         return prepare_prompts(rows, tokenizer, config)
 
-    def step_batches(self, run: Run, micro_batches: Sequence[Sequence[PromptExample]]) -> list[RolloutBatch]:
-        # The loop hands no step number; the scheduler has stepped once per optimiser step and is restored
-        # from checkpoints, so its count is this step's number, on a resumed run too.
-        step = int(run.scheduler.last_epoch)
+    def step_batches(
+        self, run: Run, micro_batches: Sequence[Sequence[PromptExample]], step: int
+    ) -> list[RolloutBatch]:
         prompts = [example for micro in micro_batches for example in micro]
         n = self.config.num_generations
         snapshot = adapter_snapshot(run.trainable)
@@ -176,6 +175,7 @@ class GRPOTask:
         return batches
 
     def loss_sum(self, run: Run, batch: RolloutBatch) -> torch.Tensor:  # type: ignore[override]
+        batch = batch.to(run.device)
         model = run.trainable.model
         tokens = batch.input_ids[:, 1:]  # [N, L-1]: position t's logits predict token t + 1
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

@@ -382,7 +382,9 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks, tot
         # Inside the step, so its one-off cost counts in train_seconds (this step's tokens/s is low).
         build_features(run)
     # Every rank builds every micro-batch (host tensors, cheap): the counts below are the global batch's.
-    batches = run.task.step_batches(run, run.micro_batches(run.examples_for_step(progress.step)))
+    batches = run.task.step_batches(
+        run, run.micro_batches(run.examples_for_step(progress.step)), progress.step
+    )
     # Normalise by the whole step's target count, so each token weighs the same whatever its micro-batch.
     n_targets = max(1, sum(batch.target_count for batch in batches))
     # turbo trains no weight of the model: it stays in eval mode (no LoRA dropout), as it will serve.
@@ -390,7 +392,7 @@ def _train_step(run: Run, progress: _Progress, callbacks: TrainingCallbacks, tot
     loss_total = 0.0
     for index in run.world.share(batches):  # this rank's micro-batches; all of them on one device
         with micro_batch_rng(run.device, config.seed, progress.step, index), trainable.autocast():
-            loss = run.task.loss_sum(run, batches[index].to(run.device))
+            loss = run.task.loss_sum(run, batches[index])
             run.scaler.scale(loss / n_targets).backward()
         loss_total += loss.item()
     params = [p for _, p in trainable.named_trainable()]

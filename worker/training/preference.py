@@ -160,10 +160,11 @@ class PreferenceTask:
     ) -> PreparedData:
         return prepare_preferences(rows, tokenizer, config)
 
-    def step_batches(self, run: Run, micro_batches: Sequence[Sequence[Any]]) -> list[PairBatch]:
+    def step_batches(self, run: Run, micro_batches: Sequence[Sequence[Any]], step: int) -> list[PairBatch]:
         return [self._batch(run, micro, packed=run.config.packing) for micro in micro_batches]
 
     def loss_sum(self, run: Run, batch: PairBatch) -> torch.Tensor:
+        batch = batch.to(run.device)
         policy = sequence_logps(run.trainable.model, batch)
         result = dpo_losses(policy, batch.reference, self.beta, self.label_smoothing)
         self._step.add(result, policy.detach())

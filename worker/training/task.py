@@ -52,12 +52,14 @@ class TrainingTask(Protocol):
         """Split and encode the rows; `PreparedData.train`/`eval` hold the task's own example type."""
         ...
 
-    def step_batches(self, run: Run, micro_batches: Sequence[Sequence[Any]]) -> list[StepBatch]:
-        """A step's micro-batches, on the host; a task may sample from the model here (GRPO's rollouts)."""
+    def step_batches(self, run: Run, micro_batches: Sequence[Sequence[Any]], step: int) -> list[StepBatch]:
+        """Step `step`'s micro-batches (0-based), on the host; a task may sample from the model here
+        (GRPO's rollouts, seeded by the step)."""
         ...
 
     def loss_sum(self, run: Run, batch: StepBatch) -> torch.Tensor:
-        """The micro-batch's summed loss (0-dim fp32, with autograd), on the run's device."""
+        """The micro-batch's summed loss (0-dim fp32, with autograd) on the run's device; `batch` is the
+        host batch (the task moves it, after reading what it needs on the host)."""
         ...
 
     def step_metrics(self) -> dict[str, float]:
@@ -96,14 +98,15 @@ class LanguageModelingTask:
     ) -> PreparedData:
         return prepare_data(rows, tokenizer, config)
 
-    def step_batches(self, run: Run, micro_batches: Sequence[Sequence[Any]]) -> list[StepBatch]:
+    def step_batches(self, run: Run, micro_batches: Sequence[Sequence[Any]], step: int) -> list[StepBatch]:
         return [make_batch(micro, run.pad_token_id, packed=run.config.packing) for micro in micro_batches]
 
     def loss_sum(self, run: Run, batch: StepBatch) -> torch.Tensor:
+        # The feature cache reads the host batch's keys (no device sync), then the batch moves.
         features = None
         if run.features is not None:
             features = run.features.features(batch, run.device)  # type: ignore[arg-type]
-        return objective.loss_sum(run.trainable, batch, features)  # type: ignore[arg-type]
+        return objective.loss_sum(run.trainable, batch.to(run.device), features)
 
     def step_metrics(self) -> dict[str, float]:
         return {}

@@ -70,7 +70,7 @@ def test_the_loss_is_the_sigmoid_dpo_formula_with_label_smoothing(tiny_cache: Pa
     assert isinstance(model, PeftModel)
     model.eval()
     with torch.no_grad():
-        loss = float(task.loss_sum(run, task.step_batches(run, [pairs])[0]))
+        loss = float(task.loss_sum(run, task.step_batches(run, [pairs], 0)[0]))
         metrics = task.step_metrics()
         policy = [[reply_logp(model, p.prompt, r) for r in (p.chosen, p.rejected)] for p in pairs]
         with model.disable_adapter():
