@@ -327,8 +327,9 @@ def test_a_job_started_from_the_page_counts_steps_live_and_cancels(dashboard: Da
     shoot(page, "job-training")
 
     page.click("#cancel")
+    # The version's badge follows the job's; the page is then drawn anew with the ended job.
     page.wait_for_selector("#version-status [data-status=canceled]")
-    assert page.is_visible("#job-status [data-status=canceled]")
+    page.wait_for_selector("#job-status [data-status=canceled]")
     assert page.is_hidden("#cancel")
     assert "canceled" in page.inner_text("#timeline")
     shoot(page, "job-canceled")

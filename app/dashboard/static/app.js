@@ -10,6 +10,7 @@ const view = document.getElementById("view");
 const nav = document.getElementById("nav");
 // Aborted when the page changes, so streams and timers of the page left behind stop.
 let pageScope = new AbortController();
+let shownHash = null; // the route the view shows (or is loading)
 
 const ROUTES = [
   [/^#\/datasets$/, datasetList],
@@ -57,6 +58,7 @@ async function signIn(token) {
 function signOut(message) {
   session.token = null;
   session.user = null;
+  shownHash = null;
   pageScope.abort();
   signInForm(message);
 }
@@ -72,7 +74,10 @@ async function route() {
   for (const [pattern, page] of ROUTES) {
     const match = hash.match(pattern);
     if (!match) continue;
-    view.replaceChildren(h("p", { class: "muted" }, "Loading…"));
+    // A page drawn anew in place (a job that ended while watched) keeps showing until its new
+    // content is ready; only a move to another page shows "Loading…".
+    if (hash !== shownHash) view.replaceChildren(h("p", { class: "muted" }, "Loading…"));
+    shownHash = hash;
     try {
       const args = match.slice(1).map(decodeURIComponent);
       const content = await page(args, scope.signal);
