@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
+
+from tuneforge.rules.datasets import SPLIT_COLUMN, Split
 
 from app.db import Dataset, DatasetStatus, JobCheckpoint
 from app.services import blob_keys
@@ -47,6 +50,34 @@ def upload_dir(
             info = store.put_stream(f"{prefix}{name}", handle)
         files[name] = {"size": info.size, "sha256": info.sha256}
     return files
+
+
+def job_rows(
+    store: BlobStore, dataset: Dataset | None, held_out: Dataset | None, *, has_held_out: bool
+) -> list[dict[str, Any]]:
+    """The job's rows. With a separate evaluation dataset (`has_held_out`), its rows follow the training
+    dataset's, each row marked with the split it belongs to: the training core splits by that column."""
+    rows = download_rows(store, dataset)
+    if not has_held_out:
+        return rows
+    if held_out is None:
+        raise TrainingDataError(
+            "the job's validation dataset was deleted; upload it again and start a new job"
+        )
+    evaluation = download_rows(store, held_out)
+    return [{**row, SPLIT_COLUMN: Split.TRAIN.value} for row in rows] + [
+        {**row, SPLIT_COLUMN: Split.EVALUATION.value} for row in evaluation
+    ]
+
+
+def rows_fingerprint(dataset: Dataset | None, held_out: Dataset | None) -> str | None:
+    """What the rows a job reads are keyed by in the tokenised-data cache: the dataset's bytes, and the
+    held-out dataset's when the job has one."""
+    if dataset is None:
+        return None
+    if held_out is None:
+        return dataset.sha256
+    return hashlib.sha256(f"{dataset.sha256}+held-out:{held_out.sha256}".encode()).hexdigest()
 
 
 def token_cache_for(store: BlobStore, dataset: Dataset | None) -> BlobTokenCache | None:

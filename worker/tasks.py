@@ -26,7 +26,14 @@ from app.services import jobs, versions
 from worker import artifact_checks
 from worker.db_retry import RetryingCallbacks, retrying
 from worker.export_task import register_export_task
-from worker.job_io import download_checkpoint, download_files, download_rows, token_cache_for, upload_dir
+from worker.job_io import (
+    download_checkpoint,
+    download_files,
+    job_rows,
+    rows_fingerprint,
+    token_cache_for,
+    upload_dir,
+)
 from worker.model_store import (
     MODEL_ERRORS,
     model_cache_dir,
@@ -165,7 +172,10 @@ def _lease(ctx: AppContext, job_id: int, worker_id: str) -> Iterator[None]:
 def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) -> None:
     config = TrainingConfig.model_validate(job.params)
     dataset = session.get(Dataset, job.dataset_id) if job.dataset_id is not None else None
-    rows = download_rows(ctx.store, dataset)
+    held_out = session.get(Dataset, job.eval_dataset_id) if job.eval_dataset_id is not None else None
+    # A job created with an evaluation dataset that was deleted since keeps its name: refused, not run
+    # on a holdout of the training rows it was never meant to have.
+    rows = job_rows(ctx.store, dataset, held_out, has_held_out=job.eval_dataset_name is not None)
     tenant_uuid = jobs.tenant_uuid(session, job)
     model_dir, trust_remote_code = _base_model(ctx, config)
     with (
@@ -199,7 +209,7 @@ def _train_and_publish(ctx: AppContext, session: Session, job: FinetuningJob) ->
             resume_from=resume_from,
             init_from=init_from,
             data_cache=token_cache_for(ctx.store, dataset),
-            dataset_fingerprint=dataset.sha256 if dataset is not None else None,
+            dataset_fingerprint=rows_fingerprint(dataset, held_out),
             collective_timeout_seconds=ctx.settings.worker_collective_timeout_seconds,
             rollouts=rollouts,
             reward_limits=_reward_limits(ctx),

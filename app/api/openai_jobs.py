@@ -33,12 +33,6 @@ def job_request(body: oa.JobCreate) -> openai_jobs.JobRequest:
         )
     if body.metadata:
         raise InvalidInputError("metadata: not stored by tuneforge; leave it out")
-    if body.validation_file:
-        raise InvalidInputError(
-            "validation_file: tuneforge reads evaluation rows from the training file; give its rows a "
-            "'split' field ('train' or 'evaluation'), or leave validation_file out to hold out a share "
-            "of the training rows"
-        )
     method = body.method.type if body.method is not None else "supervised"
     hyperparameters = body.hyperparameters.model_dump() if body.hyperparameters is not None else {}
     chosen = _method_hyperparameters(body.method)
@@ -48,6 +42,7 @@ def job_request(body: oa.JobCreate) -> openai_jobs.JobRequest:
     return openai_jobs.JobRequest(
         model=body.model,
         training_file=body.training_file,
+        validation_file=body.validation_file,
         method=method,
         hyperparameters=hyperparameters,
         suffix=body.suffix,

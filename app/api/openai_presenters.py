@@ -63,17 +63,17 @@ def job(session: Session, row: FinetuningJob) -> oa.FineTuningJob:
         seed=config.seed,
         status=status,  # type: ignore[arg-type]
         trained_tokens=openai_jobs.trained_tokens(session, row) if succeeded else None,
-        training_file=_training_file(session, row),
-        validation_file=None,
+        training_file=_file_of(session, row.dataset_id, row.dataset_name) or "",
+        validation_file=_file_of(session, row.eval_dataset_id, row.eval_dataset_name),
         method=_method(config),
         user_provided_suffix=suffix,
     )
 
 
-def _training_file(session: Session, row: FinetuningJob) -> str:
-    # A deleted file leaves its dataset's name: the id no longer names anything.
-    dataset = session.get(Dataset, row.dataset_id) if row.dataset_id is not None else None
-    return openai_files.file_id(dataset) if dataset is not None else row.dataset_name
+def _file_of(session: Session, dataset_id: int | None, gone: str | None) -> str | None:
+    """The dataset's file id; `gone` once it was deleted (a deleted id no longer names anything)."""
+    dataset = session.get(Dataset, dataset_id) if dataset_id is not None else None
+    return openai_files.file_id(dataset) if dataset is not None else gone
 
 
 def _hyperparameters(config: FinetuningConfig) -> dict[str, Any]:

@@ -50,6 +50,10 @@ class FinetuningJob(Timestamped, Base):
     )
     # A finished job outlives its dataset; the worker refuses a job whose dataset is gone.
     dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
+    # Rows held out for evaluation, from a second dataset (OpenAI's `validation_file`); None: the run
+    # holds out rows of `dataset` (its `split` column, or eval_fraction). Gone mid-run: the worker refuses.
+    eval_dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
+    eval_dataset_name: Mapped[str | None] = mapped_column(String(255))  # set with it; kept once it is gone
     # Kept for display after the dataset is deleted (the SDK requires `datasetName`).
     dataset_name: Mapped[str] = mapped_column(String(255), default="", server_default="")
     base_model: Mapped[str] = mapped_column(String(255))

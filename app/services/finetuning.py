@@ -52,7 +52,11 @@ def create_job(
     repo_ref: str,
     description: str | None = None,
     continue_from_version: str | None = None,
+    eval_dataset: Dataset | None = None,
 ) -> FinetuningJob:
+    """`eval_dataset`: a second connected dataset whose rows are the run's held-out split (the caller
+    checked that its rows are of the training dataset's kind, and that the training dataset names no
+    split of its own)."""
     parent = continuation.resolve(session, user, continue_from_version) if continue_from_version else None
     config = validate_params(continuation.params(parent, params) if parent is not None else params)
     base_model, found = _base_model(ctx, session, config)
@@ -83,12 +87,14 @@ def create_job(
         repo_id=repo.id,
         version_id=version.id,
         dataset_id=dataset.id,
+        eval_dataset_id=eval_dataset.id if eval_dataset is not None else None,
+        eval_dataset_name=eval_dataset.name if eval_dataset is not None else None,
         dataset_name=dataset.name,
         base_model=base_model,
         adapter_type=config.adapter,
         params=stored,
         description=description,
-        total_steps=_planned_steps(config, dataset),
+        total_steps=_planned_steps(config, dataset, held_out_elsewhere=eval_dataset is not None),
         worker_class=placed.worker_class,
         placement=placed.record,
     )
@@ -197,13 +203,17 @@ def _require_task_fits(config: FinetuningConfig, dataset: Dataset) -> None:
     )
 
 
-def _planned_steps(config: FinetuningConfig, dataset: Dataset) -> int | None:
-    """The run's optimizer steps as far as the control plane can tell; the worker reports the exact count."""
+def _planned_steps(
+    config: FinetuningConfig, dataset: Dataset, *, held_out_elsewhere: bool = False
+) -> int | None:
+    """The run's optimizer steps as far as the control plane can tell; the worker reports the exact count.
+
+    held_out_elsewhere: the evaluation rows come from another dataset, so every row here trains."""
     if config.train_steps is not None:
         return config.train_steps
     counts = dataset.split_counts or {}
     train_rows = counts.get(Split.TRAIN, dataset.row_count or 0)
-    if not counts.get(Split.EVALUATION) and config.eval_fraction:
+    if not counts.get(Split.EVALUATION) and config.eval_fraction and not held_out_elsewhere:
         # No held-out rows in the file: the worker holds out eval_fraction of them (seeded).
         train_rows -= max(1, round(train_rows * config.eval_fraction))
     if train_rows < 1:

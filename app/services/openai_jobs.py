@@ -15,7 +15,13 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 from tuneforge.config import DEFAULT_LEARNING_RATES
-from tuneforge.rules.datasets import kind_of_columns, kinds_for_task_message, task_takes_kind
+from tuneforge.rules.datasets import (
+    SPLIT_COLUMN,
+    format_columns,
+    kind_of_columns,
+    kinds_for_task_message,
+    task_takes_kind,
+)
 
 from app.context import AppContext
 from app.db import Dataset, DatasetStatus, FinetuningJob, JobCheckpoint, JobEvent, JobMetric, User
@@ -36,6 +42,7 @@ class JobRequest:
 
     model: str
     training_file: str
+    validation_file: str | None
     method: str  # supervised | dpo
     # n_epochs, batch_size, learning_rate_multiplier[, beta]: "auto" or a value
     hyperparameters: dict[str, Any]
@@ -66,6 +73,9 @@ def create(ctx: AppContext, session: Session, user: User, request: JobRequest) -
             f"method.type: {request.method!r} is not trained here; use 'supervised' or 'dpo'"
         )
     dataset = _trainable_file(session, user, request.training_file, task, request.method)
+    held_out = None
+    if request.validation_file is not None:
+        held_out = _validation_file(session, user, request, dataset, task)
     repo_name = validate_name(request.suffix, "suffix") if request.suffix is not None else DEFAULT_REPO
     params = config_params(request, task)
     # Checked before the repo is made, so that a refused request leaves nothing behind.
@@ -80,6 +90,7 @@ def create(ctx: AppContext, session: Session, user: User, request: JobRequest) -
         dataset_ref=dataset.uuid,
         repo_ref=repo.uuid,
         description=f"OpenAI fine-tuning job ({request.method}) on {request.training_file}",
+        eval_dataset=held_out,
     )
 
 
@@ -101,24 +112,58 @@ def config_params(request: JobRequest, task: str) -> dict[str, Any]:
     return params
 
 
-def _trainable_file(session: Session, user: User, ref: str, task: str, method: str) -> Dataset:
-    dataset = openai_files.get(session, user, ref, "training_file")
+def _trainable_file(
+    session: Session, user: User, ref: str, task: str, method: str, field: str = "training_file"
+) -> Dataset:
+    dataset = openai_files.get(session, user, ref, field)
     if dataset.status == DatasetStatus.VALIDATING:
         raise InvalidInputError(
-            f"training_file: {ref} is still being processed; create the job once GET /v1/files/{ref} "
+            f"{field}: {ref} is still being processed; create the job once GET /v1/files/{ref} "
             "says status 'processed'"
         )
     if dataset.status == DatasetStatus.ERRORED:
-        raise InvalidInputError(f"training_file: {ref} could not be read: {dataset.last_error}")
+        raise InvalidInputError(f"{field}: {ref} could not be read: {dataset.last_error}")
     kind = kind_of_columns(dataset.columns or [])
     if kind is None or not task_takes_kind(task, kind):
         other = "dpo" if method == "supervised" else "supervised"
         raise InvalidInputError(
-            f"training_file: method {method!r} trains on rows with {kinds_for_task_message(task)}; "
+            f"{field}: method {method!r} trains on rows with {kinds_for_task_message(task)}; "
             f"{ref} holds {kind or 'unrecognised'} rows (columns {', '.join(dataset.columns or [])}); "
             f"upload such a file, or use method {{'type': {other!r}}} if this file is meant for it"
         )
     return dataset
+
+
+def _validation_file(
+    session: Session, user: User, request: JobRequest, training: Dataset, task: str
+) -> Dataset:
+    """The file whose rows the run evaluates on: of the training file's kind, and the only source of
+    held-out rows (a training file that splits its own rows would leave two answers)."""
+    ref = request.validation_file or ""
+    held_out = _trainable_file(session, user, ref, task, request.method, "validation_file")
+    if held_out.id == training.id:
+        raise InvalidInputError(
+            "validation_file: is the training file; evaluating on the rows the run trains on measures "
+            "nothing. Upload held-out rows as their own file, or leave validation_file out"
+        )
+    for field, ref_of, dataset in (
+        ("validation_file", request.training_file, training),
+        ("validation_file", ref, held_out),
+    ):
+        if SPLIT_COLUMN in (dataset.columns or []):
+            raise InvalidInputError(
+                f"{field}: {ref_of} has a {SPLIT_COLUMN!r} column, and with a validation_file every row of "
+                "the training file trains and every row of the validation file is held out; drop that "
+                "column, or leave validation_file out and let the column say which rows are held out"
+            )
+    wanted, given = format_columns(training.columns or []), format_columns(held_out.columns or [])
+    if wanted != given:
+        raise InvalidInputError(
+            f"validation_file: its rows are read from columns {', '.join(sorted(given))} and the training "
+            f"file's from {', '.join(sorted(wanted))}; the run evaluates on rows of the shape it trains on, "
+            "so give the validation rows the training file's columns"
+        )
+    return held_out
 
 
 @dataclass(frozen=True)

@@ -94,26 +94,35 @@ def test_fine_tune_with_the_openai_sdk_and_chat_with_the_result(live_server_with
     assert TINY in [d["name"] for d in listed["data"]]
 
     # DPO on the same base, from OpenAI's preference JSONL: the second job, and its model answers too.
+    # Its held-out pairs are a validation file of their own.
     pairs = [
         {
             "input": {"messages": [{"role": "user", "content": f"Repeat the number {n}."}]},
             "preferred_output": [{"role": "assistant", "content": f"{n} {n} {n}"}],
             "non_preferred_output": [{"role": "assistant", "content": "no"}],
         }
-        for n in range(16)
+        for n in range(20)
     ]
-    preference = client.files.create(
-        file=("pairs.jsonl", io.BytesIO("".join(json.dumps(p) + "\n" for p in pairs).encode())),
-        purpose="fine-tune",
-    )
+
+    def pairs_file(name: str, rows: list[dict[str, object]]) -> str:
+        data = "".join(json.dumps(p) + "\n" for p in rows).encode()
+        return client.files.create(file=(name, io.BytesIO(data)), purpose="fine-tune").id
+
+    preference, held_out = pairs_file("pairs.jsonl", pairs[:16]), pairs_file("held-out.jsonl", pairs[16:])
     dpo = client.fine_tuning.jobs.create(
         model=TINY,
-        training_file=preference.id,
+        training_file=preference,
+        validation_file=held_out,
         suffix="prefer",
-        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 4}}},
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 2}}},
     )
     job, seen = _follow(client, dpo.id)
     assert job.status == "succeeded", job.error  # type: ignore[attr-defined]
+    assert job.validation_file == held_out  # type: ignore[attr-defined]
+    metrics = [e.data for e in client.fine_tuning.jobs.list_events(dpo.id, limit=50) if e.type == "metrics"]
+    # 16 pairs, 2 a step: 8 steps, as none of them is held out (a tenth would be, without the file).
+    assert max(m["step"] for m in metrics) == 8  # type: ignore[index]
+    assert any(m["valid_loss"] is not None for m in metrics)  # type: ignore[index]
     assert job.fine_tuned_model == "prefer/1" and job.method.type == "dpo"  # type: ignore[attr-defined]
     assert job.method.dpo.hyperparameters.beta == 0.2  # type: ignore[attr-defined]
     answer = client.chat.completions.create(

@@ -56,6 +56,25 @@ def kind_of_columns(columns: Iterable[str]) -> DatasetKind | None:
     return None
 
 
+def format_columns(columns: Iterable[str]) -> frozenset[str]:
+    """The columns the rows' format is read from (kind_of_columns' choice, with the same precedence);
+    two files a run reads as one, training and held-out rows, must agree on these."""
+    present = set(columns)
+    if {CHOSEN_COLUMN, REJECTED_COLUMN} <= present and present & {PROMPT_COLUMN, MESSAGES_COLUMN}:
+        prompt = PROMPT_COLUMN if PROMPT_COLUMN in present else MESSAGES_COLUMN
+        return frozenset({prompt, CHOSEN_COLUMN, REJECTED_COLUMN})
+    openai_pair = {OPENAI_INPUT_COLUMN, OPENAI_PREFERRED_COLUMN, OPENAI_NON_PREFERRED_COLUMN}
+    in_precedence = (
+        openai_pair,
+        {PROMPT_COLUMN, COMPLETION_COLUMN},
+        {MESSAGES_COLUMN},
+        {TEXT_COLUMN, LABEL_COLUMN},
+        {TEXT_COLUMN},
+        {PROMPT_COLUMN},
+    )
+    return next((frozenset(needed) for needed in in_precedence if needed <= present), frozenset())
+
+
 def task_takes_kind(task: str, kind: str) -> bool:
     """Whether a job of `task` can train on a dataset of `kind`."""
     return kind in TASK_DATASET_KINDS.get(task, ())

@@ -106,11 +106,58 @@ def test_supervised_on_a_preference_file_is_a_400_naming_the_fix(client: openai.
     assert raised.value.body["param"] == "training_file"  # type: ignore[index]
 
 
+def test_a_validation_file_holds_the_jobs_evaluation_rows(
+    client: openai.OpenAI, live_server, live_token: str
+) -> None:  # type: ignore[no-untyped-def]
+    training, held_out = upload(client, SFT_ROWS), upload(client, SFT_ROWS[:2])
+    job = client.fine_tuning.jobs.create(
+        model=BASE,
+        training_file=training,
+        validation_file=held_out,
+        hyperparameters={"n_epochs": 1, "batch_size": 1},
+    )
+    assert (job.training_file, job.validation_file) == (training, held_out)
+    assert client.fine_tuning.jobs.retrieve(job.id) == job
+    with transaction(live_server.app.state.ctx.sessions) as session:
+        from app.services import auth
+
+        row = get_openai_job(session, auth.authenticate(session, live_token), job.id)
+        # Every training row trains (none is held out of them): 4 rows at batch size 1.
+        assert row.total_steps == len(SFT_ROWS)
+        assert row.eval_dataset_id is not None and row.eval_dataset_name
+
+
+PROMPT_ROWS = [{"prompt": "Say red", "completion": "red"}]
+SPLIT_ROWS = [{**row, "split": "train"} for row in SFT_ROWS]
+
+
+@pytest.mark.parametrize(
+    ("training_rows", "validation_rows", "expected"),
+    [
+        (SFT_ROWS, PROMPT_ROWS, "give the validation rows the training file's columns"),
+        (SFT_ROWS, DPO_ROWS, "method 'supervised' trains on rows with"),
+        (SPLIT_ROWS, SFT_ROWS, "has a 'split' column"),
+        (SFT_ROWS, SPLIT_ROWS, "has a 'split' column"),
+        (SFT_ROWS, None, "is the training file"),
+    ],
+)
+def test_a_validation_file_that_cannot_be_held_out_is_a_400_naming_it(
+    client: openai.OpenAI,
+    training_rows: list[dict[str, object]],
+    validation_rows: list[dict[str, object]] | None,
+    expected: str,
+) -> None:
+    training = upload(client, training_rows)
+    held_out = upload(client, validation_rows) if validation_rows is not None else training
+    with pytest.raises(openai.BadRequestError, match=expected) as raised:
+        client.fine_tuning.jobs.create(model=BASE, training_file=training, validation_file=held_out)
+    assert raised.value.body["param"] == "validation_file"  # type: ignore[index]
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
         ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations"),
-        ({"validation_file": "file-0123"}, "validation_file"),
         ({"metadata": {"team": "a"}}, "metadata"),
         ({"suffix": "has space"}, "suffix"),
         ({"method": {"type": "reinforcement"}}, "method.type"),
@@ -129,6 +176,11 @@ def test_an_unknown_file_or_model(client: openai.OpenAI, live_server, live_token
     with pytest.raises(openai.NotFoundError) as raised:
         client.fine_tuning.jobs.create(model=BASE, training_file="file-" + "0" * 32)
     assert raised.value.body["param"] == "training_file"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.fine_tuning.jobs.create(
+            model=BASE, training_file=upload(client, SFT_ROWS), validation_file="file-0123"
+        )
+    assert raised.value.body["param"] == "validation_file"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError, match="not available") as raised:
         client.fine_tuning.jobs.create(
             model="no-such-model", training_file=upload(client, SFT_ROWS), suffix="never-made"

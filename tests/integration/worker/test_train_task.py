@@ -67,26 +67,35 @@ def celery(ctx: AppContext) -> Iterator[Celery]:
         yield app
 
 
-def _queued_job(ctx: AppContext, **params: Any) -> int:
-    """A committed queued job on a connected prompt/completion dataset, in a tenant of its own."""
-    data = "".join(json.dumps(row) + "\n" for row in ROWS).encode()
+def _dataset(ctx: AppContext, session: Session, user: Any, name: str, rows: list[dict[str, str]]) -> Dataset:
+    """A connected prompt/completion dataset of `rows`, its bytes in the store."""
+    data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    key = f"tenants/{user.tenant.uuid}/datasets/{secrets.token_hex(8)}/data.jsonl"
+    info = ctx.store.put_stream(key, [data])
+    dataset = Dataset(
+        tenant_id=user.tenant_id,
+        created_by_id=user.id,
+        name=name,
+        status=DatasetStatus.CONNECTED,
+        file_name=f"{name}.jsonl",
+        blob_key=key,
+        size_bytes=info.size,
+        sha256=info.sha256,
+        format="prompt_completion",
+        row_count=len(rows),
+    )
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def _queued_job(ctx: AppContext, held_out: list[dict[str, str]] | None = None, **params: Any) -> int:
+    """A committed queued job on a connected prompt/completion dataset, in a tenant of its own;
+    `held_out`: the rows of a second dataset it evaluates on (OpenAI's validation_file)."""
     with transaction(ctx.sessions) as session:
         user = auth.get_or_create_user(session, f"t-{secrets.token_hex(4)}", "alice")
-        key = f"tenants/{user.tenant.uuid}/datasets/{secrets.token_hex(8)}/data.jsonl"
-        info = ctx.store.put_stream(key, [data])
-        dataset = Dataset(
-            tenant_id=user.tenant_id,
-            created_by_id=user.id,
-            name="numbers",
-            status=DatasetStatus.CONNECTED,
-            file_name="numbers.jsonl",
-            blob_key=key,
-            size_bytes=info.size,
-            sha256=info.sha256,
-            format="prompt_completion",
-            row_count=len(ROWS),
-        )
-        session.add(dataset)
+        dataset = _dataset(ctx, session, user, "numbers", ROWS)
+        evaluation = _dataset(ctx, session, user, "held-out", held_out) if held_out is not None else None
     with transaction(ctx.sessions) as session:
         user = auth.get_or_create_user(session, user.tenant.name, "alice")
         repo = repos.create(session, user, "numbers", None, exists_ok=True)
@@ -99,7 +108,12 @@ def _queued_job(ctx: AppContext, **params: Any) -> int:
             "effective_batch_size": 2,
             **params,
         }
-        return _add_job(session, repo, user.tenant_id, user.id, dataset.id, config)
+        job_id = _add_job(session, repo, user.tenant_id, user.id, dataset.id, config)
+        if evaluation is not None:
+            job = session.get(FinetuningJob, job_id)
+            assert job is not None
+            job.eval_dataset_id, job.eval_dataset_name = evaluation.id, evaluation.name
+        return job_id
 
 
 def _add_job(
@@ -317,6 +331,44 @@ def test_truncated_rows_are_kept_and_reported_as_a_job_event(ctx: AppContext, ce
     [event] = events
     assert event.data["count"] == len(event.data["rows"]) > 0
     assert "longer than max_seq_length (8) and were truncated (kept)" in event.message
+
+
+HELD_OUT = [
+    {"prompt": f"Say the word {word}, and then say nothing more at all.", "completion": f" {word}"}
+    for word in ("one", "two", "three")
+]
+
+
+def test_a_job_with_an_evaluation_dataset_trains_on_every_row_and_evaluates_on_its_rows(
+    ctx: AppContext, celery: Celery
+) -> None:
+    # The truncation report counts the rows the run read, and numbers them: the training dataset's 12
+    # (none held out), then the evaluation dataset's 3, each longer than 8 tokens.
+    job_id = _queued_job(ctx, held_out=HELD_OUT, max_seq_length=8, apply_chat_template=False, train_steps=1)
+    job = _run_to_completion(ctx, celery, job_id)
+    with ctx.sessions() as session:
+        [event] = session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == JobEventKind.TRUNCATION)
+        ).all()
+        [metric] = session.scalars(select(JobMetric).where(JobMetric.job_id == job_id)).all()
+    total = len(ROWS) + len(HELD_OUT)
+    assert f" of {total} rows are longer than" in event.message
+    assert {len(ROWS) + n for n in (1, 2, 3)} <= set(event.data["rows"])
+    # One step of 2 rows is 2/12 of an epoch: all 12 training rows train (no share is held out of them).
+    assert metric.epoch == pytest.approx(2 / len(ROWS))
+    assert job.eval_dataset_name == "held-out"
+
+
+def test_a_job_whose_evaluation_dataset_was_deleted_errors_saying_so(ctx: AppContext, celery: Celery) -> None:
+    job_id = _queued_job(ctx, held_out=HELD_OUT, train_steps=1)
+    with transaction(ctx.sessions) as session:
+        job = session.get(FinetuningJob, job_id)
+        assert job is not None
+        session.delete(session.get(Dataset, job.eval_dataset_id))
+    celery.send_task(TRAIN_TASK, args=[job_id])
+    job = _wait_until_final(ctx, job_id)
+    assert job.status == JobStatus.ERRORED
+    assert job.error is not None and "validation dataset was deleted" in job.error
 
 
 def _poison_adapter(ctx: AppContext, version_id: int) -> None:
