@@ -20,7 +20,7 @@ from tuneforge.rules.artifacts import (
     TRAINING_SUMMARY,
     ArtifactManifest,
 )
-from tuneforge.rules.datasets import Split, kind_of_columns, split_of
+from tuneforge.rules.datasets import Split, format_columns, kind_of_columns, split_of
 from tuneforge.rules.metrics import (
     EVAL_STEP_FIELDS,
     INTEGER_FIELDS,
@@ -204,6 +204,15 @@ def test_the_config_choice_names_the_architecture(choice: str, architecture: Spe
 )
 def test_the_columns_decide_the_kind_in_precedence(columns: list[str], kind: str | None) -> None:
     assert kind_of_columns(columns) == kind
+
+
+@given(st.sets(st.sampled_from(["prompt", "completion", "messages", "text", "label", "chosen",
+                                  "rejected", "input", "preferred_output", "non_preferred_output",
+                                  "split", "id"])))  # fmt: skip
+def test_the_format_columns_are_the_columns_that_make_the_kind(columns: set[str]) -> None:
+    read = format_columns(columns)
+    assert read <= columns
+    assert kind_of_columns(read) == kind_of_columns(columns)  # the rest of the row does not change it
 
 
 @pytest.mark.parametrize(
