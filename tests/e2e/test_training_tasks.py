@@ -127,10 +127,11 @@ def test_classification_config_trains_a_classifier_with_a_confusion_matrix(
     one = httpx.post(f"{url}/classify", json={"inputs": "good movie", "adapter_id": "sentiment/1"},
                      headers=headers, timeout=120)  # fmt: skip
     assert one.status_code == 200, one.text
-    assert one.json()["label"] in {"positive", "negative"} and 0 <= one.json()["score"] <= 1
+    [entity] = one.json()  # LoRAX's entities: one, spanning the text
+    assert entity["entity_group"] in {"positive", "negative"} and 0 <= entity["score"] <= 1
     batch = httpx.post(f"{url}/classify_batch", json={"inputs": ["good film", "bad film"], "adapter_id":
                        "sentiment/1"}, headers=headers, timeout=120)  # fmt: skip
-    assert batch.status_code == 200 and len(batch.json()) == 2
+    assert batch.status_code == 200 and [len(entities) for entities in batch.json()] == [1, 1]
     # A generative request names no classifier: /classify says what to do instead.
     assert httpx.post(f"{url}/classify", json={"inputs": "x"}, headers=headers, timeout=60).status_code == 400
     tuneforge.deployments.delete("classifier")

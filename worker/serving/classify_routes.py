@@ -1,10 +1,15 @@
 """Classification over HTTP, LoRAX's routes: `POST /classify` (one text) and `POST /classify_batch` (a list),
 served by a classification adapter (task 'classification') of the caller's tenant named by `adapter_id`.
 
-LoRAX answers its token-classification (NER) models with a list of entities; a sequence classifier's answer
-is one label per text: `{"label", "score", "scores": [{"label", "score"}, ...]}`, scores summing to 1, in
-the adapter's label order. The adapter's head reads the final-norm hidden state of the text's last token
-(classifier.py), in the same passes as embeddings, so requests for several adapters share a pass.
+The answers have LoRAX's shape, so that clients written for it (lorax-client's `classify`) read them:
+LoRAX classifies tokens (NER) and answers a text with a list of entities `{"entity_group", "score", "word",
+"start", "end"}` (`/classify_batch`: one such list per text). A sequence classifier's verdict is about the
+whole text, so its list holds one entity spanning it: the best label and its probability, the text, and
+character offsets 0 and len(text). The entity also carries `scores`, every label's probability in the
+adapter's label order (summing to 1), which LoRAX's entities do not have and its clients ignore.
+
+The adapter's head reads the final-norm hidden state of the text's last token (classifier.py), in the same
+passes as embeddings, so requests for several adapters share a pass.
 """
 
 from __future__ import annotations
@@ -52,15 +57,15 @@ class ClassifyBatchRequest(BaseModel):
 
 
 @router.post("/classify", response_model=None)
-async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any]:
+async def classify(body: ClassifyRequest, request: Request) -> list[dict[str, Any]]:
     ctx = RequestContext.of(request)
-    return _answers(await _classify(ctx, [body.inputs], _adapter_id(body)))[0]
+    return _entities([body.inputs], await _classify(ctx, [body.inputs], _adapter_id(body)))[0]
 
 
 @router.post("/classify_batch", response_model=None)
-async def classify_batch(body: ClassifyBatchRequest, request: Request) -> list[dict[str, Any]]:
+async def classify_batch(body: ClassifyBatchRequest, request: Request) -> list[list[dict[str, Any]]]:
     ctx = RequestContext.of(request)
-    return _answers(await _classify(ctx, body.inputs, _adapter_id(body)))
+    return _entities(body.inputs, await _classify(ctx, body.inputs, _adapter_id(body)))
 
 
 def _adapter_id(body: ClassifyRequest | ClassifyBatchRequest) -> str | None:
@@ -85,11 +90,19 @@ async def _adapter(ctx: RequestContext, adapter_id: str | None) -> ResolvedAdapt
     return await run_in_threadpool(ctx.engine.resolve_adapter, model, ctx.tenant)
 
 
-def _answers(result: EmbeddingResult) -> list[dict[str, Any]]:
+def _entities(texts: list[str], result: EmbeddingResult) -> list[list[dict[str, Any]]]:
+    """Each text's answer: a list of one entity spanning the text (see the module's docstring)."""
     labels = result.labels or ()
     answers = []
-    for row in result.vectors.tolist():
+    for text, row in zip(texts, result.vectors.tolist(), strict=True):
         best = max(range(len(row)), key=row.__getitem__)
         scores = [{"label": label, "score": score} for label, score in zip(labels, row, strict=True)]
-        answers.append({"label": labels[best], "score": row[best], "scores": scores})
+        entity = {
+            "entity_group": labels[best],
+            "score": row[best],
+            "word": text,
+            "start": 0,
+            "end": len(text),
+        }
+        answers.append([entity | {"scores": scores}])
     return answers

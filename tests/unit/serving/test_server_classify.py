@@ -87,8 +87,8 @@ def server(tiny_model_dir: Path, root: Path) -> Iterator[LiveServingServer]:
         yield live
 
 
-def _probabilities(answers: list[dict[str, object]]) -> torch.Tensor:
-    return torch.tensor([[s["score"] for s in a["scores"]] for a in answers])  # type: ignore[index,union-attr]
+def _probabilities(answers: list[list[dict[str, object]]]) -> torch.Tensor:
+    return torch.tensor([[s["score"] for s in a[0]["scores"]] for a in answers])  # type: ignore[index,union-attr]
 
 
 def test_classify_batch_matches_the_training_side_model(
@@ -100,12 +100,14 @@ def test_classify_batch_matches_the_training_side_model(
         )
         assert response.status_code == 200, response.text
         answers = response.json()
-        assert [[s["label"] for s in a["scores"]] for a in answers] == [labels] * len(TEXTS)
+        assert [[s["label"] for s in a[0]["scores"]] for a in answers] == [labels] * len(TEXTS)
         expected = reference(tiny_model_dir, root / adapter_id, TEXTS)
         torch.testing.assert_close(_probabilities(answers), expected, atol=1e-4, rtol=1e-4)
-        for answer, row in zip(answers, expected, strict=True):
-            assert answer["label"] == labels[int(row.argmax())]
-            assert answer["score"] == pytest.approx(float(row.max()), abs=1e-4)
+        for text, [entity], row in zip(TEXTS, answers, expected, strict=True):
+            # LoRAX's entity, spanning the whole text: the best label and its probability.
+            assert entity["entity_group"] == labels[int(row.argmax())]
+            assert entity["score"] == pytest.approx(float(row.max()), abs=1e-4)
+            assert (entity["word"], entity["start"], entity["end"]) == (text, 0, len(text))
 
 
 def test_the_torch_free_classifier_of_the_fuzz_run_matches_the_training_side_model(
@@ -123,8 +125,26 @@ def test_classify_one_text_with_adapter_id_in_parameters(server: LiveServingServ
     )
     batch = httpx.post(f"{server.url}/classify_batch", json={"inputs": TEXTS, "adapter_id": "acme/11"})
     assert one.status_code == 200
-    assert one.json()["label"] == batch.json()[1]["label"]
-    assert one.json()["score"] == pytest.approx(batch.json()[1]["score"], abs=1e-5)
+    [entity], [in_batch] = one.json(), batch.json()[1]
+    assert entity["entity_group"] == in_batch["entity_group"]
+    assert entity["score"] == pytest.approx(in_batch["score"], abs=1e-5)
+
+
+def test_the_answers_are_lorax_client_types(server: LiveServingServer) -> None:
+    """lorax-client reads a /classify answer as its ClassifyResponse (a list of entities) and a
+    /classify_batch answer as one per text. Its `classify` sends no adapter, and a generative base has no
+    classification head: it raises the 400 that says to name one."""
+    from lorax import Client
+    from lorax.errors import ValidationError
+    from lorax.types import ClassifyResponse
+
+    one = httpx.post(f"{server.url}/classify", json={"inputs": TEXTS[0], "adapter_id": "acme/11"})
+    batch = httpx.post(f"{server.url}/classify_batch", json={"inputs": TEXTS, "adapter_id": "acme/11"})
+    [entity] = ClassifyResponse(entities=one.json()).entities or []
+    assert entity["entity_group"] in LABELS["acme/11"] and 0 < entity["score"] <= 1
+    assert [len(ClassifyResponse(entities=e).entities or []) for e in batch.json()] == [1] * len(TEXTS)
+    with pytest.raises(ValidationError, match="adapter_id"):  # its class for an error_type 'validation'
+        Client(server.url).classify(TEXTS[0])
 
 
 def test_two_classifiers_and_embeddings_share_the_engine_in_one_mixed_load(
