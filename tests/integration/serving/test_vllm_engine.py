@@ -56,12 +56,12 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(tmp_path_factory: pytest.TempPathFactory, shared_model_cache: Path) -> Iterator[Served]:
     python = vllm_python()
     from worker.training.base_models import resolve_base_model
 
     root = tmp_path_factory.mktemp("vllm-engine")
-    model_dir = resolve_base_model(MODEL, root / "models")
+    model_dir = resolve_base_model(MODEL, shared_model_cache)
     adapters = root / "adapters"
     lora(model_dir, adapters / "acme" / "1", rank=8, seed=3)
     lora(model_dir, adapters / "wide" / "1", rank=2 * MAX_LORA_RANK, seed=4)
@@ -72,7 +72,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     (turbo / "speculator.safetensors").write_bytes(b"")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
-    env |= {"TUNEFORGE_MODEL_CACHE_DIR": str(root / "models"), "TUNEFORGE_SECRET_KEY": SECRET}
+    env |= {"TUNEFORGE_MODEL_CACHE_DIR": str(shared_model_cache), "TUNEFORGE_SECRET_KEY": SECRET}
     env |= {"TUNEFORGE_VLLM_PYTHON": str(python), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "tuneforge.cli", "serve", "--engine", "vllm", "--base-model", MODEL]
     command += ["--port", str(port), "--adapter-dir", str(adapters), "--data-dir", str(root / "data")]

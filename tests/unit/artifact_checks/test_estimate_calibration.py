@@ -16,7 +16,9 @@ PROMPTS = 8  # the engine's measurement decodes at most this many
 
 
 @pytest.mark.timeout(900)
-def test_the_recorded_estimate_equals_the_engines_measurement_on_the_demo_task(tmp_path: Path) -> None:
+def test_the_recorded_estimate_equals_the_engines_measurement_on_the_demo_task(
+    tmp_path: Path, shared_model_cache: Path
+) -> None:
     demo = demo_config()
     # The demo's job with adapter turbo (heads on the base model: no LoRA to train first), the rest of
     # the product's defaults filled in by validation.
@@ -34,7 +36,7 @@ def test_the_recorded_estimate_equals_the_engines_measurement_on_the_demo_task(t
     rows = [row for row in rows if row["split"] == "train"][:TRAIN_ROWS] + [
         row for row in rows if row["split"] == "evaluation"
     ][:PROMPTS]
-    result = train(config, rows, output_dir=tmp_path / "run", cache_dir=tmp_path / "models")
+    result = train(config, rows, output_dir=tmp_path / "run", cache_dir=shared_model_cache)
     estimate = result.summary["speculator"]["estimate"]
     artifact_checks.add_to_summary(result)
     measured = result.summary["speculator"]["measured"]

@@ -33,10 +33,10 @@ ALL = os.environ.get("TUNEFORGE_MEMORY_CHECK_ALL") == "1"
 
 
 @pytest.fixture(scope="module")
-def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = tmp_path_factory.mktemp("smollm2-memory")
-    resolve_base_model(SMOLLM2, cache)
-    return cache
+def smollm2_cache(shared_model_cache: Path) -> Path:
+    """The session's model cache: converted once, beside the other tests' smollm2-135m."""
+    resolve_base_model(SMOLLM2, shared_model_cache)
+    return shared_model_cache
 
 
 def _config_json(weights: Path) -> dict[str, Any]:
