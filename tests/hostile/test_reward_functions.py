@@ -17,12 +17,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
+import pyseccomp
 import pytest
 
 from worker.training.reward_sandbox import RewardSandbox, SandboxLimits, Scores
 
 LIMITS = SandboxLimits(call_timeout_seconds=2.0, max_processes=16)
 DIED = "the sandbox process died (memory or CPU limit, or the function ended it)"
+# What a call the seccomp filter refuses raises inside (EPERM), as the function's error.
+DENIED = "raised PermissionError: [Errno 1] Operation not permitted"
 Run = Callable[..., Scores]
 ALIVE = "def alive(prompt, completion, example):\n    return 7.0\n"
 
@@ -83,8 +86,8 @@ def test_no_connection_reaches_a_socket_listening_on_the_workers_loopback(run_on
             "    socket.create_connection(('127.0.0.1', example['port']), timeout=1).sendall(b'hi')\n"
             "    return 1.0\n"
         )
-        error = _fails(run_one(source, {"port": server.getsockname()[1]}))
-        assert "ConnectionRefusedError" in error or "OSError" in error
+        # The seccomp filter refuses the AF_INET socket itself; the network namespace is behind it.
+        assert _fails(run_one(source, {"port": server.getsockname()[1]})) == DENIED
         with pytest.raises(BlockingIOError):
             server.accept()
 
@@ -218,3 +221,83 @@ def test_output_on_the_runners_pipe_is_not_taken_for_a_score(run_one: Run) -> No
     started = time.monotonic()
     assert _fails(run_one(source, {})).startswith("broke the sandbox protocol")
     assert time.monotonic() - started < 10
+
+
+# Calls a libc function by name (`syscall` for calls glibc has no wrapper for) and scores 1.0 if the
+# kernel carried it out; a refusal raises with the errno the function saw. The arguments are chosen
+# so that, without the filter, each call succeeds or fails with another errno than EPERM.
+CALLS_LIBC = (
+    "def hostile(prompt, completion, example):\n"
+    "    import ctypes, os\n"
+    "    libc = ctypes.CDLL(None, use_errno=True)\n"
+    "    args = [a.encode() if isinstance(a, str) else ctypes.c_long(a) for a in example['args']]\n"
+    "    if getattr(libc, example['call'])(*args) == -1:\n"
+    "        number = ctypes.get_errno()\n"
+    "        raise OSError(number, os.strerror(number))\n"
+    "    return 1.0\n"
+)
+
+
+def _syscall(name: str, *args: int) -> tuple[str, list[object]]:
+    # The sandbox runs this interpreter's architecture: its syscall numbers are libseccomp's native ones.
+    return "syscall", [pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name), *args]
+
+
+@pytest.mark.parametrize(
+    ("call", "args"),
+    [
+        # Tracing and reading other processes' memory.
+        ("ptrace", [0, 0, 0, 0]),  # PTRACE_TRACEME
+        ("process_vm_readv", [0, 0, 0, 0, 0, 0]),
+        # Namespaces and mounts: a way out of the sandbox's view of the system.
+        ("unshare", [0]),
+        ("setns", [-1, 0]),
+        ("chroot", ["/no-such-dir"]),
+        # Kernel interfaces that exploits favour.
+        ("personality", [0xFFFFFFFF]),  # only asks for the current persona
+        _syscall("perf_event_open", 0, 0, -1, -1, 0),
+        _syscall("keyctl", 99999),
+        _syscall("io_uring_setup", 1, 0),
+    ],
+    ids=[
+        "ptrace",
+        "process_vm_readv",
+        "unshare",
+        "setns",
+        "chroot",
+        "personality",
+        "perf",
+        "keyctl",
+        "io_uring",
+    ],
+)
+def test_syscalls_the_filter_denies_fail_with_eperm_and_score_zero(
+    run_one: Run, call: str, args: list[object]
+) -> None:
+    # EPERM, not a kill: the same process goes on to score the next batch (run_one checks it).
+    assert _fails(run_one(CALLS_LIBC, {"call": call, "args": args})) == DENIED
+
+
+@pytest.mark.parametrize("family", ["AF_INET", "AF_INET6", "AF_NETLINK"])
+def test_sockets_other_than_unix_ones_cannot_be_created(run_one: Run, family: str) -> None:
+    # Inside its network namespace the sandbox could make these; the filter refuses the socket itself.
+    source = (
+        "def hostile(prompt, completion, example):\n"
+        "    import socket\n"
+        "    socket.socket(getattr(socket, example['family']), socket.SOCK_DGRAM).close()\n"
+        "    return 1.0\n"
+    )
+    assert _fails(run_one(source, {"family": family})) == DENIED
+
+
+def test_unix_sockets_still_work(run_one: Run) -> None:
+    source = (
+        "def hostile(prompt, completion, example):\n"
+        "    import socket\n"
+        "    left, right = socket.socketpair()\n"
+        "    left.sendall(b'abc')\n"
+        "    socket.socket(socket.AF_UNIX).close()\n"
+        "    return len(right.recv(3))\n"
+    )
+    scores = run_one(source, {})
+    assert scores.values["hostile"] == [3.0], scores.errors

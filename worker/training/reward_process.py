@@ -48,26 +48,35 @@ class SandboxProcess:
 
     @classmethod
     def start(
-        cls, command: Sequence[str], setup: bytes, run_as: tuple[int, int] | None, timeout_s: float
+        cls,
+        command: Sequence[str],
+        setup: bytes,
+        run_as: tuple[int, int] | None,
+        timeout_s: float,
+        seccomp: bytes,
     ) -> SandboxProcess:
+        """`seccomp` is the compiled BPF filter bwrap loads before it runs the command."""
         deadline = time.monotonic() + timeout_s
         info_read, info_write = os.pipe()
+        seccomp_read = _filled_pipe(seccomp)
         user: dict[str, Any] = {}
         if run_as is not None:
             user = {"user": run_as[0], "group": run_as[1], "extra_groups": []}
+        fds = ["--info-fd", str(info_write), "--seccomp", str(seccomp_read)]
         try:
             popen = subprocess.Popen(
-                [command[0], "--info-fd", str(info_write), *command[1:]],
+                [command[0], *fds, *command[1:]],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                pass_fds=(info_write,),
+                pass_fds=(info_write, seccomp_read),
                 start_new_session=True,
                 env={},
                 **user,
             )
         finally:
             os.close(info_write)
+            os.close(seccomp_read)
         try:
             child_pid = _child_pid(info_read, deadline)
         finally:
@@ -172,6 +181,22 @@ class SandboxProcess:
 def _fd(stream: IO[bytes] | None) -> int:
     assert stream is not None  # Popen was given PIPE for it
     return stream.fileno()
+
+
+def _filled_pipe(data: bytes) -> int:
+    """The read end of a pipe that holds `data` and then ends: bwrap reads its filter to EOF, and
+    each process needs its own (a shared file's offset would be at the end after the first)."""
+    read, write = os.pipe()
+    try:
+        # The filter (at most 32 KiB) fits a pipe's buffer: this write never waits for a reader.
+        if os.write(write, data) != len(data):
+            raise OSError(f"the seccomp filter ({len(data)} bytes) does not fit a pipe")
+    except OSError:
+        os.close(read)
+        raise
+    finally:
+        os.close(write)
+    return read
 
 
 def _wait(fd: int, event: int, deadline: float) -> bool:

@@ -6,9 +6,10 @@ reward_runner.py. The process sees no network (its own network namespace), no pr
 worker (its own pid namespace), no environment variable of the worker, and a filesystem of only
 the Python installation, read-only, a small private /tmp and, when the job asks for packages, the
 worker's site-packages read-only. It runs under RLIMIT_AS / CPU / NPROC / FSIZE / NOFILE, and as
-`nobody` where the worker runs as root (root is exempt from RLIMIT_NPROC). The parent enforces a
+`nobody` where the worker runs as root (root is exempt from RLIMIT_NPROC), behind a seccomp filter
+that refuses the syscalls no reward function needs (reward_seccomp.py). The parent enforces a
 wall-clock limit per call by killing the process, which the next call restarts. There is no
-fallback without bubblewrap: a worker without it cannot score.
+fallback without bubblewrap or libseccomp: a worker without them cannot score.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from types import TracebackType
 from typing import Any
 
 from worker.training.reward_process import SandboxProcess, SandboxStartError, SetupFailed
+from worker.training.reward_seccomp import seccomp_program
 
 RUNNER = Path(__file__).with_name("reward_runner.py").read_text()
 MAX_ERROR_CHARS = 200
@@ -84,6 +86,7 @@ class RewardSandbox:
         bwrap = shutil.which("bwrap")
         if bwrap is None:
             raise RuntimeError("reward functions need bubblewrap (bwrap) on the worker")
+        self._seccomp = seccomp_program()  # once: every process of this sandbox loads the same
         self._run_as = _unprivileged_user()
         executable, binds = _interpreter(self._run_as is not None)
         site_dirs = [_package_dir(name) for name in packages]
@@ -184,7 +187,7 @@ class RewardSandbox:
             "source": source,
         }
         return SandboxProcess.start(
-            self._command, json.dumps(setup).encode() + b"\n", self._run_as, START_TIMEOUT_S
+            self._command, json.dumps(setup).encode() + b"\n", self._run_as, START_TIMEOUT_S, self._seccomp
         )
 
     def _probe(self) -> None:

@@ -6,13 +6,17 @@ Real bubblewrap processes throughout (the worker image and CI install bubblewrap
 
 from __future__ import annotations
 
+import ctypes.util
 import datetime
+import struct
+import sys
 import time
 from collections.abc import Iterator
 
+import pyseccomp
 import pytest
 
-from worker.training import reward_sandbox
+from worker.training import reward_sandbox, reward_seccomp
 from worker.training.reward_sandbox import RewardSandbox, SandboxLimits
 
 FAST = SandboxLimits(call_timeout_seconds=1.0)
@@ -163,6 +167,62 @@ def test_without_bubblewrap_it_refuses_rather_than_run_unsandboxed(monkeypatch: 
     monkeypatch.setattr(reward_sandbox.shutil, "which", lambda _: None)
     with pytest.raises(RuntimeError, match=r"reward functions need bubblewrap \(bwrap\) on the worker"):
         RewardSandbox({"length": LENGTH})
+
+
+def test_without_libseccomp_it_refuses_rather_than_run_unfiltered(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The binding loads libseccomp.so.2 when imported: a fresh import on a machine without it.
+    find_library = ctypes.util.find_library
+    monkeypatch.setattr(
+        ctypes.util, "find_library", lambda name: None if name == "seccomp" else find_library(name)
+    )
+    monkeypatch.delitem(sys.modules, "pyseccomp")
+    with pytest.raises(RuntimeError, match=r"reward functions need libseccomp \(the libseccomp2 package\)"):
+        RewardSandbox({"length": LENGTH})
+
+
+def test_the_seccomp_filter_is_built_once_per_sandbox_not_per_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built: list[bytes] = []
+
+    def counted() -> bytes:
+        built.append(reward_seccomp.seccomp_program())
+        return built[-1]
+
+    monkeypatch.setattr(reward_sandbox, "seccomp_program", counted)
+    # The probe, two functions and a fresh process after the first hang: four processes, one filter.
+    with RewardSandbox({"length": LENGTH, "hangs": HANGS}, FAST) as box:
+        assert _score(box, ["a", "x", "bb"]).values == {"length": [0.1, 0.1, 0.2], "hangs": [1.0, 0.0, 1.0]}
+        assert _score(box, ["x"]).values["hangs"] == [0.0]
+    assert len(built) == 1
+
+
+def test_the_seccomp_filter_checks_the_native_architecture_first() -> None:
+    # struct sock_filter {u16 code; u8 jt, jf; u32 k}: load the arch field of seccomp_data (offset 4),
+    # then compare it with the architecture this interpreter, and so the sandbox's, runs in.
+    program = reward_seccomp.seccomp_program()
+    (load, _, _, offset), (compare, _, _, arch) = struct.iter_unpack("=HBBI", program[:16])
+    assert (load, offset) == (0x20, 4)  # BPF_LD | BPF_W | BPF_ABS
+    assert compare == 0x15 and arch == pyseccomp.system_arch()  # BPF_JMP | BPF_JEQ | BPF_K
+
+
+def test_ordinary_python_runs_unchanged_behind_the_seccomp_filter() -> None:
+    # Threads, a child process and the standard library's usual modules all pass the filter.
+    busy = (
+        "def busy(prompt, completion, example):\n"
+        "    import json, re, subprocess, threading, tempfile\n"
+        "    found = []\n"
+        "    worker = threading.Thread(target=lambda: found.extend(re.findall('[0-9]', completion)))\n"
+        "    worker.start()\n"
+        "    worker.join()\n"
+        "    with tempfile.TemporaryFile() as scratch:\n"
+        "        scratch.write(json.dumps(found).encode())\n"
+        "    subprocess.run(['true'], check=True)\n"
+        "    return len(found)\n"
+    )
+    with RewardSandbox({"busy": busy}, FAST) as box:
+        scores = _score(box, ["a1b2c3", "none"])
+    assert scores.values["busy"] == [3.0, 0.0], scores.errors
 
 
 def test_a_package_not_installed_on_the_worker_is_refused_by_name() -> None:
