@@ -139,11 +139,23 @@ def error_body(message: str, detail: Any = None) -> dict[str, Any]:
 def _describe_validation_error(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
-        location = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         if err.get("type") == "json_invalid":
             return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
-        parts.append(f"{location or 'body'}: {err.get('msg')}")
+        parts.append(_located(err))
     return "; ".join(parts) or "invalid request"
+
+
+_MAX_LOCATION_PART = 64  # a key of the caller's is part of the location; the message repeats none longer
+
+
+def _located(err: Any) -> str:
+    """`field.path: message`; an error in a dict's key (pydantic's last part `[key]`) names the dict."""
+    path = [str(p) for p in err.get("loc", ()) if p != "body"]
+    message = str(err.get("msg"))
+    if path[-1:] == ["[key]"]:
+        path, message = path[:-2], "a key: " + message
+    shown = (p if len(p) <= _MAX_LOCATION_PART else p[: _MAX_LOCATION_PART - 3] + "..." for p in path)
+    return f"{'.'.join(shown) or 'body'}: {message}"
 
 
 def install_error_handlers(app: FastAPI) -> None:

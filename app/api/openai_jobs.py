@@ -31,8 +31,6 @@ def job_request(body: oa.JobCreate) -> openai_jobs.JobRequest:
         raise InvalidInputError(
             "integrations: not supported; tuneforge records metrics itself (GET .../events)"
         )
-    if body.metadata:
-        raise InvalidInputError("metadata: not stored by tuneforge; leave it out")
     method = body.method.type if body.method is not None else "supervised"
     hyperparameters = body.hyperparameters.model_dump() if body.hyperparameters is not None else {}
     chosen = _method_hyperparameters(body.method)
@@ -47,6 +45,7 @@ def job_request(body: oa.JobCreate) -> openai_jobs.JobRequest:
         hyperparameters=hyperparameters,
         suffix=body.suffix,
         seed=body.seed,
+        metadata=body.metadata,
     )
 
 

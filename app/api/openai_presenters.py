@@ -66,6 +66,7 @@ def job(session: Session, row: FinetuningJob) -> oa.FineTuningJob:
         training_file=_file_of(session, row.dataset_id, row.dataset_name) or "",
         validation_file=_file_of(session, row.eval_dataset_id, row.eval_dataset_name),
         method=_method(config),
+        metadata=row.labels,
         user_provided_suffix=suffix,
     )
 

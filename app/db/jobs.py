@@ -54,6 +54,8 @@ class FinetuningJob(Timestamped, Base):
     # holds out rows of `dataset` (its `split` column, or eval_fraction). Gone mid-run: the worker refuses.
     eval_dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
     eval_dataset_name: Mapped[str | None] = mapped_column(String(255))  # set with it; kept once it is gone
+    # The caller's own labels (OpenAI's `metadata`: at most 16 short key-value strings), returned as given.
+    labels: Mapped[dict[str, str] | None] = mapped_column(JSON)
     # Kept for display after the dataset is deleted (the SDK requires `datasetName`).
     dataset_name: Mapped[str] = mapped_column(String(255), default="", server_default="")
     base_model: Mapped[str] = mapped_column(String(255))

@@ -53,10 +53,12 @@ def create_job(
     description: str | None = None,
     continue_from_version: str | None = None,
     eval_dataset: Dataset | None = None,
+    labels: dict[str, str] | None = None,
 ) -> FinetuningJob:
     """`eval_dataset`: a second connected dataset whose rows are the run's held-out split (the caller
     checked that its rows are of the training dataset's kind, and that the training dataset names no
-    split of its own)."""
+    split of its own). `labels`: the caller's key-value strings, stored with the job as given (bounded
+    by the caller's schema)."""
     parent = continuation.resolve(session, user, continue_from_version) if continue_from_version else None
     config = validate_params(continuation.params(parent, params) if parent is not None else params)
     base_model, found = _base_model(ctx, session, config)
@@ -89,6 +91,7 @@ def create_job(
         dataset_id=dataset.id,
         eval_dataset_id=eval_dataset.id if eval_dataset is not None else None,
         eval_dataset_name=eval_dataset.name if eval_dataset is not None else None,
+        labels=labels,
         dataset_name=dataset.name,
         base_model=base_model,
         adapter_type=config.adapter,

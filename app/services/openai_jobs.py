@@ -48,6 +48,7 @@ class JobRequest:
     hyperparameters: dict[str, Any]
     suffix: str | None
     seed: int | None
+    metadata: dict[str, str] | None
 
 
 def job_id(job: FinetuningJob) -> str:
@@ -91,6 +92,7 @@ def create(ctx: AppContext, session: Session, user: User, request: JobRequest) -
         repo_ref=repo.uuid,
         description=f"OpenAI fine-tuning job ({request.method}) on {request.training_file}",
         eval_dataset=held_out,
+        labels=request.metadata,
     )
 
 

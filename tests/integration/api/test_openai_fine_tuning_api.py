@@ -52,6 +52,7 @@ def test_create_an_sft_job_and_read_it_back(client: openai.OpenAI) -> None:
         training_file=file_id,
         suffix="colours",
         seed=7,
+        metadata={"team": "search", "ticket": "ML-42"},
         method={
             "type": "supervised",
             "supervised": {
@@ -66,6 +67,7 @@ def test_create_an_sft_job_and_read_it_back(client: openai.OpenAI) -> None:
     assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == 2
     assert job.hyperparameters.learning_rate_multiplier == 0.5
     assert job.method is not None and job.method.type == "supervised"
+    assert job.metadata == {"team": "search", "ticket": "ML-42"}
     assert client.fine_tuning.jobs.retrieve(job.id) == job
 
 
@@ -158,7 +160,8 @@ def test_a_validation_file_that_cannot_be_held_out_is_a_400_naming_it(
     ("extra", "param"),
     [
         ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations"),
-        ({"metadata": {"team": "a"}}, "metadata"),
+        ({"metadata": {f"k{n}": "v" for n in range(17)}}, "metadata"),  # OpenAI's bound: 16 pairs
+        ({"metadata": {"k" * 65: "v"}}, "metadata"),
         ({"suffix": "has space"}, "suffix"),
         ({"method": {"type": "reinforcement"}}, "method.type"),
         ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
