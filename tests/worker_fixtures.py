@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,9 +207,11 @@ def worker_stack_factory(
         return WorkerStack(server=server, settings=settings, workers=workers, new_worker=new_worker)
 
     yield build
-    for server, workers in opened:
-        stop_all(workers)
-        server.__exit__(None, None, None)
+    # All at once: each stack's shutdown is mostly waiting (a worker's cold stop, a serving process's
+    # grace period), and the session has a dozen stacks.
+    stop_all([worker for _, workers in opened for worker in workers])
+    with ThreadPoolExecutor(max_workers=max(1, len(opened))) as pool:
+        list(pool.map(lambda server: server.__exit__(None, None, None), [server for server, _ in opened]))
     with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as admin:
         for name in created:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -55,7 +55,15 @@ def _run_demo(data_dir: Path, port: int, **extra: str) -> subprocess.CompletedPr
     )
 
 
-def test_demo_uploads_the_dataset_trains_an_adapter_then_a_second_run_reuses_both(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data directory for the module's demo runs: the first trains, the later ones reuse its dataset
+    and adapter (what a newcomer's second `make demo` does), so only the first pays for training."""
+    return tmp_path_factory.mktemp("demo")
+
+
+def test_demo_uploads_the_dataset_trains_an_adapter_then_a_second_run_reuses_both(demo_dir: Path) -> None:
+    tmp_path = demo_dir
     port = _free_port()
     first = _run_demo(tmp_path, port)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -98,7 +106,10 @@ def test_demo_uploads_the_dataset_trains_an_adapter_then_a_second_run_reuses_bot
 
 
 @pytest.mark.timeout(180)
-def test_ctrl_c_stops_the_server_and_exits_cleanly(tmp_path: Path) -> None:
+def test_ctrl_c_stops_the_server_and_exits_cleanly(demo_dir: Path) -> None:
+    tmp_path = demo_dir  # after the test above: its dataset and adapter are reused, not made again
+    log = tmp_path / "server.log"
+    earlier = log.stat().st_size if log.exists() else 0  # the demo appends; earlier runs wrote this much
     port = _free_port()
     demo = subprocess.Popen(
         DEMO,
@@ -125,7 +136,7 @@ def test_ctrl_c_stops_the_server_and_exits_cleanly(tmp_path: Path) -> None:
     assert demo.returncode == 0, "".join(seen) + rest
     assert "Stopping tuneforge" in rest
     assert _port_is_free(port)
-    assert "Application shutdown complete" in (tmp_path / "server.log").read_text()
+    assert "Application shutdown complete" in log.read_bytes()[earlier:].decode(errors="replace")
 
 
 def test_server_that_cannot_start_fails_with_one_line_and_the_log_tail(tmp_path: Path) -> None:
