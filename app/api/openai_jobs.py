@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from app.api import openai_presenters as present
 from app.api import openai_schemas as oa
@@ -61,10 +62,34 @@ def _method_hyperparameters(method: oa.Method | None) -> oa.Hyperparameters | No
 
 @router.get(JOBS_PATH, response_model=oa.CursorList[oa.FineTuningJob])
 def list_jobs(
-    session: SessionDep, user: CurrentUser, after: After = None, limit: Limit = 20
+    request: Request, session: SessionDep, user: CurrentUser, after: After = None, limit: Limit = 20
 ) -> oa.CursorList[oa.FineTuningJob]:
-    page = openai_jobs.list_jobs(session, user, limit, after)
+    labels = metadata_filter(request.query_params.multi_items())
+    page = openai_jobs.list_jobs(session, user, limit, after, labels)
     return oa.CursorList(data=[present.job(session, row) for row in page.rows], has_more=page.has_more)
+
+
+_METADATA_PARAM = re.compile(r"metadata\[(.*)\]", re.DOTALL)
+
+
+def metadata_filter(params: list[tuple[str, str]]) -> dict[str, str]:
+    """OpenAI's `metadata[key]=value` query parameters (the SDK's `metadata={...}`): jobs whose metadata
+    has every pair; within its bounds on metadata (16 pairs, keys of 64, values of 512 characters)."""
+    wanted: dict[str, str] = {}
+    for name, value in params:
+        match = _METADATA_PARAM.fullmatch(name)
+        if match is None:
+            continue
+        key = match.group(1)
+        if not key or len(key) > oa.MAX_METADATA_KEY_CHARS or len(value) > oa.MAX_METADATA_VALUE_CHARS:
+            raise InvalidInputError(
+                f"metadata: a filter's key must have 1 to {oa.MAX_METADATA_KEY_CHARS} characters and its "
+                f"value at most {oa.MAX_METADATA_VALUE_CHARS}, as job metadata has"
+            )
+        wanted[key] = value
+    if len(wanted) > oa.MAX_METADATA_KEYS:
+        raise InvalidInputError(f"metadata: at most {oa.MAX_METADATA_KEYS} pairs to filter on")
+    return wanted
 
 
 @router.get(JOB_PATH, response_model=oa.FineTuningJob)

@@ -19,6 +19,8 @@ MAX_BETA = 10.0
 MAX_FILE_ID_CHARS = 64
 MAX_SUFFIX_CHARS = 64  # OpenAI's own limit
 MAX_METADATA_KEYS = 16  # OpenAI's limits: 16 pairs, keys of 64 and values of 512 characters
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
 
 
 def _auto_or_number(integer: bool, low: float, high: float) -> Any:
@@ -92,9 +94,13 @@ class JobCreate(_Strict):
     method: Method | None = None
     suffix: str | None = Field(default=None, min_length=1, max_length=MAX_SUFFIX_CHARS)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = (
-        Field(default=None, max_length=MAX_METADATA_KEYS)
-    )
+    metadata: (
+        dict[
+            Annotated[str, Field(max_length=MAX_METADATA_KEY_CHARS)],
+            Annotated[str, Field(max_length=MAX_METADATA_VALUE_CHARS)],
+        ]
+        | None
+    ) = Field(default=None, max_length=MAX_METADATA_KEYS)
     integrations: list[dict[str, Any]] | None = Field(default=None, max_length=16)
 
 

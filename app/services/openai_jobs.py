@@ -174,14 +174,31 @@ class Page(Generic[T]):
     has_more: bool
 
 
-def list_jobs(session: Session, user: User, limit: int, after: str | None) -> Page[FinetuningJob]:
-    query = select(FinetuningJob).where(FinetuningJob.tenant_id == user.tenant_id)
+def list_jobs(
+    session: Session, user: User, limit: int, after: str | None, labels: dict[str, str] | None = None
+) -> Page[FinetuningJob]:
+    """The caller's jobs, newest first, after the job `after`; with `labels`, those whose metadata has
+    every pair."""
+    where = [FinetuningJob.tenant_id == user.tenant_id]
     if after is not None:
         cursor = get(session, user, after, "after")
-        query = query.where(_older(FinetuningJob, cursor.created_at, cursor.id))
-    query = query.order_by(FinetuningJob.created_at.desc(), FinetuningJob.id.desc()).limit(limit + 1)
+        where.append(_older(FinetuningJob, cursor.created_at, cursor.id))
+    newest_first = (FinetuningJob.created_at.desc(), FinetuningJob.id.desc())
+    if labels:
+        # Matched here rather than in SQL: SQLite's JSON paths cannot name every key a caller may use
+        # (one with a double quote matches nothing there). Only ids and metadata are read to find them.
+        found = session.execute(
+            select(FinetuningJob.id, FinetuningJob.labels).where(*where).order_by(*newest_first)
+        )
+        ids = [job_id for job_id, given in found if _has_labels(given, labels)][: limit + 1]
+        where.append(FinetuningJob.id.in_(ids))
+    query = select(FinetuningJob).where(*where).order_by(*newest_first).limit(limit + 1)
     rows = list(session.scalars(query).unique())
     return Page(rows[:limit], len(rows) > limit)
+
+
+def _has_labels(given: dict[str, str] | None, wanted: dict[str, str]) -> bool:
+    return given is not None and all(given.get(key) == value for key, value in wanted.items())
 
 
 def _older(model: Any, created_at: datetime, row_id: int) -> Any:

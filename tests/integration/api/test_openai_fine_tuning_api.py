@@ -209,6 +209,25 @@ def test_list_pages_newest_first_and_cancel(client: openai.OpenAI) -> None:
         client.fine_tuning.jobs.cancel(ids[0])
 
 
+def test_list_filters_on_metadata(client: openai.OpenAI) -> None:
+    file_id = upload(client, SFT_ROWS)
+    tagged = [{"team": "a", 'odd "key"': "1"}, {"team": "b"}, {"team": "a", 'odd "key"': "2"}, None]
+    ids = [
+        client.fine_tuning.jobs.create(model=BASE, training_file=file_id, metadata=labels).id  # type: ignore[arg-type]
+        for labels in tagged
+    ]
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "a"})] == [ids[2], ids[0]]
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={'odd "key"': "1"})] == [ids[0]]
+    assert not client.fine_tuning.jobs.list(metadata={"team": "a", 'odd "key"': "3"}).data
+    page = client.fine_tuning.jobs.list(metadata={"team": "a"}, limit=1)
+    assert [j.id for j in page.data] == [ids[2]] and page.has_more
+    after = client.fine_tuning.jobs.list(metadata={"team": "a"}, after=ids[2], limit=1)
+    assert [j.id for j in after.data] == [ids[0]] and not after.has_more
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.fine_tuning.jobs.list(metadata={"k" * 65: "v"})
+    assert raised.value.body["param"] == "metadata"  # type: ignore[index]
+
+
 def _record_progress(live_server, job_id: str, token: str) -> None:  # type: ignore[no-untyped-def]
     """What a worker reports: a step's metrics and a checkpoint, through the service it calls."""
     with transaction(live_server.app.state.ctx.sessions) as session:
