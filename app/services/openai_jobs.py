@@ -148,15 +148,13 @@ def _validation_file(
             "validation_file: is the training file; evaluating on the rows the run trains on measures "
             "nothing. Upload held-out rows as their own file, or leave validation_file out"
         )
-    for field, ref_of, dataset in (
-        ("validation_file", request.training_file, training),
-        ("validation_file", ref, held_out),
-    ):
+    for ref_of, dataset in ((request.training_file, training), (ref, held_out)):
         if SPLIT_COLUMN in (dataset.columns or []):
             raise InvalidInputError(
-                f"{field}: {ref_of} has a {SPLIT_COLUMN!r} column, and with a validation_file every row of "
-                "the training file trains and every row of the validation file is held out; drop that "
-                "column, or leave validation_file out and let the column say which rows are held out"
+                f"validation_file: {ref_of} has a {SPLIT_COLUMN!r} column, and with a validation_file "
+                "every row of the training file trains and every row of the validation file is held "
+                "out; drop that column, or leave validation_file out and let the column say which rows "
+                "are held out"
             )
     wanted, given = format_columns(training.columns or []), format_columns(held_out.columns or [])
     if wanted != given:

@@ -33,46 +33,38 @@ TASK_DATASET_KINDS: dict[str, tuple[DatasetKind, ...]] = {
 }
 
 
-def kind_of_columns(columns: Iterable[str]) -> DatasetKind | None:
-    """The kind the columns make, in this precedence: preference pairs (chosen + rejected beside a
-    prompt or messages, or OpenAI's input + preferred_output + non_preferred_output), prompt + completion
-    (instruction tuning), messages (chat), text + label (classification), text (continued pretraining),
-    then a prompt alone (prompts for GRPO); None when none of them is there."""
+# Each kind and the columns its rows are read from, in precedence: the first whose columns a row has
+# decides. Preference pairs (chosen + rejected beside a prompt, or beside messages, or OpenAI's input +
+# preferred_output + non_preferred_output), prompt + completion (instruction tuning), messages (chat),
+# text + label (classification), text (continued pretraining), then a prompt alone (prompts for GRPO).
+_FORMATS: tuple[tuple[DatasetKind, frozenset[str]], ...] = (
+    ("preference", frozenset({PROMPT_COLUMN, CHOSEN_COLUMN, REJECTED_COLUMN})),
+    ("preference", frozenset({MESSAGES_COLUMN, CHOSEN_COLUMN, REJECTED_COLUMN})),
+    ("preference", frozenset({OPENAI_INPUT_COLUMN, OPENAI_PREFERRED_COLUMN, OPENAI_NON_PREFERRED_COLUMN})),
+    ("prompt_completion", frozenset({PROMPT_COLUMN, COMPLETION_COLUMN})),
+    ("messages", frozenset({MESSAGES_COLUMN})),
+    ("classification", frozenset({TEXT_COLUMN, LABEL_COLUMN})),
+    ("text", frozenset({TEXT_COLUMN})),
+    ("prompt", frozenset({PROMPT_COLUMN})),
+)
+
+
+def _format_of(columns: Iterable[str]) -> tuple[DatasetKind, frozenset[str]] | None:
     present = set(columns)
-    if {CHOSEN_COLUMN, REJECTED_COLUMN} <= present and present & {PROMPT_COLUMN, MESSAGES_COLUMN}:
-        return "preference"
-    if {OPENAI_INPUT_COLUMN, OPENAI_PREFERRED_COLUMN, OPENAI_NON_PREFERRED_COLUMN} <= present:
-        return "preference"
-    if {PROMPT_COLUMN, COMPLETION_COLUMN} <= present:
-        return "prompt_completion"
-    if MESSAGES_COLUMN in present:
-        return "messages"
-    if {TEXT_COLUMN, LABEL_COLUMN} <= present:
-        return "classification"
-    if TEXT_COLUMN in present:
-        return "text"
-    if PROMPT_COLUMN in present:
-        return "prompt"
-    return None
+    return next(((kind, read) for kind, read in _FORMATS if read <= present), None)
+
+
+def kind_of_columns(columns: Iterable[str]) -> DatasetKind | None:
+    """The kind the columns make (see _FORMATS for the precedence); None when none of them is there."""
+    found = _format_of(columns)
+    return found[0] if found is not None else None
 
 
 def format_columns(columns: Iterable[str]) -> frozenset[str]:
-    """The columns the rows' format is read from (kind_of_columns' choice, with the same precedence);
-    two files a run reads as one, training and held-out rows, must agree on these."""
-    present = set(columns)
-    if {CHOSEN_COLUMN, REJECTED_COLUMN} <= present and present & {PROMPT_COLUMN, MESSAGES_COLUMN}:
-        prompt = PROMPT_COLUMN if PROMPT_COLUMN in present else MESSAGES_COLUMN
-        return frozenset({prompt, CHOSEN_COLUMN, REJECTED_COLUMN})
-    openai_pair = {OPENAI_INPUT_COLUMN, OPENAI_PREFERRED_COLUMN, OPENAI_NON_PREFERRED_COLUMN}
-    in_precedence = (
-        openai_pair,
-        {PROMPT_COLUMN, COMPLETION_COLUMN},
-        {MESSAGES_COLUMN},
-        {TEXT_COLUMN, LABEL_COLUMN},
-        {TEXT_COLUMN},
-        {PROMPT_COLUMN},
-    )
-    return next((frozenset(needed) for needed in in_precedence if needed <= present), frozenset())
+    """The columns the rows' format is read from (empty when none); two files a run reads as one,
+    training and held-out rows, must agree on these."""
+    found = _format_of(columns)
+    return found[1] if found is not None else frozenset()
 
 
 def task_takes_kind(task: str, kind: str) -> bool:
